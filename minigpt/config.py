@@ -1,0 +1,243 @@
+"""Model configuration: the `MiniGPTConfig` dataclass, named presets, and validation.
+
+The dataclass is the single source of truth: it is what presets return, what `config.json` beside
+consolidated weights holds, and what the training snapshot records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot build what it describes; the message names the field."""
+
+
+@dataclass
+class MiniGPTConfig:
+    """Shape of a MiniGPT decoder. Sizes are validated by `validate()` (called on construction)."""
+
+    vocab_size: int = 4096
+    """Number of token ids; must match the tokenizer the model is trained with."""
+    hidden_size: int = 128
+    """Width of the residual stream."""
+    num_layers: int = 4
+    """Number of transformer blocks."""
+    num_heads: int = 4
+    """Query heads per attention layer; must divide `hidden_size`."""
+    num_kv_heads: int = 4
+    """Key/value heads (grouped-query attention); must divide `num_heads`. Equal to heads = plain MHA."""
+    ffn_hidden_size: int = 352
+    """Inner width of the SwiGLU feed-forward block."""
+    max_seq_len: int = 256
+    """Longest sequence (prompt + generated) the model accepts; RoPE tables are built to this length."""
+    rope_theta: float = 10000.0
+    """Base of the rotary embedding frequencies."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    dropout: float = 0.0
+    """Dropout on attention weights and residual branches during training."""
+    tie_embeddings: bool = True
+    """Share the input embedding matrix with the output projection."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first field that cannot build a model."""
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "ffn_hidden_size", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"MiniGPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"MiniGPTConfig.num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"MiniGPTConfig.num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(
+                f"head dimension hidden_size/num_heads={self.head_dim} must be even for rotary embeddings")
+        if not (0.0 <= self.dropout < 1.0):
+            raise ConfigError(f"MiniGPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise ConfigError("MiniGPTConfig.rope_theta and norm_eps must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> MiniGPTConfig:
+        """Build from a dict, refusing unknown keys (a typo must not silently fall back to a default)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown model config field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> MiniGPTConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from err
+        return cls.from_dict(data, source=str(path))
+
+    def num_params(self) -> int:
+        """Exact parameter count of the model this config builds (tied embeddings counted once)."""
+        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
+        attn = h * h + 2 * h * kv + h * h
+        mlp = 3 * h * self.ffn_hidden_size
+        block = attn + mlp + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_embeddings else 2)
+        return embed + self.num_layers * block + h
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 x matmul params + attention (PaLM appendix B)."""
+        t = seq_len or self.max_seq_len
+        norms = self.num_layers * 2 * self.hidden_size + self.hidden_size
+        # The input lookup is no matmul; a tied matrix still does the output projection, so it counts once.
+        lookup = 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
+        matmul_params = self.num_params() - norms - lookup
+        return 6.0 * matmul_params + 12.0 * self.num_layers * self.hidden_size * t
+
+
+PRESETS: dict[str, MiniGPTConfig] = {
+    # ~1.3M parameters: trains on a laptop CPU in minutes.
+    "tiny": MiniGPTConfig(vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                          ffn_hidden_size=352, max_seq_len=256),
+    # ~26M parameters.
+    "small": MiniGPTConfig(vocab_size=16384, hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=4,
+                           ffn_hidden_size=1408, max_seq_len=512),
+    # ~100M parameters.
+    "medium": MiniGPTConfig(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
+                            ffn_hidden_size=2048, max_seq_len=1024),
+}
+
+
+def get_config(name: str, **overrides: Any) -> MiniGPTConfig:
+    """A fresh copy of preset `name`, with field overrides applied and validated."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def preset_table() -> str:
+    """Human-readable table of the presets with their exact parameter counts."""
+    rows = [f"{'preset':<8} {'params':>12} {'hidden':>6} {'layers':>6} {'heads':>5} {'kv':>3} "
+            f"{'ffn':>5} {'vocab':>6} {'seq':>5}"]
+    for name, c in PRESETS.items():
+        rows.append(f"{name:<8} {c.num_params():>12,} {c.hidden_size:>6} {c.num_layers:>6} {c.num_heads:>5} "
+                    f"{c.num_kv_heads:>3} {c.ffn_hidden_size:>5} {c.vocab_size:>6} {c.max_seq_len:>5}")
+    return "\n".join(rows)
+
+
+MODES = ("pretrain", "sft", "dpo", "rlhf")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _opt(help_text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose help text also drives the command line (one source for both)."""
+    return dataclasses.field(metadata={"help": help_text}, **kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model shape. `launch/train.py` flags mirror these fields."""
+
+    mode: str = _opt("training stage: pretrain, sft, dpo or rlhf", default="pretrain")
+    config: str = _opt("model preset (tiny, small, medium)", default="tiny")
+    data: list[str] = _opt("shard directories or raw .txt/.jsonl files; default: the built-in demo corpus",
+                           default_factory=list)
+    data_dir: str = _opt("where relative --data names are looked up first (then $MINIGPT_DATA_DIR)",
+                         default="data")
+    tokenizer: str = _opt("tokenizer directory; default: <out>/tokenizer, trained on the data if missing",
+                          default="")
+    retrain_tokenizer: bool = _opt("train a new tokenizer even if one exists", default=False)
+    vocab_size: int = _opt("vocabulary size when a tokenizer is trained (0: the preset's)", default=0)
+    out: str = _opt("run directory; default checkpoints/<mode>_<config>", default="")
+    ds_config: str = _opt("DeepSpeed JSON config (ZeRO stage, offload); used when run under deepspeed",
+                          default="")
+    resume: str = _opt("checkpoint directory (or run directory) to resume from", default="")
+    auto_resume: bool = _opt("resume from <out>/latest when it exists", default=False)
+    init_from: str = _opt("consolidated weights or run directory to start from (post-training stages)",
+                          default="")
+    device: str = _opt("cpu, cuda, cuda:N or mps; default: auto-detect", default="")
+    precision: str = _opt("auto, fp32, bf16 or fp16 (auto: bf16 on capable GPUs, else fp32)", default="auto")
+    seq_len: int = _opt("training sequence length (0: the preset's max_seq_len)", default=0)
+    batch_size: int = _opt("micro-batch size per data-parallel rank", default=16)
+    grad_accum: int = _opt("micro-batches accumulated per optimizer step", default=1)
+    learning_rate: float = _opt("peak learning rate", default=1e-3)
+    min_lr_ratio: float = _opt("final learning rate as a fraction of the peak (cosine decay)", default=0.1)
+    warmup_steps: int = _opt("linear warmup steps", default=100)
+    max_steps: int = _opt("optimizer steps to train", default=1000)
+    weight_decay: float = _opt("AdamW weight decay on matrices", default=0.1)
+    beta1: float = _opt("AdamW beta1", default=0.9)
+    beta2: float = _opt("AdamW beta2", default=0.95)
+    grad_clip: float = _opt("clip the global gradient norm to this (0: off)", default=1.0)
+    dropout: float = _opt("dropout during training", default=0.0)
+    eval_interval: int = _opt("evaluate every N steps (0: only at the end)", default=200)
+    eval_batches: int = _opt("validation micro-batches per evaluation", default=20)
+    save_interval: int = _opt("checkpoint every N steps (0: only at the end)", default=500)
+    keep_last: int = _opt("checkpoints to keep", default=3)
+    log_interval: int = _opt("print a log line every N steps", default=10)
+    sample_prompt: str = _opt("prompt sampled at each evaluation", default="The")
+    seed: int = _opt("random seed", default=1337)
+    val_fraction: float = _opt("share of documents held out for validation when raw files are tokenized",
+                               default=0.01)
+    compile: bool = _opt("torch.compile the model (plain engine)", default=False)
+    dry_run: bool = _opt("validate config, data and DeepSpeed config, print the plan, and exit",
+                         default=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first contradictory or out-of-range field."""
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {MODES}, got {self.mode!r}")
+        if self.config not in PRESETS:
+            raise ConfigError(f"--config must be one of {sorted(PRESETS)}, got {self.config!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "max_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_interval", "save_interval", "seq_len", "vocab_size",
+                     "eval_batches", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.keep_last < 1:
+            raise ConfigError(f"--keep-last must be at least 1, got {self.keep_last}")
+        if self.log_interval < 1:
+            raise ConfigError(f"--log-interval must be at least 1, got {self.log_interval}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.resume and self.auto_resume:
+            raise ConfigError("--resume and --auto-resume contradict each other: give one")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out or f"checkpoints/{self.mode}_{self.config}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,220 @@
+"""The MiniGPT decoder: pre-norm blocks of RMSNorm, rotary grouped-query attention and SwiGLU.
+
+One file, read top to bottom: `RMSNorm`, rotary helpers, `KVCache`, `Attention`, `FeedForward`,
+`Block`, `MiniGPT`. Attention goes through `scaled_dot_product_attention`, which picks a fused
+kernel (flash / memory-efficient) on CUDA and a vectorised one on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minigpt.config import MiniGPTConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (no bias, no mean subtraction)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32: bf16's 8-bit mantissa loses the mean of squares on long rows.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables of shape (max_len, head_dim) in the rotate-half layout (Llama / GPT-NeoX)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (B, H, T, D) by per-position angles; cos/sin are (B, 1, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).type_as(x)
+
+
+class KVCache:
+    """Pre-allocated keys and values of every layer for incremental decoding.
+
+    `length` is how many positions are filled; the model appends a step's keys/values in each layer
+    and advances `length` once the whole forward pass is done.
+    """
+
+    def __init__(self, config: MiniGPTConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.max_len = max_len or config.max_seq_len
+        shape = (config.num_layers, batch_size, config.num_kv_heads, self.max_len, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k/v (B, Hkv, T, D) for `layer`; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {end}")
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows `rows` (used to drop finished sequences)."""
+        self.keys = self.keys[:, rows]
+        self.values = self.values[:, rows]
+
+
+class Attention(nn.Module):
+    """Causal self-attention with rotary positions and grouped key/value heads."""
+
+    def __init__(self, config: MiniGPTConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        kv_dim = config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(self.layer_index, k, v)
+        if self.num_kv_heads != self.num_heads:
+            # Expanding k/v is as fast as SDPA's enable_gqa on CPU and works on every torch >= 2.2.
+            repeat = self.num_heads // self.num_kv_heads
+            k = k.repeat_interleave(repeat, dim=1)
+            v = v.repeat_interleave(repeat, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
+            dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=False)
+        self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+    def __init__(self, config: MiniGPTConfig, layer_index: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.attn = Attention(config, layer_index)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.ffn = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, mask, cache))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class MiniGPT(nn.Module):
+    """Decoder-only language model. `forward` returns logits (B, T, vocab)."""
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 scaling: each residual branch adds variance, so its output projection starts smaller.
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.num_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
+        """Logits for `input_ids` (B, T), or the final normed hidden states with `return_hidden`.
+
+        position_ids:   (B, T) rotary positions; default continues from the cache (0.. without one).
+        attention_mask: (B, S) 1 for real tokens, 0 for padding, over all keys the step can see
+                        (cached + new); padding is never attended to.
+        segment_ids:    (B, T) document ids of packed sequences; attention stays inside a document.
+        cache:          KVCache to read past keys/values from and append this step's to.
+        """
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + t > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + t} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        cos = self.rope_cos[position_ids].unsqueeze(1)
+        sin = self.rope_sin[position_ids].unsqueeze(1)
+        mask = self._attention_mask(b, t, past, attention_mask, segment_ids, input_ids.device)
+        x = self.embed(input_ids)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += t
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    @staticmethod
+    def _attention_mask(b, t, past, attention_mask, segment_ids, device) -> torch.Tensor | None:
+        """Boolean (B, 1, T, S) mask, or None when plain causal attention (or one cached step) will do."""
+        if attention_mask is None and segment_ids is None and (past == 0 or t == 1):
+            return None
+        s = past + t
+        query_pos = torch.arange(past, s, device=device).unsqueeze(1)
+        mask = (torch.arange(s, device=device).unsqueeze(0) <= query_pos).expand(b, 1, t, s)
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, :s].bool()
+        if segment_ids is not None:
+            if past:
+                raise ValueError("segment_ids are for packed training sequences, not cached decoding")
+            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        # A padded query row would mask every key (NaN softmax): let every query see itself.
+        return mask | (torch.arange(s, device=device).unsqueeze(0) == query_pos)
+
+    def token_logprobs(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+        """log p(input_ids[:, i+1] | input_ids[:, :i+1]) for each position: shape (B, T-1), fp32."""
+        logits = self(input_ids, **kwargs)[:, :-1].float()
+        return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)

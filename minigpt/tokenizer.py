@@ -1,0 +1,127 @@
+"""The tokenizer: a sentencepiece model plus MiniGPT's special tokens and its one chat template.
+
+A tokenizer directory holds `tokenizer.model` (sentencepiece) and `tokenizer.json` (special tokens,
+chat template name, and the sha256 checksum of `tokenizer.model`). Shards and checkpoints record the
+checksum so that data or weights built with another tokenizer are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import sentencepiece as spm
+
+MODEL_FILE = "tokenizer.model"
+META_FILE = "tokenizer.json"
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# Ids are fixed so that every MiniGPT tokenizer agrees on them.
+SPECIAL_IDS = {PAD: 0, UNK: 1, BOS: 2, EOS: 3}
+CHAT_SYMBOLS = (IM_START, IM_END)
+CHAT_ROLES = ("system", "user", "assistant")
+CHAT_TEMPLATE = "chatml"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer directory that is missing, corrupt, or not the one the data/weights were built with."""
+
+
+def file_checksum(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass
+class ChatEncoding:
+    """Token ids of a rendered conversation and a parallel 0/1 mask of assistant-output tokens."""
+
+    ids: list[int]
+    assistant_mask: list[int]
+
+
+class Tokenizer:
+    """Encode/decode text and conversations with a MiniGPT sentencepiece model."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        model_path, meta_path = self.directory / MODEL_FILE, self.directory / META_FILE
+        for path in (model_path, meta_path):
+            if not path.is_file():
+                raise TokenizerError(f"tokenizer file missing: {path}")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as err:
+            raise TokenizerError(f"{meta_path}: not valid JSON ({err})") from err
+        self.checksum = file_checksum(model_path)
+        if self.meta.get("checksum") != self.checksum:
+            raise TokenizerError(
+                f"{model_path}: checksum {self.checksum[:12]} does not match {meta_path} "
+                f"({str(self.meta.get('checksum'))[:12]}); the directory was modified after training")
+        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        for piece, expected in SPECIAL_IDS.items():
+            if self.sp.piece_to_id(piece) != expected:
+                raise TokenizerError(f"{model_path}: special token {piece} has id "
+                                     f"{self.sp.piece_to_id(piece)}, MiniGPT expects {expected}")
+        self.im_start_id = self._symbol_id(IM_START)
+        self.im_end_id = self._symbol_id(IM_END)
+
+    def _symbol_id(self, piece: str) -> int:
+        token_id = self.sp.piece_to_id(piece)
+        if token_id == self.unk_id:
+            raise TokenizerError(f"{self.directory}: tokenizer lacks the chat symbol {piece}")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    pad_id, unk_id, bos_id, eos_id = (SPECIAL_IDS[t] for t in (PAD, UNK, BOS, EOS))
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Ids that end a generated sequence: end of document and end of a chat turn."""
+        return (self.eos_id, self.im_end_id)
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`; special tokens (pad, bos, eos, chat markers) are dropped."""
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(int(token_id))
+
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = False) -> ChatEncoding:
+        """Render `messages` ([{"role", "content"}]) with the ChatML template.
+
+        Each turn is `<|im_start|>{role}\\n{content}<|im_end|>\\n`. The mask marks the assistant's
+        content and its `<|im_end|>` (the model must learn to stop); with `add_generation_prompt`
+        the ids end with an open `<|im_start|>assistant\\n` header for the generator to continue.
+        """
+        ids: list[int] = []
+        mask: list[int] = []
+        for index, message in enumerate(messages):
+            role, content = message.get("role"), message.get("content")
+            if role not in CHAT_ROLES:
+                raise ValueError(f"message {index}: role {role!r} is not one of {CHAT_ROLES}")
+            if not isinstance(content, str):
+                raise ValueError(f"message {index}: content must be a string, got {type(content).__name__}")
+            header = [self.im_start_id] + self.encode(f"{role}\n")
+            body = self.encode(content) + [self.im_end_id]
+            trailer = self.encode("\n")
+            is_assistant = int(role == "assistant")
+            ids += header + body + trailer
+            mask += [0] * len(header) + [is_assistant] * len(body) + [0] * len(trailer)
+        if add_generation_prompt:
+            header = [self.im_start_id] + self.encode("assistant\n")
+            ids += header
+            mask += [0] * len(header)
+        return ChatEncoding(ids, mask)

@@ -1,0 +1,27 @@
+"""Build an argparse parser from a config dataclass, so flags and their help never drift from the fields."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata.get("help", "")
+        kind = hints[field.name]
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=default, help=help_text)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, nargs="+", default=default, help=help_text, metavar="PATH")
+        else:
+            parser.add_argument(flag, type=kind, default=default,
+                                help=f"{help_text} (default: {default!r})")
+
+
+def dataclass_from_args(cls: type, args: argparse.Namespace):
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

@@ -1,0 +1,46 @@
+"""Train a MiniGPT model: `python launch/train.py ...` (one device) or `deepspeed launch/train.py ...`.
+
+Every flag mirrors a field of `minigpt.config.TrainConfig`; `--help` lists them. Exit codes:
+0 finished, 75 stopped by a signal after saving (rerun with --auto-resume), 130 aborted, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# `python launch/train.py` works from a checkout without installing the project.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from launch.cli import add_dataclass_arguments, dataclass_from_args  # noqa: E402
+from minigpt.config import ConfigError, TrainConfig  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(parser, TrainConfig)
+    # The deepspeed launcher appends --local_rank=N; the rank is also in the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = dataclass_from_args(TrainConfig, args)
+    except ConfigError as err:
+        parser.error(str(err))
+    from minigpt.train.loop import USER_ERRORS, dry_run, train
+
+    try:
+        return dry_run(cfg) if cfg.dry_run else train(cfg)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

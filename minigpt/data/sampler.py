@@ -1,0 +1,80 @@
+"""A resumable, world-size-independent sampler of dataset indices.
+
+Each optimizer step consumes one *global batch* of `micro_batch_size x grad_accum x world_size`
+indices from a seeded permutation of the dataset (a new permutation per epoch; a short tail that
+cannot fill a global batch is dropped). Rank r's micro-step m takes slice `m * world_size + r` of it.
+The state is global (epoch, position), so a run saved on N ranks resumes on M ranks with the same
+global batch and sees exactly the samples it would have seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class SamplerState:
+    """Where the sampler stands: the epoch and how many of its permuted indices are consumed."""
+
+    epoch: int = 0
+    position: int = 0
+
+
+class ResumableSampler:
+    """Yields this rank's micro-batches of indices, step after step, for as many steps as asked."""
+
+    def __init__(self, num_samples: int, micro_batch_size: int, grad_accum: int, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, shuffle: bool = True):
+        self.global_batch = micro_batch_size * grad_accum * world_size
+        if num_samples < self.global_batch:
+            raise ValueError(
+                f"dataset has {num_samples} samples but one optimizer step needs {self.global_batch} "
+                f"(micro-batch {micro_batch_size} x accumulation {grad_accum} x {world_size} ranks): "
+                "use more data, a shorter --seq-len or a smaller batch")
+        self.num_samples, self.micro_batch_size = num_samples, micro_batch_size
+        self.grad_accum, self.rank, self.world_size = grad_accum, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.state = SamplerState()
+        self._order_epoch: int | None = None
+        self._order = np.empty(0, dtype=np.int64)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            if self.shuffle:
+                self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+            else:
+                self._order = np.arange(self.num_samples)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_step(self) -> list[np.ndarray]:
+        """This rank's `grad_accum` micro-batches of indices for the next optimizer step."""
+        if self.state.position + self.global_batch > self.num_samples:
+            self.state = SamplerState(epoch=self.state.epoch + 1, position=0)
+        order = self._permutation(self.state.epoch)
+        window = order[self.state.position:self.state.position + self.global_batch]
+        self.state.position += self.global_batch
+        micro = self.micro_batch_size
+        return [window[(m * self.world_size + self.rank) * micro:(m * self.world_size + self.rank + 1) * micro]
+                for m in range(self.grad_accum)]
+
+    def state_dict(self) -> dict:
+        return {**asdict(self.state), "seed": self.seed, "num_samples": self.num_samples,
+                "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume from `state`; the dataset and global batch must be the ones the state was taken with."""
+        if state["num_samples"] != self.num_samples:
+            raise ValueError(f"sampler state is for a dataset of {state['num_samples']} samples, "
+                             f"this one has {self.num_samples}: the data changed since the checkpoint")
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(f"sampler state is for a global batch of {state['global_batch']}, this run uses "
+                             f"{self.global_batch}: keep micro-batch x accumulation x ranks equal to resume")
+        self.seed = state["seed"]
+        self.state = SamplerState(epoch=state["epoch"], position=state["position"])

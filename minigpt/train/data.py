@@ -1,0 +1,144 @@
+"""Turn a run's `--data` / `--tokenizer` into a tokenizer and train/validation datasets.
+
+`--data` names shard directories (built by `data_tools/pretokenize.py`) or raw .txt/.jsonl files,
+which are pre-tokenized on the fly into a cache keyed by their content and the tokenizer. Relative
+names are looked up in the working directory, then the run's `--data-dir`, then `$MINIGPT_DATA_DIR`.
+With no `--data`, pretraining uses the built-in demo corpus. In a multi-rank run the main rank builds
+what is missing while the others wait for it to appear (every write is an atomic rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from minigpt.config import ConfigError, TrainConfig
+from minigpt.data.build import build_dataset
+from minigpt.data.demo import write_demo_corpus
+from minigpt.data.shards import open_shard
+from minigpt.tokenizer import Tokenizer, train_tokenizer
+
+DATA_ENV = "MINIGPT_DATA_DIR"
+CACHE = "cache"
+WAIT_SECONDS = 1800
+
+
+class DataError(ValueError):
+    """Data that cannot be found or does not fit the run; the message names it."""
+
+
+@dataclass
+class RunData:
+    tokenizer: Tokenizer
+    dataset_dirs: list[Path]
+    """Shard dataset directories (each with train/ and val/)."""
+
+
+def _is_dataset_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "train").is_dir()
+
+
+def find_input(name: str, data_dir: str) -> Path:
+    """Resolve one `--data` entry: absolute, else cwd, then --data-dir, then $MINIGPT_DATA_DIR."""
+    candidate = Path(name).expanduser()
+    if candidate.is_absolute():
+        if candidate.exists():
+            return candidate
+        raise DataError(f"--data {name}: no such file or directory")
+    searched = [Path.cwd(), Path(data_dir)]
+    if os.environ.get(DATA_ENV):
+        searched.append(Path(os.environ[DATA_ENV]))
+    for root in searched:
+        if (root / candidate).exists():
+            return root / candidate
+    raise DataError(f"--data {name}: not found in {', '.join(str(r) for r in searched)} "
+                    f"(set --data-dir or ${DATA_ENV} to where your data lives)")
+
+
+def _wait_for(path: Path, what: str) -> None:
+    """Non-main ranks wait for the main rank to publish `path` (atomic rename means complete)."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise DataError(f"timed out after {WAIT_SECONDS}s waiting for the main rank to build {what} at {path}")
+        time.sleep(0.5)
+
+
+def _content_key(files: list[Path], *parts: str) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        stat = path.stat()
+        digest.update(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    for part in parts:
+        digest.update(part.encode())
+    return digest.hexdigest()[:16]
+
+
+def resolve_run_data(cfg: TrainConfig, is_main: bool, tokenizer_dir: Path | None, kind: str) -> RunData:
+    """Find or build the tokenizer and the datasets this run trains on.
+
+    tokenizer_dir: the tokenizer the weights already use (post-training stages start from weights),
+    or None to use --tokenizer / <run>/tokenizer / train one on the raw inputs.
+    """
+    inputs = [find_input(name, cfg.data_dir) for name in cfg.data]
+    if not inputs:
+        if kind != "pretrain":
+            raise DataError(f"--mode {cfg.mode} needs --data ({kind} JSONL files or shards); "
+                            "see docs/data.md for the formats")
+        demo = Path(cfg.data_dir) / CACHE / "demo" / "corpus.txt"
+        if is_main and not demo.exists():
+            demo.parent.mkdir(parents=True, exist_ok=True)
+            write_demo_corpus(demo)
+        _wait_for(demo, "the demo corpus")
+        inputs = [demo]
+    datasets = [p for p in inputs if _is_dataset_dir(p)]
+    raw = [p for p in inputs if not _is_dataset_dir(p)]
+    for path in raw:
+        if path.is_dir():
+            raise DataError(f"--data {path}: a directory without train/ shards; give files or a shard directory")
+
+    tokenizer = _resolve_tokenizer(cfg, is_main, tokenizer_dir, raw, datasets)
+    if raw:
+        key = _content_key(raw, tokenizer.checksum, kind, str(cfg.val_fraction), str(cfg.seed))
+        cached = Path(cfg.data_dir) / CACHE / f"{kind}-{key}"
+        if is_main and not cached.exists():
+            print(f"[minigpt] pre-tokenizing {len(raw)} file(s) into {cached}", flush=True)
+            build_dataset([str(p) for p in raw], cached, tokenizer, kind=kind, val_fraction=cfg.val_fraction,
+                          seed=cfg.seed, workers=min(4, os.cpu_count() or 1))
+        _wait_for(cached, "the pre-tokenized dataset")
+        datasets.append(cached)
+    for path in datasets:  # fail before training on a shard of another tokenizer or kind
+        reader = open_shard(path, "train", tokenizer_checksum=tokenizer.checksum, vocab_size=tokenizer.vocab_size)
+        if reader.meta.get("kind", "pretrain") != kind:
+            raise DataError(f"{path}: shards of kind {reader.meta.get('kind')!r}, --mode {cfg.mode} needs {kind!r}")
+    return RunData(tokenizer, datasets)
+
+
+def _resolve_tokenizer(cfg: TrainConfig, is_main: bool, tokenizer_dir: Path | None, raw: list[Path],
+                       datasets: list[Path]) -> Tokenizer:
+    if tokenizer_dir is not None:
+        if cfg.tokenizer and Path(cfg.tokenizer).resolve() != tokenizer_dir.resolve():
+            raise ConfigError(f"--tokenizer {cfg.tokenizer} differs from the tokenizer of the starting "
+                              f"weights ({tokenizer_dir}); post-training keeps the tokenizer of its weights")
+        return Tokenizer(tokenizer_dir)
+    if cfg.tokenizer:
+        return Tokenizer(cfg.tokenizer)
+    run_tokenizer = cfg.run_dir / "tokenizer"
+    if run_tokenizer.exists() and not cfg.retrain_tokenizer:
+        return Tokenizer(run_tokenizer)
+    if not raw:
+        checksums = {json.loads((d / "train" / "meta.json").read_text()).get("tokenizer_checksum") for d in datasets}
+        raise ConfigError(f"shards {', '.join(map(str, datasets))} were built with tokenizer {checksums}; "
+                          "pass that tokenizer directory with --tokenizer")
+    if is_main:
+        from minigpt.config import get_config
+        vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
+        print(f"[minigpt] training a {vocab}-token tokenizer on {len(raw)} file(s) into {run_tokenizer}",
+              flush=True)
+        train_tokenizer([str(p) for p in raw], run_tokenizer, vocab_size=vocab)
+    _wait_for(run_tokenizer / "tokenizer.json", "the tokenizer")
+    return Tokenizer(run_tokenizer)

@@ -1,0 +1,327 @@
+"""The training loop: one loop for every mode and both engines.
+
+    set up (tokenizer, data, model, engine, objective, checkpoints, monitor)
+    for each step: get batch -> loss -> backward -> step -> log -> maybe evaluate / save -> stop flag?
+    finish: final checkpoint, consolidated weights, a sample
+
+Mode-specific maths lives in `minigpt.train.objectives`; engine specifics behind `minigpt.engine`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minigpt.checkpoint import CheckpointError, CheckpointManager, atomic_write_text
+from minigpt.config import ConfigError, MiniGPTConfig, TrainConfig, get_config
+from minigpt.data.sampler import ResumableSampler
+from minigpt.data.shards import PretrainWindows, SFTExamples, ShardError, open_shard
+from minigpt.engine import create_engine
+from minigpt.engine.base import Engine
+from minigpt.generate import GenerationConfig, TextGenerator
+from minigpt.model import MiniGPT
+from minigpt.monitor import TrainingMonitor
+from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
+from minigpt.tokenizer import Tokenizer, TokenizerError
+from minigpt.train.data import DataError, RunData, find_input, resolve_run_data
+from minigpt.train.objectives import EvalTotals, build_objective
+from minigpt.weights import WeightsError, load_consolidated, save_consolidated
+
+USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError)
+"""Errors caused by the user's input: reported as one clear line, not a traceback."""
+SNAPSHOT = "training_config_snapshot.json"
+FINAL = "final"
+# Post-training stages start from the previous stage's final weights of the same preset.
+PREVIOUS_STAGES = {"sft": ("pretrain",), "dpo": ("sft",), "rlhf": ("dpo", "sft")}
+DATASET_KIND = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "rlhf": "rlhf"}
+
+
+def launch_rank() -> int:
+    """This process's global rank as set by the launcher (deepspeed/torchrun: RANK, srun: SLURM_PROCID)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class ConcatWindows:
+    """Several map-style datasets seen as one (index runs through them in order)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        part = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return self.parts[part][index - int(self.offsets[part])]
+
+
+def open_datasets(run_data: RunData, kind: str, split: str, seq_len: int):
+    """The map-style dataset of `split` over every dataset directory of the run."""
+    parts = []
+    for directory in run_data.dataset_dirs:
+        reader = open_shard(directory, split, tokenizer_checksum=run_data.tokenizer.checksum,
+                            vocab_size=run_data.tokenizer.vocab_size)
+        if kind == "pretrain":
+            parts.append(PretrainWindows(reader, seq_len))
+        else:
+            parts.append(SFTExamples(reader, seq_len, pad_id=run_data.tokenizer.pad_id))
+    return ConcatWindows(parts)
+
+
+def collate(samples: list[dict[str, np.ndarray]], device: torch.device) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(np.stack([s[key] for s in samples])).to(device) for key in samples[0]}
+
+
+@dataclass
+class StartingWeights:
+    """Where a run's initial weights come from (recorded in the snapshot)."""
+
+    source: str
+    model_dir: Path | None = None
+
+
+def find_starting_weights(cfg: TrainConfig) -> StartingWeights:
+    """--init-from, else the previous stage's final weights of this preset; pretraining starts from scratch."""
+    if cfg.init_from:
+        path = Path(cfg.init_from)
+        if (path / FINAL / "model.pt").is_file():
+            path = path / FINAL
+        if not (path / "model.pt").is_file():
+            raise ConfigError(f"--init-from {cfg.init_from}: no consolidated weights (model.pt) there or in "
+                              f"{path / FINAL}")
+        return StartingWeights(str(path), path)
+    if cfg.mode == "pretrain":
+        return StartingWeights("random init")
+    for stage in PREVIOUS_STAGES[cfg.mode]:
+        candidate = Path("checkpoints") / f"{stage}_{cfg.config}" / FINAL
+        if (candidate / "model.pt").is_file():
+            return StartingWeights(str(candidate), candidate)
+    raise ConfigError(f"--mode {cfg.mode} starts from trained weights: none found at "
+                      f"checkpoints/{{{','.join(PREVIOUS_STAGES[cfg.mode])}}}_{cfg.config}/{FINAL}; "
+                      "pass --init-from DIR")
+
+
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer, start: StartingWeights) -> MiniGPT:
+    """The model to train: preset shape (vocab from the tokenizer) or the starting weights' shape."""
+    if start.model_dir is not None:
+        model, weights_tokenizer = load_consolidated(start.model_dir)
+        if weights_tokenizer is not None and weights_tokenizer.checksum != tokenizer.checksum:
+            raise ConfigError(f"{start.model_dir}: weights were trained with another tokenizer than {tokenizer.directory}")
+        if cfg.dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = cfg.dropout
+        return model
+    overrides = {"vocab_size": tokenizer.vocab_size, "dropout": cfg.dropout}
+    if cfg.seq_len > get_config(cfg.config).max_seq_len:
+        overrides["max_seq_len"] = cfg.seq_len
+    return MiniGPT(get_config(cfg.config, **overrides))
+
+
+def seq_len_of(cfg: TrainConfig, model_config: MiniGPTConfig) -> int:
+    seq_len = cfg.seq_len or model_config.max_seq_len
+    if seq_len > model_config.max_seq_len:
+        raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
+    return seq_len
+
+
+def write_snapshot(cfg: TrainConfig, model_config: MiniGPTConfig, start: StartingWeights, run_data: RunData,
+                   engine: Engine, seq_len: int) -> None:
+    snapshot = {"train": cfg.to_dict(), "model": model_config.to_dict(), "weights_from": start.source,
+                "tokenizer": {"dir": str(run_data.tokenizer.directory), "checksum": run_data.tokenizer.checksum},
+                "datasets": [str(d) for d in run_data.dataset_dirs], "engine": type(engine).__name__,
+                "world_size": engine.world_size, "seq_len": seq_len,
+                "global_batch": cfg.batch_size * cfg.grad_accum * engine.world_size}
+    atomic_write_text(cfg.run_dir / SNAPSHOT, json.dumps(snapshot, indent=2) + "\n")
+    stats = {str(d): json.loads((d / "dataset_stats.json").read_text())
+             for d in run_data.dataset_dirs if (d / "dataset_stats.json").is_file()}
+    atomic_write_text(cfg.run_dir / "dataset_stats.json", json.dumps(stats, indent=2) + "\n")
+
+
+class Trainer:
+    """Holds what the loop needs between steps; `run()` is the loop."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        set_seed(cfg.seed)
+        start = find_starting_weights(cfg)
+        kind = DATASET_KIND[cfg.mode]
+        self.run_data = resolve_run_data(cfg, launch_rank() == 0, start.model_dir, kind)
+        self.tokenizer = self.run_data.tokenizer
+        self.model = build_model(cfg, self.tokenizer, start)
+        self.model_config = self.model.config
+        self.seq_len = seq_len_of(cfg, self.model_config)
+        self.engine = create_engine(self.model, cfg)
+        self.objective = build_objective(cfg.mode, self.tokenizer, cfg)
+        self.train_set = open_datasets(self.run_data, kind, "train", self.seq_len)
+        self.val_set = open_datasets(self.run_data, kind, "val", self.seq_len)
+        self.sampler = ResumableSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.engine.rank,
+                                        self.engine.world_size, seed=cfg.seed)
+        self.checkpoints = CheckpointManager(cfg.run_dir, self.engine, cfg.keep_last)
+        self.step, self.tokens_seen = 0, 0
+        self.start = start
+        if self.engine.is_main:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            write_snapshot(cfg, self.model_config, start, self.run_data, self.engine, self.seq_len)
+
+    def resume(self) -> None:
+        path = self.cfg.resume or (self.checkpoints.latest() if self.cfg.auto_resume else None)
+        if not path:
+            if self.cfg.auto_resume and self.engine.is_main:
+                print(f"[minigpt] --auto-resume: no checkpoint in {self.cfg.run_dir}, starting fresh", flush=True)
+            return
+        state = self.checkpoints.load(path)
+        if state.get("tokenizer_checksum") not in (None, self.tokenizer.checksum):
+            raise ConfigError(f"{state['checkpoint']}: trained with tokenizer {state['tokenizer_checksum'][:12]}, "
+                              f"this run uses {self.tokenizer.checksum[:12]} ({self.tokenizer.directory})")
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        if self.engine.is_main:
+            print(f"[minigpt] resumed from {state['checkpoint']} at step {self.step}", flush=True)
+
+    def trainer_state(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
+                "tokenizer_checksum": self.tokenizer.checksum, "mode": self.cfg.mode,
+                "weights_from": self.start.source}
+
+    def micro_batches(self) -> list[dict[str, torch.Tensor]]:
+        return [collate([self.train_set[int(i)] for i in indices], self.engine.device)
+                for indices in self.sampler.next_step()]
+
+    def train_step(self, batches: list[dict[str, torch.Tensor]] | None = None) -> tuple[float, object, int]:
+        """One optimizer step over `grad_accum` micro-batches; returns (mean loss, StepResult, tokens)."""
+        self.engine.train()
+        losses, result, tokens = [], None, 0
+        for batch in batches or self.micro_batches():
+            loss, _stats = self.objective.loss(self.engine, batch)
+            self.engine.backward(loss)
+            result = self.engine.step() or result
+            losses.append(loss.detach().float())
+            tokens += batch["input_ids"].numel()
+        mean = self.engine.all_reduce_sum(torch.stack(losses).mean().reshape(1).to(self.engine.device))
+        return mean.item() / self.engine.world_size, result, tokens * self.engine.world_size
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.engine.eval()
+        totals = EvalTotals()
+        per_step = self.cfg.batch_size * self.engine.world_size
+        batches = min(self.cfg.eval_batches, len(self.val_set) // per_step) if per_step else 0
+        for b in range(batches):
+            start = b * per_step + self.engine.rank * self.cfg.batch_size
+            samples = [self.val_set[i] for i in range(start, start + self.cfg.batch_size)]
+            self.objective.eval_batch(self.engine.module, collate(samples, self.engine.device), totals)
+        reduced = self.engine.all_reduce_sum(totals.as_tensor().to(self.engine.device)).cpu()
+        self.engine.train()
+        return self.objective.metrics(reduced) if batches else {}
+
+    @torch.no_grad()
+    def sample(self) -> str:
+        """Greedy continuation of the sample prompt; every rank runs it (ZeRO-3 gathers weights collectively)."""
+        self.engine.eval()
+        generator = TextGenerator(self.engine.module, self.tokenizer, self.engine.device)
+        text = generator.generate([self.cfg.sample_prompt], GenerationConfig(max_new_tokens=48, do_sample=False))[0]
+        self.engine.train()
+        return self.cfg.sample_prompt + text
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.step, self.trainer_state())
+
+    def consolidate(self) -> Path:
+        state_dict = self.engine.consolidated_state_dict()
+        out = self.cfg.run_dir / FINAL
+        if self.engine.is_main:
+            save_consolidated(out, state_dict, self.model_config, self.tokenizer.directory,
+                              extra={"mode": self.cfg.mode, "step": self.step, "tokens_seen": self.tokens_seen})
+        self.engine.barrier()
+        return out
+
+    def run(self) -> int:
+        cfg = self.cfg
+        self.resume()
+        monitor = TrainingMonitor(cfg.run_dir, enabled=self.engine.is_main, total_steps=cfg.max_steps,
+                                  start_step=self.step,
+                                  flops_per_token=self.model_config.flops_per_token(self.seq_len),
+                                  device=self.engine.device, world_size=self.engine.world_size)
+        stop = StopRequest().install()
+        last_saved = self.step if self.step else -1
+        try:
+            while self.step < cfg.max_steps:
+                started = time.perf_counter()
+                loss, result, tokens = self.train_step()
+                self.step += 1
+                self.tokens_seen += tokens
+                monitor.log_step(self.step, loss=loss, lr=result.lr, grad_norm=result.grad_norm, tokens=tokens,
+                                 seconds=time.perf_counter() - started)
+                finite = math.isfinite(loss)
+                if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
+                    monitor.log_eval(self.step, self.evaluate())
+                    monitor.log_text(self.step, "sample", self.sample())
+                stop_now = self.engine.any_rank(stop.requested)
+                due = cfg.save_interval and self.step % cfg.save_interval == 0
+                if finite and (due or stop_now) and self.step < cfg.max_steps:
+                    self.save()
+                    last_saved = self.step
+                if stop_now:
+                    monitor.write(f"stopped at step {self.step} ({stop.signal_name or 'signal on another rank'}); "
+                                  f"checkpoint {'saved' if last_saved == self.step else 'NOT saved (non-finite loss)'}")
+                    return EXIT_PREEMPTED
+            metrics = self.evaluate()
+            monitor.log_eval(self.step, metrics)
+            if last_saved != self.step:
+                self.save()
+            final = self.consolidate()
+            monitor.log_text(self.step, "sample", self.sample())
+            monitor.write(f"done: {self.step} steps, {self.tokens_seen:,} tokens; consolidated weights in {final}")
+            return EXIT_FINISHED
+        finally:
+            stop.uninstall()
+            monitor.close()
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run training as configured; returns the process exit code (see minigpt.signals)."""
+    return Trainer(cfg).run()
+
+
+def dry_run(cfg: TrainConfig) -> int:
+    """Validate config, data and DeepSpeed config without building anything; print the plan."""
+    from minigpt.engine import validate_engine_config
+
+    start = find_starting_weights(cfg)
+    inputs = [find_input(name, cfg.data_dir) for name in cfg.data] or ["<built-in demo corpus>"]
+    world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    engine_plan = validate_engine_config(cfg, world_size)
+    if start.model_dir is not None:
+        model_config = MiniGPTConfig.load(start.model_dir / "config.json")
+    else:
+        model_config = get_config(cfg.config, **({"vocab_size": cfg.vocab_size} if cfg.vocab_size else {}))
+    seq_len = seq_len_of(cfg, model_config) if cfg.seq_len <= model_config.max_seq_len else cfg.seq_len
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * seq_len
+    print("\n".join([
+        f"mode            {cfg.mode} (weights: {start.source})",
+        f"model           {cfg.config}: {model_config.num_params():,} parameters, vocab {model_config.vocab_size}",
+        f"data            {', '.join(map(str, inputs))}",
+        f"engine          {engine_plan}",
+        f"batch           {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} rank(s) x {seq_len} tokens"
+        f" = {tokens_per_step:,} tokens/step",
+        f"steps           {cfg.max_steps:,} ({cfg.max_steps * tokens_per_step:,} tokens), warmup {cfg.warmup_steps}",
+        f"output          {cfg.run_dir}",
+        "dry run: configuration is valid; nothing was trained",
+    ]))
+    return EXIT_FINISHED

@@ -1,0 +1,73 @@
+"""Decode speed with and without the KV cache: tokens/s for N new tokens, greedy, batch 1.
+
+    python bench/decode.py                      # small preset, 256 new tokens, CPU
+    python bench/decode.py --preset tiny --device cuda --new-tokens 512
+
+Random weights (speed does not depend on them); EOS is disabled so every run decodes exactly N tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from minigpt.config import get_config  # noqa: E402
+from minigpt.generate import GenerationConfig, TextGenerator  # noqa: E402
+from minigpt.model import MiniGPT  # noqa: E402
+
+
+def time_decode(generator: TextGenerator, prompt: list[int], config: GenerationConfig, use_cache: bool,
+                repeats: int) -> tuple[float, int]:
+    """Best wall time over `repeats` runs (after one warm-up) and the tokens each run produced."""
+    generator.generate_ids([prompt], GenerationConfig(max_new_tokens=4, do_sample=False, stop_token_ids=()),
+                           use_cache=use_cache)
+    best, produced = float("inf"), 0
+    for _ in range(repeats):
+        if generator.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        (ids,) = generator.generate_ids([prompt], config, use_cache=use_cache)
+        if generator.device.type == "cuda":
+            torch.cuda.synchronize()
+        best, produced = min(best, time.perf_counter() - start), len(ids)
+    return best, produced
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--prompt-tokens", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per mode (best is reported)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model_config = get_config(args.preset)
+    generator = TextGenerator(MiniGPT(model_config), tokenizer=None, device=args.device)
+    prompt = torch.randint(4, model_config.vocab_size, (args.prompt_tokens,)).tolist()
+    config = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, stop_token_ids=())
+    print(f"preset={args.preset} params={model_config.num_params():,} device={args.device} "
+          f"threads={torch.get_num_threads()} prompt={args.prompt_tokens} new_tokens={args.new_tokens} "
+          f"batch=1 greedy torch={torch.__version__}")
+    rows = []
+    for label, use_cache in (("with KV cache", True), ("without cache", False)):
+        seconds, produced = time_decode(generator, prompt, config, use_cache, args.repeats)
+        rows.append((label, produced, seconds, produced / seconds))
+    print(f"{'mode':<15} {'tokens':>6} {'seconds':>8} {'tokens/s':>9}")
+    for label, produced, seconds, rate in rows:
+        print(f"{label:<15} {produced:>6} {seconds:>8.2f} {rate:>9.1f}")
+    print(f"KV cache speed-up: {rows[0][3] / rows[1][3]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

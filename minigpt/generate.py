@@ -158,7 +158,7 @@ class TextGenerator:
                  device: str | torch.device | None = None, add_bos: bool = True):
         self.add_bos = add_bos
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(self.device).eval()
+        self.model = model.to(self.device)
         self.tokenizer = tokenizer
         if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only "
@@ -287,8 +287,18 @@ class TextGenerator:
 
         Prompts are left-padded to one length; `attention_mask` hides the padding and `position_ids`
         count real tokens only, so each row computes exactly what it would alone. Finished rows are
-        dropped from the batch (and the cache).
+        dropped from the batch (and the cache). The model is in eval mode while decoding and gets its
+        train/eval mode back afterwards (the training loop samples mid-run).
         """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield from self._decode(prompts, config, use_cache)
+        finally:
+            self.model.train(was_training)
+
+    def _decode(self, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+                use_cache: bool) -> Iterator[list[_StepToken]]:
         budget = min(config.max_new_tokens, self._check_prompts(prompts))
         if config.stop_strings:
             self._require_tokenizer("stop_strings")

@@ -283,3 +283,12 @@ def test_cli_names_the_missing_file(tmp_path, capsys):
     (tmp_path / "model").mkdir()
     assert main(["--model", str(tmp_path / "model"), "--prompt", "x"]) == 2
     assert "config.json: missing" in capsys.readouterr().err
+
+
+def test_generation_runs_in_eval_mode_and_restores_the_training_mode():
+    model = random_model(dropout=0.5).train()
+    generator = TextGenerator(model, tokenizer=None)
+    config = GenerationConfig(max_new_tokens=8, do_sample=False)
+    first = generator.generate_ids([[5, 6, 7]], config)
+    assert model.training
+    assert generator.generate_ids([[5, 6, 7]], config) == first  # dropout was off while decoding

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if "labels" in first:
         mask = (first["labels"][0, :args.show_tokens] != -100).int().tolist()
         say(f"loss mask    {mask}")
-    loss, result, tokens = trainer.train_step(batches)
+    loss, result, tokens, _stats = trainer.train_step(batches)
     say("== one optimizer step ==")
     say(f"loss {loss:.4f}  grad-norm {result.grad_norm:.4f}  lr {result.lr:.2e}  tokens {tokens}")
     trainer.cfg.sample_prompt = args.prompt

@@ -23,7 +23,7 @@ import torch
 from minigpt.checkpoint import CheckpointError, CheckpointManager, atomic_write_text
 from minigpt.config import ConfigError, MiniGPTConfig, TrainConfig, get_config
 from minigpt.data.sampler import ResumableSampler
-from minigpt.data.shards import PretrainWindows, SFTExamples, ShardError, open_shard
+from minigpt.data.shards import ShardError, open_shard
 from minigpt.engine import create_engine
 from minigpt.engine.base import Engine
 from minigpt.generate import GenerationConfig, TextGenerator
@@ -32,7 +32,7 @@ from minigpt.monitor import TrainingMonitor
 from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 from minigpt.tokenizer import Tokenizer, TokenizerError
 from minigpt.train.data import DataError, RunData, find_input, resolve_run_data
-from minigpt.train.objectives import EvalTotals, build_objective
+from minigpt.train.objectives import EvalTotals, build_objective, dataset_kind
 from minigpt.weights import WeightsError, load_consolidated, save_consolidated
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError)
@@ -41,7 +41,6 @@ SNAPSHOT = "training_config_snapshot.json"
 FINAL = "final"
 # Post-training stages start from the previous stage's final weights of the same preset.
 PREVIOUS_STAGES = {"sft": ("pretrain",), "dpo": ("sft",), "rlhf": ("dpo", "sft")}
-DATASET_KIND = {"pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "rlhf": "rlhf"}
 
 
 def launch_rank() -> int:
@@ -70,16 +69,13 @@ class ConcatWindows:
         return self.parts[part][index - int(self.offsets[part])]
 
 
-def open_datasets(run_data: RunData, kind: str, split: str, seq_len: int):
-    """The map-style dataset of `split` over every dataset directory of the run."""
+def open_datasets(run_data: RunData, objective, split: str, seq_len: int) -> ConcatWindows:
+    """The objective's map-style dataset of `split` over every dataset directory of the run."""
     parts = []
     for directory in run_data.dataset_dirs:
         reader = open_shard(directory, split, tokenizer_checksum=run_data.tokenizer.checksum,
                             vocab_size=run_data.tokenizer.vocab_size)
-        if kind == "pretrain":
-            parts.append(PretrainWindows(reader, seq_len))
-        else:
-            parts.append(SFTExamples(reader, seq_len, pad_id=run_data.tokenizer.pad_id))
+        parts.append(objective.dataset(reader, seq_len, run_data.tokenizer))
     return ConcatWindows(parts)
 
 
@@ -160,16 +156,15 @@ class Trainer:
         self.cfg = cfg
         set_seed(cfg.seed)
         start = find_starting_weights(cfg)
-        kind = DATASET_KIND[cfg.mode]
-        self.run_data = resolve_run_data(cfg, launch_rank() == 0, start.model_dir, kind)
+        self.run_data = resolve_run_data(cfg, launch_rank() == 0, start.model_dir, dataset_kind(cfg.mode))
         self.tokenizer = self.run_data.tokenizer
         self.model = build_model(cfg, self.tokenizer, start)
         self.model_config = self.model.config
         self.seq_len = seq_len_of(cfg, self.model_config)
         self.engine = create_engine(self.model, cfg)
         self.objective = build_objective(cfg.mode, self.tokenizer, cfg)
-        self.train_set = open_datasets(self.run_data, kind, "train", self.seq_len)
-        self.val_set = open_datasets(self.run_data, kind, "val", self.seq_len)
+        self.train_set = open_datasets(self.run_data, self.objective, "train", self.seq_len)
+        self.val_set = open_datasets(self.run_data, self.objective, "val", self.seq_len)
         self.sampler = ResumableSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.engine.rank,
                                         self.engine.world_size, seed=cfg.seed)
         self.checkpoints = CheckpointManager(cfg.run_dir, self.engine, cfg.keep_last)
@@ -203,18 +198,26 @@ class Trainer:
         return [collate([self.train_set[int(i)] for i in indices], self.engine.device)
                 for indices in self.sampler.next_step()]
 
-    def train_step(self, batches: list[dict[str, torch.Tensor]] | None = None) -> tuple[float, object, int]:
-        """One optimizer step over `grad_accum` micro-batches; returns (mean loss, StepResult, tokens)."""
+    def train_step(self, batches: list[dict[str, torch.Tensor]] | None = None) -> tuple[float, object, int, dict]:
+        """One optimizer step over `grad_accum` micro-batches.
+
+        Returns the loss and the objective's statistics averaged over micro-batches and ranks, the
+        engine's StepResult, and the tokens processed by all ranks."""
         self.engine.train()
-        losses, result, tokens = [], None, 0
+        result, tokens, totals = None, 0, {}
         for batch in batches or self.micro_batches():
-            loss, _stats = self.objective.loss(self.engine, batch)
+            loss, stats = self.objective.loss(self.engine, batch)
             self.engine.backward(loss)
             result = self.engine.step() or result
-            losses.append(loss.detach().float())
-            tokens += batch["input_ids"].numel()
-        mean = self.engine.all_reduce_sum(torch.stack(losses).mean().reshape(1).to(self.engine.device))
-        return mean.item() / self.engine.world_size, result, tokens * self.engine.world_size
+            for name, value in {"loss": loss.detach().float().item(), **stats}.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+            tokens += batch["input_ids"].numel() if "input_ids" in batch else 0
+        names = sorted(totals)
+        summed = self.engine.all_reduce_sum(torch.tensor([totals[n] for n in names], dtype=torch.float64,
+                                                         device=self.engine.device))
+        scale = 1.0 / (self.cfg.grad_accum * self.engine.world_size)
+        averaged = {n: v * scale for n, v in zip(names, summed.tolist(), strict=True)}
+        return averaged.pop("loss"), result, tokens * self.engine.world_size, averaged
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -254,6 +257,8 @@ class Trainer:
     def run(self) -> int:
         cfg = self.cfg
         self.resume()
+        if hasattr(self.objective, "prepare"):
+            self.objective.prepare(self)
         monitor = TrainingMonitor(cfg.run_dir, enabled=self.engine.is_main, total_steps=cfg.max_steps,
                                   start_step=self.step,
                                   flops_per_token=self.model_config.flops_per_token(self.seq_len),
@@ -263,11 +268,11 @@ class Trainer:
         try:
             while self.step < cfg.max_steps:
                 started = time.perf_counter()
-                loss, result, tokens = self.train_step()
+                loss, result, tokens, stats = self.train_step()
                 self.step += 1
                 self.tokens_seen += tokens
                 monitor.log_step(self.step, loss=loss, lr=result.lr, grad_norm=result.grad_norm, tokens=tokens,
-                                 seconds=time.perf_counter() - started)
+                                 seconds=time.perf_counter() - started, extra=stats)
                 finite = math.isfinite(loss)
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
                     monitor.log_eval(self.step, self.evaluate())

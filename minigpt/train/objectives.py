@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from minigpt.data.datasets import PretrainWindows, SFTExamples
+
 IGNORE = -100
 
 
@@ -51,6 +53,12 @@ class LanguageModeling:
         self.dataset_kind = dataset_kind
         self.byte_lengths = byte_lengths
 
+    def dataset(self, reader, seq_len: int, tokenizer):
+        """The map-style dataset this objective trains on, over one shard."""
+        if self.dataset_kind == "pretrain":
+            return PretrainWindows(reader, seq_len)
+        return SFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
+
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         logits = engine(batch["input_ids"], segment_ids=batch.get("segment_ids"))
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
@@ -74,6 +82,11 @@ class LanguageModeling:
         if num_bytes > 0:
             metrics["val_bpb"] = loss_sum / math.log(2) / num_bytes
         return metrics
+
+
+def dataset_kind(mode: str) -> str:
+    """The shard kind (`meta.json` "kind") a mode trains on."""
+    return mode
 
 
 def build_objective(mode: str, tokenizer, cfg) -> LanguageModeling:

@@ -1,0 +1,363 @@
+"""Build a dataset directory (train/ and val/ shards + dataset_stats.json) from raw files.
+
+    raw files -> records (paragraphs or JSONL lines) -> parse + encode in worker processes
+              -> one staging shard of every kept document, in input order
+              -> deterministic split by document (seeded) -> train/ and val/ shards
+              -> dataset_stats.json -> rename the staging directory into place
+
+Bad records are counted per file with their first line numbers and skipped (or fail the run with
+`strict=True`). Nothing appears at `out_dir` until the whole dataset is written.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from minigpt.data.shards import KINDS, ShardReader, ShardWriter
+from minigpt.data.sources import (
+    Example,
+    InputError,
+    Skip,
+    expand_inputs,
+    input_format,
+    iter_raw_records,
+    parse_record,
+)
+from minigpt.tokenizer import Tokenizer
+
+STATS_FILE = "dataset_stats.json"
+CHUNK_RECORDS = 256
+CHUNK_BYTES = 1 << 20
+FIRST_LINES = 5
+"""How many line numbers of each skip reason the stats keep per file."""
+
+
+class DatasetBuildError(ValueError):
+    """Inputs that cannot become a dataset (nothing usable, or bad input under strict mode)."""
+
+
+@dataclass
+class FileStats:
+    """What became of one input file: documents read, kept, skipped (by reason, with first lines), split."""
+
+    path: str
+    format: str
+    bytes: int
+    documents_read: int = 0
+    documents_kept: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    first_skipped_lines: dict[str, list[int]] = field(default_factory=dict)
+    tokens: int = 0
+    train_documents: int = 0
+    val_documents: int = 0
+    val_tokens: int = 0
+    validation_share: float = 0.0
+
+    def skip(self, reason: str, line: int) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        lines = self.first_skipped_lines.setdefault(reason, [])
+        if len(lines) < FIRST_LINES:
+            lines.append(line)
+
+    def summary(self) -> str:
+        parts = [f"{reason}: {count} (lines {', '.join(map(str, self.first_skipped_lines[reason]))}"
+                 f"{', ...' if count > len(self.first_skipped_lines[reason]) else ''})"
+                 for reason, count in sorted(self.skipped.items())]
+        return f"{self.path}: skipped {sum(self.skipped.values())} of {self.documents_read}: {'; '.join(parts)}"
+
+
+@dataclass
+class _Chunk:
+    file_index: int
+    fmt: str
+    records: list[tuple[int, bytes]]
+    nbytes: int
+
+
+@dataclass
+class _Encoded:
+    """One kept example: its documents (ids, loss mask or None) and its record (rlhf)."""
+
+    line: int
+    documents: list[tuple[np.ndarray, np.ndarray | None]]
+    record: dict | None = None
+
+
+@dataclass
+class _Job:
+    kind: str
+    text_field: str
+    max_prompt_tokens: int | None
+
+
+def _encode_pretrain(tokenizer: Tokenizer, examples: list[Example]) -> list[_Encoded]:
+    encoded = tokenizer.sp.encode([e.text for e in examples], num_threads=1)
+    return [_Encoded(e.line, [(np.array(ids + [tokenizer.eos_id], dtype=np.int64), None)])
+            for e, ids in zip(examples, encoded, strict=True)]
+
+
+def _encode_post_training(tokenizer: Tokenizer, job: _Job, example: Example) -> _Encoded | Skip:
+    if job.kind == "sft":
+        chat = tokenizer.encode_chat(example.messages)
+        return _Encoded(example.line, [(np.array(chat.ids), np.array(chat.assistant_mask))])
+    generation = job.kind == "rlhf"
+    prompt = tokenizer.encode_chat(example.prompt_messages, add_generation_prompt=generation)
+    if job.max_prompt_tokens is not None and len(prompt.ids) > job.max_prompt_tokens:
+        return Skip(example.line, "prompt_too_long", f"{len(prompt.ids)} tokens")
+    if generation:
+        return _Encoded(example.line, [(np.array(prompt.ids), None)],
+                        {"messages": example.prompt_messages, **example.extra})
+    documents = []
+    for response in (example.chosen, example.rejected):
+        chat = tokenizer.encode_chat(example.prompt_messages + response)
+        mask = np.array(chat.assistant_mask)
+        mask[:len(prompt.ids)] = 0  # earlier assistant turns of the prompt are not the response
+        documents.append((np.array(chat.ids), mask))
+    return _Encoded(example.line, documents)
+
+
+def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> tuple[int, int, list[_Encoded | Skip]]:
+    parsed = [parse_record(job.kind, chunk.fmt, line, raw, job.text_field) for line, raw in chunk.records]
+    results: list[_Encoded | Skip] = [p for p in parsed if isinstance(p, Skip)]
+    examples = [p for p in parsed if isinstance(p, Example)]
+    if job.kind == "pretrain":
+        results += _encode_pretrain(tokenizer, examples)
+    else:
+        results += [_encode_post_training(tokenizer, job, e) for e in examples]
+    results.sort(key=lambda r: r.line)
+    return chunk.file_index, chunk.nbytes, results
+
+
+_WORKER: tuple[Tokenizer, _Job] | None = None
+
+
+def _init_worker(tokenizer_dir: str, job: _Job) -> None:
+    global _WORKER
+    _WORKER = (Tokenizer(tokenizer_dir), job)
+
+
+def _encode_in_worker(chunk: _Chunk) -> tuple[int, int, list[_Encoded | Skip]]:
+    tokenizer, job = _WORKER
+    return _encode_chunk(tokenizer, job, chunk)
+
+
+def _chunks(files: list[Path], stats: list[FileStats], strict: bool) -> Iterator[_Chunk]:
+    """Records of every file in order, in chunks; file-level problems go into `stats` (or raise)."""
+    for index, path in enumerate(files):
+        records: list[tuple[int, bytes]] = []
+        nbytes, seen = 0, 0
+        try:
+            for line, raw in iter_raw_records(path):
+                records.append((line, raw))
+                nbytes += len(raw)
+                seen += 1
+                if len(records) >= CHUNK_RECORDS or nbytes >= CHUNK_BYTES:
+                    yield _Chunk(index, stats[index].format, records, nbytes)
+                    records, nbytes = [], 0
+        except InputError as err:
+            if strict:
+                raise DatasetBuildError(f"{err} (strict mode)") from err
+            print(f"[minigpt] warning: {err}; kept what was read before", file=sys.stderr)
+            stats[index].skip("unreadable_file", seen + 1)
+        if records:
+            yield _Chunk(index, stats[index].format, records, nbytes)
+        if seen == 0 and not stats[index].skipped:
+            if strict:
+                raise DatasetBuildError(f"{path}: empty file (strict mode)")
+            stats[index].skip("empty_file", 0)
+
+
+def _bounded_ordered_map(pool: ProcessPoolExecutor, chunks: Iterator[_Chunk],
+                         window: int) -> Iterator[tuple[int, int, list]]:
+    """Results of `_encode_in_worker` over `chunks` in order, with at most `window` chunks in flight.
+
+    (Pool.imap would read the whole input ahead into its queue; a dead worker raises here
+    instead of hanging.)
+    """
+    pending: deque = deque()
+    for chunk in chunks:
+        pending.append(pool.submit(_encode_in_worker, chunk))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def _encode_all(files: list[Path], stats: list[FileStats], tokenizer: Tokenizer, job: _Job, workers: int,
+                strict: bool, progress: bool) -> Iterator[tuple[int, _Encoded]]:
+    """(file index, encoded example) of every kept record, in input order; skips counted in `stats`."""
+    total = None if any(s.path.endswith(".gz") for s in stats) else sum(s.bytes for s in stats)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="pretokenize", disable=not progress)
+    chunks = _chunks(files, stats, strict)
+    pool = None
+    if workers > 1:
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),  # fork is unsafe
+                                   initializer=_init_worker, initargs=(str(tokenizer.directory), job))
+        results = _bounded_ordered_map(pool, chunks, window=4 * workers)
+    else:
+        results = (_encode_chunk(tokenizer, job, chunk) for chunk in chunks)
+    try:
+        for file_index, nbytes, items in results:
+            bar.update(nbytes)
+            file_stats = stats[file_index]
+            for item in items:
+                file_stats.documents_read += 1
+                if isinstance(item, Skip):
+                    if strict:
+                        detail = f" ({item.detail})" if item.detail else ""
+                        raise DatasetBuildError(f"{file_stats.path}:{item.line}: {item.reason}{detail} (strict mode)")
+                    file_stats.skip(item.reason, item.line)
+                    continue
+                file_stats.documents_kept += 1
+                yield file_index, item
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def split_examples(num_examples: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of the examples that go to validation: a seeded choice of round(fraction x n).
+
+    At least one validation and one training example whenever the fraction is positive and there
+    are two or more examples.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    is_val = np.zeros(num_examples, dtype=bool)
+    count = round(val_fraction * num_examples)
+    if val_fraction > 0 and num_examples >= 2:
+        count = min(max(1, count), num_examples - 1)
+    elif num_examples < 2:
+        count = 0
+    is_val[np.random.default_rng(seed).permutation(num_examples)[:count]] = True
+    return is_val
+
+
+def _write_split(staged: ShardReader, docs_per_example: int, select: np.ndarray, writer: ShardWriter,
+                 extra_meta: dict) -> None:
+    """Copy the selected examples of the staging shard into `writer`, keeping their order."""
+    for example in np.flatnonzero(select):
+        for document in range(example * docs_per_example, (example + 1) * docs_per_example):
+            record = staged.records[document] if staged.records is not None else None
+            mask = staged.document_mask(document) if staged.loss_mask is not None else None
+            writer.add(staged.document(document), mask, record)
+    writer.close({**extra_meta, "num_examples": int(select.sum())})
+
+
+def _fsync_dir(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Tokenizer, kind: str = "pretrain",
+                  val_fraction: float = 0.01, seed: int = 1337, workers: int = 1, text_field: str = "text",
+                  strict: bool = False, progress: bool = True, max_prompt_tokens: int | None = None,
+                  overwrite: bool = False) -> Path:
+    """Pre-tokenize `inputs` (files or globs) into the dataset directory `out_dir` and return it.
+
+    kind: 'pretrain' (text, EOS after each document), 'sft' (conversations with an assistant loss
+    mask), 'dpo' (chosen/rejected pairs, mask on the responses) or 'rlhf' (prompts + references).
+    The split is by example, seeded: the same inputs and seed give the same shards for any
+    number of workers. See docs/data.md for the input schemas and the files written.
+    """
+    if kind not in KINDS:
+        raise DatasetBuildError(f"kind {kind!r} is not one of {KINDS}")
+    split_examples(0, val_fraction, seed)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise DatasetBuildError(f"{out_dir}: already exists; remove it or pass overwrite (--overwrite)")
+    try:
+        files = expand_inputs(inputs)
+    except InputError as err:
+        raise DatasetBuildError(str(err)) from err
+    started = time.monotonic()
+    stats = [FileStats(str(path), input_format(path), path.stat().st_size) for path in files]
+    job = _Job(kind, text_field, max_prompt_tokens)
+    docs_per_example = 2 if kind == "dpo" else 1
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    try:
+        common = {"vocab_size": tokenizer.vocab_size, "kind": kind, "tokenizer_checksum": tokenizer.checksum,
+                  "sources": [s.path for s in stats]}
+        staged_writer = ShardWriter(staging / "all", **common)
+        example_files = []
+        for file_index, encoded in _encode_all(files, stats, tokenizer, job, max(1, workers), strict, progress):
+            for ids, mask in encoded.documents:
+                staged_writer.add(ids, mask, encoded.record)
+            example_files.append(file_index)
+        staged_writer.close()
+        for file_stats in stats:
+            if file_stats.skipped:
+                print(f"[minigpt] {file_stats.summary()}", file=sys.stderr)
+        if not example_files:
+            raise DatasetBuildError(f"no usable {kind} examples in {', '.join(s.path for s in stats)} "
+                                    "(see the skip reasons above and docs/data.md for the formats)")
+        staged = ShardReader(staging / "all")
+        is_val = split_examples(len(example_files), val_fraction, seed)
+        split_meta = {"seed": seed, "val_fraction": val_fraction}
+        _write_split(staged, docs_per_example, ~is_val, ShardWriter(staging / "train", **common),
+                     {**split_meta, "split": "train"})
+        _write_split(staged, docs_per_example, is_val, ShardWriter(staging / "val", **common),
+                     {**split_meta, "split": "val"})
+        example_tokens = staged.document_lengths().reshape(-1, docs_per_example).sum(axis=1)
+        _fill_split_stats(stats, np.array(example_files), example_tokens, is_val)
+        del staged
+        shutil.rmtree(staging / "all")
+        _write_stats(staging / STATS_FILE, stats, common, split_meta, text_field, time.monotonic() - started)
+        _fsync_dir(staging)
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        _fsync_dir(out_dir.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+def _fill_split_stats(stats: list[FileStats], example_files: np.ndarray, example_tokens: np.ndarray,
+                      is_val: np.ndarray) -> None:
+    for index, file_stats in enumerate(stats):
+        mine = example_files == index
+        file_stats.tokens = int(example_tokens[mine].sum())
+        file_stats.val_documents = int((mine & is_val).sum())
+        file_stats.train_documents = int(mine.sum()) - file_stats.val_documents
+        file_stats.val_tokens = int(example_tokens[mine & is_val].sum())
+        kept = file_stats.documents_kept
+        file_stats.validation_share = round(file_stats.val_documents / kept, 6) if kept else 0.0
+
+
+def _write_stats(path: Path, stats: list[FileStats], common: dict, split_meta: dict, text_field: str,
+                 seconds: float) -> None:
+    keys = ("documents_read", "documents_kept", "tokens", "train_documents", "val_documents", "val_tokens")
+    totals = {key: sum(getattr(s, key) for s in stats) for key in keys}
+    totals["documents_skipped"] = totals["documents_read"] - totals["documents_kept"]
+    skipped: dict[str, int] = {}
+    for file_stats in stats:
+        for reason, count in file_stats.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + count
+    totals["skipped"] = dict(sorted(skipped.items()))
+    report = {**{k: v for k, v in common.items() if k != "sources"}, **split_meta, "text_field": text_field,
+              "totals": totals, "files": [asdict(s) for s in stats], "build_seconds": round(seconds, 3)}
+    path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())

@@ -1,0 +1,140 @@
+"""Map-style datasets over a shard reader, one per training mode.
+
+Each has `len()` and `[index]` returning a dict of int64 numpy arrays; none holds a random
+generator (order is the sampler's job), so the same index always gives the same sample.
+Labels are the next tokens, -100 where no loss is taken.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from minigpt.data.shards import ShardReader
+
+IGNORE_INDEX = -100
+
+
+def _check_index(index: int, length: int) -> int:
+    index = int(index)
+    if not 0 <= index < length:
+        raise IndexError(f"index {index} out of range for {length} samples")
+    return index
+
+
+def _require_kind(reader: ShardReader, kind: str, user: str) -> None:
+    if reader.kind != kind:
+        from minigpt.data.shards import ShardError
+
+        raise ShardError(f"{reader.directory / 'meta.json'}: {user} needs {kind} shards, "
+                         f"this shard is of kind {reader.kind!r}")
+
+
+class PretrainWindows:
+    """Non-overlapping windows of `seq_len` tokens over the flat stream (EOS ends every document).
+
+    With `segment_ids=True` each sample also has the index of each token's document within the
+    window (0, 1, ...), for attention that stays inside a document.
+    """
+
+    def __init__(self, reader: ShardReader, seq_len: int, segment_ids: bool = False):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be positive, got {seq_len}")
+        self.reader, self.seq_len, self.segment_ids = reader, seq_len, segment_ids
+
+    def __len__(self) -> int:
+        return max(0, (self.reader.num_tokens - 1) // self.seq_len)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        start = _check_index(index, len(self)) * self.seq_len
+        chunk = self.reader.window(start, self.seq_len + 1).astype(np.int64)
+        sample = {"input_ids": chunk[:-1], "labels": chunk[1:]}
+        if self.segment_ids:
+            positions = np.arange(start, start + self.seq_len)
+            documents = np.searchsorted(self.reader.offsets, positions, side="right") - 1
+            sample["segment_ids"] = (documents - documents[0]).astype(np.int64)
+        return sample
+
+
+def _chat_sample(ids: np.ndarray, mask: np.ndarray, seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, labels) of one rendered conversation, truncated or right-padded to `seq_len`."""
+    ids = ids.astype(np.int64)
+    inputs = ids[:-1][:seq_len]
+    labels = np.where(mask[1:] > 0, ids[1:], IGNORE_INDEX)[:seq_len]
+    pad = seq_len - len(inputs)
+    return (np.concatenate([inputs, np.full(pad, pad_id, dtype=np.int64)]),
+            np.concatenate([labels, np.full(pad, IGNORE_INDEX, dtype=np.int64)]))
+
+
+class SFTExamples:
+    """One conversation per sample; labels only on assistant tokens (and their end-of-turn).
+
+    Conversations longer than `seq_len + 1` tokens are cut; `num_truncated` counts them.
+    """
+
+    def __init__(self, reader: ShardReader, seq_len: int, pad_id: int):
+        _require_kind(reader, "sft", "SFTExamples")
+        self.reader, self.seq_len, self.pad_id = reader, seq_len, pad_id
+        self.num_truncated = int(np.sum(reader.document_lengths() > seq_len + 1))
+
+    def __len__(self) -> int:
+        return self.reader.num_documents
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = _check_index(index, len(self))
+        inputs, labels = _chat_sample(self.reader.document(index), self.reader.document_mask(index),
+                                      self.seq_len, self.pad_id)
+        return {"input_ids": inputs, "labels": labels}
+
+
+class DPOPairs:
+    """Preference pairs: documents 2i (chosen) and 2i+1 (rejected), each prompt + response.
+
+    Labels are -100 on the prompt and padding, so summing log-probs where labels != -100 gives
+    the response's log-probability. `num_truncated` counts pairs where either side was cut.
+    """
+
+    def __init__(self, reader: ShardReader, seq_len: int, pad_id: int):
+        _require_kind(reader, "dpo", "DPOPairs")
+        self.reader, self.seq_len, self.pad_id = reader, seq_len, pad_id
+        too_long = (reader.document_lengths() > seq_len + 1).reshape(-1, 2)
+        self.num_truncated = int(np.sum(too_long.any(axis=1)))
+
+    def __len__(self) -> int:
+        return self.reader.num_documents // 2
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = _check_index(index, len(self))
+        sample = {}
+        for side, document in (("chosen", 2 * index), ("rejected", 2 * index + 1)):
+            inputs, labels = _chat_sample(self.reader.document(document), self.reader.document_mask(document),
+                                          self.seq_len, self.pad_id)
+            sample[f"{side}_input_ids"], sample[f"{side}_labels"] = inputs, labels
+        return sample
+
+
+class RLHFPrompts:
+    """Prompts rendered up to the open assistant header, ready for generation (variable length).
+
+    `record(i)` gives the prompt's stored fields: its messages, `reference` answer (or None) and
+    any other fields of the input record (e.g. `task` for `minigpt.data.tasks.reward`).
+    """
+
+    def __init__(self, reader: ShardReader):
+        _require_kind(reader, "rlhf", "RLHFPrompts")
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return self.reader.num_documents
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        index = _check_index(index, len(self))
+        return {"prompt_ids": self.reader.document(index).astype(np.int64)}
+
+    def record(self, index: int) -> dict:
+        return self.reader.records[_check_index(index, len(self))]
+
+    def reference(self, index: int) -> str | None:
+        return self.record(index).get("reference")

@@ -1,0 +1,210 @@
+"""The shard format: flat memory-mapped tokens, a document-offsets index and meta.json.
+
+A shard directory (one split of a dataset) holds
+
+    tokens.bin      all documents' token ids back to back (uint16 when vocab < 65,536, else uint32)
+    offsets.bin     int64, num_documents + 1 entries: document i is tokens[offsets[i]:offsets[i+1]]
+    loss_mask.bin   uint8, one per token, 1 where the token is trained on (sft and dpo only)
+    records.jsonl   one JSON object per document: reference answers and other fields (rlhf only)
+    meta.json       format version, dtype, vocab size, tokenizer checksum, counts, kind, sources
+
+A dataset directory holds `train/` and `val/` shards and `dataset_stats.json`. The reader maps the
+files read-only and refuses, with a `ShardError` naming the file, anything that does not match.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from array import array
+from pathlib import Path
+
+import numpy as np
+
+from minigpt.data.datasets import DPOPairs, PretrainWindows, RLHFPrompts, SFTExamples
+
+__all__ = ["FORMAT_VERSION", "ShardError", "ShardReader", "ShardWriter", "open_shard", "token_dtype",
+           "PretrainWindows", "SFTExamples", "DPOPairs", "RLHFPrompts"]
+
+FORMAT_VERSION = 1
+TOKENS, OFFSETS, LOSS_MASK, RECORDS, META = "tokens.bin", "offsets.bin", "loss_mask.bin", "records.jsonl", "meta.json"
+KINDS = ("pretrain", "sft", "dpo", "rlhf")
+MASKED_KINDS = ("sft", "dpo")
+
+
+class ShardError(ValueError):
+    """A shard that is missing, truncated, or built for another format, tokenizer or mode."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token id of a `vocab_size` vocabulary."""
+    return np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+class ShardWriter:
+    """Append documents to a new shard directory; `close()` writes meta.json last.
+
+    Used inside a staging directory that the builder renames into place, so a shard is never
+    seen half-written.
+    """
+
+    def __init__(self, directory: str | Path, vocab_size: int, kind: str, tokenizer_checksum: str,
+                 sources: list[str] | None = None):
+        if kind not in KINDS:
+            raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=False)
+        self.vocab_size, self.kind, self.checksum = vocab_size, kind, tokenizer_checksum
+        self.sources = list(sources or [])
+        self.dtype = token_dtype(vocab_size)
+        self.offsets = array("q", [0])
+        self._tokens = open(self.directory / TOKENS, "wb")
+        self._mask = open(self.directory / LOSS_MASK, "wb") if kind in MASKED_KINDS else None
+        self._records = open(self.directory / RECORDS, "w", encoding="utf-8") if kind == "rlhf" else None
+
+    def add(self, ids, loss_mask=None, record: dict | None = None) -> None:
+        """Append one document (its token ids; its 0/1 loss mask for sft/dpo; its record for rlhf)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ShardError(f"{self.directory}: token id {int(ids.max())} outside the vocabulary of {self.vocab_size}")
+        ids.astype(self.dtype).tofile(self._tokens)
+        if self._mask is not None:
+            if loss_mask is None or len(loss_mask) != len(ids):
+                raise ShardError(f"{self.directory}: {self.kind} documents need a loss mask as long as their ids")
+            np.asarray(loss_mask, dtype=np.uint8).tofile(self._mask)
+        if self._records is not None:
+            self._records.write(json.dumps(record or {}, ensure_ascii=False) + "\n")
+        self.offsets.append(self.offsets[-1] + len(ids))
+
+    def close(self, extra_meta: dict | None = None) -> Path:
+        """Flush and fsync the data files, then write meta.json; returns the shard directory."""
+        for handle in (self._tokens, self._mask, self._records):
+            if handle is not None:
+                handle.close()
+        np.frombuffer(self.offsets, dtype=np.int64).tofile(self.directory / OFFSETS)
+        files = [TOKENS, OFFSETS] + ([LOSS_MASK] if self._mask else []) + ([RECORDS] if self._records else [])
+        for name in files:
+            _fsync(self.directory / name)
+        meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "dtype": self.dtype.name,
+                "vocab_size": self.vocab_size, "tokenizer_checksum": self.checksum,
+                "num_documents": len(self.offsets) - 1, "num_tokens": self.offsets[-1],
+                "files": files, "sources": self.sources, **(extra_meta or {})}
+        (self.directory / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+        _fsync(self.directory / META)
+        return self.directory
+
+
+def _map(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    """Read-only memmap of `count` items; refuses a file of another size (truncated or padded)."""
+    if not path.is_file():
+        raise ShardError(f"{path}: missing (the shard is incomplete)")
+    expected = count * dtype.itemsize
+    actual = path.stat().st_size
+    if actual != expected:
+        raise ShardError(f"{path}: {actual} bytes, meta.json promises {expected} ({count} x {dtype.name}); "
+                         "the shard is truncated or corrupt, rebuild it")
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+class ShardReader:
+    """Read-only view of one shard directory: tokens, offsets, optional loss mask and records."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        meta_path = self.directory / META
+        if not meta_path.is_file():
+            raise ShardError(f"{meta_path}: missing; {self.directory} is not a complete shard "
+                             "(build it with data_tools/pretokenize.py)")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ShardError(f"{meta_path}: not valid JSON ({err})") from err
+        version = self.meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ShardError(f"{meta_path}: shard format version {version!r}, this MiniGPT reads version "
+                             f"{FORMAT_VERSION}; rebuild the shards with this version's pretokenize")
+        for key in ("kind", "dtype", "vocab_size", "tokenizer_checksum", "num_documents", "num_tokens"):
+            if key not in self.meta:
+                raise ShardError(f"{meta_path}: field {key!r} missing")
+        self.kind = self.meta["kind"]
+        if self.kind not in KINDS:
+            raise ShardError(f"{meta_path}: kind {self.kind!r} is not one of {KINDS}")
+        self.num_documents, self.num_tokens = int(self.meta["num_documents"]), int(self.meta["num_tokens"])
+        self.vocab_size = int(self.meta["vocab_size"])
+        expected_dtype = token_dtype(self.vocab_size)
+        if self.meta["dtype"] != expected_dtype.name:
+            raise ShardError(f"{meta_path}: dtype {self.meta['dtype']!r}, a vocabulary of {self.vocab_size} "
+                             f"is stored as {expected_dtype.name}")
+        self.tokens = _map(self.directory / TOKENS, expected_dtype, self.num_tokens)
+        self.offsets = _map(self.directory / OFFSETS, np.dtype(np.int64), self.num_documents + 1)
+        if self.offsets[0] != 0 or self.offsets[-1] != self.num_tokens or np.any(np.diff(self.offsets) < 0):
+            raise ShardError(f"{self.directory / OFFSETS}: offsets do not index {self.num_tokens} tokens; "
+                             "the shard is corrupt, rebuild it")
+        self.loss_mask = None
+        if self.kind in MASKED_KINDS:
+            self.loss_mask = _map(self.directory / LOSS_MASK, np.dtype(np.uint8), self.num_tokens)
+        self.records: list[dict] | None = None
+        if self.kind == "rlhf":
+            self.records = self._read_records()
+
+    def _read_records(self) -> list[dict]:
+        path = self.directory / RECORDS
+        if not path.is_file():
+            raise ShardError(f"{path}: missing (the shard is incomplete)")
+        lines = path.read_text(encoding="utf-8").splitlines()
+        if len(lines) != self.num_documents:
+            raise ShardError(f"{path}: {len(lines)} records for {self.num_documents} documents; rebuild the shard")
+        return [json.loads(line) for line in lines]
+
+    @property
+    def checksum(self) -> str:
+        return self.meta["tokenizer_checksum"]
+
+    def document(self, index: int) -> np.ndarray:
+        """Token ids of document `index` as a view into the memmap."""
+        return self.tokens[self.offsets[index]:self.offsets[index + 1]]
+
+    def document_mask(self, index: int) -> np.ndarray:
+        """Loss mask of document `index` (sft/dpo shards)."""
+        if self.loss_mask is None:
+            raise ShardError(f"{self.directory}: a {self.kind} shard has no loss mask")
+        return self.loss_mask[self.offsets[index]:self.offsets[index + 1]]
+
+    def document_lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def window(self, start: int, length: int) -> np.ndarray:
+        """`length` tokens of the flat stream from `start` (documents separated by EOS)."""
+        if start < 0 or start + length > self.num_tokens:
+            raise IndexError(f"window [{start}, {start + length}) outside {self.num_tokens} tokens")
+        return self.tokens[start:start + length]
+
+    def random_window(self, length: int, rng: np.random.Generator) -> np.ndarray:
+        """A window of `length` tokens at a position drawn from the caller's generator."""
+        return self.window(int(rng.integers(0, self.num_tokens - length + 1)), length)
+
+
+def open_shard(dataset_dir: str | Path, split: str = "train", tokenizer_checksum: str | None = None,
+               vocab_size: int | None = None, kind: str | None = None) -> ShardReader:
+    """Open `dataset_dir/split` read-only, refusing a shard of another tokenizer, vocabulary or kind."""
+    directory = Path(dataset_dir) / split
+    if not directory.is_dir():
+        raise ShardError(f"{directory}: no such shard directory (is {dataset_dir} a dataset built by pretokenize?)")
+    reader = ShardReader(directory)
+    meta_path = directory / META
+    if tokenizer_checksum is not None and reader.checksum != tokenizer_checksum:
+        raise ShardError(f"{meta_path}: built with tokenizer {reader.checksum[:12]}, this run uses "
+                         f"{tokenizer_checksum[:12]}; re-run pretokenize with this run's tokenizer")
+    if vocab_size is not None and reader.vocab_size != vocab_size:
+        raise ShardError(f"{meta_path}: vocabulary of {reader.vocab_size} tokens, this run uses {vocab_size}")
+    if kind is not None and reader.kind != kind:
+        raise ShardError(f"{meta_path}: shards of kind {reader.kind!r}, this run needs {kind!r} "
+                         f"(pretokenize --kind {kind})")
+    return reader

@@ -1,0 +1,261 @@
+"""Raw input files: find them, cut them into records, and parse each record for a dataset kind.
+
+A `.txt` file is a sequence of documents separated by blank lines (paragraphs); a `.jsonl` or
+`.jsonl.gz` file holds one JSON object per line. Parsing never raises on bad input: it returns a
+`Skip` with a reason, which the builder counts per file (see docs/data.md for the reasons).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minigpt.tokenizer import CHAT_ROLES
+
+KINDS = ("pretrain", "sft", "dpo", "rlhf")
+TEXT_SUFFIXES = (".txt",)
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+
+class InputError(ValueError):
+    """An input path that does not exist, matches nothing, or has an unsupported suffix."""
+
+
+@dataclass
+class Skip:
+    """A record that cannot be used, and why (a short reason name counted in the stats)."""
+
+    line: int
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class Example:
+    """One usable record: `text` for pretraining, `messages` for SFT/RLHF, `chosen`/`rejected` for DPO.
+
+    `prompt_messages` is the prompt part for DPO and RLHF; `extra` holds what RLHF keeps beside the
+    prompt tokens (the reference answer and any other fields of the record).
+    """
+
+    line: int
+    text: str | None = None
+    messages: list[dict] | None = None
+    prompt_messages: list[dict] | None = None
+    chosen: list[dict] | None = None
+    rejected: list[dict] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def input_format(path: Path) -> str:
+    """'txt' or 'jsonl' from the file name; anything else is an InputError naming the file."""
+    name = path.name.lower()
+    if name.endswith(TEXT_SUFFIXES):
+        return "txt"
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    raise InputError(f"{path}: unsupported input suffix; use .txt, .jsonl or .jsonl.gz")
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files named by `inputs` (paths or glob patterns, each pattern's matches sorted), without duplicates."""
+    files: list[Path] = []
+    for item in inputs:
+        text = str(item)
+        if glob.has_magic(text):
+            matches = sorted(Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise InputError(f"input pattern {text!r} matches no file")
+        else:
+            if not Path(text).is_file():
+                raise InputError(f"input {text}: no such file")
+            matches = [Path(text)]
+        for match in matches:
+            input_format(match)
+            if match.resolve() not in {f.resolve() for f in files}:
+                files.append(match)
+    if not files:
+        raise InputError("no input files given")
+    return files
+
+
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
+
+
+def iter_raw_records(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(first line number, raw bytes) of each record: a paragraph of a .txt file or a line of a .jsonl file.
+
+    Raises InputError (naming the file) when a compressed file is corrupt or truncated.
+    """
+    fmt = input_format(path)
+    try:
+        with _open_binary(path) as handle:
+            if fmt == "jsonl":
+                for number, line in enumerate(handle, start=1):
+                    yield number, line
+                return
+            paragraph: list[bytes] = []
+            start = 0
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    if not paragraph:
+                        start = number
+                    paragraph.append(line)
+                elif paragraph:
+                    yield start, b"".join(paragraph)
+                    paragraph = []
+            if paragraph:
+                yield start, b"".join(paragraph)
+    except (EOFError, OSError, zlib.error) as err:
+        raise InputError(f"{path}: cannot be read to the end ({err})") from err
+
+
+def _as_messages(value, default_role: str) -> list[dict] | None:
+    """A string becomes one message of `default_role`; a list must be well-formed messages; else None."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if not isinstance(value, list) or not value:
+        return None
+    messages = []
+    for message in value:
+        if not isinstance(message, dict) or message.get("role") not in CHAT_ROLES \
+                or not isinstance(message.get("content"), str):
+            return None
+        messages.append({"role": message["role"], "content": message["content"]})
+    return messages
+
+
+def _sft_messages(record: dict) -> list[dict] | str:
+    if "conversations" in record:
+        messages = _as_messages(record["conversations"], "user")
+        return messages if messages is not None and isinstance(record["conversations"], list) \
+            else "malformed_conversation"
+    if "instruction" in record and "output" in record:
+        parts = [record["instruction"], record.get("input", "")]
+        if not all(isinstance(p, str) for p in parts) or not isinstance(record["output"], str):
+            return "field_not_string"
+        prompt = "\n\n".join(p for p in parts if p.strip())
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": record["output"]}]
+    return "missing_field"
+
+
+def _check_responses(messages: list[dict]) -> str | None:
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    if not assistant:
+        return "no_assistant_turn"
+    if any(not m["content"].strip() for m in assistant):
+        return "empty_response"
+    return None
+
+
+def parse_record(kind: str, fmt: str, line: int, raw: bytes, text_field: str = "text") -> Example | Skip:
+    """Decode and validate one raw record for a dataset of `kind` ('pretrain', 'sft', 'dpo', 'rlhf')."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return Skip(line, "not_utf8", f"byte {err.start}")
+    if fmt == "txt":
+        text = text.rstrip("\r\n")
+        if kind != "pretrain":
+            return Skip(line, "not_jsonl", f"{kind} data must be JSONL")
+        return Example(line, text=text) if text.strip() else Skip(line, "empty_document")
+    if not text.strip():
+        return Skip(line, "empty_line")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        return Skip(line, "malformed_json", err.msg)
+    if not isinstance(record, dict):
+        return Skip(line, "not_an_object")
+    if kind == "pretrain":
+        return _parse_pretrain(line, record, text_field)
+    if kind == "sft":
+        messages = _sft_messages(record)
+        if isinstance(messages, str):
+            return Skip(line, messages)
+        problem = _check_responses(messages)
+        return Skip(line, problem) if problem else Example(line, messages=messages)
+    if kind == "dpo":
+        return _parse_dpo(line, record)
+    return _parse_rlhf(line, record)
+
+
+def _parse_pretrain(line: int, record: dict, text_field: str) -> Example | Skip:
+    if text_field not in record:
+        return Skip(line, "missing_field", text_field)
+    value = record[text_field]
+    if not isinstance(value, str):
+        return Skip(line, "field_not_string", text_field)
+    return Example(line, text=value) if value.strip() else Skip(line, "empty_document")
+
+
+def _parse_dpo(line: int, record: dict) -> Example | Skip:
+    missing = [key for key in ("prompt", "chosen", "rejected") if key not in record]
+    if missing:
+        return Skip(line, "missing_field", ",".join(missing))
+    prompt = _as_messages(record["prompt"], "user")
+    chosen = _as_messages(record["chosen"], "assistant")
+    rejected = _as_messages(record["rejected"], "assistant")
+    if prompt is None or chosen is None or rejected is None:
+        return Skip(line, "malformed_conversation")
+    if not any(m["content"].strip() for m in prompt):
+        return Skip(line, "empty_prompt")
+    for response in (chosen, rejected):
+        problem = _check_responses(response)
+        if problem:
+            return Skip(line, problem)
+    if chosen == rejected:
+        return Skip(line, "chosen_equals_rejected")
+    return Example(line, prompt_messages=prompt, chosen=chosen, rejected=rejected)
+
+
+def _parse_rlhf(line: int, record: dict) -> Example | Skip:
+    if "prompt" not in record:
+        return Skip(line, "missing_field", "prompt")
+    prompt = _as_messages(record["prompt"], "user")
+    if prompt is None:
+        return Skip(line, "malformed_conversation")
+    if not any(m["content"].strip() for m in prompt):
+        return Skip(line, "empty_prompt")
+    reference = record.get("reference")
+    if reference is not None and not isinstance(reference, str):
+        return Skip(line, "field_not_string", "reference")
+    extra = {key: value for key, value in record.items() if key != "prompt"}
+    extra["reference"] = reference
+    return Example(line, prompt_messages=prompt, extra=extra)
+
+
+def training_texts(fmt: str, raw: bytes, text_field: str = "text") -> list[str]:
+    """The strings a tokenizer should learn from in one raw record (any kind); [] when unusable.
+
+    JSONL records give `text_field` when present, otherwise every string of the chat fields
+    (conversations, instruction/input/output, prompt/chosen/rejected/reference).
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return []
+    if fmt == "txt":
+        return [text.rstrip("\r\n")] if text.strip() else []
+    try:
+        record = json.loads(text) if text.strip() else None
+    except json.JSONDecodeError:
+        return []
+    if not isinstance(record, dict):
+        return []
+    if isinstance(record.get(text_field), str):
+        return [record[text_field]]
+    texts: list[str] = []
+    for key in ("conversations", "instruction", "input", "output", "prompt", "chosen", "rejected", "reference"):
+        value = record.get(key)
+        if isinstance(value, str):
+            texts.append(value)
+        elif isinstance(value, list):
+            texts += [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
+    return [t for t in texts if t.strip()]

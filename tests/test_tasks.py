@@ -1,0 +1,46 @@
+"""Verifiable tasks: deterministic, correctly answered, with wrong answers the checker rejects."""
+
+from __future__ import annotations
+
+import pytest
+
+from data_tools import make_tasks
+from minigpt.data.build import build_dataset
+from minigpt.data.shards import DPOPairs, RLHFPrompts, SFTExamples, open_shard
+from minigpt.data.tasks import check_answer, generate_tasks, reward, solve
+
+
+def test_generation_is_deterministic_and_cycles_through_tasks():
+    records = generate_tasks(30, seed=3)
+    assert records == generate_tasks(30, seed=3) and records != generate_tasks(30, seed=4)
+    assert [r["task"] for r in records[:3]] == ["add", "reverse", "sort"]
+    with pytest.raises(ValueError, match="unknown task"):
+        generate_tasks(3, tasks=("divide",))
+
+
+def test_references_are_correct_and_wrong_answers_are_wrong():
+    for record in generate_tasks(300, seed=0):
+        assert check_answer(record, record["reference"]) and check_answer(record["prompt"], f" {record['reference']}\n")
+        assert record["wrong"] != record["reference"] and not check_answer(record["prompt"], record["wrong"])
+        assert len(record["reference"]) <= 5
+
+
+def test_solver_and_reward():
+    assert solve("Add 27+45") == "72" and solve("Reverse cabd") == "dbac" and solve("Sort dbca") == "abcd"
+    assert solve("What is love?") is None
+    assert reward("Add 27+45", "72") == 1.0 and reward("Add 27+45", "73") == 0.25
+    assert reward("Add 27+45", "73", partial=False) == 0.0 and reward("Sort dbca", "xyz") == 0.0
+    with pytest.raises(ValueError, match="not a verifiable task"):
+        check_answer("What is love?", "baby don't hurt me")
+
+
+def test_task_files_build_into_every_kind_and_rlhf_records_check(tmp_path, data_tokenizer):
+    assert make_tasks.main(["--out", str(tmp_path / "tasks"), "--count", "30", "--seed", "1"]) == 0
+    datasets = {kind: build_dataset([tmp_path / "tasks" / f"{kind}.jsonl"], tmp_path / kind, data_tokenizer,
+                                    kind=kind, val_fraction=0.1, progress=False) for kind in ("sft", "dpo", "rlhf")}
+    assert len(SFTExamples(open_shard(datasets["sft"]), 32, 0)) == 27
+    assert len(DPOPairs(open_shard(datasets["dpo"]), 32, 0)) == 27
+    prompts = RLHFPrompts(open_shard(datasets["rlhf"], kind="rlhf"))
+    for index in range(len(prompts)):
+        record = prompts.record(index)
+        assert check_answer(record, record["reference"]) and reward(record, "zzzzzz") == 0.0

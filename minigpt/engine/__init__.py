@@ -1,0 +1,67 @@
+"""Training engines behind one interface: `create_engine` picks DeepSpeed or the plain device path.
+
+DeepSpeed is chosen when a distributed launcher started the process (deepspeed, torchrun or srun) or
+when `--ds-config` is given; the plain engine otherwise. deepspeed is imported only on that path, so
+the plain engine works without it installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import nn
+
+from minigpt.config import ConfigError, TrainConfig
+from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, warmup_cosine
+from minigpt.engine.device import detect_device, resolve_precision
+
+__all__ = ["Engine", "StepResult", "build_optimizer", "build_scheduler", "create_engine", "detect_device",
+           "launched_distributed", "resolve_precision", "validate_engine_config", "warmup_cosine"]
+
+
+def launched_distributed() -> bool:
+    """True when a launcher set the rank environment; maps srun's SLURM_* variables onto RANK & co.
+
+    Under srun (one task per rank) MASTER_ADDR and MASTER_PORT must be set by the batch script."""
+    if "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ:
+        return True
+    if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and "SLURM_STEP_ID" in os.environ:
+        if int(os.environ["SLURM_NTASKS"]) <= 1:
+            return False
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise ConfigError(f"started by srun with {os.environ['SLURM_NTASKS']} tasks but {missing} not set; "
+                              "export MASTER_ADDR (first node of the allocation) and MASTER_PORT in the batch script")
+        os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
+        os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
+        os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
+        return True
+    return False
+
+
+def create_engine(model: nn.Module, cfg: TrainConfig) -> Engine:
+    """DeepSpeedEngine under a distributed launcher or with --ds-config; PlainEngine otherwise."""
+    if launched_distributed() or cfg.ds_config:
+        from minigpt.engine.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg, cfg.ds_config or None)
+    from minigpt.engine.plain import PlainEngine
+
+    return PlainEngine(model, cfg, detect_device(cfg.device))
+
+
+def validate_engine_config(cfg: TrainConfig, world_size: int) -> str:
+    """Check engine settings without building anything (for --dry-run); return a one-line plan."""
+    if launched_distributed() or cfg.ds_config:
+        from minigpt.engine.ds_config import build_ds_config, load_ds_json, zero_stage_of
+
+        device = detect_device(cfg.device)
+        accelerator = "cuda" if device.type == "cuda" else "cpu"
+        precision = resolve_precision(cfg.precision, device)
+        raw = load_ds_json(cfg.ds_config) if cfg.ds_config else {}
+        build_ds_config(raw, cfg, world_size, cfg.ds_config or "<default ZeRO-0 config>",
+                        precision=precision, accelerator=accelerator)
+        return (f"DeepSpeed ZeRO-{zero_stage_of(raw)} ({cfg.ds_config or 'default config'}), {world_size} rank(s), "
+                f"{precision} on {accelerator}")
+    device = detect_device(cfg.device)
+    return f"plain on {device}, {resolve_precision(cfg.precision, device)}" + (", compiled" if cfg.compile else "")

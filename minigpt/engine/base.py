@@ -8,14 +8,18 @@ the learning-rate schedule all live inside the engine; the loop never asks which
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from minigpt.config import ConfigError, TrainConfig
 
 
 @dataclass
@@ -55,6 +59,29 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over `warmup_cosine`; the same object drives both engines, so their LR numbers agree.
+
+    A `functools.partial` (not a lambda or dataclass) keeps the schedule's shape out of the scheduler's
+    state dict: a resumed run uses the schedule of its own config and only the position is restored."""
+    schedule = functools.partial(warmup_cosine, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+                                 min_lr_ratio=cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def check_shapes_fit(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse a checkpoint whose tensors do not fit the model: name the tensor and both shapes."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(f"{source}: checkpoint does not fit the model: missing tensors {missing[:5]}, "
+                          f"unexpected tensors {unexpected[:5]} (was it saved from another model config?)")
+    for name, shape in expected.items():
+        if tuple(found[name].shape) != tuple(shape):
+            raise ConfigError(f"{source}: tensor {name!r} has shape {tuple(found[name].shape)} in the checkpoint "
+                              f"but {tuple(shape)} in the model (was it saved from another model config?)")
+
+
 class Engine(ABC):
     """Common interface of `PlainEngine` and `DeepSpeedEngine`."""
 
@@ -86,12 +113,17 @@ class Engine(ABC):
         """Advance one micro-step; at an accumulation boundary clip, update, schedule, and report."""
 
     @abstractmethod
-    def save(self, directory: Path, client_state: dict) -> None:
-        """Write this engine's native checkpoint (all ranks call it) into `directory`."""
+    def save(self, directory: Path) -> None:
+        """Write this engine's native state (model, optimizer, LR scheduler, loss scaler) into `directory`.
+
+        Every rank calls it. The caller has created `directory` and renames it atomically afterwards;
+        trainer state (step, sampler, RNG) is the caller's business, not the engine's."""
 
     @abstractmethod
-    def load(self, directory: Path) -> dict:
-        """Restore weights, optimizer, scheduler and scaler from `directory`; return the client state."""
+    def load(self, directory: Path) -> None:
+        """Restore model, optimizer, scheduler and scaler from a checkpoint `directory` (every rank calls).
+
+        Either engine reads the other's checkpoints (see docs/distributed.md, cross-engine resume)."""
 
     @abstractmethod
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:

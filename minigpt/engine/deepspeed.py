@@ -1,0 +1,293 @@
+"""The DeepSpeed engine: ZeRO 0-3, optional CPU offload, bf16/fp16, accumulation and clipping.
+
+Optimizer and LR schedule are client objects (torch AdamW from `build_optimizer`, LambdaLR over
+`warmup_cosine`) so the numbers equal the plain engine's; with optimizer offload DeepSpeed requires
+its own `DeepSpeedCPUAdam` (a JIT-built C++ op), given the same parameter groups and hyper-parameters.
+
+Checkpoints are DeepSpeed's native files plus `engine_meta.json`. Cross-engine resume goes through the
+plain engine's engine-neutral state (weights and AdamW moments by parameter name, scheduler position):
+`read_deepspeed_checkpoint` rebuilds it from ZeRO files on one process; `DeepSpeedEngine.load` places a
+plain `engine.pt` into the ZeRO partitions with DeepSpeed's tensor-fragment API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, safe_set_full_optimizer_state
+from torch import nn
+
+from minigpt.config import ConfigError, TrainConfig
+from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, check_shapes_fit
+from minigpt.engine.device import resolve_precision
+from minigpt.engine.ds_config import build_ds_config, load_ds_json, offloads_optimizer, zero_stage_of
+from minigpt.engine.plain import (
+    ADAM_KEYS,
+    ENGINE_FILE,
+    FORMAT_VERSION,
+    load_named_optimizer_state,
+    parameter_names,
+    read_engine_file,
+    sync_group_lrs,
+)
+
+log = logging.getLogger(__name__)
+
+META_FILE = "engine_meta.json"
+
+
+def init_distributed() -> torch.device:
+    """Start the process group once (gloo on DeepSpeed's CPU accelerator) and return this rank's device."""
+    accelerator = get_accelerator()
+    if "WORLD_SIZE" not in os.environ:
+        # --ds-config without a launcher: a world of one, so DeepSpeed does not go looking for MPI.
+        for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": "29500"}.items():
+            os.environ.setdefault(name, value)
+    if not torch.distributed.is_initialized():
+        backend = "gloo" if accelerator.device_name() == "cpu" else None
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    accelerator.set_device(local_rank)
+    return torch.device(accelerator.device_name(local_rank))
+
+
+class DeepSpeedEngine(Engine):
+    """`deepspeed.initialize` around the model with the client optimizer and scheduler."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, ds_config_path: str | None):
+        accelerator = get_accelerator().device_name()
+        precision = resolve_precision(cfg.precision, torch.device(accelerator))
+        raw = load_ds_json(ds_config_path) if ds_config_path else {"zero_optimization": {"stage": 0}}
+        source = ds_config_path or "<default ZeRO-0 config>"
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        # Validate before any process-group or model work: a bad config must fail fast and by name.
+        config = build_ds_config(raw, cfg, world_size, source, precision=precision, accelerator=accelerator)
+        self.device = init_distributed()
+        self.rank = torch.distributed.get_rank()
+        self.world_size = torch.distributed.get_world_size()
+        if self.world_size != world_size:
+            config = build_ds_config(raw, cfg, self.world_size, source, precision=precision, accelerator=accelerator)
+        self.precision = precision
+        self.zero_stage = zero_stage_of(raw)
+        self.micro_batch_size = cfg.batch_size
+        self.grad_accum_steps = cfg.grad_accum
+        model = model.to(self.device)
+        client_optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        if offloads_optimizer(raw):
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in client_optimizer.param_groups]
+            client_optimizer = DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                                eps=1e-8, adamw_mode=True)
+        scheduler = build_scheduler(client_optimizer, cfg)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=client_optimizer, lr_scheduler=scheduler, config=config)
+        self.module = self.ds.module
+        self._names = parameter_names(self.module)
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> StepResult | None:
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        if not boundary:
+            self.ds.step()
+            return None
+        lr = self.lr
+        fallback_norm = self._local_grad_norm() if self.zero_stage == 0 else None
+        self.ds.step()
+        grad_norm = self.ds.get_global_grad_norm()
+        grad_norm = float(grad_norm if grad_norm is not None else fallback_norm or 0.0)
+        skipped = not self.ds.was_step_applied()
+        if skipped:
+            log.warning("non-finite gradients (norm %s): DeepSpeed skipped the update", grad_norm)
+        return StepResult(grad_norm=grad_norm, lr=lr, skipped=skipped)
+
+    def _local_grad_norm(self) -> float:
+        """Norm of the (already all-reduced) ZeRO-0 gradients, for when DeepSpeed does not compute it."""
+        grads = [p.grad.detach().float() for p in self.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+            if grads else 0.0
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def save(self, directory: Path) -> None:
+        directory = Path(directory)
+        # Files land in <parent>/<tag>/ = directory; no `latest` (the checkpoint manager writes its own).
+        self.ds.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+        if self.is_main:
+            meta = {"engine": "deepspeed", "zero_stage": self.zero_stage, "world_size": self.world_size,
+                    "precision": self.precision, "format_version": FORMAT_VERSION}
+            (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        self.barrier()
+
+    def load(self, directory: Path) -> None:
+        directory = Path(directory)
+        meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).is_file() else None
+        if (directory / ENGINE_FILE).is_file():
+            self._load_portable(read_engine_file(directory / ENGINE_FILE), str(directory / ENGINE_FILE))
+            return
+        if meta is None:
+            raise ConfigError(f"{directory}: neither {ENGINE_FILE} (plain engine) nor {META_FILE} (DeepSpeed engine)")
+        if meta["world_size"] != self.world_size or meta["zero_stage"] != self.zero_stage:
+            log.warning("%s: saved by ZeRO-%s on %s ranks, this run is ZeRO-%s on %s ranks: converting through "
+                        "full fp32 weights and optimizer moments", directory, meta["zero_stage"],
+                        meta["world_size"], self.zero_stage, self.world_size)
+            self._load_portable(read_deepspeed_checkpoint(directory), str(directory))
+            return
+        self._check_deepspeed_shapes(directory)
+        load_path, _ = self.ds.load_checkpoint(str(directory.parent), tag=directory.name,
+                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise ConfigError(f"{directory}: DeepSpeed could not load this checkpoint (see the log above)")
+
+    def _check_deepspeed_shapes(self, directory: Path) -> None:
+        """Refuse a DeepSpeed checkpoint of another model shape with a message naming the tensor."""
+        files = sorted(directory.glob("*model_states.pt"))
+        if not files:
+            raise ConfigError(f"{directory}: no DeepSpeed *_model_states.pt files")
+        saved = torch.load(files[0], map_location="cpu", weights_only=False)
+        found = {name: torch.empty(shape, device="meta")
+                 for group in saved["param_shapes"] for name, shape in group.items()}
+        check_shapes_fit(self._param_shapes(), found, str(directory))
+
+    def _param_shapes(self) -> dict[str, torch.Size]:
+        return {name: getattr(p, "ds_shape", p.shape) for name, p in self.module.named_parameters()}
+
+    def _load_portable(self, state: dict[str, Any], source: str) -> None:
+        """Place engine-neutral state (full weights, named AdamW moments, scheduler) into this engine."""
+        weights = {name: state["model"][name] for name in self._param_shapes() if name in state["model"]}
+        check_shapes_fit(self._param_shapes(), weights, source)
+        moments = state["optimizer"]
+        if not moments:
+            log.warning("%s: checkpoint has no optimizer moments; AdamW restarts from zero moments", source)
+        if self.zero_stage == 0:
+            with torch.no_grad():
+                for name, param in self.module.named_parameters():
+                    param.copy_(weights[name].to(param.dtype))
+            inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+            load_named_optimizer_state(inner, self.module, moments, source)
+        else:
+            self._load_portable_zero(weights, moments)
+        self.scheduler.load_state_dict(state["scheduler"])
+        sync_group_lrs(self.optimizer, self.scheduler)
+
+    def _load_portable_zero(self, weights: dict[str, torch.Tensor], moments: dict[str, dict]) -> None:
+        inner = self.optimizer.optimizer
+        step = next((float(s["step"]) for s in moments.values() if "step" in s), 0.0)
+        # AdamW state is created lazily at the first step; create it so the fragments have somewhere to go.
+        # ZeRO-3 points the inner optimizer at one flat fp32 sub-group at a time; 1/2 keep them all in its groups.
+        flats = (self.optimizer.fp32_partitioned_groups_flat if self.zero_stage == 3
+                 else [flat for group in inner.param_groups for flat in group["params"]])
+        for flat in flats:
+            state = inner.state[flat]
+            for key in ADAM_KEYS:
+                state.setdefault(key, torch.zeros_like(flat))
+            state["step"] = torch.tensor(step, dtype=torch.float32)
+        if hasattr(self.optimizer, "_lazy_init_hp_params_optimizer_state"):
+            self.optimizer._lazy_init_hp_params_optimizer_state()
+        for name, param in self.module.named_parameters():
+            value = weights[name].to(self.device, torch.float32)
+            safe_set_full_fp32_param(param, value)
+            for key in ADAM_KEYS:
+                if name in moments and key in moments[name]:
+                    safe_set_full_optimizer_state(param, moments[name][key].to(self.device, torch.float32), key)
+            if self.zero_stage == 3:
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if self.rank == 0:
+                        with torch.no_grad():
+                            param.copy_(value.to(param.dtype))
+            else:
+                with torch.no_grad():
+                    param.copy_(value.to(param.dtype))
+
+    def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full weights on rank 0 from the fp32 master copy (ZeRO 1-3 gather collectively); None elsewhere."""
+        result: dict[str, torch.Tensor] = {}
+        gathered: dict[int, torch.Tensor] = {}
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            if isinstance(tensor, nn.Parameter):
+                if id(tensor) not in gathered:
+                    full = safe_get_full_fp32_param(tensor) if self.zero_stage > 0 else None
+                    if full is None and hasattr(tensor, "ds_id"):
+                        with deepspeed.zero.GatheredParameters([tensor]):
+                            full = tensor.detach().clone()
+                    gathered[id(tensor)] = (full if full is not None else tensor.detach()).float().cpu().clone()
+                value = gathered[id(tensor)]
+            else:
+                value = tensor.detach().cpu().clone()
+            if self.is_main:
+                result[name] = value
+        return result if self.is_main else None
+
+
+def read_deepspeed_checkpoint(directory: Path) -> dict[str, Any]:
+    """Rebuild the engine-neutral state (full fp32 weights, AdamW moments by name, step, scheduler) from the
+    ZeRO 1/2/3 files of a DeepSpeed checkpoint, on one process.
+
+    Weights come from DeepSpeed's own `zero_to_fp32` reconstruction. The AdamW moments are flat
+    partitions laid out exactly like the fp32 master partitions, so the same reconstruction is applied
+    to them (DeepSpeed's universal checkpoint does the equivalent with more machinery)."""
+    from deepspeed.utils import zero_to_fp32
+
+    directory = Path(directory)
+    model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(directory)))
+    optim_files = zero_to_fp32.get_optim_files(str(directory))
+    ranks = [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"] for path in optim_files]
+    stage, world_size = ranks[0]["zero_stage"], len(ranks)
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"{directory}: ZeRO stage {stage} checkpoints are not converted; resume it with "
+                          "the same DeepSpeed config")
+    paddings = ranks[0].get("param_alignment_paddings")
+
+    def merge(flat_by_rank: list) -> dict[str, torch.Tensor]:
+        if stage <= 2:
+            merged = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
+                world_size, flat_by_rank, model_states, False, paddings)
+        else:
+            merged = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world_size, flat_by_rank, model_states,
+                                                                            False)
+        # ZeRO-3 reconstruction hands back lazy tensors; materialise them.
+        return zero_to_fp32.to_torch_tensor(merged)
+
+    master_key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
+    inner_key = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in merge([r[master_key] for r in ranks]).items()}
+    inner = [r[inner_key]["state"] for r in ranks]
+    names = [name for group in model_states[0].param_shapes for name in group]
+    optimizer: dict[str, dict[str, Any]] = {name: {} for name in names}
+    if all(len(state) == len(r[master_key]) for state, r in zip(inner, ranks, strict=True)):
+        for key in ADAM_KEYS:
+            merged = merge([[state[g][key] for g in range(len(state))] for state in inner])
+            for name in names:
+                optimizer[name][key] = merged[name].float()
+        step = inner[0][0]["step"]
+        for name in names:
+            optimizer[name]["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+    else:
+        optimizer = {}
+    scheduler = torch.load(zero_to_fp32.get_model_state_file(str(directory), stage), map_location="cpu",
+                           weights_only=False)["lr_scheduler"]
+    return {"format_version": FORMAT_VERSION, "engine": "deepspeed", "world_size": world_size, "model": weights,
+            "optimizer": optimizer, "scheduler": scheduler, "scaler": None}

@@ -1,0 +1,62 @@
+"""Which device and which numeric precision a run uses, decided once and printed."""
+
+from __future__ import annotations
+
+import torch
+
+from minigpt.config import ConfigError
+
+Precision = str
+"""One of "fp32", "bf16", "fp16" (after `resolve_precision`)."""
+
+
+def detect_device(requested: str = "") -> torch.device:
+    """The device to train on: `requested` when given (and available), else cuda > mps > cpu.
+
+    Prints what it chose and why, so a run on the wrong device is visible in the first lines of the log."""
+    if requested and requested != "auto":
+        try:
+            device = torch.device(requested)
+        except RuntimeError as err:
+            raise ConfigError(f"--device {requested!r} is not a device name (cpu, cuda, cuda:N, mps)") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {requested}: CUDA is not available on this machine (use cpu or mps)")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ConfigError(f"--device {requested}: Apple MPS is not available on this machine")
+        print(f"[minigpt] device {device} (requested with --device)", flush=True)
+        return device
+    if torch.cuda.is_available():
+        device, why = torch.device("cuda"), f"CUDA available ({torch.cuda.get_device_name(0)})"
+    elif torch.backends.mps.is_available():
+        device, why = torch.device("mps"), "Apple MPS available, no CUDA"
+    else:
+        device, why = torch.device("cpu"), "no CUDA or MPS device found"
+    print(f"[minigpt] device {device} (auto-detected: {why}; override with --device)", flush=True)
+    return device
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """Turn --precision (auto/fp32/bf16/fp16) into what `device` will actually run.
+
+    auto → bf16 on a CUDA device that supports it, else fp32. fp16 needs a GPU (its loss scaler and
+    kernels are GPU-only here; DeepSpeed's CPU accelerator refuses it too); bf16 on CPU runs via autocast."""
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("--precision fp16 is GPU-only (CPU autocast and DeepSpeed's CPU accelerator do not "
+                          "support it); use --precision bf16 or fp32 on CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bf16; "
+                          "use --precision fp16 or fp32")
+    if precision not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    return precision
+
+
+def autocast_dtype(precision: Precision) -> torch.dtype | None:
+    """The autocast dtype of a resolved precision (None: run in fp32 without autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

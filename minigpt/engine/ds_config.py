@@ -1,0 +1,107 @@
+"""Build the final DeepSpeed config from a `ds_configs/*.json` file and the training config.
+
+The JSON holds only what is DeepSpeed's own (ZeRO stage, offload, communication). Batch sizes,
+accumulation, clipping and precision come from `TrainConfig`; a JSON that also sets one of them must
+agree, or `ConfigError` names the file, the field and both values before any work starts. Optimizer
+and LR schedule are the engine's client objects, so a JSON `optimizer`/`scheduler` section is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minigpt.config import ConfigError, TrainConfig
+from minigpt.engine.device import resolve_precision
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def load_ds_json(path: str | Path) -> dict[str, Any]:
+    """Read a DeepSpeed JSON config, naming the file on a missing file or a syntax error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--ds-config {path}: no such file (see ds_configs/ for the shipped ones)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def zero_stage_of(raw: dict[str, Any]) -> int:
+    """The ZeRO stage a raw config asks for (0 when it has no zero_optimization section)."""
+    return int(raw.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(raw: dict[str, Any]) -> bool:
+    """True when the config offloads optimizer state to CPU/NVMe (which needs DeepSpeed's CPU Adam)."""
+    device = raw.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    return device not in (None, "none")
+
+
+def _agree(raw: dict[str, Any], field: str, expected: Any, source: str, flag: str) -> None:
+    if field in raw and raw[field] != expected:
+        raise ConfigError(f"{source}: {field}={raw[field]!r} contradicts the training config ({flag} gives "
+                          f"{expected!r}); remove {field!r} from the JSON (it is filled from the training config) "
+                          f"or change {flag}")
+
+
+def build_ds_config(raw: dict, cfg: TrainConfig, world_size: int, source: str, *,
+                    precision: str | None = None, accelerator: str = "cuda") -> dict:
+    """The config passed to `deepspeed.initialize`: `raw` plus batch sizes, clipping and precision from `cfg`.
+
+    `source` names the JSON in error messages. `accelerator` is DeepSpeed's accelerator name ("cuda",
+    "cpu", ...); `precision` is the resolved precision (default: `cfg.precision` resolved for it)."""
+    if precision is None:
+        precision = resolve_precision(cfg.precision, torch.device(accelerator))
+    if world_size < 1:
+        raise ConfigError(f"world size must be at least 1, got {world_size}")
+    ds = copy.deepcopy(raw)
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ConfigError(f"{source}: has a {section!r} section, but MiniGPT builds the {section} from the "
+                              f"training config (--learning-rate, --warmup-steps, ...); remove it from the JSON")
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{source}: zero_optimization must be an object, got {zero!r}")
+    if zero.get("stage", 0) not in ZERO_STAGES:
+        raise ConfigError(f"{source}: zero_optimization.stage={zero.get('stage')!r}; choose one of {ZERO_STAGES}")
+    if offloads_optimizer(ds) and zero.get("stage", 0) == 0:
+        raise ConfigError(f"{source}: offload_optimizer needs zero_optimization.stage 1, 2 or 3, got 0")
+
+    micro, accum = cfg.batch_size, cfg.grad_accum
+    _agree(ds, "train_micro_batch_size_per_gpu", micro, source, "--batch-size")
+    _agree(ds, "gradient_accumulation_steps", accum, source, "--grad-accum")
+    _agree(ds, "train_batch_size", micro * accum * world_size, source,
+           f"--batch-size {micro} x --grad-accum {accum} x world size {world_size}")
+    _agree(ds, "gradient_clipping", float(cfg.grad_clip), source, "--grad-clip")
+    ds["train_micro_batch_size_per_gpu"] = micro
+    ds["gradient_accumulation_steps"] = accum
+    ds["train_batch_size"] = micro * accum * world_size
+    ds["gradient_clipping"] = float(cfg.grad_clip)
+
+    if precision == "fp16" and accelerator == "cpu":
+        raise ConfigError(f"{source}: fp16 requested but DeepSpeed runs on its CPU accelerator, which does not "
+                          "support fp16; use --precision bf16 or fp32")
+    for name in ("bf16", "fp16"):
+        section = ds.get(name, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: {name} must be an object like {{\"enabled\": true}}, got {section!r}")
+        wanted = precision == name
+        if "enabled" in section and bool(section["enabled"]) != wanted:
+            raise ConfigError(f"{source}: {name}.enabled={section['enabled']!r} contradicts the training config "
+                              f"(--precision {cfg.precision} resolves to {precision}); remove {name!r} from the "
+                              f"JSON or pass --precision {name if section['enabled'] else precision}")
+        ds[name] = {**section, "enabled": wanted}
+    # A torch AdamW client optimizer is not on DeepSpeed's list of ZeRO-tested optimizers.
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds

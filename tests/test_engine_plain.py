@@ -1,0 +1,207 @@
+"""PlainEngine: accumulation, clipping, schedule, skipping non-finite steps, exact resume, precision rules,
+plus device detection and engine selection."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_driver import MODEL, fresh_model, global_batch, run_steps, train_config  # noqa: E402
+
+from minigpt.config import ConfigError, MiniGPTConfig  # noqa: E402
+from minigpt.engine import create_engine, detect_device, launched_distributed, resolve_precision  # noqa: E402
+from minigpt.engine.base import warmup_cosine  # noqa: E402
+from minigpt.engine.plain import ENGINE_FILE, PlainEngine  # noqa: E402
+from minigpt.model import MiniGPT  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def engine(**overrides) -> PlainEngine:
+    return PlainEngine(fresh_model(), train_config(world=1, **overrides), CPU)
+
+
+def loss_of(eng: PlainEngine, rows: torch.Tensor) -> torch.Tensor:
+    logits = eng(rows[:, :-1])
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1))
+
+
+def train_on(eng: PlainEngine, micro_batches: list[torch.Tensor]):
+    result = None
+    for rows in micro_batches:
+        eng.backward(loss_of(eng, rows))
+        result = eng.step() or result
+    return result
+
+
+def test_k_micro_batches_equal_one_batch_of_k_times_the_size():
+    rows = global_batch(0)  # 8 rows
+    accumulated = engine(batch_size=2, grad_accum=4)
+    one_batch = engine(batch_size=8, grad_accum=1)
+    results = train_on(accumulated, list(rows.split(2))), train_on(one_batch, [rows])
+    assert results[0].grad_norm == pytest.approx(results[1].grad_norm, rel=1e-5)
+    for (name, a), b in zip(accumulated.module.state_dict().items(), one_batch.module.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_step_reports_only_at_accumulation_boundaries():
+    eng = engine(batch_size=2, grad_accum=3)
+    reports = []
+    for rows in global_batch(0)[:6].split(2):
+        eng.backward(loss_of(eng, rows))
+        reports.append(eng.step())
+    assert reports[0] is None and reports[1] is None and reports[2] is not None
+
+
+def test_clipping_caps_the_norm_the_optimizer_sees():
+    eng = engine(grad_clip=0.05, batch_size=8, grad_accum=1)
+    seen = []
+
+    def record_norm(optimizer, args, kwargs):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    eng.optimizer.register_step_pre_hook(record_norm)
+    result = train_on(eng, [global_batch(0)])
+    assert result.grad_norm > 0.05, "the test needs a gradient larger than the clip"
+    assert seen[0] == pytest.approx(0.05, rel=1e-4)
+
+
+def test_learning_rate_follows_warmup_then_cosine():
+    eng = engine(learning_rate=1e-2, warmup_steps=2, max_steps=6, min_lr_ratio=0.1)
+    lrs = [r["lr"] for r in run_steps(eng, 0, 6)]
+    expected = [1e-2 * m for m in (0.5, 1.0, 1.0, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)),
+                                   0.1 + 0.9 * 0.5, 0.1 + 0.9 * 0.5 * (1 + math.cos(3 * math.pi / 4)))]
+    assert lrs == pytest.approx(expected, rel=1e-12)
+    assert eng.lr == pytest.approx(1e-3, rel=1e-12)  # the next step is at max_steps: the floor
+    assert warmup_cosine(100, 2, 6, 0.1) == pytest.approx(0.1)
+
+
+def test_non_finite_loss_skips_the_update_and_leaves_weights_intact():
+    eng = engine(batch_size=8, grad_accum=1)
+    before = {k: v.clone() for k, v in eng.module.state_dict().items()}
+    lr_before = eng.lr
+    eng.backward(loss_of(eng, global_batch(0)) * float("nan"))
+    result = eng.step()
+    assert result.skipped and not math.isfinite(result.grad_norm)
+    for name, value in eng.module.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert eng.lr == lr_before and not eng.optimizer.state
+    good = train_on(eng, [global_batch(1)])
+    assert not good.skipped and math.isfinite(good.grad_norm)
+    assert all(torch.isfinite(v).all() for v in eng.module.state_dict().values())
+
+
+def test_save_load_continue_equals_uninterrupted_bitwise(tmp_path):
+    uninterrupted = engine()
+    run_steps(uninterrupted, 0, 3)
+    uninterrupted.save(tmp_path)
+    expected = run_steps(uninterrupted, 3, 6)
+
+    resumed = PlainEngine(fresh_model(seed=7), train_config(world=1), CPU)
+    resumed.load(tmp_path)
+    assert run_steps(resumed, 3, 6) == expected
+    for (name, a), b in zip(uninterrupted.module.state_dict().items(), resumed.module.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoint_keys_optimizer_state_by_parameter_name(tmp_path):
+    eng = engine()
+    run_steps(eng, 0, 1)
+    eng.save(tmp_path)
+    state = torch.load(tmp_path / ENGINE_FILE, weights_only=True)
+    assert state["engine"] == "plain" and state["world_size"] == 1
+    assert set(state["optimizer"]) == {name for name, _ in eng.module.named_parameters()}
+    assert set(state["optimizer"]["embed.weight"]) == {"step", "exp_avg", "exp_avg_sq"}
+
+
+def test_load_refuses_a_checkpoint_of_another_model_shape(tmp_path):
+    engine().save(tmp_path)
+    wider = MiniGPTConfig(**{**MODEL.to_dict(), "hidden_size": 64})
+    other = PlainEngine(MiniGPT(wider), train_config(world=1), CPU)
+    with pytest.raises(ConfigError, match=r"tensor 'embed.weight' has shape \(96, 32\) in the checkpoint "
+                                          r"but \(96, 64\) in the model"):
+        other.load(tmp_path)
+
+
+def test_load_of_an_empty_directory_names_it(tmp_path):
+    with pytest.raises(ConfigError, match=f"{tmp_path}: no engine state found"):
+        engine().load(tmp_path)
+
+
+def test_bf16_autocast_runs_on_cpu():
+    eng = engine(precision="bf16", batch_size=8, grad_accum=1)
+    assert eng.precision == "bf16"
+    rows = global_batch(0)
+    assert eng(rows[:, :-1]).dtype == torch.bfloat16
+    result = train_on(eng, [rows])
+    assert not result.skipped and math.isfinite(result.grad_norm)
+    assert all(p.dtype == torch.float32 for p in eng.module.parameters())
+
+
+def test_fp16_on_cpu_is_a_clear_error():
+    with pytest.raises(ConfigError, match="fp16 is GPU-only.*bf16"):
+        engine(precision="fp16")
+
+
+def test_auto_precision_is_fp32_on_cpu():
+    assert resolve_precision("auto", CPU) == "fp32"
+    assert resolve_precision("bf16", CPU) == "bf16"
+
+
+def test_device_detection_prints_its_choice(capsys):
+    assert detect_device("cpu") == CPU
+    assert "device cpu (requested with --device)" in capsys.readouterr().out
+    if not torch.cuda.is_available() and not torch.backends.mps.is_available():
+        assert detect_device("") == CPU
+        assert "no CUDA or MPS device found" in capsys.readouterr().out
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            detect_device("cuda")
+    with pytest.raises(ConfigError, match="not a device name"):
+        detect_device("gpu0")
+
+
+def test_plain_engine_is_chosen_without_a_launcher(monkeypatch):
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert isinstance(create_engine(fresh_model(), train_config(world=1, device="cpu")), PlainEngine)
+
+
+def test_srun_without_master_address_is_refused(monkeypatch):
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    with pytest.raises(ConfigError, match="MASTER_ADDR"):
+        launched_distributed()
+
+
+def test_srun_environment_maps_to_rank_variables(monkeypatch):
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "1",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}.items():
+        monkeypatch.setenv(name, value)
+    assert launched_distributed()
+    import os
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
+
+
+@pytest.mark.integration
+def test_compiled_engine_keeps_clean_state_dict_keys(tmp_path):
+    eng = engine(compile=True, batch_size=8, grad_accum=1)
+    result = train_on(eng, [global_batch(0)])
+    assert not result.skipped
+    eng.save(tmp_path)
+    keys = torch.load(tmp_path / ENGINE_FILE, weights_only=True)["model"].keys()
+    assert not [k for k in keys if k.startswith(("_orig_mod.", "module."))]
+    assert set(keys) == set(fresh_model().state_dict())

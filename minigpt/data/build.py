@@ -89,12 +89,17 @@ class _Chunk:
 
 
 @dataclass
-class _Encoded:
-    """One kept example: its documents (ids, loss mask or None) and its record (rlhf)."""
+class _EncodedChunk:
+    """A chunk's kept examples as one block of documents, and its skipped records."""
 
-    line: int
-    documents: list[tuple[np.ndarray, np.ndarray | None]]
-    record: dict | None = None
+    file_index: int
+    nbytes: int
+    skips: list[Skip]
+    num_examples: int
+    tokens: np.ndarray
+    lengths: np.ndarray
+    loss_mask: np.ndarray | None = None
+    records: list[dict] | None = None
 
 
 @dataclass
@@ -104,42 +109,56 @@ class _Job:
     max_prompt_tokens: int | None
 
 
-def _encode_pretrain(tokenizer: Tokenizer, examples: list[Example]) -> list[_Encoded]:
+def _encode_pretrain(tokenizer: Tokenizer, examples: list[Example]) -> list[tuple[list[int], None]]:
     encoded = tokenizer.sp.encode([e.text for e in examples], num_threads=1)
-    return [_Encoded(e.line, [(np.array(ids + [tokenizer.eos_id], dtype=np.int64), None)])
-            for e, ids in zip(examples, encoded, strict=True)]
+    return [(ids + [tokenizer.eos_id], None) for ids in encoded]
 
 
-def _encode_post_training(tokenizer: Tokenizer, job: _Job, example: Example) -> _Encoded | Skip:
+def _encode_post_training(tokenizer: Tokenizer, job: _Job, example: Example) -> list[tuple] | Skip:
+    """[(ids, mask, record)] per document of the example (two for DPO), or a Skip."""
     if job.kind == "sft":
         chat = tokenizer.encode_chat(example.messages)
-        return _Encoded(example.line, [(np.array(chat.ids), np.array(chat.assistant_mask))])
+        return [(chat.ids, chat.assistant_mask, None)]
     generation = job.kind == "rlhf"
     prompt = tokenizer.encode_chat(example.prompt_messages, add_generation_prompt=generation)
     if job.max_prompt_tokens is not None and len(prompt.ids) > job.max_prompt_tokens:
         return Skip(example.line, "prompt_too_long", f"{len(prompt.ids)} tokens")
     if generation:
-        return _Encoded(example.line, [(np.array(prompt.ids), None)],
-                        {"messages": example.prompt_messages, **example.extra})
+        return [(prompt.ids, None, {"messages": example.prompt_messages, **example.extra})]
     documents = []
     for response in (example.chosen, example.rejected):
         chat = tokenizer.encode_chat(example.prompt_messages + response)
-        mask = np.array(chat.assistant_mask)
-        mask[:len(prompt.ids)] = 0  # earlier assistant turns of the prompt are not the response
-        documents.append((np.array(chat.ids), mask))
-    return _Encoded(example.line, documents)
+        # earlier assistant turns of the prompt are not the response
+        mask = [0] * len(prompt.ids) + chat.assistant_mask[len(prompt.ids):]
+        documents.append((chat.ids, mask, None))
+    return documents
 
 
-def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> tuple[int, int, list[_Encoded | Skip]]:
+def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChunk:
     parsed = [parse_record(job.kind, chunk.fmt, line, raw, job.text_field) for line, raw in chunk.records]
-    results: list[_Encoded | Skip] = [p for p in parsed if isinstance(p, Skip)]
+    skips = [p for p in parsed if isinstance(p, Skip)]
     examples = [p for p in parsed if isinstance(p, Example)]
     if job.kind == "pretrain":
-        results += _encode_pretrain(tokenizer, examples)
+        documents = [(ids, None, None) for ids, _ in _encode_pretrain(tokenizer, examples)]
+        num_examples = len(examples)
     else:
-        results += [_encode_post_training(tokenizer, job, e) for e in examples]
-    results.sort(key=lambda r: r.line)
-    return chunk.file_index, chunk.nbytes, results
+        documents, num_examples = [], 0
+        for example in examples:
+            result = _encode_post_training(tokenizer, job, example)
+            if isinstance(result, Skip):
+                skips.append(result)
+            else:
+                documents += result
+                num_examples += 1
+    skips.sort(key=lambda skip: skip.line)
+    lengths = np.array([len(ids) for ids, _, _ in documents], dtype=np.int64)
+    tokens = np.fromiter((t for ids, _, _ in documents for t in ids), dtype=np.int64, count=int(lengths.sum()))
+    mask = None
+    if job.kind in ("sft", "dpo"):
+        mask = np.fromiter((m for _, doc_mask, _ in documents for m in doc_mask), dtype=np.uint8,
+                           count=int(lengths.sum()))
+    records = [record for _, _, record in documents] if job.kind == "rlhf" else None
+    return _EncodedChunk(chunk.file_index, chunk.nbytes, skips, num_examples, tokens, lengths, mask, records)
 
 
 _WORKER: tuple[Tokenizer, _Job] | None = None
@@ -150,7 +169,7 @@ def _init_worker(tokenizer_dir: str, job: _Job) -> None:
     _WORKER = (Tokenizer(tokenizer_dir), job)
 
 
-def _encode_in_worker(chunk: _Chunk) -> tuple[int, int, list[_Encoded | Skip]]:
+def _encode_in_worker(chunk: _Chunk) -> _EncodedChunk:
     tokenizer, job = _WORKER
     return _encode_chunk(tokenizer, job, chunk)
 
@@ -182,7 +201,7 @@ def _chunks(files: list[Path], stats: list[FileStats], strict: bool) -> Iterator
 
 
 def _bounded_ordered_map(pool: ProcessPoolExecutor, chunks: Iterator[_Chunk],
-                         window: int) -> Iterator[tuple[int, int, list]]:
+                         window: int) -> Iterator[_EncodedChunk]:
     """Results of `_encode_in_worker` over `chunks` in order, with at most `window` chunks in flight.
 
     (Pool.imap would read the whole input ahead into its queue; a dead worker raises here
@@ -198,8 +217,8 @@ def _bounded_ordered_map(pool: ProcessPoolExecutor, chunks: Iterator[_Chunk],
 
 
 def _encode_all(files: list[Path], stats: list[FileStats], tokenizer: Tokenizer, job: _Job, workers: int,
-                strict: bool, progress: bool) -> Iterator[tuple[int, _Encoded]]:
-    """(file index, encoded example) of every kept record, in input order; skips counted in `stats`."""
+                strict: bool, progress: bool) -> Iterator[_EncodedChunk]:
+    """Encoded chunks of every file, in input order; skipped records counted in `stats` (or raised)."""
     total = None if any(s.path.endswith(".gz") for s in stats) else sum(s.bytes for s in stats)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="pretokenize", disable=not progress)
     chunks = _chunks(files, stats, strict)
@@ -211,19 +230,18 @@ def _encode_all(files: list[Path], stats: list[FileStats], tokenizer: Tokenizer,
     else:
         results = (_encode_chunk(tokenizer, job, chunk) for chunk in chunks)
     try:
-        for file_index, nbytes, items in results:
-            bar.update(nbytes)
-            file_stats = stats[file_index]
-            for item in items:
-                file_stats.documents_read += 1
-                if isinstance(item, Skip):
-                    if strict:
-                        detail = f" ({item.detail})" if item.detail else ""
-                        raise DatasetBuildError(f"{file_stats.path}:{item.line}: {item.reason}{detail} (strict mode)")
-                    file_stats.skip(item.reason, item.line)
-                    continue
-                file_stats.documents_kept += 1
-                yield file_index, item
+        for encoded in results:
+            bar.update(encoded.nbytes)
+            file_stats = stats[encoded.file_index]
+            if encoded.skips and strict:
+                skip = encoded.skips[0]
+                detail = f" ({skip.detail})" if skip.detail else ""
+                raise DatasetBuildError(f"{file_stats.path}:{skip.line}: {skip.reason}{detail} (strict mode)")
+            for skip in encoded.skips:
+                file_stats.skip(skip.reason, skip.line)
+            file_stats.documents_read += len(encoded.skips) + encoded.num_examples
+            file_stats.documents_kept += encoded.num_examples
+            yield encoded
     finally:
         bar.close()
         if pool is not None:
@@ -251,11 +269,13 @@ def split_examples(num_examples: int, val_fraction: float, seed: int) -> np.ndar
 def _write_split(staged: ShardReader, docs_per_example: int, select: np.ndarray, writer: ShardWriter,
                  extra_meta: dict) -> None:
     """Copy the selected examples of the staging shard into `writer`, keeping their order."""
-    for example in np.flatnonzero(select):
-        for document in range(example * docs_per_example, (example + 1) * docs_per_example):
-            record = staged.records[document] if staged.records is not None else None
-            mask = staged.document_mask(document) if staged.loss_mask is not None else None
-            writer.add(staged.document(document), mask, record)
+    documents = np.repeat(select, docs_per_example)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], documents.astype(np.int8), [0]])))
+    for first, end in zip(edges[::2], edges[1::2], strict=True):  # runs of consecutive selected documents
+        start, stop = int(staged.offsets[first]), int(staged.offsets[end])
+        writer.add_many(staged.tokens[start:stop], np.diff(staged.offsets[first:end + 1]),
+                        None if staged.loss_mask is None else staged.loss_mask[start:stop],
+                        None if staged.records is None else staged.records[first:end])
     writer.close({**extra_meta, "num_examples": int(select.sum())})
 
 
@@ -299,10 +319,9 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
                   "sources": [s.path for s in stats]}
         staged_writer = ShardWriter(staging / "all", **common)
         example_files = []
-        for file_index, encoded in _encode_all(files, stats, tokenizer, job, max(1, workers), strict, progress):
-            for ids, mask in encoded.documents:
-                staged_writer.add(ids, mask, encoded.record)
-            example_files.append(file_index)
+        for encoded in _encode_all(files, stats, tokenizer, job, max(1, workers), strict, progress):
+            staged_writer.add_many(encoded.tokens, encoded.lengths, encoded.loss_mask, encoded.records)
+            example_files += [encoded.file_index] * encoded.num_examples
         staged_writer.close()
         for file_stats in stats:
             if file_stats.skipped:

@@ -63,23 +63,36 @@ class ShardWriter:
         self.sources = list(sources or [])
         self.dtype = token_dtype(vocab_size)
         self.offsets = array("q", [0])
-        self._tokens = open(self.directory / TOKENS, "wb")
-        self._mask = open(self.directory / LOSS_MASK, "wb") if kind in MASKED_KINDS else None
+        self._tokens = open(self.directory / TOKENS, "wb", buffering=1 << 22)
+        self._mask = open(self.directory / LOSS_MASK, "wb", buffering=1 << 20) if kind in MASKED_KINDS else None
         self._records = open(self.directory / RECORDS, "w", encoding="utf-8") if kind == "rlhf" else None
 
     def add(self, ids, loss_mask=None, record: dict | None = None) -> None:
         """Append one document (its token ids; its 0/1 loss mask for sft/dpo; its record for rlhf)."""
         ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise ShardError(f"{self.directory}: token id {int(ids.max())} outside the vocabulary of {self.vocab_size}")
-        ids.astype(self.dtype).tofile(self._tokens)
+        self.add_many(ids, np.array([len(ids)]), None if loss_mask is None else np.asarray(loss_mask),
+                      None if self._records is None else [record or {}])
+
+    def add_many(self, tokens: np.ndarray, lengths: np.ndarray, loss_mask: np.ndarray | None = None,
+                 records: list[dict] | None = None) -> None:
+        """Append consecutive documents given as one token array and their lengths (same for the mask)."""
+        tokens = np.asarray(tokens)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ShardError(f"{self.directory}: token ids outside the vocabulary of {self.vocab_size} "
+                             f"(min {int(tokens.min())}, max {int(tokens.max())})")
+        if int(np.sum(lengths)) != len(tokens):
+            raise ShardError(f"{self.directory}: document lengths add up to {int(np.sum(lengths))}, "
+                             f"not the {len(tokens)} tokens given")
+        self._tokens.write(tokens.astype(self.dtype, copy=False).tobytes())
         if self._mask is not None:
-            if loss_mask is None or len(loss_mask) != len(ids):
+            if loss_mask is None or len(loss_mask) != len(tokens):
                 raise ShardError(f"{self.directory}: {self.kind} documents need a loss mask as long as their ids")
-            np.asarray(loss_mask, dtype=np.uint8).tofile(self._mask)
+            self._mask.write(np.asarray(loss_mask, dtype=np.uint8).tobytes())
         if self._records is not None:
-            self._records.write(json.dumps(record or {}, ensure_ascii=False) + "\n")
-        self.offsets.append(self.offsets[-1] + len(ids))
+            if records is None or len(records) != len(lengths):
+                raise ShardError(f"{self.directory}: rlhf documents need one record each")
+            self._records.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        self.offsets.extend((self.offsets[-1] + np.cumsum(lengths, dtype=np.int64)).tolist())
 
     def close(self, extra_meta: dict | None = None) -> Path:
         """Flush and fsync the data files, then write meta.json; returns the shard directory."""

@@ -147,7 +147,7 @@ def preset_table() -> str:
     return "\n".join(rows)
 
 
-MODES = ("pretrain", "sft", "dpo", "rlhf")
+MODES = ("pretrain", "sft", "dpo", "reward", "rlhf")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -160,7 +160,7 @@ def _opt(help_text: str, **kwargs: Any) -> Any:
 class TrainConfig:
     """Everything a training run needs besides the model shape. `launch/train.py` flags mirror these fields."""
 
-    mode: str = _opt("training stage: pretrain, sft, dpo or rlhf", default="pretrain")
+    mode: str = _opt("training stage: pretrain, sft, dpo, reward (a reward model) or rlhf", default="pretrain")
     config: str = _opt("model preset (tiny, small, medium)", default="tiny")
     data: list[str] = _opt("shard directories or raw .txt/.jsonl files; default: the built-in demo corpus",
                            default_factory=list)
@@ -201,6 +201,19 @@ class TrainConfig:
     val_fraction: float = _opt("share of documents held out for validation when raw files are tokenized",
                                default=0.01)
     compile: bool = _opt("torch.compile the model (plain engine)", default=False)
+    dpo_beta: float = _opt("DPO: strength of the implicit KL constraint (beta of the sigmoid loss)", default=0.1)
+    dpo_reference_in_memory: bool = _opt("DPO: keep a frozen reference model in memory instead of precomputing "
+                                         "the reference log-probs once before training (reference_logprobs.pt)",
+                                         default=False)
+    reward_model: str = _opt("RLHF: reward model directory (from --mode reward); empty: the rule-based reward "
+                             "of the verifiable-task checker", default="")
+    rl_group_size: int = _opt("RLHF (GRPO): responses sampled per prompt; advantages are relative to the group",
+                              default=8)
+    rl_max_new_tokens: int = _opt("RLHF: tokens generated per response (every rank always runs this many "
+                                  "decoding steps)", default=16)
+    rl_temperature: float = _opt("RLHF: sampling temperature of the rollouts", default=1.0)
+    kl_coef: float = _opt("RLHF: weight of the KL penalty to the reference (starting) policy", default=0.05)
+    rl_clip: float = _opt("RLHF: PPO/GRPO ratio clipping range epsilon", default=0.2)
     dry_run: bool = _opt("validate config, data and DeepSpeed config, print the plan, and exit",
                          default=False)
 
@@ -232,6 +245,15 @@ class TrainConfig:
             raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.dpo_beta <= 0 or self.rl_temperature <= 0 or self.rl_clip <= 0:
+            raise ConfigError("--dpo-beta, --rl-temperature and --rl-clip must be positive, got "
+                              f"{self.dpo_beta}, {self.rl_temperature}, {self.rl_clip}")
+        if self.rl_group_size < 2:
+            raise ConfigError(f"--rl-group-size must be at least 2 (advantages compare a group), "
+                              f"got {self.rl_group_size}")
+        if self.rl_max_new_tokens < 1 or self.kl_coef < 0:
+            raise ConfigError(f"--rl-max-new-tokens must be positive and --kl-coef not negative, got "
+                              f"{self.rl_max_new_tokens}, {self.kl_coef}")
         if self.resume and self.auto_resume:
             raise ConfigError("--resume and --auto-resume contradict each other: give one")
 

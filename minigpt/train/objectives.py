@@ -43,7 +43,9 @@ class EvalTotals:
     extra: dict[str, float] = field(default_factory=dict)
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.loss_sum, self.tokens, self.bytes], dtype=torch.float64)
+        """[loss_sum, tokens, bytes, *extra values in sorted key order]."""
+        extra = [self.extra[name] for name in sorted(self.extra)]
+        return torch.tensor([self.loss_sum, self.tokens, self.bytes, *extra], dtype=torch.float64)
 
 
 class LanguageModeling:
@@ -85,15 +87,26 @@ class LanguageModeling:
 
 
 def dataset_kind(mode: str) -> str:
-    """The shard kind (`meta.json` "kind") a mode trains on."""
-    return mode
+    """The shard kind (`meta.json` "kind") a mode trains on (a reward model learns from preference pairs)."""
+    return "dpo" if mode == "reward" else mode
 
 
-def build_objective(mode: str, tokenizer, cfg) -> LanguageModeling:
+def build_objective(mode: str, tokenizer, cfg):
     """The objective for `mode`."""
-    byte_lengths = token_byte_lengths(tokenizer)
     if mode == "pretrain":
-        return LanguageModeling("pretrain", byte_lengths)
+        return LanguageModeling("pretrain", token_byte_lengths(tokenizer))
     if mode == "sft":
-        return LanguageModeling("sft", byte_lengths)
-    raise NotImplementedError(f"--mode {mode} is not implemented yet")
+        return LanguageModeling("sft", token_byte_lengths(tokenizer))
+    if mode == "dpo":
+        from minigpt.train.dpo import DPO
+
+        return DPO(cfg.dpo_beta, reference_in_memory=cfg.dpo_reference_in_memory)
+    if mode == "reward":
+        from minigpt.train.reward import RewardModeling
+
+        return RewardModeling()
+    if mode == "rlhf":
+        from minigpt.train.rlhf import GRPO
+
+        return GRPO(cfg, tokenizer)
+    raise NotImplementedError(f"--mode {mode} is not implemented")

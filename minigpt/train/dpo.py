@@ -1,0 +1,249 @@
+"""Direct Preference Optimization (Rafailov et al., 2023): the sigmoid loss against a frozen reference.
+
+    reward(y)  = beta * (log pi(y | x) - log ref(y | x))        log-probs SUMMED over response tokens
+    loss       = -log sigmoid(reward(chosen) - reward(rejected))
+
+The reference is the starting weights. By default its log-probs are computed once, in a pass over the
+train and validation pairs before the first step, and kept with the run in `reference_logprobs.pt`
+(loaded again on resume), so no reference model sits in memory while training; with
+`--dpo-reference-in-memory` a frozen copy of the starting weights scores every batch instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from minigpt.config import ConfigError
+from minigpt.data.datasets import DPOPairs
+
+IGNORE = -100
+REFERENCE_FILE = "reference_logprobs.pt"
+DPO_STATS = ("accuracy", "chosen_reward", "empty_pairs", "margin", "rejected_reward")
+"""Per-step statistics, the same keys on every call (the loop all-reduces them by name)."""
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label) over positions whose label is not -100: (B, T, V), (B, T) -> (B,) fp32.
+
+    `labels` are already the next tokens (position t of the logits predicts labels[:, t])."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    return -losses.view(labels.shape).sum(-1)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair sigmoid DPO losses and the implicit rewards beta * (log pi - log ref) of both sides."""
+    chosen_rewards = beta * (policy_chosen - reference_chosen)
+    rejected_rewards = beta * (policy_rejected - reference_rejected)
+    losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def preference_accuracy(margins: torch.Tensor) -> torch.Tensor:
+    """1 where the chosen side wins, 0 where it loses, 0.5 on a tie (so an untrained policy scores chance)."""
+    return (margins > 0).float() + 0.5 * (margins == 0).float()
+
+
+def has_response(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the sequence kept at least one response token (a prompt longer than the context keeps none)."""
+    return (labels != IGNORE).any(-1)
+
+
+class ReferencedPairs:
+    """DPO pairs of one shard, each sample tagged with its index and, once known, the reference log-probs."""
+
+    def __init__(self, pairs: DPOPairs, source: int):
+        self.pairs, self.source = pairs, source
+        self.reference: np.ndarray | None = None
+        """(len, 2) float64: reference log-probs of (chosen, rejected), set by `DPO.prepare`."""
+
+    @property
+    def num_truncated(self) -> int:
+        return self.pairs.num_truncated
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        sample = self.pairs[index]
+        sample["index"] = np.array(int(index), dtype=np.int64)
+        if self.reference is not None:
+            sample["reference_logps"] = self.reference[int(index)]
+        return sample
+
+
+def pair_logprobs(forward: Callable[[torch.Tensor], torch.Tensor], batch: dict[str, torch.Tensor]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of (chosen, rejected), both sides in one forward pass of 2B sequences."""
+    inputs = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+    labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+    return sequence_logprobs(forward(inputs), labels).chunk(2)
+
+
+@torch.no_grad()
+def compute_reference_logprobs(forward: Callable[[torch.Tensor], torch.Tensor], pairs: ReferencedPairs,
+                               batch_size: int, rank: int, world_size: int, device: torch.device,
+                               all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+    """(len, 2) log-probs of every pair under `forward`, the work split over ranks.
+
+    Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively), padding its
+    last batch with pair 0 whose result it drops; an all-reduce assembles the rows."""
+    count = len(pairs)
+    mine = list(range(rank, count, world_size))
+    per_rank = math.ceil(count / world_size)
+    batches = math.ceil(per_rank / batch_size)
+    result = torch.zeros(count, 2, dtype=torch.float64, device=device)
+    for b in range(batches):
+        indices = mine[b * batch_size:(b + 1) * batch_size]
+        padded = indices + [0] * (batch_size - len(indices))
+        samples = [pairs.pairs[i] for i in padded]
+        batch = {key: torch.from_numpy(np.stack([s[key] for s in samples])).to(device) for key in samples[0]}
+        chosen, rejected = pair_logprobs(forward, batch)
+        if indices:
+            rows = torch.tensor(indices, device=device)
+            result[rows, 0] = chosen[:len(indices)].double()
+            result[rows, 1] = rejected[:len(indices)].double()
+    return all_reduce_sum(result).cpu().numpy()
+
+
+def _save_atomically(obj: dict, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, temporary)
+    with open(temporary, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+class DPO:
+    """The `--mode dpo` objective: sigmoid DPO loss; logs implicit rewards, margin and preference accuracy."""
+
+    def __init__(self, beta: float, reference_in_memory: bool = False):
+        self.beta = beta
+        self.reference_in_memory = reference_in_memory
+        self.datasets: list[ReferencedPairs] = []
+        self.reference_model: torch.nn.Module | None = None
+
+    def dataset(self, reader, seq_len: int, tokenizer) -> ReferencedPairs:
+        pairs = ReferencedPairs(DPOPairs(reader, seq_len, pad_id=tokenizer.pad_id), len(self.datasets))
+        self.datasets.append(pairs)
+        return pairs
+
+    # -- the reference -----------------------------------------------------------------------------
+    def prepare(self, trainer) -> None:
+        """Before the first step: load a frozen reference, or precompute/load the reference log-probs."""
+        truncated = sum(d.num_truncated for d in self.datasets)
+        if trainer.engine.is_main and truncated:
+            print(f"[minigpt] dpo: {truncated} pair(s) cut at --seq-len {trainer.seq_len}; pairs left without "
+                  "response tokens are counted as empty_pairs and take no loss", flush=True)
+        if self.reference_in_memory:
+            self.reference_model = load_reference_model(trainer)
+            return
+        path = trainer.cfg.run_dir / REFERENCE_FILE
+        fingerprint = {"weights_from": trainer.start.source, "seq_len": trainer.seq_len,
+                       "datasets": [str(d) for d in trainer.run_data.dataset_dirs],
+                       "pairs": [len(d) for d in self.datasets]}
+        stored = torch.load(path, weights_only=True) if path.is_file() else None
+        if stored is not None and stored.get("fingerprint") == fingerprint:
+            references = [t.numpy() for t in stored["reference"]]
+            source = f"loaded from {path}"
+        else:
+            if stored is not None and trainer.step > 0:
+                raise ConfigError(f"{path}: reference log-probs of another run ({stored.get('fingerprint')}); "
+                                  f"this run is {fingerprint}. Remove the file to recompute them")
+            references = self._compute_references(trainer)
+            if trainer.engine.is_main:
+                _save_atomically({"fingerprint": fingerprint,
+                                  "reference": [torch.from_numpy(r) for r in references]}, path)
+            trainer.engine.barrier()
+            source = f"precomputed into {path}"
+        for pairs, reference in zip(self.datasets, references, strict=True):
+            pairs.reference = reference
+        if trainer.engine.is_main:
+            print(f"[minigpt] dpo: reference log-probs of {sum(len(d) for d in self.datasets)} pairs {source}",
+                  flush=True)
+
+    def _compute_references(self, trainer) -> list[np.ndarray]:
+        engine = trainer.engine
+        if trainer.step == 0:  # the engine still holds the starting weights: use it (sharded under ZeRO-3)
+            engine.eval()
+            try:
+                return [compute_reference_logprobs(engine, d, trainer.cfg.batch_size, engine.rank, engine.world_size,
+                                                   engine.device, engine.all_reduce_sum) for d in self.datasets]
+            finally:
+                engine.train()
+        # Resumed without the file: score with the starting weights, briefly held on every rank.
+        model = load_reference_model(trainer)
+        references = [compute_reference_logprobs(model, d, trainer.cfg.batch_size, 0, 1, engine.device,
+                                                 lambda t: t) for d in self.datasets]
+        del model
+        return references
+
+    def _reference_logprobs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "reference_logps" in batch:
+            reference = batch["reference_logps"].float()
+            return reference[:, 0], reference[:, 1]
+        if self.reference_model is None:
+            raise RuntimeError("DPO has no reference: prepare() was not called before training")
+        with torch.no_grad():
+            return pair_logprobs(self.reference_model, batch)
+
+    # -- loss and evaluation -------------------------------------------------------------------------
+    def _pair_terms(self, forward, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        policy_chosen, policy_rejected = pair_logprobs(forward, batch)
+        reference_chosen, reference_rejected = self._reference_logprobs(batch)
+        losses, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                                            self.beta)
+        valid = (has_response(batch["chosen_labels"]) & has_response(batch["rejected_labels"])).float()
+        return {"losses": losses, "chosen": chosen, "rejected": rejected, "valid": valid}
+
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        terms = self._pair_terms(engine, batch)
+        valid = terms["valid"]
+        count = valid.sum().clamp(min=1.0)
+        # Pairs without response tokens (cut by --seq-len) contribute nothing, yet keep the graph whole.
+        loss = (terms["losses"] * valid).sum() / count
+        margin = terms["chosen"] - terms["rejected"]
+        stats = {"chosen_reward": (terms["chosen"] * valid).sum() / count,
+                 "rejected_reward": (terms["rejected"] * valid).sum() / count,
+                 "margin": (margin * valid).sum() / count,
+                 "accuracy": (preference_accuracy(margin) * valid).sum() / count,
+                 "empty_pairs": (1.0 - valid).sum()}
+        return loss, {name: float(value) for name, value in stats.items()}
+
+    @torch.no_grad()
+    def eval_batch(self, model, batch: dict[str, torch.Tensor], totals) -> None:
+        terms = self._pair_terms(model, batch)
+        valid = terms["valid"]
+        margin = terms["chosen"] - terms["rejected"]
+        totals.loss_sum += float((terms["losses"] * valid).sum())
+        totals.tokens += float(valid.sum())
+        for name, values in (("chosen_reward", terms["chosen"]), ("rejected_reward", terms["rejected"]),
+                             ("margin", margin), ("accuracy", preference_accuracy(margin))):
+            totals.extra[name] = totals.extra.get(name, 0.0) + float((values * valid).sum())
+
+    @staticmethod
+    def metrics(totals: torch.Tensor) -> dict[str, float]:
+        """val_loss, val_accuracy (preference accuracy), val_margin, val_chosen_reward, val_rejected_reward."""
+        loss_sum, pairs, _, *extra = totals.tolist()
+        pairs = max(pairs, 1.0)
+        named = dict(zip(sorted(("chosen_reward", "rejected_reward", "margin", "accuracy")), extra, strict=True))
+        return {"val_loss": loss_sum / pairs, **{f"val_{name}": value / pairs for name, value in named.items()}}
+
+
+def load_reference_model(trainer) -> torch.nn.Module:
+    """A frozen copy of the run's starting weights on the engine's device (the DPO/RLHF reference policy)."""
+    from minigpt.weights import load_consolidated
+
+    if trainer.start.model_dir is None:
+        raise ConfigError(f"--mode {trainer.cfg.mode} needs starting weights for its reference; pass --init-from")
+    model, _ = load_consolidated(trainer.start.model_dir, device=trainer.engine.device)
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -40,7 +40,7 @@ USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardErr
 SNAPSHOT = "training_config_snapshot.json"
 FINAL = "final"
 # Post-training stages start from the previous stage's final weights of the same preset.
-PREVIOUS_STAGES = {"sft": ("pretrain",), "dpo": ("sft",), "rlhf": ("dpo", "sft")}
+PREVIOUS_STAGES = {"sft": ("pretrain",), "dpo": ("sft",), "reward": ("sft", "pretrain"), "rlhf": ("dpo", "sft")}
 
 
 def launch_rank() -> int:
@@ -159,10 +159,12 @@ class Trainer:
         self.run_data = resolve_run_data(cfg, launch_rank() == 0, start.model_dir, dataset_kind(cfg.mode))
         self.tokenizer = self.run_data.tokenizer
         self.model = build_model(cfg, self.tokenizer, start)
+        self.objective = build_objective(cfg.mode, self.tokenizer, cfg)
+        if hasattr(self.objective, "wrap_model"):  # e.g. the reward model's scalar head
+            self.model = self.objective.wrap_model(self.model)
         self.model_config = self.model.config
         self.seq_len = seq_len_of(cfg, self.model_config)
         self.engine = create_engine(self.model, cfg)
-        self.objective = build_objective(cfg.mode, self.tokenizer, cfg)
         self.train_set = open_datasets(self.run_data, self.objective, "train", self.seq_len)
         self.val_set = open_datasets(self.run_data, self.objective, "val", self.seq_len)
         self.sampler = ResumableSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.engine.rank,
@@ -249,8 +251,9 @@ class Trainer:
         state_dict = self.engine.consolidated_state_dict()
         out = self.cfg.run_dir / FINAL
         if self.engine.is_main:
-            save_consolidated(out, state_dict, self.model_config, self.tokenizer.directory,
-                              extra={"mode": self.cfg.mode, "step": self.step, "tokens_seen": self.tokens_seen})
+            save = getattr(self.objective, "save_consolidated", save_consolidated)  # reward model: + its head
+            save(out, state_dict, self.model_config, self.tokenizer.directory,
+                 extra={"mode": self.cfg.mode, "step": self.step, "tokens_seen": self.tokens_seen})
         self.engine.barrier()
         return out
 

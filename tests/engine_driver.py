@@ -95,9 +95,10 @@ def main() -> None:
     parser.add_argument("--ds-config", required=True)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--plain-checkpoint", type=Path)
+    parser.add_argument("--precision", default="fp32")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    cfg = train_config(world=WORLD)
+    cfg = train_config(world=WORLD, precision=args.precision)
     results: dict = {}
 
     engine = DeepSpeedEngine(fresh_model(), cfg, args.ds_config)
@@ -109,6 +110,16 @@ def main() -> None:
     weights = engine.consolidated_state_dict()
     if engine.is_main:
         torch.save(weights, args.out / "consolidated.pt")
+    # A non-finite loss on one rank: the update is skipped on every rank and the weights stay as they were.
+    batch = micro_batches(STEPS, engine.rank, engine.world_size)[0]
+    for _ in range(engine.grad_accum_steps):
+        loss = engine(batch[:, :-1]).float().mean() * (float("nan") if engine.rank == 1 else 1.0)
+        engine.backward(loss)
+        result = engine.step() or None
+    after = engine.consolidated_state_dict()
+    if engine.is_main:
+        results["nan_step"] = {"skipped": result.skipped,
+                               "weights_unchanged": all(torch.equal(after[k], weights[k]) for k in weights)}
 
     resumed = DeepSpeedEngine(fresh_model(seed=1), cfg, args.ds_config)
     resumed.load(saved)

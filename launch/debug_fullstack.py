@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     say("== first batch ==")
     for name, tensor in first.items():
         say(f"{name:<12} shape={tuple(tensor.shape)} dtype={tensor.dtype}")
-    say(f"raw text     {trainer.tokenizer.decode(ids)!r}")
+    say(f"raw text     {trainer.tokenizer.render(ids)!r}")
     say(f"token ids    {ids}")
     say(f"pieces       {[trainer.tokenizer.id_to_piece(i) for i in ids]}")
     if "labels" in first:

@@ -199,7 +199,7 @@ class TrainConfig:
     sample_prompt: str = _opt("prompt sampled at each evaluation", default="The")
     seed: int = _opt("random seed", default=1337)
     val_fraction: float = _opt("share of documents held out for validation when raw files are tokenized",
-                               default=0.01)
+                               default=0.05)
     compile: bool = _opt("torch.compile the model (plain engine)", default=False)
     dpo_beta: float = _opt("DPO: strength of the implicit KL constraint (beta of the sigmoid loss)", default=0.1)
     dpo_reference_in_memory: bool = _opt("DPO: keep a frozen reference model in memory instead of precomputing "

@@ -98,8 +98,23 @@ class Tokenizer:
         return self.sp.encode(texts)
 
     def decode(self, ids: list[int]) -> str:
-        """Text of `ids`; special tokens (pad, bos, eos, chat markers) are dropped."""
+        """Text of `ids`; special tokens (pad, bos, eos, chat markers) are dropped.
+
+        The chat markers are sentencepiece control symbols: text never encodes to them (no prompt
+        injection through a typed "<|im_start|>") and decoding drops them."""
         return self.sp.decode([int(i) for i in ids])
+
+    def render(self, ids: list[int]) -> str:
+        """Text of `ids` with special tokens shown as their pieces (for debugging and tests)."""
+        special = {self.bos_id, self.eos_id, self.pad_id, self.im_start_id, self.im_end_id}
+        parts, run = [], []
+        for token_id in (int(i) for i in ids):
+            if token_id in special:
+                parts += [self.sp.decode(run), self.id_to_piece(token_id)]
+                run = []
+            else:
+                run.append(token_id)
+        return "".join(parts + [self.sp.decode(run)])
 
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(int(token_id))
@@ -196,7 +211,7 @@ def train_tokenizer(inputs: list[str | Path], out_dir: str | Path, vocab_size: i
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_prefix=str(staging / "tokenizer"), vocab_size=vocab_size,
             model_type="bpe", pad_id=SPECIAL_IDS[PAD], unk_id=SPECIAL_IDS[UNK], bos_id=SPECIAL_IDS[BOS],
-            eos_id=SPECIAL_IDS[EOS], user_defined_symbols=list(CHAT_SYMBOLS), byte_fallback=True,
+            eos_id=SPECIAL_IDS[EOS], control_symbols=list(CHAT_SYMBOLS), byte_fallback=True,
             character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
             hard_vocab_limit=False, max_sentence_length=max_sentence_length * 4, num_threads=os.cpu_count() or 1,

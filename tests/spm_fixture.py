@@ -27,7 +27,7 @@ def build_tokenizer(directory: Path, vocab_size: int = 384) -> Path:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(directory / "tokenizer"), vocab_size=vocab_size,
         model_type="bpe", pad_id=SPECIAL_IDS["<pad>"], unk_id=SPECIAL_IDS["<unk>"],
-        bos_id=SPECIAL_IDS["<s>"], eos_id=SPECIAL_IDS["</s>"], user_defined_symbols=list(CHAT_SYMBOLS),
+        bos_id=SPECIAL_IDS["<s>"], eos_id=SPECIAL_IDS["</s>"], control_symbols=list(CHAT_SYMBOLS),
         byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
         remove_extra_whitespaces=False, hard_vocab_limit=False, minloglevel=2)
     (directory / "tokenizer.vocab").unlink(missing_ok=True)

@@ -79,7 +79,7 @@ def test_sft_examples_train_only_on_assistant_tokens(tmp_path, data_tokenizer):
     assert (sample["input_ids"][n:] == data_tokenizer.pad_id).all()
     trained = sample["labels"] != IGNORE_INDEX
     assert trained.tolist() == [bool(m) for m in chat.assistant_mask[1:]] + [False] * (64 - n)
-    assert data_tokenizer.decode(sample["labels"][trained]) == "5<|im_end|>cba<|im_end|>"
+    assert data_tokenizer.render(sample["labels"][trained]) == "5<|im_end|>cba<|im_end|>"
     assert examples.num_truncated == 0
     short = SFTExamples(reader, seq_len=10, pad_id=0)
     assert short.num_truncated == 1 and short[0]["input_ids"].tolist() == chat.ids[:10]

@@ -41,12 +41,19 @@ def test_rare_characters_and_emoji_fall_back_to_bytes(data_tokenizer):
         assert pieces == [f"<0x{b:02X}>" for b in char.encode("utf-8")]
 
 
-def test_special_ids_are_fixed_and_chat_markers_are_single_tokens(data_tokenizer):
+def test_special_ids_are_fixed_and_chat_markers_cannot_be_typed(data_tokenizer):
     sp = data_tokenizer.sp
     assert [sp.id_to_piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
-    assert data_tokenizer.encode(IM_START) == [data_tokenizer.im_start_id]
-    assert data_tokenizer.encode(IM_END) == [data_tokenizer.im_end_id]
+    assert sp.id_to_piece(data_tokenizer.im_start_id) == IM_START
+    assert sp.id_to_piece(data_tokenizer.im_end_id) == IM_END
     assert data_tokenizer.stop_ids == (3, data_tokenizer.im_end_id)
+    # A user typing the marker gets plain text, never the control token (no prompt injection) ...
+    typed = data_tokenizer.encode(f"hi {IM_START}system")
+    assert data_tokenizer.im_start_id not in typed
+    assert data_tokenizer.decode(typed) == f"hi {IM_START}system"
+    # ... and decoding real markers drops them.
+    chat = data_tokenizer.encode_chat([{"role": "user", "content": "hey"}])
+    assert data_tokenizer.decode(chat.ids) == "user\nhey\n"
 
 
 def test_directory_records_checksum_vocab_and_inputs(data_tokenizer, demo_corpus):
@@ -86,7 +93,7 @@ def test_assistant_mask_covers_exactly_the_assistant_turns(data_tokenizer):
     rendered = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nAdd 2+3<|im_end|>\n"
                 "<|im_start|>assistant\n5<|im_end|>\n<|im_start|>user\n和 3+4？<|im_end|>\n"
                 "<|im_start|>assistant\n七 (seven)<|im_end|>\n")
-    assert data_tokenizer.decode(chat.ids) == rendered
+    assert data_tokenizer.render(chat.ids) == rendered
 
 
 def test_corpus_too_small_for_the_vocab_gives_a_smaller_vocab(tmp_path):

@@ -223,17 +223,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Validation metrics over the first `eval_batches` global batches of the validation set.
+
+        Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively)."""
         self.engine.eval()
         totals = EvalTotals()
-        per_step = self.cfg.batch_size * self.engine.world_size
-        batches = min(self.cfg.eval_batches, len(self.val_set) // per_step) if per_step else 0
-        for b in range(batches):
-            start = b * per_step + self.engine.rank * self.cfg.batch_size
-            samples = [self.val_set[i] for i in range(start, start + self.cfg.batch_size)]
+        world, rank, micro = self.engine.world_size, self.engine.rank, self.cfg.batch_size
+        count = min(len(self.val_set), self.cfg.eval_batches * micro * world)
+        count -= count % world
+        mine = list(range(rank, count, world))
+        for start in range(0, len(mine), micro):
+            samples = [self.val_set[i] for i in mine[start:start + micro]]
             self.objective.eval_batch(self.engine.module, collate(samples, self.engine.device), totals)
         reduced = self.engine.all_reduce_sum(totals.as_tensor().to(self.engine.device)).cpu()
         self.engine.train()
-        return self.objective.metrics(reduced) if batches else {}
+        return self.objective.metrics(reduced) if count else {}
 
     @torch.no_grad()
     def sample(self) -> str:
@@ -265,36 +269,36 @@ class Trainer:
         monitor = TrainingMonitor(cfg.run_dir, enabled=self.engine.is_main, total_steps=cfg.max_steps,
                                   start_step=self.step,
                                   flops_per_token=self.model_config.flops_per_token(self.seq_len),
-                                  device=self.engine.device, world_size=self.engine.world_size)
+                                  device=self.engine.device, world_size=self.engine.world_size,
+                                  precision=self.engine.precision, print_interval=cfg.log_interval)
         stop = StopRequest().install()
         last_saved = self.step if self.step else -1
         try:
             while self.step < cfg.max_steps:
-                started = time.perf_counter()
+                index, started = self.step, time.perf_counter()  # the monitor numbers steps from 0
                 loss, result, tokens, stats = self.train_step()
                 self.step += 1
                 self.tokens_seen += tokens
-                monitor.log_step(self.step, loss=loss, lr=result.lr, grad_norm=result.grad_norm, tokens=tokens,
+                monitor.log_step(index, loss=loss, lr=result.lr, grad_norm=result.grad_norm, tokens=tokens,
                                  seconds=time.perf_counter() - started, extra=stats)
-                finite = math.isfinite(loss)
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
-                    monitor.log_eval(self.step, self.evaluate())
-                    monitor.log_text(self.step, "sample", self.sample())
+                    monitor.log_eval(index, self.evaluate())
+                    monitor.log_text(index, "sample", self.sample())
                 stop_now = self.engine.any_rank(stop.requested)
                 due = cfg.save_interval and self.step % cfg.save_interval == 0
-                if finite and (due or stop_now) and self.step < cfg.max_steps:
+                # A non-finite loss is never checkpointed (the engine skipped its update, but be safe).
+                if monitor.checkpoint_safe and (due or stop_now) and self.step < cfg.max_steps:
                     self.save()
                     last_saved = self.step
                 if stop_now:
                     monitor.write(f"stopped at step {self.step} ({stop.signal_name or 'signal on another rank'}); "
                                   f"checkpoint {'saved' if last_saved == self.step else 'NOT saved (non-finite loss)'}")
                     return EXIT_PREEMPTED
-            metrics = self.evaluate()
-            monitor.log_eval(self.step, metrics)
+            monitor.log_eval(self.step - 1, self.evaluate())
             if last_saved != self.step:
                 self.save()
             final = self.consolidate()
-            monitor.log_text(self.step, "sample", self.sample())
+            monitor.log_text(self.step - 1, "sample", self.sample())
             monitor.write(f"done: {self.step} steps, {self.tokens_seen:,} tokens; consolidated weights in {final}")
             return EXIT_FINISHED
         finally:

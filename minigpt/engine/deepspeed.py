@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,8 @@ class DeepSpeedEngine(Engine):
             return None
         lr = self.lr
         fallback_norm = self._local_grad_norm() if self.zero_stage == 0 else None
+        if fallback_norm is not None and not math.isfinite(fallback_norm):
+            return self._skip_zero0_step(fallback_norm, lr)
         self.ds.step()
         grad_norm = self.ds.get_global_grad_norm()
         grad_norm = float(grad_norm if grad_norm is not None else fallback_norm or 0.0)
@@ -115,6 +118,24 @@ class DeepSpeedEngine(Engine):
         if skipped:
             log.warning("non-finite gradients (norm %s): DeepSpeed skipped the update", grad_norm)
         return StepResult(grad_norm=grad_norm, lr=lr, skipped=skipped)
+
+    def _skip_zero0_step(self, grad_norm: float, lr: float) -> StepResult:
+        """ZeRO-0 in fp32 has no overflow check: let DeepSpeed advance its counters with the optimizer's
+        update disabled for this one call, then undo the scheduler step it takes anyway."""
+        schedule_position = self.scheduler.state_dict()
+        for param in self.module.parameters():
+            if param.grad is not None:
+                param.grad.zero_()
+        optimizer = self.ds.optimizer
+        optimizer.step = lambda *args, **kwargs: None  # instance attribute shadows the method for one call
+        try:
+            self.ds.step()
+        finally:
+            del optimizer.step
+        self.scheduler.load_state_dict(schedule_position)
+        sync_group_lrs(self.optimizer, self.scheduler)
+        log.warning("non-finite gradients (norm %s): update skipped, weights unchanged", grad_norm)
+        return StepResult(grad_norm=grad_norm, lr=lr, skipped=True)
 
     def _local_grad_norm(self) -> float:
         """Norm of the (already all-reduced) ZeRO-0 gradients, for when DeepSpeed does not compute it."""
@@ -168,8 +189,11 @@ class DeepSpeedEngine(Engine):
         if not files:
             raise ConfigError(f"{directory}: no DeepSpeed *_model_states.pt files")
         saved = torch.load(files[0], map_location="cpu", weights_only=False)
-        found = {name: torch.empty(shape, device="meta")
-                 for group in saved["param_shapes"] for name, shape in group.items()}
+        if saved.get("param_shapes"):
+            found = {name: torch.empty(shape, device="meta")
+                     for group in saved["param_shapes"] for name, shape in group.items()}
+        else:  # ZeRO-0 saves the full module instead of partition shapes
+            found = {name: saved["module"][name] for name in self._param_shapes() if name in saved["module"]}
         check_shapes_fit(self._param_shapes(), found, str(directory))
 
     def _param_shapes(self) -> dict[str, torch.Size]:

@@ -1,0 +1,250 @@
+"""Policy optimisation with GRPO (Shao et al., 2024): group-relative advantages, no value head.
+
+Per micro-batch of prompts:
+
+    rollout   sample G responses per prompt with the project's generator (KV cache), the policy in eval mode
+    reward    rule-based (the verifiable-task checker, `minigpt.data.tasks.reward`) or a reward model
+    advantage A_i = (r_i - mean(r_group)) / (std(r_group) + eps)       one value per response
+    loss      mean over responses of the token-mean of
+              -min(ratio * A, clip(ratio, 1 - eps_clip, 1 + eps_clip) * A) + kl_coef * KL_k3(pi || ref)
+
+`ratio = exp(log pi - log pi_behaviour)`, where pi_behaviour's log-probs are those the generator
+sampled with. With one update per rollout the ratio is 1 up to sampler/trainer numerics (dropout,
+autocast), so clipping only guards against that drift; the clip fraction is logged to show it.
+`KL_k3 = exp(ref - log pi) - (ref - log pi) - 1` is Schulman's unbiased, always-positive estimator;
+the reference is a frozen copy of the starting weights.
+
+Every rank always decodes exactly `--rl-max-new-tokens` steps (stop tokens are applied afterwards):
+under ZeRO-3 each forward pass gathers weights collectively, so ranks must run the same number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from minigpt.config import ConfigError
+from minigpt.data.datasets import RLHFPrompts
+from minigpt.data.tasks import expected_answer
+from minigpt.data.tasks import reward as task_reward
+from minigpt.generate import GenerationConfig, TextGenerator
+from minigpt.train.dpo import load_reference_model
+from minigpt.train.reward import load_reward_model, score_sequences
+
+RL_STATS = ("clip_fraction", "kl", "response_length", "reward", "reward_std")
+ADVANTAGE_EPS = 1e-4
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
+    """GRPO advantages of rewards laid out group after group: (N,) -> (N,), zero mean and unit std per group."""
+    groups = rewards.view(-1, group_size)
+    mean = groups.mean(-1, keepdim=True)
+    std = groups.std(-1, keepdim=True, correction=0)
+    return ((groups - mean) / (std + eps)).view(-1)
+
+
+def kl_k3(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from samples of pi: exp(d) - d - 1 with d = ref - pi (>= 0)."""
+    delta = reference_logprobs - logprobs
+    return torch.exp(delta) - delta - 1.0
+
+
+def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                        clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO-clip surrogate (to minimise) and where the ratio left [1 - clip, 1 + clip].
+
+    logprobs, old_logprobs: (N, T); advantages: (N,) broadcast over the tokens of each response."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    advantages = advantages[:, None]
+    surrogate = torch.min(ratio * advantages, ratio.clamp(1.0 - clip, 1.0 + clip) * advantages)
+    return -surrogate, ((ratio - 1.0).abs() > clip).float()
+
+
+def masked_sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over responses of each response's token mean: (N, T) with a (N, T) 0/1 mask -> scalar."""
+    per_sequence = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return per_sequence.mean()
+
+
+class PaddedPrompts:
+    """RLHF prompts of one shard, left-padded to `max_prompt_len` with a mask (so the loop's collate stacks them).
+
+    Prompts longer than `max_prompt_len` (= seq_len - rl_max_new_tokens) are left out and counted."""
+
+    def __init__(self, prompts: RLHFPrompts, source: int, max_prompt_len: int, pad_id: int):
+        self.prompts, self.source = prompts, source
+        self.max_prompt_len, self.pad_id = max_prompt_len, pad_id
+        lengths = prompts.reader.document_lengths()
+        self.kept = np.flatnonzero(lengths <= max_prompt_len)
+        self.num_too_long = int(len(lengths) - len(self.kept))
+
+    def __len__(self) -> int:
+        return len(self.kept)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        original = int(self.kept[index])
+        ids = self.prompts[original]["prompt_ids"]
+        pad = self.max_prompt_len - len(ids)
+        return {"prompt_ids": np.concatenate([np.full(pad, self.pad_id, dtype=np.int64), ids]),
+                "prompt_mask": np.concatenate([np.zeros(pad, dtype=np.int64), np.ones(len(ids), dtype=np.int64)]),
+                "source": np.array(self.source, dtype=np.int64), "index": np.array(original, dtype=np.int64)}
+
+    def record(self, original_index: int) -> dict:
+        return self.prompts.record(original_index)
+
+
+@dataclass
+class Rollout:
+    """Sampled responses laid out for one forward pass: [left-padded prompt | right-padded response]."""
+
+    input_ids: torch.Tensor        # (N, P + M)
+    attention_mask: torch.Tensor   # (N, P + M)
+    position_ids: torch.Tensor     # (N, P + M)
+    response_mask: torch.Tensor    # (N, M) float: 1 on real response tokens (up to and with a stop token)
+    old_logprobs: torch.Tensor     # (N, M) log-probs the generator sampled with
+    rewards: torch.Tensor          # (N,)
+    prompt_len: int
+
+
+def response_logprobs(forward, rollout: Rollout) -> torch.Tensor:
+    """(N, M) log-probs of the response tokens under `forward` (the policy or the reference)."""
+    logits = forward(rollout.input_ids, position_ids=rollout.position_ids, attention_mask=rollout.attention_mask)
+    start = rollout.prompt_len
+    predicting = logits[:, start - 1:-1].float()
+    targets = rollout.input_ids[:, start:]
+    return torch.gather(predicting.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
+
+
+class GRPO:
+    """The `--mode rlhf` objective (see the module docstring)."""
+
+    def __init__(self, cfg, tokenizer):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.group_size, self.max_new_tokens = cfg.rl_group_size, cfg.rl_max_new_tokens
+        self.datasets: list[PaddedPrompts] = []
+        self.reference_model: torch.nn.Module | None = None
+        self.reward_model: torch.nn.Module | None = None
+
+    def dataset(self, reader, seq_len: int, tokenizer) -> PaddedPrompts:
+        max_prompt_len = seq_len - self.max_new_tokens
+        if max_prompt_len < 2:
+            raise ConfigError(f"--seq-len {seq_len} leaves no room for prompts after --rl-max-new-tokens "
+                              f"{self.max_new_tokens}")
+        prompts = PaddedPrompts(RLHFPrompts(reader), len(self.datasets), max_prompt_len, tokenizer.pad_id)
+        if reader.num_documents and not len(prompts):
+            raise ConfigError(f"{reader.directory}: all {reader.num_documents} prompts are longer than "
+                              f"{max_prompt_len} tokens (--seq-len {seq_len} - --rl-max-new-tokens "
+                              f"{self.max_new_tokens}); raise --seq-len or shorten the prompts")
+        self.datasets.append(prompts)
+        return prompts
+
+    def prepare(self, trainer) -> None:
+        """Load the frozen reference policy and the reward (model, or check the prompts are verifiable)."""
+        self.reference_model = load_reference_model(trainer)
+        if self.cfg.reward_model:
+            self.reward_model = load_reward_model(self.cfg.reward_model, self.tokenizer, trainer.engine.device)
+            source = f"reward model {self.cfg.reward_model}"
+        else:
+            first = next((d for d in self.datasets if len(d)), None)
+            record = first.record(int(first.kept[0])) if first is not None else {}
+            if expected_answer(record) is None:
+                raise ConfigError(f"--mode rlhf without --reward-model scores answers with the verifiable-task "
+                                  f"checker, but prompt {record.get('messages', record)!r} has no reference "
+                                  "answer and is no known task; give --reward-model DIR (from --mode reward)")
+            source = "rule-based task checker"
+        too_long = sum(d.num_too_long for d in self.datasets)
+        if trainer.engine.is_main:
+            print(f"[minigpt] rlhf: GRPO, {self.group_size} responses per prompt, reward from {source}"
+                  + (f"; {too_long} prompt(s) longer than the context left out" if too_long else ""), flush=True)
+
+    # -- rollouts ------------------------------------------------------------------------------------
+    def _decode_config(self, greedy: bool) -> GenerationConfig:
+        # No stop ids while decoding: every rank runs max_new_tokens steps; responses are cut afterwards.
+        return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.cfg.rl_temperature,
+                                do_sample=not greedy, stop_token_ids=())
+
+    def _cut_at_stop(self, ids: list[int]) -> list[int]:
+        stops = set(self.tokenizer.stop_ids)
+        for position, token in enumerate(ids):
+            if token in stops:
+                return ids[:position + 1]
+        return ids
+
+    def _rewards(self, batch: dict[str, torch.Tensor], prompts: list[list[int]], responses: list[list[int]],
+                 repeat: int, device: torch.device) -> torch.Tensor:
+        if self.reward_model is not None:
+            sequences = [p + r for p, r in zip(prompts, responses, strict=True)]
+            return score_sequences(self.reward_model, sequences, self.tokenizer.pad_id, device).float()
+        stops = set(self.tokenizer.stop_ids)
+        values = []
+        for row, response in enumerate(responses):
+            prompt_row = row // repeat
+            record = self.datasets[int(batch["source"][prompt_row])].record(int(batch["index"][prompt_row]))
+            text = self.tokenizer.decode([t for t in response if t not in stops])
+            values.append(task_reward(record, text))
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def rollout(self, model, batch: dict[str, torch.Tensor], repeat: int, greedy: bool = False) -> Rollout:
+        """Generate `repeat` responses per prompt of `batch` with `model` and score them."""
+        device = batch["prompt_ids"].device
+        prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"],
+                                                                  strict=True)]
+        prompts = [p for p in prompts for _ in range(repeat)]
+        generator = TextGenerator(model, self.tokenizer, device)
+        sequences = generator.generate_sequences(prompts, self._decode_config(greedy))
+        responses = [self._cut_at_stop(s.token_ids) for s in sequences]
+        n, width, m = len(prompts), batch["prompt_ids"].shape[1], self.max_new_tokens
+        response_ids = torch.full((n, m), self.tokenizer.pad_id, dtype=torch.long)
+        response_mask = torch.zeros((n, m))
+        old_logprobs = torch.zeros((n, m))
+        for row, (response, sequence) in enumerate(zip(responses, sequences, strict=True)):
+            response_ids[row, :len(response)] = torch.tensor(response)
+            response_mask[row, :len(response)] = 1.0
+            old_logprobs[row, :len(response)] = torch.tensor(sequence.logprobs[:len(response)])
+        prompt_ids = batch["prompt_ids"].repeat_interleave(repeat, 0)
+        prompt_mask = batch["prompt_mask"].repeat_interleave(repeat, 0)
+        attention_mask = torch.cat([prompt_mask, response_mask.long().to(device)], 1)
+        return Rollout(input_ids=torch.cat([prompt_ids, response_ids.to(device)], 1),
+                       attention_mask=attention_mask,
+                       position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+                       response_mask=response_mask.to(device), old_logprobs=old_logprobs.to(device),
+                       rewards=self._rewards(batch, prompts, responses, repeat, device), prompt_len=width)
+
+    # -- loss and evaluation -------------------------------------------------------------------------
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        rollout = self.rollout(engine.module, batch, self.group_size)
+        advantages = group_advantages(rollout.rewards, self.group_size)
+        logprobs = response_logprobs(engine, rollout)
+        with torch.no_grad():
+            reference = response_logprobs(self.reference_model, rollout)
+        surrogate, clipped = clipped_policy_loss(logprobs, rollout.old_logprobs, advantages, self.cfg.rl_clip)
+        kl = kl_k3(logprobs, reference)
+        mask = rollout.response_mask
+        loss = masked_sequence_mean(surrogate + self.cfg.kl_coef * kl, mask)
+        tokens = mask.sum().clamp(min=1.0)
+        stats = {"reward": rollout.rewards.mean(),
+                 "reward_std": rollout.rewards.view(-1, self.group_size).std(-1, correction=0).mean(),
+                 "kl": (kl.detach() * mask).sum() / tokens,
+                 "response_length": mask.sum(-1).mean(),
+                 "clip_fraction": (clipped * mask).sum() / tokens}
+        return loss, {name: float(value) for name, value in stats.items()}
+
+    @torch.no_grad()
+    def eval_batch(self, model, batch: dict[str, torch.Tensor], totals) -> None:
+        """Greedy answers to held-out prompts: their mean reward and length (and exact answers, rule reward)."""
+        rollout = self.rollout(model, batch, 1, greedy=True)
+        totals.loss_sum += float(rollout.rewards.sum())
+        totals.tokens += float(len(rollout.rewards))
+        exact = (rollout.rewards >= 1.0).float().sum() if self.reward_model is None else torch.tensor(0.0)
+        totals.extra["exact"] = totals.extra.get("exact", 0.0) + float(exact)
+        totals.extra["response_length"] = totals.extra.get("response_length", 0.0) + float(rollout.response_mask.sum())
+
+    @staticmethod
+    def metrics(totals: torch.Tensor) -> dict[str, float]:
+        """val_reward (mean greedy reward), val_exact (share of correct answers), val_response_length."""
+        reward_sum, count, _, exact, length = totals.tolist()
+        count = max(count, 1.0)
+        return {"val_reward": reward_sum / count, "val_exact": exact / count, "val_response_length": length / count}

@@ -40,3 +40,18 @@ def chinese_jsonl(tmp_path_factory) -> Path:
 def data_tokenizer(tmp_path_factory, demo_corpus, chinese_jsonl) -> Tokenizer:
     """A 600-token MiniGPT tokenizer trained by `train_tokenizer` (English demo text + Chinese)."""
     return train_tokenizer([demo_corpus, chinese_jsonl], tmp_path_factory.mktemp("tok") / "tokenizer", vocab_size=600)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--integration", action="store_true", default=False,
+                     help="also run the tests marked `integration` (multi-rank DeepSpeed, Slurm, end-to-end runs)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Fast unit tests by default; `--integration` (what CI runs) adds the slow tiers."""
+    if config.getoption("--integration") or config.getoption("-m"):
+        return
+    kept = [item for item in items if "integration" not in item.keywords]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[item for item in items if "integration" in item.keywords])
+        items[:] = kept

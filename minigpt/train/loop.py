@@ -248,6 +248,15 @@ class Trainer:
         self.engine.train()
         return self.cfg.sample_prompt + text
 
+    def record_sample(self, monitor: TrainingMonitor, index: int) -> None:
+        """Generate the fixed-prompt sample (all ranks) and log it; the main rank appends it to samples.jsonl."""
+        text = self.sample()
+        monitor.log_text(index, "sample", text)
+        if self.engine.is_main:
+            with open(self.cfg.run_dir / "samples.jsonl", "a") as handle:
+                handle.write(json.dumps({"step": index, "prompt": self.cfg.sample_prompt, "text": text},
+                                        ensure_ascii=False) + "\n")
+
     def save(self) -> Path:
         return self.checkpoints.save(self.step, self.trainer_state())
 
@@ -283,7 +292,7 @@ class Trainer:
                                  seconds=time.perf_counter() - started, extra=stats)
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
                     monitor.log_eval(index, self.evaluate())
-                    monitor.log_text(index, "sample", self.sample())
+                    self.record_sample(monitor, index)
                 stop_now = self.engine.any_rank(stop.requested)
                 due = cfg.save_interval and self.step % cfg.save_interval == 0
                 # A non-finite loss is never checkpointed (the engine skipped its update, but be safe).
@@ -298,7 +307,7 @@ class Trainer:
             if last_saved != self.step:
                 self.save()
             final = self.consolidate()
-            monitor.log_text(self.step - 1, "sample", self.sample())
+            self.record_sample(monitor, self.step - 1)
             monitor.write(f"done: {self.step} steps, {self.tokens_seen:,} tokens; consolidated weights in {final}")
             return EXIT_FINISHED
         finally:

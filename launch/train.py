@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from launch.cli import add_dataclass_arguments, dataclass_from_args  # noqa: E402
 from minigpt.config import ConfigError, TrainConfig  # noqa: E402
+from minigpt.signals import StopRequest  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Catch stop signals before the slow imports and setup: a preemption during start-up must not kill
+    # the rank with Python's default action (the run then stops at its first step boundary).
+    stop = StopRequest().install()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -36,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from minigpt.train.loop import USER_ERRORS, dry_run, train
 
     try:
-        return dry_run(cfg) if cfg.dry_run else train(cfg)
+        return dry_run(cfg) if cfg.dry_run else train(cfg, stop)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

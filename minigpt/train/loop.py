@@ -22,6 +22,7 @@ import torch
 
 from minigpt.checkpoint import CheckpointError, CheckpointManager, atomic_write_text
 from minigpt.config import ConfigError, MiniGPTConfig, TrainConfig, get_config
+from minigpt.data.build import DatasetBuildError
 from minigpt.data.sampler import ResumableSampler
 from minigpt.data.shards import ShardError, open_shard
 from minigpt.engine import create_engine
@@ -35,7 +36,8 @@ from minigpt.train.data import DataError, RunData, find_input, resolve_run_data
 from minigpt.train.objectives import EvalTotals, build_objective, dataset_kind
 from minigpt.weights import WeightsError, load_consolidated, save_consolidated
 
-USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError)
+USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError,
+               DatasetBuildError)
 """Errors caused by the user's input: reported as one clear line, not a traceback."""
 SNAPSHOT = "training_config_snapshot.json"
 FINAL = "final"
@@ -270,7 +272,8 @@ class Trainer:
         self.engine.barrier()
         return out
 
-    def run(self) -> int:
+    def run(self, stop: StopRequest | None = None) -> int:
+        """Train to max_steps; stop early (exit 75) after saving when `stop` is requested on any rank."""
         cfg = self.cfg
         self.resume()
         if hasattr(self.objective, "prepare"):
@@ -280,7 +283,7 @@ class Trainer:
                                   flops_per_token=self.model_config.flops_per_token(self.seq_len),
                                   device=self.engine.device, world_size=self.engine.world_size,
                                   precision=self.engine.precision, print_interval=cfg.log_interval)
-        stop = StopRequest().install()
+        stop = stop or StopRequest().install()
         last_saved = self.step if self.step else -1
         try:
             while self.step < cfg.max_steps:
@@ -315,9 +318,9 @@ class Trainer:
             monitor.close()
 
 
-def train(cfg: TrainConfig) -> int:
+def train(cfg: TrainConfig, stop: StopRequest | None = None) -> int:
     """Run training as configured; returns the process exit code (see minigpt.signals)."""
-    return Trainer(cfg).run()
+    return Trainer(cfg).run(stop)
 
 
 def dry_run(cfg: TrainConfig) -> int:

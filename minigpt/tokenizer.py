@@ -183,6 +183,17 @@ def _keep_frequent_chars(sentences: list[str], max_chars: int) -> tuple[list[str
     return ["".join(c for c in s if c in keep) for s in sentences], len(counts) - max_chars
 
 
+def _drop_training_paths(model_path: Path) -> None:
+    """Blank the temporary output path sentencepiece records in the model, so the same corpus and
+    settings give a byte-identical tokenizer (and checksum) wherever it is trained."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(model_path.read_bytes())
+    proto.trainer_spec.model_prefix = ""
+    model_path.write_bytes(proto.SerializeToString())
+
+
 def train_tokenizer(inputs: list[str | Path], out_dir: str | Path, vocab_size: int, text_field: str = "text",
                     max_sentence_length: int = 4096, input_sentence_size: int = 2_000_000) -> Tokenizer:
     """Train a byte-fallback BPE tokenizer on .txt/.jsonl(.gz) files (globs allowed) into `out_dir`.
@@ -217,6 +228,7 @@ def train_tokenizer(inputs: list[str | Path], out_dir: str | Path, vocab_size: i
             hard_vocab_limit=False, max_sentence_length=max_sentence_length * 4, num_threads=os.cpu_count() or 1,
             minloglevel=2)
         (staging / "tokenizer.vocab").unlink(missing_ok=True)
+        _drop_training_paths(staging / MODEL_FILE)
         model = spm.SentencePieceProcessor(model_file=str(staging / MODEL_FILE))
         meta = {"checksum": file_checksum(staging / MODEL_FILE), "vocab_size": model.get_piece_size(),
                 "special_tokens": SPECIAL_IDS, "chat_symbols": list(CHAT_SYMBOLS), "chat_template": CHAT_TEMPLATE,

@@ -147,3 +147,12 @@ def test_shared_corpora_round_trip(tmp_path):
     with open(chinese, encoding="utf-8") as handle:
         texts += [json.loads(next(handle))["text"] for _ in range(300)]
     assert all(tokenizer.decode(tokenizer.encode(text)) == text for text in texts)
+
+
+def test_same_corpus_and_settings_give_the_same_tokenizer_anywhere(demo_corpus, tmp_path):
+    """Runs that train their own tokenizer (e.g. two Slurm jobs) must agree on it, checksum included."""
+    from minigpt.tokenizer import train_tokenizer
+
+    first = train_tokenizer([demo_corpus], tmp_path / "a" / "tok", vocab_size=400)
+    second = train_tokenizer([demo_corpus], tmp_path / "elsewhere" / "tok", vocab_size=400)
+    assert first.checksum == second.checksum

@@ -10,7 +10,6 @@ Mode-specific maths lives in `minigpt.train.objectives`; engine specifics behind
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time

@@ -82,7 +82,7 @@ def test_reward_model_of_another_tokenizer_is_refused(tmp_path):
 
 def test_reward_model_of_another_tokenizer_with_the_same_vocab_size_is_refused(tmp_path):
     tokenizer = build_tokenizer(tmp_path / "tok")
-    other = build_tokenizer(tmp_path / "other", text="Reverse cabd\nSort dbca\nAdd 45+27\n" * 40)
+    other = build_tokenizer(tmp_path / "other", text="Sort dbca\nReverse cabd\nAdd 28+45\n" * 40)
     assert other.vocab_size == tokenizer.vocab_size and other.checksum != tokenizer.checksum
     model = RewardModel(_backbone(other.vocab_size))
     out = save_reward_model(tmp_path / "rm", model.state_dict(), model.config, other.directory)

@@ -151,11 +151,13 @@ class _StepToken:
 class TextGenerator:
     """Continue prompts with a `MiniGPT`; the tokenizer is needed for text in/out and stop strings.
 
-    `add_bos` starts every text prompt (plain or chat) with BOS, as training documents start.
+    Training documents are packed one after another, each ending with EOS, so a text prompt is
+    encoded as the start of a document: plain ids, and an empty prompt starts from EOS (the document
+    boundary). `add_bos` prepends BOS for models trained on BOS-prefixed data.
     """
 
     def __init__(self, model: MiniGPT, tokenizer: Tokenizer | None = None,
-                 device: str | torch.device | None = None, add_bos: bool = True):
+                 device: str | torch.device | None = None, add_bos: bool = False):
         self.add_bos = add_bos
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
@@ -225,13 +227,15 @@ class TextGenerator:
             yield text[emitted:]
 
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
-        """Token ids of a text prompt (BOS first with `add_bos`; an empty prompt is just BOS)."""
+        """Token ids of a text prompt (BOS first with `add_bos`; an empty prompt is the EOS boundary)."""
         tokenizer = self._require_tokenizer("text prompts")
         if chat:
             ids = tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True).ids
         else:
             ids = tokenizer.encode(prompt)
-        return [tokenizer.bos_id] + ids if self.add_bos or not ids else ids
+        if self.add_bos:
+            return [tokenizer.bos_id] + ids
+        return ids or [tokenizer.eos_id]
 
     def continuation_text(self, prompt_ids: Sequence[int], generated: Sequence[int], chat: bool = False) -> str:
         """Text of `generated` as it reads after the prompt.

@@ -60,8 +60,9 @@ def trained(tokenizer) -> TextGenerator:
     """A tiny model overfitted on two sentences and one conversation, so generations are real text."""
     torch.manual_seed(0)
     model = MiniGPT(small_config())
-    docs = [tokenizer.encode(t, bos=True, eos=True) for t in TRAIN_TEXTS]
-    docs.append([tokenizer.bos_id] + tokenizer.encode_chat(CHAT).ids)
+    # Documents as MiniGPT's data builder writes them: text then EOS; conversations as rendered.
+    docs = [tokenizer.encode(t, eos=True) for t in TRAIN_TEXTS]
+    docs.append(tokenizer.encode_chat(CHAT).ids)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(150):
         for doc in docs:
@@ -250,7 +251,7 @@ def test_stream_holds_back_a_stop_string(trained):
 def test_chat_prompt_uses_the_template_and_stops_at_end_of_turn(trained, tokenizer):
     ids = trained.encode_prompt("Hi", chat=True)
     chat_ids = tokenizer.encode_chat([{"role": "user", "content": "Hi"}], add_generation_prompt=True).ids
-    assert ids == [tokenizer.bos_id] + chat_ids
+    assert ids == chat_ids
     config = GenerationConfig(max_new_tokens=30, do_sample=False)
     assert trained.generate(["Hi"], config, chat=True) == ["Hello there, how are you?"]
     (sequence,) = trained.generate_sequences([ids], config)

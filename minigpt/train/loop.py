@@ -214,7 +214,7 @@ class Trainer:
             result = self.engine.step() or result
             for name, value in {"loss": loss.detach().float().item(), **stats}.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
-            tokens += batch["input_ids"].numel() if "input_ids" in batch else 0
+            tokens += sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
         names = sorted(totals)
         summed = self.engine.all_reduce_sum(torch.tensor([totals[n] for n in names], dtype=torch.float64,
                                                          device=self.engine.device))

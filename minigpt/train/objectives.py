@@ -63,8 +63,10 @@ class LanguageModeling:
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         logits = engine(batch["input_ids"], segment_ids=batch.get("segment_ids"))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE)
-        return loss, {}
+        labels = batch["labels"].flatten()
+        # Sum / count rather than mean: a micro-batch with no trained token (all -100) gives 0, not NaN.
+        total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE, reduction="sum")
+        return total / (labels != IGNORE).sum().clamp(min=1), {}
 
     @torch.no_grad()
     def eval_batch(self, model, batch: dict[str, torch.Tensor], totals: EvalTotals) -> None:

@@ -33,7 +33,7 @@ from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 from minigpt.tokenizer import Tokenizer, TokenizerError
 from minigpt.train.data import DataError, RunData, find_input, resolve_run_data
 from minigpt.train.objectives import EvalTotals, build_objective, dataset_kind
-from minigpt.weights import WeightsError, load_consolidated, save_consolidated
+from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta, save_consolidated
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError,
                DatasetBuildError)
@@ -331,7 +331,7 @@ def dry_run(cfg: TrainConfig) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     engine_plan = validate_engine_config(cfg, world_size)
     if start.model_dir is not None:
-        model_config = MiniGPTConfig.load(start.model_dir / "config.json")
+        model_config, _meta = read_consolidated_meta(start.model_dir)
     else:
         model_config = get_config(cfg.config, **({"vocab_size": cfg.vocab_size} if cfg.vocab_size else {}))
     seq_len = seq_len_of(cfg, model_config) if cfg.seq_len <= model_config.max_seq_len else cfg.seq_len

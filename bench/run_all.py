@@ -1,0 +1,218 @@
+"""Run every performance goal of MiniGPT and print one table (figure, ratio, goal, pass/fail).
+
+    python bench/run_all.py                   # everything (~6-8 min on 2 CPU cores, 4 deepspeed launches)
+    python bench/run_all.py --skip deepspeed  # sections: quality throughput compile deepspeed decode memory
+    python bench/run_all.py --quick           # tiny sizes: checks the plumbing, the figures mean nothing
+
+Writes `bench/out/results.json` (every figure, the machine, the load average before each section)
+and `bench/out/quality_curve.png` (val bits/byte against wall time; drawn without matplotlib by
+`bench/pngplot.py`). Ratios compare with a baseline measured in the same run where one can be
+(reference_gpt.py for throughput, the plain engine for DeepSpeed, no-cache for decoding), because this
+machine is shared and noisy; the quality baseline (2.72 bpb in 125 s) is the issue's quoted figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SECTIONS = ("quality", "throughput", "compile", "deepspeed", "decode", "memory")
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    name: str
+    figure: str
+    ratio: str
+    goal: str
+    status: str
+    """"pass", "FAIL" or "info" (reported, no goal)."""
+
+
+def verdict(ok: bool) -> str:
+    return "pass" if ok else "FAIL"
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}, {platform.system()} {platform.release()}")
+
+
+def load_average() -> float:
+    return os.getloadavg()[0]
+
+
+def quality_rows(work: Path, quick: bool, results: dict) -> list[Row]:
+    from pngplot import BLUE, GREEN, GREY, RED, Chart, Series
+    from quality import BASELINE_BPB, DEFAULT_RECIPE, load_recipe, run_quality
+
+    overrides = {"max_steps": 20, "save_interval": 10, "warmup_steps": 5} if quick else {}
+    result = run_quality(work / "quality", overrides=overrides, log=lambda m: print(m, flush=True))
+    budget = load_recipe(DEFAULT_RECIPE)["time_budget_s"]
+    results["quality"] = asdict(result)
+    chart = Chart("VAL BITS/BYTE VS WALL TIME - TINYSHAKESPEARE, LAST 10%", "WALL TIME OF THE TRAINING PROCESS (S)",
+                  "VAL BPB", y_max=BASELINE_BPB + 1.5,
+                  series=[Series(f"MINIGPT RECIPE ({result.val_bpb:.2f} AT {result.wall_seconds:.0f} S)", result.curve,
+                                 BLUE),
+                          Series(f"BASELINE ({BASELINE_BPB} AT {budget} S)", [(budget, BASELINE_BPB)], RED)],
+                  hlines=[(2.45, "GOAL 2.45", GREEN)], vlines=[(budget, f"{budget} S BUDGET", GREY)])
+    plot = chart.save(work / "quality_curve.png")
+    print(f"quality: learning curve written to {plot}", flush=True)
+    ok = result.val_bpb <= 2.45 and result.wall_seconds <= budget
+    return [
+        Row("quality: val bits/byte (whole val text)", f"{result.val_bpb:.3f} bpb in {result.wall_seconds:.1f} s",
+            f"{result.val_bpb / BASELINE_BPB:.3f}x of 2.72", f"<= 2.45 within {budget} s", verdict(ok)),
+        Row("quality: training speed", f"{result.tokens_per_sec:,.0f} tok/s = "
+            f"{result.tokens_per_sec * result.bytes_per_token:,.0f} bytes/s", "", "", "info"),
+        Row("quality: tokenizer + pre-tokenization (not timed)",
+            f"{result.tokenizer_seconds:.1f} s + {result.pretokenize_seconds:.1f} s", "", "", "info"),
+    ]
+
+
+def throughput_rows(quick: bool, compile_too: bool, results: dict) -> list[Row]:
+    from reference_gpt import reference_tokens_per_sec
+    from throughput import BASELINE_TOKENS_PER_SEC, measure
+
+    steps = 5 if quick else 60
+    reference = reference_tokens_per_sec(steps)
+    variants = [("fp32", False), ("bf16", False)] + ([("fp32", True), ("bf16", True)] if compile_too else [])
+    rows = [Row("throughput: reference minimal GPT, fp32 (same run)", f"{reference:,.0f} tok/s",
+                f"{reference / BASELINE_TOKENS_PER_SEC:.2f}x of 12.8k", "", "info")]
+    measured = {}
+    for precision, compiled in variants:
+        r = measure(precision, compiled, steps)
+        measured[(precision, compiled)] = r
+        results.setdefault("throughput", []).append(asdict(r))
+        label = f"throughput: plain engine {precision}{', torch.compile' if compiled else ''}"
+        figure = f"{r.tokens_per_sec:,.0f} tok/s, MFU {r.mfu:.1%} of {r.peak_flops / 1e9:.0f} GFLOP/s"
+        ratio = f"{r.tokens_per_sec / BASELINE_TOKENS_PER_SEC:.2f}x of 12.8k; {r.tokens_per_sec / reference:.2f}x ref"
+        if compiled:
+            eager = measured[(precision, False)]
+            ratio = f"{r.tokens_per_sec / eager.tokens_per_sec:.2f}x eager; compile {r.warmup_seconds:.0f} s"
+            rows.append(Row(label, figure, ratio, "used if it pays", "info"))
+        else:
+            rows.append(Row(label, figure, ratio, ">= 12,800 tok/s", verdict(r.tokens_per_sec >= BASELINE_TOKENS_PER_SEC)))
+    results["reference_tokens_per_sec"] = reference
+    return rows
+
+
+def deepspeed_rows(work: Path, quick: bool, results: dict) -> list[Row]:
+    from ds_overhead import measure_all
+    from shakespeare_data import prepare
+
+    prepared = prepare(work / "ds" / "shakespeare", 1024)
+    timings = measure_all(work / "ds", prepared.dataset_dir, prepared.tokenizer_dir, steps=12 if quick else 40,
+                          stages=(2,) if quick else (1, 2, 3), log=lambda m: print(m, flush=True))
+    results["deepspeed"] = [asdict(t) for t in timings]
+    plain, one_rank, *two_ranks = timings
+    ratio = one_rank.step_ms / plain.step_ms
+    rows = [Row("deepspeed: plain engine step (shakespeare, 16x128)", f"{plain.step_ms:.1f} ms/step", "", "", "info"),
+            Row("deepspeed: 1 rank ZeRO-0 step", f"{one_rank.step_ms:.1f} ms/step", f"{ratio:.2f}x plain",
+                "<= 1.15x plain", verdict(ratio <= 1.15))]
+    for t in two_ranks:
+        rows.append(Row(f"deepspeed: {t.label.removeprefix('deepspeed ')}", f"{t.step_ms:.1f} ms/step "
+                        f"({t.tokens_per_sec:,.0f} tok/s)", f"{t.step_ms / plain.step_ms:.2f}x plain", "reported", "info"))
+    return rows
+
+
+def decode_rows(quick: bool, results: dict) -> list[Row]:
+    from decode import time_decode
+
+    from minigpt.config import get_config
+    from minigpt.generate import GenerationConfig, TextGenerator
+    from minigpt.model import MiniGPT
+
+    preset, new_tokens = ("tiny", 16) if quick else ("small", 128)
+    torch.manual_seed(0)
+    config = get_config(preset)
+    generator = TextGenerator(MiniGPT(config), tokenizer=None, device="cpu")
+    prompt = torch.randint(4, config.vocab_size, (8,)).tolist()
+    generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, stop_token_ids=())
+    rates = {}
+    for use_cache in (True, False):
+        seconds, produced = time_decode(generator, prompt, generation, use_cache, repeats=1)
+        rates[use_cache] = produced / seconds
+    results["decode"] = {"preset": preset, "new_tokens": new_tokens, "cache_tokens_per_sec": rates[True],
+                         "no_cache_tokens_per_sec": rates[False]}
+    speedup = rates[True] / rates[False]
+    return [Row(f"decode: {preset}, KV cache, {new_tokens} new tokens", f"{rates[True]:,.1f} tok/s "
+                f"(no cache {rates[False]:,.1f})", f"{speedup:.2f}x no-cache", "> 1x no-cache", verdict(speedup > 1.0))]
+
+
+def memory_rows(work: Path, quick: bool, results: dict) -> list[Row]:
+    from loader_memory import measure
+
+    small, large = (1, 5) if quick else (10, 200)
+    batches = 300 if quick else 3000
+    low, high = measure(small, batches, scratch=work), measure(large, batches, scratch=work)
+    results["memory"] = [asdict(low), asdict(high)]
+    ratio = high.anon_end_mib / low.anon_end_mib
+    return [Row(f"memory: loader RssAnon, {small}M -> {large}M tokens", f"{low.anon_end_mib:.0f} -> "
+                f"{high.anon_end_mib:.0f} MiB", f"{ratio:.3f}x", "flat (<= 1.10x)", verdict(ratio <= 1.10)),
+            Row("memory: loader RSS incl. touched file pages", f"{low.rss_end_mib:.0f} -> {high.rss_end_mib:.0f} MiB "
+                f"({batches} batches)", f"{high.rss_end_mib / low.rss_end_mib:.3f}x", "", "info")]
+
+
+def format_table(rows: list[Row]) -> str:
+    """A markdown table of the rows (readable in a terminal too)."""
+    header = ("goal", "figure", "ratio", "target", "result")
+    cells = [header] + [(r.name, r.figure, r.ratio, r.goal, r.status) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+    lines = ["| " + " | ".join(c[i].ljust(widths[i]) for i in range(len(header))) + " |" for c in cells]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: plumbing check, figures meaningless")
+    parser.add_argument("--skip", nargs="*", default=[], choices=SECTIONS)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "out")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"machine": machine(), "quick": args.quick, "load_average": {}}
+    rows: list[Row] = []
+    started = time.perf_counter()
+    sections = [s for s in SECTIONS if s not in args.skip]
+    for section in sections:
+        results["load_average"][section] = load_average()
+        print(f"== {section} (load average {results['load_average'][section]:.2f})", flush=True)
+        if section == "quality":
+            rows += quality_rows(args.out, args.quick, results)
+        elif section == "throughput":
+            rows += throughput_rows(args.quick, "compile" in sections and not args.quick, results)
+        elif section == "deepspeed":
+            rows += deepspeed_rows(args.out, args.quick, results)
+        elif section == "decode":
+            rows += decode_rows(args.quick, results)
+        elif section == "memory":
+            rows += memory_rows(args.out, args.quick, results)
+    results["rows"] = [asdict(r) for r in rows]
+    results["seconds"] = time.perf_counter() - started
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nmachine: {results['machine']}")
+    print("load average before each section: " + ", ".join(f"{k} {v:.2f}" for k, v in results["load_average"].items()))
+    print(format_table(rows))
+    failed = [r.name for r in rows if r.status == "FAIL"]
+    print(f"{len(rows) - len(failed)} of {len(rows)} rows pass or report; failed: {', '.join(failed) or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Plain-engine training throughput and MFU on the baseline's model shape, fp32 / bf16, eager / compiled.
+
+    python bench/throughput.py                    # 4 layers, 4 heads, width 128, context 64, batch 12
+    python bench/throughput.py --steps 100 --compile
+
+The shape is the minimal GPT trainer's CPU recipe (~0.8M parameters; vocab 65 as its character
+tokenizer). Each variant runs full optimizer steps through `PlainEngine` (autocast, clipping, AdamW,
+schedule) on random token batches; tokens/s is the median step's. MFU is model FLOPs
+(`MiniGPTConfig.flops_per_token`) against the device peak `minigpt.flops.peak_flops` measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from minigpt.config import MiniGPTConfig, TrainConfig  # noqa: E402
+from minigpt.engine.plain import PlainEngine  # noqa: E402
+from minigpt.flops import peak_flops  # noqa: E402
+from minigpt.model import MiniGPT  # noqa: E402
+
+BASELINE_SHAPE = MiniGPTConfig(vocab_size=65, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
+                               ffn_hidden_size=352, max_seq_len=64)
+"""4 layers, 4 heads, width 128, context 64; SwiGLU 352 has the parameters of a 4x GELU MLP."""
+BASELINE_BATCH = 12
+BASELINE_TOKENS_PER_SEC = 12_800.0
+
+
+@dataclass
+class ThroughputResult:
+    """One variant's steady-state speed."""
+
+    precision: str
+    compiled: bool
+    tokens_per_sec: float
+    step_ms: float
+    mfu: float
+    peak_flops: float
+    warmup_seconds: float
+    """Time of the first steps (includes compilation when compiled)."""
+
+
+def measure(precision: str = "fp32", compiled: bool = False, steps: int = 60, warmup: int = 5,
+            config: MiniGPTConfig = BASELINE_SHAPE, batch_size: int = BASELINE_BATCH) -> ThroughputResult:
+    """Median-step tokens/s of full training steps through PlainEngine."""
+    torch.manual_seed(0)
+    seq_len = config.max_seq_len
+    cfg = TrainConfig(batch_size=batch_size, precision=precision, compile=compiled, max_steps=10 * steps,
+                      warmup_steps=warmup)
+    engine = PlainEngine(MiniGPT(config), cfg, torch.device("cpu"))
+    batches = torch.randint(4, config.vocab_size, (8, batch_size, seq_len + 1))
+
+    def step(i: int) -> float:
+        start = time.perf_counter()
+        batch = batches[i % len(batches)]
+        logits = engine(batch[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        engine.backward(loss)
+        engine.step()
+        return time.perf_counter() - start
+
+    warmup_seconds = sum(step(i) for i in range(warmup))
+    median = statistics.median(step(i) for i in range(steps))
+    tokens_per_sec = batch_size * seq_len / median
+    peak, _ = peak_flops("cpu", precision)
+    mfu = config.flops_per_token(seq_len) * tokens_per_sec / peak
+    return ThroughputResult(precision, compiled, tokens_per_sec, median * 1e3, mfu, peak, warmup_seconds)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to start)")
+    args = parser.parse_args(argv)
+    variants = [("fp32", False), ("bf16", False)] + ([("fp32", True), ("bf16", True)] if args.compile else [])
+    print(f"baseline shape: {BASELINE_SHAPE.num_params():,} parameters, batch {BASELINE_BATCH} x "
+          f"{BASELINE_SHAPE.max_seq_len}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'precision':<9} {'compiled':<8} {'tokens/s':>9} {'ms/step':>8} {'MFU':>6} {'peak GFLOP/s':>12} "
+          f"{'first steps s':>13}")
+    for precision, compiled in variants:
+        r = measure(precision, compiled, args.steps)
+        print(f"{r.precision:<9} {str(r.compiled):<8} {r.tokens_per_sec:>9,.0f} {r.step_ms:>8.1f} {r.mfu:>6.1%} "
+              f"{r.peak_flops / 1e9:>12.1f} {r.warmup_seconds:>13.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -141,7 +141,9 @@ def run_quality(work: Path, recipe_path: Path = DEFAULT_RECIPE, overrides: dict 
         shutil.rmtree(run_dir)
     command = train_command(flags, prepared.dataset_dir, prepared.tokenizer_dir, run_dir)
     log("quality: " + " ".join(command[1:]))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The recipe's environment (OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning,
+    # which keeps a shared 2-core machine from collapsing when another process holds a core).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **recipe.get("env", {})}
     started_unix, started = time.time(), time.perf_counter()
     with open(work / "train.log", "w") as handle:
         code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)

@@ -127,9 +127,9 @@ PRESETS: dict[str, MiniGPTConfig] = {
     # ~100M parameters.
     "medium": MiniGPTConfig(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, num_kv_heads=4,
                             ffn_hidden_size=2048, max_seq_len=1024),
-    # ~1.6M parameters: the tinyshakespeare quality recipe (bench/recipes/shakespeare.json, 1024-token BPE).
-    "shakespeare": MiniGPTConfig(vocab_size=1024, hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=6,
-                                 ffn_hidden_size=512, max_seq_len=256),
+    # ~1.4M parameters: the tinyshakespeare quality recipe (bench/recipes/shakespeare.json, 1024-token BPE).
+    "shakespeare": MiniGPTConfig(vocab_size=1024, hidden_size=160, num_layers=4, num_heads=4, num_kv_heads=4,
+                                 ffn_hidden_size=432, max_seq_len=256),
 }
 
 

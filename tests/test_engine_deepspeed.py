@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_driver import SAVE_AT, STEPS, WORLD, fresh_model, run_steps, train_config  # noqa: E402
@@ -51,7 +52,7 @@ def plain_run(tmp_path_factory) -> dict:
 
 def launch_driver(ds_config: str, out: Path, plain_checkpoint: Path, precision: str = "fp32") -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = ["deepspeed", "--num_gpus", str(WORLD), "--master_port", str(29500 + os.getpid() % 1000),
+    cmd = ["deepspeed", "--num_gpus", str(WORLD), "--master_port", str(free_port()),
            str(REPO / "tests" / "engine_driver.py"), "--ds-config", str(REPO / ds_config), "--out", str(out),
            "--plain-checkpoint", str(plain_checkpoint), "--precision", precision]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

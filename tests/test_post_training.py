@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from ports import free_port  # noqa: E402
 
 from minigpt.data.demo import write_demo_corpus
 from minigpt.data.tasks import check_answer, generate_tasks, write_task_files
@@ -127,7 +128,7 @@ def test_dpo_under_two_rank_deepspeed_zero3_learns_and_resumes_with_its_referenc
     if shutil.which("deepspeed") is None:
         pytest.skip("the deepspeed launcher is not on PATH")
     pytest.importorskip("deepspeed")
-    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(29600 + os.getpid() % 300)]
+    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
     args = ["--mode", "dpo", "--init-from", "runs/sft", "--data", "tasks/dpo.jsonl", "--out", "runs/dpo_zero3",
             "--ds-config", str(REPO / "ds_configs" / "zero3.json"), "--batch-size", "8", "--warmup-steps", "2",
             "--learning-rate", "1e-3", "--eval-interval", "0", "--eval-batches", "4", "--save-interval", "10"]

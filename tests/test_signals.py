@@ -29,15 +29,15 @@ def test_uninstall_restores_the_previous_handler():
 
 
 def test_second_sigint_exits_at_once_with_the_documented_code():
-    script = textwrap.dedent("""
+    script = textwrap.dedent(f"""
         import os, signal, sys, time
-        sys.path.insert(0, %r)
+        sys.path.insert(0, {REPO!r})
         from minigpt.signals import StopRequest
         stop = StopRequest().install()
         print("ready", flush=True)
         while True:
             time.sleep(0.05)
-    """ % REPO)
+    """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGINT)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port  # noqa: E402
 
 from minigpt.data.build import build_dataset
 from minigpt.signals import EXIT_PREEMPTED
@@ -38,7 +39,7 @@ def shards(tmp_path_factory, demo_corpus, data_tokenizer) -> Path:
 def train_cmd(data: Path, tokenizer: Path, out: Path, *extra: str, deepspeed: bool = False) -> list[str]:
     args = [*COMMON, "--data", str(data), "--tokenizer", str(tokenizer), "--out", str(out), *extra]
     if deepspeed:
-        port = str(29600 + os.getpid() % 300)
+        port = str(free_port())
         return ["deepspeed", "--num_gpus", "2", "--master_port", port, str(REPO / "launch" / "train.py"), *args]
     return [sys.executable, str(REPO / "launch" / "train.py"), *args]
 

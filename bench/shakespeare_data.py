@@ -10,6 +10,7 @@ tokenizer's. The result is a normal dataset directory that `launch/train.py --da
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,7 @@ def prepare(out: Path, vocab_size: int, source: Path = SHAKESPEARE) -> PreparedD
 
     start = time.perf_counter()
     dataset = out / "data"
+    shutil.rmtree(dataset, ignore_errors=True)  # rebuilt every time: it must match this tokenizer
     counts = {}
     for split, text in (("train", train_text), ("val", val_text)):
         ids = np.asarray(tokenizer.encode(text), dtype=np.int64)

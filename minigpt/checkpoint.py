@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from minigpt.engine.base import Engine
+from minigpt.fsutil import atomic_write_text, fsync_dir, fsync_tree
 
 CKPT_DIR = "ckpt"
 LATEST = "latest"
@@ -31,33 +32,6 @@ TRAINER_STATE = "trainer_state.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or does not fit this run."""
-
-
-def fsync_tree(directory: Path) -> None:
-    """Flush every file below `directory` and the directories themselves to disk."""
-    for root, _dirs, files in os.walk(directory):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        fsync_dir(Path(root))
-
-
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def rng_state() -> dict[str, Any]:

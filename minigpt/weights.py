@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from minigpt.config import ConfigError, MiniGPTConfig
+from minigpt.fsutil import fsync_dir, fsync_file
 from minigpt.model import MiniGPT
 from minigpt.tokenizer import META_FILE, MODEL_FILE, Tokenizer
 
@@ -92,19 +93,6 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: MiniGPTConf
     return converted
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_consolidated(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], config: MiniGPTConfig,
                       tokenizer_dir: str | Path | None, extra: dict[str, Any] | None = None) -> Path:
     """Write a consolidated model directory atomically and return its path.
@@ -131,8 +119,8 @@ def save_consolidated(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor
             for name in (MODEL_FILE, META_FILE):
                 shutil.copyfile(tokenizer.directory / name, tmp_dir / name)
         for path in tmp_dir.iterdir():
-            _fsync_file(path)
-        _fsync_dir(tmp_dir)
+            fsync_file(path)
+        fsync_dir(tmp_dir)
         _replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -148,7 +136,7 @@ def _replace_dir(new_dir: Path, target: Path) -> None:
         os.rmdir(old_dir)
         os.rename(target, old_dir)
     os.rename(new_dir, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     if old_dir is not None:
         shutil.rmtree(old_dir)
 

@@ -37,6 +37,7 @@ from minigpt.data.sources import (
     iter_raw_records,
     parse_record,
 )
+from minigpt.fsutil import fsync_dir
 from minigpt.tokenizer import Tokenizer
 
 STATS_FILE = "dataset_stats.json"
@@ -279,14 +280,6 @@ def _write_split(staged: ShardReader, docs_per_example: int, select: np.ndarray,
     writer.close({**extra_meta, "num_examples": int(select.sum())})
 
 
-def _fsync_dir(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Tokenizer, kind: str = "pretrain",
                   val_fraction: float = 0.01, seed: int = 1337, workers: int = 1, text_field: str = "text",
                   strict: bool = False, progress: bool = True, max_prompt_tokens: int | None = None,
@@ -341,13 +334,13 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
         del staged
         shutil.rmtree(staging / "all")
         _write_stats(staging / STATS_FILE, stats, common, split_meta, text_field, time.monotonic() - started)
-        _fsync_dir(staging)
+        fsync_dir(staging)
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():
             out_dir.rename(old)
         staging.rename(out_dir)
         shutil.rmtree(old, ignore_errors=True)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -15,13 +15,13 @@ files read-only and refuses, with a `ShardError` naming the file, anything that 
 from __future__ import annotations
 
 import json
-import os
 from array import array
 from pathlib import Path
 
 import numpy as np
 
 from minigpt.data.datasets import DPOPairs, PretrainWindows, RLHFPrompts, SFTExamples
+from minigpt.fsutil import fsync_file
 
 __all__ = ["FORMAT_VERSION", "ShardError", "ShardReader", "ShardWriter", "open_shard", "token_dtype",
            "PretrainWindows", "SFTExamples", "DPOPairs", "RLHFPrompts"]
@@ -39,11 +39,6 @@ class ShardError(ValueError):
 def token_dtype(vocab_size: int) -> np.dtype:
     """The smallest unsigned dtype that holds every token id of a `vocab_size` vocabulary."""
     return np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 class ShardWriter:
@@ -102,13 +97,13 @@ class ShardWriter:
         np.frombuffer(self.offsets, dtype=np.int64).tofile(self.directory / OFFSETS)
         files = [TOKENS, OFFSETS] + ([LOSS_MASK] if self._mask else []) + ([RECORDS] if self._records else [])
         for name in files:
-            _fsync(self.directory / name)
+            fsync_file(self.directory / name)
         meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "dtype": self.dtype.name,
                 "vocab_size": self.vocab_size, "tokenizer_checksum": self.checksum,
                 "num_documents": len(self.offsets) - 1, "num_tokens": self.offsets[-1],
                 "files": files, "sources": self.sources, **(extra_meta or {})}
         (self.directory / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        _fsync(self.directory / META)
+        fsync_file(self.directory / META)
         return self.directory
 
 

@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minigpt.checkpoint import CheckpointError, CheckpointManager, atomic_write_text
+from minigpt.checkpoint import CheckpointError, CheckpointManager
 from minigpt.config import ConfigError, MiniGPTConfig, TrainConfig, get_config
 from minigpt.data.build import DatasetBuildError
 from minigpt.data.sampler import ResumableSampler
 from minigpt.data.shards import ShardError, open_shard
 from minigpt.engine import create_engine
 from minigpt.engine.base import Engine
+from minigpt.fsutil import atomic_write_text
 from minigpt.generate import GenerationConfig, TextGenerator
 from minigpt.model import MiniGPT
 from minigpt.monitor import TrainingMonitor

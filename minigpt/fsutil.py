@@ -1,0 +1,43 @@
+"""Durable file writes: fsync files and directories, atomic text replacement.
+
+Every on-disk artefact (shards, tokenizers, checkpoints, consolidated weights) is written under a
+temporary name, flushed with these, then renamed, so a crash never leaves a complete-looking file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Flush a directory's entries (a rename inside it is durable only after this)."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: str | Path) -> None:
+    """Flush every file below `directory` and the directories themselves."""
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            fsync_file(os.path.join(root, name))
+        fsync_dir(root)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` so readers see the old or the new content, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -142,10 +142,11 @@ def get_config(name: str, **overrides: Any) -> MiniGPTConfig:
 
 def preset_table() -> str:
     """Human-readable table of the presets with their exact parameter counts."""
-    rows = [f"{'preset':<8} {'params':>12} {'hidden':>6} {'layers':>6} {'heads':>5} {'kv':>3} "
+    width = max(len(name) for name in ["preset", *PRESETS])
+    rows = [f"{'preset':<{width}} {'params':>12} {'hidden':>6} {'layers':>6} {'heads':>5} {'kv':>3} "
             f"{'ffn':>5} {'vocab':>6} {'seq':>5}"]
     for name, c in PRESETS.items():
-        rows.append(f"{name:<8} {c.num_params():>12,} {c.hidden_size:>6} {c.num_layers:>6} {c.num_heads:>5} "
+        rows.append(f"{name:<{width}} {c.num_params():>12,} {c.hidden_size:>6} {c.num_layers:>6} {c.num_heads:>5} "
                     f"{c.num_kv_heads:>3} {c.ffn_hidden_size:>5} {c.vocab_size:>6} {c.max_seq_len:>5}")
     return "\n".join(rows)
 
@@ -164,7 +165,7 @@ class TrainConfig:
     """Everything a training run needs besides the model shape. `launch/train.py` flags mirror these fields."""
 
     mode: str = _opt("training stage: pretrain, sft, dpo, reward (a reward model) or rlhf", default="pretrain")
-    config: str = _opt("model preset (tiny, small, medium)", default="tiny")
+    config: str = _opt(f"model preset ({', '.join(PRESETS)})", default="tiny")
     data: list[str] = _opt("shard directories or raw .txt/.jsonl files; default: the built-in demo corpus",
                            default_factory=list)
     data_dir: str = _opt("where relative --data names are looked up first (then $MINIGPT_DATA_DIR)",

@@ -21,8 +21,8 @@ usage: slurm/submit.sh [options] [-- launch/train.py flags]
   --account A             account
   --job-name NAME         job name (default minigpt-<mode>-<preset>)
   --signal-lead S         seconds before the time limit at which the job checkpoints (default 120)
-  --mode M                pretrain | sft | dpo | rlhf (default pretrain)
-  --preset P              tiny | small | medium (default tiny)
+  --mode M                pretrain | sft | dpo | reward | rlhf (default pretrain)
+  --preset P              tiny | small | medium | shakespeare (default tiny)
   --out DIR               run directory (default checkpoints/<mode>_<preset>); the job log goes there
   --ds-config FILE        DeepSpeed JSON config
   --launcher L            srun (default) | deepspeed | python
@@ -71,7 +71,7 @@ main() {
     need_int --signal-lead "$lead"
     (( nodes >= 1 )) || die "--nodes must be at least 1"
     (( gpus > 0 || cpu_ranks >= 1 )) || die "--cpu-ranks-per-node must be at least 1"
-    case $mode in pretrain|sft|dpo|rlhf) ;; *) die "--mode must be pretrain, sft, dpo or rlhf, got '$mode'" ;; esac
+    case $mode in pretrain|sft|dpo|reward|rlhf) ;; *) die "--mode must be pretrain, sft, dpo, reward or rlhf, got '$mode'" ;; esac
     case $launcher in srun|deepspeed|python) ;; *) die "--launcher must be srun, deepspeed or python, got '$launcher'" ;; esac
     local ranks_per_node=$(( gpus > 0 ? gpus : cpu_ranks ))
     if [[ $launcher == python ]] && (( nodes * ranks_per_node != 1 )); then

@@ -171,13 +171,15 @@ def test_device_detection_prints_its_choice(capsys):
 
 def test_plain_engine_is_chosen_without_a_launcher(monkeypatch):
     for name in ("WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     assert isinstance(create_engine(fresh_model(), train_config(world=1, device="cpu")), PlainEngine)
 
 
 def test_srun_without_master_address_is_refused(monkeypatch):
-    for name in ("WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("WORLD_SIZE", "LOCAL_RANK", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "2")
     monkeypatch.setenv("SLURM_STEP_ID", "0")
@@ -187,7 +189,10 @@ def test_srun_without_master_address_is_refused(monkeypatch):
 
 def test_srun_environment_maps_to_rank_variables(monkeypatch):
     for name in ("WORLD_SIZE", "LOCAL_RANK", "RANK"):
-        monkeypatch.delenv(name, raising=False)
+        # setenv first so monkeypatch restores the variables (set by launched_distributed) afterwards;
+        # a leaked RANK=1 would make every later run in this process think it is a non-main rank.
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     for name, value in {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "1",
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}.items():
         monkeypatch.setenv(name, value)

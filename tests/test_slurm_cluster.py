@@ -103,3 +103,25 @@ def test_signalled_job_checkpoints_requeues_resumes_and_matches_uninterrupted_lo
     last = max(uninterrupted)
     assert resumed[last] == uninterrupted[last], "final loss differs from the uninterrupted run's"
     assert resumed == uninterrupted, "the loss curves differ somewhere before the last step"
+
+
+def test_job_hitting_its_time_limit_checkpoints_requeues_and_finishes(jobs: dict[str, Job],
+                                                                     tmp_path: Path) -> None:
+    """The real preemption path: a 1-minute limit, `--signal=B:USR1@40`, Slurm's own signal."""
+    out = tmp_path / "timelimit"
+    steps = 200
+    job = Job(submit("--cpu-ranks-per-node", "1", "--launcher", "python", "--time", "1", "--signal-lead", "40",
+                     "--preset", "tiny", "--job-name", "minigpt-timelimit", "--out", str(out), "--",
+                     "--max-steps", str(steps), "--batch-size", "16", "--seq-len", "128", "--eval-interval", "0",
+                     "--save-interval", "0", "--log-interval", "50",
+                     "--tokenizer", str(jobs["reference"].out.parent / "prep" / "tokenizer")), out)
+    try:
+        info = wait_for_job(job.job_id, timeout=900, log=job.log)
+    finally:
+        subprocess.run(["scancel", job.job_id], check=False)
+    text = job.log.read_text(errors="replace")
+    assert info.state == "COMPLETED", f"job {job.job_id} ended {info.state}; log:\n{tail(job.log)}"
+    assert info.restarts >= 1 and "received SIGUSR1" in text and "resumed from" in text, tail(job.log)
+    steps_logged = [r["step"] for r in train_records(out)]
+    assert steps_logged == list(range(steps)), "steps were lost or trained twice across the requeues"
+    assert (out / "final" / "model.pt").is_file()

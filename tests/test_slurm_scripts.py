@@ -52,7 +52,7 @@ def test_multi_node_deepspeed_submission_runs_one_launcher_per_node() -> None:
 
 @needs_bash
 @pytest.mark.parametrize(("args", "message"), [
-    (["--mode", "pretrian"], "--mode must be pretrain, sft, dpo or rlhf, got 'pretrian'"),
+    (["--mode", "pretrian"], "--mode must be pretrain, sft, dpo, reward or rlhf, got 'pretrian'"),
     (["--launcher", "mpirun"], "--launcher must be srun, deepspeed or python"),
     (["--nodes", "two"], "--nodes must be a non-negative integer, got 'two'"),
     (["--launcher", "python", "--cpu-ranks-per-node", "2"], "--launcher python runs one rank"),

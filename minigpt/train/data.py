@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from minigpt.config import ConfigError, TrainConfig
+from minigpt.config import ConfigError, TrainConfig, get_config
 from minigpt.data.build import build_dataset
 from minigpt.data.demo import write_demo_corpus
 from minigpt.data.shards import open_shard
@@ -135,7 +135,6 @@ def _resolve_tokenizer(cfg: TrainConfig, is_main: bool, tokenizer_dir: Path | No
         raise ConfigError(f"shards {', '.join(map(str, datasets))} were built with tokenizer {checksums}; "
                           "pass that tokenizer directory with --tokenizer")
     if is_main:
-        from minigpt.config import get_config
         vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
         print(f"[minigpt] training a {vocab}-token tokenizer on {len(raw)} file(s) into {run_tokenizer}",
               flush=True)

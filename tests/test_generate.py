@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from model_factory import seeded_model, small_test_config
 from spm_fixture import build_tokenizer
 
 from minigpt.config import ConfigError, MiniGPTConfig
@@ -35,15 +36,12 @@ CHAT = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel
 
 
 def small_config(**overrides) -> MiniGPTConfig:
-    base = dict(vocab_size=384, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                ffn_hidden_size=128, max_seq_len=64)
-    return MiniGPTConfig(**{**base, **overrides})
+    return small_test_config(**{"vocab_size": 384, **overrides})
 
 
 def random_model(seed: int = 0, **overrides) -> MiniGPT:
     """Random weights with a wide init, so greedy outputs vary instead of repeating one token."""
-    torch.manual_seed(seed)
-    model = MiniGPT(small_config(tie_embeddings=False, **overrides))
+    model = seeded_model(small_config(tie_embeddings=False, **overrides), seed)
     for name, param in model.named_parameters():
         if "norm" not in name:
             torch.nn.init.normal_(param, std=0.15)

@@ -7,20 +7,18 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from model_factory import seeded_model, small_test_config
 
 from minigpt.config import PRESETS, ConfigError, MiniGPTConfig, get_config
 from minigpt.model import MiniGPT
 
 
 def tiny(**overrides) -> MiniGPTConfig:
-    base = dict(vocab_size=256, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                ffn_hidden_size=128, max_seq_len=64)
-    return MiniGPTConfig(**{**base, **overrides})
+    return small_test_config(**{"vocab_size": 256, **overrides})
 
 
 def model_for(seed: int = 0, **overrides) -> MiniGPT:
-    torch.manual_seed(seed)
-    return MiniGPT(tiny(**overrides)).eval()
+    return seeded_model(tiny(**overrides), seed).eval()
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_factory import seeded_model, small_test_config
 from spm_fixture import build_tokenizer
 
 from minigpt.config import ConfigError, MiniGPTConfig
@@ -16,14 +17,11 @@ from minigpt.weights import CONFIG_FILE, WEIGHTS_FILE, WeightsError, load_consol
 
 
 def make_config(**overrides) -> MiniGPTConfig:
-    base = dict(vocab_size=400, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                ffn_hidden_size=128, max_seq_len=64)
-    return MiniGPTConfig(**{**base, **overrides})
+    return small_test_config(**{"vocab_size": 400, **overrides})
 
 
 def make_model(seed: int = 0, **overrides) -> MiniGPT:
-    torch.manual_seed(seed)
-    return MiniGPT(make_config(**overrides))
+    return seeded_model(make_config(**overrides), seed)
 
 
 @pytest.fixture(scope="session")

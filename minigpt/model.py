@@ -32,18 +32,21 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (max_len, head_dim) in the rotate-half layout (Llama / GPT-NeoX)."""
+    """cos and signed-sin tables of shape (max_len, head_dim) in the rotate-half layout (Llama / GPT-NeoX).
+
+    The sin table carries the rotation's sign (-sin on the first half, +sin on the second), so
+    `apply_rope` swaps the halves without negating one of them."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
+    signed_sin = torch.cat([-angles.sin(), angles.sin()], dim=-1)
+    return cos.float(), signed_sin.float()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x` (B, H, T, D) by per-position angles; cos/sin are (B, 1, T, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos + rotated * sin).type_as(x)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` (B, H, T, D) by per-position angles; cos/signed_sin broadcast to it ((1|B), 1, T, D)."""
+    swapped = x.roll(x.shape[-1] // 2, dims=-1)  # [x2, x1]: rolling by half swaps the halves
+    return (x * cos + swapped * signed_sin).type_as(x)
 
 
 class KVCache:
@@ -83,20 +86,19 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        kv_dim = config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, kv_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, kv_dim, bias=False)
+        # One projection for queries, keys and values: one large matmul instead of three small ones.
+        self.qkv_proj = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                                  bias=False)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        heads = self.qkv_proj(x).view(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim).transpose(1, 2)
+        # Queries and keys are rotated together, in one pass over their heads.
+        qk, v = heads.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
+        q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         if cache is not None:
             k, v = cache.append(self.layer_index, k, v)
         if self.num_kv_heads != self.num_heads:
@@ -111,16 +113,16 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)), with gate and up computed by one matmul (`gate_up_proj`)."""
 
     def __init__(self, config: MiniGPTConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.ffn_hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
         self.down_proj = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -184,10 +186,10 @@ class MiniGPT(nn.Module):
         past = cache.length if cache is not None else 0
         if past + t > self.config.max_seq_len:
             raise ValueError(f"sequence of {past + t} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        if position_ids is None:
-            position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
-        cos = self.rope_cos[position_ids].unsqueeze(1)
-        sin = self.rope_sin[position_ids].unsqueeze(1)
+        if position_ids is None:  # consecutive positions: a slice of the tables, shared by the batch
+            cos, sin = self.rope_cos[None, None, past:past + t], self.rope_sin[None, None, past:past + t]
+        else:
+            cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
         mask = self._attention_mask(b, t, past, attention_mask, segment_ids, input_ids.device)
         x = self.embed(input_ids)
         for block in self.blocks:

@@ -133,7 +133,7 @@ def test_weights_for_another_model_shape_are_refused(saved):
     with pytest.raises(WeightsError, match=r"model.pt: missing tensor\(s\) \['blocks.2"):
         load_consolidated(model_dir)
     edit_config_json(model_dir, lambda meta: meta["model"].update(num_layers=2, ffn_hidden_size=96))
-    with pytest.raises(WeightsError, match=r"blocks.0.ffn.gate_proj.weight has shape \(128, 64\).*\(96, 64\)"):
+    with pytest.raises(WeightsError, match=r"blocks.0.ffn.gate_up_proj.weight has shape \(256, 64\).*\(192, 64\)"):
         load_consolidated(model_dir)
 
 

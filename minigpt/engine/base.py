@@ -46,7 +46,10 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
 
 def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
                     eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm scales and other vectors are not decayed)."""
+    """AdamW with weight decay on matrices only (norm scales and other vectors are not decayed).
+
+    The fused kernel is used on CPU and CUDA: one pass over each tensor instead of a dozen, which
+    on CPU makes the optimizer step ~6x faster for these small models (bench/throughput.py)."""
     decay, no_decay = [], []
     seen: set[int] = set()
     for param in model.parameters():
@@ -56,7 +59,8 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
         (decay if param.dim() >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if fused else None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:

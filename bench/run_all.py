@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -114,7 +115,21 @@ def throughput_rows(quick: bool, compile_too: bool, results: dict) -> list[Row]:
         else:
             rows.append(Row(label, figure, ratio, ">= 12,800 tok/s", verdict(r.tokens_per_sec >= BASELINE_TOKENS_PER_SEC)))
     results["reference_tokens_per_sec"] = reference
+    rows.append(spinning_threads_row(steps, results))
     return rows
+
+
+def spinning_threads_row(steps: int, results: dict) -> Row:
+    """fp32 eager and the reference under OpenMP's default spin-waiting, in a fresh process (the policy is
+    read once, when torch starts its thread pool): faster on a quiet machine, far slower on a busy one."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE"}
+    command = [sys.executable, str(REPO / "bench" / "throughput.py"), "--json", "--reference", "--steps", str(steps)]
+    output = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout
+    spinning = json.loads(output.strip().splitlines()[-1])
+    results["throughput_omp_active"] = spinning
+    ours, reference = spinning["fp32_tokens_per_sec"], spinning["reference_tokens_per_sec"]
+    return Row("throughput: plain engine fp32, OMP_WAIT_POLICY=ACTIVE", f"{ours:,.0f} tok/s (ref {reference:,.0f})",
+               f"{ours / 12_800:.2f}x of 12.8k; {ours / reference:.2f}x ref", "reported", "info")
 
 
 def deepspeed_rows(work: Path, quick: bool, results: dict) -> list[Row]:

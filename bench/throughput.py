@@ -2,6 +2,7 @@
 
     python bench/throughput.py                    # 4 layers, 4 heads, width 128, context 64, batch 12
     python bench/throughput.py --steps 100 --compile
+    python bench/throughput.py --json --reference   # one JSON line: fp32 eager and the reference loop
 
 The shape is the minimal GPT trainer's CPU recipe (~0.8M parameters; vocab 65 as its character
 tokenizer). Each variant runs full optimizer steps through `PlainEngine` (autocast, clipping, AdamW,
@@ -12,6 +13,7 @@ schedule) on random token batches; tokens/s is the median step's. MFU is model F
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -80,7 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to start)")
+    parser.add_argument("--json", action="store_true", help="print fp32 eager tokens/s as one JSON line")
+    parser.add_argument("--reference", action="store_true",
+                        help="with --json: also the reference minimal GPT loop (bench/reference_gpt.py)")
     args = parser.parse_args(argv)
+    if args.json:  # run_all.py runs this in a subprocess to measure under another OpenMP policy
+        from reference_gpt import reference_tokens_per_sec
+
+        result = {"omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+                  "fp32_tokens_per_sec": measure("fp32", False, args.steps).tokens_per_sec}
+        if args.reference:
+            result["reference_tokens_per_sec"] = reference_tokens_per_sec(args.steps)
+        print(json.dumps(result))
+        return 0
     variants = [("fp32", False), ("bf16", False)] + ([("fp32", True), ("bf16", True)] if args.compile else [])
     print(f"baseline shape: {BASELINE_SHAPE.num_params():,} parameters, batch {BASELINE_BATCH} x "
           f"{BASELINE_SHAPE.max_seq_len}, torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -218,6 +218,12 @@ class TrainConfig:
     rl_temperature: float = _opt("RLHF: sampling temperature of the rollouts", default=1.0)
     kl_coef: float = _opt("RLHF: weight of the KL penalty to the reference (starting) policy", default=0.05)
     rl_clip: float = _opt("RLHF: PPO/GRPO ratio clipping range epsilon", default=0.2)
+    rl_scale_rewards: str = _opt("RLHF: what divides each group's centred rewards: group (its std, GRPO), batch "
+                                 "(the std over all groups: partial credit keeps its size) or none (Dr. GRPO)",
+                                 default="group")
+    rl_updates: int = _opt("RLHF: optimizer steps on each batch of rollouts (GRPO's mu); above 1 the policy "
+                           "moves away from the one that sampled and the ratio clipping bounds each step",
+                           default=1)
     dry_run: bool = _opt("validate config, data and DeepSpeed config, print the plan, and exit",
                          default=False)
 
@@ -255,6 +261,10 @@ class TrainConfig:
         if self.rl_group_size < 2:
             raise ConfigError(f"--rl-group-size must be at least 2 (advantages compare a group), "
                               f"got {self.rl_group_size}")
+        if self.rl_scale_rewards not in ("group", "batch", "none"):
+            raise ConfigError(f"--rl-scale-rewards must be group, batch or none, got {self.rl_scale_rewards!r}")
+        if self.rl_updates < 1:
+            raise ConfigError(f"--rl-updates must be at least 1, got {self.rl_updates}")
         if self.rl_max_new_tokens < 1 or self.kl_coef < 0:
             raise ConfigError(f"--rl-max-new-tokens must be positive and --kl-coef not negative, got "
                               f"{self.rl_max_new_tokens}, {self.kl_coef}")

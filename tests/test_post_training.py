@@ -28,9 +28,9 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("sort", "reverse")
-SFT_STEPS, SFT_GAIN = 600, 0.07
+SFT_STEPS, SFT_GAIN = 1200, 0.1
 """SFT steps in CI, and the exact-match gain over the pretrained model it must show."""
-RL_STEPS, RL_GAIN = 200, 0.015
+RL_STEPS, RL_GAIN = 300, 0.04
 """GRPO steps in CI, and the rise of mean rollout reward (last third over first third) it must show."""
 COMMON = ["--config", "tiny", "--seq-len", "32", "--data-dir", "data", "--log-interval", "50"]
 
@@ -111,9 +111,9 @@ def test_reward_model_reaches_held_out_pairwise_accuracy_above_chance(chain):
 def test_rlhf_raises_mean_reward_while_kl_stays_bounded(chain):
     run = chain / "runs" / "rlhf"
     train(chain, "--mode", "rlhf", "--init-from", "runs/sft", "--data", "tasks/rlhf.jsonl", "--out", "runs/rlhf",
-          "--batch-size", "8", "--rl-group-size", "8", "--rl-max-new-tokens", "6", "--max-steps", str(RL_STEPS),
-          "--warmup-steps", "3", "--learning-rate", "5e-4", "--kl-coef", "0.05", "--eval-interval", "0",
-          "--eval-batches", "8")
+          "--batch-size", "16", "--rl-group-size", "8", "--rl-max-new-tokens", "6", "--max-steps", str(RL_STEPS),
+          "--warmup-steps", "3", "--learning-rate", "1e-3", "--kl-coef", "0.05", "--rl-scale-rewards", "batch",
+          "--eval-interval", "0", "--eval-batches", "8")
     steps = metrics(run, "train")
     third = len(steps) // 3
     early = sum(s["reward"] for s in steps[:third]) / third
@@ -121,6 +121,22 @@ def test_rlhf_raises_mean_reward_while_kl_stays_bounded(chain):
     assert late >= early + RL_GAIN, (early, late)
     assert max(s["kl"] for s in steps) < 1.5
     assert all(0 < s["response_length"] <= 6 for s in steps)
+    assert all(s["tokens_per_sec"] > 0 for s in steps)  # prompts + sampled responses are counted
+
+
+def test_rlhf_updates_reuse_each_rollout_and_clip_the_moved_policy(chain):
+    run = chain / "runs" / "rlhf_updates"
+    train(chain, "--mode", "rlhf", "--init-from", "runs/sft", "--data", "tasks/rlhf.jsonl", "--out", "runs/rlhf_updates",
+          "--batch-size", "4", "--rl-group-size", "4", "--rl-max-new-tokens", "6", "--max-steps", "8",
+          "--rl-updates", "2", "--warmup-steps", "0", "--learning-rate", "1e-2", "--eval-interval", "0",
+          "--eval-batches", "1")
+    steps = metrics(run, "train")
+    fresh, reused = steps[0::2], steps[1::2]
+    for first, second in zip(fresh, reused, strict=True):  # the second update trains on the same responses
+        assert (first["reward"], first["response_length"]) == (second["reward"], second["response_length"])
+    assert all(s["clip_fraction"] == 0 for s in fresh)  # sampled by the policy being trained: ratio 1
+    assert max(s["clip_fraction"] for s in reused) > 0  # one step later the ratio has left [0.8, 1.2]
+    assert len({s["reward"] for s in fresh}) > 1  # each new pair of steps samples new responses
 
 
 @pytest.mark.deepspeed

@@ -25,6 +25,20 @@ def test_group_advantages_are_normalised_within_each_group():
     assert advantages[4:].abs().max() == 0  # a group that all scored the same teaches nothing
 
 
+def test_batch_scaled_advantages_keep_partial_credit_small_next_to_right_or_wrong():
+    # Group 1: one right answer among wrong ones; group 2: two near-identical partial-credit answers.
+    rewards = torch.tensor([1.0, 0.0, 0.10, 0.12])
+    by_group = group_advantages(rewards, 2, "group")
+    by_batch = group_advantages(rewards, 2, "batch")
+    raw = group_advantages(rewards, 2, "none")
+    assert by_group.abs().min() > 0.98  # 0.02 apart counts (almost) as much as right vs wrong
+    assert by_batch[0] > 10 * by_batch[3] > 0
+    torch.testing.assert_close(raw, torch.tensor([0.5, -0.5, -0.01, 0.01]))
+    torch.testing.assert_close(by_batch, raw / raw.std(correction=0), atol=1e-3, rtol=0)
+    for scale in ("group", "batch", "none"):
+        assert group_advantages(rewards, 2, scale).view(2, 2).sum(-1).abs().max() < 1e-6  # zero mean per group
+
+
 def test_kl_k3_is_zero_at_the_reference_positive_elsewhere_and_unbiased():
     assert kl_k3(torch.tensor([-1.0]), torch.tensor([-1.0])).item() == 0
     assert kl_k3(torch.tensor([-1.0]), torch.tensor([-2.0])).item() > 0

@@ -174,6 +174,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.run_dir, self.engine, cfg.keep_last)
         self.step, self.tokens_seen = 0, 0
         self.start = start
+        self._batches: list[dict[str, torch.Tensor]] | None = None
         if self.engine.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             write_snapshot(cfg, self.model_config, start, self.run_data, self.engine, self.seq_len)
@@ -199,8 +200,14 @@ class Trainer:
                 "weights_from": self.start.source}
 
     def micro_batches(self) -> list[dict[str, torch.Tensor]]:
-        return [collate([self.train_set[int(i)] for i in indices], self.engine.device)
-                for indices in self.sampler.next_step()]
+        """This step's micro-batches: the next from the sampler, or the previous step's again while the
+        objective takes several updates per batch (GRPO's `--rl-updates`; it recognises them by identity).
+        A run resumed mid-cycle starts a new batch."""
+        updates = getattr(self.objective, "updates_per_batch", 1)
+        if self._batches is None or self.step % updates == 0:
+            self._batches = [collate([self.train_set[int(i)] for i in indices], self.engine.device)
+                             for indices in self.sampler.next_step()]
+        return self._batches
 
     def train_step(self, batches: list[dict[str, torch.Tensor]] | None = None) -> tuple[float, object, int, dict]:
         """One optimizer step over `grad_accum` micro-batches.
@@ -215,13 +222,19 @@ class Trainer:
             result = self.engine.step() or result
             for name, value in {"loss": loss.detach().float().item(), **stats}.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
-            tokens += sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+            tokens += self._tokens_in(batch)
         names = sorted(totals)
         summed = self.engine.all_reduce_sum(torch.tensor([totals[n] for n in names], dtype=torch.float64,
                                                          device=self.engine.device))
         scale = 1.0 / (self.cfg.grad_accum * self.engine.world_size)
         averaged = {n: v * scale for n, v in zip(names, summed.tolist(), strict=True)}
         return averaged.pop("loss"), result, tokens * self.engine.world_size, averaged
+
+    def _tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens the training forward pass of `batch` processes (RLHF: prompts plus sampled responses)."""
+        if hasattr(self.objective, "tokens_in"):
+            return self.objective.tokens_in(batch)
+        return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -9,8 +9,11 @@ Per micro-batch of prompts:
               -min(ratio * A, clip(ratio, 1 - eps_clip, 1 + eps_clip) * A) + kl_coef * KL_k3(pi || ref)
 
 `ratio = exp(log pi - log pi_behaviour)`, where pi_behaviour's log-probs are those the generator
-sampled with. With one update per rollout the ratio is 1 up to sampler/trainer numerics (dropout,
-autocast), so clipping only guards against that drift; the clip fraction is logged to show it.
+sampled with. `--rl-updates mu` takes mu optimizer steps on each batch of rollouts (the loop hands
+the same micro-batches back; the rollouts, rewards and reference log-probs are kept, not recomputed):
+from the second step on the policy has moved away from the sampler's, and the clipping bounds how far
+each step may push a token's probability; the clip fraction is logged to show it. With mu = 1 the
+ratio is 1 up to sampler/trainer numerics (dropout, autocast).
 `KL_k3 = exp(ref - log pi) - (ref - log pi) - 1` is Schulman's unbiased, always-positive estimator;
 the reference is a frozen copy of the starting weights.
 
@@ -37,12 +40,22 @@ RL_STATS = ("clip_fraction", "kl", "response_length", "reward", "reward_std")
 ADVANTAGE_EPS = 1e-4
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADVANTAGE_EPS) -> torch.Tensor:
-    """GRPO advantages of rewards laid out group after group: (N,) -> (N,), zero mean and unit std per group."""
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
+                     eps: float = ADVANTAGE_EPS) -> torch.Tensor:
+    """GRPO advantages of rewards laid out group after group: (N,) -> (N,), zero mean per group.
+
+    scale "group" divides by each group's std (GRPO); "batch" by the std of all the centred rewards,
+    which keeps a group's small partial-credit differences small next to another's right-or-wrong
+    ones (the group std inflates them to the same size); "none" keeps raw differences (Dr. GRPO)."""
     groups = rewards.view(-1, group_size)
-    mean = groups.mean(-1, keepdim=True)
-    std = groups.std(-1, keepdim=True, correction=0)
-    return ((groups - mean) / (std + eps)).view(-1)
+    centred = groups - groups.mean(-1, keepdim=True)
+    if scale == "group":
+        centred = centred / (groups.std(-1, keepdim=True, correction=0) + eps)
+    elif scale == "batch":
+        centred = centred / (centred.std(correction=0) + eps)
+    elif scale != "none":
+        raise ValueError(f"advantage scale must be group, batch or none, got {scale!r}")
+    return centred.view(-1)
 
 
 def kl_k3(logprobs: torch.Tensor, reference_logprobs: torch.Tensor) -> torch.Tensor:
@@ -106,6 +119,7 @@ class Rollout:
     old_logprobs: torch.Tensor     # (N, M) log-probs the generator sampled with
     rewards: torch.Tensor          # (N,)
     prompt_len: int
+    reference_logprobs: torch.Tensor | None = None  # (N, M) under the frozen reference, once computed
 
 
 def response_logprobs(forward, rollout: Rollout) -> torch.Tensor:
@@ -123,6 +137,8 @@ class GRPO:
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.group_size, self.max_new_tokens = cfg.rl_group_size, cfg.rl_max_new_tokens
+        self.updates_per_batch = cfg.rl_updates
+        self._rollouts: list[tuple[dict, Rollout]] = []  # this cycle's (micro-batch, its rollout)
         self.datasets: list[PaddedPrompts] = []
         self.reference_model: torch.nn.Module | None = None
         self.reward_model: torch.nn.Module | None = None
@@ -214,14 +230,30 @@ class GRPO:
                        rewards=self._rewards(batch, prompts, responses, repeat, device), prompt_len=width)
 
     # -- loss and evaluation -------------------------------------------------------------------------
-    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def _rollout_for(self, engine, batch: dict[str, torch.Tensor]) -> Rollout:
+        """The rollout of `batch`: sampled on its first update, kept for the other `rl_updates - 1`."""
+        for seen, rollout in self._rollouts:
+            if seen is batch:
+                return rollout
         rollout = self.rollout(engine.module, batch, self.group_size)
-        advantages = group_advantages(rollout.rewards, self.group_size)
-        logprobs = response_logprobs(engine, rollout)
         with torch.no_grad():
-            reference = response_logprobs(self.reference_model, rollout)
+            rollout.reference_logprobs = response_logprobs(self.reference_model, rollout)
+        # One entry per micro-batch of the current step; older cycles' rollouts are dropped.
+        self._rollouts = self._rollouts[-(self.cfg.grad_accum - 1):] if self.cfg.grad_accum > 1 else []
+        self._rollouts.append((batch, rollout))
+        return rollout
+
+    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
+        """Tokens of one policy forward pass over `batch`'s rollouts: G x (prompt width + new tokens) per prompt."""
+        prompts, width = batch["prompt_ids"].shape
+        return prompts * self.group_size * (width + self.max_new_tokens)
+
+    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        rollout = self._rollout_for(engine, batch)
+        advantages = group_advantages(rollout.rewards, self.group_size, self.cfg.rl_scale_rewards)
+        logprobs = response_logprobs(engine, rollout)
         surrogate, clipped = clipped_policy_loss(logprobs, rollout.old_logprobs, advantages, self.cfg.rl_clip)
-        kl = kl_k3(logprobs, reference)
+        kl = kl_k3(logprobs, rollout.reference_logprobs)
         mask = rollout.response_mask
         loss = masked_sequence_mean(surrogate + self.cfg.kl_coef * kl, mask)
         tokens = mask.sum().clamp(min=1.0)

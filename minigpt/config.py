@@ -206,6 +206,8 @@ class TrainConfig:
                                default=0.05)
     compile: bool = _opt("torch.compile the model (plain engine)", default=False)
     dpo_beta: float = _opt("DPO: strength of the implicit KL constraint (beta of the sigmoid loss)", default=0.1)
+    dpo_sft_coef: float = _opt("DPO: weight of the chosen response's per-token NLL added to the loss (RPO); "
+                               "keeps chosen answers likely while the margin grows", default=0.0)
     dpo_reference_in_memory: bool = _opt("DPO: keep a frozen reference model in memory instead of precomputing "
                                          "the reference log-probs once before training (reference_logprobs.pt)",
                                          default=False)
@@ -261,6 +263,8 @@ class TrainConfig:
         if self.rl_group_size < 2:
             raise ConfigError(f"--rl-group-size must be at least 2 (advantages compare a group), "
                               f"got {self.rl_group_size}")
+        if self.dpo_sft_coef < 0:
+            raise ConfigError(f"--dpo-sft-coef must not be negative, got {self.dpo_sft_coef}")
         if self.rl_scale_rewards not in ("group", "batch", "none"):
             raise ConfigError(f"--rl-scale-rewards must be group, batch or none, got {self.rl_scale_rewards!r}")
         if self.rl_updates < 1:

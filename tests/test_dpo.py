@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 
 from minigpt.config import MiniGPTConfig
 from minigpt.model import MiniGPT
 from minigpt.train.dpo import (
+    DPO,
     compute_reference_logprobs,
     dpo_loss,
     has_response,
@@ -101,3 +103,19 @@ def test_reference_precompute_split_over_ranks_equals_one_pass():
     chosen, rejected = pair_logprobs(model, batch)
     np.testing.assert_allclose(whole[:, 0], chosen.double().detach().numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(whole[:, 1], rejected.double().detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_sft_coef_adds_the_chosen_answers_per_token_nll_to_the_dpo_loss():
+    torch.manual_seed(0)
+    model = MiniGPT(MiniGPTConfig(vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                  ffn_hidden_size=32, max_seq_len=16))
+    samples = _random_pairs(4, 8, 32)
+    batch = {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
+    with torch.no_grad():
+        chosen, rejected = pair_logprobs(model, batch)
+    batch["reference_logps"] = torch.stack([chosen, rejected], -1).double() - 0.5  # policy != reference
+    plain, plain_stats = DPO(beta=0.1).loss(model, batch)
+    rpo, rpo_stats = DPO(beta=0.1, sft_coef=2.0).loss(model, batch)
+    nll = (-chosen / (batch["chosen_labels"] != -100).sum(-1)).mean()  # per-token NLL of each chosen answer
+    torch.testing.assert_close(rpo, plain + 2.0 * nll, rtol=1e-5, atol=1e-5)
+    assert plain_stats["chosen_nll"] == rpo_stats["chosen_nll"] == pytest.approx(float(nll), rel=1e-5)

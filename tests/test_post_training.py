@@ -99,13 +99,33 @@ def test_dpo_preference_accuracy_rises_from_chance_and_the_margin_grows(chain):
     assert (run / "reference_logprobs.pt").is_file()
 
 
-def test_reward_model_reaches_held_out_pairwise_accuracy_above_chance(chain):
-    run = chain / "runs" / "reward"
+@pytest.fixture(scope="module")
+def reward_run(chain) -> Path:
+    """A reward model trained on the task preference pairs, starting from the SFT weights."""
     train(chain, "--mode", "reward", "--init-from", "runs/sft", "--data", "tasks/dpo.jsonl", "--out", "runs/reward",
           "--batch-size", "16", "--max-steps", "80", "--warmup-steps", "5", "--learning-rate", "1e-3",
           "--eval-interval", "0", "--eval-batches", "8")
-    assert metrics(run, "val")[-1]["val_accuracy"] >= 0.6
-    assert (run / "final" / "reward_head.pt").is_file()
+    return chain / "runs" / "reward"
+
+
+def test_reward_model_reaches_held_out_pairwise_accuracy_above_chance(reward_run):
+    assert metrics(reward_run, "val")[-1]["val_accuracy"] >= 0.6
+    assert (reward_run / "final" / "reward_head.pt").is_file()
+
+
+def test_rlhf_against_the_reward_model_raises_its_score(chain, reward_run):
+    run = chain / "runs" / "rlhf_rm"
+    log = train(chain, "--mode", "rlhf", "--init-from", "runs/sft", "--data", "tasks/rlhf.jsonl",
+                "--reward-model", str(reward_run / "final"), "--out", "runs/rlhf_rm", "--batch-size", "8",
+                "--rl-group-size", "4", "--rl-max-new-tokens", "6", "--max-steps", "60", "--warmup-steps", "3",
+                "--learning-rate", "5e-4", "--kl-coef", "0.2", "--eval-interval", "0", "--eval-batches", "2")
+    assert "reward from reward model" in log
+    steps = metrics(run, "train")
+    third = len(steps) // 3
+    early = sum(s["reward"] for s in steps[:third]) / third
+    late = sum(s["reward"] for s in steps[-third:]) / third
+    assert late > early, (early, late)  # the policy learns what the reward model scores highly
+    assert max(s["kl"] for s in steps) < 2.0
 
 
 def test_rlhf_raises_mean_reward_while_kl_stays_bounded(chain):
@@ -128,7 +148,7 @@ def test_rlhf_updates_reuse_each_rollout_and_clip_the_moved_policy(chain):
     run = chain / "runs" / "rlhf_updates"
     train(chain, "--mode", "rlhf", "--init-from", "runs/sft", "--data", "tasks/rlhf.jsonl", "--out", "runs/rlhf_updates",
           "--batch-size", "4", "--rl-group-size", "4", "--rl-max-new-tokens", "6", "--max-steps", "8",
-          "--rl-updates", "2", "--warmup-steps", "0", "--learning-rate", "1e-2", "--eval-interval", "0",
+          "--rl-updates", "2", "--warmup-steps", "0", "--learning-rate", "3e-3", "--eval-interval", "0",
           "--eval-batches", "1")
     steps = metrics(run, "train")
     fresh, reused = steps[0::2], steps[1::2]

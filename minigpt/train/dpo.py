@@ -122,10 +122,14 @@ def _save_atomically(obj: dict, path: Path) -> None:
 
 
 class DPO:
-    """The `--mode dpo` objective: sigmoid DPO loss; logs implicit rewards, margin and preference accuracy."""
+    """The `--mode dpo` objective: sigmoid DPO loss; logs implicit rewards, margin and preference accuracy.
 
-    def __init__(self, beta: float, reference_in_memory: bool = False):
+    With `sft_coef` > 0 the per-token NLL of the chosen response is added (RPO, Pang et al., 2024):
+    plain DPO only widens the margin, and can do so by lowering the chosen answer's likelihood too."""
+
+    def __init__(self, beta: float, reference_in_memory: bool = False, sft_coef: float = 0.0):
         self.beta = beta
+        self.sft_coef = sft_coef
         self.reference_in_memory = reference_in_memory
         self.datasets: list[ReferencedPairs] = []
         self.reference_model: torch.nn.Module | None = None
@@ -201,7 +205,9 @@ class DPO:
         losses, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                                             self.beta)
         valid = (has_response(batch["chosen_labels"]) & has_response(batch["rejected_labels"])).float()
-        return {"losses": losses, "chosen": chosen, "rejected": rejected, "valid": valid}
+        chosen_tokens = (batch["chosen_labels"] != IGNORE).sum(-1).clamp(min=1)
+        return {"losses": losses, "chosen": chosen, "rejected": rejected, "valid": valid,
+                "chosen_nll": -policy_chosen / chosen_tokens}
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         terms = self._pair_terms(engine, batch)
@@ -209,8 +215,11 @@ class DPO:
         count = valid.sum().clamp(min=1.0)
         # Pairs without response tokens (cut by --seq-len) contribute nothing, yet keep the graph whole.
         loss = (terms["losses"] * valid).sum() / count
+        chosen_nll = (terms["chosen_nll"] * valid).sum() / count
+        if self.sft_coef:  # RPO: keep the chosen answers likely while the margin grows
+            loss = loss + self.sft_coef * chosen_nll
         margin = terms["chosen"] - terms["rejected"]
-        stats = {"chosen_reward": (terms["chosen"] * valid).sum() / count,
+        stats = {"chosen_nll": chosen_nll.detach(),"chosen_reward": (terms["chosen"] * valid).sum() / count,
                  "rejected_reward": (terms["rejected"] * valid).sum() / count,
                  "margin": (margin * valid).sum() / count,
                  "accuracy": (preference_accuracy(margin) * valid).sum() / count,

@@ -102,7 +102,7 @@ def build_objective(mode: str, tokenizer, cfg):
     if mode == "dpo":
         from minigpt.train.dpo import DPO
 
-        return DPO(cfg.dpo_beta, reference_in_memory=cfg.dpo_reference_in_memory)
+        return DPO(cfg.dpo_beta, reference_in_memory=cfg.dpo_reference_in_memory, sft_coef=cfg.dpo_sft_coef)
     if mode == "reward":
         from minigpt.train.reward import RewardModeling
 

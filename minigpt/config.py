@@ -153,6 +153,8 @@ def preset_table() -> str:
 
 MODES = ("pretrain", "sft", "dpo", "reward", "rlhf")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ADVANTAGE_SCALES = ("group", "batch", "none")
+"""What GRPO divides each group's centred rewards by (`--rl-scale-rewards`, `rlhf.group_advantages`)."""
 
 
 def _opt(help_text: str, **kwargs: Any) -> Any:
@@ -265,7 +267,7 @@ class TrainConfig:
                               f"got {self.rl_group_size}")
         if self.dpo_sft_coef < 0:
             raise ConfigError(f"--dpo-sft-coef must not be negative, got {self.dpo_sft_coef}")
-        if self.rl_scale_rewards not in ("group", "batch", "none"):
+        if self.rl_scale_rewards not in ADVANTAGE_SCALES:
             raise ConfigError(f"--rl-scale-rewards must be group, batch or none, got {self.rl_scale_rewards!r}")
         if self.rl_updates < 1:
             raise ConfigError(f"--rl-updates must be at least 1, got {self.rl_updates}")

@@ -62,6 +62,12 @@ def exact_match(model_dir: Path, count: int = 120, seed: int = 987) -> float:
     return sum(check_answer(t, a) for t, a in zip(tasks, answers, strict=True)) / count
 
 
+def first_and_last_third(steps: list[dict], key: str) -> tuple[float, float]:
+    """Mean of `key` over the first and over the last third of a run's steps."""
+    third = len(steps) // 3
+    return (sum(s[key] for s in steps[:third]) / third, sum(s[key] for s in steps[-third:]) / third)
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> Path:
     """Task files, a tokenizer, a briefly pretrained model and its SFT, in one working directory."""
@@ -121,9 +127,7 @@ def test_rlhf_against_the_reward_model_raises_its_score(chain, reward_run):
                 "--learning-rate", "5e-4", "--kl-coef", "0.2", "--eval-interval", "0", "--eval-batches", "2")
     assert "reward from reward model" in log
     steps = metrics(run, "train")
-    third = len(steps) // 3
-    early = sum(s["reward"] for s in steps[:third]) / third
-    late = sum(s["reward"] for s in steps[-third:]) / third
+    early, late = first_and_last_third(steps, "reward")
     assert late > early, (early, late)  # the policy learns what the reward model scores highly
     assert max(s["kl"] for s in steps) < 2.0
 
@@ -135,9 +139,7 @@ def test_rlhf_raises_mean_reward_while_kl_stays_bounded(chain):
           "--warmup-steps", "3", "--learning-rate", "1e-3", "--kl-coef", "0.05", "--rl-scale-rewards", "batch",
           "--eval-interval", "0", "--eval-batches", "8")
     steps = metrics(run, "train")
-    third = len(steps) // 3
-    early = sum(s["reward"] for s in steps[:third]) / third
-    late = sum(s["reward"] for s in steps[-third:]) / third
+    early, late = first_and_last_third(steps, "reward")
     assert late >= early + RL_GAIN, (early, late)
     assert max(s["kl"] for s in steps) < 1.5
     assert all(0 < s["response_length"] <= 6 for s in steps)

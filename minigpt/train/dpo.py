@@ -219,7 +219,8 @@ class DPO:
         if self.sft_coef:  # RPO: keep the chosen answers likely while the margin grows
             loss = loss + self.sft_coef * chosen_nll
         margin = terms["chosen"] - terms["rejected"]
-        stats = {"chosen_nll": chosen_nll.detach(),"chosen_reward": (terms["chosen"] * valid).sum() / count,
+        stats = {"chosen_nll": chosen_nll.detach(),
+                 "chosen_reward": (terms["chosen"] * valid).sum() / count,
                  "rejected_reward": (terms["rejected"] * valid).sum() / count,
                  "margin": (margin * valid).sum() / count,
                  "accuracy": (preference_accuracy(margin) * valid).sum() / count,

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from minigpt.config import ConfigError
+from minigpt.config import ADVANTAGE_SCALES, ConfigError
 from minigpt.data.datasets import RLHFPrompts
 from minigpt.data.tasks import expected_answer
 from minigpt.data.tasks import reward as task_reward
@@ -53,8 +53,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         centred = centred / (groups.std(-1, keepdim=True, correction=0) + eps)
     elif scale == "batch":
         centred = centred / (centred.std(correction=0) + eps)
-    elif scale != "none":
-        raise ValueError(f"advantage scale must be group, batch or none, got {scale!r}")
+    elif scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"advantage scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
     return centred.view(-1)
 
 

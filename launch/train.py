@@ -44,6 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as err:
+        from minigpt.checkpoint import is_disk_full
+
+        if not is_disk_full(err, cfg.run_dir):
+            raise
+        where = getattr(err, "filename", None) or cfg.run_dir
+        print(f"error: disk full while writing {where}: free space, then rerun with --auto-resume (the last "
+              "complete checkpoint is untouched)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

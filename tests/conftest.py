@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from minigpt.data.build import build_dataset
 from minigpt.data.demo import write_demo_corpus
 from minigpt.tokenizer import Tokenizer, train_tokenizer
 
@@ -34,6 +35,14 @@ def chinese_jsonl(tmp_path_factory) -> Path:
     path.write_text("".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in CHINESE_LINES * 20),
                     encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, demo_corpus, data_tokenizer) -> Path:
+    """Pretraining shards of the demo corpus in `data_tokenizer`'s vocabulary (the end-to-end runs' data)."""
+    out = tmp_path_factory.mktemp("shards") / "demo"
+    build_dataset([demo_corpus], out, data_tokenizer, kind="pretrain", val_fraction=0.05, seed=1, progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -38,6 +38,7 @@ from minigpt.engine.plain import (
     read_engine_file,
     sync_group_lrs,
 )
+from minigpt.safe_load import safe_torch_load, weights_only_loads
 
 log = logging.getLogger(__name__)
 
@@ -178,8 +179,9 @@ class DeepSpeedEngine(Engine):
             self._load_portable(read_deepspeed_checkpoint(directory), str(directory))
             return
         self._check_deepspeed_shapes(directory)
-        load_path, _ = self.ds.load_checkpoint(str(directory.parent), tag=directory.name,
-                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        with weights_only_loads():  # DeepSpeed's own loader asks for weights_only=False; never granted
+            load_path, _ = self.ds.load_checkpoint(str(directory.parent), tag=directory.name,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
             raise ConfigError(f"{directory}: DeepSpeed could not load this checkpoint (see the log above)")
 
@@ -188,7 +190,7 @@ class DeepSpeedEngine(Engine):
         files = sorted(directory.glob("*model_states.pt"))
         if not files:
             raise ConfigError(f"{directory}: no DeepSpeed *_model_states.pt files")
-        saved = torch.load(files[0], map_location="cpu", weights_only=False)
+        saved = safe_torch_load(files[0])
         if saved.get("param_shapes"):
             found = {name: torch.empty(shape, device="meta")
                      for group in saved["param_shapes"] for name, shape in group.items()}
@@ -276,9 +278,10 @@ def read_deepspeed_checkpoint(directory: Path) -> dict[str, Any]:
     from deepspeed.utils import zero_to_fp32
 
     directory = Path(directory)
-    model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(directory)))
+    with weights_only_loads():  # zero_to_fp32 asks torch.load for weights_only=False; never granted
+        model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(directory)))
     optim_files = zero_to_fp32.get_optim_files(str(directory))
-    ranks = [torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"] for path in optim_files]
+    ranks = [safe_torch_load(path)["optimizer_state_dict"] for path in optim_files]
     stage, world_size = ranks[0]["zero_stage"], len(ranks)
     if stage not in (1, 2, 3):
         raise ConfigError(f"{directory}: ZeRO stage {stage} checkpoints are not converted; resume it with "
@@ -311,7 +314,6 @@ def read_deepspeed_checkpoint(directory: Path) -> dict[str, Any]:
             optimizer[name]["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
     else:
         optimizer = {}
-    scheduler = torch.load(zero_to_fp32.get_model_state_file(str(directory), stage), map_location="cpu",
-                           weights_only=False)["lr_scheduler"]
+    scheduler = safe_torch_load(zero_to_fp32.get_model_state_file(str(directory), stage))["lr_scheduler"]
     return {"format_version": FORMAT_VERSION, "engine": "deepspeed", "world_size": world_size, "model": weights,
             "optimizer": optimizer, "scheduler": scheduler, "scaler": None}

@@ -17,6 +17,7 @@ from torch import nn
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, check_shapes_fit
 from minigpt.engine.device import autocast_dtype, resolve_precision
+from minigpt.safe_load import safe_torch_load
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,10 @@ def sync_group_lrs(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_s
 
 def read_engine_file(path: Path) -> dict[str, Any]:
     """Load an `engine.pt` and check its format version."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(f"{path}: engine checkpoint format {state.get('format_version')!r}, "
+    state = safe_torch_load(path)
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(f"{path}: engine checkpoint format {found!r}, "
                           f"this version reads {FORMAT_VERSION}")
     return state
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minigpt.checkpoint import CheckpointError, CheckpointManager
+from minigpt.checkpoint import CheckpointError, CheckpointManager, sweep_temporary
 from minigpt.config import ConfigError, MiniGPTConfig, TrainConfig, get_config
 from minigpt.data.build import DatasetBuildError
 from minigpt.data.sampler import ResumableSampler
@@ -156,6 +156,9 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        if launch_rank() == 0:
+            for stale in sweep_temporary(cfg.run_dir):
+                print(f"[minigpt] removed {stale}, left by an interrupted write", flush=True)
         set_seed(cfg.seed)
         start = find_starting_weights(cfg)
         self.run_data = resolve_run_data(cfg, launch_rank() == 0, start.model_dir, dataset_kind(cfg.mode))
@@ -180,12 +183,12 @@ class Trainer:
             write_snapshot(cfg, self.model_config, start, self.run_data, self.engine, self.seq_len)
 
     def resume(self) -> None:
-        path = self.cfg.resume or (self.checkpoints.latest() if self.cfg.auto_resume else None)
-        if not path:
+        point = self.checkpoints.resume_point(self.cfg.resume, self.cfg.auto_resume)
+        if point is None:
             if self.cfg.auto_resume and self.engine.is_main:
                 print(f"[minigpt] --auto-resume: no checkpoint in {self.cfg.run_dir}, starting fresh", flush=True)
             return
-        state = self.checkpoints.load(path)
+        state = self.checkpoints.load(point)
         if state.get("tokenizer_checksum") not in (None, self.tokenizer.checksum):
             raise ConfigError(f"{state['checkpoint']}: trained with tokenizer {state['tokenizer_checksum'][:12]}, "
                               f"this run uses {self.tokenizer.checksum[:12]} ({self.tokenizer.directory})")

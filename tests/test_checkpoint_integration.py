@@ -1,0 +1,176 @@
+"""End to end through launch/train.py: damaged, hostile and half-written checkpoints meet `--auto-resume`.
+
+Each case copies one finished run and damages it the way a crash, a full disk or an attacker would; the
+resumed run must continue from the newest good checkpoint, or stop with one line naming the file, and
+never run code from a checkpoint. DeepSpeed cases use the DeepSpeed engine in a world of one (`--ds-config`
+under plain python), which writes and reads the same files as a multi-rank run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from test_checkpoint import RunsCode
+from test_train_integration import final_weights, run, train_cmd, train_losses
+
+from minigpt.checkpoint import MANIFEST, write_manifest
+
+pytestmark = pytest.mark.integration
+STEPS = ["--max-steps", "30", "--save-interval", "5", "--keep-last", "3"]
+
+
+def ckpt(run_dir: Path, step: int) -> Path:
+    return run_dir / "ckpt" / f"step_{step:07d}"
+
+
+def final_step(run_dir: Path) -> int:
+    return json.loads((run_dir / "final" / "config.json").read_text())["extra"]["step"]
+
+
+def rewrite_manifest(checkpoint: Path) -> None:
+    """What an attacker who can write the folder does after planting a file."""
+    (checkpoint / MANIFEST).unlink()
+    write_manifest(checkpoint)
+
+
+def plant_payload(path: Path, marker: Path) -> None:
+    torch.save({"payload": RunsCode(marker)}, path)
+
+
+@pytest.fixture(scope="module")
+def plain_run(shards, data_tokenizer, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("plain") / "run"
+    done = run(train_cmd(shards, data_tokenizer.directory, out, *STEPS))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def copy_run(source: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "run"
+    shutil.copytree(source, target)
+    return target
+
+
+def resume(run_dir: Path, shards: Path, tokenizer, *extra: str) -> subprocess.CompletedProcess:
+    return run(train_cmd(shards, tokenizer.directory, run_dir, *STEPS, "--auto-resume", *extra))
+
+
+def test_garbage_latest_resumes_from_the_newest_checkpoint_and_keeps_the_run(plain_run, shards, data_tokenizer,
+                                                                            tmp_path):
+    out = copy_run(plain_run, tmp_path)
+    (out / "latest").write_bytes(b"\xff\xfe garbage")
+    metrics_before = (out / "metrics.jsonl").read_text()
+    done = resume(out, shards, data_tokenizer)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "starting fresh" not in done.stdout
+    assert f"resumed from {ckpt(out, 30)} at step 30" in done.stdout
+    assert "not UTF-8" in done.stdout
+    assert (out / "metrics.jsonl").read_text().startswith(metrics_before), "metrics of the run were dropped"
+    assert final_step(out) == 30
+    assert sorted(p.name for p in (out / "ckpt").iterdir()) == [f"step_{s:07d}" for s in (20, 25, 30)]
+
+
+def test_a_truncated_newest_checkpoint_falls_back_and_finishes_identically(plain_run, shards, data_tokenizer,
+                                                                           tmp_path):
+    out = copy_run(plain_run, tmp_path)
+    engine_file = ckpt(out, 30) / "engine.pt"
+    engine_file.write_bytes(engine_file.read_bytes()[:1000])
+    done = resume(out, shards, data_tokenizer)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "skipped step_0000030" in done.stdout and "truncated" in done.stdout
+    assert f"resumed from {ckpt(out, 25)} at step 25" in done.stdout
+    assert train_losses(out) == train_losses(plain_run)
+    weights, reference = final_weights(out), final_weights(plain_run)
+    assert all(torch.equal(weights[k], reference[k]) for k in reference)
+
+
+def test_a_pickle_payload_in_the_rng_file_is_refused_and_never_runs(plain_run, shards, data_tokenizer, tmp_path):
+    out = copy_run(plain_run, tmp_path)
+    marker = tmp_path / "code_ran"
+    (ckpt(out, 30) / "rng_rank0.json").unlink()
+    plant_payload(ckpt(out, 30) / "rng_rank0.pt", marker)
+    rewrite_manifest(ckpt(out, 30))
+    done = resume(out, shards, data_tokenizer)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"{ckpt(out, 30) / 'rng_rank0.pt'}: refused to load" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not marker.exists(), "unpickling the checkpoint ran code"
+
+
+@pytest.fixture(scope="module")
+def deepspeed_run(shards, data_tokenizer, tmp_path_factory) -> Path:
+    pytest.importorskip("deepspeed", reason="the DeepSpeed checkpoint cases need the deepspeed package")
+    out = tmp_path_factory.mktemp("ds") / "run"
+    done = run(train_cmd(shards, data_tokenizer.directory, out, *STEPS, "--ds-config", "ds_configs/zero2.json"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.deepspeed
+@pytest.mark.parametrize(("victim", "engine"), [("zero_pp_rank_0_mp_rank_00_optim_states.pt", "deepspeed"),
+                                                ("mp_rank_00_model_states.pt", "deepspeed"),
+                                                ("mp_rank_00_model_states.pt", "plain")])
+def test_a_pickle_payload_in_deepspeed_files_is_refused_by_either_engine(deepspeed_run, shards, data_tokenizer,
+                                                                        tmp_path, victim, engine):
+    out = copy_run(deepspeed_run, tmp_path)
+    marker = tmp_path / "code_ran"
+    plant_payload(ckpt(out, 30) / victim, marker)
+    rewrite_manifest(ckpt(out, 30))
+    extra = ["--ds-config", "ds_configs/zero2.json"] if engine == "deepspeed" else []
+    done = resume(out, shards, data_tokenizer, *extra)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"{ckpt(out, 30) / victim}: refused to load" in done.stderr
+    assert not marker.exists(), "unpickling the DeepSpeed checkpoint ran code"
+
+
+@pytest.mark.deepspeed
+def test_a_damaged_deepspeed_checkpoint_falls_back_to_the_previous_one(deepspeed_run, shards, data_tokenizer,
+                                                                       tmp_path):
+    out = copy_run(deepspeed_run, tmp_path)
+    optim = ckpt(out, 30) / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    optim.write_bytes(optim.read_bytes()[:-10])
+    done = resume(out, shards, data_tokenizer, "--ds-config", "ds_configs/zero2.json")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resumed from {ckpt(out, 25)} at step 25" in done.stdout
+    assert final_step(out) == 30
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 16 MiB tmpfs: room for one checkpoint of `tiny` at vocab 600 (~10 MB) but not two."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes_once_there_is_room(shards, data_tokenizer,
+                                                                                      small_tmpfs):
+    out = small_tmpfs / "run"
+    steps = ["--max-steps", "12", "--save-interval", "5", "--keep-last", "1", "--auto-resume"]
+    cmd = train_cmd(shards, data_tokenizer.directory, out, *steps)
+    full = run(cmd)
+    assert full.returncode == 2, full.stdout[-3000:] + full.stderr[-3000:]
+    assert "error: disk full while writing" in full.stderr and "step_0000010.tmp" in full.stderr
+    assert "Traceback" not in full.stderr
+    assert not list((out / "ckpt").glob("*.tmp")), "the half-written checkpoint was left behind"
+    assert (out / "latest").read_text().strip() == "step_0000005"
+
+    again = run(cmd)  # still no room: the same clear failure, after resuming, with nothing lost
+    assert again.returncode == 2 and "disk full" in again.stderr, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"resumed from {ckpt(out, 5)}" in again.stdout
+
+    subprocess.run(["mount", "-o", "remount,size=96m", str(small_tmpfs)], check=True)
+    done = run(cmd)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resumed from {ckpt(out, 5)} at step 5" in done.stdout
+    assert final_step(out) == 12

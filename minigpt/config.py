@@ -179,8 +179,10 @@ class TrainConfig:
     out: str = _opt("run directory; default checkpoints/<mode>_<config>", default="")
     ds_config: str = _opt("DeepSpeed JSON config (ZeRO stage, offload); used when run under deepspeed",
                           default="")
-    resume: str = _opt("checkpoint directory (or run directory) to resume from", default="")
-    auto_resume: bool = _opt("resume from <out>/latest when it exists", default=False)
+    resume: str = _opt("checkpoint directory to resume from exactly, or a run directory (its newest good "
+                       "checkpoint)", default="")
+    auto_resume: bool = _opt("resume from the newest checkpoint in <out>/ckpt that verifies (damaged ones are "
+                             "skipped, with the reason); start fresh only when there is none", default=False)
     init_from: str = _opt("consolidated weights or run directory to start from (post-training stages)",
                           default="")
     device: str = _opt("cpu, cuda, cuda:N or mps; default: auto-detect", default="")

@@ -134,8 +134,55 @@ def test_truncated_gzip_keeps_what_was_read_and_reports_it(tmp_path, data_tokeni
     dataset = build_dataset([path], tmp_path / "ds", data_tokenizer, val_fraction=0, progress=False)
     stats = stats_of(dataset)["files"][0]
     assert stats["skipped"] == {"unreadable_file": 1} and 0 < stats["documents_kept"] < 2000
+    assert stats["documents_read"] == stats["documents_kept"] + 1  # the record cut off by the truncation
+    assert stats_of(dataset)["totals"]["documents_skipped"] == 1
     with pytest.raises(DatasetBuildError, match="cut.jsonl.gz: cannot be read to the end"):
         build_dataset([path], tmp_path / "strict", data_tokenizer, strict=True, progress=False)
+
+
+LONE_SURROGATE_RECORDS = {  # line 2 of each file holds "\ud800", a lone surrogate (JSON allows the escape)
+    "pretrain": ['{"text": "good one"}', '{"text": "x\\ud800y"}', '{"text": "good two"}'],
+    "sft": ['{"instruction": "Hi", "output": "Hello"}', '{"instruction": "Hi", "output": "x\\ud800y"}',
+            '{"instruction": "Yo", "output": "Hey"}'],
+    "dpo": ['{"prompt": "1+1", "chosen": "2", "rejected": "3"}', '{"prompt": "1+1", "chosen": "\\ud800", '
+            '"rejected": "3"}', '{"prompt": "2+2", "chosen": "4", "rejected": "5"}'],
+    "rlhf": ['{"prompt": "1+1", "reference": "2"}', '{"prompt": "1+1", "task": "x\\udfffy"}',
+             '{"prompt": "2+2", "reference": "4"}'],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LONE_SURROGATE_RECORDS))
+def test_a_record_with_a_lone_surrogate_is_skipped_and_counted(tmp_path, data_tokenizer, kind):
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text("\n".join(LONE_SURROGATE_RECORDS[kind]) + "\n")
+    dataset = build_dataset([path], tmp_path / "ds", data_tokenizer, kind=kind, val_fraction=0, progress=False)
+    stats = stats_of(dataset)["files"][0]
+    assert stats["skipped"] == {"lone_surrogate": 1} and stats["first_skipped_lines"] == {"lone_surrogate": [2]}
+    assert stats["documents_kept"] == 2 and open_shard(dataset).meta["num_examples"] == 2
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "dpo"])
+def test_strict_mode_names_file_line_and_field_of_a_lone_surrogate(tmp_path, data_tokenizer, kind, capsys):
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text("\n".join(LONE_SURROGATE_RECORDS[kind]) + "\n")
+    argv = ["--input", str(path), "--tokenizer", str(data_tokenizer.directory), "--out", str(tmp_path / "ds"),
+            "--kind", kind, "--strict", "--quiet"]
+    assert pretokenize.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "surrogate.jsonl:2: lone_surrogate" in err
+    assert "field " in err and "strict mode" in err
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path, data_tokenizer):
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\n{"text": "second"}\n')
+    stats = stats_of(build_dataset([jsonl], tmp_path / "j", data_tokenizer, val_fraction=0, progress=False))
+    assert stats["totals"]["skipped"] == {} and stats["totals"]["documents_kept"] == 2
+    text = tmp_path / "bom.txt"
+    text.write_bytes(b"\xef\xbb\xbfFirst paragraph.\n\nSecond paragraph.\n")
+    reader = open_shard(build_dataset([text], tmp_path / "t", data_tokenizer, val_fraction=0, progress=False))
+    assert data_tokenizer.decode(reader.document(0)[:-1]) == "First paragraph."
 
 
 def test_post_training_records_are_validated(tmp_path, data_tokenizer):

@@ -129,6 +129,18 @@ def test_bad_requests_fail_clearly(tmp_path, demo_corpus):
         train_tokenizer([empty], tmp_path / "tok", vocab_size=400)
 
 
+def test_records_with_a_lone_surrogate_are_left_out_of_training(tmp_path, demo_corpus, capsys):
+    corpus = tmp_path / "mixed.jsonl"
+    corpus.write_text('{"text": "x\\ud800y"}\n{"prompt": "1+1", "chosen": "\\udc00", "rejected": "3"}\n')
+    tokenizer = train_tokenizer([demo_corpus, corpus], tmp_path / "tok", vocab_size=400)
+    assert tokenizer.decode(tokenizer.encode("x y")) == "x y"
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "x\\ud800y"}\n')
+    assert train_tokenizer_cli.main(["--input", str(broken), "--out", str(tmp_path / "only"),
+                                     "--vocab-size", "400"]) == 2
+    assert "no text to train on" in capsys.readouterr().err
+
+
 def test_cli_trains_and_retrains_in_place(tmp_path, capsys):
     out = tmp_path / "tok"
     assert train_tokenizer_cli.main(["--demo", "--out", str(out), "--vocab-size", "400"]) == 0

@@ -193,6 +193,7 @@ def _chunks(files: list[Path], stats: list[FileStats], strict: bool) -> Iterator
                 raise DatasetBuildError(f"{err} (strict mode)") from err
             print(f"[minigpt] warning: {err}; kept what was read before", file=sys.stderr)
             stats[index].skip("unreadable_file", seen + 1)
+            stats[index].documents_read += 1  # the record cut off (and whatever followed it) is lost
         if records:
             yield _Chunk(index, stats[index].format, records, nbytes)
         if seen == 0 and not stats[index].skipped:

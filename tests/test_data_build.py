@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from collections import Counter
 
 import pytest
 from conftest import shared_file
@@ -11,6 +12,7 @@ from conftest import shared_file
 from data_tools import pretokenize
 from minigpt.data.build import STATS_FILE, DatasetBuildError, build_dataset, split_examples
 from minigpt.data.shards import open_shard
+from minigpt.data.sources import MAX_DOCUMENT_CHARS, cut_long_text
 
 
 def write_jsonl(path, records):
@@ -183,6 +185,36 @@ def test_a_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path, data_t
     text.write_bytes(b"\xef\xbb\xbfFirst paragraph.\n\nSecond paragraph.\n")
     reader = open_shard(build_dataset([text], tmp_path / "t", data_tokenizer, val_fraction=0, progress=False))
     assert data_tokenizer.decode(reader.document(0)[:-1]) == "First paragraph."
+
+
+def test_a_one_document_corpus_is_cut_into_pieces_so_validation_gets_a_share(tmp_path, data_tokenizer,
+                                                                             demo_corpus):
+    lines = [line for line in demo_corpus.read_text().splitlines() if line.strip()]
+    document = "\n".join(lines)  # ~440 KB without a blank line: one .txt document
+    assert len(document) > 4 * MAX_DOCUMENT_CHARS
+    path = tmp_path / "book.txt"
+    path.write_text(document + "\n")
+    dataset = build_dataset([path], tmp_path / "ds", data_tokenizer, val_fraction=0.01, progress=False)
+    stats = stats_of(dataset)["files"][0]
+    assert stats["documents_read"] == stats["documents_kept"] == 1 and stats["documents_cut"] == 1
+    assert stats["train_documents"] >= 3 and stats["val_documents"] >= 1
+    assert 0 < stats["validation_share"] < 0.5
+    pieces = []
+    for split in ("train", "val"):
+        reader = open_shard(dataset, split)
+        for index in range(reader.num_documents):
+            assert int(reader.document(index)[-1]) == data_tokenizer.eos_id
+            pieces.append(data_tokenizer.decode(reader.document(index)[:-1]))
+    assert all(len(piece) <= MAX_DOCUMENT_CHARS for piece in pieces)
+    assert sum(not piece.endswith("\n") for piece in pieces) == 1  # cut after a newline, but the last piece
+    assert Counter("".join(pieces)) == Counter(document)  # nothing lost, nothing added
+
+
+def test_a_long_document_is_cut_at_line_ends_and_a_long_line_where_it_must():
+    assert cut_long_text("abc\ndef\nghi", 8) == ["abc\ndef\n", "ghi"]
+    assert cut_long_text("abcdefghij", 4) == ["abcd", "efgh", "ij"]
+    assert cut_long_text("ab\ncdefghij", 4) == ["ab\n", "cdef", "ghij"]
+    assert cut_long_text("short", 8) == ["short"]
 
 
 def test_post_training_records_are_validated(tmp_path, data_tokenizer):

@@ -22,6 +22,8 @@ from minigpt.tokenizer import CHAT_ROLES
 KINDS = ("pretrain", "sft", "dpo", "rlhf")
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+MAX_DOCUMENT_CHARS = 1 << 16
+"""Pretraining documents longer than this many characters are cut into pieces (see `cut_long_text`)."""
 
 
 class InputError(ValueError):
@@ -309,6 +311,21 @@ def training_texts(fmt: str, raw: bytes, text_field: str = "text") -> list[str]:
     if _may_hold_surrogate(text):  # a string with a lone surrogate cannot be trained on; the others can
         texts = [t for t in texts if _encodes(t)]
     return [t for t in texts if t.strip()]
+
+
+def cut_long_text(text: str, max_chars: int = MAX_DOCUMENT_CHARS) -> list[str]:
+    """`text` in pieces of at most `max_chars` characters, each cut just after its last newline
+    (mid-line only for a line longer than `max_chars`); the pieces join back to `text`.
+
+    A corpus of one huge document (a book as one .txt paragraph) then still splits into train and
+    validation by piece, instead of sending everything to one side.
+    """
+    pieces = []
+    while len(text) > max_chars:
+        cut = text.rfind("\n", 0, max_chars) + 1 or max_chars
+        pieces.append(text[:cut])
+        text = text[cut:]
+    return pieces + [text]
 
 
 def _chat_texts(record: dict) -> list[str]:

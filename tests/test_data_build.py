@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import stat
 from collections import Counter
 
 import pytest
@@ -215,6 +217,18 @@ def test_a_long_document_is_cut_at_line_ends_and_a_long_line_where_it_must():
     assert cut_long_text("abcdefghij", 4) == ["abcd", "efgh", "ij"]
     assert cut_long_text("ab\ncdefghij", 4) == ["ab\n", "cdef", "ghij"]
     assert cut_long_text("short", 8) == ["short"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)], ids=["umask022", "umask027"])
+def test_dataset_directories_get_the_permissions_of_an_ordinary_mkdir(tmp_path, data_tokenizer, demo_corpus,
+                                                                      umask, mode):
+    old = os.umask(umask)
+    try:
+        dataset = build_dataset([demo_corpus], tmp_path / "ds", data_tokenizer, progress=False)
+    finally:
+        os.umask(old)
+    for directory in (dataset, dataset / "train", dataset / "val"):
+        assert stat.S_IMODE(directory.stat().st_mode) == mode, directory
 
 
 def test_post_training_records_are_validated(tmp_path, data_tokenizer):

@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from minigpt.data.sources import (
     iter_raw_records,
     parse_record,
 )
-from minigpt.fsutil import fsync_dir
+from minigpt.fsutil import fsync_dir, make_staging_dir
 from minigpt.tokenizer import Tokenizer
 
 STATS_FILE = "dataset_stats.json"
@@ -324,7 +323,7 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
     job = _Job(kind, text_field, max_prompt_tokens)
     docs_per_example = 2 if kind == "dpo" else 1
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.building-")
     try:
         common = {"vocab_size": tokenizer.vocab_size, "kind": kind, "tokenizer_checksum": tokenizer.checksum,
                   "sources": [s.path for s in stats]}

@@ -42,9 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _default_device() -> str:
+def _device(requested: str) -> str:
+    """`--device` checked against this machine (ConfigError naming it), or cuda when available, else cpu."""
     import torch
 
+    from minigpt.engine.device import check_device
+
+    if requested:
+        return str(check_device(requested))
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                                   top_k=args.top_k, top_p=args.top_p,
                                   repetition_penalty=args.repetition_penalty, do_sample=not args.greedy,
                                   stop_strings=tuple(args.stop), seed=args.seed)
-        generator = TextGenerator.from_dir(args.model, device=args.device or _default_device())
+        generator = TextGenerator.from_dir(args.model, device=_device(args.device))
     except (ConfigError, WeightsError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,12 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A configuration that cannot build what it describes; the message names the field."""
+
+
+SIZE_LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "num_layers": 1024, "num_heads": 1 << 12,
+               "num_kv_heads": 1 << 12, "ffn_hidden_size": 1 << 18, "max_seq_len": 1 << 20}
+"""Largest value of each size field: far beyond a small GPT, small enough that a typo in a config.json
+(num_layers 1000000000) fails by name instead of hanging while the model is built."""
 
 
 @dataclass
@@ -53,11 +60,12 @@ class MiniGPTConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first field that cannot build a model."""
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "ffn_hidden_size", "max_seq_len"):
+        for name, limit in SIZE_LIMITS.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"MiniGPTConfig.{name} must be a positive integer, got {value!r}")
+            if value > limit:
+                raise ConfigError(f"MiniGPTConfig.{name} must be at most {limit:,}, got {value:,}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"MiniGPTConfig.num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}")
@@ -67,10 +75,14 @@ class MiniGPTConfig:
         if self.head_dim % 2:
             raise ConfigError(
                 f"head dimension hidden_size/num_heads={self.head_dim} must be even for rotary embeddings")
-        if not (0.0 <= self.dropout < 1.0):
+        if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"MiniGPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise ConfigError("MiniGPTConfig.rope_theta and norm_eps must be positive")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if not (_is_number(value) and 0 < value < math.inf):
+                raise ConfigError(f"MiniGPTConfig.{name} must be a positive number, got {value!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ConfigError(f"MiniGPTConfig.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,6 +127,10 @@ class MiniGPTConfig:
         lookup = 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
         matmul_params = self.num_params() - norms - lookup
         return 6.0 * matmul_params + 12.0 * self.num_layers * self.hidden_size * t
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 PRESETS: dict[str, MiniGPTConfig] = {

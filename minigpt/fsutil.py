@@ -7,7 +7,25 @@ temporary name, flushed with these, then renamed, so a crash never leaves a comp
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
+
+
+def make_staging_dir(parent: str | Path, prefix: str) -> Path:
+    """A new, uniquely named directory `parent/prefix<random>` with the permissions of a plain mkdir
+    (0777 less the umask).
+
+    For a directory that is renamed into place once complete: `tempfile.mkdtemp` would make it 0700,
+    and the published dataset or tokenizer would then be private to its builder.
+    """
+    for _ in range(100):
+        path = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"{parent}: no free name for a staging directory {prefix}*")
 
 
 def fsync_file(path: str | Path) -> None:

@@ -11,13 +11,14 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
+
+from minigpt.fsutil import make_staging_dir
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
@@ -217,7 +218,7 @@ def train_tokenizer(inputs: list[str | Path], out_dir: str | Path, vocab_size: i
     reserved = len(SPECIAL_IDS) + len(CHAT_SYMBOLS) + 256
     sentences, dropped_chars = _keep_frequent_chars(sentences, (vocab_size - reserved) // 2)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.")
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_prefix=str(staging / "tokenizer"), vocab_size=vocab_size,

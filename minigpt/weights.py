@@ -58,14 +58,32 @@ def _strip_wrapper_prefixes(name: str) -> str:
     return name
 
 
+def _check_sizes_fixed_by_tensors(tensors: Mapping[str, torch.Tensor], config: MiniGPTConfig, source: str) -> None:
+    """Compare num_layers, vocab_size and hidden_size with what the tensors hold, before any model is
+    built for `config`: a config.json edited to a huge size fails here by name instead of building it."""
+    blocks = {name.split(".")[1] for name in tensors if name.startswith("blocks.")}
+    if len(blocks) != config.num_layers:
+        raise WeightsError(f"{source}: holds {len(blocks)} transformer blocks, the config's num_layers is "
+                           f"{config.num_layers}")
+    embed = tensors.get("embed.weight")
+    expected = (config.vocab_size, config.hidden_size)
+    if isinstance(embed, torch.Tensor) and tuple(embed.shape) != expected:
+        field = "vocab_size" if embed.ndim == 2 and embed.shape[1] == config.hidden_size else "hidden_size"
+        hint = " (another vocabulary size?)" if field == "vocab_size" else ""
+        raise WeightsError(f"{source}: tensor embed.weight has shape {tuple(embed.shape)}, the config expects "
+                           f"{expected}: its {field} does not match the weights{hint}")
+
+
 def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: MiniGPTConfig,
                      source: str = "state dict") -> dict[str, torch.Tensor]:
     """Return `state_dict` as complete fp32 CPU tensors for `config`, or raise `WeightsError`.
 
     Wrapper prefixes are stripped and a left-out tied `lm_head.weight` is filled from `embed.weight`.
-    Errors name the tensor and both shapes, so weights for another preset or vocabulary are obvious.
+    Errors name the tensor and both shapes, so weights for another preset or vocabulary are obvious;
+    the layer count and embedding size are checked before the model's shapes are worked out.
     """
     tensors = {_strip_wrapper_prefixes(k): v for k, v in state_dict.items()}
+    _check_sizes_fixed_by_tensors(tensors, config, source)
     shapes = expected_shapes(config)
     if config.tie_embeddings and "lm_head.weight" not in tensors and "embed.weight" in tensors:
         tensors["lm_head.weight"] = tensors["embed.weight"]

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import stat
+from collections import Counter
 
 import pytest
 from conftest import shared_file
@@ -11,6 +14,7 @@ from conftest import shared_file
 from data_tools import pretokenize
 from minigpt.data.build import STATS_FILE, DatasetBuildError, build_dataset, split_examples
 from minigpt.data.shards import open_shard
+from minigpt.data.sources import MAX_DOCUMENT_CHARS, cut_long_text
 
 
 def write_jsonl(path, records):
@@ -134,8 +138,97 @@ def test_truncated_gzip_keeps_what_was_read_and_reports_it(tmp_path, data_tokeni
     dataset = build_dataset([path], tmp_path / "ds", data_tokenizer, val_fraction=0, progress=False)
     stats = stats_of(dataset)["files"][0]
     assert stats["skipped"] == {"unreadable_file": 1} and 0 < stats["documents_kept"] < 2000
+    assert stats["documents_read"] == stats["documents_kept"] + 1  # the record cut off by the truncation
+    assert stats_of(dataset)["totals"]["documents_skipped"] == 1
     with pytest.raises(DatasetBuildError, match="cut.jsonl.gz: cannot be read to the end"):
         build_dataset([path], tmp_path / "strict", data_tokenizer, strict=True, progress=False)
+
+
+LONE_SURROGATE_RECORDS = {  # line 2 of each file holds "\ud800", a lone surrogate (JSON allows the escape)
+    "pretrain": ['{"text": "good one"}', '{"text": "x\\ud800y"}', '{"text": "good two"}'],
+    "sft": ['{"instruction": "Hi", "output": "Hello"}', '{"instruction": "Hi", "output": "x\\ud800y"}',
+            '{"instruction": "Yo", "output": "Hey"}'],
+    "dpo": ['{"prompt": "1+1", "chosen": "2", "rejected": "3"}', '{"prompt": "1+1", "chosen": "\\ud800", '
+            '"rejected": "3"}', '{"prompt": "2+2", "chosen": "4", "rejected": "5"}'],
+    "rlhf": ['{"prompt": "1+1", "reference": "2"}', '{"prompt": "1+1", "task": "x\\udfffy"}',
+             '{"prompt": "2+2", "reference": "4"}'],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(LONE_SURROGATE_RECORDS))
+def test_a_record_with_a_lone_surrogate_is_skipped_and_counted(tmp_path, data_tokenizer, kind):
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text("\n".join(LONE_SURROGATE_RECORDS[kind]) + "\n")
+    dataset = build_dataset([path], tmp_path / "ds", data_tokenizer, kind=kind, val_fraction=0, progress=False)
+    stats = stats_of(dataset)["files"][0]
+    assert stats["skipped"] == {"lone_surrogate": 1} and stats["first_skipped_lines"] == {"lone_surrogate": [2]}
+    assert stats["documents_kept"] == 2 and open_shard(dataset).meta["num_examples"] == 2
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "sft", "dpo"])
+def test_strict_mode_names_file_line_and_field_of_a_lone_surrogate(tmp_path, data_tokenizer, kind, capsys):
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text("\n".join(LONE_SURROGATE_RECORDS[kind]) + "\n")
+    argv = ["--input", str(path), "--tokenizer", str(data_tokenizer.directory), "--out", str(tmp_path / "ds"),
+            "--kind", kind, "--strict", "--quiet"]
+    assert pretokenize.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "surrogate.jsonl:2: lone_surrogate" in err
+    assert "field " in err and "strict mode" in err
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path, data_tokenizer):
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + b'{"text": "first"}\n{"text": "second"}\n')
+    stats = stats_of(build_dataset([jsonl], tmp_path / "j", data_tokenizer, val_fraction=0, progress=False))
+    assert stats["totals"]["skipped"] == {} and stats["totals"]["documents_kept"] == 2
+    text = tmp_path / "bom.txt"
+    text.write_bytes(b"\xef\xbb\xbfFirst paragraph.\n\nSecond paragraph.\n")
+    reader = open_shard(build_dataset([text], tmp_path / "t", data_tokenizer, val_fraction=0, progress=False))
+    assert data_tokenizer.decode(reader.document(0)[:-1]) == "First paragraph."
+
+
+def test_a_one_document_corpus_is_cut_into_pieces_so_validation_gets_a_share(tmp_path, data_tokenizer,
+                                                                             demo_corpus):
+    lines = [line for line in demo_corpus.read_text().splitlines() if line.strip()]
+    document = "\n".join(lines)  # ~440 KB without a blank line: one .txt document
+    assert len(document) > 4 * MAX_DOCUMENT_CHARS
+    path = tmp_path / "book.txt"
+    path.write_text(document + "\n")
+    dataset = build_dataset([path], tmp_path / "ds", data_tokenizer, val_fraction=0.01, progress=False)
+    stats = stats_of(dataset)["files"][0]
+    assert stats["documents_read"] == stats["documents_kept"] == 1 and stats["documents_cut"] == 1
+    assert stats["train_documents"] >= 3 and stats["val_documents"] >= 1
+    assert 0 < stats["validation_share"] < 0.5
+    pieces = []
+    for split in ("train", "val"):
+        reader = open_shard(dataset, split)
+        for index in range(reader.num_documents):
+            assert int(reader.document(index)[-1]) == data_tokenizer.eos_id
+            pieces.append(data_tokenizer.decode(reader.document(index)[:-1]))
+    assert all(len(piece) <= MAX_DOCUMENT_CHARS for piece in pieces)
+    assert sum(not piece.endswith("\n") for piece in pieces) == 1  # cut after a newline, but the last piece
+    assert Counter("".join(pieces)) == Counter(document)  # nothing lost, nothing added
+
+
+def test_a_long_document_is_cut_at_line_ends_and_a_long_line_where_it_must():
+    assert cut_long_text("abc\ndef\nghi", 8) == ["abc\ndef\n", "ghi"]
+    assert cut_long_text("abcdefghij", 4) == ["abcd", "efgh", "ij"]
+    assert cut_long_text("ab\ncdefghij", 4) == ["ab\n", "cdef", "ghij"]
+    assert cut_long_text("short", 8) == ["short"]
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)], ids=["umask022", "umask027"])
+def test_dataset_directories_get_the_permissions_of_an_ordinary_mkdir(tmp_path, data_tokenizer, demo_corpus,
+                                                                      umask, mode):
+    old = os.umask(umask)
+    try:
+        dataset = build_dataset([demo_corpus], tmp_path / "ds", data_tokenizer, progress=False)
+    finally:
+        os.umask(old)
+    for directory in (dataset, dataset / "train", dataset / "val"):
+        assert stat.S_IMODE(directory.stat().st_mode) == mode, directory
 
 
 def test_post_training_records_are_validated(tmp_path, data_tokenizer):

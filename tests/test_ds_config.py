@@ -4,12 +4,21 @@ the training config, and a contradiction is an error naming file, field and both
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from minigpt.config import ConfigError, TrainConfig
-from minigpt.engine.ds_config import build_ds_config, load_ds_json, offloads_optimizer, zero_stage_of
+from minigpt.engine.ds_config import (
+    DEEPSPEED_TOP_LEVEL_KEYS,
+    build_ds_config,
+    load_ds_json,
+    offloads_optimizer,
+    zero_stage_of,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = "ds_configs/zero2.json"
@@ -114,6 +123,7 @@ def test_shipped_configs_hold_only_deepspeed_settings_and_build(path):
     ds = build_ds_config(raw, cfg(), 2, str(path), accelerator="cpu")
     assert ds["zero_optimization"]["stage"] == zero_stage_of(raw)
     assert offloads_optimizer(raw) == ("offload" in path.name)
+    assert set(raw) <= set(DEEPSPEED_TOP_LEVEL_KEYS)
 
 
 def test_json_errors_name_file_and_position(tmp_path):
@@ -126,3 +136,54 @@ def test_json_errors_name_file_and_position(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([1]))
     with pytest.raises(ConfigError, match="must be a JSON object"):
         load_ds_json(tmp_path / "list.json")
+
+
+def test_a_misspelled_top_level_key_is_warned_with_the_closest_known_key(tmp_path, capsys):
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps({"zero_optimizaton": {"stage": 2}, "steps_per_print": 5, "my_notes": "x"}))
+    raw = load_ds_json(path)
+    assert raw["zero_optimizaton"] == {"stage": 2}
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2
+    assert "typo.json: unknown top-level key 'my_notes'" in lines[0] and "did you mean" not in lines[0]
+    assert "typo.json: unknown top-level key 'zero_optimizaton' (did you mean 'zero_optimization'?)" in lines[1]
+
+
+def test_dry_run_shows_the_unknown_key_warning(tmp_path):
+    path = tmp_path / "typo.json"
+    path.write_text(json.dumps({"zero_optimizaton": {"stage": 2}}))
+    result = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--ds-config", str(path),
+                             "--out", str(tmp_path / "run"), "--dry-run"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert "unknown top-level key 'zero_optimizaton' (did you mean 'zero_optimization'?)" in result.stderr
+    assert "configuration is valid" in result.stdout
+
+
+@pytest.mark.integration
+def test_known_top_level_keys_are_the_keys_deepspeed_reads():
+    """Replay DeepSpeed's own config parsing on a dict that records every top-level key it looks up."""
+    ds_config = pytest.importorskip("deepspeed.runtime.config", reason="checks the list against DeepSpeed")
+    looked_up: set[str] = set()
+
+    class RecordingDict(dict):
+        def __contains__(self, key):
+            looked_up.add(key)
+            return super().__contains__(key)
+
+        def get(self, key, default=None):
+            looked_up.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key):
+            looked_up.add(key)
+            return super().__getitem__(key)
+
+        def keys(self):
+            return self  # `key in d.keys()` is recorded too
+
+    parsed = object.__new__(ds_config.DeepSpeedConfig)
+    parsed._initialize_params(RecordingDict(train_batch_size=1, train_micro_batch_size_per_gpu=1,
+                                            gradient_accumulation_steps=1))
+    read_elsewhere = {"vocabulary_size"}  # DeepSpeedConfig._do_warning_check
+    assert looked_up | read_elsewhere == set(DEEPSPEED_TOP_LEVEL_KEYS)

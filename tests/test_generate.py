@@ -284,6 +284,24 @@ def test_cli_names_the_missing_file(tmp_path, capsys):
     assert "config.json: missing" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device, message", [
+    ("cuda:7", "--device cuda:7: "), ("mps", "--device mps: Apple MPS is not available"),
+    ("gpu", "--device 'gpu' is not a device name"),
+])
+def test_cli_refuses_a_device_this_machine_lacks_in_one_line(trained, tmp_path, capsys, device, message):
+    from launch.generate import main
+
+    if device == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has MPS")
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a CUDA device 7")
+    model_dir = save_consolidated(tmp_path / "model", trained.model.state_dict(), trained.model.config,
+                                  trained.tokenizer.directory)
+    assert main(["--model", str(model_dir), "--prompt", "x", "--device", device]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err
+
+
 def test_generation_runs_in_eval_mode_and_restores_the_training_mode():
     model = random_model(dropout=0.5).train()
     generator = TextGenerator(model, tokenizer=None)

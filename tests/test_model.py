@@ -29,6 +29,12 @@ def model_for(seed: int = 0, **overrides) -> MiniGPT:
     (dict(hidden_size=60, num_heads=4, num_kv_heads=4), "head dimension .*=15 must be even"),
     (dict(dropout=1.0), "dropout must be in \\[0, 1\\)"),
     (dict(max_seq_len=1.5), "max_seq_len must be a positive integer"),
+    (dict(num_layers=10**9), "num_layers must be at most 1,024, got 1,000,000,000"),
+    (dict(max_seq_len=2**30), "max_seq_len must be at most"),
+    (dict(rope_theta="big"), "rope_theta must be a positive number, got 'big'"),
+    (dict(norm_eps=float("nan")), "norm_eps must be a positive number, got nan"),
+    (dict(dropout="0.1"), "dropout must be in \\[0, 1\\), got '0.1'"),
+    (dict(tie_embeddings="yes"), "tie_embeddings must be true or false, got 'yes'"),
 ])
 def test_config_validation_names_the_field(overrides, message):
     with pytest.raises(ConfigError, match=message):

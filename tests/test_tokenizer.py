@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import stat
 
 import pytest
 from conftest import shared_file
@@ -127,6 +129,28 @@ def test_bad_requests_fail_clearly(tmp_path, demo_corpus):
     empty.write_text('{"other": 1}\n')
     with pytest.raises(TokenizerError, match="no text to train on"):
         train_tokenizer([empty], tmp_path / "tok", vocab_size=400)
+
+
+def test_records_with_a_lone_surrogate_are_left_out_of_training(tmp_path, demo_corpus, capsys):
+    corpus = tmp_path / "mixed.jsonl"
+    corpus.write_text('{"text": "x\\ud800y"}\n{"prompt": "1+1", "chosen": "\\udc00", "rejected": "3"}\n')
+    tokenizer = train_tokenizer([demo_corpus, corpus], tmp_path / "tok", vocab_size=400)
+    assert tokenizer.decode(tokenizer.encode("x y")) == "x y"
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "x\\ud800y"}\n')
+    assert train_tokenizer_cli.main(["--input", str(broken), "--out", str(tmp_path / "only"),
+                                     "--vocab-size", "400"]) == 2
+    assert "no text to train on" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o755), (0o027, 0o750)], ids=["umask022", "umask027"])
+def test_tokenizer_directory_gets_the_permissions_of_an_ordinary_mkdir(tmp_path, demo_corpus, umask, mode):
+    old = os.umask(umask)
+    try:
+        tokenizer = train_tokenizer([demo_corpus], tmp_path / "tok", vocab_size=400)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(tokenizer.directory.stat().st_mode) == mode
 
 
 def test_cli_trains_and_retrains_in_place(tmp_path, capsys):

@@ -10,6 +10,7 @@ import torch
 from model_factory import seeded_model, small_test_config
 from spm_fixture import build_tokenizer
 
+from minigpt import weights
 from minigpt.config import ConfigError, MiniGPTConfig
 from minigpt.model import MiniGPT
 from minigpt.tokenizer import TokenizerError
@@ -130,10 +131,29 @@ def test_weights_for_another_vocabulary_name_the_tensor_and_both_shapes(saved):
 def test_weights_for_another_model_shape_are_refused(saved):
     model_dir, _ = saved
     edit_config_json(model_dir, lambda meta: meta["model"].update(num_layers=3))
-    with pytest.raises(WeightsError, match=r"model.pt: missing tensor\(s\) \['blocks.2"):
+    with pytest.raises(WeightsError, match=r"model.pt: holds 2 transformer blocks, the config's num_layers is 3"):
         load_consolidated(model_dir)
     edit_config_json(model_dir, lambda meta: meta["model"].update(num_layers=2, ffn_hidden_size=96))
     with pytest.raises(WeightsError, match=r"blocks.0.ffn.gate_up_proj.weight has shape \(256, 64\).*\(192, 64\)"):
+        load_consolidated(model_dir)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(num_layers=10**9), r"config.json: MiniGPTConfig.num_layers must be at most"),
+    (dict(num_layers=1000), r"model.pt: holds 2 transformer blocks, the config's num_layers is 1000"),
+    (dict(hidden_size=8192, num_heads=4, num_kv_heads=4),
+     r"model.pt: tensor embed.weight has shape \(400, 64\), the config expects \(400, 8192\): its hidden_size"),
+], ids=["out_of_range", "more_layers_than_the_weights", "wider_than_the_weights"])
+def test_a_bogus_config_json_is_named_before_any_model_is_built(saved, monkeypatch, edit, message):
+    model_dir, _ = saved
+    edit_config_json(model_dir, lambda meta: meta["model"].update(**edit))
+
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("a model was built for a config that does not match the weights")
+
+    monkeypatch.setattr(weights, "expected_shapes", no_model)
+    monkeypatch.setattr(weights, "MiniGPT", no_model)
+    with pytest.raises((ConfigError, WeightsError), match=message):
         load_consolidated(model_dir)
 
 

@@ -1,7 +1,8 @@
 """Build a dataset directory (train/ and val/ shards + dataset_stats.json) from raw files.
 
     raw files -> records (paragraphs or JSONL lines) -> parse + encode in worker processes
-              -> one staging shard of every kept document, in input order
+              -> one staging shard of every kept document, in input order (long pretraining documents
+                 cut into pieces, see `cut_long_text`)
               -> deterministic split by document (seeded) -> train/ and val/ shards
               -> dataset_stats.json -> rename the staging directory into place
 
@@ -16,7 +17,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -32,12 +32,13 @@ from minigpt.data.sources import (
     Example,
     InputError,
     Skip,
+    cut_long_text,
     expand_inputs,
     input_format,
     iter_raw_records,
     parse_record,
 )
-from minigpt.fsutil import fsync_dir
+from minigpt.fsutil import fsync_dir, make_staging_dir
 from minigpt.tokenizer import Tokenizer
 
 STATS_FILE = "dataset_stats.json"
@@ -60,6 +61,8 @@ class FileStats:
     bytes: int
     documents_read: int = 0
     documents_kept: int = 0
+    documents_cut: int = 0
+    """Kept documents longer than MAX_DOCUMENT_CHARS, each split into pieces (train/val count pieces)."""
     skipped: dict[str, int] = field(default_factory=dict)
     first_skipped_lines: dict[str, list[int]] = field(default_factory=dict)
     tokens: int = 0
@@ -91,11 +94,17 @@ class _Chunk:
 
 @dataclass
 class _EncodedChunk:
-    """A chunk's kept examples as one block of documents, and its skipped records."""
+    """A chunk's kept examples as one block of documents, and its skipped records.
+
+    `num_kept` records were kept; they became `num_examples` examples (more when long documents were
+    cut, `num_cut` of them).
+    """
 
     file_index: int
     nbytes: int
     skips: list[Skip]
+    num_kept: int
+    num_cut: int
     num_examples: int
     tokens: np.ndarray
     lengths: np.ndarray
@@ -110,9 +119,11 @@ class _Job:
     max_prompt_tokens: int | None
 
 
-def _encode_pretrain(tokenizer: Tokenizer, examples: list[Example]) -> list[tuple[list[int], None]]:
-    encoded = tokenizer.sp.encode([e.text for e in examples], num_threads=1)
-    return [(ids + [tokenizer.eos_id], None) for ids in encoded]
+def _encode_pretrain(tokenizer: Tokenizer, examples: list[Example]) -> tuple[list[list[int]], int]:
+    """Token ids + EOS of each piece of each text, and how many texts were long enough to be cut."""
+    pieces = [cut_long_text(e.text) for e in examples]
+    encoded = tokenizer.sp.encode([piece for cut in pieces for piece in cut], num_threads=1)
+    return [ids + [tokenizer.eos_id] for ids in encoded], sum(len(cut) > 1 for cut in pieces)
 
 
 def _encode_post_training(tokenizer: Tokenizer, job: _Job, example: Example) -> list[tuple] | Skip:
@@ -139,9 +150,11 @@ def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChu
     parsed = [parse_record(job.kind, chunk.fmt, line, raw, job.text_field) for line, raw in chunk.records]
     skips = [p for p in parsed if isinstance(p, Skip)]
     examples = [p for p in parsed if isinstance(p, Example)]
+    num_cut = 0
     if job.kind == "pretrain":
-        documents = [(ids, None, None) for ids, _ in _encode_pretrain(tokenizer, examples)]
-        num_examples = len(examples)
+        encoded, num_cut = _encode_pretrain(tokenizer, examples)
+        documents = [(ids, None, None) for ids in encoded]
+        num_kept, num_examples = len(examples), len(documents)
     else:
         documents, num_examples = [], 0
         for example in examples:
@@ -151,6 +164,7 @@ def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChu
             else:
                 documents += result
                 num_examples += 1
+        num_kept = num_examples
     skips.sort(key=lambda skip: skip.line)
     lengths = np.array([len(ids) for ids, _, _ in documents], dtype=np.int64)
     tokens = np.fromiter((t for ids, _, _ in documents for t in ids), dtype=np.int64, count=int(lengths.sum()))
@@ -159,7 +173,8 @@ def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChu
         mask = np.fromiter((m for _, doc_mask, _ in documents for m in doc_mask), dtype=np.uint8,
                            count=int(lengths.sum()))
     records = [record for _, _, record in documents] if job.kind == "rlhf" else None
-    return _EncodedChunk(chunk.file_index, chunk.nbytes, skips, num_examples, tokens, lengths, mask, records)
+    return _EncodedChunk(chunk.file_index, chunk.nbytes, skips, num_kept, num_cut, num_examples, tokens, lengths,
+                         mask, records)
 
 
 _WORKER: tuple[Tokenizer, _Job] | None = None
@@ -193,6 +208,7 @@ def _chunks(files: list[Path], stats: list[FileStats], strict: bool) -> Iterator
                 raise DatasetBuildError(f"{err} (strict mode)") from err
             print(f"[minigpt] warning: {err}; kept what was read before", file=sys.stderr)
             stats[index].skip("unreadable_file", seen + 1)
+            stats[index].documents_read += 1  # the record cut off (and whatever followed it) is lost
         if records:
             yield _Chunk(index, stats[index].format, records, nbytes)
         if seen == 0 and not stats[index].skipped:
@@ -240,8 +256,9 @@ def _encode_all(files: list[Path], stats: list[FileStats], tokenizer: Tokenizer,
                 raise DatasetBuildError(f"{file_stats.path}:{skip.line}: {skip.reason}{detail} (strict mode)")
             for skip in encoded.skips:
                 file_stats.skip(skip.reason, skip.line)
-            file_stats.documents_read += len(encoded.skips) + encoded.num_examples
-            file_stats.documents_kept += encoded.num_examples
+            file_stats.documents_read += len(encoded.skips) + encoded.num_kept
+            file_stats.documents_kept += encoded.num_kept
+            file_stats.documents_cut += encoded.num_cut
             yield encoded
     finally:
         bar.close()
@@ -306,7 +323,7 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
     job = _Job(kind, text_field, max_prompt_tokens)
     docs_per_example = 2 if kind == "dpo" else 1
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+    staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.building-")
     try:
         common = {"vocab_size": tokenizer.vocab_size, "kind": kind, "tokenizer_checksum": tokenizer.checksum,
                   "sources": [s.path for s in stats]}
@@ -354,13 +371,14 @@ def _fill_split_stats(stats: list[FileStats], example_files: np.ndarray, example
         file_stats.val_documents = int((mine & is_val).sum())
         file_stats.train_documents = int(mine.sum()) - file_stats.val_documents
         file_stats.val_tokens = int(example_tokens[mine & is_val].sum())
-        kept = file_stats.documents_kept
-        file_stats.validation_share = round(file_stats.val_documents / kept, 6) if kept else 0.0
+        examples = int(mine.sum())
+        file_stats.validation_share = round(file_stats.val_documents / examples, 6) if examples else 0.0
 
 
 def _write_stats(path: Path, stats: list[FileStats], common: dict, split_meta: dict, text_field: str,
                  seconds: float) -> None:
-    keys = ("documents_read", "documents_kept", "tokens", "train_documents", "val_documents", "val_tokens")
+    keys = ("documents_read", "documents_kept", "documents_cut", "tokens", "train_documents", "val_documents",
+            "val_tokens")
     totals = {key: sum(getattr(s, key) for s in stats) for key in keys}
     totals["documents_skipped"] = totals["documents_read"] - totals["documents_kept"]
     skipped: dict[str, int] = {}

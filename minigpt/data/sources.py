@@ -3,10 +3,12 @@
 A `.txt` file is a sequence of documents separated by blank lines (paragraphs); a `.jsonl` or
 `.jsonl.gz` file holds one JSON object per line. Parsing never raises on bad input: it returns a
 `Skip` with a reason, which the builder counts per file (see docs/data.md for the reasons).
+A UTF-8 byte order mark at the start of a file is dropped.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import json
@@ -20,6 +22,8 @@ from minigpt.tokenizer import CHAT_ROLES
 KINDS = ("pretrain", "sft", "dpo", "rlhf")
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+MAX_DOCUMENT_CHARS = 1 << 16
+"""Pretraining documents longer than this many characters are cut into pieces (see `cut_long_text`)."""
 
 
 class InputError(ValueError):
@@ -88,6 +92,14 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
+def _numbered_lines(handle) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of each line, without the UTF-8 byte order mark some editors put first."""
+    for number, line in enumerate(handle, start=1):
+        if number == 1 and line.startswith(codecs.BOM_UTF8):
+            line = line[len(codecs.BOM_UTF8):]
+        yield number, line
+
+
 def iter_raw_records(path: Path) -> Iterator[tuple[int, bytes]]:
     """(first line number, raw bytes) of each record: a paragraph of a .txt file or a line of a .jsonl file.
 
@@ -97,12 +109,11 @@ def iter_raw_records(path: Path) -> Iterator[tuple[int, bytes]]:
     try:
         with _open_binary(path) as handle:
             if fmt == "jsonl":
-                for number, line in enumerate(handle, start=1):
-                    yield number, line
+                yield from _numbered_lines(handle)
                 return
             paragraph: list[bytes] = []
             start = 0
-            for number, line in enumerate(handle, start=1):
+            for number, line in _numbered_lines(handle):
                 if line.strip():
                     if not paragraph:
                         start = number
@@ -114,6 +125,50 @@ def iter_raw_records(path: Path) -> Iterator[tuple[int, bytes]]:
                 yield start, b"".join(paragraph)
     except (EOFError, OSError, zlib.error) as err:
         raise InputError(f"{path}: cannot be read to the end ({err})") from err
+
+
+def lone_surrogate_field(value, name: str = "") -> str | None:
+    """The name of the first string in a parsed JSON value holding a lone surrogate ("\\ud800"), else None.
+
+    JSON's \\u escapes can spell half a surrogate pair, which is no character: such a string cannot
+    be encoded as UTF-8, so the tokenizer and the shard writer would fail on it.
+    """
+    if isinstance(value, str):
+        return None if _encodes(value) else name or "value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        label = f"{name}.{key}" if isinstance(key, str) else f"{name}[{key}]"
+        if isinstance(key, str) and not _encodes(key):  # the key itself: name it printably
+            return label.encode("utf-8", "backslashreplace").decode().lstrip(".")
+        found = lone_surrogate_field(item, label)
+        if found:
+            return found.lstrip(".")
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+USED_FIELDS = {"sft": ("conversations", "instruction", "input", "output"), "dpo": ("prompt", "chosen", "rejected")}
+"""The record fields each kind reads (pretrain: the text field; rlhf keeps every field)."""
+
+
+def _may_hold_surrogate(text: str) -> bool:
+    """Only a \\uD800-\\uDFFF escape makes a lone surrogate: text without `\\ud` needs no further check."""
+    return "\\ud" in text or "\\uD" in text
+
+
+def _used_lone_surrogate(kind: str, record: dict, text_field: str) -> str | None:
+    """`lone_surrogate_field` of the fields a `kind` dataset uses (a broken field it ignores is harmless)."""
+    if kind == "rlhf":
+        return lone_surrogate_field(record)
+    names = (text_field,) if kind == "pretrain" else USED_FIELDS[kind]
+    return lone_surrogate_field({name: record[name] for name in names if name in record})
 
 
 def _as_messages(value, default_role: str) -> list[dict] | None:
@@ -173,6 +228,9 @@ def parse_record(kind: str, fmt: str, line: int, raw: bytes, text_field: str = "
         return Skip(line, "malformed_json", err.msg)
     if not isinstance(record, dict):
         return Skip(line, "not_an_object")
+    bad_field = _may_hold_surrogate(text) and _used_lone_surrogate(kind, record, text_field)
+    if bad_field:
+        return Skip(line, "lone_surrogate", f"field {bad_field}")
     if kind == "pretrain":
         return _parse_pretrain(line, record, text_field)
     if kind == "sft":
@@ -249,8 +307,29 @@ def training_texts(fmt: str, raw: bytes, text_field: str = "text") -> list[str]:
         return []
     if not isinstance(record, dict):
         return []
-    if isinstance(record.get(text_field), str):
-        return [record[text_field]]
+    texts = [record[text_field]] if isinstance(record.get(text_field), str) else _chat_texts(record)
+    if _may_hold_surrogate(text):  # a string with a lone surrogate cannot be trained on; the others can
+        texts = [t for t in texts if _encodes(t)]
+    return [t for t in texts if t.strip()]
+
+
+def cut_long_text(text: str, max_chars: int = MAX_DOCUMENT_CHARS) -> list[str]:
+    """`text` in pieces of at most `max_chars` characters, each cut just after its last newline
+    (mid-line only for a line longer than `max_chars`); the pieces join back to `text`.
+
+    A corpus of one huge document (a book as one .txt paragraph) then still splits into train and
+    validation by piece, instead of sending everything to one side.
+    """
+    pieces = []
+    while len(text) > max_chars:
+        cut = text.rfind("\n", 0, max_chars) + 1 or max_chars
+        pieces.append(text[:cut])
+        text = text[cut:]
+    return pieces + [text]
+
+
+def _chat_texts(record: dict) -> list[str]:
+    """Every string of a record's chat fields (SFT, DPO and RLHF layouts alike)."""
     texts: list[str] = []
     for key in ("conversations", "instruction", "input", "output", "prompt", "chosen", "rejected", "reference"):
         value = record.get(key)
@@ -258,4 +337,4 @@ def training_texts(fmt: str, raw: bytes, text_field: str = "text") -> list[str]:
             texts.append(value)
         elif isinstance(value, list):
             texts += [m["content"] for m in value if isinstance(m, dict) and isinstance(m.get("content"), str)]
-    return [t for t in texts if t.strip()]
+    return texts

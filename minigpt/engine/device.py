@@ -10,21 +10,27 @@ Precision = str
 """One of "fp32", "bf16", "fp16" (after `resolve_precision`)."""
 
 
+def check_device(requested: str) -> torch.device:
+    """`--device requested` as a torch device, or a ConfigError naming it when this machine lacks it."""
+    try:
+        device = torch.device(requested)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {requested!r} is not a device name (cpu, cuda, cuda:N, mps)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {requested}: CUDA is not available on this machine (use cpu or mps)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {requested}: Apple MPS is not available on this machine")
+    return device
+
+
 def detect_device(requested: str = "") -> torch.device:
     """The device to train on: `requested` when given (and available), else cuda > mps > cpu.
 
     Prints what it chose and why, so a run on the wrong device is visible in the first lines of the log."""
     if requested and requested != "auto":
-        try:
-            device = torch.device(requested)
-        except RuntimeError as err:
-            raise ConfigError(f"--device {requested!r} is not a device name (cpu, cuda, cuda:N, mps)") from err
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {requested}: CUDA is not available on this machine (use cpu or mps)")
-        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ConfigError(f"--device {requested}: Apple MPS is not available on this machine")
+        device = check_device(requested)
         print(f"[minigpt] device {device} (requested with --device)", flush=True)
         return device
     if torch.cuda.is_available():

@@ -4,12 +4,17 @@ The JSON holds only what is DeepSpeed's own (ZeRO stage, offload, communication)
 accumulation, clipping and precision come from `TrainConfig`; a JSON that also sets one of them must
 agree, or `ConfigError` names the file, the field and both values before any work starts. Optimizer
 and LR schedule are the engine's client objects, so a JSON `optimizer`/`scheduler` section is refused.
+A top-level key DeepSpeed does not read (a misspelling such as `zero_optimizaton`) is warned about,
+with the closest known key.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,22 @@ from minigpt.config import ConfigError, TrainConfig
 from minigpt.engine.device import resolve_precision
 
 ZERO_STAGES = (0, 1, 2, 3)
+DEEPSPEED_TOP_LEVEL_KEYS = (
+    "activation_checkpointing", "aio", "autotuning", "bf16", "bfloat16", "checkpoint", "comet", "comms_logger",
+    "communication_data_type", "compile", "csv_monitor", "data_efficiency", "data_types", "dataloader_drop_last",
+    "datastates_ckpt", "disable_allgather", "disable_python_gc", "dump_state", "expert_parallel",
+    "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping",
+    "gradient_predivide_factor", "hybrid_engine", "log_level", "managed_gradient_accumulation",
+    "memory_breakdown", "optimizer", "pipeline", "prescale_gradients", "scheduler",
+    "seq_parallel_communication_data_type", "steps_per_print", "tensor_parallel", "tensorboard", "timers",
+    "torch_autocast", "train_batch_size", "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism",
+    "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "zero_optimization",
+)
+"""The top-level keys DeepSpeed 0.19 reads (`DeepSpeedConfig._initialize_params` in
+deepspeed/runtime/config.py, plus `vocabulary_size`). DeepSpeed keeps no such list and ignores a key it
+does not read, so a misspelled section would silently run with defaults. tests/test_ds_config.py
+replays DeepSpeed's parsing to keep this list in step."""
 
 
 def load_ds_json(path: str | Path) -> dict[str, Any]:
@@ -32,7 +53,20 @@ def load_ds_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from err
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(raw).__name__}")
+    if os.environ.get("RANK", "0") == "0":  # once per run, not once per rank
+        for warning in unknown_key_warnings(raw, str(path)):
+            print(f"[minigpt] warning: {warning}", file=sys.stderr, flush=True)
     return raw
+
+
+def unknown_key_warnings(raw: dict[str, Any], source: str) -> list[str]:
+    """One line per top-level key of `raw` that DeepSpeed does not read, with the closest known key."""
+    warnings = []
+    for key in sorted(set(raw) - set(DEEPSPEED_TOP_LEVEL_KEYS)):
+        close = difflib.get_close_matches(key, DEEPSPEED_TOP_LEVEL_KEYS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        warnings.append(f"{source}: unknown top-level key {key!r}{hint}; DeepSpeed does not read it")
+    return warnings
 
 
 def zero_stage_of(raw: dict[str, Any]) -> int:

@@ -199,6 +199,9 @@ def test_bad_inputs_fail_before_training_with_the_culprit_named(shards, data_tok
     assert run(train_cmd(shards, data_tokenizer.directory, tmp_path / "e", "--no-such-flag")).returncode == 2
     missing = run(train_cmd(tmp_path / "nowhere", data_tokenizer.directory, tmp_path / "f"))
     assert missing.returncode == 2 and "nowhere" in missing.stderr
+    too_small = run(train_cmd(shards, data_tokenizer.directory, tmp_path / "g", "--batch-size", "100000"))
+    assert too_small.returncode == 2 and "one optimizer step needs 100000" in too_small.stderr, too_small.stderr[-2000:]
+    assert "Traceback" not in too_small.stderr
 
 
 def test_dry_run_prints_the_plan_and_trains_nothing(shards, data_tokenizer, tmp_path):

@@ -22,6 +22,10 @@ class SamplerState:
     position: int = 0
 
 
+class SamplerError(ValueError):
+    """The data cannot fill the batches asked for, or a sampler state does not fit this data."""
+
+
 class ResumableSampler:
     """Yields this rank's micro-batches of indices, step after step, for as many steps as asked."""
 
@@ -29,7 +33,7 @@ class ResumableSampler:
                  world_size: int = 1, seed: int = 0, shuffle: bool = True):
         self.global_batch = micro_batch_size * grad_accum * world_size
         if num_samples < self.global_batch:
-            raise ValueError(
+            raise SamplerError(
                 f"dataset has {num_samples} samples but one optimizer step needs {self.global_batch} "
                 f"(micro-batch {micro_batch_size} x accumulation {grad_accum} x {world_size} ranks): "
                 "use more data, a shorter --seq-len or a smaller batch")
@@ -71,10 +75,10 @@ class ResumableSampler:
     def load_state_dict(self, state: dict) -> None:
         """Resume from `state`; the dataset and global batch must be the ones the state was taken with."""
         if state["num_samples"] != self.num_samples:
-            raise ValueError(f"sampler state is for a dataset of {state['num_samples']} samples, "
+            raise SamplerError(f"sampler state is for a dataset of {state['num_samples']} samples, "
                              f"this one has {self.num_samples}: the data changed since the checkpoint")
         if state["global_batch"] != self.global_batch:
-            raise ValueError(f"sampler state is for a global batch of {state['global_batch']}, this run uses "
+            raise SamplerError(f"sampler state is for a global batch of {state['global_batch']}, this run uses "
                              f"{self.global_batch}: keep micro-batch x accumulation x ranks equal to resume")
         self.seed = state["seed"]
         self.state = SamplerState(epoch=state["epoch"], position=state["position"])

@@ -22,7 +22,7 @@ import torch
 from minigpt.checkpoint import CheckpointError, CheckpointManager, sweep_temporary
 from minigpt.config import ConfigError, MiniGPTConfig, TrainConfig, get_config
 from minigpt.data.build import DatasetBuildError
-from minigpt.data.sampler import ResumableSampler
+from minigpt.data.sampler import ResumableSampler, SamplerError
 from minigpt.data.shards import ShardError, open_shard
 from minigpt.engine import create_engine
 from minigpt.engine.base import Engine
@@ -37,7 +37,7 @@ from minigpt.train.objectives import EvalTotals, build_objective, dataset_kind
 from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta, save_consolidated
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError,
-               DatasetBuildError)
+               DatasetBuildError, SamplerError)
 """Errors caused by the user's input: reported as one clear line, not a traceback."""
 SNAPSHOT = "training_config_snapshot.json"
 FINAL = "final"

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from minigpt.config import ConfigError, MiniGPTConfig
-from minigpt.fsutil import fsync_dir, fsync_file
+from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir
 from minigpt.model import MiniGPT
 from minigpt.tokenizer import META_FILE, MODEL_FILE, Tokenizer
 
@@ -128,8 +128,7 @@ def save_consolidated(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": config.to_dict(),
             "tokenizer_checksum": tokenizer.checksum if tokenizer else None, "extra": extra or {}}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; a model directory is meant to be shared
+    tmp_dir = make_staging_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         torch.save(tensors, tmp_dir / WEIGHTS_FILE)
         (tmp_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -190,3 +192,13 @@ def test_a_foreign_config_json_or_corrupt_weights_are_named(saved):
     (model_dir / CONFIG_FILE).write_text(json.dumps(make_config().to_dict()))
     with pytest.raises(WeightsError, match="config.json: not a MiniGPT consolidated config"):
         load_consolidated(model_dir)
+
+
+def test_consolidated_directory_gets_the_permissions_of_an_ordinary_mkdir(tmp_path, tokenizer_dir):
+    model = make_model()
+    old = os.umask(0o027)
+    try:
+        out = save_consolidated(tmp_path / "model", model.state_dict(), model.config, tokenizer_dir)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750

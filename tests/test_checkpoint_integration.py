@@ -18,7 +18,7 @@ import torch
 from test_checkpoint import RunsCode
 from test_train_integration import final_weights, run, train_cmd, train_losses
 
-from minigpt.checkpoint import MANIFEST, write_manifest
+from minigpt.checkpoint import MANIFEST, find_resume_point, write_manifest
 
 pytestmark = pytest.mark.integration
 STEPS = ["--max-steps", "30", "--save-interval", "5", "--keep-last", "3"]
@@ -138,6 +138,20 @@ def test_a_damaged_deepspeed_checkpoint_falls_back_to_the_previous_one(deepspeed
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"resumed from {ckpt(out, 25)} at step 25" in done.stdout
     assert final_step(out) == 30
+
+
+@pytest.mark.deepspeed
+def test_every_file_of_a_deepspeed_checkpoint_is_verified_before_anything_is_loaded(deepspeed_run, tmp_path):
+    names = sorted(p.name for p in ckpt(deepspeed_run, 30).iterdir())
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in names and "engine_meta.json" in names
+    for name in names:
+        out = tmp_path / name
+        shutil.copytree(deepspeed_run / "ckpt", out / "ckpt")
+        victim = ckpt(out, 30) / name
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        point = find_resume_point(out)
+        assert point.path == ckpt(out, 25), name
+        assert any(name in note for note in point.skipped), (name, point.skipped)
 
 
 @pytest.fixture

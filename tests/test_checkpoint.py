@@ -235,3 +235,17 @@ def test_start_up_sweeps_what_interrupted_writes_left(run_dir):
     removed = sweep_temporary(run_dir)
     assert len(removed) == 3 and not list(run_dir.rglob("*.tmp*"))
     assert find_resume_point(run_dir).path == ckpt(run_dir, 30)
+
+
+def test_a_pickled_rng_file_of_earlier_versions_still_restores_weights_only(run_dir):
+    target = ckpt(run_dir, 30)
+    (target / "rng_rank0.json").unlink()
+    random.seed(4), np.random.seed(5), torch.manual_seed(6)
+    legacy = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+              "cuda": None}
+    torch.save(legacy, target / "rng_rank0.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    (target / MANIFEST).unlink()  # earlier versions wrote no manifest
+    manager = new_manager(run_dir)
+    manager.load(find_resume_point(run_dir))
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

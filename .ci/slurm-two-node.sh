@@ -54,10 +54,19 @@ host_veth() { echo "mgv-$1"; }
 uts_file() { echo "$RUN_DIR/uts/$1"; }
 
 # Refuse, with the reason, where namespaces cannot be built (exit 3 lets the tests skip).
-check_possible() {
+require_root() {
     if [[ $(id -u) -ne 0 ]]; then log "needs root to create network namespaces and start Slurm"; exit 3; fi
+}
+
+check_possible() {
+    if ! command -v ip >/dev/null && command -v apt-get >/dev/null; then
+        log "installing iproute2 with apt-get"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2 >"$LOG_DIR/apt.log" 2>&1 \
+            || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iproute2; } \
+            >>"$LOG_DIR/apt.log" 2>&1 || true
+    fi
     local tool
-    for tool in ip nsenter unshare; do
+    for tool in ip nsenter unshare mountpoint; do
         command -v "$tool" >/dev/null || { log "'$tool' is not installed (iproute2/util-linux)"; exit 3; }
     done
     if ! ip netns list >/dev/null 2>&1; then log "'ip netns' does not work here"; exit 3; fi
@@ -289,6 +298,7 @@ status() {
 
 main_two_node() {
     local action=${1:-start}
+    [[ $action == status ]] || require_root
     case $action in
         start) start ;;
         stop) stop ;;

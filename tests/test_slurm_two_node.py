@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
 MAX_STEPS = 100
 SAVE_EVERY = 10
-STOP_AT = 10
+STOP_AT = 5
 LOSE_NODE_AT = 35
 DIST_TIMEOUT = 10
 """Seconds the surviving rank waits in a collective; well under the cluster's SlurmdTimeout (30 s), so

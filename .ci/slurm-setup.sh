@@ -165,4 +165,5 @@ main() {
     esac
 }
 
-main "$@"
+# Sourced by .ci/slurm-two-node.sh for install_packages and start_munge; run as a script otherwise.
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then main "$@"; fi

@@ -195,6 +195,9 @@ class TrainConfig:
     out: str = _opt("run directory; default checkpoints/<mode>_<config>", default="")
     ds_config: str = _opt("DeepSpeed JSON config (ZeRO stage, offload); used when run under deepspeed",
                           default="")
+    dist_timeout: int = _opt("seconds a rank waits in a collective for the other ranks before it fails (a lost "
+                             "node or a hung rank); longer than any rank's pause between collectives (a save, "
+                             "an evaluation)", default=600)
     resume: str = _opt("checkpoint directory to resume from exactly, or a run directory (its newest good "
                        "checkpoint)", default="")
     auto_resume: bool = _opt("resume from the newest checkpoint in <out>/ckpt that verifies (damaged ones are "
@@ -267,6 +270,8 @@ class TrainConfig:
                      "eval_batches", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.dist_timeout < 1:
+            raise ConfigError(f"--dist-timeout must be at least 1 second, got {self.dist_timeout}")
         if self.keep_last < 1:
             raise ConfigError(f"--keep-last must be at least 1, got {self.keep_last}")
         if self.log_interval < 1:

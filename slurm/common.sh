@@ -12,7 +12,8 @@
 #   srun       (default) srun starts every rank itself: no ssh needed, Slurm tracks and cleans up every
 #              rank, and `scancel --signal` reaches all of them on every node.
 #   deepspeed  the DeepSpeed launcher with a hostfile built from SLURM_JOB_NODELIST; several nodes need
-#              passwordless ssh + pdsh between them (DS_MULTINODE_LAUNCHER=pdsh|ssh|openmpi|...).
+#              passwordless ssh + pdsh between them (DS_MULTINODE_LAUNCHER=pdsh|openmpi|...), or
+#              DS_MULTINODE_LAUNCHER=slurm, with which DeepSpeed starts the ranks through srun (no ssh).
 #              Signals are delivered to the rank processes by slurm/signal_ranks.py on each node,
 #              because the launcher does not forward SIGUSR1.
 #   python     one plain process (no DeepSpeed), for one-rank jobs.
@@ -88,8 +89,15 @@ start_ranks() {
             local hostfile="$OUT/hostfile.$SLURM_JOB_ID" ds_args
             "$PYTHON" slurm/hostfile.py --slots "$RANKS_PER_NODE" --out "$hostfile" || return 1
             ds_args=(--hostfile "$hostfile" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
-            # One node: local launch without the ssh check; more: ssh/pdsh to the other nodes.
+            # One node: local launch without the ssh check; more: ssh/pdsh to the other nodes, or srun.
             if (( NUM_NODES == 1 )); then ds_args+=(--no_ssh_check); else ds_args+=(--launcher "$DS_MULTINODE_LAUNCHER"); fi
+            if (( NUM_NODES > 1 )) && [[ $DS_MULTINODE_LAUNCHER == slurm ]]; then
+                # DeepSpeed's slurm launcher runs `srun -n <ranks> launch/train.py`: no ssh is needed, and
+                # the step must fit the allocation's one task of SLURM_CPUS_PER_TASK CPUs per node.
+                local cpus=$(( ${SLURM_CPUS_PER_TASK:-$RANKS_PER_NODE} / RANKS_PER_NODE ))
+                ds_args+=(--no_ssh_check
+                          "--launcher_args=--ntasks-per-node=$RANKS_PER_NODE --cpus-per-task=$(( cpus > 0 ? cpus : 1 ))")
+            fi
             deepspeed "${ds_args[@]}" "$TRAIN_SCRIPT" "${TRAIN_ARGS[@]}" &
             ;;
         python)
@@ -171,6 +179,8 @@ run_training() {
         scontrol requeue "$SLURM_JOB_ID" && sleep 60
         return "$rc"
     fi
-    slurm_log "training failed (exit $rc); not requeueing"
+    # A node failure is not ours to handle: Slurm itself cancels and requeues a --requeue job whose node
+    # stopped answering (SlurmdTimeout), and the next run resumes from the last complete checkpoint.
+    slurm_log "training failed (exit $rc); not requeueing from here (after a node failure Slurm requeues a --requeue job)"
     return "$rc"
 }

@@ -26,6 +26,8 @@ usage: slurm/submit.sh [options] [-- launch/train.py flags]
   --out DIR               run directory (default checkpoints/<mode>_<preset>); the job log goes there
   --ds-config FILE        DeepSpeed JSON config
   --launcher L            srun (default) | deepspeed | python
+  --ds-launcher L         with --launcher deepspeed on several nodes, how DeepSpeed reaches them:
+                          pdsh (default, needs ssh between nodes) | slurm (srun, no ssh) | openmpi | ...
   --no-requeue            a signal still saves a checkpoint, but the job does not requeue itself
   --sbatch-arg ARG        pass ARG to sbatch as is (repeatable), e.g. --sbatch-arg=--qos=high
   --dry-run               print the command, do not submit
@@ -40,7 +42,7 @@ need_int() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 must be a non-negative integer, got
 
 main() {
     local nodes=1 gpus=0 cpu_ranks=1 cpus_per_task="" time_limit="" partition="" account="" job_name=""
-    local lead=120 mode=pretrain preset=tiny out="" ds_config="" launcher=srun requeue=1 dry_run=0
+    local lead=120 mode=pretrain preset=tiny out="" ds_config="" launcher=srun ds_launcher=${DS_MULTINODE_LAUNCHER:-pdsh} requeue=1 dry_run=0
     local extra_sbatch=() train_args=()
     while [[ $# -gt 0 ]]; do
         case $1 in
@@ -58,6 +60,7 @@ main() {
             --out) need_value "$@"; out=$2; shift 2 ;;
             --ds-config) need_value "$@"; ds_config=$2; shift 2 ;;
             --launcher) need_value "$@"; launcher=$2; shift 2 ;;
+            --ds-launcher) need_value "$@"; ds_launcher=$2; shift 2 ;;
             --no-requeue) requeue=0; shift ;;
             --sbatch-arg) need_value "$@"; extra_sbatch+=("$2"); shift 2 ;;
             --sbatch-arg=*) extra_sbatch+=("${1#--sbatch-arg=}"); shift ;;
@@ -102,7 +105,7 @@ main() {
 
     local knobs=(MINIGPT_ROOT="$root" MODE="$mode" PRESET="$preset" OUT="$out" DS_CONFIG="$ds_config"
                  LAUNCHER="$launcher" GPUS_PER_NODE="$gpus" CPU_RANKS_PER_NODE="$cpu_ranks"
-                 REQUEUE_ON_STOP="$requeue")
+                 REQUEUE_ON_STOP="$requeue" DS_MULTINODE_LAUNCHER="$ds_launcher")
     local cmd=(env "${knobs[@]}" sbatch "${sbatch_args[@]}" "$script" "${train_args[@]}")
     echo "+ $(printf "%q " "${cmd[@]}")"
     (( dry_run )) && return 0
@@ -110,7 +113,9 @@ main() {
     local job_id
     job_id=$("${cmd[@]}")
     job_id=${job_id%%;*}
-    echo "submitted job $job_id; log: $root/$out/slurm-$job_id.out"
+    local log_dir=$out
+    [[ $out == /* ]] || log_dir=$root/$out
+    echo "submitted job $job_id; log: $log_dir/slurm-$job_id.out"
     echo "$job_id"
 }
 

@@ -1,8 +1,12 @@
-"""A real one-node Slurm cluster for the integration tests, and helpers to submit and watch jobs.
+"""Real Slurm clusters for the integration tests, and helpers to submit and watch jobs.
 
 `slurm_cluster` (session fixture) runs `.ci/slurm-setup.sh start` (installs slurm-wlm + munge when
 missing, starts munged, slurmctld, slurmd) and stops the daemons at the end if it started them. It
 skips, with the reason, only when this is not root or the packages cannot be installed.
+
+`two_node_cluster` (module fixture) runs `.ci/slurm-two-node.sh start` (two nodes, each a network +
+UTS namespace of this machine) and points the Slurm clients at it through SLURM_CONF; it skips with
+the script's reason where namespaces cannot be made, and tears everything down afterwards.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +24,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SETUP = ROOT / ".ci" / "slurm-setup.sh"
+TWO_NODE_SETUP = ROOT / ".ci" / "slurm-two-node.sh"
+TWO_NODE_CONF = "/etc/slurm-minigpt-2node/slurm.conf"
+TWO_NODE_NAMES = ("mgn1", "mgn2")
 SUBMIT = ROOT / "slurm" / "submit.sh"
 EXIT_UNAVAILABLE = 3
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
@@ -38,6 +46,36 @@ def slurm_cluster() -> str:
     yield os.uname().nodename.split(".")[0]
     if not already_running:
         subprocess.run(["bash", str(SETUP), "stop"], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster() -> Iterator[tuple[str, ...]]:
+    """Start the two-node cluster (or reuse a running one); yields the node names.
+
+    Slurm clients run by the tests (and the jobs, which inherit the environment) talk to it through
+    SLURM_CONF. Torn down afterwards, failed tests included, unless it was running before."""
+    if os.geteuid() != 0:
+        pytest.skip("the two-node Slurm cluster needs root (network namespaces, slurmd)")
+    already_running = subprocess.run(["bash", str(TWO_NODE_SETUP), "status"], capture_output=True).returncode == 0
+    try:
+        result = subprocess.run(["bash", str(TWO_NODE_SETUP), "start"], capture_output=True, text=True,
+                                timeout=900)
+        if result.returncode == EXIT_UNAVAILABLE:
+            pytest.skip(f"no two-node Slurm cluster possible here: {result.stderr.strip()}")
+        assert result.returncode == 0, f".ci/slurm-two-node.sh start failed:\n{result.stderr}"
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("SLURM_CONF", TWO_NODE_CONF)
+            yield TWO_NODE_NAMES
+    finally:
+        if not already_running:
+            subprocess.run(["bash", str(TWO_NODE_SETUP), "stop"], capture_output=True, text=True, timeout=120)
+
+
+def two_node_action(action: str, node: str) -> None:
+    """`.ci/slurm-two-node.sh kill-node|revive-node NODE`."""
+    result = subprocess.run(["bash", str(TWO_NODE_SETUP), action, node], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, f"{action} {node} failed:\n{result.stderr}"
 
 
 @dataclass

@@ -66,7 +66,8 @@ def test_bad_submit_flags_exit_2_naming_the_flag(args: list[str], message: str) 
 
 @needs_bash
 @pytest.mark.parametrize("script", ["slurm/common.sh", "slurm/submit.sh", "slurm/train_single_node.sbatch",
-                                    "slurm/train_multi_node.sbatch", ".ci/slurm-setup.sh"])
+                                    "slurm/train_multi_node.sbatch", ".ci/slurm-setup.sh",
+                                    ".ci/slurm-two-node.sh"])
 def test_shell_scripts_parse(script: str) -> None:
     subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
 
@@ -109,3 +110,10 @@ def test_only_the_runs_ranks_receive_the_signal(tmp_path: Path) -> None:
         for proc in (ours, other):
             proc.kill()
             proc.wait()
+
+
+@needs_bash
+def test_deepspeed_slurm_backend_is_passed_to_the_multi_node_script() -> None:
+    words = dry_run("--nodes", "2", "--launcher", "deepspeed", "--ds-launcher", "slurm")
+    assert "DS_MULTINODE_LAUNCHER=slurm" in words and "LAUNCHER=deepspeed" in words
+    assert "slurm/train_multi_node.sbatch" in words

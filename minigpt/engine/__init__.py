@@ -8,6 +8,7 @@ the plain engine works without it installed.
 from __future__ import annotations
 
 import os
+import socket
 
 from torch import nn
 
@@ -16,7 +17,7 @@ from minigpt.engine.base import Engine, StepResult, build_optimizer, build_sched
 from minigpt.engine.device import detect_device, resolve_precision
 
 __all__ = ["Engine", "StepResult", "build_optimizer", "build_scheduler", "create_engine", "detect_device",
-           "launched_distributed", "resolve_precision", "validate_engine_config", "warmup_cosine"]
+           "launched_distributed", "rank_placement", "resolve_precision", "validate_engine_config", "warmup_cosine"]
 
 
 def launched_distributed() -> bool:
@@ -39,12 +40,21 @@ def launched_distributed() -> bool:
     return False
 
 
+def rank_placement(engine: Engine) -> str:
+    """One line per rank saying where it runs, so a multi-node log shows how ranks were placed."""
+    return (f"[minigpt] rank {engine.rank}/{engine.world_size} on host {socket.gethostname()} "
+            f"(local rank {os.environ.get('LOCAL_RANK', '0')}, master {os.environ.get('MASTER_ADDR', '?')}:"
+            f"{os.environ.get('MASTER_PORT', '?')})")
+
+
 def create_engine(model: nn.Module, cfg: TrainConfig) -> Engine:
     """DeepSpeedEngine under a distributed launcher or with --ds-config; PlainEngine otherwise."""
     if launched_distributed() or cfg.ds_config:
         from minigpt.engine.deepspeed import DeepSpeedEngine
 
-        return DeepSpeedEngine(model, cfg, cfg.ds_config or None)
+        engine = DeepSpeedEngine(model, cfg, cfg.ds_config or None)
+        print(rank_placement(engine), flush=True)
+        return engine
     from minigpt.engine.plain import PlainEngine
 
     return PlainEngine(model, cfg, detect_device(cfg.device))

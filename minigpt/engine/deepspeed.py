@@ -12,6 +12,7 @@ plain `engine.pt` into the ZeRO partitions with DeepSpeed's tensor-fragment API.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
@@ -45,8 +46,10 @@ log = logging.getLogger(__name__)
 META_FILE = "engine_meta.json"
 
 
-def init_distributed() -> torch.device:
-    """Start the process group once (gloo on DeepSpeed's CPU accelerator) and return this rank's device."""
+def init_distributed(timeout_s: int = 600) -> torch.device:
+    """Start the process group once (gloo on DeepSpeed's CPU accelerator) and return this rank's device.
+
+    Every collective fails after `timeout_s` instead of waiting for a lost rank forever."""
     accelerator = get_accelerator()
     if "WORLD_SIZE" not in os.environ:
         # --ds-config without a launcher: a world of one, so DeepSpeed does not go looking for MPI.
@@ -55,7 +58,14 @@ def init_distributed() -> torch.device:
             os.environ.setdefault(name, value)
     if not torch.distributed.is_initialized():
         backend = "gloo" if accelerator.device_name() == "cpu" else None
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # Groups made later (DeepSpeed's data-parallel clone of the world) take torch's module defaults
+        # (30 min gloo, 10 min NCCL), not the world's timeout: set those defaults too.
+        c10d = torch.distributed.distributed_c10d
+        c10d.default_pg_timeout = timeout
+        if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
+            c10d.default_pg_nccl_timeout = timeout
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() == "cpu":
         return torch.device("cpu")
@@ -74,7 +84,7 @@ class DeepSpeedEngine(Engine):
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         # Validate before any process-group or model work: a bad config must fail fast and by name.
         config = build_ds_config(raw, cfg, world_size, source, precision=precision, accelerator=accelerator)
-        self.device = init_distributed()
+        self.device = init_distributed(cfg.dist_timeout)
         self.rank = torch.distributed.get_rank()
         self.world_size = torch.distributed.get_world_size()
         if self.world_size != world_size:

@@ -81,8 +81,8 @@ class DeepSpeedEngine(Engine):
             config = build_ds_config(raw, cfg, self.world_size, source, precision=precision, accelerator=accelerator)
         self.precision = precision
         self.zero_stage = zero_stage_of(raw)
-        self.micro_batch_size = cfg.batch_size
-        self.grad_accum_steps = cfg.grad_accum
+        self._ds_grad_accum = cfg.grad_accum  # DeepSpeed's gradient_accumulation_steps: its backward divides by it
+        self._boundary_pending = False
         model = model.to(self.device)
         client_optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         if offloads_optimizer(raw):
@@ -100,14 +100,23 @@ class DeepSpeedEngine(Engine):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.ds(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, micro_batches: int = 1, last: bool = True) -> None:
+        """The caller's `last` sets DeepSpeed's accumulation boundary (where ZeRO reduces gradients); the
+        1/micro_batches scaling is DeepSpeed's own division by its gradient_accumulation_steps."""
+        if micro_batches != self._ds_grad_accum:
+            raise ValueError(f"backward over {micro_batches} micro-batches per step, but DeepSpeed was configured "
+                             f"for gradient_accumulation_steps={self._ds_grad_accum}")
+        self.ds.set_gradient_accumulation_boundary(last)
         self.ds.backward(loss)
+        if last:
+            self._boundary_pending = True
+        else:
+            self.ds.step()  # DeepSpeed's protocol: step() after every backward; off the boundary it only counts
 
-    def step(self) -> StepResult | None:
-        boundary = self.ds.is_gradient_accumulation_boundary()
-        if not boundary:
-            self.ds.step()
-            return None
+    def step(self) -> StepResult:
+        if not self._boundary_pending:
+            raise RuntimeError("step() before the backward marked last=True of this optimizer step")
+        self._boundary_pending = False
         lr = self.lr
         fallback_norm = self._local_grad_norm() if self.zero_stage == 0 else None
         if fallback_norm is not None and not math.isfinite(fallback_norm):

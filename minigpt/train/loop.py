@@ -223,21 +223,23 @@ class Trainer:
         return self._batches
 
     def train_step(self, batches: list | None = None) -> tuple[float, object, int, dict]:
-        """One optimizer step over `grad_accum` micro-batches.
+        """One optimizer step over `grad_accum` micro-batches: the loop owns accumulation and tells the
+        engine which backward is the step's last, then steps once.
 
         Returns the loss and the objective's statistics averaged over micro-batches and ranks, the
         engine's StepResult, and the tokens processed by all ranks."""
         self.engine.train()
-        result, tokens, totals = None, 0, {}
-        for batch in batches or self.micro_batches():
+        tokens, totals = 0, {}
+        batches = batches or self.micro_batches()
+        for index, batch in enumerate(batches):
             loss, stats = self.objective.loss(self.engine, batch)
-            self.engine.backward(loss)
-            result = self.engine.step() or result
+            self.engine.backward(loss, len(batches), last=index == len(batches) - 1)
             for name, value in {"loss": loss.detach().float().item(), **stats}.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
             tokens += self.objective.tokens_in(batch)
+        result = self.engine.step()
         summed = reduce_by_name(totals, self.engine.all_reduce_sum, self.engine.device)
-        scale = 1.0 / (self.cfg.grad_accum * self.engine.world_size)
+        scale = 1.0 / (len(batches) * self.engine.world_size)
         averaged = {name: value * scale for name, value in summed.items()}
         return averaged.pop("loss"), result, tokens * self.engine.world_size, averaged
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, TrainConfig
+from minigpt.runtime import Runtime
 
 
 @dataclass
@@ -95,6 +96,8 @@ class Engine(ABC):
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    runtime: Runtime
+    """This process's rank, world and collectives (`minigpt.runtime`), shared with the loop and the data."""
 
     @property
     def is_main(self) -> bool:
@@ -147,17 +150,13 @@ class Engine(ABC):
     def eval(self) -> None:
         self.module.eval()
 
-    # Collectives: trivial on one process, all-reduce across data-parallel ranks otherwise.
+    # Collectives come from the runtime: trivial on one process, across data-parallel ranks otherwise.
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            values = values.clone()
-            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-        return values
+        return self.runtime.all_reduce_sum(values)
 
     def any_rank(self, flag: bool) -> bool:
         """True when `flag` is set on any rank (used to agree on stopping at a step boundary)."""
-        return bool(self.all_reduce_sum(torch.tensor([float(flag)], device=self.device)).item() > 0)
+        return self.runtime.any_rank(flag)
 
     def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
+        self.runtime.barrier()

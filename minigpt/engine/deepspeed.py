@@ -38,6 +38,7 @@ from minigpt.engine.plain import (
     read_engine_file,
     sync_group_lrs,
 )
+from minigpt.runtime import Runtime
 from minigpt.safe_load import safe_torch_load, weights_only_loads
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,18 @@ def init_distributed() -> torch.device:
     return torch.device(accelerator.device_name(local_rank))
 
 
+def distributed_runtime() -> Runtime:
+    """The runtime of a process under a launcher (or --ds-config alone): the process group started."""
+    device = init_distributed()
+    return Runtime(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device, distributed=True)
+
+
 class DeepSpeedEngine(Engine):
     """`deepspeed.initialize` around the model with the client optimizer and scheduler."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, ds_config_path: str | None):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, ds_config_path: str | None,
+                 runtime: Runtime | None = None):
         accelerator = get_accelerator().device_name()
         precision = resolve_precision(cfg.precision, torch.device(accelerator))
         raw = load_ds_json(ds_config_path) if ds_config_path else {"zero_optimization": {"stage": 0}}
@@ -74,9 +83,8 @@ class DeepSpeedEngine(Engine):
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         # Validate before any process-group or model work: a bad config must fail fast and by name.
         config = build_ds_config(raw, cfg, world_size, source, precision=precision, accelerator=accelerator)
-        self.device = init_distributed()
-        self.rank = torch.distributed.get_rank()
-        self.world_size = torch.distributed.get_world_size()
+        self.runtime = runtime or distributed_runtime()  # built alone (tests, benchmarks): start it here
+        self.device, self.rank, self.world_size = self.runtime.device, self.runtime.rank, self.runtime.world_size
         if self.world_size != world_size:
             config = build_ds_config(raw, cfg, self.world_size, source, precision=precision, accelerator=accelerator)
         self.precision = precision

@@ -17,6 +17,7 @@ from torch import nn
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, check_shapes_fit
 from minigpt.engine.device import autocast_dtype, resolve_precision
+from minigpt.runtime import Runtime
 from minigpt.safe_load import safe_torch_load
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def read_portable_state(directory: Path) -> dict[str, Any]:
 class PlainEngine(Engine):
     """Single-device training: autocast, GradScaler for fp16, accumulation, clipping, AdamW, warmup+cosine."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, runtime: Runtime | None = None):
+        self.runtime = runtime or Runtime(device=device)
         self.device = device
         self.precision = resolve_precision(cfg.precision, device)
         self.grad_clip = cfg.grad_clip

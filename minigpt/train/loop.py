@@ -25,7 +25,7 @@ from minigpt.config import ConfigError, MiniGPTConfig, TrainConfig, get_config
 from minigpt.data.build import DatasetBuildError
 from minigpt.data.sampler import ResumableSampler, SamplerError
 from minigpt.data.shards import ShardError, open_shard
-from minigpt.engine import create_engine
+from minigpt.engine import create_engine, create_runtime
 from minigpt.engine.base import Engine
 from minigpt.fsutil import atomic_write_text
 from minigpt.generate import GenerationConfig, TextGenerator
@@ -46,11 +46,6 @@ SNAPSHOT = "training_config_snapshot.json"
 FINAL = "final"
 # Post-training stages start from the previous stage's final weights of the same preset.
 PREVIOUS_STAGES = {"sft": ("pretrain",), "dpo": ("sft",), "reward": ("sft", "pretrain"), "rlhf": ("dpo", "sft")}
-
-
-def launch_rank() -> int:
-    """This process's global rank as set by the launcher (deepspeed/torchrun: RANK, srun: SLURM_PROCID)."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def set_seed(seed: int) -> None:
@@ -159,19 +154,21 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        if launch_rank() == 0:
+        # First: who this process is, and the process group the data resolution's barriers need.
+        self.runtime = create_runtime(cfg)
+        if self.runtime.is_main:
             for stale in sweep_temporary(cfg.run_dir):
                 print(f"[minigpt] removed {stale}, left by an interrupted write", flush=True)
         set_seed(cfg.seed)
         start = find_starting_weights(cfg)
-        self.run_data = resolve_run_data(cfg, launch_rank() == 0, start.model_dir, dataset_kind(cfg.mode))
+        self.run_data = resolve_run_data(cfg, self.runtime, start.model_dir, dataset_kind(cfg.mode))
         self.tokenizer = self.run_data.tokenizer
         self.model = build_model(cfg, self.tokenizer, start)
         self.objective: Objective = build_objective(cfg.mode, self.tokenizer, cfg)
         self.model = self.objective.wrap_model(self.model)  # e.g. the reward model's scalar head
         self.model_config = self.model.config
         self.seq_len = seq_len_of(cfg, self.model_config)
-        self.engine = create_engine(self.model, cfg)
+        self.engine = create_engine(self.model, cfg, self.runtime)
         self.train_set = open_datasets(self.run_data, self.objective, "train", self.seq_len)
         self.val_set = open_datasets(self.run_data, self.objective, "val", self.seq_len)
         self.sampler = ResumableSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.engine.rank,

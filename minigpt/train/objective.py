@@ -14,7 +14,8 @@ The loop (`minigpt.train.loop`) calls, in this order:
     end of run: save_consolidated(...)    the final weights directory
 
 Objectives get what they need through these arguments and `SetupContext`, never the Trainer.
-Adding a mode is one new file with an `Objective` subclass plus one line in `objectives.OBJECTIVES`.
+Adding a mode is one new file with an `Objective` subclass plus one line in `objectives.OBJECTIVES`
+(and its name in `config.MODES`, which validates `--mode` before anything is imported).
 """
 
 from __future__ import annotations

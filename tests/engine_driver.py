@@ -65,13 +65,14 @@ def run_steps(engine: Engine, first: int, last: int) -> list[dict]:
     """Train optimizer steps first..last-1; return per-step mean loss (over all ranks), grad norm, lr."""
     records = []
     for step in range(first, last):
-        losses, result = [], None
-        for batch in micro_batches(step, engine.rank, engine.world_size):
+        losses = []
+        batches = micro_batches(step, engine.rank, engine.world_size)
+        for index, batch in enumerate(batches):
             logits = engine(batch[:, :-1])
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-            engine.backward(loss)
-            result = engine.step() or result
+            engine.backward(loss, len(batches), last=index == len(batches) - 1)
             losses.append(loss.detach())
+        result = engine.step()
         mean = engine.all_reduce_sum(torch.stack(losses).mean().reshape(1)).item() / engine.world_size
         records.append({"step": step, "loss": mean, "grad_norm": result.grad_norm, "lr": result.lr,
                         "skipped": result.skipped})
@@ -112,10 +113,11 @@ def main() -> None:
         torch.save(weights, args.out / "consolidated.pt")
     # A non-finite loss on one rank: the update is skipped on every rank and the weights stay as they were.
     batch = micro_batches(STEPS, engine.rank, engine.world_size)[0]
-    for _ in range(engine.grad_accum_steps):
+    accumulation = len(micro_batches(STEPS, engine.rank, engine.world_size))
+    for index in range(accumulation):
         loss = engine(batch[:, :-1]).float().mean() * (float("nan") if engine.rank == 1 else 1.0)
-        engine.backward(loss)
-        result = engine.step() or None
+        engine.backward(loss, accumulation, last=index == accumulation - 1)
+    result = engine.step()
     after = engine.consolidated_state_dict()
     if engine.is_main:
         results["nan_step"] = {"skipped": result.skipped,

@@ -33,11 +33,10 @@ def loss_of(eng: PlainEngine, rows: torch.Tensor) -> torch.Tensor:
 
 
 def train_on(eng: PlainEngine, micro_batches: list[torch.Tensor]):
-    result = None
-    for rows in micro_batches:
-        eng.backward(loss_of(eng, rows))
-        result = eng.step() or result
-    return result
+    """One optimizer step over `micro_batches`, accumulated as the loop does it."""
+    for index, rows in enumerate(micro_batches):
+        eng.backward(loss_of(eng, rows), len(micro_batches), last=index == len(micro_batches) - 1)
+    return eng.step()
 
 
 def test_k_micro_batches_equal_one_batch_of_k_times_the_size():
@@ -51,13 +50,15 @@ def test_k_micro_batches_equal_one_batch_of_k_times_the_size():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_step_reports_only_at_accumulation_boundaries():
+def test_backward_only_accumulates_and_the_callers_step_updates_and_reports():
     eng = engine(batch_size=2, grad_accum=3)
-    reports = []
-    for rows in global_batch(0)[:6].split(2):
-        eng.backward(loss_of(eng, rows))
-        reports.append(eng.step())
-    assert reports[0] is None and reports[1] is None and reports[2] is not None
+    before = {k: v.clone() for k, v in eng.module.state_dict().items()}
+    for index, rows in enumerate(global_batch(0)[:6].split(2)):
+        eng.backward(loss_of(eng, rows), 3, last=index == 2)
+    assert all(torch.equal(before[k], v) for k, v in eng.module.state_dict().items())  # no update mid-window
+    report = eng.step()
+    assert report is not None and report.grad_norm > 0
+    assert not all(torch.equal(before[k], v) for k, v in eng.module.state_dict().items())
 
 
 def test_clipping_caps_the_norm_the_optimizer_sees():

@@ -15,9 +15,11 @@ from torch import nn
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, warmup_cosine
 from minigpt.engine.device import detect_device, resolve_precision
+from minigpt.runtime import Runtime
 
-__all__ = ["Engine", "StepResult", "build_optimizer", "build_scheduler", "create_engine", "detect_device",
-           "launched_distributed", "rank_placement", "resolve_precision", "validate_engine_config", "warmup_cosine"]
+__all__ = ["Engine", "StepResult", "build_optimizer", "build_scheduler", "create_engine", "create_runtime",
+           "detect_device", "launched_distributed", "rank_placement", "resolve_precision", "validate_engine_config",
+           "warmup_cosine"]
 
 
 def launched_distributed() -> bool:
@@ -47,17 +49,32 @@ def rank_placement(engine: Engine) -> str:
             f"{os.environ.get('MASTER_PORT', '?')})")
 
 
-def create_engine(model: nn.Module, cfg: TrainConfig) -> Engine:
-    """DeepSpeedEngine under a distributed launcher or with --ds-config; PlainEngine otherwise."""
-    if launched_distributed() or cfg.ds_config:
+def create_runtime(cfg: TrainConfig) -> Runtime:
+    """The runtime of this process, made before anything else: distributed (process group started)
+    under a launcher or with --ds-config, one plain process otherwise. The engine configuration is
+    validated first, so a bad DeepSpeed config fails by name before any rendezvous."""
+    if not (launched_distributed() or cfg.ds_config):
+        return Runtime(device=detect_device(cfg.device))
+    validate_engine_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    from minigpt.engine.deepspeed import distributed_runtime
+
+    return distributed_runtime(cfg.dist_timeout)
+
+
+def create_engine(model: nn.Module, cfg: TrainConfig, runtime: Runtime | None = None) -> Engine:
+    """DeepSpeedEngine in a distributed runtime (a launcher or --ds-config); PlainEngine otherwise.
+
+    `runtime` (from `minigpt.runtime.create_runtime`, made before the data) is created here when not given."""
+    runtime = runtime or create_runtime(cfg)
+    if runtime.distributed:
         from minigpt.engine.deepspeed import DeepSpeedEngine
 
-        engine = DeepSpeedEngine(model, cfg, cfg.ds_config or None)
+        engine = DeepSpeedEngine(model, cfg, cfg.ds_config or None, runtime)
         print(rank_placement(engine), flush=True)
         return engine
     from minigpt.engine.plain import PlainEngine
 
-    return PlainEngine(model, cfg, detect_device(cfg.device))
+    return PlainEngine(model, cfg, runtime.device, runtime)
 
 
 def validate_engine_config(cfg: TrainConfig, world_size: int) -> str:

@@ -1,9 +1,10 @@
 """The Engine interface: what the training loop needs from DeepSpeed or from a plain device.
 
-The loop calls, per micro-batch, `loss = objective(engine, batch)`, `engine.backward(loss)`,
-`engine.step()`; `step()` returns a `StepResult` at the end of each accumulation window (the
-optimizer step happened) and None otherwise. Accumulation, loss scaling, clipping, the optimizer and
-the learning-rate schedule all live inside the engine; the loop never asks which engine it has.
+The loop owns gradient accumulation: per micro-batch it calls `loss = objective(engine, batch)` and
+`engine.backward(loss, micro_batches, last)` (how many micro-batches the step averages, and whether
+this is the last of them), then `engine.step()` once per optimizer step, which returns a `StepResult`.
+Loss scaling, clipping, the optimizer and the learning-rate schedule live inside the engine; the loop
+never asks which engine it has.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, TrainConfig
+from minigpt.runtime import Runtime
 
 
 @dataclass
@@ -94,8 +96,8 @@ class Engine(ABC):
     device: torch.device
     rank: int = 0
     world_size: int = 1
-    micro_batch_size: int
-    grad_accum_steps: int
+    runtime: Runtime
+    """This process's rank, world and collectives (`minigpt.runtime`), shared with the loop and the data."""
 
     @property
     def is_main(self) -> bool:
@@ -109,12 +111,14 @@ class Engine(ABC):
         return self.forward(*args, **kwargs)
 
     @abstractmethod
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate gradients of `loss` (the mean over one micro-batch); scaling by 1/accum is inside."""
+    def backward(self, loss: torch.Tensor, micro_batches: int = 1, last: bool = True) -> None:
+        """Accumulate gradients of `loss`, the mean over one of the `micro_batches` micro-batches the next
+        optimizer step averages (the 1/micro_batches scaling is inside); `last` marks the final one,
+        after which the caller calls `step()`."""
 
     @abstractmethod
-    def step(self) -> StepResult | None:
-        """Advance one micro-step; at an accumulation boundary clip, update, schedule, and report."""
+    def step(self) -> StepResult:
+        """End the optimizer step the caller's `backward` calls accumulated: clip, update, schedule, report."""
 
     @abstractmethod
     def save(self, directory: Path) -> None:
@@ -146,17 +150,13 @@ class Engine(ABC):
     def eval(self) -> None:
         self.module.eval()
 
-    # Collectives: trivial on one process, all-reduce across data-parallel ranks otherwise.
+    # Collectives come from the runtime: trivial on one process, across data-parallel ranks otherwise.
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            values = values.clone()
-            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.SUM)
-        return values
+        return self.runtime.all_reduce_sum(values)
 
     def any_rank(self, flag: bool) -> bool:
         """True when `flag` is set on any rank (used to agree on stopping at a step boundary)."""
-        return bool(self.all_reduce_sum(torch.tensor([float(flag)], device=self.device)).item() > 0)
+        return self.runtime.any_rank(flag)
 
     def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
+        self.runtime.barrier()

@@ -39,6 +39,7 @@ from minigpt.engine.plain import (
     read_engine_file,
     sync_group_lrs,
 )
+from minigpt.runtime import Runtime
 from minigpt.safe_load import safe_torch_load, weights_only_loads
 
 log = logging.getLogger(__name__)
@@ -73,10 +74,19 @@ def init_distributed(timeout_s: int = 600) -> torch.device:
     return torch.device(accelerator.device_name(local_rank))
 
 
+def distributed_runtime(timeout_s: int = 600) -> Runtime:
+    """The runtime of a process under a launcher (or --ds-config alone): the process group started, its
+    collectives failing after `timeout_s` (--dist-timeout)."""
+    device = init_distributed(timeout_s)
+    return Runtime(rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size(),
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device, distributed=True)
+
+
 class DeepSpeedEngine(Engine):
     """`deepspeed.initialize` around the model with the client optimizer and scheduler."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, ds_config_path: str | None):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, ds_config_path: str | None,
+                 runtime: Runtime | None = None):
         accelerator = get_accelerator().device_name()
         precision = resolve_precision(cfg.precision, torch.device(accelerator))
         raw = load_ds_json(ds_config_path) if ds_config_path else {"zero_optimization": {"stage": 0}}
@@ -84,15 +94,14 @@ class DeepSpeedEngine(Engine):
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         # Validate before any process-group or model work: a bad config must fail fast and by name.
         config = build_ds_config(raw, cfg, world_size, source, precision=precision, accelerator=accelerator)
-        self.device = init_distributed(cfg.dist_timeout)
-        self.rank = torch.distributed.get_rank()
-        self.world_size = torch.distributed.get_world_size()
+        self.runtime = runtime or distributed_runtime(cfg.dist_timeout)  # built alone (tests, benchmarks)
+        self.device, self.rank, self.world_size = self.runtime.device, self.runtime.rank, self.runtime.world_size
         if self.world_size != world_size:
             config = build_ds_config(raw, cfg, self.world_size, source, precision=precision, accelerator=accelerator)
         self.precision = precision
         self.zero_stage = zero_stage_of(raw)
-        self.micro_batch_size = cfg.batch_size
-        self.grad_accum_steps = cfg.grad_accum
+        self._ds_grad_accum = cfg.grad_accum  # DeepSpeed's gradient_accumulation_steps: its backward divides by it
+        self._boundary_pending = False
         model = model.to(self.device)
         client_optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         if offloads_optimizer(raw):
@@ -110,14 +119,23 @@ class DeepSpeedEngine(Engine):
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.ds(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, micro_batches: int = 1, last: bool = True) -> None:
+        """The caller's `last` sets DeepSpeed's accumulation boundary (where ZeRO reduces gradients); the
+        1/micro_batches scaling is DeepSpeed's own division by its gradient_accumulation_steps."""
+        if micro_batches != self._ds_grad_accum:
+            raise ValueError(f"backward over {micro_batches} micro-batches per step, but DeepSpeed was configured "
+                             f"for gradient_accumulation_steps={self._ds_grad_accum}")
+        self.ds.set_gradient_accumulation_boundary(last)
         self.ds.backward(loss)
+        if last:
+            self._boundary_pending = True
+        else:
+            self.ds.step()  # DeepSpeed's protocol: step() after every backward; off the boundary it only counts
 
-    def step(self) -> StepResult | None:
-        boundary = self.ds.is_gradient_accumulation_boundary()
-        if not boundary:
-            self.ds.step()
-            return None
+    def step(self) -> StepResult:
+        if not self._boundary_pending:
+            raise RuntimeError("step() before the backward marked last=True of this optimizer step")
+        self._boundary_pending = False
         lr = self.lr
         fallback_norm = self._local_grad_norm() if self.zero_stage == 0 else None
         if fallback_norm is not None and not math.isfinite(fallback_norm):

@@ -17,6 +17,7 @@ from torch import nn
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, check_shapes_fit
 from minigpt.engine.device import autocast_dtype, resolve_precision
+from minigpt.runtime import Runtime
 from minigpt.safe_load import safe_torch_load
 
 log = logging.getLogger(__name__)
@@ -93,11 +94,10 @@ def read_portable_state(directory: Path) -> dict[str, Any]:
 class PlainEngine(Engine):
     """Single-device training: autocast, GradScaler for fp16, accumulation, clipping, AdamW, warmup+cosine."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device):
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, runtime: Runtime | None = None):
+        self.runtime = runtime or Runtime(device=device)
         self.device = device
         self.precision = resolve_precision(cfg.precision, device)
-        self.micro_batch_size = cfg.batch_size
-        self.grad_accum_steps = cfg.grad_accum
         self.grad_clip = cfg.grad_clip
         self.module = model.to(device)
         # The compiled wrapper only runs forward; checkpoints and eval use the unwrapped module.
@@ -105,7 +105,6 @@ class PlainEngine(Engine):
         self.optimizer = build_optimizer(self.module, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
-        self._micro_step = 0
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         dtype = autocast_dtype(self.precision)
@@ -113,13 +112,10 @@ class PlainEngine(Engine):
         with context:
             return self._forward_module(*args, **kwargs)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        self.scaler.scale(loss / self.grad_accum_steps).backward()
+    def backward(self, loss: torch.Tensor, micro_batches: int = 1, last: bool = True) -> None:
+        self.scaler.scale(loss / micro_batches).backward()
 
-    def step(self) -> StepResult | None:
-        self._micro_step += 1
-        if self._micro_step % self.grad_accum_steps:
-            return None
+    def step(self) -> StepResult:
         self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")

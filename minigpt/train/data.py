@@ -4,7 +4,8 @@
 which are pre-tokenized on the fly into a cache keyed by their content and the tokenizer. Relative
 names are looked up in the working directory, then the run's `--data-dir`, then `$MINIGPT_DATA_DIR`.
 With no `--data`, pretraining uses the built-in demo corpus. In a multi-rank run the main rank builds
-what is missing while the others wait for it to appear (every write is an atomic rename).
+what is missing while the others wait at a barrier of the runtime (created before the data, so a
+process group exists); every rank passes the same barriers whichever branch it takes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +20,11 @@ from minigpt.config import ConfigError, TrainConfig, get_config
 from minigpt.data.build import build_dataset
 from minigpt.data.demo import write_demo_corpus
 from minigpt.data.shards import open_shard
+from minigpt.runtime import Runtime
 from minigpt.tokenizer import Tokenizer, train_tokenizer
 
 DATA_ENV = "MINIGPT_DATA_DIR"
 CACHE = "cache"
-WAIT_SECONDS = 1800
 
 
 class DataError(ValueError):
@@ -59,15 +59,6 @@ def find_input(name: str, data_dir: str) -> Path:
                     f"(set --data-dir or ${DATA_ENV} to where your data lives)")
 
 
-def _wait_for(path: Path, what: str) -> None:
-    """Non-main ranks wait for the main rank to publish `path` (atomic rename means complete)."""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise DataError(f"timed out after {WAIT_SECONDS}s waiting for the main rank to build {what} at {path}")
-        time.sleep(0.5)
-
-
 def _content_key(files: list[Path], *parts: str) -> str:
     digest = hashlib.sha256()
     for path in sorted(files):
@@ -78,12 +69,13 @@ def _content_key(files: list[Path], *parts: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def resolve_run_data(cfg: TrainConfig, is_main: bool, tokenizer_dir: Path | None, kind: str) -> RunData:
+def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | None, kind: str) -> RunData:
     """Find or build the tokenizer and the datasets this run trains on.
 
     tokenizer_dir: the tokenizer the weights already use (post-training stages start from weights),
     or None to use --tokenizer / <run>/tokenizer / train one on the raw inputs.
     """
+    is_main = runtime.is_main
     inputs = [find_input(name, cfg.data_dir) for name in cfg.data]
     if not inputs:
         if kind != "pretrain":
@@ -93,7 +85,7 @@ def resolve_run_data(cfg: TrainConfig, is_main: bool, tokenizer_dir: Path | None
         if is_main and not demo.exists():
             demo.parent.mkdir(parents=True, exist_ok=True)
             write_demo_corpus(demo)
-        _wait_for(demo, "the demo corpus")
+        runtime.barrier()
         inputs = [demo]
     datasets = [p for p in inputs if _is_dataset_dir(p)]
     raw = [p for p in inputs if not _is_dataset_dir(p)]
@@ -101,7 +93,7 @@ def resolve_run_data(cfg: TrainConfig, is_main: bool, tokenizer_dir: Path | None
         if path.is_dir():
             raise DataError(f"--data {path}: a directory without train/ shards; give files or a shard directory")
 
-    tokenizer = _resolve_tokenizer(cfg, is_main, tokenizer_dir, raw, datasets)
+    tokenizer = _resolve_tokenizer(cfg, runtime, tokenizer_dir, raw, datasets)
     if raw:
         key = _content_key(raw, tokenizer.checksum, kind, str(cfg.val_fraction), str(cfg.seed))
         cached = Path(cfg.data_dir) / CACHE / f"{kind}-{key}"
@@ -109,7 +101,7 @@ def resolve_run_data(cfg: TrainConfig, is_main: bool, tokenizer_dir: Path | None
             print(f"[minigpt] pre-tokenizing {len(raw)} file(s) into {cached}", flush=True)
             build_dataset([str(p) for p in raw], cached, tokenizer, kind=kind, val_fraction=cfg.val_fraction,
                           seed=cfg.seed, workers=min(4, os.cpu_count() or 1))
-        _wait_for(cached, "the pre-tokenized dataset")
+        runtime.barrier()
         datasets.append(cached)
     for path in datasets:  # fail before training on a shard of another tokenizer or kind
         reader = open_shard(path, "train", tokenizer_checksum=tokenizer.checksum, vocab_size=tokenizer.vocab_size)
@@ -118,7 +110,7 @@ def resolve_run_data(cfg: TrainConfig, is_main: bool, tokenizer_dir: Path | None
     return RunData(tokenizer, datasets)
 
 
-def _resolve_tokenizer(cfg: TrainConfig, is_main: bool, tokenizer_dir: Path | None, raw: list[Path],
+def _resolve_tokenizer(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | None, raw: list[Path],
                        datasets: list[Path]) -> Tokenizer:
     if tokenizer_dir is not None:
         if cfg.tokenizer and Path(cfg.tokenizer).resolve() != tokenizer_dir.resolve():
@@ -128,16 +120,18 @@ def _resolve_tokenizer(cfg: TrainConfig, is_main: bool, tokenizer_dir: Path | No
     if cfg.tokenizer:
         return Tokenizer(cfg.tokenizer)
     run_tokenizer = cfg.run_dir / "tokenizer"
-    if run_tokenizer.exists() and not cfg.retrain_tokenizer:
+    train_one = cfg.retrain_tokenizer or not run_tokenizer.exists()
+    runtime.barrier()  # every rank has looked before the main rank (re)writes it: all decide alike
+    if not train_one:
         return Tokenizer(run_tokenizer)
     if not raw:
         checksums = {json.loads((d / "train" / "meta.json").read_text()).get("tokenizer_checksum") for d in datasets}
         raise ConfigError(f"shards {', '.join(map(str, datasets))} were built with tokenizer {checksums}; "
                           "pass that tokenizer directory with --tokenizer")
-    if is_main:
+    if runtime.is_main:
         vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
         print(f"[minigpt] training a {vocab}-token tokenizer on {len(raw)} file(s) into {run_tokenizer}",
               flush=True)
         train_tokenizer([str(p) for p in raw], run_tokenizer, vocab_size=vocab)
-    _wait_for(run_tokenizer / "tokenizer.json", "the tokenizer")
+    runtime.barrier()
     return Tokenizer(run_tokenizer)

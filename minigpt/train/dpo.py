@@ -22,19 +22,19 @@ import torch.nn.functional as F
 
 from minigpt.config import ConfigError
 from minigpt.data.datasets import DPOPairs
+from minigpt.train.metrics import MetricSums
+from minigpt.train.objective import Objective, SetupContext
+from minigpt.train.sequences import (
+    IGNORE,
+    has_response,
+    load_frozen_model,
+    preference_accuracy,
+    sequence_logprobs,
+)
 
-IGNORE = -100
 REFERENCE_FILE = "reference_logprobs.pt"
 DPO_STATS = ("accuracy", "chosen_reward", "empty_pairs", "margin", "rejected_reward")
 """Per-step statistics, the same keys on every call (the loop all-reduces them by name)."""
-
-
-def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum of log p(label) over positions whose label is not -100: (B, T, V), (B, T) -> (B,) fp32.
-
-    `labels` are already the next tokens (position t of the logits predicts labels[:, t])."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
-    return -losses.view(labels.shape).sum(-1)
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
@@ -44,16 +44,6 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, referen
     rejected_rewards = beta * (policy_rejected - reference_rejected)
     losses = -F.logsigmoid(chosen_rewards - rejected_rewards)
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
-
-
-def preference_accuracy(margins: torch.Tensor) -> torch.Tensor:
-    """1 where the chosen side wins, 0 where it loses, 0.5 on a tie (so an untrained policy scores chance)."""
-    return (margins > 0).float() + 0.5 * (margins == 0).float()
-
-
-def has_response(labels: torch.Tensor) -> torch.Tensor:
-    """(B,) bool: the sequence kept at least one response token (a prompt longer than the context keeps none)."""
-    return (labels != IGNORE).any(-1)
 
 
 class ReferencedPairs:
@@ -121,11 +111,14 @@ def _save_atomically(obj: dict, path: Path) -> None:
     os.replace(temporary, path)
 
 
-class DPO:
+class DPO(Objective):
     """The `--mode dpo` objective: sigmoid DPO loss; logs implicit rewards, margin and preference accuracy.
 
     With `sft_coef` > 0 the per-token NLL of the chosen response is added (RPO, Pang et al., 2024):
     plain DPO only widens the margin, and can do so by lowering the chosen answer's likelihood too."""
+
+    dataset_kind = "dpo"
+    eval_sums = ("loss_sum", "pairs", "chosen_reward", "rejected_reward", "margin", "accuracy")
 
     def __init__(self, beta: float, reference_in_memory: bool = False, sft_coef: float = 0.0):
         self.beta = beta
@@ -134,57 +127,62 @@ class DPO:
         self.datasets: list[ReferencedPairs] = []
         self.reference_model: torch.nn.Module | None = None
 
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> DPO:
+        return cls(cfg.dpo_beta, reference_in_memory=cfg.dpo_reference_in_memory, sft_coef=cfg.dpo_sft_coef)
+
     def dataset(self, reader, seq_len: int, tokenizer) -> ReferencedPairs:
         pairs = ReferencedPairs(DPOPairs(reader, seq_len, pad_id=tokenizer.pad_id), len(self.datasets))
         self.datasets.append(pairs)
         return pairs
 
     # -- the reference -----------------------------------------------------------------------------
-    def prepare(self, trainer) -> None:
+    def setup(self, context: SetupContext) -> None:
         """Before the first step: load a frozen reference, or precompute/load the reference log-probs."""
+        engine = context.engine
         truncated = sum(d.num_truncated for d in self.datasets)
-        if trainer.engine.is_main and truncated:
-            print(f"[minigpt] dpo: {truncated} pair(s) cut at --seq-len {trainer.seq_len}; pairs left without "
+        if engine.is_main and truncated:
+            print(f"[minigpt] dpo: {truncated} pair(s) cut at --seq-len {context.seq_len}; pairs left without "
                   "response tokens are counted as empty_pairs and take no loss", flush=True)
         if self.reference_in_memory:
-            self.reference_model = load_reference_model(trainer)
+            self.reference_model = load_frozen_model(context.start_dir, engine.device, context.mode)
             return
-        path = trainer.cfg.run_dir / REFERENCE_FILE
-        fingerprint = {"weights_from": trainer.start.source, "seq_len": trainer.seq_len,
-                       "datasets": [str(d) for d in trainer.run_data.dataset_dirs],
+        path = context.run_dir / REFERENCE_FILE
+        fingerprint = {"weights_from": context.start_source, "seq_len": context.seq_len,
+                       "datasets": [str(d) for d in context.dataset_dirs],
                        "pairs": [len(d) for d in self.datasets]}
         stored = torch.load(path, weights_only=True) if path.is_file() else None
         if stored is not None and stored.get("fingerprint") == fingerprint:
             references = [t.numpy() for t in stored["reference"]]
             source = f"loaded from {path}"
         else:
-            if stored is not None and trainer.step > 0:
+            if stored is not None and context.step > 0:
                 raise ConfigError(f"{path}: reference log-probs of another run ({stored.get('fingerprint')}); "
                                   f"this run is {fingerprint}. Remove the file to recompute them")
-            references = self._compute_references(trainer)
-            if trainer.engine.is_main:
+            references = self._compute_references(context)
+            if engine.is_main:
                 _save_atomically({"fingerprint": fingerprint,
                                   "reference": [torch.from_numpy(r) for r in references]}, path)
-            trainer.engine.barrier()
+            engine.barrier()
             source = f"precomputed into {path}"
         for pairs, reference in zip(self.datasets, references, strict=True):
             pairs.reference = reference
-        if trainer.engine.is_main:
+        if engine.is_main:
             print(f"[minigpt] dpo: reference log-probs of {sum(len(d) for d in self.datasets)} pairs {source}",
                   flush=True)
 
-    def _compute_references(self, trainer) -> list[np.ndarray]:
-        engine = trainer.engine
-        if trainer.step == 0:  # the engine still holds the starting weights: use it (sharded under ZeRO-3)
+    def _compute_references(self, context: SetupContext) -> list[np.ndarray]:
+        engine = context.engine
+        if context.step == 0:  # the engine still holds the starting weights: use it (sharded under ZeRO-3)
             engine.eval()
             try:
-                return [compute_reference_logprobs(engine, d, trainer.cfg.batch_size, engine.rank, engine.world_size,
+                return [compute_reference_logprobs(engine, d, context.batch_size, engine.rank, engine.world_size,
                                                    engine.device, engine.all_reduce_sum) for d in self.datasets]
             finally:
                 engine.train()
         # Resumed without the file: score with the starting weights, briefly held on every rank.
-        model = load_reference_model(trainer)
-        references = [compute_reference_logprobs(model, d, trainer.cfg.batch_size, 0, 1, engine.device,
+        model = load_frozen_model(context.start_dir, engine.device, context.mode)
+        references = [compute_reference_logprobs(model, d, context.batch_size, 0, 1, engine.device,
                                                  lambda t: t) for d in self.datasets]
         del model
         return references
@@ -194,7 +192,7 @@ class DPO:
             reference = batch["reference_logps"].float()
             return reference[:, 0], reference[:, 1]
         if self.reference_model is None:
-            raise RuntimeError("DPO has no reference: prepare() was not called before training")
+            raise RuntimeError("DPO has no reference: setup() was not called before training")
         with torch.no_grad():
             return pair_logprobs(self.reference_model, batch)
 
@@ -228,32 +226,19 @@ class DPO:
         return loss, {name: float(value) for name, value in stats.items()}
 
     @torch.no_grad()
-    def eval_batch(self, model, batch: dict[str, torch.Tensor], totals) -> None:
+    def eval_batch(self, model, batch: dict[str, torch.Tensor], sums: MetricSums) -> None:
         terms = self._pair_terms(model, batch)
         valid = terms["valid"]
         margin = terms["chosen"] - terms["rejected"]
-        totals.loss_sum += float((terms["losses"] * valid).sum())
-        totals.tokens += float(valid.sum())
+        sums.add("loss_sum", (terms["losses"] * valid).sum())
+        sums.add("pairs", valid.sum())
         for name, values in (("chosen_reward", terms["chosen"]), ("rejected_reward", terms["rejected"]),
                              ("margin", margin), ("accuracy", preference_accuracy(margin))):
-            totals.extra[name] = totals.extra.get(name, 0.0) + float((values * valid).sum())
+            sums.add(name, (values * valid).sum())
 
-    @staticmethod
-    def metrics(totals: torch.Tensor) -> dict[str, float]:
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """val_loss, val_accuracy (preference accuracy), val_margin, val_chosen_reward, val_rejected_reward."""
-        loss_sum, pairs, _, *extra = totals.tolist()
-        pairs = max(pairs, 1.0)
-        named = dict(zip(sorted(("chosen_reward", "rejected_reward", "margin", "accuracy")), extra, strict=True))
-        return {"val_loss": loss_sum / pairs, **{f"val_{name}": value / pairs for name, value in named.items()}}
-
-
-def load_reference_model(trainer) -> torch.nn.Module:
-    """A frozen copy of the run's starting weights on the engine's device (the DPO/RLHF reference policy)."""
-    from minigpt.weights import load_consolidated
-
-    if trainer.start.model_dir is None:
-        raise ConfigError(f"--mode {trainer.cfg.mode} needs starting weights for its reference; pass --init-from")
-    model, _ = load_consolidated(trainer.start.model_dir, device=trainer.engine.device)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+        pairs = max(sums["pairs"], 1.0)
+        return {"val_loss": sums["loss_sum"] / pairs,
+                **{f"val_{name}": sums[name] / pairs
+                   for name in ("accuracy", "chosen_reward", "margin", "rejected_reward")}}

@@ -4,7 +4,8 @@
     for each step: get batch -> loss -> backward -> step -> log -> maybe evaluate / save -> stop flag?
     finish: final checkpoint, consolidated weights, a sample
 
-Mode-specific maths lives in `minigpt.train.objectives`; engine specifics behind `minigpt.engine`.
+Mode-specific maths lives behind the `Objective` contract (`minigpt.train.objective`, registry in
+`minigpt.train.objectives`); engine specifics behind `minigpt.engine`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minigpt.checkpoint import CheckpointError, CheckpointManager, sweep_temporary
+from minigpt.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state, sweep_temporary
 from minigpt.config import ConfigError, MiniGPTConfig, TrainConfig, get_config
 from minigpt.data.build import DatasetBuildError
 from minigpt.data.sampler import ResumableSampler, SamplerError
 from minigpt.data.shards import ShardError, open_shard
-from minigpt.engine import create_engine
+from minigpt.engine import create_engine, create_runtime
 from minigpt.engine.base import Engine
 from minigpt.fsutil import atomic_write_text
 from minigpt.generate import GenerationConfig, TextGenerator
@@ -33,8 +34,10 @@ from minigpt.monitor import TrainingMonitor
 from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 from minigpt.tokenizer import Tokenizer, TokenizerError
 from minigpt.train.data import DataError, RunData, find_input, resolve_run_data
-from minigpt.train.objectives import EvalTotals, build_objective, dataset_kind
-from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta, save_consolidated
+from minigpt.train.metrics import reduce_by_name
+from minigpt.train.objective import Objective, SetupContext
+from minigpt.train.objectives import build_objective, dataset_kind
+from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError,
                DatasetBuildError, SamplerError)
@@ -43,11 +46,6 @@ SNAPSHOT = "training_config_snapshot.json"
 FINAL = "final"
 # Post-training stages start from the previous stage's final weights of the same preset.
 PREVIOUS_STAGES = {"sft": ("pretrain",), "dpo": ("sft",), "reward": ("sft", "pretrain"), "rlhf": ("dpo", "sft")}
-
-
-def launch_rank() -> int:
-    """This process's global rank as set by the launcher (deepspeed/torchrun: RANK, srun: SLURM_PROCID)."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
 
 
 def set_seed(seed: int) -> None:
@@ -156,20 +154,21 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        if launch_rank() == 0:
+        # First: who this process is, and the process group the data resolution's barriers need.
+        self.runtime = create_runtime(cfg)
+        if self.runtime.is_main:
             for stale in sweep_temporary(cfg.run_dir):
                 print(f"[minigpt] removed {stale}, left by an interrupted write", flush=True)
         set_seed(cfg.seed)
         start = find_starting_weights(cfg)
-        self.run_data = resolve_run_data(cfg, launch_rank() == 0, start.model_dir, dataset_kind(cfg.mode))
+        self.run_data = resolve_run_data(cfg, self.runtime, start.model_dir, dataset_kind(cfg.mode))
         self.tokenizer = self.run_data.tokenizer
         self.model = build_model(cfg, self.tokenizer, start)
-        self.objective = build_objective(cfg.mode, self.tokenizer, cfg)
-        if hasattr(self.objective, "wrap_model"):  # e.g. the reward model's scalar head
-            self.model = self.objective.wrap_model(self.model)
+        self.objective: Objective = build_objective(cfg.mode, self.tokenizer, cfg)
+        self.model = self.objective.wrap_model(self.model)  # e.g. the reward model's scalar head
         self.model_config = self.model.config
         self.seq_len = seq_len_of(cfg, self.model_config)
-        self.engine = create_engine(self.model, cfg)
+        self.engine = create_engine(self.model, cfg, self.runtime)
         self.train_set = open_datasets(self.run_data, self.objective, "train", self.seq_len)
         self.val_set = open_datasets(self.run_data, self.objective, "val", self.seq_len)
         self.sampler = ResumableSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.engine.rank,
@@ -177,7 +176,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.run_dir, self.engine, cfg.keep_last)
         self.step, self.tokens_seen = 0, 0
         self.start = start
-        self._batches: list[dict[str, torch.Tensor]] | None = None
+        self._batches: list | None = None
         if self.engine.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             write_snapshot(cfg, self.model_config, start, self.run_data, self.engine, self.seq_len)
@@ -202,42 +201,44 @@ class Trainer:
                 "tokenizer_checksum": self.tokenizer.checksum, "mode": self.cfg.mode,
                 "weights_from": self.start.source}
 
-    def micro_batches(self) -> list[dict[str, torch.Tensor]]:
-        """This step's micro-batches: the next from the sampler, or the previous step's again while the
-        objective takes several updates per batch (GRPO's `--rl-updates`; it recognises them by identity).
-        A run resumed mid-cycle starts a new batch."""
-        updates = getattr(self.objective, "updates_per_batch", 1)
-        if self._batches is None or self.step % updates == 0:
-            self._batches = [collate([self.train_set[int(i)] for i in indices], self.engine.device)
-                             for indices in self.sampler.next_step()]
+    def setup_context(self) -> SetupContext:
+        """What the objective may know about this run (never the Trainer itself)."""
+        return SetupContext(engine=self.engine, run_dir=self.cfg.run_dir, tokenizer=self.tokenizer,
+                            dataset_dirs=tuple(self.run_data.dataset_dirs), seq_len=self.seq_len,
+                            batch_size=self.cfg.batch_size, grad_accum=self.cfg.grad_accum,
+                            start_source=self.start.source, start_dir=self.start.model_dir, step=self.step,
+                            mode=self.cfg.mode)
+
+    def micro_batches(self) -> list:
+        """This step's micro-batches: a new batch from the sampler, turned by the objective's `begin_batch`
+        into what it trains on, or the previous step's again while the objective takes several updates
+        per batch (GRPO's `--rl-updates`). A run resumed mid-cycle starts a new batch."""
+        if self._batches is None or self.step % self.objective.updates_per_batch == 0:
+            drawn = [collate([self.train_set[int(i)] for i in indices], self.engine.device)
+                     for indices in self.sampler.next_step()]
+            self._batches = self.objective.begin_batch(self.step, drawn)
         return self._batches
 
-    def train_step(self, batches: list[dict[str, torch.Tensor]] | None = None) -> tuple[float, object, int, dict]:
-        """One optimizer step over `grad_accum` micro-batches.
+    def train_step(self, batches: list | None = None) -> tuple[float, object, int, dict]:
+        """One optimizer step over `grad_accum` micro-batches: the loop owns accumulation and tells the
+        engine which backward is the step's last, then steps once.
 
         Returns the loss and the objective's statistics averaged over micro-batches and ranks, the
         engine's StepResult, and the tokens processed by all ranks."""
         self.engine.train()
-        result, tokens, totals = None, 0, {}
-        for batch in batches or self.micro_batches():
+        tokens, totals = 0, {}
+        batches = batches or self.micro_batches()
+        for index, batch in enumerate(batches):
             loss, stats = self.objective.loss(self.engine, batch)
-            self.engine.backward(loss)
-            result = self.engine.step() or result
+            self.engine.backward(loss, len(batches), last=index == len(batches) - 1)
             for name, value in {"loss": loss.detach().float().item(), **stats}.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
-            tokens += self._tokens_in(batch)
-        names = sorted(totals)
-        summed = self.engine.all_reduce_sum(torch.tensor([totals[n] for n in names], dtype=torch.float64,
-                                                         device=self.engine.device))
-        scale = 1.0 / (self.cfg.grad_accum * self.engine.world_size)
-        averaged = {n: v * scale for n, v in zip(names, summed.tolist(), strict=True)}
+            tokens += self.objective.tokens_in(batch)
+        result = self.engine.step()
+        summed = reduce_by_name(totals, self.engine.all_reduce_sum, self.engine.device)
+        scale = 1.0 / (len(batches) * self.engine.world_size)
+        averaged = {name: value * scale for name, value in summed.items()}
         return averaged.pop("loss"), result, tokens * self.engine.world_size, averaged
-
-    def _tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
-        """Tokens the training forward pass of `batch` processes (RLHF: prompts plus sampled responses)."""
-        if hasattr(self.objective, "tokens_in"):
-            return self.objective.tokens_in(batch)
-        return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -245,15 +246,15 @@ class Trainer:
 
         Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively)."""
         self.engine.eval()
-        totals = EvalTotals()
+        sums = self.objective.new_eval_sums()
         world, rank, micro = self.engine.world_size, self.engine.rank, self.cfg.batch_size
         count = min(len(self.val_set), self.cfg.eval_batches * micro * world)
         count -= count % world
         mine = list(range(rank, count, world))
         for start in range(0, len(mine), micro):
             samples = [self.val_set[i] for i in mine[start:start + micro]]
-            self.objective.eval_batch(self.engine.module, collate(samples, self.engine.device), totals)
-        reduced = self.engine.all_reduce_sum(totals.as_tensor().to(self.engine.device)).cpu()
+            self.objective.eval_batch(self.engine.module, collate(samples, self.engine.device), sums)
+        reduced = reduce_by_name(sums, self.engine.all_reduce_sum, self.engine.device)
         self.engine.train()
         return self.objective.metrics(reduced) if count else {}
 
@@ -282,8 +283,7 @@ class Trainer:
         state_dict = self.engine.consolidated_state_dict()
         out = self.cfg.run_dir / FINAL
         if self.engine.is_main:
-            save = getattr(self.objective, "save_consolidated", save_consolidated)  # reward model: + its head
-            save(out, state_dict, self.model_config, self.tokenizer.directory,
+            self.objective.save_consolidated(out, state_dict, self.model_config, self.tokenizer.directory,
                  extra={"mode": self.cfg.mode, "step": self.step, "tokens_seen": self.tokens_seen})
         self.engine.barrier()
         return out
@@ -292,8 +292,11 @@ class Trainer:
         """Train to max_steps; stop early (exit 75) after saving when `stop` is requested on any rank."""
         cfg = self.cfg
         self.resume()
-        if hasattr(self.objective, "prepare"):
-            self.objective.prepare(self)
+        # Setup may draw random numbers (building a reference model initialises weights first); it must not
+        # move the training's random stream, or a resumed run would sample differently from an uninterrupted one.
+        random_state = rng_state()
+        self.objective.setup(self.setup_context())
+        set_rng_state(random_state)
         monitor = TrainingMonitor(cfg.run_dir, enabled=self.engine.is_main, total_steps=cfg.max_steps,
                                   start_step=self.step,
                                   flops_per_token=self.model_config.flops_per_token(self.seq_len),

@@ -1,20 +1,24 @@
-"""Training objectives: the mode-specific maths the loop calls, one small class per mode.
+"""The registry of training objectives (mode -> class) and the language-modelling objectives.
 
-An objective names the dataset kind it reads, turns a micro-batch into a scalar loss (plus a few
-statistics to log), and evaluates on validation batches. The loop never branches on the mode.
+Each mode's maths is one `Objective` subclass (contract in `minigpt.train.objective`); pretraining and
+SFT share the next-token loss defined here, DPO, the reward model and GRPO live in their own files.
+The loop looks the mode up in `OBJECTIVES` and never branches on it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from minigpt.data.datasets import PretrainWindows, SFTExamples
-
-IGNORE = -100
+from minigpt.train.dpo import DPO
+from minigpt.train.metrics import MetricSums
+from minigpt.train.objective import Objective
+from minigpt.train.reward import RewardModeling
+from minigpt.train.rlhf import GRPO
+from minigpt.train.sequences import IGNORE
 
 
 def token_byte_lengths(tokenizer) -> torch.Tensor:
@@ -33,27 +37,17 @@ def token_byte_lengths(tokenizer) -> torch.Tensor:
     return torch.tensor(lengths, dtype=torch.float64)
 
 
-@dataclass
-class EvalTotals:
-    """Sums over validation batches, reduced across ranks before they become metrics."""
-
-    loss_sum: float = 0.0
-    tokens: float = 0.0
-    bytes: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
-
-    def as_tensor(self) -> torch.Tensor:
-        """[loss_sum, tokens, bytes, *extra values in sorted key order]."""
-        extra = [self.extra[name] for name in sorted(self.extra)]
-        return torch.tensor([self.loss_sum, self.tokens, self.bytes, *extra], dtype=torch.float64)
-
-
-class LanguageModeling:
+class LanguageModeling(Objective):
     """Next-token cross-entropy on positions whose label is not -100 (pretrain windows, SFT answers)."""
 
-    def __init__(self, dataset_kind: str, byte_lengths: torch.Tensor | None = None):
-        self.dataset_kind = dataset_kind
+    eval_sums = ("loss_sum", "tokens", "bytes")
+
+    def __init__(self, byte_lengths: torch.Tensor | None = None):
         self.byte_lengths = byte_lengths
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> LanguageModeling:
+        return cls(token_byte_lengths(tokenizer))
 
     def dataset(self, reader, seq_len: int, tokenizer):
         """The map-style dataset this objective trains on, over one shard."""
@@ -69,46 +63,56 @@ class LanguageModeling:
         return total / (labels != IGNORE).sum().clamp(min=1), {}
 
     @torch.no_grad()
-    def eval_batch(self, model, batch: dict[str, torch.Tensor], totals: EvalTotals) -> None:
+    def eval_batch(self, model, batch: dict[str, torch.Tensor], sums: MetricSums) -> None:
         logits = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))
         labels = batch["labels"].flatten()
         losses = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE, reduction="none")
         kept = labels != IGNORE
-        totals.loss_sum += losses[kept].double().sum().item()
-        totals.tokens += kept.sum().item()
+        sums.add("loss_sum", losses[kept].double().sum().item())
+        sums.add("tokens", kept.sum().item())
         if self.byte_lengths is not None:
-            totals.bytes += self.byte_lengths[labels[kept].cpu()].sum().item()
+            sums.add("bytes", self.byte_lengths[labels[kept].cpu()].sum().item())
 
-    @staticmethod
-    def metrics(totals: torch.Tensor) -> dict[str, float]:
-        loss_sum, tokens, num_bytes = totals.tolist()
-        metrics = {"val_loss": loss_sum / max(tokens, 1.0)}
-        if num_bytes > 0:
-            metrics["val_bpb"] = loss_sum / math.log(2) / num_bytes
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        metrics = {"val_loss": sums["loss_sum"] / max(sums["tokens"], 1.0)}
+        if sums["bytes"] > 0:
+            metrics["val_bpb"] = sums["loss_sum"] / math.log(2) / sums["bytes"]
         return metrics
+
+
+class Pretraining(LanguageModeling):
+    """`--mode pretrain`: next-token loss on packed windows of the shards."""
+
+    dataset_kind = "pretrain"
+
+
+class SupervisedFineTuning(LanguageModeling):
+    """`--mode sft`: next-token loss on the assistant tokens of chat conversations only."""
+
+    dataset_kind = "sft"
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "pretrain": Pretraining,
+    "sft": SupervisedFineTuning,
+    "dpo": DPO,
+    "reward": RewardModeling,
+    "rlhf": GRPO,
+}
+"""Mode name -> its objective class. A new mode is one file with an `Objective` subclass and one line here."""
+
+
+def objective_class(mode: str) -> type[Objective]:
+    if mode not in OBJECTIVES:
+        raise NotImplementedError(f"--mode {mode} is not implemented")
+    return OBJECTIVES[mode]
 
 
 def dataset_kind(mode: str) -> str:
     """The shard kind (`meta.json` "kind") a mode trains on (a reward model learns from preference pairs)."""
-    return "dpo" if mode == "reward" else mode
+    return objective_class(mode).dataset_kind
 
 
-def build_objective(mode: str, tokenizer, cfg):
+def build_objective(mode: str, tokenizer, cfg) -> Objective:
     """The objective for `mode`."""
-    if mode == "pretrain":
-        return LanguageModeling("pretrain", token_byte_lengths(tokenizer))
-    if mode == "sft":
-        return LanguageModeling("sft", token_byte_lengths(tokenizer))
-    if mode == "dpo":
-        from minigpt.train.dpo import DPO
-
-        return DPO(cfg.dpo_beta, reference_in_memory=cfg.dpo_reference_in_memory, sft_coef=cfg.dpo_sft_coef)
-    if mode == "reward":
-        from minigpt.train.reward import RewardModeling
-
-        return RewardModeling()
-    if mode == "rlhf":
-        from minigpt.train.rlhf import GRPO
-
-        return GRPO(cfg, tokenizer)
-    raise NotImplementedError(f"--mode {mode} is not implemented")
+    return objective_class(mode).from_config(cfg, tokenizer)

@@ -26,7 +26,9 @@ from torch import nn
 from minigpt.config import ConfigError, MiniGPTConfig
 from minigpt.data.datasets import DPOPairs
 from minigpt.model import MiniGPT
-from minigpt.train.dpo import IGNORE, has_response, preference_accuracy
+from minigpt.train.metrics import MetricSums
+from minigpt.train.objective import Objective
+from minigpt.train.sequences import IGNORE, has_response, preference_accuracy
 from minigpt.weights import load_consolidated, save_consolidated
 
 HEAD_FILE = "reward_head.pt"
@@ -80,16 +82,17 @@ def _pair_scores(forward, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return chosen, rejected, valid
 
 
-class RewardModeling:
+class RewardModeling(Objective):
     """The `--mode reward` objective: Bradley–Terry loss; logs pairwise accuracy and score margin."""
 
+    dataset_kind = "dpo"  # preference pairs, the same shards as DPO
     STATS = ("accuracy", "chosen_score", "margin", "rejected_score")
+    eval_sums = ("loss_sum", "pairs", *STATS)
 
     def dataset(self, reader, seq_len: int, tokenizer) -> DPOPairs:
         return DPOPairs(reader, seq_len, pad_id=tokenizer.pad_id)
 
-    @staticmethod
-    def wrap_model(model: MiniGPT) -> RewardModel:
+    def wrap_model(self, model: MiniGPT) -> RewardModel:
         """The module to train: the starting weights under a fresh scalar head."""
         return RewardModel(model)
 
@@ -105,24 +108,21 @@ class RewardModeling:
         return loss, {name: float(value) for name, value in stats.items()}
 
     @torch.no_grad()
-    def eval_batch(self, model, batch: dict[str, torch.Tensor], totals) -> None:
+    def eval_batch(self, model, batch: dict[str, torch.Tensor], sums: MetricSums) -> None:
         chosen, rejected, valid = _pair_scores(model, batch)
         margin = chosen - rejected
-        totals.loss_sum += float((bradley_terry_loss(chosen, rejected) * valid).sum())
-        totals.tokens += float(valid.sum())
+        sums.add("loss_sum", (bradley_terry_loss(chosen, rejected) * valid).sum())
+        sums.add("pairs", valid.sum())
         for name, values in (("accuracy", preference_accuracy(margin)), ("chosen_score", chosen),
                              ("margin", margin), ("rejected_score", rejected)):
-            totals.extra[name] = totals.extra.get(name, 0.0) + float((values * valid).sum())
+            sums.add(name, (values * valid).sum())
 
-    def metrics(self, totals: torch.Tensor) -> dict[str, float]:
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """val_loss, val_accuracy (held-out pairwise accuracy), val_margin, val_chosen_score, val_rejected_score."""
-        loss_sum, pairs, _, *extra = totals.tolist()
-        pairs = max(pairs, 1.0)
-        named = dict(zip(self.STATS, extra, strict=True))
-        return {"val_loss": loss_sum / pairs, **{f"val_{name}": value / pairs for name, value in named.items()}}
+        pairs = max(sums["pairs"], 1.0)
+        return {"val_loss": sums["loss_sum"] / pairs, **{f"val_{name}": sums[name] / pairs for name in self.STATS}}
 
-    @staticmethod
-    def save_consolidated(out_dir: str | Path, state_dict: dict[str, torch.Tensor], config: MiniGPTConfig,
+    def save_consolidated(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor], config: MiniGPTConfig,
                           tokenizer_dir: str | Path | None, extra: dict | None = None) -> Path:
         """Like `minigpt.weights.save_consolidated` for a reward model: backbone directory + reward_head.pt."""
         return save_reward_model(out_dir, state_dict, config, tokenizer_dir, extra)

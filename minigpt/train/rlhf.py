@@ -9,8 +9,9 @@ Per micro-batch of prompts:
               -min(ratio * A, clip(ratio, 1 - eps_clip, 1 + eps_clip) * A) + kl_coef * KL_k3(pi || ref)
 
 `ratio = exp(log pi - log pi_behaviour)`, where pi_behaviour's log-probs are those the generator
-sampled with. `--rl-updates mu` takes mu optimizer steps on each batch of rollouts (the loop hands
-the same micro-batches back; the rollouts, rewards and reference log-probs are kept, not recomputed):
+sampled with. `--rl-updates mu` takes mu optimizer steps on each batch of rollouts (`begin_batch`
+turns a new batch into rollouts, and the loop hands those back for every update: rewards and reference
+log-probs are kept, not recomputed):
 from the second step on the policy has moved away from the sampler's, and the clipping bounds how far
 each step may push a token's probability; the clip fraction is logged to show it. With mu = 1 the
 ratio is 1 up to sampler/trainer numerics (dropout, autocast).
@@ -33,8 +34,10 @@ from minigpt.data.datasets import RLHFPrompts
 from minigpt.data.tasks import expected_answer
 from minigpt.data.tasks import reward as task_reward
 from minigpt.generate import GenerationConfig, TextGenerator
-from minigpt.train.dpo import load_reference_model
+from minigpt.train.metrics import MetricSums
+from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.reward import load_reward_model, score_sequences
+from minigpt.train.sequences import load_frozen_model
 
 RL_STATS = ("clip_fraction", "kl", "response_length", "reward", "reward_std")
 ADVANTAGE_EPS = 1e-4
@@ -131,14 +134,17 @@ def response_logprobs(forward, rollout: Rollout) -> torch.Tensor:
     return torch.gather(predicting.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
 
 
-class GRPO:
-    """The `--mode rlhf` objective (see the module docstring)."""
+class GRPO(Objective):
+    """The `--mode rlhf` objective (see the module docstring); its training micro-batches are `Rollout`s."""
+
+    dataset_kind = "rlhf"
+    eval_sums = ("reward_sum", "prompts", "exact", "response_length")
 
     def __init__(self, cfg, tokenizer):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.group_size, self.max_new_tokens = cfg.rl_group_size, cfg.rl_max_new_tokens
         self.updates_per_batch = cfg.rl_updates
-        self._rollouts: list[tuple[dict, Rollout]] = []  # this cycle's (micro-batch, its rollout)
+        self.engine = None
         self.datasets: list[PaddedPrompts] = []
         self.reference_model: torch.nn.Module | None = None
         self.reward_model: torch.nn.Module | None = None
@@ -156,11 +162,16 @@ class GRPO:
         self.datasets.append(prompts)
         return prompts
 
-    def prepare(self, trainer) -> None:
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> GRPO:
+        return cls(cfg, tokenizer)
+
+    def setup(self, context: SetupContext) -> None:
         """Load the frozen reference policy and the reward (model, or check the prompts are verifiable)."""
-        self.reference_model = load_reference_model(trainer)
+        self.engine = context.engine
+        self.reference_model = load_frozen_model(context.start_dir, context.engine.device, context.mode)
         if self.cfg.reward_model:
-            self.reward_model = load_reward_model(self.cfg.reward_model, self.tokenizer, trainer.engine.device)
+            self.reward_model = load_reward_model(self.cfg.reward_model, self.tokenizer, context.engine.device)
             source = f"reward model {self.cfg.reward_model}"
         else:
             first = next((d for d in self.datasets if len(d)), None)
@@ -171,7 +182,7 @@ class GRPO:
                                   "answer and is no known task; give --reward-model DIR (from --mode reward)")
             source = "rule-based task checker"
         too_long = sum(d.num_too_long for d in self.datasets)
-        if trainer.engine.is_main:
+        if context.engine.is_main:
             print(f"[minigpt] rlhf: GRPO, {self.group_size} responses per prompt, reward from {source}"
                   + (f"; {too_long} prompt(s) longer than the context left out" if too_long else ""), flush=True)
 
@@ -230,26 +241,22 @@ class GRPO:
                        rewards=self._rewards(batch, prompts, responses, repeat, device), prompt_len=width)
 
     # -- loss and evaluation -------------------------------------------------------------------------
-    def _rollout_for(self, engine, batch: dict[str, torch.Tensor]) -> Rollout:
-        """The rollout of `batch`: sampled on its first update, kept for the other `rl_updates - 1`."""
-        for seen, rollout in self._rollouts:
-            if seen is batch:
-                return rollout
-        rollout = self.rollout(engine.module, batch, self.group_size)
-        with torch.no_grad():
-            rollout.reference_logprobs = response_logprobs(self.reference_model, rollout)
-        # One entry per micro-batch of the current step; older cycles' rollouts are dropped.
-        self._rollouts = self._rollouts[-(self.cfg.grad_accum - 1):] if self.cfg.grad_accum > 1 else []
-        self._rollouts.append((batch, rollout))
-        return rollout
+    def begin_batch(self, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> list[Rollout]:
+        """Sample and score each prompt micro-batch's rollouts with the current policy; the loop trains on
+        these for the next `rl_updates` steps."""
+        rollouts = []
+        for batch in micro_batches:
+            rollout = self.rollout(self.engine.module, batch, self.group_size)
+            with torch.no_grad():
+                rollout.reference_logprobs = response_logprobs(self.reference_model, rollout)
+            rollouts.append(rollout)
+        return rollouts
 
-    def tokens_in(self, batch: dict[str, torch.Tensor]) -> int:
-        """Tokens of one policy forward pass over `batch`'s rollouts: G x (prompt width + new tokens) per prompt."""
-        prompts, width = batch["prompt_ids"].shape
-        return prompts * self.group_size * (width + self.max_new_tokens)
+    def tokens_in(self, rollout: Rollout) -> int:
+        """Tokens of one policy forward pass over a rollout: G x (prompt width + new tokens) per prompt."""
+        return rollout.input_ids.numel()
 
-    def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        rollout = self._rollout_for(engine, batch)
+    def loss(self, engine, rollout: Rollout) -> tuple[torch.Tensor, dict[str, float]]:
         advantages = group_advantages(rollout.rewards, self.group_size, self.cfg.rl_scale_rewards)
         logprobs = response_logprobs(engine, rollout)
         surrogate, clipped = clipped_policy_loss(logprobs, rollout.old_logprobs, advantages, self.cfg.rl_clip)
@@ -265,18 +272,17 @@ class GRPO:
         return loss, {name: float(value) for name, value in stats.items()}
 
     @torch.no_grad()
-    def eval_batch(self, model, batch: dict[str, torch.Tensor], totals) -> None:
+    def eval_batch(self, model, batch: dict[str, torch.Tensor], sums: MetricSums) -> None:
         """Greedy answers to held-out prompts: their mean reward and length (and exact answers, rule reward)."""
         rollout = self.rollout(model, batch, 1, greedy=True)
-        totals.loss_sum += float(rollout.rewards.sum())
-        totals.tokens += float(len(rollout.rewards))
-        exact = (rollout.rewards >= 1.0).float().sum() if self.reward_model is None else torch.tensor(0.0)
-        totals.extra["exact"] = totals.extra.get("exact", 0.0) + float(exact)
-        totals.extra["response_length"] = totals.extra.get("response_length", 0.0) + float(rollout.response_mask.sum())
+        sums.add("reward_sum", rollout.rewards.sum())
+        sums.add("prompts", len(rollout.rewards))
+        if self.reward_model is None:
+            sums.add("exact", (rollout.rewards >= 1.0).float().sum())
+        sums.add("response_length", rollout.response_mask.sum())
 
-    @staticmethod
-    def metrics(totals: torch.Tensor) -> dict[str, float]:
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """val_reward (mean greedy reward), val_exact (share of correct answers), val_response_length."""
-        reward_sum, count, _, exact, length = totals.tolist()
-        count = max(count, 1.0)
-        return {"val_reward": reward_sum / count, "val_exact": exact / count, "val_response_length": length / count}
+        count = max(sums["prompts"], 1.0)
+        return {"val_reward": sums["reward_sum"] / count, "val_exact": sums["exact"] / count,
+                "val_response_length": sums["response_length"] / count}

@@ -1,0 +1,37 @@
+"""Named sums reduced across ranks by name: adding a metric can never shift another one.
+
+Every rank adds into sums with the same names (the objective declares its evaluation sums up front;
+a training step's statistics carry the same keys on every call), and `reduce_by_name` all-reduces
+them as one tensor in sorted-name order, the order every rank agrees on without talking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+
+class MetricSums(dict):
+    """Sums over batches, keyed by name; only the names declared at construction may be added to.
+
+    Declaring the names keeps the key set identical on every rank (a rank that saw no batch still
+    holds zeros), which the by-name reduction relies on."""
+
+    def __init__(self, names: Iterable[str]):
+        super().__init__((name, 0.0) for name in names)
+
+    def add(self, name: str, value: float | torch.Tensor) -> None:
+        if name not in self:
+            raise KeyError(f"metric sum {name!r} is not declared (declared: {sorted(self)})")
+        self[name] += float(value)
+
+
+def reduce_by_name(sums: Mapping[str, float], all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+                   device: torch.device | str = "cpu") -> dict[str, float]:
+    """`sums` added over all ranks, name by name (one all-reduce of the values in sorted-name order)."""
+    names = sorted(sums)
+    if not names:
+        return {}
+    values = torch.tensor([float(sums[n]) for n in names], dtype=torch.float64, device=device)
+    return dict(zip(names, all_reduce_sum(values).cpu().tolist(), strict=True))

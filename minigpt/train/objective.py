@@ -1,0 +1,115 @@
+"""The contract between the training loop and a mode's objective: every hook the loop calls.
+
+The loop (`minigpt.train.loop`) calls, in this order:
+
+    wrap_model(model)                     once, before the engine is built
+    dataset(reader, seq_len, tokenizer)   once per shard directory and split
+    setup(context)                        once, after resuming, before the first step
+    per optimizer step:
+        begin_batch(step, micro_batches)  when the sampler hands over a new batch (every
+                                          `updates_per_batch` steps); returns what `loss` trains on
+        loss(engine, micro_batch)         per micro-batch -> (scalar loss, {stat name: value})
+        tokens_in(micro_batch)            per micro-batch, for throughput
+    evaluation: eval_batch(model, batch, sums) per validation batch, then metrics(sums reduced by name)
+    end of run: save_consolidated(...)    the final weights directory
+
+Objectives get what they need through these arguments and `SetupContext`, never the Trainer.
+Adding a mode is one new file with an `Objective` subclass plus one line in `objectives.OBJECTIVES`
+(and its name in `config.MODES`, which validates `--mode` before anything is imported).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from minigpt.train.metrics import MetricSums
+
+
+@dataclass(frozen=True)
+class SetupContext:
+    """What an objective may know about its run, handed over once by `Objective.setup`."""
+
+    engine: Any
+    """The training engine (`minigpt.engine.base.Engine`): its forward, device, rank and collectives."""
+    run_dir: Path
+    """The run's directory: where an objective keeps files of its own (e.g. DPO's reference log-probs)."""
+    tokenizer: Any
+    dataset_dirs: tuple[Path, ...]
+    """Shard directories the run trains on."""
+    seq_len: int
+    batch_size: int
+    """Micro-batch size per rank."""
+    grad_accum: int
+    """Micro-batches per optimizer step and rank."""
+    start_source: str
+    """Where the starting weights came from ("random init" or a directory), as recorded in the snapshot."""
+    start_dir: Path | None
+    """Directory of the starting weights (a frozen reference is loaded from it), None from scratch."""
+    step: int
+    """Optimizer steps already taken (> 0 when resumed)."""
+    mode: str
+
+
+class Objective:
+    """Base of every mode's objective; each hook has a default so a mode overrides only what it changes."""
+
+    dataset_kind: str = "pretrain"
+    """The shard kind (`meta.json` "kind") the mode trains on."""
+    eval_sums: tuple[str, ...] = ()
+    """Names of the sums `eval_batch` adds to; declared so every rank reduces the same keys."""
+    updates_per_batch: int = 1
+    """Optimizer steps taken on each batch the sampler hands over (GRPO's `--rl-updates`)."""
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer) -> Objective:
+        """Build the objective from the training config (the registry calls this)."""
+        return cls()
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The module to train around the loaded or fresh model (the reward model adds a scalar head)."""
+        return model
+
+    def dataset(self, reader, seq_len: int, tokenizer):
+        """The map-style dataset this objective trains and evaluates on, over one shard."""
+        raise NotImplementedError
+
+    def setup(self, context: SetupContext) -> None:
+        """Once before the first step (after resuming): load references, precompute what the run needs."""
+
+    def begin_batch(self, step: int, micro_batches: list) -> list:
+        """The micro-batches `loss` trains on for the next `updates_per_batch` steps, from the sampler's.
+
+        GRPO samples and scores its rollouts here; the loop keeps what this returns and hands it
+        back for each update of the cycle, so nothing is recognised by identity."""
+        return micro_batches
+
+    def loss(self, engine, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Scalar loss of one micro-batch (mean over it) and statistics to log, the same keys every call."""
+        raise NotImplementedError
+
+    def tokens_in(self, batch) -> int:
+        """Tokens the training forward pass over `batch` processes (for throughput)."""
+        return sum(v.numel() for k, v in batch.items() if k.endswith("input_ids"))
+
+    def new_eval_sums(self) -> MetricSums:
+        return MetricSums(self.eval_sums)
+
+    def eval_batch(self, model: nn.Module, batch: dict[str, torch.Tensor], sums: MetricSums) -> None:
+        """Add one validation batch's sums into `sums` (names from `eval_sums`)."""
+        raise NotImplementedError
+
+    def metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Validation metrics from the sums added over every rank."""
+        raise NotImplementedError
+
+    def save_consolidated(self, out_dir: str | Path, state_dict: dict[str, torch.Tensor], config,
+                          tokenizer_dir: str | Path | None, extra: dict | None = None) -> Path:
+        """Write the final weights directory (`final/`); the reward model adds its head."""
+        from minigpt.weights import save_consolidated
+
+        return save_consolidated(out_dir, state_dict, config, tokenizer_dir, extra=extra)

@@ -1,0 +1,46 @@
+"""Helpers over token sequences shared by the post-training objectives (DPO, reward model, RLHF).
+
+They live apart from any one objective so that the objectives import this module, never each other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from minigpt.config import ConfigError
+
+IGNORE = -100
+"""Label of a position that takes no loss (prompt tokens, padding)."""
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of log p(label) over positions whose label is not -100: (B, T, V), (B, T) -> (B,) fp32.
+
+    `labels` are already the next tokens (position t of the logits predicts labels[:, t])."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    return -losses.view(labels.shape).sum(-1)
+
+
+def preference_accuracy(margins: torch.Tensor) -> torch.Tensor:
+    """1 where the chosen side wins, 0 where it loses, 0.5 on a tie (so an untrained policy scores chance)."""
+    return (margins > 0).float() + 0.5 * (margins == 0).float()
+
+
+def has_response(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the sequence kept at least one response token (a prompt longer than the context keeps none)."""
+    return (labels != IGNORE).any(-1)
+
+
+def load_frozen_model(model_dir: Path | None, device: torch.device, mode: str) -> torch.nn.Module:
+    """A frozen copy of the run's starting weights on `device` (the DPO/RLHF reference policy)."""
+    from minigpt.weights import load_consolidated
+
+    if model_dir is None:
+        raise ConfigError(f"--mode {mode} needs starting weights for its reference; pass --init-from")
+    model, _ = load_consolidated(model_dir, device=device)
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -1,0 +1,50 @@
+"""The loop–objective contract and metrics by name, checked without training anything."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigpt.train.metrics import MetricSums, reduce_by_name
+from minigpt.train.objective import Objective
+from minigpt.train.objectives import OBJECTIVES, dataset_kind
+
+
+def test_every_mode_is_an_objective_with_declared_evaluation_sums():
+    assert set(OBJECTIVES) == {"pretrain", "sft", "dpo", "reward", "rlhf"}
+    for mode, cls in OBJECTIVES.items():
+        assert issubclass(cls, Objective), mode
+        assert cls.eval_sums and len(set(cls.eval_sums)) == len(cls.eval_sums), mode
+
+
+def test_modes_read_the_shard_kinds_they_always_did():
+    assert {mode: dataset_kind(mode) for mode in OBJECTIVES} == {
+        "pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reward": "dpo", "rlhf": "rlhf"}
+
+
+def test_an_undeclared_metric_sum_is_refused_by_name():
+    sums = MetricSums(("loss_sum", "tokens"))
+    sums.add("tokens", torch.tensor(3.0))
+    with pytest.raises(KeyError, match="accuracy"):
+        sums.add("accuracy", 1.0)
+
+
+def test_reduction_by_name_does_not_depend_on_insertion_order():
+    """Two ranks that filled their sums in different orders still add name to name."""
+    def two_ranks(values: torch.Tensor) -> torch.Tensor:  # stands in for an all-reduce over 2 equal ranks
+        return values * 2
+
+    first = reduce_by_name({"margin": 1.0, "accuracy": 0.5, "pairs": 4.0}, two_ranks)
+    second = reduce_by_name({"pairs": 4.0, "accuracy": 0.5, "margin": 1.0}, two_ranks)
+    assert first == second == {"accuracy": 1.0, "margin": 2.0, "pairs": 8.0}
+    assert reduce_by_name({}, two_ranks) == {}
+
+
+def test_default_hooks_leave_the_loop_behaviour_unchanged():
+    objective = Objective()
+    model = torch.nn.Linear(2, 2)
+    batches = [{"input_ids": torch.zeros(2, 5, dtype=torch.long)}]
+    assert objective.wrap_model(model) is model
+    assert objective.begin_batch(0, batches) is batches
+    assert objective.tokens_in(batches[0]) == 10
+    assert objective.updates_per_batch == 1

@@ -19,7 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minigpt.data.demo import write_demo_corpus  # noqa: E402
 from minigpt.data.sources import InputError  # noqa: E402
-from minigpt.tokenizer import TokenizerError, train_tokenizer  # noqa: E402
+from minigpt.tokenizer import TokenizerError  # noqa: E402
+from minigpt.tokenizer_training import train_tokenizer  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

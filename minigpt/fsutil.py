@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 
@@ -63,3 +64,19 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)  # a full disk must not also leave a stray half-written file
         raise
     fsync_dir(path.parent)
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move a complete `staging` directory to `target` by rename, durably.
+
+    An existing `target` is renamed aside first and removed only after the new one is in place, so a
+    crash leaves either the old directory or the new one under `target` (plus a hidden leftover)."""
+    staging, target = Path(staging), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+        os.rename(target, old)
+    os.rename(staging, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

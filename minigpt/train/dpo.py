@@ -21,19 +21,16 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.config import ConfigError
-from minigpt.data.datasets import DPOPairs
+from minigpt.data.datasets import IGNORE_INDEX, DPOPairs
 
-IGNORE = -100
 REFERENCE_FILE = "reference_logprobs.pt"
-DPO_STATS = ("accuracy", "chosen_reward", "empty_pairs", "margin", "rejected_reward")
-"""Per-step statistics, the same keys on every call (the loop all-reduces them by name)."""
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log p(label) over positions whose label is not -100: (B, T, V), (B, T) -> (B,) fp32.
 
     `labels` are already the next tokens (position t of the logits predicts labels[:, t])."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     return -losses.view(labels.shape).sum(-1)
 
 
@@ -53,7 +50,7 @@ def preference_accuracy(margins: torch.Tensor) -> torch.Tensor:
 
 def has_response(labels: torch.Tensor) -> torch.Tensor:
     """(B,) bool: the sequence kept at least one response token (a prompt longer than the context keeps none)."""
-    return (labels != IGNORE).any(-1)
+    return (labels != IGNORE_INDEX).any(-1)
 
 
 class ReferencedPairs:
@@ -205,7 +202,7 @@ class DPO:
         losses, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                                             self.beta)
         valid = (has_response(batch["chosen_labels"]) & has_response(batch["rejected_labels"])).float()
-        chosen_tokens = (batch["chosen_labels"] != IGNORE).sum(-1).clamp(min=1)
+        chosen_tokens = (batch["chosen_labels"] != IGNORE_INDEX).sum(-1).clamp(min=1)
         return {"losses": losses, "chosen": chosen, "rejected": rejected, "valid": valid,
                 "chosen_nll": -policy_chosen / chosen_tokens}
 

@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from minigpt.data.datasets import PretrainWindows, SFTExamples
-
-IGNORE = -100
+from minigpt.data.datasets import IGNORE_INDEX, PretrainWindows, SFTExamples
 
 
 def token_byte_lengths(tokenizer) -> torch.Tensor:
@@ -65,15 +63,15 @@ class LanguageModeling:
         logits = engine(batch["input_ids"], segment_ids=batch.get("segment_ids"))
         labels = batch["labels"].flatten()
         # Sum / count rather than mean: a micro-batch with no trained token (all -100) gives 0, not NaN.
-        total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE, reduction="sum")
-        return total / (labels != IGNORE).sum().clamp(min=1), {}
+        total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1), {}
 
     @torch.no_grad()
     def eval_batch(self, model, batch: dict[str, torch.Tensor], totals: EvalTotals) -> None:
         logits = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))
         labels = batch["labels"].flatten()
-        losses = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE, reduction="none")
-        kept = labels != IGNORE
+        losses = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        kept = labels != IGNORE_INDEX
         totals.loss_sum += losses[kept].double().sum().item()
         totals.tokens += kept.sum().item()
         if self.byte_lengths is not None:

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt.config import ConfigError, MiniGPTConfig
-from minigpt.data.datasets import DPOPairs
+from minigpt.data.datasets import IGNORE_INDEX, DPOPairs
 from minigpt.model import MiniGPT
-from minigpt.train.dpo import IGNORE, has_response, preference_accuracy
+from minigpt.train.dpo import has_response, preference_accuracy
 from minigpt.weights import load_consolidated, save_consolidated
 
 HEAD_FILE = "reward_head.pt"
@@ -67,7 +67,7 @@ def response_end_positions(labels: torch.Tensor) -> torch.Tensor:
     Labels are the next tokens, so the last labelled position t means input t+1 is that token; a row
     cut at the context end scores at its last position, a row without response tokens at position 0."""
     positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
-    last_label = torch.where(labels != IGNORE, positions, torch.full_like(positions, -1)).max(-1).values
+    last_label = torch.where(labels != IGNORE_INDEX, positions, torch.full_like(positions, -1)).max(-1).values
     return (last_label + 1).clamp(min=0, max=labels.shape[1] - 1)
 
 

@@ -36,7 +36,6 @@ from minigpt.generate import GenerationConfig, TextGenerator
 from minigpt.train.dpo import load_reference_model
 from minigpt.train.reward import load_reward_model, score_sequences
 
-RL_STATS = ("clip_fraction", "kl", "response_length", "reward", "reward_std")
 ADVANTAGE_EPS = 1e-4
 
 

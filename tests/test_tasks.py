@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_tools import make_tasks
+from minigpt.cli import make_tasks
 from minigpt.data.build import build_dataset
 from minigpt.data.datasets import DPOPairs, RLHFPrompts, SFTExamples
 from minigpt.data.shards import open_shard

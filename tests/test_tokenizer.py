@@ -10,7 +10,7 @@ import stat
 import pytest
 from conftest import shared_file
 
-from data_tools import train_tokenizer as train_tokenizer_cli
+from minigpt.cli import train_tokenizer as train_tokenizer_cli
 from minigpt.tokenizer import (
     IM_END,
     IM_START,

@@ -12,9 +12,7 @@ train and validation pairs before the first step, and kept with the run in `refe
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 
 from minigpt.config import ConfigError
 from minigpt.data.datasets import IGNORE_INDEX, DPOPairs
+from minigpt.fsutil import atomic_torch_save
 
 REFERENCE_FILE = "reference_logprobs.pt"
 
@@ -110,14 +109,6 @@ def compute_reference_logprobs(forward: Callable[[torch.Tensor], torch.Tensor], 
     return all_reduce_sum(result).cpu().numpy()
 
 
-def _save_atomically(obj: dict, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, temporary)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 class DPO:
     """The `--mode dpo` objective: sigmoid DPO loss; logs implicit rewards, margin and preference accuracy.
 
@@ -160,7 +151,7 @@ class DPO:
                                   f"this run is {fingerprint}. Remove the file to recompute them")
             references = self._compute_references(trainer)
             if trainer.engine.is_main:
-                _save_atomically({"fingerprint": fingerprint,
+                atomic_torch_save({"fingerprint": fingerprint,
                                   "reference": [torch.from_numpy(r) for r in references]}, path)
             trainer.engine.barrier()
             source = f"precomputed into {path}"

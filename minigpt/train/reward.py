@@ -11,9 +11,7 @@ with it, refusing one built on another tokenizer or vocabulary.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from torch import nn
 
 from minigpt.config import ConfigError, MiniGPTConfig
 from minigpt.data.datasets import IGNORE_INDEX, DPOPairs
+from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
 from minigpt.model import MiniGPT
 from minigpt.train.dpo import has_response, preference_accuracy
 from minigpt.weights import load_consolidated, save_consolidated
@@ -137,18 +136,14 @@ def save_reward_model(out_dir: str | Path, state_dict: dict[str, torch.Tensor], 
     if set(head) != {"weight", "bias"}:
         raise ConfigError(f"{out_dir}: state dict has no reward head (keys head.weight, head.bias)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.reward-", dir=out_dir.parent))
+    staging = make_staging_dir(out_dir.parent, f".{out_dir.name}.reward-")
     try:
         built = save_consolidated(staging / "model", backbone, config, tokenizer_dir,
                                   extra={**(extra or {}), "reward_model": True})
         torch.save(head, built / HEAD_FILE)
-        with open(built / HEAD_FILE, "rb") as handle:
-            os.fsync(handle.fileno())
-        old = None
-        if out_dir.exists():
-            old = staging / "old"
-            os.replace(out_dir, old)
-        os.replace(built, out_dir)
+        fsync_file(built / HEAD_FILE)
+        fsync_dir(built)
+        replace_dir(built, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minigpt.data.build import STATS_FILE, build_dataset  # noqa: E402
-from minigpt.tokenizer import train_tokenizer  # noqa: E402
+from minigpt.tokenizer_training import train_tokenizer  # noqa: E402
 
 DEFAULT_INPUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "zh_classics.jsonl"
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from minigpt.data.shards import ShardWriter
-from minigpt.tokenizer import Tokenizer, train_tokenizer
+from minigpt.tokenizer import Tokenizer
+from minigpt.tokenizer_training import train_tokenizer
 
 SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 TRAIN_SHARE = 0.9

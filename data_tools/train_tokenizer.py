@@ -7,56 +7,13 @@
 Exit codes: 0 done, 2 bad usage or unusable input (the message names the file).
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
-import tempfile
 
-# `python data_tools/train_tokenizer.py` works from a checkout without installing the project.
+# `python data_tools/train_tokenizer.py` works from a checkout without installing the project; the code is minigpt.cli.train_tokenizer.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minigpt.data.demo import write_demo_corpus  # noqa: E402
-from minigpt.data.sources import InputError  # noqa: E402
-from minigpt.tokenizer import TokenizerError, train_tokenizer  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="data_tools/train_tokenizer.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", action="append", default=[],
-                        help=".txt / .jsonl / .jsonl.gz file or glob; repeatable")
-    parser.add_argument("--demo", action="store_true", help="also train on the built-in demo corpus (pydoc_data)")
-    parser.add_argument("--out", required=True, help="tokenizer directory to write (replaced if it is one)")
-    parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (at most; small corpora give less)")
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
-    parser.add_argument("--max-sentence-length", type=int, default=4096,
-                        help="lines longer than this many characters are cut for training")
-    parser.add_argument("--input-sentence-size", type=int, default=2_000_000, help="most lines to train on")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    inputs = list(args.input)
-    if not inputs and not args.demo:
-        print("error: give --input FILE (repeatable) or --demo", file=sys.stderr)
-        return 2
-    with tempfile.TemporaryDirectory() as scratch:
-        if args.demo:
-            inputs.append(str(write_demo_corpus(os.path.join(scratch, "demo.txt"))))
-        try:
-            tokenizer = train_tokenizer(inputs, args.out, vocab_size=args.vocab_size, text_field=args.text_field,
-                                        max_sentence_length=args.max_sentence_length,
-                                        input_sentence_size=args.input_sentence_size)
-        except (InputError, TokenizerError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out} "
-          f"(checksum {tokenizer.checksum[:12]})")
-    return 0
-
+from minigpt.cli.train_tokenizer import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,7 +14,7 @@ python - <<'EOF'
 from pathlib import Path
 from minigpt.data.demo import write_demo_corpus
 from minigpt.data.tasks import write_task_files
-from minigpt.tokenizer import train_tokenizer
+from minigpt.tokenizer_training import train_tokenizer
 write_task_files("tasks", 20000, seed=0, tasks=("sort", "reverse"))
 write_demo_corpus(Path("demo.txt"))
 if not Path("tokenizer/tokenizer.json").exists():

@@ -1,92 +1,18 @@
 """Generate text from a consolidated MiniGPT directory (model.pt + config.json + tokenizer files).
 
-    python launch/generate.py --model checkpoints/pretrain_tiny/consolidated --prompt "The king"
+    python launch/generate.py --model checkpoints/pretrain_tiny/final --prompt "The king"
     python launch/generate.py --model DIR --chat --prompt "Who are you?" --stream
 
 Exit codes: 0 done, 2 bad usage or a model directory that cannot be loaded.
 """
 
-from __future__ import annotations
-
-import argparse
 import os
 import sys
 
-# `python launch/generate.py` works from a checkout without installing the project.
+# `python launch/generate.py` works from a checkout without installing the project; the code is minigpt.cli.generate.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minigpt.config import ConfigError  # noqa: E402
-from minigpt.generate import GenerationConfig, TextGenerator  # noqa: E402
-from minigpt.tokenizer import TokenizerError  # noqa: E402
-from minigpt.weights import WeightsError  # noqa: E402
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch/generate.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="consolidated model directory")
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="prompt text; repeat the flag for several prompts (generated as one batch)")
-    parser.add_argument("--chat", action="store_true",
-                        help="wrap each prompt as a user turn of the chat template and answer it")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate per prompt")
-    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
-    parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1.0: off)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
-    parser.add_argument("--stop", action="append", default=[], help="stop string; repeatable")
-    parser.add_argument("--greedy", action="store_true", help="always pick the most likely token")
-    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-    parser.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: cuda if available)")
-    parser.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt at a time)")
-    return parser
-
-
-def _device(requested: str) -> str:
-    """`--device` checked against this machine (ConfigError naming it), or cuda when available, else cpu."""
-    import torch
-
-    from minigpt.engine.device import check_device
-
-    if requested:
-        return str(check_device(requested))
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p,
-                                  repetition_penalty=args.repetition_penalty, do_sample=not args.greedy,
-                                  stop_strings=tuple(args.stop), seed=args.seed)
-        generator = TextGenerator.from_dir(args.model, device=_device(args.device))
-    except (ConfigError, WeightsError, TokenizerError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if generator.tokenizer is None:
-        print(f"error: {args.model} has no tokenizer files; text generation needs them", file=sys.stderr)
-        return 2
-    try:
-        if args.stream:
-            for index, prompt in enumerate(args.prompt):
-                if index:
-                    print("\n" + "-" * 40)
-                print(prompt if not args.chat else f"[user] {prompt}\n[assistant] ", end="", flush=True)
-                for piece in generator.stream(prompt, config, chat=args.chat):
-                    print(piece, end="", flush=True)
-                print()
-        else:
-            outputs = generator.generate(args.prompt, config, chat=args.chat)
-            for index, (prompt, output) in enumerate(zip(args.prompt, outputs, strict=True)):
-                if index:
-                    print("-" * 40)
-                print(f"[user] {prompt}\n[assistant] {output}" if args.chat else prompt + output)
-    except ValueError as err:  # e.g. a prompt longer than the model's max_seq_len
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+from minigpt.cli.generate import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,6 +13,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from minigpt.fsutil import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A configuration that cannot build what it describes; the message names the field."""
@@ -97,7 +99,7 @@ class MiniGPTConfig:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> MiniGPTConfig:

@@ -1,14 +1,19 @@
-"""Durable file writes: fsync files and directories, atomic text replacement.
+"""Durable file writes: fsync files and directories, atomic file replacement, staged directories.
 
 Every on-disk artefact (shards, tokenizers, checkpoints, consolidated weights) is written under a
-temporary name, flushed with these, then renamed, so a crash never leaves a complete-looking file.
+temporary name, flushed with these, then renamed, so a crash never leaves a complete-looking file: one
+file with `atomic_write` (and its text/torch forms); a directory of files built in `make_staging_dir`,
+each flushed with `fsync_file`, then moved into place with `replace_dir`.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 
 def make_staging_dir(parent: str | Path, prefix: str) -> Path:
@@ -50,12 +55,17 @@ def fsync_tree(directory: str | Path) -> None:
         fsync_dir(root)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` with `text` so readers see the old or the new content, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Replace `path` with what `write(handle)` writes, so readers see the old or the new content, never a
+    mix, and the new content survives a crash once this returns (file and directory entry fsynced).
+
+    The temporary file is `.<name>.tmp-<random>` beside `path`: unique, so two writers never share it, and
+    swept by `minigpt.checkpoint.sweep_temporary` if a crash leaves it behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(tmp, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -63,3 +73,30 @@ def atomic_write_text(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)  # a full disk must not also leave a stray half-written file
         raise
     fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`atomic_write` of UTF-8 text."""
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+
+
+def atomic_torch_save(obj: object, path: str | Path) -> None:
+    """`atomic_write` of `torch.save(obj)` (torch imported here only, so the data tools need not load it)."""
+    import torch
+
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Move a complete `staging` directory to `target` by rename, durably.
+
+    An existing `target` is renamed aside first and removed only after the new one is in place, so a
+    crash leaves either the old directory or the new one under `target` (plus a hidden leftover)."""
+    staging, target = Path(staging), Path(target)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{secrets.token_hex(4)}")
+        os.rename(target, old)
+    os.rename(staging, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -3,7 +3,7 @@
 Imports torch and MiniGPT's own model/config/tokenizer/weights code only (never deepspeed), so a
 consolidated model directory can be served anywhere torch runs:
 
-    generator = TextGenerator.from_dir("checkpoints/sft_tiny/consolidated")
+    generator = TextGenerator.from_dir("checkpoints/sft_tiny/final")
     print(generator.generate(["Hello"], GenerationConfig(max_new_tokens=50), chat=True)[0])
 
 Logit filters are small pure functions (`apply_repetition_penalty`, `apply_temperature`,

@@ -7,6 +7,7 @@ kernel (flash / memory-efficient) on CUDA and a vectorised one on CPU.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -170,6 +171,17 @@ class MiniGPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def set_dropout(self, rate: float) -> None:
+        """Change the dropout of loaded weights everywhere it is applied: the residual `nn.Dropout`s,
+        attention's own rate, and `config` (which the run's snapshot and saved weights record)."""
+        self.config = dataclasses.replace(self.config, dropout=rate)
+        self.config.validate()
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = rate
+            elif isinstance(module, Attention):
+                module.dropout = rate
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from minigpt.flops import peak_flops
+from minigpt.fsutil import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -327,9 +327,7 @@ def truncate_metrics(path: Path, start_step: int) -> list[str]:
     if dropped:
         warnings.append(f"{path}: dropped {dropped} records at step >= {start_step} (redone by this run)")
     if dropped or warnings:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
     return warnings
 
 

@@ -2,23 +2,18 @@
 
 A tokenizer directory holds `tokenizer.model` (sentencepiece) and `tokenizer.json` (special tokens,
 chat template name, and the sha256 checksum of `tokenizer.model`). Shards and checkpoints record the
-checksum so that data or weights built with another tokenizer are refused.
+checksum so that data or weights built with another tokenizer are refused. Training a tokenizer lives in
+`minigpt.tokenizer_training`, which reads raw corpora; this module only loads one.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
-
-from minigpt.fsutil import make_staging_dir
 
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
@@ -95,9 +90,6 @@ class Tokenizer:
         ids = self.sp.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts)
-
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; special tokens (pad, bos, eos, chat markers) are dropped.
 
@@ -146,113 +138,3 @@ class Tokenizer:
             ids += header
             mask += [0] * len(header)
         return ChatEncoding(ids, mask)
-
-
-MIN_VOCAB_SIZE = 320
-"""Smallest vocabulary worth training: 4 specials + 2 chat symbols + 256 byte pieces + some merges."""
-
-
-def _training_sentences(inputs: list[str | Path], text_field: str, input_sentence_size: int,
-                        max_sentence_length: int) -> tuple[list[str], list[dict]]:
-    """Lines of text to train on (split at newlines, capped in count and length) and a record of the inputs."""
-    from minigpt.data.sources import expand_inputs, input_format, iter_raw_records, training_texts
-
-    sentences: list[str] = []
-    sources = []
-    for path in expand_inputs(inputs):
-        fmt = input_format(path)
-        for _, raw in iter_raw_records(path):
-            for text in training_texts(fmt, raw, text_field):
-                sentences += [line[:max_sentence_length] for line in text.split("\n") if line.strip()]
-            if len(sentences) >= input_sentence_size:
-                break
-        sources.append({"path": str(path), "bytes": path.stat().st_size, "sha256": file_checksum(path)})
-    return sentences[:input_sentence_size], sources
-
-
-def _keep_frequent_chars(sentences: list[str], max_chars: int) -> tuple[list[str], int]:
-    """Drop characters outside the `max_chars` most frequent ones from the training text.
-
-    SentencePiece must give every kept character its own piece; a corpus with more distinct
-    characters than the vocabulary allows (Chinese at a small vocab) would fail to train.
-    Dropped characters still round-trip through byte fallback.
-    """
-    counts = Counter(char for sentence in sentences for char in sentence)
-    if len(counts) <= max_chars:
-        return sentences, 0
-    keep = {char for char, _ in counts.most_common(max_chars)}
-    return ["".join(c for c in s if c in keep) for s in sentences], len(counts) - max_chars
-
-
-def _drop_training_paths(model_path: Path) -> None:
-    """Blank the temporary output path sentencepiece records in the model, so the same corpus and
-    settings give a byte-identical tokenizer (and checksum) wherever it is trained."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(model_path.read_bytes())
-    proto.trainer_spec.model_prefix = ""
-    model_path.write_bytes(proto.SerializeToString())
-
-
-def train_tokenizer(inputs: list[str | Path], out_dir: str | Path, vocab_size: int, text_field: str = "text",
-                    max_sentence_length: int = 4096, input_sentence_size: int = 2_000_000) -> Tokenizer:
-    """Train a byte-fallback BPE tokenizer on .txt/.jsonl(.gz) files (globs allowed) into `out_dir`.
-
-    Lossless by construction: identity normalization, no dummy prefix, whitespace kept, digits
-    split one per token, unseen characters as UTF-8 bytes. The vocabulary is at most
-    `vocab_size`: a corpus too small for it gives a smaller one (the real size is in tokenizer.json).
-    The directory appears complete or not at all; an existing tokenizer directory is replaced.
-    """
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise TokenizerError(f"vocab_size {vocab_size} is too small; MiniGPT tokenizers need at least "
-                             f"{MIN_VOCAB_SIZE} (262 reserved special and byte pieces)")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(p.name not in (MODEL_FILE, META_FILE) for p in out_dir.iterdir()):
-        raise TokenizerError(f"{out_dir}: exists and holds files other than a tokenizer; choose another --out")
-    started = time.monotonic()
-    sentences, sources = _training_sentences(inputs, text_field, input_sentence_size, max_sentence_length)
-    if not sentences:
-        raise TokenizerError(f"no text to train on in {', '.join(s['path'] for s in sources)} "
-                             f"(JSONL records need a string field {text_field!r} or chat fields)")
-    reserved = len(SPECIAL_IDS) + len(CHAT_SYMBOLS) + 256
-    sentences, dropped_chars = _keep_frequent_chars(sentences, (vocab_size - reserved) // 2)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.")
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_prefix=str(staging / "tokenizer"), vocab_size=vocab_size,
-            model_type="bpe", pad_id=SPECIAL_IDS[PAD], unk_id=SPECIAL_IDS[UNK], bos_id=SPECIAL_IDS[BOS],
-            eos_id=SPECIAL_IDS[EOS], control_symbols=list(CHAT_SYMBOLS), byte_fallback=True,
-            character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
-            add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
-            hard_vocab_limit=False, max_sentence_length=max_sentence_length * 4, num_threads=os.cpu_count() or 1,
-            minloglevel=2)
-        (staging / "tokenizer.vocab").unlink(missing_ok=True)
-        _drop_training_paths(staging / MODEL_FILE)
-        model = spm.SentencePieceProcessor(model_file=str(staging / MODEL_FILE))
-        meta = {"checksum": file_checksum(staging / MODEL_FILE), "vocab_size": model.get_piece_size(),
-                "special_tokens": SPECIAL_IDS, "chat_symbols": list(CHAT_SYMBOLS), "chat_template": CHAT_TEMPLATE,
-                "model_type": "bpe", "byte_fallback": True,
-                "training": {"inputs": sources, "text_field": text_field, "requested_vocab_size": vocab_size,
-                             "sentences": len(sentences), "dropped_rare_characters": dropped_chars,
-                             "max_sentence_length": max_sentence_length,
-                             "input_sentence_size": input_sentence_size,
-                             "seconds": round(time.monotonic() - started, 2)}}
-        (staging / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        for path in staging.iterdir():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-        _replace_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return Tokenizer(out_dir)
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move `staging` to `target` by rename; an existing `target` is moved aside first, then removed."""
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -15,9 +15,7 @@ Writes are atomic: the directory is built under a temporary name, fsynced, then 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +23,7 @@ from typing import Any
 import torch
 
 from minigpt.config import ConfigError, MiniGPTConfig
-from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir
+from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
 from minigpt.model import MiniGPT
 from minigpt.tokenizer import META_FILE, MODEL_FILE, Tokenizer
 
@@ -138,24 +136,11 @@ def save_consolidated(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor
         for path in tmp_dir.iterdir():
             fsync_file(path)
         fsync_dir(tmp_dir)
-        _replace_dir(tmp_dir, out_dir)
+        replace_dir(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return out_dir
-
-
-def _replace_dir(new_dir: Path, target: Path) -> None:
-    """Move `new_dir` to `target`; an old `target` is moved aside first and removed only afterwards."""
-    old_dir = None
-    if target.exists():
-        old_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.rmdir(old_dir)
-        os.rename(target, old_dir)
-    os.rename(new_dir, target)
-    fsync_dir(target.parent)
-    if old_dir is not None:
-        shutil.rmtree(old_dir)
 
 
 def read_consolidated_meta(model_dir: str | Path) -> tuple[MiniGPTConfig, dict[str, Any]]:

@@ -9,7 +9,8 @@ import pytest
 
 from minigpt.data.build import build_dataset
 from minigpt.data.demo import write_demo_corpus
-from minigpt.tokenizer import Tokenizer, train_tokenizer
+from minigpt.tokenizer import Tokenizer
+from minigpt.tokenizer_training import train_tokenizer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CHINESE_LINES = ["学而时习之，不亦说乎？有朋自远方来，不亦乐乎？人不知而不愠，不亦君子乎？",

@@ -31,7 +31,8 @@ from minigpt.checkpoint import (
     verify_checkpoint,
     write_manifest,
 )
-from minigpt.engine.plain import ENGINE_FILE, PlainEngine
+from minigpt.engine.plain import PlainEngine
+from minigpt.engine.portable import ENGINE_FILE
 from minigpt.safe_load import UnsafeFileError, safe_torch_load
 
 

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 from conftest import shared_file
 
-from data_tools import pretokenize
+from minigpt.cli import pretokenize
 from minigpt.data.build import STATS_FILE, DatasetBuildError, build_dataset, split_examples
 from minigpt.data.shards import open_shard
 from minigpt.data.sources import MAX_DOCUMENT_CHARS, cut_long_text

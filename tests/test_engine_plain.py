@@ -17,7 +17,8 @@ from engine_driver import MODEL, fresh_model, global_batch, run_steps, train_con
 from minigpt.config import ConfigError, MiniGPTConfig  # noqa: E402
 from minigpt.engine import create_engine, detect_device, launched_distributed, resolve_precision  # noqa: E402
 from minigpt.engine.base import warmup_cosine  # noqa: E402
-from minigpt.engine.plain import ENGINE_FILE, PlainEngine  # noqa: E402
+from minigpt.engine.plain import PlainEngine
+from minigpt.engine.portable import ENGINE_FILE  # noqa: E402
 from minigpt.model import MiniGPT  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -277,7 +277,7 @@ def test_cli_generates_from_a_consolidated_dir_without_importing_deepspeed(train
 
 
 def test_cli_names_the_missing_file(tmp_path, capsys):
-    from launch.generate import main
+    from minigpt.cli.generate import main
 
     (tmp_path / "model").mkdir()
     assert main(["--model", str(tmp_path / "model"), "--prompt", "x"]) == 2
@@ -289,7 +289,7 @@ def test_cli_names_the_missing_file(tmp_path, capsys):
     ("gpu", "--device 'gpu' is not a device name"),
 ])
 def test_cli_refuses_a_device_this_machine_lacks_in_one_line(trained, tmp_path, capsys, device, message):
-    from launch.generate import main
+    from minigpt.cli.generate import main
 
     if device == "mps" and torch.backends.mps.is_available():
         pytest.skip("this machine has MPS")

@@ -21,7 +21,7 @@ from ports import free_port  # noqa: E402
 from minigpt.data.demo import write_demo_corpus
 from minigpt.data.tasks import check_answer, generate_tasks, write_task_files
 from minigpt.generate import GenerationConfig, TextGenerator
-from minigpt.tokenizer import train_tokenizer
+from minigpt.tokenizer_training import train_tokenizer
 from minigpt.weights import load_consolidated
 
 pytestmark = pytest.mark.integration

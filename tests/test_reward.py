@@ -9,7 +9,8 @@ import torch
 
 from minigpt.config import ConfigError, MiniGPTConfig
 from minigpt.model import MiniGPT
-from minigpt.tokenizer import Tokenizer, train_tokenizer
+from minigpt.tokenizer import Tokenizer
+from minigpt.tokenizer_training import train_tokenizer
 from minigpt.train.reward import (
     RewardModel,
     bradley_terry_loss,

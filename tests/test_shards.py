@@ -8,12 +8,8 @@ import numpy as np
 import pytest
 
 from minigpt.data.build import build_dataset
-from minigpt.data.datasets import IGNORE_INDEX
+from minigpt.data.datasets import IGNORE_INDEX, DPOPairs, PretrainWindows, RLHFPrompts, SFTExamples
 from minigpt.data.shards import (
-    DPOPairs,
-    PretrainWindows,
-    RLHFPrompts,
-    SFTExamples,
     ShardError,
     ShardReader,
     ShardWriter,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from data_tools import make_tasks
+from minigpt.cli import make_tasks
 from minigpt.data.build import build_dataset
-from minigpt.data.shards import DPOPairs, RLHFPrompts, SFTExamples, open_shard
+from minigpt.data.datasets import DPOPairs, RLHFPrompts, SFTExamples
+from minigpt.data.shards import open_shard
 from minigpt.data.tasks import check_answer, generate_tasks, reward, solve
 
 

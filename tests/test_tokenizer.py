@@ -10,7 +10,7 @@ import stat
 import pytest
 from conftest import shared_file
 
-from data_tools import train_tokenizer as train_tokenizer_cli
+from minigpt.cli import train_tokenizer as train_tokenizer_cli
 from minigpt.tokenizer import (
     IM_END,
     IM_START,
@@ -19,8 +19,8 @@ from minigpt.tokenizer import (
     Tokenizer,
     TokenizerError,
     file_checksum,
-    train_tokenizer,
 )
+from minigpt.tokenizer_training import train_tokenizer
 
 TRICKY_TEXTS = [
     "Hello, world!", " leading space", "trailing space ", "  two  spaces\tand a tab\n\nnew lines\n",
@@ -175,7 +175,7 @@ def test_shared_corpora_round_trip(tmp_path):
 
 def test_same_corpus_and_settings_give_the_same_tokenizer_anywhere(demo_corpus, tmp_path):
     """Runs that train their own tokenizer (e.g. two Slurm jobs) must agree on it, checksum included."""
-    from minigpt.tokenizer import train_tokenizer
+    from minigpt.tokenizer_training import train_tokenizer
 
     first = train_tokenizer([demo_corpus], tmp_path / "a" / "tok", vocab_size=400)
     second = train_tokenizer([demo_corpus], tmp_path / "elsewhere" / "tok", vocab_size=400)

@@ -177,7 +177,7 @@ def test_zero3_consolidated_weights_generate_the_same_text_standalone(shards, da
 
 
 def test_bad_inputs_fail_before_training_with_the_culprit_named(shards, data_tokenizer, tmp_path, demo_corpus):
-    from minigpt.tokenizer import train_tokenizer
+    from minigpt.tokenizer_training import train_tokenizer
 
     other = train_tokenizer([demo_corpus], tmp_path / "other_tok", vocab_size=400)
     mismatch = run(train_cmd(shards, other.directory, tmp_path / "a", "--max-steps", "2"))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import shutil
 import sys
 import time
@@ -38,7 +37,7 @@ from minigpt.data.sources import (
     iter_raw_records,
     parse_record,
 )
-from minigpt.fsutil import fsync_dir, make_staging_dir
+from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
 from minigpt.tokenizer import Tokenizer
 
 STATS_FILE = "dataset_stats.json"
@@ -352,12 +351,7 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
         shutil.rmtree(staging / "all")
         _write_stats(staging / STATS_FILE, stats, common, split_meta, text_field, time.monotonic() - started)
         fsync_dir(staging)
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            out_dir.rename(old)
-        staging.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        fsync_dir(out_dir.parent)
+        replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
@@ -389,5 +383,4 @@ def _write_stats(path: Path, stats: list[FileStats], common: dict, split_meta: d
     report = {**{k: v for k, v in common.items() if k != "sources"}, **split_meta, "text_field": text_field,
               "totals": totals, "files": [asdict(s) for s in stats], "build_seconds": round(seconds, 3)}
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+    fsync_file(path)

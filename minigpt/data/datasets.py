@@ -7,14 +7,12 @@ Labels are the next tokens, -100 where no loss is taken.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from minigpt.data.shards import ShardReader
+from minigpt.data.shards import ShardError, ShardReader
 
 IGNORE_INDEX = -100
+"""Label of a position that takes no loss (prompt, padding); the one definition every loss imports."""
 
 
 def _check_index(index: int, length: int) -> int:
@@ -26,8 +24,6 @@ def _check_index(index: int, length: int) -> int:
 
 def _require_kind(reader: ShardReader, kind: str, user: str) -> None:
     if reader.kind != kind:
-        from minigpt.data.shards import ShardError
-
         raise ShardError(f"{reader.directory / 'meta.json'}: {user} needs {kind} shards, "
                          f"this shard is of kind {reader.kind!r}")
 

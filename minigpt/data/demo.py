@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from pydoc_data.topics import topics
+
+from minigpt.fsutil import atomic_write_text
 
 
 def demo_text() -> str:
@@ -21,14 +21,5 @@ def write_demo_corpus(path: str | Path) -> Path:
     """Write the demo corpus as a .txt file at `path` (atomically: complete or absent) and return it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(demo_text())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, demo_text())
     return path

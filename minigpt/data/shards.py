@@ -20,11 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.data.datasets import DPOPairs, PretrainWindows, RLHFPrompts, SFTExamples
 from minigpt.fsutil import fsync_file
 
-__all__ = ["FORMAT_VERSION", "ShardError", "ShardReader", "ShardWriter", "open_shard", "token_dtype",
-           "PretrainWindows", "SFTExamples", "DPOPairs", "RLHFPrompts"]
+__all__ = ["FORMAT_VERSION", "ShardError", "ShardReader", "ShardWriter", "open_shard", "token_dtype"]
 
 FORMAT_VERSION = 1
 TOKENS, OFFSETS, LOSS_MASK, RECORDS, META = "tokens.bin", "offsets.bin", "loss_mask.bin", "records.jsonl", "meta.json"
@@ -193,10 +191,6 @@ class ShardReader:
         if start < 0 or start + length > self.num_tokens:
             raise IndexError(f"window [{start}, {start + length}) outside {self.num_tokens} tokens")
         return self.tokens[start:start + length]
-
-    def random_window(self, length: int, rng: np.random.Generator) -> np.ndarray:
-        """A window of `length` tokens at a position drawn from the caller's generator."""
-        return self.window(int(rng.integers(0, self.num_tokens - length + 1)), length)
 
 
 def open_shard(dataset_dir: str | Path, split: str = "train", tokenizer_checksum: str | None = None,

@@ -18,6 +18,8 @@ import re
 import string
 from pathlib import Path
 
+from minigpt.fsutil import atomic_write_text
+
 TASKS = ("add", "reverse", "sort")
 _LETTERS = string.ascii_lowercase[:8]
 _PROMPT = re.compile(r"^(Add|Reverse|Sort) (\S+)$")
@@ -97,7 +99,7 @@ def write_task_files(out_dir: str | Path, count: int, seed: int = 0,
     paths = {}
     for kind, convert in FORMATS.items():
         paths[kind] = out_dir / f"{kind}.jsonl"
-        paths[kind].write_text("".join(json.dumps(convert(r)) + "\n" for r in records))
+        atomic_write_text(paths[kind], "".join(json.dumps(convert(r)) + "\n" for r in records))
     return paths
 
 

@@ -5,8 +5,8 @@ Optimizer and LR schedule are client objects (torch AdamW from `build_optimizer`
 its own `DeepSpeedCPUAdam` (a JIT-built C++ op), given the same parameter groups and hyper-parameters.
 
 Checkpoints are DeepSpeed's native files plus `engine_meta.json`. Cross-engine resume goes through the
-plain engine's engine-neutral state (weights and AdamW moments by parameter name, scheduler position):
-`read_deepspeed_checkpoint` rebuilds it from ZeRO files on one process; `DeepSpeedEngine.load` places a
+engine-neutral state of `minigpt.engine.portable` (weights and AdamW moments by parameter name, scheduler
+position): its `read_deepspeed_checkpoint` rebuilds it from ZeRO files on one process; `DeepSpeedEngine.load` places a
 plain `engine.pt` into the ZeRO partitions with DeepSpeed's tensor-fragment API.
 """
 
@@ -30,12 +30,13 @@ from minigpt.config import ConfigError, TrainConfig
 from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, check_shapes_fit
 from minigpt.engine.device import resolve_precision
 from minigpt.engine.ds_config import build_ds_config, load_ds_json, offloads_optimizer, zero_stage_of
-from minigpt.engine.plain import (
+from minigpt.engine.portable import (
     ADAM_KEYS,
     ENGINE_FILE,
     FORMAT_VERSION,
     load_named_optimizer_state,
     parameter_names,
+    read_deepspeed_checkpoint,
     read_engine_file,
     sync_group_lrs,
 )
@@ -294,54 +295,3 @@ class DeepSpeedEngine(Engine):
             if self.is_main:
                 result[name] = value
         return result if self.is_main else None
-
-
-def read_deepspeed_checkpoint(directory: Path) -> dict[str, Any]:
-    """Rebuild the engine-neutral state (full fp32 weights, AdamW moments by name, step, scheduler) from the
-    ZeRO 1/2/3 files of a DeepSpeed checkpoint, on one process.
-
-    Weights come from DeepSpeed's own `zero_to_fp32` reconstruction. The AdamW moments are flat
-    partitions laid out exactly like the fp32 master partitions, so the same reconstruction is applied
-    to them (DeepSpeed's universal checkpoint does the equivalent with more machinery)."""
-    from deepspeed.utils import zero_to_fp32
-
-    directory = Path(directory)
-    with weights_only_loads():  # zero_to_fp32 asks torch.load for weights_only=False; never granted
-        model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(directory)))
-    optim_files = zero_to_fp32.get_optim_files(str(directory))
-    ranks = [safe_torch_load(path)["optimizer_state_dict"] for path in optim_files]
-    stage, world_size = ranks[0]["zero_stage"], len(ranks)
-    if stage not in (1, 2, 3):
-        raise ConfigError(f"{directory}: ZeRO stage {stage} checkpoints are not converted; resume it with "
-                          "the same DeepSpeed config")
-    paddings = ranks[0].get("param_alignment_paddings")
-
-    def merge(flat_by_rank: list) -> dict[str, torch.Tensor]:
-        if stage <= 2:
-            merged = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
-                world_size, flat_by_rank, model_states, False, paddings)
-        else:
-            merged = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world_size, flat_by_rank, model_states,
-                                                                            False)
-        # ZeRO-3 reconstruction hands back lazy tensors; materialise them.
-        return zero_to_fp32.to_torch_tensor(merged)
-
-    master_key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
-    inner_key = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
-    weights = {k: v.float() if v.is_floating_point() else v for k, v in merge([r[master_key] for r in ranks]).items()}
-    inner = [r[inner_key]["state"] for r in ranks]
-    names = [name for group in model_states[0].param_shapes for name in group]
-    optimizer: dict[str, dict[str, Any]] = {name: {} for name in names}
-    if all(len(state) == len(r[master_key]) for state, r in zip(inner, ranks, strict=True)):
-        for key in ADAM_KEYS:
-            merged = merge([[state[g][key] for g in range(len(state))] for state in inner])
-            for name in names:
-                optimizer[name][key] = merged[name].float()
-        step = inner[0][0]["step"]
-        for name in names:
-            optimizer[name]["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
-    else:
-        optimizer = {}
-    scheduler = safe_torch_load(zero_to_fp32.get_model_state_file(str(directory), stage))["lr_scheduler"]
-    return {"format_version": FORMAT_VERSION, "engine": "deepspeed", "world_size": world_size, "model": weights,
-            "optimizer": optimizer, "scheduler": scheduler, "scaler": None}

@@ -1,7 +1,8 @@
 """The plain engine: one process on one device (cpu / mps / cuda) with autocast, accumulation and AdamW.
 
-Its checkpoint is one torch file, `engine.pt`, in an engine-neutral layout (weights and AdamW moments
-keyed by parameter name, LR-scheduler position, loss scaler), which `DeepSpeedEngine.load` reads too.
+Its checkpoint is one torch file, `engine.pt`, in the engine-neutral layout of `minigpt.engine.portable`
+(weights and AdamW moments keyed by parameter name, LR-scheduler position, loss scaler), which
+`DeepSpeedEngine.load` reads too.
 """
 
 from __future__ import annotations
@@ -14,82 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from minigpt.config import ConfigError, TrainConfig
+from minigpt.config import TrainConfig
 from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, check_shapes_fit
 from minigpt.engine.device import autocast_dtype, resolve_precision
+from minigpt.engine.portable import (
+    ENGINE_FILE,
+    FORMAT_VERSION,
+    load_named_optimizer_state,
+    named_optimizer_state,
+    read_portable_state,
+    sync_group_lrs,
+)
 from minigpt.runtime import Runtime
-from minigpt.safe_load import safe_torch_load
 
 log = logging.getLogger(__name__)
-
-ENGINE_FILE = "engine.pt"
-FORMAT_VERSION = 1
-ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def parameter_names(module: nn.Module) -> dict[int, str]:
-    """id(parameter) → its first name in `module` (tied weights share one entry)."""
-    names: dict[int, str] = {}
-    for name, param in module.named_parameters():
-        names.setdefault(id(param), name)
-    return names
-
-
-def named_optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, dict[str, Any]]:
-    """AdamW state keyed by parameter name instead of position, so another engine can place it."""
-    names = parameter_names(module)
-    return {names[id(param)]: {key: value.detach().cpu().clone() if torch.is_tensor(value) else value
-                               for key, value in state.items()}
-            for param, state in optimizer.state.items()}
-
-
-def load_named_optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module,
-                               named_state: dict[str, dict[str, Any]], source: str) -> None:
-    """Put name-keyed AdamW state back onto the parameters of `optimizer` (shapes checked)."""
-    names = parameter_names(module)
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            name = names[id(param)]
-            if name not in named_state:
-                continue
-            state = named_state[name]
-            for key in ADAM_KEYS:
-                if key in state and state[key].shape != param.shape:
-                    raise ConfigError(f"{source}: optimizer state {key} of {name!r} has shape "
-                                      f"{tuple(state[key].shape)}, parameter has {tuple(param.shape)}")
-            optimizer.state[param] = {
-                key: (value.to(param.device, torch.float32) if key in ADAM_KEYS else
-                      value.detach().clone().float() if torch.is_tensor(value) else torch.tensor(float(value)))
-                for key, value in state.items()}
-
-
-def sync_group_lrs(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
-    """Set each group's lr from the restored scheduler position (LambdaLR.load_state_dict does not)."""
-    for group, base_lr, schedule in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
-                                        strict=True):
-        group["lr"] = base_lr * schedule(scheduler.last_epoch)
-
-
-def read_engine_file(path: Path) -> dict[str, Any]:
-    """Load an `engine.pt` and check its format version."""
-    state = safe_torch_load(path)
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
-        raise ConfigError(f"{path}: engine checkpoint format {found!r}, "
-                          f"this version reads {FORMAT_VERSION}")
-    return state
-
-
-def read_portable_state(directory: Path) -> dict[str, Any]:
-    """The engine-neutral state of any checkpoint directory: `engine.pt`, or converted from DeepSpeed files."""
-    if (directory / ENGINE_FILE).is_file():
-        return read_engine_file(directory / ENGINE_FILE)
-    if any(directory.glob("*model_states.pt")):
-        from minigpt.engine.deepspeed import read_deepspeed_checkpoint
-
-        return read_deepspeed_checkpoint(directory)
-    raise ConfigError(f"{directory}: no engine state found (neither {ENGINE_FILE} nor DeepSpeed *_model_states.pt)")
-
 
 class PlainEngine(Engine):
     """Single-device training: autocast, GradScaler for fp16, accumulation, clipping, AdamW, warmup+cosine."""

@@ -21,7 +21,8 @@ from minigpt.data.build import build_dataset
 from minigpt.data.demo import write_demo_corpus
 from minigpt.data.shards import open_shard
 from minigpt.runtime import Runtime
-from minigpt.tokenizer import Tokenizer, train_tokenizer
+from minigpt.tokenizer import Tokenizer
+from minigpt.tokenizer_training import train_tokenizer
 
 DATA_ENV = "MINIGPT_DATA_DIR"
 CACHE = "cache"

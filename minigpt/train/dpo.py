@@ -12,20 +12,18 @@ train and validation pairs before the first step, and kept with the run in `refe
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from minigpt.config import ConfigError
-from minigpt.data.datasets import DPOPairs
+from minigpt.data.datasets import IGNORE_INDEX, DPOPairs
+from minigpt.fsutil import atomic_torch_save
 from minigpt.train.metrics import MetricSums
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.sequences import (
-    IGNORE,
     has_response,
     load_frozen_model,
     preference_accuracy,
@@ -33,8 +31,6 @@ from minigpt.train.sequences import (
 )
 
 REFERENCE_FILE = "reference_logprobs.pt"
-DPO_STATS = ("accuracy", "chosen_reward", "empty_pairs", "margin", "rejected_reward")
-"""Per-step statistics, the same keys on every call (the loop all-reduces them by name)."""
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
@@ -103,14 +99,6 @@ def compute_reference_logprobs(forward: Callable[[torch.Tensor], torch.Tensor], 
     return all_reduce_sum(result).cpu().numpy()
 
 
-def _save_atomically(obj: dict, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, temporary)
-    with open(temporary, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
-
-
 class DPO(Objective):
     """The `--mode dpo` objective: sigmoid DPO loss; logs implicit rewards, margin and preference accuracy.
 
@@ -161,7 +149,7 @@ class DPO(Objective):
                                   f"this run is {fingerprint}. Remove the file to recompute them")
             references = self._compute_references(context)
             if engine.is_main:
-                _save_atomically({"fingerprint": fingerprint,
+                atomic_torch_save({"fingerprint": fingerprint,
                                   "reference": [torch.from_numpy(r) for r in references]}, path)
             engine.barrier()
             source = f"precomputed into {path}"
@@ -203,7 +191,7 @@ class DPO(Objective):
         losses, chosen, rejected = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                                             self.beta)
         valid = (has_response(batch["chosen_labels"]) & has_response(batch["rejected_labels"])).float()
-        chosen_tokens = (batch["chosen_labels"] != IGNORE).sum(-1).clamp(min=1)
+        chosen_tokens = (batch["chosen_labels"] != IGNORE_INDEX).sum(-1).clamp(min=1)
         return {"losses": losses, "chosen": chosen, "rejected": rejected, "valid": valid,
                 "chosen_nll": -policy_chosen / chosen_tokens}
 

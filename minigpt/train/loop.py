@@ -119,9 +119,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, start: StartingWeights) 
         if weights_tokenizer is not None and weights_tokenizer.checksum != tokenizer.checksum:
             raise ConfigError(f"{start.model_dir}: weights were trained with another tokenizer than {tokenizer.directory}")
         if cfg.dropout:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = cfg.dropout
+            model.set_dropout(cfg.dropout)
         return model
     overrides = {"vocab_size": tokenizer.vocab_size, "dropout": cfg.dropout}
     if cfg.seq_len > get_config(cfg.config).max_seq_len:

@@ -12,13 +12,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minigpt.data.datasets import PretrainWindows, SFTExamples
+from minigpt.data.datasets import IGNORE_INDEX, PretrainWindows, SFTExamples
 from minigpt.train.dpo import DPO
 from minigpt.train.metrics import MetricSums
 from minigpt.train.objective import Objective
 from minigpt.train.reward import RewardModeling
 from minigpt.train.rlhf import GRPO
-from minigpt.train.sequences import IGNORE
 
 
 def token_byte_lengths(tokenizer) -> torch.Tensor:
@@ -59,15 +58,15 @@ class LanguageModeling(Objective):
         logits = engine(batch["input_ids"], segment_ids=batch.get("segment_ids"))
         labels = batch["labels"].flatten()
         # Sum / count rather than mean: a micro-batch with no trained token (all -100) gives 0, not NaN.
-        total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE, reduction="sum")
-        return total / (labels != IGNORE).sum().clamp(min=1), {}
+        total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1), {}
 
     @torch.no_grad()
     def eval_batch(self, model, batch: dict[str, torch.Tensor], sums: MetricSums) -> None:
         logits = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))
         labels = batch["labels"].flatten()
-        losses = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE, reduction="none")
-        kept = labels != IGNORE
+        losses = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        kept = labels != IGNORE_INDEX
         sums.add("loss_sum", losses[kept].double().sum().item())
         sums.add("tokens", kept.sum().item())
         if self.byte_lengths is not None:

@@ -11,9 +11,7 @@ with it, refusing one built on another tokenizer or vocabulary.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,11 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt.config import ConfigError, MiniGPTConfig
-from minigpt.data.datasets import DPOPairs
+from minigpt.data.datasets import IGNORE_INDEX, DPOPairs
+from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
 from minigpt.model import MiniGPT
 from minigpt.train.metrics import MetricSums
 from minigpt.train.objective import Objective
-from minigpt.train.sequences import IGNORE, has_response, preference_accuracy
+from minigpt.train.sequences import has_response, preference_accuracy
 from minigpt.weights import load_consolidated, save_consolidated
 
 HEAD_FILE = "reward_head.pt"
@@ -69,7 +68,7 @@ def response_end_positions(labels: torch.Tensor) -> torch.Tensor:
     Labels are the next tokens, so the last labelled position t means input t+1 is that token; a row
     cut at the context end scores at its last position, a row without response tokens at position 0."""
     positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
-    last_label = torch.where(labels != IGNORE, positions, torch.full_like(positions, -1)).max(-1).values
+    last_label = torch.where(labels != IGNORE_INDEX, positions, torch.full_like(positions, -1)).max(-1).values
     return (last_label + 1).clamp(min=0, max=labels.shape[1] - 1)
 
 
@@ -137,18 +136,14 @@ def save_reward_model(out_dir: str | Path, state_dict: dict[str, torch.Tensor], 
     if set(head) != {"weight", "bias"}:
         raise ConfigError(f"{out_dir}: state dict has no reward head (keys head.weight, head.bias)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.reward-", dir=out_dir.parent))
+    staging = make_staging_dir(out_dir.parent, f".{out_dir.name}.reward-")
     try:
         built = save_consolidated(staging / "model", backbone, config, tokenizer_dir,
                                   extra={**(extra or {}), "reward_model": True})
         torch.save(head, built / HEAD_FILE)
-        with open(built / HEAD_FILE, "rb") as handle:
-            os.fsync(handle.fileno())
-        old = None
-        if out_dir.exists():
-            old = staging / "old"
-            os.replace(out_dir, old)
-        os.replace(built, out_dir)
+        fsync_file(built / HEAD_FILE)
+        fsync_dir(built)
+        replace_dir(built, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

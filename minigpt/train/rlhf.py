@@ -39,7 +39,6 @@ from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.reward import load_reward_model, score_sequences
 from minigpt.train.sequences import load_frozen_model
 
-RL_STATS = ("clip_fraction", "kl", "response_length", "reward", "reward_std")
 ADVANTAGE_EPS = 1e-4
 
 

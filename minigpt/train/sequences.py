@@ -11,16 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.config import ConfigError
-
-IGNORE = -100
-"""Label of a position that takes no loss (prompt tokens, padding)."""
+from minigpt.data.datasets import IGNORE_INDEX
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of log p(label) over positions whose label is not -100: (B, T, V), (B, T) -> (B,) fp32.
 
     `labels` are already the next tokens (position t of the logits predicts labels[:, t])."""
-    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE, reduction="none")
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     return -losses.view(labels.shape).sum(-1)
 
 
@@ -31,7 +29,7 @@ def preference_accuracy(margins: torch.Tensor) -> torch.Tensor:
 
 def has_response(labels: torch.Tensor) -> torch.Tensor:
     """(B,) bool: the sequence kept at least one response token (a prompt longer than the context keeps none)."""
-    return (labels != IGNORE).any(-1)
+    return (labels != IGNORE_INDEX).any(-1)
 
 
 def load_frozen_model(model_dir: Path | None, device: torch.device, mode: str) -> torch.nn.Module:

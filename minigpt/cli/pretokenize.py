@@ -1,0 +1,57 @@
+"""Pre-tokenize raw files into a MiniGPT dataset directory (train/ and val/ shards + dataset_stats.json).
+
+    python data_tools/pretokenize.py --input data/corpus.txt --tokenizer tokenizer --out shards/corpus
+    python data_tools/pretokenize.py --input 'chats/*.jsonl.gz' --tokenizer tok --out shards/chat --kind sft
+    python data_tools/pretokenize.py --input prefs.jsonl --tokenizer tok --out shards/dpo --kind dpo --strict
+
+Bad records are skipped and reported per file (see dataset_stats.json); --strict fails on the first.
+Exit codes: 0 done, 2 bad usage or unusable input (the message names the file and line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from minigpt.data.build import STATS_FILE, DatasetBuildError, build_dataset
+from minigpt.data.shards import KINDS
+from minigpt.tokenizer import Tokenizer, TokenizerError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data_tools/pretokenize.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", action="append", required=True,
+                        help=".txt / .jsonl / .jsonl.gz file or glob; repeatable")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (data_tools/train_tokenizer.py)")
+    parser.add_argument("--out", required=True, help="dataset directory to write")
+    parser.add_argument("--kind", choices=KINDS, default="pretrain", help="what the records are (docs/data.md)")
+    parser.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
+    parser.add_argument("--seed", type=int, default=1337, help="seed of the train/validation split")
+    parser.add_argument("--workers", type=int, default=1, help="encoding processes")
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (pretrain)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="skip DPO/RLHF records whose prompt is longer (tokens)")
+    parser.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        tokenizer = Tokenizer(args.tokenizer)
+        out = build_dataset(args.input, args.out, tokenizer, kind=args.kind, val_fraction=args.val_fraction,
+                            seed=args.seed, workers=args.workers, text_field=args.text_field, strict=args.strict,
+                            progress=not args.quiet, max_prompt_tokens=args.max_prompt_tokens,
+                            overwrite=args.overwrite)
+    except (DatasetBuildError, TokenizerError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"dataset written to {out} (statistics in {out / STATS_FILE})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

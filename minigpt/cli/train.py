@@ -1,0 +1,55 @@
+"""Train a MiniGPT model: `python launch/train.py ...` (one device) or `deepspeed launch/train.py ...`.
+
+Every flag mirrors a field of `minigpt.config.TrainConfig`; `--help` lists them. Exit codes:
+0 finished, 75 stopped by a signal after saving (rerun with --auto-resume), 130 aborted, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from minigpt.cli.args import add_dataclass_arguments, dataclass_from_args
+from minigpt.config import ConfigError, TrainConfig
+from minigpt.signals import StopRequest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_arguments(parser, TrainConfig)
+    # The deepspeed launcher appends --local_rank=N; the rank is also in the environment.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Catch stop signals before the slow imports and setup: a preemption during start-up must not kill
+    # the rank with Python's default action (the run then stops at its first step boundary).
+    stop = StopRequest().install()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = dataclass_from_args(TrainConfig, args)
+    except ConfigError as err:
+        parser.error(str(err))
+    from minigpt.train.loop import USER_ERRORS, dry_run, train
+
+    try:
+        return dry_run(cfg) if cfg.dry_run else train(cfg, stop)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as err:
+        from minigpt.checkpoint import is_disk_full
+
+        if not is_disk_full(err, cfg.run_dir):
+            raise
+        where = getattr(err, "filename", None) or cfg.run_dir
+        print(f"error: disk full while writing {where}: free space, then rerun with --auto-resume (the last "
+              "complete checkpoint is untouched)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

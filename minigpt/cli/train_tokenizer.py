@@ -1,0 +1,60 @@
+"""Train a MiniGPT tokenizer (byte-fallback BPE + special tokens + chat template) on text corpora.
+
+    python data_tools/train_tokenizer.py --input data/corpus.txt --out tokenizer --vocab-size 4096
+    python data_tools/train_tokenizer.py --input 'data/*.jsonl' --text-field content --out tok --vocab-size 8000
+    python data_tools/train_tokenizer.py --demo --out tokenizer --vocab-size 4096
+
+Exit codes: 0 done, 2 bad usage or unusable input (the message names the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+from minigpt.data.demo import write_demo_corpus
+from minigpt.data.sources import InputError
+from minigpt.tokenizer import TokenizerError
+from minigpt.tokenizer_training import train_tokenizer
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data_tools/train_tokenizer.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", action="append", default=[],
+                        help=".txt / .jsonl / .jsonl.gz file or glob; repeatable")
+    parser.add_argument("--demo", action="store_true", help="also train on the built-in demo corpus (pydoc_data)")
+    parser.add_argument("--out", required=True, help="tokenizer directory to write (replaced if it is one)")
+    parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (at most; small corpora give less)")
+    parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    parser.add_argument("--max-sentence-length", type=int, default=4096,
+                        help="lines longer than this many characters are cut for training")
+    parser.add_argument("--input-sentence-size", type=int, default=2_000_000, help="most lines to train on")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    inputs = list(args.input)
+    if not inputs and not args.demo:
+        print("error: give --input FILE (repeatable) or --demo", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.demo:
+            inputs.append(str(write_demo_corpus(os.path.join(scratch, "demo.txt"))))
+        try:
+            tokenizer = train_tokenizer(inputs, args.out, vocab_size=args.vocab_size, text_field=args.text_field,
+                                        max_sentence_length=args.max_sentence_length,
+                                        input_sentence_size=args.input_sentence_size)
+        except (InputError, TokenizerError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out} "
+          f"(checksum {tokenizer.checksum[:12]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

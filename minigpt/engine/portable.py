@@ -1,0 +1,136 @@
+"""The engine-neutral checkpoint format both engines read and write, and its reader for DeepSpeed files.
+
+`engine.pt` holds weights and AdamW moments keyed by parameter name, the LR-scheduler position and the
+loss scaler, so a run saved by one engine (or one ZeRO layout) resumes on another. It lives apart from
+both engines so that neither imports the other; `read_deepspeed_checkpoint` imports deepspeed only when
+called, which keeps this module (and the plain engine) importable without it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from minigpt.config import ConfigError
+from minigpt.safe_load import safe_torch_load, weights_only_loads
+
+ENGINE_FILE = "engine.pt"
+FORMAT_VERSION = 1
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def parameter_names(module: nn.Module) -> dict[int, str]:
+    """id(parameter) → its first name in `module` (tied weights share one entry)."""
+    names: dict[int, str] = {}
+    for name, param in module.named_parameters():
+        names.setdefault(id(param), name)
+    return names
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module) -> dict[str, dict[str, Any]]:
+    """AdamW state keyed by parameter name instead of position, so another engine can place it."""
+    names = parameter_names(module)
+    return {names[id(param)]: {key: value.detach().cpu().clone() if torch.is_tensor(value) else value
+                               for key, value in state.items()}
+            for param, state in optimizer.state.items()}
+
+
+def load_named_optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Module,
+                               named_state: dict[str, dict[str, Any]], source: str) -> None:
+    """Put name-keyed AdamW state back onto the parameters of `optimizer` (shapes checked)."""
+    names = parameter_names(module)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            name = names[id(param)]
+            if name not in named_state:
+                continue
+            state = named_state[name]
+            for key in ADAM_KEYS:
+                if key in state and state[key].shape != param.shape:
+                    raise ConfigError(f"{source}: optimizer state {key} of {name!r} has shape "
+                                      f"{tuple(state[key].shape)}, parameter has {tuple(param.shape)}")
+            optimizer.state[param] = {
+                key: (value.to(param.device, torch.float32) if key in ADAM_KEYS else
+                      value.detach().clone().float() if torch.is_tensor(value) else torch.tensor(float(value)))
+                for key, value in state.items()}
+
+
+def sync_group_lrs(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Set each group's lr from the restored scheduler position (LambdaLR.load_state_dict does not)."""
+    for group, base_lr, schedule in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                        strict=True):
+        group["lr"] = base_lr * schedule(scheduler.last_epoch)
+
+
+def read_engine_file(path: Path) -> dict[str, Any]:
+    """Load an `engine.pt` and check its format version."""
+    state = safe_torch_load(path)
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
+        raise ConfigError(f"{path}: engine checkpoint format {found!r}, "
+                          f"this version reads {FORMAT_VERSION}")
+    return state
+
+
+def read_portable_state(directory: Path) -> dict[str, Any]:
+    """The engine-neutral state of any checkpoint directory: `engine.pt`, or converted from DeepSpeed files."""
+    if (directory / ENGINE_FILE).is_file():
+        return read_engine_file(directory / ENGINE_FILE)
+    if any(directory.glob("*model_states.pt")):
+        return read_deepspeed_checkpoint(directory)
+    raise ConfigError(f"{directory}: no engine state found (neither {ENGINE_FILE} nor DeepSpeed *_model_states.pt)")
+
+
+
+def read_deepspeed_checkpoint(directory: Path) -> dict[str, Any]:
+    """Rebuild the engine-neutral state (full fp32 weights, AdamW moments by name, step, scheduler) from the
+    ZeRO 1/2/3 files of a DeepSpeed checkpoint, on one process.
+
+    Weights come from DeepSpeed's own `zero_to_fp32` reconstruction. The AdamW moments are flat
+    partitions laid out exactly like the fp32 master partitions, so the same reconstruction is applied
+    to them (DeepSpeed's universal checkpoint does the equivalent with more machinery)."""
+    from deepspeed.utils import zero_to_fp32
+
+    directory = Path(directory)
+    with weights_only_loads():  # zero_to_fp32 asks torch.load for weights_only=False; never granted
+        model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(directory)))
+    optim_files = zero_to_fp32.get_optim_files(str(directory))
+    ranks = [safe_torch_load(path)["optimizer_state_dict"] for path in optim_files]
+    stage, world_size = ranks[0]["zero_stage"], len(ranks)
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"{directory}: ZeRO stage {stage} checkpoints are not converted; resume it with "
+                          "the same DeepSpeed config")
+    paddings = ranks[0].get("param_alignment_paddings")
+
+    def merge(flat_by_rank: list) -> dict[str, torch.Tensor]:
+        if stage <= 2:
+            merged = zero_to_fp32._get_fp32_state_dict_from_zero2_checkpoint(
+                world_size, flat_by_rank, model_states, False, paddings)
+        else:
+            merged = zero_to_fp32._get_fp32_state_dict_from_zero3_checkpoint(world_size, flat_by_rank, model_states,
+                                                                            False)
+        # ZeRO-3 reconstruction hands back lazy tensors; materialise them.
+        return zero_to_fp32.to_torch_tensor(merged)
+
+    master_key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
+    inner_key = "base_optimizer_state" if stage <= 2 else "optimizer_state_dict"
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in merge([r[master_key] for r in ranks]).items()}
+    inner = [r[inner_key]["state"] for r in ranks]
+    names = [name for group in model_states[0].param_shapes for name in group]
+    optimizer: dict[str, dict[str, Any]] = {name: {} for name in names}
+    if all(len(state) == len(r[master_key]) for state, r in zip(inner, ranks, strict=True)):
+        for key in ADAM_KEYS:
+            merged = merge([[state[g][key] for g in range(len(state))] for state in inner])
+            for name in names:
+                optimizer[name][key] = merged[name].float()
+        step = inner[0][0]["step"]
+        for name in names:
+            optimizer[name]["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+    else:
+        optimizer = {}
+    scheduler = safe_torch_load(zero_to_fp32.get_model_state_file(str(directory), stage))["lr_scheduler"]
+    return {"format_version": FORMAT_VERSION, "engine": "deepspeed", "world_size": world_size, "model": weights,
+            "optimizer": optimizer, "scheduler": scheduler, "scaler": None}

@@ -1,0 +1,46 @@
+"""What `pip install` puts into site-packages: the `minigpt` package only, with console scripts inside it."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def installed_packages() -> list[str]:
+    """The packages setuptools' `find` collects with this project's settings (what a wheel would hold)."""
+    from setuptools import find_packages
+
+    find = PYPROJECT["tool"]["setuptools"]["packages"]["find"]
+    return find_packages(where=str(ROOT), include=find.get("include", ("*",)), exclude=find.get("exclude", ()))
+
+
+def test_only_minigpt_is_installed_as_a_top_level_package():
+    packages = installed_packages()
+    assert "minigpt" in packages and "minigpt.cli" in packages
+    assert {name.split(".")[0] for name in packages} == {"minigpt"}, packages
+
+
+@pytest.mark.parametrize("script", sorted(PYPROJECT["project"]["scripts"]))
+def test_console_script_targets_import_from_the_package(script):
+    target = PYPROJECT["project"]["scripts"][script]
+    module, _, function = target.partition(":")
+    assert module.split(".")[0] == "minigpt", target
+    assert callable(getattr(importlib.import_module(module), function))
+
+
+@pytest.mark.parametrize("script", ["launch/train.py", "launch/generate.py", "launch/debug_fullstack.py",
+                                    "data_tools/train_tokenizer.py", "data_tools/pretokenize.py",
+                                    "data_tools/make_tasks.py"])
+def test_checkout_scripts_still_run_by_path(script):
+    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
+                            cwd="/", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {script}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import pickle
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,10 @@ def _resolve(module: str, name: str) -> Any | None:
 
 
 def allowed_globals(numpy_arrays: bool = False) -> list[Any]:
-    """The classes a weights-only load may construct besides torch's own: DeepSpeed's (when it is
-    installed; nothing here imports it otherwise) and, for legacy RNG files, numpy arrays."""
-    found = [_resolve(module, name) for module, name in DEEPSPEED_GLOBALS]
+    """The classes a weights-only load may construct besides torch's own: DeepSpeed's when this process
+    has imported deepspeed (only DeepSpeed's files hold them, and importing it costs seconds and must never
+    happen in a plain run or the generator) and, for legacy RNG files, numpy arrays."""
+    found = [_resolve(module, name) for module, name in DEEPSPEED_GLOBALS] if "deepspeed" in sys.modules else []
     if numpy_arrays:
         found += [_resolve(*qualified.rsplit(".", 1)) for qualified in NUMPY_GLOBALS]
     return [obj for obj in found if obj is not None]

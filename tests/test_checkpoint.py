@@ -11,6 +11,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +252,17 @@ def test_a_pickled_rng_file_of_earlier_versions_still_restores_weights_only(run_
     manager = new_manager(run_dir)
     manager.load(find_resume_point(run_dir))
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_resuming_a_plain_checkpoint_never_imports_deepspeed(run_dir):
+    """A plain run (and the generator) must not pay DeepSpeed's import, nor print its accelerator banner."""
+    code = ("import sys; from pathlib import Path; from minigpt.checkpoint import find_resume_point; "
+            "from engine_driver import fresh_model, train_config; from minigpt.engine.plain import PlainEngine; "
+            "from minigpt.checkpoint import CheckpointManager; import torch; "
+            f"m = CheckpointManager(Path({str(run_dir)!r}), PlainEngine(fresh_model(), train_config(world=1), "
+            "torch.device('cpu'))); m.load(find_resume_point(m.run_dir)); print('deepspeed' in sys.modules)")
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tests.parent,
+                          env={**os.environ, "PYTHONPATH": f"{tests.parent}{os.pathsep}{tests}"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"

@@ -180,7 +180,7 @@ def test_usr1_makes_both_hosts_save_the_same_step_then_requeue_resume_and_match(
     assert rank_hosts(text)[1][0] == two_node_cluster[1]
     for rank in (0, 1):
         assert (stop_dir / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").is_file(), sorted(stop_dir.iterdir())
-        assert (stop_dir / f"rng_rank{rank}.pt").is_file(), sorted(stop_dir.iterdir())
+        assert (stop_dir / f"rng_rank{rank}.json").is_file(), sorted(stop_dir.iterdir())
     steps = [r["step"] for r in train_records(job.out)]
     assert steps == list(range(MAX_STEPS)), "steps were lost or trained twice across the requeue"
     assert loss_by_step(job.out) == loss_by_step(runs["single_node"]), "the resumed losses differ"

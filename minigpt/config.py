@@ -230,6 +230,9 @@ class TrainConfig:
     val_fraction: float = _opt("share of documents held out for validation when raw files are tokenized",
                                default=0.05)
     compile: bool = _opt("torch.compile the model (plain engine)", default=False)
+    document_mask: bool = _opt("pretrain: attention stays inside each document of a packed window (no attending "
+                               "across an EOS into the previous text); off: windows attend across documents, "
+                               "as GPT-2 trained. Costs speed: attention gets an explicit mask", default=False)
     dpo_beta: float = _opt("DPO: strength of the implicit KL constraint (beta of the sigmoid loss)", default=0.1)
     dpo_sft_coef: float = _opt("DPO: weight of the chosen response's per-token NLL added to the loss (RPO); "
                                "keeps chosen answers likely while the margin grows", default=0.0)
@@ -301,6 +304,9 @@ class TrainConfig:
                               f"{self.rl_max_new_tokens}, {self.kl_coef}")
         if self.resume and self.auto_resume:
             raise ConfigError("--resume and --auto-resume contradict each other: give one")
+        if self.document_mask and self.mode != "pretrain":
+            raise ConfigError(f"--document-mask applies to --mode pretrain (packed windows); --mode {self.mode} "
+                              "trains on one conversation or pair per sequence already")
 
     @property
     def run_dir(self) -> Path:

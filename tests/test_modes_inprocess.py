@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from minigpt.config import PRESETS, TrainConfig
 from minigpt.data.tasks import write_task_files
@@ -83,3 +84,32 @@ def test_each_mode_reports_its_named_validation_metrics(stages):
                 "rlhf": {"val_reward", "val_exact", "val_response_length"}}
     for mode, names in expected.items():
         assert names <= set(rows(stages[mode], "val")[-1]), mode
+
+
+def test_document_mask_keeps_attention_inside_documents_of_packed_windows(tmp_path, shards, data_tokenizer,
+                                                                          monkeypatch):
+    from minigpt.data.shards import open_shard
+    from minigpt.model import MiniGPT
+    from minigpt.train.objectives import build_objective
+
+    monkeypatch.setitem(PRESETS, "tiny", SMALL)
+    cfg = TrainConfig(mode="pretrain", document_mask=True)
+    objective = build_objective("pretrain", data_tokenizer, cfg)
+    reader = open_shard(shards, "train", tokenizer_checksum=data_tokenizer.checksum,
+                        vocab_size=data_tokenizer.vocab_size)
+    windows = objective.dataset(reader, 48, data_tokenizer)
+    spanning = next(w for w in (windows[i] for i in range(len(windows))) if w["segment_ids"].max() > 0)
+    model = MiniGPT(dataclasses.replace(SMALL, vocab_size=data_tokenizer.vocab_size)).eval()
+    ids = torch.from_numpy(spanning["input_ids"])[None]
+    masked = model(ids, segment_ids=torch.from_numpy(spanning["segment_ids"])[None])
+    last_doc = int(spanning["segment_ids"].max())
+    start = int((spanning["segment_ids"] == last_doc).argmax())
+    alone = model(ids[:, start:])  # the last document by itself sees nothing before it
+    assert torch.allclose(masked[:, start:], alone, atol=1e-5)
+    assert not torch.allclose(model(ids)[:, start:], alone, atol=1e-5)
+
+    run_dir = run("pretrain", tmp_path / "masked", [str(shards)], tmp_path, tokenizer=str(data_tokenizer.directory),
+                  document_mask=True)
+    assert len(rows(run_dir, "train")) == STEPS
+    with pytest.raises(Exception, match="--document-mask applies to --mode pretrain"):
+        TrainConfig(mode="sft", document_mask=True).validate()

@@ -41,17 +41,19 @@ class LanguageModeling(Objective):
 
     eval_sums = ("loss_sum", "tokens", "bytes")
 
-    def __init__(self, byte_lengths: torch.Tensor | None = None):
+    def __init__(self, byte_lengths: torch.Tensor | None = None, document_mask: bool = False):
         self.byte_lengths = byte_lengths
+        self.document_mask = document_mask
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> LanguageModeling:
-        return cls(token_byte_lengths(tokenizer))
+        return cls(token_byte_lengths(tokenizer), document_mask=cfg.document_mask)
 
     def dataset(self, reader, seq_len: int, tokenizer):
-        """The map-style dataset this objective trains on, over one shard."""
+        """The map-style dataset this objective trains on, over one shard; with `--document-mask` the
+        pretraining windows carry each token's document index and attention stays inside documents."""
         if self.dataset_kind == "pretrain":
-            return PretrainWindows(reader, seq_len)
+            return PretrainWindows(reader, seq_len, segment_ids=self.document_mask)
         return SFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -121,12 +121,19 @@ class DeepSpeedEngine(Engine):
         return self.ds(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor, micro_batches: int = 1, last: bool = True) -> None:
-        """The caller's `last` sets DeepSpeed's accumulation boundary (where ZeRO reduces gradients); the
-        1/micro_batches scaling is DeepSpeed's own division by its gradient_accumulation_steps."""
+        """The caller's `last` is DeepSpeed's accumulation boundary (where ZeRO reduces gradients); the
+        1/micro_batches scaling is DeepSpeed's own division by its gradient_accumulation_steps.
+
+        DeepSpeed counts the boundary itself from the same micro-batch count, so the two are checked to
+        agree rather than forced with `set_gradient_accumulation_boundary` (with that override, one CI run
+        saw ZeRO-3 on CPU skip a step for non-finite gradients; DeepSpeed's own counting is the path every
+        other run has used)."""
         if micro_batches != self._ds_grad_accum:
             raise ValueError(f"backward over {micro_batches} micro-batches per step, but DeepSpeed was configured "
                              f"for gradient_accumulation_steps={self._ds_grad_accum}")
-        self.ds.set_gradient_accumulation_boundary(last)
+        if self.ds.is_gradient_accumulation_boundary() != last:
+            raise RuntimeError(f"the loop's last micro-batch ({last}) disagrees with DeepSpeed's accumulation "
+                               "boundary: micro-batches were skipped or repeated")
         self.ds.backward(loss)
         if last:
             self._boundary_pending = True

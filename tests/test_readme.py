@@ -204,11 +204,11 @@ def test_chinese_page_has_the_english_pages_headings_and_code(english, chinese):
     for (lang, en_body), (_, zh_body) in zip(en_blocks, zh_blocks, strict=True):
         assert without_comments(lang, zh_body) == without_comments(lang, en_body), \
             f"{chinese.relative_to(REPO)}: a code block differs from {english.name}:\n{zh_body}"
-    # Written in Chinese: nearly every line of prose (tables and headings aside) holds Chinese characters.
-    lines = [line for line in prose(zh).splitlines()
-             if line.strip() and not line.startswith(("#", "|", "<!--", "!["))]
-    chinese_lines = [line for line in lines if re.search(r"[\u4e00-\u9fff]", line)]
-    assert len(chinese_lines) >= 0.9 * len(lines), [line for line in lines if line not in chinese_lines][:5]
+    # Written in Chinese: every paragraph and list item of prose (tables, headings, images aside) holds Chinese.
+    paragraphs = re.split(r"\n\s*\n|\n(?=\s*- )", prose(zh))
+    english_left = [p.strip() for p in paragraphs if p.strip() and not p.lstrip().startswith(("#", "|", "<!--", "!["))
+                    and not re.search(r"[\u3000-\u303f\u4e00-\u9fff\uff00-\uffef]", p)]
+    assert not english_left, f"{chinese.relative_to(REPO)}: untranslated paragraphs: {english_left[:3]}"
 
 
 def test_relative_links_in_the_docs_point_at_files_that_exist():

@@ -106,8 +106,9 @@ def without_comments(lang: str, body: str) -> object:
         tokens = tokenize.generate_tokens(io.StringIO(body + "\n").readline)
         return [t.string for t in tokens if t.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE)]
     if lang == "":
-        # Layouts and diagrams: the same lines naming the same things; the words after the first may be translated.
-        return [line.split()[0] if line.split() else "" for line in body.splitlines()]
+        # Layouts and diagrams: the same lines naming the same things; a description set off by two or more
+        # spaces after them may be translated.
+        return [re.split(r"\s{2,}", line.strip())[0] for line in body.splitlines()]
     return body
 
 

@@ -228,3 +228,15 @@ def test_model_page_lists_every_config_field_and_preset_with_exact_counts(page):
     for name, config in PRESETS.items():
         assert re.search(rf"^\| `{name}` \| {config.num_params():,} \|", text, re.M), \
             f"{page.name} lacks preset {name} with {config.num_params():,} parameters"
+
+
+@pytest.mark.parametrize("page,word", [(DOCS / "data.md", "defaults? to"), (ZH_DOCS / "data.md", "默认")],
+                         ids=["docs/data.md", "docs/zh/data.md"])
+def test_data_page_states_the_validation_share_defaults_the_code_has(page, word):
+    text = " ".join(page.read_text().split())
+    pretokenize = importlib.import_module("minigpt.cli.pretokenize").build_parser().get_default("val_fraction")
+    for script, default in (("data_tools/pretokenize.py", pretokenize),
+                            ("launch/train.py", TrainConfig().val_fraction)):
+        stated = re.search(rf"`{script} --val-fraction`.*?(?:{word}) ([0-9]+(?:\.[0-9]+)?)", text)
+        assert stated, f"{page.name} does not state the default of {script} --val-fraction"
+        assert float(stated.group(1)) == default, f"{page.name}: {script} --val-fraction defaults to {default}"

@@ -92,6 +92,14 @@ def prose(text: str) -> str:
     return FENCE.sub("", text)
 
 
+def numbers(text: str) -> set[str]:
+    return set(re.findall(r"\d+(?:[.,]\d+)*", prose(text)))
+
+
+def code_spans(text: str) -> set[str]:
+    return {" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose(text))}
+
+
 def headings(text: str) -> list[str]:
     """Level marks of every level-2/3 heading outside code blocks, in order."""
     return re.findall(r"^(###?) ", prose(text), re.M)
@@ -196,7 +204,7 @@ def twins() -> list[tuple[Path, Path]]:
 
 
 @pytest.mark.parametrize("english,chinese", twins(), ids=lambda p: str(p.relative_to(REPO)))
-def test_chinese_page_has_the_english_pages_headings_and_code(english, chinese):
+def test_chinese_page_has_the_english_pages_headings_code_and_figures(english, chinese):
     assert chinese.exists(), f"{english.relative_to(REPO)} has no Chinese twin {chinese.relative_to(REPO)}"
     en, zh = english.read_text(), chinese.read_text()
     assert headings(zh) == headings(en), f"{chinese.name}: level-2/3 headings differ from {english.name}"
@@ -205,6 +213,11 @@ def test_chinese_page_has_the_english_pages_headings_and_code(english, chinese):
     for (lang, en_body), (_, zh_body) in zip(en_blocks, zh_blocks, strict=True):
         assert without_comments(lang, zh_body) == without_comments(lang, en_body), \
             f"{chinese.relative_to(REPO)}: a code block differs from {english.name}:\n{zh_body}"
+    # The same facts: every figure of the prose, and every inline code span (flags, paths, names, errors).
+    assert numbers(zh) == numbers(en), f"{chinese.relative_to(REPO)}: figures differ from {english.name}: " \
+        f"only in English {sorted(numbers(en) - numbers(zh))}, only in Chinese {sorted(numbers(zh) - numbers(en))}"
+    missing = code_spans(en) - code_spans(zh)
+    assert not missing, f"{chinese.relative_to(REPO)} lacks inline code of {english.name}: {sorted(missing)}"
     # Written in Chinese: every paragraph and list item of prose (tables, headings, images aside) holds Chinese.
     paragraphs = re.split(r"\n\s*\n|\n(?=\s*- )", prose(zh))
     english_left = [p.strip() for p in paragraphs if p.strip() and not p.lstrip().startswith(("#", "|", "<!--", "!["))

@@ -314,9 +314,11 @@ class Trainer:
                     monitor.log_eval(index, self.evaluate())
                     self.record_sample(monitor, index)
                 stop_now = self.engine.any_rank(stop.requested)
-                due = cfg.save_interval and self.step % cfg.save_interval == 0
+                # Periodic saves stop short of the end (the finished run saves after its final evaluation),
+                # but a stop request saves whatever step it lands on, the last one included.
+                due = cfg.save_interval and self.step % cfg.save_interval == 0 and self.step < cfg.max_steps
                 # A non-finite loss is never checkpointed (the engine skipped its update, but be safe).
-                if monitor.checkpoint_safe and (due or stop_now) and self.step < cfg.max_steps:
+                if monitor.checkpoint_safe and (due or stop_now):
                     self.save()
                     last_saved = self.step
                 if stop_now:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,34 @@ def preset_table() -> str:
 
 
 MODES = ("pretrain", "sft", "dpo", "reward", "rlhf")
+
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str, field: str = "--max-time") -> float:
+    """Seconds in a duration such as `90s`, `2m`, `1h30m`, `1.5h`, `2d` or Slurm's `[D-]H:MM:SS` / `MM:SS`.
+
+    A bare number is refused: Slurm reads it as minutes, most people as seconds, so it must say which."""
+    value = text.strip().lower()
+    seconds: float | None = None
+    if re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){1,2}", value):  # [D-]H:MM:SS or MM:SS, as sbatch --time writes
+        days, _, clock = value.rpartition("-")
+        parts = [int(p) for p in clock.split(":")]
+        while len(parts) < 3:
+            parts.insert(0, 0)
+        hours, minutes, secs = parts
+        seconds = int(days or 0) * 86400 + hours * 3600 + minutes * 60 + secs
+    elif re.fullmatch(r"(\d+(\.\d+)?[dhms])+", value):
+        seconds = sum(float(number) * _DURATION_UNITS[unit]
+                      for number, unit in re.findall(r"(\d+(?:\.\d+)?)([dhms])", value))
+    elif re.fullmatch(r"\d+(\.\d+)?", value):
+        raise ConfigError(f"{field} {text!r}: give a unit (e.g. {text}s or {text}m) or H:MM:SS; a bare number "
+                          "is ambiguous")
+    if seconds is None or not math.isfinite(seconds):
+        raise ConfigError(f"{field} {text!r}: not a duration; write e.g. 90s, 2m, 1h30m or 1:30:00")
+    if seconds <= 0:
+        raise ConfigError(f"{field} {text!r}: must be longer than zero")
+    return float(seconds)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 """What GRPO divides each group's centred rewards by (`--rl-scale-rewards`, `rlhf.group_advantages`)."""
@@ -215,6 +244,10 @@ class TrainConfig:
     min_lr_ratio: float = _opt("final learning rate as a fraction of the peak (cosine decay)", default=0.1)
     warmup_steps: int = _opt("linear warmup steps", default=100)
     max_steps: int = _opt("optimizer steps to train", default=1000)
+    max_time: str = _opt("wall-clock budget, counted across resumes: e.g. 90s, 2m, 1h30m or Slurm's 1:30:00. "
+                         "Training stops at --max-steps or when the budget (less the time its final "
+                         "evaluation, checkpoint and consolidation take) is used, whichever comes first; the "
+                         "LR decay follows the share used of whichever is further along", default="")
     weight_decay: float = _opt("AdamW weight decay on matrices", default=0.1)
     beta1: float = _opt("AdamW beta1", default=0.9)
     beta2: float = _opt("AdamW beta2", default=0.95)
@@ -302,11 +335,18 @@ class TrainConfig:
         if self.rl_max_new_tokens < 1 or self.kl_coef < 0:
             raise ConfigError(f"--rl-max-new-tokens must be positive and --kl-coef not negative, got "
                               f"{self.rl_max_new_tokens}, {self.kl_coef}")
+        if self.max_time:
+            parse_duration(self.max_time)
         if self.resume and self.auto_resume:
             raise ConfigError("--resume and --auto-resume contradict each other: give one")
         if self.document_mask and self.mode != "pretrain":
             raise ConfigError(f"--document-mask applies to --mode pretrain (packed windows); --mode {self.mode} "
                               "trains on one conversation or pair per sequence already")
+
+    @property
+    def max_time_seconds(self) -> float | None:
+        """The --max-time budget in seconds, or None without one."""
+        return parse_duration(self.max_time) if self.max_time else None
 
     @property
     def run_dir(self) -> Path:

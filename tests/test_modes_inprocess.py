@@ -16,7 +16,7 @@ import torch
 
 from minigpt.config import PRESETS, TrainConfig
 from minigpt.data.tasks import write_task_files
-from minigpt.signals import EXIT_FINISHED
+from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED
 from minigpt.train.loop import Trainer
 
 STEPS, SAVE_AT = 4, 2
@@ -113,3 +113,38 @@ def test_document_mask_keeps_attention_inside_documents_of_packed_windows(tmp_pa
     assert len(rows(run_dir, "train")) == STEPS
     with pytest.raises(Exception, match="--document-mask applies to --mode pretrain"):
         TrainConfig(mode="sft", document_mask=True).validate()
+
+
+class _StopAtStep:
+    """A stop request that arrives while the loop finishes step `at` (as a signal would)."""
+
+    signal_name = "SIGTERM"
+
+    def __init__(self, trainer: Trainer, at: int):
+        self.trainer, self.at = trainer, at
+
+    @property
+    def requested(self) -> bool:
+        return self.trainer.step >= self.at
+
+    def uninstall(self) -> None:
+        pass
+
+
+def test_a_signal_during_the_last_step_saves_that_step_and_resume_finishes_without_retraining(
+        tmp_path, shards, data_tokenizer, monkeypatch, capsys):
+    monkeypatch.setitem(PRESETS, "tiny", SMALL)
+    settings = dict(seq_len=48, batch_size=4, max_steps=STEPS, warmup_steps=1, eval_interval=0, eval_batches=1,
+                    save_interval=0, log_interval=100, sample_prompt="a", tokenizer=str(data_tokenizer.directory))
+    cfg = TrainConfig(mode="pretrain", config="tiny", data=[str(shards)], data_dir=str(tmp_path),
+                      out=str(tmp_path / "run"), **settings)
+    trainer = Trainer(cfg)
+    assert trainer.run(_StopAtStep(trainer, STEPS)) == EXIT_PREEMPTED
+    assert "checkpoint saved" in capsys.readouterr().out
+    assert (tmp_path / "run" / "ckpt" / f"step_{STEPS:07d}" / "manifest.json").is_file()  # no work lost
+
+    resumed = TrainConfig(mode="pretrain", config="tiny", data=[str(shards)], data_dir=str(tmp_path),
+                          out=str(tmp_path / "run"), auto_resume=True, **settings)
+    assert Trainer(resumed).run() == EXIT_FINISHED
+    assert [r["step"] for r in rows(tmp_path / "run", "train")] == list(range(STEPS))  # nothing retrained
+    assert (tmp_path / "run" / "final" / "model.pt").is_file()

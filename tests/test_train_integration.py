@@ -163,10 +163,12 @@ def test_deepspeed_two_ranks_resume_bitwise_and_continue_on_the_plain_engine(sha
 def test_zero3_consolidated_weights_generate_the_same_text_standalone(shards, data_tokenizer, tmp_path):
     pytest.importorskip("deepspeed")
     out = tmp_path / "zero3"
+    # --max-time (far from reached) also runs the ranks' per-step agreement on the time spent.
     done = run(train_cmd(shards, data_tokenizer.directory, out, "--max-steps", "12", "--batch-size", "8",
                          "--sample-prompt", "The module", "--ds-config", str(REPO / "ds_configs" / "zero3.json"),
-                         deepspeed=True))
+                         "--max-time", "1h", deepspeed=True))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "in 0 s of 3600 s" not in done.stdout and " s of 3600 s; consolidated" in done.stdout
     engine_sample = json.loads((out / "samples.jsonl").read_text().splitlines()[-1])["text"]
     weights = final_weights(out)
     assert all(t.numel() > 0 for t in weights.values()), "ZeRO-3 placeholders were saved instead of weights"

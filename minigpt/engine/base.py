@@ -36,13 +36,31 @@ class StepResult:
     """True when the update was not applied (non-finite gradients / fp16 overflow)."""
 
 
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
-    """LR multiplier: linear warmup from 1/warmup to 1, then cosine decay to `min_lr_ratio` at max_steps."""
+@dataclass
+class ScheduleClock:
+    """How much of a wall-clock budget (--max-time) the run has used, as a fraction in [0, 1].
+
+    The loop sets `fraction` after every step from a value all ranks agreed on; the LR schedule reads it
+    when the engine next steps its scheduler. It is not part of any checkpoint (the loop restores the
+    time spent instead)."""
+
+    fraction: float = 0.0
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float,
+                  clock: ScheduleClock | None = None) -> float:
+    """LR multiplier: linear warmup from 1/warmup to 1, then cosine decay to `min_lr_ratio` at max_steps.
+
+    With a `clock` (a time budget) the decay follows whichever is further along: the steps or the
+    budget, so a run that stops on time has decayed fully when it stops."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
+    by_time = min(1.0, max(0.0, clock.fraction)) if clock is not None else 0.0
     if max_steps <= warmup_steps:
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+        by_steps = 0.0
+    else:
+        by_steps = min(1.0, (step - warmup_steps) / (max_steps - warmup_steps))
+    progress = max(by_steps, by_time)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -65,13 +83,15 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if fused else None)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    clock: ScheduleClock | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR over `warmup_cosine`; the same object drives both engines, so their LR numbers agree.
 
     A `functools.partial` (not a lambda or dataclass) keeps the schedule's shape out of the scheduler's
-    state dict: a resumed run uses the schedule of its own config and only the position is restored."""
+    state dict: a resumed run uses the schedule of its own config and only the position is restored.
+    `clock` (the engine's `schedule_clock`) is used only when the run has a --max-time budget."""
     schedule = functools.partial(warmup_cosine, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                                 min_lr_ratio=cfg.min_lr_ratio)
+                                 min_lr_ratio=cfg.min_lr_ratio, clock=clock if cfg.max_time else None)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
@@ -98,6 +118,8 @@ class Engine(ABC):
     world_size: int = 1
     runtime: Runtime
     """This process's rank, world and collectives (`minigpt.runtime`), shared with the loop and the data."""
+    schedule_clock: ScheduleClock
+    """The share of the --max-time budget used, which the LR schedule follows (set by the loop)."""
 
     @property
     def is_main(self) -> bool:

@@ -27,7 +27,14 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, 
 from torch import nn
 
 from minigpt.config import ConfigError, TrainConfig
-from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, check_shapes_fit
+from minigpt.engine.base import (
+    Engine,
+    ScheduleClock,
+    StepResult,
+    build_optimizer,
+    build_scheduler,
+    check_shapes_fit,
+)
 from minigpt.engine.device import resolve_precision
 from minigpt.engine.ds_config import build_ds_config, load_ds_json, offloads_optimizer, zero_stage_of
 from minigpt.engine.portable import (
@@ -111,7 +118,8 @@ class DeepSpeedEngine(Engine):
             groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in client_optimizer.param_groups]
             client_optimizer = DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
                                                 eps=1e-8, adamw_mode=True)
-        scheduler = build_scheduler(client_optimizer, cfg)
+        self.schedule_clock = ScheduleClock()
+        scheduler = build_scheduler(client_optimizer, cfg, self.schedule_clock)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=client_optimizer, lr_scheduler=scheduler, config=config)
         self.module = self.ds.module

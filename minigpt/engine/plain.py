@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from minigpt.config import TrainConfig
-from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, check_shapes_fit
+from minigpt.engine.base import (
+    Engine,
+    ScheduleClock,
+    StepResult,
+    build_optimizer,
+    build_scheduler,
+    check_shapes_fit,
+)
 from minigpt.engine.device import autocast_dtype, resolve_precision
 from minigpt.engine.portable import (
     ENGINE_FILE,
@@ -42,7 +49,8 @@ class PlainEngine(Engine):
         # The compiled wrapper only runs forward; checkpoints and eval use the unwrapped module.
         self._forward_module = torch.compile(self.module) if cfg.compile else self.module
         self.optimizer = build_optimizer(self.module, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-        self.scheduler = build_scheduler(self.optimizer, cfg)
+        self.schedule_clock = ScheduleClock()
+        self.scheduler = build_scheduler(self.optimizer, cfg, self.schedule_clock)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -33,6 +33,7 @@ from minigpt.model import MiniGPT
 from minigpt.monitor import TrainingMonitor
 from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 from minigpt.tokenizer import Tokenizer, TokenizerError
+from minigpt.train.budget import TimeBudget
 from minigpt.train.data import DataError, RunData, find_input, resolve_run_data
 from minigpt.train.metrics import reduce_by_name
 from minigpt.train.objective import Objective, SetupContext
@@ -152,6 +153,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        started = time.monotonic()  # a --max-time budget counts from here
         # First: who this process is, and the process group the data resolution's barriers need.
         self.runtime = create_runtime(cfg)
         if self.runtime.is_main:
@@ -174,6 +176,11 @@ class Trainer:
         self.checkpoints = CheckpointManager(cfg.run_dir, self.engine, cfg.keep_last)
         self.step, self.tokens_seen = 0, 0
         self.start = start
+        self.budget: TimeBudget | None = None
+        if cfg.max_time:
+            state_bytes = 12 * sum(p.numel() for p in self.model.parameters())  # fp32 weights + AdamW moments
+            self.budget = TimeBudget(cfg.max_time_seconds, eval_batches=cfg.eval_batches, grad_accum=cfg.grad_accum,
+                                     state_bytes=state_bytes, origin=started)
         self._batches: list | None = None
         if self.engine.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,13 +198,18 @@ class Trainer:
                               f"this run uses {self.tokenizer.checksum[:12]} ({self.tokenizer.directory})")
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        if self.budget is not None:
+            self.budget.spent_before = float(state.get("elapsed_seconds", 0.0))
         if self.engine.is_main:
             print(f"[minigpt] resumed from {state['checkpoint']} at step {self.step}", flush=True)
 
     def trainer_state(self) -> dict:
-        return {"tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
-                "tokenizer_checksum": self.tokenizer.checksum, "mode": self.cfg.mode,
-                "weights_from": self.start.source}
+        state = {"tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
+                 "tokenizer_checksum": self.tokenizer.checksum, "mode": self.cfg.mode,
+                 "weights_from": self.start.source}
+        if self.budget is not None:
+            state["elapsed_seconds"] = self.budget.elapsed()
+        return state
 
     def setup_context(self) -> SetupContext:
         """What the objective may know about this run (never the Trainer itself)."""
@@ -275,7 +287,26 @@ class Trainer:
                                         ensure_ascii=False) + "\n")
 
     def save(self) -> Path:
-        return self.checkpoints.save(self.step, self.trainer_state())
+        started = time.perf_counter()
+        path = self.checkpoints.save(self.step, self.trainer_state())
+        if self.budget is not None:
+            self.budget.note_save(time.perf_counter() - started)
+        return path
+
+    def agree(self, stop: StopRequest) -> tuple[bool, bool]:
+        """(stop requested on any rank, another step fits the time budget), the same on every rank.
+
+        With a budget, one all-reduce carries the stop flag, the time spent and the time the ending needs
+        (averaged over ranks), and the schedule clock is set from them; without one, only the flag."""
+        if self.budget is None:
+            return self.engine.any_rank(stop.requested), True
+        numbers = torch.tensor([float(stop.requested), self.budget.elapsed(), self.budget.reserve()],
+                               dtype=torch.float64, device=self.engine.device)
+        flag, elapsed, reserve = self.engine.all_reduce_sum(numbers).tolist()
+        world = self.engine.world_size
+        elapsed, reserve = elapsed / world, reserve / world
+        self.engine.schedule_clock.fraction = self.budget.fraction(elapsed, reserve)
+        return flag > 0, self.budget.fits(elapsed, reserve)
 
     def consolidate(self) -> Path:
         state_dict = self.engine.consolidated_state_dict()
@@ -303,32 +334,46 @@ class Trainer:
         stop = stop or StopRequest().install()
         last_saved = self.step if self.step else -1
         try:
-            while self.step < cfg.max_steps:
+            in_time = self.budget is None or self.step >= cfg.max_steps or self.agree(stop)[1]
+            while self.step < cfg.max_steps and in_time:
                 index, started = self.step, time.perf_counter()  # the monitor numbers steps from 0
                 loss, result, tokens, stats = self.train_step()
                 self.step += 1
                 self.tokens_seen += tokens
+                seconds = time.perf_counter() - started
                 monitor.log_step(index, loss=loss, lr=result.lr, grad_norm=result.grad_norm, tokens=tokens,
-                                 seconds=time.perf_counter() - started, extra=stats)
+                                 seconds=seconds, extra=stats)
+                if self.budget is not None:
+                    self.budget.note_step(seconds)
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
+                    started = time.perf_counter()
                     monitor.log_eval(index, self.evaluate())
                     self.record_sample(monitor, index)
-                stop_now = self.engine.any_rank(stop.requested)
-                due = cfg.save_interval and self.step % cfg.save_interval == 0
+                    if self.budget is not None:
+                        self.budget.note_eval(time.perf_counter() - started)
+                stop_now, in_time = self.agree(stop)
+                # Periodic saves stop short of the end (the finished run saves after its final evaluation),
+                # but a stop request saves whatever step it lands on, the last one included.
+                due = cfg.save_interval and self.step % cfg.save_interval == 0 and self.step < cfg.max_steps
                 # A non-finite loss is never checkpointed (the engine skipped its update, but be safe).
-                if monitor.checkpoint_safe and (due or stop_now) and self.step < cfg.max_steps:
+                if monitor.checkpoint_safe and (due or stop_now):
                     self.save()
                     last_saved = self.step
                 if stop_now:
                     monitor.write(f"stopped at step {self.step} ({stop.signal_name or 'signal on another rank'}); "
                                   f"checkpoint {'saved' if last_saved == self.step else 'NOT saved (non-finite loss)'}")
                     return EXIT_PREEMPTED
+            if not in_time:
+                monitor.write(f"--max-time {cfg.max_time}: stopping at step {self.step} of {cfg.max_steps} after "
+                              f"{self.budget.elapsed():.0f} s, leaving time to evaluate, save and consolidate")
             monitor.log_eval(self.step - 1, self.evaluate())
             if last_saved != self.step:
                 self.save()
             final = self.consolidate()
             self.record_sample(monitor, self.step - 1)
-            monitor.write(f"done: {self.step} steps, {self.tokens_seen:,} tokens; consolidated weights in {final}")
+            spent = f" in {self.budget.elapsed():.0f} s of {cfg.max_time_seconds:.0f} s" if self.budget else ""
+            monitor.write(f"done: {self.step} steps, {self.tokens_seen:,} tokens{spent}; consolidated weights in "
+                          f"{final}")
             return EXIT_FINISHED
         finally:
             stop.uninstall()

@@ -263,6 +263,11 @@ class TrainConfig:
     val_fraction: float = _opt("share of documents held out for validation when raw files are tokenized",
                                default=0.05)
     compile: bool = _opt("torch.compile the model (plain engine)", default=False)
+    activation_checkpointing: bool = _opt("recompute each block's activations during the backward pass instead of "
+                                          "keeping them: far less activation memory (long contexts, big batches) "
+                                          "for about one more forward pass of compute; DeepSpeed's activation "
+                                          "checkpointing on the DeepSpeed engine, torch.utils.checkpoint on the "
+                                          "plain one", default=False)
     document_mask: bool = _opt("pretrain: attention stays inside each document of a packed window (no attending "
                                "across an EOS into the previous text); off: windows attend across documents, "
                                "as GPT-2 trained. Costs speed: attention gets an explicit mask", default=False)

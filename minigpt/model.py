@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -155,6 +156,9 @@ class MiniGPT(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.checkpoint_fn: Callable | None = None
+        """Activation checkpointing: `fn(block, *inputs)` runs a block keeping only its inputs, to recompute
+        the rest in backward (set by the engine: torch.utils.checkpoint or DeepSpeed's). Training only."""
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -204,8 +208,9 @@ class MiniGPT(nn.Module):
             cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
         mask = self._attention_mask(b, t, past, attention_mask, segment_ids, input_ids.device)
         x = self.embed(input_ids)
+        recompute = self.checkpoint_fn is not None and self.training and cache is None and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, cos, sin, mask, cache)
+            x = self.checkpoint_fn(block, x, cos, sin, mask, None) if recompute else block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += t
         x = self.norm(x)

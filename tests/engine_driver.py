@@ -134,6 +134,10 @@ def main() -> None:
         weights = from_plain.consolidated_state_dict()
         if engine.is_main:
             torch.save(weights, args.out / "from_plain_consolidated.pt")
+    # DeepSpeed's activation checkpointing recomputes each block in backward: the same run, less memory.
+    recomputing = DeepSpeedEngine(fresh_model(), train_config(world=WORLD, precision=args.precision,
+                                                              activation_checkpointing=True), args.ds_config)
+    results["activation_checkpointing"] = run_steps(recomputing, 0, STEPS)
     if engine.is_main:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))
     engine.barrier()

@@ -81,6 +81,11 @@ def test_zero_stage_matches_plain_engine_and_resumes_across_engines(stage, plain
     # Same engine, same ranks: resuming its own checkpoint reproduces the run bitwise.
     assert losses(results["resumed"]) == losses(ds_run[SAVE_AT:])
 
+    # --activation-checkpointing (DeepSpeed's recompute in backward) trains the same curve.
+    recomputed = results["activation_checkpointing"]
+    assert losses(recomputed) == pytest.approx(losses(ds_run), abs=1e-6)
+    assert [r["grad_norm"] for r in recomputed] == pytest.approx([r["grad_norm"] for r in ds_run], rel=1e-5)
+
     # Consolidated weights are the real trained values (ZeRO-3 gathers them), equal to the plain run's.
     consolidated = torch.load(tmp_path / "consolidated.pt", weights_only=True)
     assert sorted(consolidated) == sorted(plain_run["weights"])

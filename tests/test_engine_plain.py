@@ -267,3 +267,41 @@ def test_compiled_engine_keeps_clean_state_dict_keys(tmp_path):
     keys = torch.load(tmp_path / ENGINE_FILE, weights_only=True)["model"].keys()
     assert not [k for k in keys if k.startswith(("_orig_mod.", "module."))]
     assert set(keys) == set(fresh_model().state_dict())
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_gradients():
+    """Recomputing blocks in backward (torch.utils.checkpoint) changes memory, not numerics; dropout too
+    (the recompute replays the RNG state)."""
+    runs = {}
+    for enabled in (False, True):
+        model = fresh_model()
+        model.set_dropout(0.1)
+        eng = PlainEngine(model, train_config(world=1, activation_checkpointing=enabled), CPU)
+        torch.manual_seed(7)
+        rows = global_batch(0)
+        eng.train()
+        loss = loss_of(eng, rows)
+        eng.backward(loss)
+        grads = {name: p.grad.clone() for name, p in eng.module.named_parameters()}
+        eng.step()
+        runs[enabled] = (loss.item(), grads, [r["loss"] for r in run_steps(eng, 1, 4)])
+    (loss_a, grads_a, curve_a), (loss_b, grads_b, curve_b) = runs[False], runs[True]
+    assert loss_a == loss_b
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, atol=1e-7, rtol=1e-6, msg=name)
+    assert curve_b == pytest.approx(curve_a, abs=1e-6)
+
+
+def test_activation_checkpointing_is_off_for_evaluation_and_cached_decoding():
+    eng = PlainEngine(fresh_model(), train_config(world=1, activation_checkpointing=True), CPU)
+    calls = []
+    wrapped = eng.module.checkpoint_fn
+    eng.module.checkpoint_fn = lambda *args: calls.append(1) or wrapped(*args)
+    rows = global_batch(0)
+    eng.train()
+    eng(rows[:, :-1])
+    assert len(calls) == MODEL.num_layers  # one recomputable segment per block
+    eng.module.eval()
+    with torch.no_grad():
+        eng.module(rows[:, :-1])
+    assert len(calls) == MODEL.num_layers

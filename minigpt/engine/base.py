@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +93,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     schedule = functools.partial(warmup_cosine, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
                                  min_lr_ratio=cfg.min_lr_ratio, clock=clock if cfg.max_time else None)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def enable_activation_checkpointing(model: nn.Module, checkpoint_fn: Callable) -> int:
+    """Make every MiniGPT inside `model` (a reward model wraps one) run its blocks through `checkpoint_fn`;
+    returns how many it found."""
+    found = 0
+    for module in model.modules():
+        if hasattr(module, "checkpoint_fn"):
+            module.checkpoint_fn = checkpoint_fn
+            found += 1
+    if not found:
+        raise ConfigError("--activation-checkpointing: the model has no blocks that support it")
+    return found
 
 
 def check_shapes_fit(expected: Mapping[str, torch.Size], found: Mapping[str, torch.Tensor], source: str) -> None:

@@ -34,6 +34,7 @@ from minigpt.engine.base import (
     build_optimizer,
     build_scheduler,
     check_shapes_fit,
+    enable_activation_checkpointing,
 )
 from minigpt.engine.device import resolve_precision
 from minigpt.engine.ds_config import build_ds_config, load_ds_json, offloads_optimizer, zero_stage_of
@@ -123,6 +124,10 @@ class DeepSpeedEngine(Engine):
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=client_optimizer, lr_scheduler=scheduler, config=config)
         self.module = self.ds.module
+        if cfg.activation_checkpointing:
+            deepspeed.checkpointing.configure(None, partition_activations=False, contiguous_checkpointing=False,
+                                              checkpoint_in_cpu=False, synchronize=False, profile=False)
+            enable_activation_checkpointing(self.module, deepspeed.checkpointing.checkpoint)
         self._names = parameter_names(self.module)
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -8,11 +8,13 @@ Its checkpoint is one torch file, `engine.pt`, in the engine-neutral layout of `
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from minigpt.config import TrainConfig
@@ -23,6 +25,7 @@ from minigpt.engine.base import (
     build_optimizer,
     build_scheduler,
     check_shapes_fit,
+    enable_activation_checkpointing,
 )
 from minigpt.engine.device import autocast_dtype, resolve_precision
 from minigpt.engine.portable import (
@@ -46,6 +49,9 @@ class PlainEngine(Engine):
         self.precision = resolve_precision(cfg.precision, device)
         self.grad_clip = cfg.grad_clip
         self.module = model.to(device)
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(self.module, functools.partial(torch.utils.checkpoint.checkpoint,
+                                                                           use_reentrant=False))
         # The compiled wrapper only runs forward; checkpoints and eval use the unwrapped module.
         self._forward_module = torch.compile(self.module) if cfg.compile else self.module
         self.optimizer = build_optimizer(self.module, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))

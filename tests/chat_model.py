@@ -36,6 +36,16 @@ CONVERSATIONS = [
 ]
 
 
+_built: list[Path] = []
+
+
+def shared_chat_model(tmp_path_factory) -> Path:
+    """The model, built once per test session and shared by the chat, serving and web tests."""
+    if not _built or not (_built[0] / "model.pt").exists():
+        _built[:] = [build_chat_model(tmp_path_factory.mktemp("chat_model"))]
+    return _built[0]
+
+
 def build_chat_model(directory: Path, steps: int = 200, max_seq_len: int = 96) -> Path:
     """Train the model (about a second of CPU) and save it with its tokenizer under `directory`."""
     tokenizer = Tokenizer(build_tokenizer(directory / "tokenizer"))

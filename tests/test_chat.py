@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from chat_model import build_chat_model
+from chat_model import shared_chat_model
 
 from minigpt.chat import ChatSession, Turn
 from minigpt.generate import GenerationConfig, TextGenerator
@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    return build_chat_model(tmp_path_factory.mktemp("chat_model"))
+    return shared_chat_model(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

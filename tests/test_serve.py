@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from chat_model import build_chat_model
+from chat_model import shared_chat_model
 
 from minigpt.generate import GenerationConfig, TextGenerator
 from minigpt.serve.server import ModelServer
@@ -21,7 +21,7 @@ MODEL = "tiny-chat"
 
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory) -> TextGenerator:
-    return TextGenerator.from_dir(build_chat_model(tmp_path_factory.mktemp("chat_model")))
+    return TextGenerator.from_dir(shared_chat_model(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,8 @@ def test_malformed_json_and_unknown_routes_get_openai_shaped_errors(server):
     assert body["error"]["message"].startswith("the request body is not valid JSON")
     status, body = post(server.url + "/v1/completions", b'["a list"]')
     assert status == 400 and "JSON object" in body["error"]["message"]
+    status, body = post(server.url + "/v1/completions", b'{"prompt": "Hi"}')
+    assert status == 400 and body["error"]["param"] == "model" and "'model' is required" in body["error"]["message"]
     status, body = post(server.url + "/v1/embeddings", b"{}")
     assert status == 404 and "no route POST /v1/embeddings" in body["error"]["message"]
 
@@ -164,3 +166,15 @@ def test_waiting_requests_with_the_same_settings_are_decoded_as_one_batch(genera
         worker.stop()
     assert worker.batches_run == 2  # `busy` alone, then the three waiting requests together
     assert answers == ["Hello there, how are you?", "你好，世界。天下大势，分久必合。", "We are accounted poor citizens."]
+
+
+@pytest.mark.parametrize("module, doc", [("minigpt.cli.serve", "docs/serving.md"),
+                                         ("minigpt.cli.chat", "docs/generation.md")])
+def test_docs_name_every_flag_of_the_command(module, doc):
+    import importlib
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / doc).read_text()
+    flags = [o for a in importlib.import_module(module).build_parser()._actions for o in a.option_strings
+             if o.startswith("--") and o != "--help"]
+    assert [flag for flag in flags if f"`{flag}`" not in text] == []

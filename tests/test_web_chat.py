@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from chat_model import build_chat_model
+from chat_model import shared_chat_model
 from ports import free_port
 from webdriver import Browser, chromium_binaries
 
@@ -40,7 +40,7 @@ def wait_until_serving(url: str, process: subprocess.Popen, timeout: float = 120
 
 @pytest.fixture(scope="module")
 def served_url(tmp_path_factory):
-    model_dir = build_chat_model(tmp_path_factory.mktemp("chat_model"))
+    model_dir = shared_chat_model(tmp_path_factory)
     port = free_port()
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "launch/serve.py", "--model", str(model_dir), "--port", str(port),

@@ -172,6 +172,8 @@ def parse_request(body: object, chat: bool, model_name: str, tokenizer: Tokenize
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
     model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(f"'model' is required: the id of the served model, {model_name!r}", param="model")
     if model != model_name:
         raise APIError(f"the model {model!r} does not exist; this server serves {model_name!r}", param="model",
                        code="model_not_found")

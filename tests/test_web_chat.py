@@ -96,5 +96,11 @@ def test_web_chat_streams_answers_into_the_page_and_keeps_the_conversation(serve
         assert answer["text"] == "你好，世界。天下大势，分久必合。" and answer["chunks"] > 5
         browser.screenshot(ARTIFACTS / "web_chat_chinese.png")  # glyphs need a CJK font on the machine
         assert not browser.script("return document.querySelector('.message.error')")
+        browser.type("#input", "speak " * 100)  # the server's 400 is shown, and the chat goes on
+        browser.click("#send")
+        error = browser.wait_for("document.querySelector('.message.error')?.textContent")
+        assert "the model's context is 96 tokens" in error
+        assert browser.script("return document.querySelectorAll('.message.user').length") == 1
+        assert browser.script("return document.getElementById('input').value") == ("speak " * 100).strip()
     finally:
         browser.close()

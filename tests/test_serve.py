@@ -168,6 +168,21 @@ def test_waiting_requests_with_the_same_settings_are_decoded_as_one_batch(genera
     assert answers == ["Hello there, how are you?", "你好，世界。天下大势，分久必合。", "We are accounted poor citizens."]
 
 
+
+def test_a_cancelled_request_stops_decoding_and_the_worker_serves_the_next(generator):
+    worker = GenerationWorker(generator)
+    try:
+        endless = GenerationConfig(max_new_tokens=90, do_sample=False, stop_token_ids=())
+        job = worker.submit([generator.encode_prompt("The")], endless, chat=False)
+        next(job.results())
+        job.cancel()  # what the server does when the client's connection breaks
+        list(job.results())  # the worker ends the job
+        assert worker.steps_run < 30  # it stopped decoding long before its 90 tokens
+        after = worker.submit([generator.encode_prompt("Hi", chat=True)], GenerationConfig(do_sample=False), True)
+        assert "".join(d.text for deltas in after.results() for d in deltas) == "Hello there, how are you?"
+    finally:
+        worker.stop()
+
 @pytest.mark.parametrize("module, doc", [("minigpt.cli.serve", "docs/serving.md"),
                                          ("minigpt.cli.chat", "docs/generation.md")])
 def test_docs_name_every_flag_of_the_command(module, doc):

@@ -53,6 +53,8 @@ class GenerationWorker:
         self.max_batch_rows = max_batch_rows
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.batches_run = 0
+        self.steps_run = 0
+        """Decoding steps run so far, over all batches (for tests and monitoring)."""
         self.thread = threading.Thread(target=self._run, name="minigpt-generation", daemon=True)
         self.thread.start()
 
@@ -103,6 +105,7 @@ class GenerationWorker:
         self.batches_run += 1
         try:
             for step in self.generator.stream_batch(prompts, batch[0].config, chat=batch[0].chat):
+                self.steps_run += 1
                 per_job: dict[int, list[TextDelta]] = {}
                 for delta in step:
                     job, index = owners[delta.index]

@@ -141,6 +141,19 @@ class GeneratedSequence:
 
 
 @dataclass
+class TextDelta:
+    """New text of one prompt of a streamed batch (see `TextGenerator.stream_batch`)."""
+
+    index: int
+    """Which prompt of the batch."""
+    text: str
+    finish_reason: str | None
+    """None while the prompt runs; "stop" or "length" on its last delta."""
+    completion_tokens: int
+    """Tokens generated for this prompt so far (a stop token included)."""
+
+
+@dataclass
 class _StepToken:
     row: int
     token_id: int
@@ -210,21 +223,35 @@ class TextGenerator:
         several byte tokens (e.g. Chinese) come out whole; text that may be the start of a stop
         string is held back until it is known not to be one.
         """
-        prompt_ids = self.encode_prompt(prompt, chat)
-        generated: list[int] = []
-        emitted = 0
-        for step in self._steps([prompt_ids], config, use_cache=True):
-            generated.append(step[0].token_id)
-            text = self.continuation_text(prompt_ids, self._without_stop(generated, config), chat)
-            text, stopped = _cut_at_stop(text, config.stop_strings)
-            safe = len(text) if stopped else _safe_length(text, config.stop_strings)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        text = _cut_at_stop(self.continuation_text(prompt_ids, self._without_stop(generated, config), chat),
-                            config.stop_strings)[0]
-        if len(text) > emitted:
-            yield text[emitted:]
+        for step in self.stream_batch([self.encode_prompt(prompt, chat)], config, chat):
+            for delta in step:
+                if delta.text:
+                    yield delta.text
+
+    def stream_batch(self, prompts: Sequence[Sequence[int]], config: GenerationConfig,
+                     chat: bool = False) -> Iterator[list[TextDelta]]:
+        """Continue prompt ids as one batch, yielding per decoding step the new text of each prompt.
+
+        The text rules are those of `stream` (whole characters, stop strings held back and cut). A
+        prompt's last delta carries its `finish_reason` and any text still held back; a step lists
+        only the prompts with new text or that just finished.
+        """
+        generated: list[list[int]] = [[] for _ in prompts]
+        emitted = [0] * len(prompts)
+        for step in self._steps(prompts, config, use_cache=True):
+            deltas = []
+            for item in step:
+                generated[item.row].append(item.token_id)
+                text = self.continuation_text(prompts[item.row], self._without_stop(generated[item.row], config),
+                                              chat)
+                text, stopped = _cut_at_stop(text, config.stop_strings)
+                done = item.finish_reason is not None
+                safe = len(text) if stopped or done else _safe_length(text, config.stop_strings)
+                piece, emitted[item.row] = text[emitted[item.row]:safe], max(safe, emitted[item.row])
+                if piece or done:
+                    deltas.append(TextDelta(item.row, piece, item.finish_reason, len(generated[item.row])))
+            if deltas:
+                yield deltas
 
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         """Token ids of a text prompt (BOS first with `add_bos`; an empty prompt is the EOS boundary)."""
@@ -402,5 +429,5 @@ def _safe_length(text: str, stop_strings: Sequence[str]) -> int:
     return end
 
 
-__all__ = ["GenerationConfig", "GeneratedSequence", "TextGenerator", "apply_repetition_penalty",
+__all__ = ["GenerationConfig", "GeneratedSequence", "TextDelta", "TextGenerator", "apply_repetition_penalty",
            "apply_temperature", "apply_top_k", "apply_top_p", "filter_logits"]

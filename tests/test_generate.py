@@ -240,6 +240,20 @@ def test_stream_yields_the_same_text_as_generate_with_whole_chinese_characters(t
     assert len(pieces) > 1 and all("\ufffd" not in piece for piece in pieces)
 
 
+def test_stream_batch_gives_each_prompt_its_own_text_and_finish_reason(trained):
+    config = GenerationConfig(max_new_tokens=20, do_sample=False)
+    prompts = [trained.encode_prompt(p) for p in ("学而", "First Citizen:")]
+    texts, reasons, counts = ["", ""], [None, None], [0, 0]
+    for step in trained.stream_batch(prompts, config):
+        for delta in step:
+            assert reasons[delta.index] is None, "no delta after a prompt's last one"
+            texts[delta.index] += delta.text
+            reasons[delta.index], counts[delta.index] = delta.finish_reason, delta.completion_tokens
+    assert texts == trained.generate(["学而", "First Citizen:"], config)
+    sequences = trained.generate_sequences(prompts, config)
+    assert reasons == [s.finish_reason for s in sequences] and counts == [len(s.token_ids) for s in sequences]
+
+
 def test_stream_holds_back_a_stop_string(trained):
     config = GenerationConfig(max_new_tokens=30, do_sample=False, stop_strings=("hear me",))
     pieces = list(trained.stream("First Citizen:", config))

@@ -36,7 +36,8 @@ def test_console_script_targets_import_from_the_package(script):
     assert callable(getattr(importlib.import_module(module), function))
 
 
-@pytest.mark.parametrize("script", ["launch/train.py", "launch/generate.py", "launch/debug_fullstack.py",
+@pytest.mark.parametrize("script", ["launch/train.py", "launch/generate.py", "launch/chat.py", "launch/serve.py",
+                                    "launch/debug_fullstack.py",
                                     "data_tools/train_tokenizer.py", "data_tools/pretokenize.py",
                                     "data_tools/make_tasks.py"])
 def test_checkout_scripts_still_run_by_path(script):

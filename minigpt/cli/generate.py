@@ -17,15 +17,10 @@ from minigpt.tokenizer import TokenizerError
 from minigpt.weights import WeightsError
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch/generate.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="consolidated model directory")
-    parser.add_argument("--prompt", action="append", required=True,
-                        help="prompt text; repeat the flag for several prompts (generated as one batch)")
-    parser.add_argument("--chat", action="store_true",
-                        help="wrap each prompt as a user turn of the chat template and answer it")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate per prompt")
+def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
+    """The sampling and device flags shared by generate, chat and serve (one definition, one help text)."""
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                        help="most tokens to generate per answer")
     parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0: greedy)")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (1.0: off)")
@@ -34,11 +29,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--greedy", action="store_true", help="always pick the most likely token")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     parser.add_argument("--device", default="", help="cpu, cuda, cuda:N or mps (default: cuda if available)")
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    """The `GenerationConfig` of the flags `add_sampling_arguments` defined (ConfigError naming a bad field)."""
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            do_sample=not args.greedy, stop_strings=tuple(args.stop), seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/generate.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="consolidated model directory")
+    parser.add_argument("--prompt", action="append", required=True,
+                        help="prompt text; repeat the flag for several prompts (generated as one batch)")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap each prompt as a user turn of the chat template and answer it")
+    add_sampling_arguments(parser)
     parser.add_argument("--stream", action="store_true", help="print text as it is generated (one prompt at a time)")
     return parser
 
 
-def _device(requested: str) -> str:
+def resolve_device(requested: str) -> str:
     """`--device` checked against this machine (ConfigError naming it), or cuda when available, else cpu."""
     import torch
 
@@ -49,19 +62,22 @@ def _device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def load_generator(args: argparse.Namespace) -> tuple[TextGenerator, GenerationConfig]:
+    """The generator over `--model` on `--device` and the flags' sampling config; ConfigError,
+    WeightsError or TokenizerError (also for a model without tokenizer files) naming what is wrong."""
+    config = generation_config(args)
+    generator = TextGenerator.from_dir(args.model, device=resolve_device(args.device))
+    if generator.tokenizer is None:
+        raise TokenizerError(f"{args.model} has no tokenizer files; text generation needs them")
+    return generator, config
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                  top_k=args.top_k, top_p=args.top_p,
-                                  repetition_penalty=args.repetition_penalty, do_sample=not args.greedy,
-                                  stop_strings=tuple(args.stop), seed=args.seed)
-        generator = TextGenerator.from_dir(args.model, device=_device(args.device))
+        generator, config = load_generator(args)
     except (ConfigError, WeightsError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    if generator.tokenizer is None:
-        print(f"error: {args.model} has no tokenizer files; text generation needs them", file=sys.stderr)
         return 2
     try:
         if args.stream:

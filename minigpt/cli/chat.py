@@ -1,0 +1,115 @@
+"""Chat with a consolidated MiniGPT model in the terminal: multi-turn, streamed, in the ChatML template.
+
+    python launch/chat.py --model checkpoints/sft_tiny/final --system "You are a helpful assistant."
+    printf 'Hello\n/reset\n你好\n' | python launch/chat.py --model DIR --greedy   # scripted, from stdin
+
+Each line you type is a user message; the answer streams as it is generated. Commands:
+  /reset        forget the conversation (the system prompt stays)
+  /system TEXT  set the system prompt (empty TEXT removes it); the conversation is kept
+  /exit         leave (end of input and Ctrl-D do too; Ctrl-C stops the answer being written)
+When the conversation no longer fits the model's context, the oldest whole turns are dropped.
+Answers go to stdout, notices (prompts, dropped turns, command results) to stderr.
+
+Exit codes: 0 done, 2 bad usage or a model directory that cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterable
+
+from minigpt.chat import ChatSession
+from minigpt.cli.generate import add_sampling_arguments, load_generator
+from minigpt.config import ConfigError
+from minigpt.tokenizer import TokenizerError
+from minigpt.weights import WeightsError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/chat.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="consolidated model directory (a chat-tuned model)")
+    parser.add_argument("--system", default="", help="system prompt at the start of the conversation")
+    add_sampling_arguments(parser, max_new_tokens=256)
+    return parser
+
+
+def read_lines(interactive: bool) -> Iterable[str]:
+    """User lines: with `input()` (line editing, a prompt on stderr) at a terminal, else stdin as is."""
+    if not interactive:
+        for line in sys.stdin:
+            yield line.rstrip("\r\n")
+        return
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            print(">>> ", end="", file=sys.stderr, flush=True)
+            yield input()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+
+
+def run_command(session: ChatSession, line: str) -> bool:
+    """Carry out a /command; False when it asks to leave."""
+    name, _, argument = line.partition(" ")
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/reset":
+        session.reset()
+        print("[conversation reset]", file=sys.stderr)
+    elif name == "/system":
+        session.system_prompt = argument.strip()
+        print(f"[system prompt {'set' if session.system_prompt else 'removed'}]", file=sys.stderr)
+    else:
+        print(f"[unknown command {name}; use /reset, /system TEXT or /exit]", file=sys.stderr)
+    return True
+
+
+def converse(session: ChatSession, lines: Iterable[str]) -> None:
+    """The chat loop: each line a message or a command, each answer streamed to stdout."""
+    for line in lines:
+        if not line.strip():
+            continue
+        if line.startswith("/"):
+            if not run_command(session, line.strip()):
+                return
+            continue
+        try:
+            for piece in session.reply(line):
+                print(piece, end="", flush=True)
+        except ValueError as err:  # the message alone does not fit the context
+            print(f"[{err}]", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:
+            print("\n[answer interrupted; not kept in the conversation]", file=sys.stderr)
+            continue
+        print(flush=True)
+        if session.dropped_turns:
+            print(f"[context full: dropped the oldest {session.dropped_turns} turn(s)]", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        generator, config = load_generator(args)
+    except (ConfigError, WeightsError, TokenizerError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    session = ChatSession(generator, config, system_prompt=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"[chatting with {args.model}; /reset, /system TEXT, /exit]", file=sys.stderr)
+    try:
+        converse(session, read_lines(interactive))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

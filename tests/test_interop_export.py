@@ -333,3 +333,21 @@ def test_gguf_cli_refuses_an_existing_file_and_writes_it_with_force(tied_dir, tm
     assert export_cli.main(["--model", str(tied_dir), "--format", "gguf", "--out", str(out), "--force"]) == 0
     assert out.read_bytes()[:4] == b"GGUF"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+@pytest.mark.integration
+def test_training_continues_from_an_hf_directory(tied_dir, tied_hf_dir, shards, tmp_path):
+    """--init-from with a Hugging Face directory: the real Trainer converts it once and pretrains on."""
+    from minigpt.signals import EXIT_FINISHED
+    from minigpt.train.loop import Trainer
+
+    cfg = TrainConfig(mode="pretrain", init_from=str(tied_hf_dir), data=[str(shards)], out=str(tmp_path / "run"),
+                      seq_len=32, batch_size=2, max_steps=2, warmup_steps=1, eval_interval=0, save_interval=0,
+                      log_interval=100, sample_prompt="")
+    assert Trainer(cfg).run() == EXIT_FINISHED
+    snapshot = json.loads((tmp_path / "run" / "training_config_snapshot.json").read_text())
+    assert snapshot["weights_from"] == str(tied_hf_dir)
+    trained, _ = load_consolidated(tmp_path / "run" / "final")
+    start, _ = load_consolidated(tied_dir)
+    assert trained.config == start.config
+    assert not torch.equal(trained.embed.weight, start.embed.weight)  # it trained

@@ -7,6 +7,8 @@ import json
 import resource
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -351,3 +353,12 @@ def test_training_continues_from_an_hf_directory(tied_dir, tied_hf_dir, shards, 
     start, _ = load_consolidated(tied_dir)
     assert trained.config == start.config
     assert not torch.equal(trained.embed.weight, start.embed.weight)  # it trained
+
+
+def test_the_core_and_the_interop_modules_import_no_optional_package_until_used():
+    code = ("import sys, minigpt.generate, minigpt.train.loop, minigpt.cli.export, minigpt.interop.gguf_llama; "
+            "print(sorted({'safetensors', 'gguf', 'transformers'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

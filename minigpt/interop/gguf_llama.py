@@ -158,7 +158,8 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "fp32", for
     config = model.config
     tensors = gguf_tensors(model.state_dict(), config)
     tokens, scores, types = _vocabulary(tokenizer, config.vocab_size)
-    metadata = _metadata(config, tokenizer, source.resolve().name)
+    run_name = source.resolve().parent.name if source.name == "final" else source.resolve().name
+    metadata = _metadata(config, tokenizer, run_name)
     file_type = {"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
     tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")

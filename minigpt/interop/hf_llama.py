@@ -215,7 +215,7 @@ def config_from_hf(hf: Mapping[str, Any], source: str) -> MiniGPTConfig:
     if hf.get("model_type") != "llama":
         raise InteropError(f"{source}: model_type {hf.get('model_type')!r} is not supported; MiniGPT imports "
                            "\"llama\" models only")
-    if hf.get("architectures", ["LlamaForCausalLM"]) != ["LlamaForCausalLM"]:
+    if hf.get("architectures") not in (None, ["LlamaForCausalLM"]):
         raise InteropError(f"{source}: architectures {hf.get('architectures')!r} is not supported; "
                            "expected [\"LlamaForCausalLM\"]")
     mapped = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -387,8 +387,12 @@ def is_hf_llama_dir(path: str | Path) -> bool:
 
 
 def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError as err:
+        raise InteropError(f"{hf_dir}: a Hugging Face directory needs the safetensors package "
+                           "(pip install -e \".[hf]\")") from err
 
     index_path = hf_dir / SAFETENSORS_INDEX_FILE
     if (hf_dir / SAFETENSORS_FILE).is_file():

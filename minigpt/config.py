@@ -233,7 +233,7 @@ class TrainConfig:
                        "checkpoint)", default="")
     auto_resume: bool = _opt("resume from the newest checkpoint in <out>/ckpt that verifies (damaged ones are "
                              "skipped, with the reason); start fresh only when there is none", default=False)
-    init_from: str = _opt("consolidated weights or run directory to start from (post-training stages)",
+    init_from: str = _opt("consolidated weights, run directory or Hugging Face Llama directory to start from",
                           default="")
     device: str = _opt("cpu, cuda, cuda:N or mps; default: auto-detect", default="")
     precision: str = _opt("auto, fp32, bf16 or fp16 (auto: bf16 on capable GPUs, else fp32)", default="auto")

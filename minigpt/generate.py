@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from minigpt.config import ConfigError
+from minigpt.interop.hf_llama import is_hf_llama_dir, load_hf_llama
 from minigpt.model import KVCache, MiniGPT
 from minigpt.tokenizer import Tokenizer
 from minigpt.weights import load_consolidated
@@ -181,8 +182,12 @@ class TextGenerator:
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> TextGenerator:
-        """A generator over a consolidated model directory (see `minigpt.weights`)."""
-        model, tokenizer = load_consolidated(model_dir, device=device)
+        """A generator over a consolidated model directory (see `minigpt.weights`) or a Hugging Face
+        Llama directory of a supported shape (see `minigpt.interop.hf_llama`; needs safetensors)."""
+        if is_hf_llama_dir(model_dir):
+            model, tokenizer = load_hf_llama(model_dir, device=device)
+        else:
+            model, tokenizer = load_consolidated(model_dir, device=device)
         return cls(model, tokenizer, device)
 
     def generate_sequences(self, prompts: Sequence[Sequence[int]], config: GenerationConfig,

@@ -61,7 +61,28 @@ class Tokenizer:
             raise TokenizerError(
                 f"{model_path}: checksum {self.checksum[:12]} does not match {meta_path} "
                 f"({str(self.meta.get('checksum'))[:12]}); the directory was modified after training")
-        self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        self._load_model(model_path)
+
+    @classmethod
+    def from_model_file(cls, model_path: str | Path) -> Tokenizer:
+        """A tokenizer from a bare `tokenizer.model` (e.g. in a Hugging Face directory, whose
+        tokenizer.json is not MiniGPT's); the special ids and chat symbols are checked all the same."""
+        model_path = Path(model_path)
+        if not model_path.is_file():
+            raise TokenizerError(f"tokenizer file missing: {model_path}")
+        tokenizer = cls.__new__(cls)
+        tokenizer.directory = model_path.parent
+        tokenizer.checksum = file_checksum(model_path)
+        tokenizer.meta = {"checksum": tokenizer.checksum, "special_tokens": SPECIAL_IDS,
+                          "chat_symbols": list(CHAT_SYMBOLS), "chat_template": CHAT_TEMPLATE}
+        tokenizer._load_model(model_path)
+        return tokenizer
+
+    def _load_model(self, model_path: Path) -> None:
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+        except (OSError, RuntimeError) as err:
+            raise TokenizerError(f"{model_path}: not a sentencepiece model ({err})") from err
         for piece, expected in SPECIAL_IDS.items():
             if self.sp.piece_to_id(piece) != expected:
                 raise TokenizerError(f"{model_path}: special token {piece} has id "

@@ -41,7 +41,9 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch/generate.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="consolidated model directory")
+    parser.add_argument("--model", required=True,
+                        help="consolidated model directory (or a run directory: its final/), or a Hugging Face "
+                             "Llama directory (docs/export.md)")
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text; repeat the flag for several prompts (generated as one batch)")
     parser.add_argument("--chat", action="store_true",

@@ -29,6 +29,7 @@ from minigpt.engine import create_engine, create_runtime
 from minigpt.engine.base import Engine
 from minigpt.fsutil import atomic_write_text
 from minigpt.generate import GenerationConfig, TextGenerator
+from minigpt.interop.hf_llama import imported_init_dir, is_hf_llama_dir
 from minigpt.model import MiniGPT
 from minigpt.monitor import TrainingMonitor
 from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
@@ -96,6 +97,8 @@ def find_starting_weights(cfg: TrainConfig) -> StartingWeights:
     """--init-from, else the previous stage's final weights of this preset; pretraining starts from scratch."""
     if cfg.init_from:
         path = Path(cfg.init_from)
+        if is_hf_llama_dir(path):  # converted once into the run directory, then used like our own weights
+            return StartingWeights(str(path), imported_init_dir(path, cfg.run_dir / "init_from_hf"))
         if (path / FINAL / "model.pt").is_file():
             path = path / FINAL
         if not (path / "model.pt").is_file():

@@ -109,15 +109,15 @@ def context_text(item: ChoiceItem, shots: list[ChoiceItem], style: str) -> str:
 
 
 def encode_pair(tokenizer, context: str, continuation: str, max_len: int) -> tuple[list[int], int]:
-    """Token ids of context + continuation (oldest context tokens dropped to fit `max_len` + 1) and how
-    many of them, at the end, are the continuation."""
+    """Token ids of context + continuation (oldest context tokens dropped to fit `max_len`) and how many
+    of them, at the end, are the continuation."""
     whole = tokenizer.encode(context + continuation)
     context_ids = tokenizer.encode(context)
     tail = len(whole) - len(context_ids)
     if tail <= 0:  # the continuation merged into the context's last token: score its own tokens
         alone = tokenizer.encode(continuation)
         whole, tail = context_ids + alone, len(alone)
-    whole = whole[-(max_len + 1):]
+    whole = whole[-max_len:]
     return whole, min(tail, len(whole) - 1)
 
 

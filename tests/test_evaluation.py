@@ -128,13 +128,15 @@ def test_multiple_choice_picks_the_most_likely_choice_raw_and_per_character(tmp_
     assert result["gold_logprob"] == pytest.approx(gold / len(QUESTIONS), rel=1e-5)
 
 
-def test_multiple_choice_reads_ceval_and_cmmlu_csv_layouts_and_names_bad_items(tmp_path):
+def test_multiple_choice_reads_ceval_cmmlu_and_mmlu_layouts_and_names_bad_items(tmp_path):
     ceval = tmp_path / "ceval_val.csv"  # C-Eval: id,question,A,B,C,D,answer,explanation
     ceval.write_text("id,question,A,B,C,D,answer,explanation\n0,天下大势?,分久必合,合久必分,你好,世界,B,\n",
                      encoding="utf-8")
     cmmlu = tmp_path / "cmmlu.csv"  # CMMLU: an unnamed index column, capitalised Question/Answer
     cmmlu.write_text(",Question,A,B,C,D,Answer\n0,天下大势?,分久必合,合久必分,你好,世界,B\n", encoding="utf-8")
-    assert load_items(ceval) == load_items(cmmlu) and load_items(ceval)[0].answer == 1
+    mmlu = write_jsonl(tmp_path / "mmlu.jsonl", [{"question": "天下大势?", "subject": "x",  # MMLU's Hub layout
+                                                  "choices": ["分久必合", "合久必分", "你好", "世界"], "answer": 1}])
+    assert load_items(ceval) == load_items(cmmlu) == load_items(mmlu) and load_items(ceval)[0].answer == 1
     bad = write_jsonl(tmp_path / "bad.jsonl", [mc_records()[0], {"question": "q", "A": "x", "B": "y", "answer": "C"}])
     with pytest.raises(EvalDataError, match=r"bad.jsonl:2: field 'answer' must be one of the choice letters AB"):
         load_items(bad)
@@ -253,10 +255,18 @@ def test_training_refuses_an_eval_task_before_training_when_its_file_is_missing(
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.integration
-@pytest.mark.deepspeed
-def test_two_rank_deepspeed_evaluation_gives_the_numbers_of_one_rank(tmp_path, model_dir):
-    """Real `deepspeed --num_gpus 2` (CPU, gloo): batches split unevenly between the ranks, same results."""
+def test_repeated_eval_task_flags_add_up_instead_of_replacing_each_other():
+    from minigpt.cli.train import build_parser
+
+    args = build_parser().parse_args(["--eval-task", "bpb:a.txt", "--eval-task", "tasks:b.jsonl", "mc:c.jsonl"])
+    assert args.eval_task == ["bpb:a.txt", "tasks:b.jsonl", "mc:c.jsonl"]
+    assert build_parser().parse_args([]).eval_task == []
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory, shards, data_tokenizer):
+    """A 2-rank ZeRO-3 training run with eval tasks; then `launch/eval.py` on its final/ weights on one process
+    and under `deepspeed --num_gpus 2`. Returns the last logged eval row and each evaluation's results."""
     import os
     import subprocess
     import sys
@@ -265,26 +275,55 @@ def test_two_rank_deepspeed_evaluation_gives_the_numbers_of_one_rank(tmp_path, m
     from ports import free_port
 
     pytest.importorskip("deepspeed")
+    root = tmp_path_factory.mktemp("zero3_eval")
     repo = Path(__file__).resolve().parents[1]
-    docs = write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in DOCUMENTS * 3])
-    items = write_jsonl(tmp_path / "mc.jsonl", mc_records())
-    tasks = write_jsonl(tmp_path / "tasks.jsonl", generate_tasks(7, seed=2, tasks=("sort", "reverse")))
-    train = write_jsonl(tmp_path / "train.jsonl", generate_tasks(7, seed=2, tasks=("sort", "reverse"))[:2])
-    args = ["--model", str(model_dir), "--task", f"bpb:{docs},seq_len=8", "--task", f"mc:{items},style=letter",
-            "--task", f"tasks:{tasks},max_new_tokens=5", "--exclude-from", str(train), "--batch-size", "3",
-            "--no-progress"]
-    results = {}
-    for ranks, launcher in [(2, ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]),
-                            (1, [sys.executable])]:
-        out = tmp_path / f"ranks{ranks}.json"
-        done = subprocess.run([*launcher, str(repo / "launch" / "eval.py"), *args, "--out", str(out)], cwd=tmp_path,
-                              capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "PYTHONPATH": str(repo)})
+    # 5 prompts, 7 windows, 5 items in batches of 2: the ranks own 3/2, 4/3, 2/1 batches (uneven on purpose).
+    tasks = write_jsonl(root / "tasks.jsonl", generate_tasks(5, seed=4, tasks=("sort", "reverse")))
+    docs = write_jsonl(root / "docs.jsonl", [{"text": d} for d in DOCUMENTS * 2])
+    items = write_jsonl(root / "mc.jsonl", mc_records())
+    entries = [f"tasks:{tasks},max_new_tokens=4", f"bpb:{docs},seq_len=16", f"mc:{items},style=letter"]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+
+    def run(cmd):
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env=env)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        document = json.loads(out.read_text())
+
+    def deepspeed():
+        return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+
+    run([*deepspeed(), str(repo / "launch" / "train.py"), "--config", "tiny", "--seq-len", "32", "--batch-size", "2",
+         "--max-steps", "2", "--warmup-steps", "1", "--eval-interval", "0", "--eval-batches", "1", "--data", str(shards),
+         "--tokenizer", str(data_tokenizer.directory), "--out", str(root / "run"), "--dist-timeout", "120",
+         "--ds-config", str(repo / "ds_configs" / "zero3.json"), "--eval-task", *entries])
+    logged = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+    results = {"logged": [r for r in logged if r.get("split") == "eval"][-1]}
+    evaluate = [str(repo / "launch" / "eval.py"), "--model", str(root / "run"), "--batch-size", "2", "--no-progress",
+                *[arg for entry in entries for arg in ("--task", entry)]]
+    for ranks, launcher in [(1, [sys.executable]), (2, deepspeed())]:
+        run([*launcher, *evaluate, "--out", str(root / f"ranks{ranks}.json")])
+        document = json.loads((root / f"ranks{ranks}.json").read_text())
         assert document["world_size"] == ranks
         results[ranks] = {name: task["metrics"] for name, task in document["tasks"].items()}
-    assert results[2]["tasks:tasks.jsonl"]["excluded"] == 2 and results[2]["mc:mc.jsonl"]["items"] == len(QUESTIONS)
-    for name, metrics in results[1].items():
+    return results
+
+
+@pytest.mark.integration
+@pytest.mark.deepspeed
+def test_two_rank_deepspeed_evaluation_gives_the_numbers_of_one_rank(zero3_run):
+    """Real `deepspeed --num_gpus 2 launch/eval.py` (CPU, gloo) against one process: the same numbers."""
+    assert zero3_run[2]["tasks:tasks.jsonl"]["items"] == 5 and zero3_run[2]["mc:mc.jsonl"]["items"] == len(QUESTIONS)
+    assert zero3_run[2]["bpb:docs.jsonl"]["tokens"] > 16 * 4
+    for name, metrics in zero3_run[1].items():
         for metric, value in metrics.items():
-            assert results[2][name][metric] == pytest.approx(value, rel=1e-12, abs=1e-12), (name, metric)
+            assert zero3_run[2][name][metric] == pytest.approx(value, rel=1e-12, abs=1e-12), (name, metric)
+
+
+@pytest.mark.integration
+@pytest.mark.deepspeed
+def test_zero3_training_runs_eval_tasks_in_lockstep_with_the_numbers_of_the_eval_command(zero3_run):
+    """ZeRO-3 gathers weights collectively in every forward pass: ranks owning unequal numbers of batches still
+    run the same passes (else the run would hang until --dist-timeout); the last evaluation saw the final
+    weights, so it reports what the eval command reports on final/."""
+    for task, metrics in zero3_run[1].items():
+        for metric, value in metrics.items():
+            assert zero3_run["logged"][f"{task}/{metric}"] == pytest.approx(value, rel=1e-5), (task, metric)

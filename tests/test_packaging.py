@@ -36,9 +36,9 @@ def test_console_script_targets_import_from_the_package(script):
     assert callable(getattr(importlib.import_module(module), function))
 
 
-@pytest.mark.parametrize("script", ["launch/train.py", "launch/generate.py", "launch/debug_fullstack.py",
-                                    "data_tools/train_tokenizer.py", "data_tools/pretokenize.py",
-                                    "data_tools/make_tasks.py"])
+@pytest.mark.parametrize("script", ["launch/train.py", "launch/generate.py", "launch/eval.py",
+                                    "launch/debug_fullstack.py", "data_tools/train_tokenizer.py",
+                                    "data_tools/pretokenize.py", "data_tools/make_tasks.py"])
 def test_checkout_scripts_still_run_by_path(script):
     result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
                             cwd="/", timeout=120)

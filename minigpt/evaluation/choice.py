@@ -1,7 +1,8 @@
 """Multiple choice by log-likelihood, in the C-Eval / CMMLU / MMLU field layout.
 
-Each item has a `question`, choices `A`, `B`, ... and the `answer` letter (field names in any case, so
-C-Eval's and CMMLU's CSV files and JSONL conversions of them work as they are). The model scores every
+Each item has a `question`, choices `A`, `B`, ... (or a `choices` list) and the `answer` letter (or its
+0-based index as a JSON integer: MMLU's Hub copy stores `choices` and `answer` so); field names in any
+case, so C-Eval's and CMMLU's CSV files and JSONL exports of MMLU work as they are. The model scores every
 choice as a continuation of the prompt; the prediction is the choice with the highest summed
 log-probability (`acc`) or with the highest log-probability per character of the continuation
 (`acc_norm`, as lm-evaluation-harness normalises). Two prompt styles:
@@ -75,9 +76,13 @@ def _item(path: Path, number: int, record: dict) -> ChoiceItem:
         if value is None or value == "":
             break
         choices.append(str(value))
+    if not choices and isinstance(fields.get("choices"), list):  # MMLU's Hub layout: "choices": [...]
+        choices = [str(c) for c in fields["choices"]]
     if len(choices) < 2:
         raise EvalDataError(f"{where}: needs choice fields A and B at least (found {len(choices)} choice(s))")
     answer = str(fields.get("answer", "")).strip().upper()
+    if isinstance(fields.get("answer"), int) and 0 <= fields["answer"] < len(choices):  # MMLU on the Hub: 0..3
+        answer = string.ascii_uppercase[fields["answer"]]
     if len(answer) != 1 or not "A" <= answer < chr(ord("A") + len(choices)):
         raise EvalDataError(f"{where}: field 'answer' must be one of the choice letters "
                             f"{string.ascii_uppercase[:len(choices)]}, got {fields.get('answer')!r}")

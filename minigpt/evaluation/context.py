@@ -60,8 +60,8 @@ class EvalContext:
 
     def bar(self, description: str, total: int | None, unit: str) -> tqdm:
         """A progress bar on the main rank (disabled elsewhere and with progress off)."""
-        return tqdm(total=total, desc=description, unit=unit, unit_scale=unit == "tok", leave=False, dynamic_ncols=True,
-                    disable=not (self.progress and self.runtime.is_main))
+        return tqdm(total=total, desc=description, unit=unit, unit_scale=unit == "tok", leave=False,
+                    dynamic_ncols=True, disable=not (self.progress and self.runtime.is_main))
 
 
 def global_batches(items: list, batch_size: int) -> Iterable[tuple[int, list]]:

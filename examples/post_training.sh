@@ -3,7 +3,7 @@
 #   tokenizer -> pretrain -> sft -> dpo -> reward model -> rlhf (GRPO, rule reward), then exact-match
 #   accuracy of each stage's weights on held-out task prompts disjoint from the training tasks
 #   (launch/eval.py). Numbers land in docs/training.md.
-# Usage: examples/post_training.sh [WORKDIR]   (default: ./post_training_run; ~12 min on 2 CPU cores)
+# Usage: examples/post_training.sh [WORKDIR]   (default: ./post_training_run; ~14 min on 2 quiet CPU cores)
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${1:-post_training_run}"

@@ -2,6 +2,8 @@
 
     python data_tools/make_tasks.py --out data/tasks --count 2000 --seed 0
     # -> data/tasks/sft.jsonl, dpo.jsonl, rlhf.jsonl (the same tasks in each format)
+    python data_tools/make_tasks.py --out data/heldout --count 300 --seed 987 --exclude-from data/tasks/sft.jsonl
+    # -> a held-out set: no prompt of the training file, no prompt twice
 """
 
 import os

@@ -255,6 +255,9 @@ class TrainConfig:
     dropout: float = _opt("dropout during training", default=0.0)
     eval_interval: int = _opt("evaluate every N steps (0: only at the end)", default=200)
     eval_batches: int = _opt("validation micro-batches per evaluation", default=20)
+    eval_task: list[str] = _opt("evaluation task(s) also run at each evaluation, in launch/eval.py's --task syntax "
+                                "(bpb:PATH, mc:PATH, tasks:PATH, options after commas); logged under eval/",
+                                default_factory=list)
     save_interval: int = _opt("checkpoint every N steps (0: only at the end)", default=500)
     keep_last: int = _opt("checkpoints to keep", default=3)
     log_interval: int = _opt("print a log line every N steps", default=10)
@@ -344,6 +347,13 @@ class TrainConfig:
             parse_duration(self.max_time)
         if self.resume and self.auto_resume:
             raise ConfigError("--resume and --auto-resume contradict each other: give one")
+        from minigpt.evaluation.spec import TaskSpecError, parse_task_spec
+
+        for entry in self.eval_task:
+            try:
+                parse_task_spec(entry)
+            except TaskSpecError as err:
+                raise ConfigError(str(err).replace("--task", "--eval-task", 1)) from None
         if self.document_mask and self.mode != "pretrain":
             raise ConfigError(f"--document-mask applies to --mode pretrain (packed windows); --mode {self.mode} "
                               "trains on one conversation or pair per sequence already")

@@ -37,9 +37,9 @@ def test_console_script_targets_import_from_the_package(script):
 
 
 @pytest.mark.parametrize("script", ["launch/train.py", "launch/generate.py", "launch/chat.py", "launch/serve.py",
-                                    "launch/debug_fullstack.py",
+                                    "launch/eval.py", "launch/export.py", "launch/debug_fullstack.py",
                                     "data_tools/train_tokenizer.py", "data_tools/pretokenize.py",
-                                    "data_tools/make_tasks.py", "launch/export.py"])
+                                    "data_tools/make_tasks.py"])
 def test_checkout_scripts_still_run_by_path(script):
     result = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
                             cwd="/", timeout=120)

@@ -17,7 +17,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=default, help=help_text)
         elif typing.get_origin(kind) is list:
-            parser.add_argument(flag, nargs="+", default=default, help=help_text, metavar="PATH")
+            # extend: `--data a b` and `--data a --data b` both give [a, b] (a repeated flag adds, never replaces)
+            parser.add_argument(flag, nargs="+", action="extend", default=default, help=help_text, metavar="PATH")
         else:
             parser.add_argument(flag, type=kind, default=default,
                                 help=f"{help_text} (default: {default!r})")

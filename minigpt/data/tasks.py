@@ -16,6 +16,7 @@ import json
 import random
 import re
 import string
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from minigpt.fsutil import atomic_write_text
@@ -57,16 +58,31 @@ def _wrong_answer(prompt: str, answer: str, rng: random.Random) -> str:
     return rng.choice(sorted(c for c in candidates if c) or [answer + answer[-1]])
 
 
-def generate_tasks(count: int, seed: int = 0, tasks: tuple[str, ...] = TASKS) -> list[dict]:
-    """`count` task records {"task", "prompt", "reference", "wrong"} cycling through `tasks`."""
+def generate_tasks(count: int, seed: int = 0, tasks: tuple[str, ...] = TASKS,
+                   exclude: Collection[str] | None = None) -> list[dict]:
+    """`count` task records {"task", "prompt", "reference", "wrong"} cycling through `tasks`.
+
+    With `exclude` (prompts of training files) the records form a held-out set: no prompt of
+    `exclude` and no prompt twice. Without it the draw is the plain seeded sequence (repeats allowed).
+    """
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
     rng = random.Random(seed)
     records = []
-    for index in range(count):
-        task = tasks[index % len(tasks)]
+    taken = set(exclude) if exclude is not None else None
+    attempts = 0
+    while len(records) < count:
+        task = tasks[len(records) % len(tasks)]
         prompt = _question(task, rng)
+        if taken is not None:
+            attempts += 1
+            if attempts > 100 * count + 10_000:
+                raise ValueError(f"only {len(records)} of {count} {task} prompts found outside the excluded "
+                                 f"prompts: the task space is nearly used up; ask for fewer")
+            if prompt in taken:
+                continue
+            taken.add(prompt)
         answer = solve(prompt)
         records.append({"task": task, "prompt": prompt, "reference": answer,
                         "wrong": _wrong_answer(prompt, answer, rng)})
@@ -90,12 +106,13 @@ def as_rlhf(record: dict) -> dict:
 FORMATS = {"sft": as_sft, "dpo": as_dpo, "rlhf": as_rlhf}
 
 
-def write_task_files(out_dir: str | Path, count: int, seed: int = 0,
-                     tasks: tuple[str, ...] = TASKS) -> dict[str, Path]:
-    """Write sft.jsonl, dpo.jsonl and rlhf.jsonl of the same `count` tasks into `out_dir`."""
+def write_task_files(out_dir: str | Path, count: int, seed: int = 0, tasks: tuple[str, ...] = TASKS,
+                     exclude: Collection[str] | None = None) -> dict[str, Path]:
+    """Write sft.jsonl, dpo.jsonl and rlhf.jsonl of the same `count` tasks into `out_dir`
+    (a held-out set disjoint from `exclude` when given; see `generate_tasks`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = generate_tasks(count, seed, tasks)
+    records = generate_tasks(count, seed, tasks, exclude)
     paths = {}
     for kind, convert in FORMATS.items():
         paths[kind] = out_dir / f"{kind}.jsonl"
@@ -103,22 +120,51 @@ def write_task_files(out_dir: str | Path, count: int, seed: int = 0,
     return paths
 
 
-def _prompt_of(task: dict | str) -> str:
+def prompt_of(task: dict | str) -> str:
+    """The prompt of a task record in any of the formats (sft, dpo, rlhf) or of a plain string;
+    a multiple-choice record's `question`; "" when there is none."""
     if isinstance(task, str):
         return task
     prompt = task.get("prompt")
     if isinstance(prompt, str):
         return prompt
+    if isinstance(task.get("question"), str):
+        return task["question"]
     messages = task.get("messages") or task.get("conversations") or prompt or []
-    users = [m["content"] for m in messages if m.get("role") == "user"]
+    if not isinstance(messages, list):
+        return ""
+    users = [m["content"] for m in messages
+             if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)]
     return users[-1] if users else ""
+
+
+def read_prompts(paths: Iterable[str | Path]) -> set[str]:
+    """Every prompt (surrounding whitespace removed) in JSONL files of any task format: what a
+    held-out set must not contain. Raises ValueError naming the file and line of a bad record."""
+    prompts: set[str] = set()
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"{path}: no such file (given as a training file to exclude)")
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+                prompt = prompt_of(record) if isinstance(record, (dict, str)) else ""
+                if prompt.strip():
+                    prompts.add(prompt.strip())
+    return prompts
 
 
 def expected_answer(task: dict | str) -> str | None:
     """The correct answer of a task record (its "reference", else solved from its prompt) or prompt."""
     if isinstance(task, dict) and isinstance(task.get("reference"), str):
         return task["reference"]
-    return solve(_prompt_of(task))
+    return solve(prompt_of(task))
 
 
 def check_answer(task: dict | str, answer: str) -> bool:
@@ -128,7 +174,7 @@ def check_answer(task: dict | str, answer: str) -> bool:
     """
     expected = expected_answer(task)
     if expected is None:
-        raise ValueError(f"not a verifiable task: {_prompt_of(task)!r}")
+        raise ValueError(f"not a verifiable task: {prompt_of(task)!r}")
     return answer.strip() == expected
 
 

@@ -27,6 +27,7 @@ from minigpt.data.sampler import ResumableSampler, SamplerError
 from minigpt.data.shards import ShardError, open_shard
 from minigpt.engine import create_engine, create_runtime
 from minigpt.engine.base import Engine
+from minigpt.evaluation.context import EvalDataError
 from minigpt.fsutil import atomic_write_text
 from minigpt.generate import GenerationConfig, TextGenerator
 from minigpt.interop.hf_llama import imported_init_dir, is_hf_llama_dir
@@ -42,7 +43,7 @@ from minigpt.train.objectives import build_objective, dataset_kind
 from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError,
-               DatasetBuildError, SamplerError)
+               DatasetBuildError, SamplerError, EvalDataError)
 """Errors caused by the user's input: reported as one clear line, not a traceback."""
 SNAPSHOT = "training_config_snapshot.json"
 FINAL = "final"
@@ -151,6 +152,17 @@ def write_snapshot(cfg: TrainConfig, model_config: MiniGPTConfig, start: Startin
     atomic_write_text(cfg.run_dir / "dataset_stats.json", json.dumps(stats, indent=2) + "\n")
 
 
+def check_eval_tasks(cfg: TrainConfig) -> None:
+    """Fail before training when an --eval-task names a file that is not there (not at the first evaluation)."""
+    from minigpt.evaluation.spec import parse_task_spec
+
+    for entry in cfg.eval_task:
+        spec = parse_task_spec(entry)
+        for path in [spec.path] + ([Path(spec.get("dev"))] if spec.get("dev") else []):
+            if not path.exists():
+                raise ConfigError(f"--eval-task {entry}: {path} does not exist")
+
+
 class Trainer:
     """Holds what the loop needs between steps; `run()` is the loop."""
 
@@ -163,6 +175,7 @@ class Trainer:
             for stale in sweep_temporary(cfg.run_dir):
                 print(f"[minigpt] removed {stale}, left by an interrupted write", flush=True)
         set_seed(cfg.seed)
+        check_eval_tasks(cfg)
         start = find_starting_weights(cfg)
         self.run_data = resolve_run_data(cfg, self.runtime, start.model_dir, dataset_kind(cfg.mode))
         self.tokenizer = self.run_data.tokenizer
@@ -272,6 +285,29 @@ class Trainer:
         return self.objective.metrics(reduced) if count else {}
 
     @torch.no_grad()
+    def evaluate_tasks(self) -> dict[str, float]:
+        """The `--eval-task` metrics as {"task/metric": value}; every rank runs them in lockstep (the
+        same forward passes on each, as ZeRO-3 gathers weights collectively)."""
+        if not self.cfg.eval_task:
+            return {}
+        from minigpt.evaluation.context import EvalContext
+        from minigpt.evaluation.runner import flat_metrics, run_tasks
+        from minigpt.evaluation.spec import parse_task_spec
+
+        self.engine.eval()
+        ctx = EvalContext(self.engine.module, self.tokenizer, self.runtime, batch_size=self.cfg.batch_size,
+                          lockstep=self.runtime.distributed, progress=False)
+        results = run_tasks([parse_task_spec(entry) for entry in self.cfg.eval_task], ctx)
+        self.engine.train()
+        return flat_metrics(results)
+
+    def log_evaluation(self, monitor: TrainingMonitor, index: int) -> None:
+        """Validation metrics under val/, then the --eval-task metrics under eval/."""
+        monitor.log_eval(index, self.evaluate())
+        if self.cfg.eval_task:
+            monitor.log_eval(index, self.evaluate_tasks(), split="eval")
+
+    @torch.no_grad()
     def sample(self) -> str:
         """Greedy continuation of the sample prompt; every rank runs it (ZeRO-3 gathers weights collectively)."""
         self.engine.eval()
@@ -350,7 +386,7 @@ class Trainer:
                     self.budget.note_step(seconds)
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
                     started = time.perf_counter()
-                    monitor.log_eval(index, self.evaluate())
+                    self.log_evaluation(monitor, index)
                     self.record_sample(monitor, index)
                     if self.budget is not None:
                         self.budget.note_eval(time.perf_counter() - started)
@@ -369,7 +405,7 @@ class Trainer:
             if not in_time:
                 monitor.write(f"--max-time {cfg.max_time}: stopping at step {self.step} of {cfg.max_steps} after "
                               f"{self.budget.elapsed():.0f} s, leaving time to evaluate, save and consolidate")
-            monitor.log_eval(self.step - 1, self.evaluate())
+            self.log_evaluation(monitor, self.step - 1)
             if last_saved != self.step:
                 self.save()
             final = self.consolidate()
@@ -392,6 +428,7 @@ def dry_run(cfg: TrainConfig) -> int:
     """Validate config, data and DeepSpeed config without building anything; print the plan."""
     from minigpt.engine import validate_engine_config
 
+    check_eval_tasks(cfg)
     start = find_starting_weights(cfg)
     inputs = [find_input(name, cfg.data_dir) for name in cfg.data] or ["<built-in demo corpus>"]
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))

@@ -1,0 +1,53 @@
+"""Run evaluation tasks on a model and present the results (console table, JSON document)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from minigpt.evaluation.bpb import evaluate_bpb
+from minigpt.evaluation.choice import evaluate_choice
+from minigpt.evaluation.context import EvalContext
+from minigpt.evaluation.spec import TaskSpec
+from minigpt.evaluation.verifiable import evaluate_tasks
+
+EVALUATORS: dict[str, Callable[[TaskSpec, EvalContext], dict[str, float]]] = {
+    "bpb": evaluate_bpb,
+    "mc": evaluate_choice,
+    "tasks": evaluate_tasks,
+}
+"""Task kind -> the function that scores it (the kinds of `spec.KINDS`)."""
+
+
+def run_task(spec: TaskSpec, ctx: EvalContext) -> dict[str, float]:
+    """The metrics of one task; the model is put in eval mode and gets its previous mode back."""
+    was_training = ctx.model.training
+    ctx.model.eval()
+    try:
+        return EVALUATORS[spec.kind](spec, ctx)
+    finally:
+        ctx.model.train(was_training)
+
+
+def run_tasks(specs: Sequence[TaskSpec], ctx: EvalContext) -> dict[str, dict[str, float]]:
+    """Task name -> its metrics, in the order given."""
+    return {spec.name: run_task(spec, ctx) for spec in specs}
+
+
+def flat_metrics(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`{"task/metric": value}`: how a training run logs its eval tasks (metrics.jsonl, TensorBoard)."""
+    return {f"{task}/{name}": float(value) for task, metrics in results.items() for name, value in metrics.items()}
+
+
+def _cell(value: float) -> str:
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
+
+
+def format_table(results: dict[str, dict[str, float]]) -> str:
+    """One row per task and metric, aligned for the console."""
+    rows = [("task", "metric", "value")]
+    for task, metrics in results.items():
+        rows += [(task, name, _cell(value)) for name, value in metrics.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)

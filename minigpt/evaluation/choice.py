@@ -4,8 +4,8 @@ Each item has a `question`, choices `A`, `B`, ... (or a `choices` list) and the 
 0-based index as a JSON integer: MMLU's Hub copy stores `choices` and `answer` so); field names in any
 case, so C-Eval's and CMMLU's CSV files and JSONL exports of MMLU work as they are. The model scores every
 choice as a continuation of the prompt; the prediction is the choice with the highest summed
-log-probability (`acc`) or with the highest log-probability per character of the continuation
-(`acc_norm`, as lm-evaluation-harness normalises). Two prompt styles:
+log-probability (`acc`) or with the highest log-probability per character of the choice
+(`acc_norm`, as lm-evaluation-harness normalises: the space before the choice is not counted). Two prompt styles:
 
     text   (default)  "Question: {question}\\nAnswer:" continued by " {choice text}"
     letter            the question, then "A. {A}" ... one per line, then "Answer:" continued by " A", " B", ...
@@ -30,6 +30,8 @@ from minigpt.evaluation.spec import TaskSpec
 from minigpt.train.metrics import MetricSums
 
 SUMS = ("correct", "correct_norm", "items", "gold_logprob")
+DELIMITER = " "
+"""Joins the prompt and a choice (lm-evaluation-harness's default target delimiter)."""
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,10 @@ def _question_text(item: ChoiceItem, style: str) -> str:
 
 
 def continuations(item: ChoiceItem, style: str) -> list[str]:
+    """The scored continuations: each choice (its text, or its letter) after DELIMITER."""
     if style == "letter":
-        return [f" {string.ascii_uppercase[i]}" for i in range(len(item.choices))]
-    return [f" {c}" for c in item.choices]
+        return [DELIMITER + string.ascii_uppercase[i] for i in range(len(item.choices))]
+    return [DELIMITER + c for c in item.choices]
 
 
 def context_text(item: ChoiceItem, shots: list[ChoiceItem], style: str) -> str:
@@ -161,7 +164,9 @@ def evaluate_choice(spec: TaskSpec, ctx: EvalContext) -> dict[str, float]:
             computed += 1
             for item, (_context, conts) in zip(batch, texts, strict=True):
                 mine, scores = scores[:len(conts)], scores[len(conts):]
-                normed = [score / max(len(cont), 1) for score, cont in zip(mine, conts, strict=True)]
+                # Per character of the choice itself, without the space that joins it to the prompt
+                # (lm-evaluation-harness divides by len(choice); tests/test_eval_lm_harness.py).
+                normed = [score / max(len(cont) - len(DELIMITER), 1) for score, cont in zip(mine, conts, strict=True)]
                 sums.add("correct", int(max(range(len(mine)), key=mine.__getitem__) == item.answer))
                 sums.add("correct_norm", int(max(range(len(normed)), key=normed.__getitem__) == item.answer))
                 sums.add("gold_logprob", mine[item.answer])

@@ -30,13 +30,16 @@ from minigpt.config import ConfigError, TrainConfig
 from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, check_shapes_fit
 from minigpt.engine.device import resolve_precision
 from minigpt.engine.ds_config import build_ds_config, load_ds_json, offloads_optimizer, zero_stage_of
-from minigpt.engine.moe import is_expert_name, plain_name, resolve_ep_size, use_deepspeed_moe
+from minigpt.engine.moe import resolve_ep_size, use_deepspeed_moe
 from minigpt.engine.portable import (
     ADAM_KEYS,
     ENGINE_FILE,
     FORMAT_VERSION,
+    fit_scheduler_state,
+    is_expert_name,
     load_named_optimizer_state,
     parameter_names,
+    plain_name,
     read_deepspeed_checkpoint,
     read_engine_file,
     sync_group_lrs,
@@ -237,13 +240,12 @@ class DeepSpeedEngine(Engine):
             return
         if meta is None:
             raise ConfigError(f"{directory}: neither {ENGINE_FILE} (plain engine) nor {META_FILE} (DeepSpeed engine)")
-        if meta.get("ep_size", 1) != self.ep_size and self.num_local_experts:
-            raise ConfigError(f"{directory}: saved with --ep-size {meta.get('ep_size', 1)}, this run has --ep-size "
-                              f"{self.ep_size}; resume a mixture-of-experts checkpoint with the same expert parallelism")
-        if meta["world_size"] != self.world_size or meta["zero_stage"] != self.zero_stage:
-            log.warning("%s: saved by ZeRO-%s on %s ranks, this run is ZeRO-%s on %s ranks: converting through "
-                        "full fp32 weights and optimizer moments", directory, meta["zero_stage"],
-                        meta["world_size"], self.zero_stage, self.world_size)
+        if (meta["world_size"], meta["zero_stage"], meta.get("ep_size", 1)) != (
+                self.world_size, self.zero_stage, self.ep_size):
+            log.warning("%s: saved by ZeRO-%s on %s ranks (expert parallel %s), this run is ZeRO-%s on %s ranks "
+                        "(expert parallel %s): converting through full fp32 weights and optimizer moments", directory,
+                        meta["zero_stage"], meta["world_size"], meta.get("ep_size", 1), self.zero_stage,
+                        self.world_size, self.ep_size)
             self._load_portable(read_deepspeed_checkpoint(directory), str(directory))
             return
         self._check_deepspeed_shapes(directory)
@@ -287,7 +289,7 @@ class DeepSpeedEngine(Engine):
             load_named_optimizer_state(inner, self.module, moments, source)
         else:
             self._load_portable_zero(weights, moments)
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(fit_scheduler_state(state["scheduler"], len(self.optimizer.param_groups)))
         sync_group_lrs(self.optimizer, self.scheduler)
 
     def _load_portable_zero(self, weights: dict[str, torch.Tensor], moments: dict[str, dict]) -> None:

@@ -12,17 +12,14 @@ back, which is how checkpoints and `final/` stay engine-neutral.
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from deepspeed.moe.layer import MoE
 from torch import nn
 
 from minigpt.config import ConfigError
+from minigpt.engine.portable import is_expert_name, plain_name  # noqa: F401  (re-exported)
 from minigpt.model import MoEFeedForward, MoEStats, router_z_loss
-
-_EXPERT = re.compile(r"^(?P<prefix>.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<local>\d+)\.(?P<rest>.*)$")
-_GATE = re.compile(r"^(?P<prefix>.*)\.moe\.deepspeed_moe\.gate\.wg\.weight$")
 
 
 def resolve_ep_size(requested: int, world_size: int, num_experts: int, zero_stage: int) -> int:
@@ -75,15 +72,3 @@ def use_deepspeed_moe(model: nn.Module, ep_size: int, ep_rank: int) -> int:
             swapped += 1
     return swapped
 
-
-def plain_name(name: str, ep_rank: int, num_local: int) -> str:
-    """The plain model's name of a DeepSpeed-MoE parameter (other names are unchanged)."""
-    if match := _GATE.match(name):
-        return f"{match['prefix']}.router.weight"
-    if match := _EXPERT.match(name):
-        return f"{match['prefix']}.experts.{ep_rank * num_local + int(match['local'])}.{match['rest']}"
-    return name
-
-
-def is_expert_name(name: str) -> bool:
-    return _EXPERT.match(name) is not None

@@ -29,8 +29,14 @@ from torch import nn
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, check_shapes_fit
 from minigpt.engine.device import resolve_precision
-from minigpt.engine.ds_config import build_ds_config, load_ds_json, offloads_optimizer, zero_stage_of
-from minigpt.engine.moe import resolve_ep_size, use_deepspeed_moe
+from minigpt.engine.ds_config import (
+    build_ds_config,
+    load_ds_json,
+    offloads_optimizer,
+    resolve_ep_size,
+    zero_stage_of,
+)
+from minigpt.engine.moe import use_deepspeed_moe
 from minigpt.engine.portable import (
     ADAM_KEYS,
     ENGINE_FILE,
@@ -267,7 +273,11 @@ class DeepSpeedEngine(Engine):
                      for group in saved["param_shapes"] for name, shape in group.items()}
         else:  # ZeRO-0 saves the full module instead of partition shapes
             found = {name: saved["module"][name] for name in self._param_shapes() if name in saved["module"]}
-        check_shapes_fit(self._param_shapes(), found, str(directory))
+        expected = self._param_shapes()
+        if self.num_local_experts and not any(is_expert_name(name) for name in found):
+            # DeepSpeed keeps the experts out of the module state (its layer_L_expert_E files have them)
+            expected = {name: shape for name, shape in expected.items() if not is_expert_name(name)}
+        check_shapes_fit(expected, found, str(directory))
 
     def _param_shapes(self) -> dict[str, torch.Size]:
         return {name: getattr(p, "ds_shape", p.shape) for name, p in self.module.named_parameters()}

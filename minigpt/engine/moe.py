@@ -5,34 +5,17 @@ The model (`minigpt.model.MoEFeedForward`) names its weights `router.weight`, `e
 the same router weight becomes DeepSpeed's gate (`moe.deepspeed_moe.gate.wg.weight`) and this rank's
 share of the experts its local experts (`moe.deepspeed_moe.experts.deepspeed_experts.I.*`, expert
 `ep_rank * local + I`), with DeepSpeed's gate configured to the model's maths (`minigpt.model.route`:
-no noise, no second-expert sampling, no random token selection). `plain_name` maps the DeepSpeed names
+no noise, no second-expert sampling, no random token selection). `portable.plain_name` maps the DeepSpeed names
 back, which is how checkpoints and `final/` stay engine-neutral.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from deepspeed.moe.layer import MoE
 from torch import nn
 
-from minigpt.config import ConfigError
-from minigpt.engine.portable import is_expert_name, plain_name  # noqa: F401  (re-exported)
 from minigpt.model import MoEFeedForward, MoEStats, router_z_loss
-
-
-def resolve_ep_size(requested: int, world_size: int, num_experts: int, zero_stage: int) -> int:
-    """The expert-parallel size: `requested` (--ep-size) checked, or the largest divisor of both (0)."""
-    if zero_stage == 3:
-        raise ConfigError("mixture-of-experts models train with ZeRO stage 0, 1 or 2: DeepSpeed's MoE layer does "
-                          "not partition its experts under ZeRO-3 (use ds_configs/zero2.json)")
-    if requested == 0:
-        return math.gcd(world_size, num_experts)
-    if world_size % requested or num_experts % requested:
-        raise ConfigError(f"--ep-size {requested} must divide the world size ({world_size} ranks) and the expert "
-                          f"count (num_experts={num_experts})")
-    return requested
 
 
 class DeepSpeedMoEFeedForward(nn.Module):

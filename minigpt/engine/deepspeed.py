@@ -213,10 +213,22 @@ class DeepSpeedEngine(Engine):
         return StepResult(grad_norm=grad_norm, lr=lr, skipped=True)
 
     def _local_grad_norm(self) -> float:
-        """Norm of the (already all-reduced) ZeRO-0 gradients, for when DeepSpeed does not compute it."""
-        grads = [p.grad.detach().float() for p in self.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
-            if grads else 0.0
+        """Norm of the (already all-reduced) ZeRO-0 gradients, for when DeepSpeed does not compute it.
+
+        A rank holds only its own experts' gradients: their squares are summed over the ranks (each expert
+        counted once: divided by its expert-data-parallel replicas) to give the global norm."""
+        dense, experts = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for name, param in self.module.named_parameters():
+            if param.grad is not None:
+                square = param.grad.detach().double().pow(2).sum().cpu()
+                if self.num_local_experts and is_expert_name(name):
+                    experts += square
+                else:
+                    dense += square
+        if self.num_local_experts:
+            replicas = self.world_size // self.ep_size
+            experts = self.all_reduce_sum(experts.to(self.device)).cpu() / replicas
+        return float((dense + experts).sqrt())
 
     @property
     def lr(self) -> float:

@@ -97,10 +97,11 @@ class Objective:
     def model_losses(self, engine) -> tuple[torch.Tensor | float, dict[str, float]]:
         """The weighted losses the model adds to the mode's loss after its last forward pass, and their stats.
 
-        For a mixture-of-experts model: moe_aux_weight x the load-balancing loss + moe_z_loss_weight x
+        For a mixture-of-experts model: moe_aux_loss_weight x the load-balancing loss + moe_z_loss_weight x
         the router z-loss, each averaged over the MoE layers; stats `moe_aux_loss`, `moe_z_loss` and
         `moe_load/l{layer}_e{expert}` (the share of the layer's routed assignments each expert got:
-        1/E each when balanced, near 1 for one expert when routing collapsed). A dense model adds 0."""
+        1/E each when balanced; near 1/k for the k experts that take every token when routing collapsed).
+        A dense model adds 0."""
         model = engine.module
         layers = model.moe_stats() if hasattr(model, "moe_stats") else []
         if not layers:

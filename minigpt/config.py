@@ -53,6 +53,21 @@ class MiniGPTConfig:
     """Dropout on attention weights and residual branches during training."""
     tie_embeddings: bool = True
     """Share the input embedding matrix with the output projection."""
+    # Mixture of experts (docs/training.md#mixture-of-experts). num_experts 0 is the dense model; the other
+    # MoE fields are read only when it is positive, so a dense config.json without them loads unchanged.
+    num_experts: int = 0
+    """Routed SwiGLU experts per feed-forward layer (each `ffn_hidden_size` wide); 0: a dense feed-forward."""
+    experts_per_token: int = 2
+    """Routed experts each token goes to (top-k of the router's softmax)."""
+    num_shared_experts: int = 0
+    """Experts every token always goes through, beside the routed ones (DeepSeek-style shared experts)."""
+    moe_aux_loss_weight: float = 0.01
+    """Weight of the load-balancing loss (Switch/GShard, DeepSpeed's `l_aux`; 1.0 = perfectly balanced)."""
+    moe_z_loss_weight: float = 0.0
+    """Weight of the router z-loss (ST-MoE: mean squared log-sum-exp of the router logits); 0: off."""
+    moe_capacity_factor: float = 0.0
+    """0: no token is ever dropped. Above 0: each expert takes at most ceil(tokens x k x factor / experts)
+    tokens of a forward pass and the rest skip it (DeepSpeed's capacity; needs experts_per_token >= 2)."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -86,6 +101,30 @@ class MiniGPTConfig:
                 raise ConfigError(f"MiniGPTConfig.{name} must be a positive number, got {value!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ConfigError(f"MiniGPTConfig.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        for name in ("num_experts", "experts_per_token", "num_shared_experts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1024:
+                raise ConfigError(f"MiniGPTConfig.{name} must be an integer from 0 to 1024, got {value!r}")
+        for name in ("moe_aux_loss_weight", "moe_z_loss_weight", "moe_capacity_factor"):
+            value = getattr(self, name)
+            if not (_is_number(value) and 0 <= value < math.inf):
+                raise ConfigError(f"MiniGPTConfig.{name} must be a number >= 0, got {value!r}")
+        if not self.num_experts:
+            return
+        if not 1 <= self.experts_per_token <= self.num_experts:
+            raise ConfigError(f"MiniGPTConfig.experts_per_token={self.experts_per_token} must be from 1 to "
+                              f"num_experts={self.num_experts}")
+        if self.moe_capacity_factor and self.experts_per_token == 1:
+            raise ConfigError("MiniGPTConfig.moe_capacity_factor > 0 needs experts_per_token >= 2 (with top-1, "
+                              "DeepSpeed picks the dropped tokens in an order the plain model cannot reproduce); "
+                              "use 0 (no dropping)")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -117,18 +156,25 @@ class MiniGPTConfig:
         """Exact parameter count of the model this config builds (tied embeddings counted once)."""
         h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
         attn = h * h + 2 * h * kv + h * h
-        mlp = 3 * h * self.ffn_hidden_size
-        block = attn + mlp + 2 * h
+        mlp = 3 * h * self.ffn_hidden_size * (self.num_experts + self.num_shared_experts if self.num_experts else 1)
+        block = attn + mlp + 2 * h + (h * self.num_experts)  # + the router
         embed = self.vocab_size * h * (1 if self.tie_embeddings else 2)
         return embed + self.num_layers * block + h
 
+    def active_params(self) -> int:
+        """Parameters one token goes through: the dense count, or a MoE model with only its top-k routed
+        experts (plus shared experts and the router) counted."""
+        idle = self.num_experts - self.experts_per_token if self.num_experts else 0
+        return self.num_params() - self.num_layers * idle * 3 * self.hidden_size * self.ffn_hidden_size
+
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6 x matmul params + attention (PaLM appendix B)."""
+        """Training FLOPs per token (forward + backward): 6 x matmul params + attention (PaLM appendix B);
+        a MoE model counts its active parameters (the experts a token is routed to)."""
         t = seq_len or self.max_seq_len
         norms = self.num_layers * 2 * self.hidden_size + self.hidden_size
         # The input lookup is no matmul; a tied matrix still does the output projection, so it counts once.
         lookup = 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
-        matmul_params = self.num_params() - norms - lookup
+        matmul_params = self.active_params() - norms - lookup
         return 6.0 * matmul_params + 12.0 * self.num_layers * self.hidden_size * t
 
 
@@ -149,6 +195,14 @@ PRESETS: dict[str, MiniGPTConfig] = {
     # ~1.4M parameters: the tinyshakespeare quality recipe (bench/recipes/shakespeare.json, 1024-token BPE).
     "shakespeare": MiniGPTConfig(vocab_size=1024, hidden_size=160, num_layers=4, num_heads=4, num_kv_heads=4,
                                  ffn_hidden_size=432, max_seq_len=256),
+    # Mixture of experts: 4 routed SwiGLU experts, top-2, plus 1 shared expert in every layer.
+    "moe": MiniGPTConfig(vocab_size=16384, hidden_size=384, num_layers=12, num_heads=12, num_kv_heads=3,
+                         ffn_hidden_size=1536, max_seq_len=1024, num_experts=4, experts_per_token=2,
+                         num_shared_experts=1, moe_aux_loss_weight=0.1),
+    # The same routing at `tiny`'s scale, for tests and laptops (active FFN width 3 x 128 ~ tiny's 352).
+    "tiny-moe": MiniGPTConfig(vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                              ffn_hidden_size=128, max_seq_len=256, num_experts=4, experts_per_token=2,
+                              num_shared_experts=1, moe_aux_loss_weight=0.1),
 }
 
 
@@ -226,6 +280,9 @@ class TrainConfig:
     out: str = _opt("run directory; default checkpoints/<mode>_<config>", default="")
     ds_config: str = _opt("DeepSpeed JSON config (ZeRO stage, offload); used when run under deepspeed",
                           default="")
+    ep_size: int = _opt("DeepSpeed, mixture-of-experts models: expert-parallel ranks each MoE layer's experts are "
+                        "spread over (it must divide the world size and the expert count; 0: the largest number "
+                        "that divides both)", default=0)
     dist_timeout: int = _opt("seconds a rank waits in a collective for the other ranks before it fails (a lost "
                              "node or a hung rank); longer than any rank's pause between collectives (a save, "
                              "an evaluation)", default=600)
@@ -316,6 +373,8 @@ class TrainConfig:
                      "eval_batches", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.ep_size < 0:
+            raise ConfigError(f"--ep-size must not be negative, got {self.ep_size}")
         if self.dist_timeout < 1:
             raise ConfigError(f"--dist-timeout must be at least 1 second, got {self.dist_timeout}")
         if self.keep_last < 1:

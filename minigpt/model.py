@@ -1,7 +1,7 @@
 """The MiniGPT decoder: pre-norm blocks of RMSNorm, rotary grouped-query attention and SwiGLU.
 
 One file, read top to bottom: `RMSNorm`, rotary helpers, `KVCache`, `Attention`, `FeedForward`,
-`Block`, `MiniGPT`. Attention goes through `scaled_dot_product_attention`, which picks a fused
+the mixture of experts (`route`, `MoEFeedForward`), `Block`, `MiniGPT`. Attention goes through `scaled_dot_product_attention`, which picks a fused
 kernel (flash / memory-efficient) on CUDA and a vectorised one on CPU.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,108 @@ class FeedForward(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+@dataclass
+class Routing:
+    """Where a router sends each of S tokens among E experts."""
+
+    mask: torch.Tensor
+    """(S, E) bool: token s goes through expert e (after capacity dropping)."""
+    weights: torch.Tensor
+    """(S, E) fp32 combine weights: the gate probabilities of the chosen experts, renormalised for k >= 2."""
+    aux_loss: torch.Tensor
+    """Load-balancing loss (1.0 when perfectly balanced), before its weight."""
+    counts: torch.Tensor
+    """(E,) routed assignments per expert before capacity dropping (DeepSpeed's `exp_counts`)."""
+
+
+def route(logits: torch.Tensor, k: int, capacity_factor: float = 0.0) -> Routing:
+    """DeepSpeed's `TopKGate` maths (deepspeed/moe/sharded_moe.py, 0.19) on fp32 router logits (S, E), with
+    its noise, second-expert sampling and random token selection off, so both engines compute the same:
+
+    k = 1 (Switch): weight = the chosen gate probability; aux = E * sum_e(mean gate_e * share routed to e).
+    k = 2 (GShard): the two gates renormalised; aux as for k = 1 with the share of first choices.
+    k > 2: the k gates renormalised; aux = E / k * sum_e(mean gate_e * share of routes to e).
+    capacity_factor > 0 (k >= 2): each expert keeps ceil(S / E * k * factor) routes; k = 2 drops the later
+    tokens (first choices before second ones), k > 2 the routes with the smallest gate probability."""
+    gates = F.softmax(logits, dim=1)
+    num_tokens, num_experts = gates.shape
+    capacity = max(math.ceil(num_tokens / num_experts * capacity_factor * k), 1) if capacity_factor else 0
+    if k <= 2:
+        mask1 = F.one_hot(gates.argmax(dim=1), num_experts)
+        aux = (gates.mean(0) * mask1.float().mean(0)).sum() * num_experts
+        if k == 1:
+            return Routing(mask1.bool(), gates * mask1, aux, mask1.sum(0))
+        mask2 = F.one_hot(logits.masked_fill(mask1.bool(), float("-inf")).argmax(dim=1), num_experts)
+        counts = (mask1 + mask2).sum(0)
+        if capacity:
+            first = torch.cumsum(mask1, dim=0) - 1
+            second = torch.cumsum(mask2, dim=0) - 1 + mask1.sum(0, keepdim=True)
+            mask1, mask2 = mask1 * (first < capacity), mask2 * (second < capacity)
+        gate1, gate2 = (gates * mask1).sum(1), (gates * mask2).sum(1)
+        denom = (gate1 + gate2).clamp(min=torch.finfo(gates.dtype).eps)
+        weights = (gate1 / denom)[:, None] * mask1 + (gate2 / denom)[:, None] * mask2
+        return Routing((mask1 + mask2).bool(), weights, aux, counts)
+    top_gate, top_index = torch.topk(gates, k=k, dim=1)
+    mask = torch.zeros_like(gates, dtype=torch.bool).scatter_(1, top_index, True)
+    counts = mask.sum(0)
+    aux = (gates.mean(0) * mask.float().mean(0)).mean() * num_experts * num_experts / k
+    if capacity:
+        chosen = torch.zeros_like(gates).scatter(1, top_index, top_gate)
+        _, keep = torch.topk(chosen, k=min(capacity, num_tokens), dim=0, sorted=False)
+        mask &= torch.zeros_like(mask).scatter_(0, keep, True)
+    masked = gates * mask
+    weights = masked / masked.sum(-1, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
+    return Routing(mask, weights, aux, counts)
+
+
+def router_z_loss(x: torch.Tensor, router_weight: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's z-loss: mean over tokens of logsumexp(router logits)^2 (keeps the logits small)."""
+    logits = F.linear(x.reshape(-1, x.shape[-1]).float(), router_weight.float())
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer's last forward pass leaves for the objective: its losses and expert loads."""
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    counts: torch.Tensor
+    """(E,) routed assignments per expert."""
+
+
+class MoEFeedForward(nn.Module):
+    """Router + `num_experts` routed SwiGLU experts (top-k) + `num_shared_experts` always-on ones.
+
+    Parameters: `router.weight` (E, H), `experts.N.*` and `shared.N.*` (each a `FeedForward`). The
+    DeepSpeed engine runs the routed part through `deepspeed.moe.layer.MoE` with these very weights
+    (minigpt/engine/moe.py), so checkpoints and `final/` use these names on either engine."""
+
+    def __init__(self, config: MiniGPTConfig):
+        super().__init__()
+        self.k, self.capacity_factor = config.experts_per_token, config.moe_capacity_factor
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(FeedForward(config) for _ in range(config.num_experts))
+        self.shared = nn.ModuleList(FeedForward(config) for _ in range(config.num_shared_experts))
+        self.stats: MoEStats | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        logits = F.linear(flat.float(), self.router.weight.float())  # routing in fp32, as DeepSpeed's gate
+        routing = route(logits, self.k, self.capacity_factor)
+        routed = torch.zeros(flat.shape, dtype=torch.float32, device=x.device)
+        for index, expert in enumerate(self.experts):
+            rows = routing.mask[:, index].nonzero().squeeze(1)
+            if rows.numel():
+                routed.index_add_(0, rows, expert(flat[rows]).float() * routing.weights[rows, index, None])
+        self.stats = MoEStats(routing.aux_loss, torch.logsumexp(logits, dim=-1).square().mean(),
+                              routing.counts.detach().float())
+        out = routed.to(x.dtype).view_as(x)
+        for expert in self.shared:
+            out = out + expert(x)
+        return out
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
@@ -135,7 +238,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.attn = Attention(config, layer_index)
         self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.ffn = FeedForward(config)
+        self.ffn = MoEFeedForward(config) if config.num_experts else FeedForward(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cos, sin, mask, cache):
@@ -232,6 +335,10 @@ class MiniGPT(nn.Module):
             mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         # A padded query row would mask every key (NaN softmax): let every query see itself.
         return mask | (torch.arange(s, device=device).unsqueeze(0) == query_pos)
+
+    def moe_stats(self) -> list[MoEStats]:
+        """Each MoE layer's losses and expert loads from the last forward pass ([] for a dense model)."""
+        return [block.ffn.stats for block in self.blocks if getattr(block.ffn, "stats", None) is not None]
 
     def token_logprobs(self, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
         """log p(input_ids[:, i+1] | input_ids[:, :i+1]) for each position: shape (B, T-1), fp32."""

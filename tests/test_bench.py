@@ -83,3 +83,13 @@ def test_run_all_quick_writes_results_and_plot(tmp_path):
     assert {row["name"].split(":")[0] for row in results["rows"]} >= {"quality", "throughput", "decode"}
     assert len(results["quality"]["curve"]) >= 2
     read_png(tmp_path / "quality_curve.png")
+
+
+def test_moe_bench_compares_at_equal_wall_time_by_interpolating_each_curve():
+    from moe import bpb_at
+
+    curve = [(10.0, 3.0), (20.0, 2.5), (40.0, 2.0)]
+    assert bpb_at(curve, 30.0) == pytest.approx(2.25)
+    assert bpb_at(curve, 20.0) == pytest.approx(2.5)
+    assert bpb_at(curve, 5.0) == 3.0, "before the first checkpoint: its value, nothing extrapolated"
+    assert bpb_at(curve, 50.0) == 2.0

@@ -305,3 +305,10 @@ def test_activation_checkpointing_is_off_for_evaluation_and_cached_decoding():
     with torch.no_grad():
         eng.module(rows[:, :-1])
     assert len(calls) == MODEL.num_layers
+
+
+def test_activation_checkpointing_is_refused_for_mixture_of_experts_models():
+    from minigpt.config import get_config
+
+    with pytest.raises(ConfigError, match="activation-checkpointing.*mixture-of-experts"):
+        PlainEngine(MiniGPT(get_config("tiny-moe")), train_config(world=1, activation_checkpointing=True), CPU)

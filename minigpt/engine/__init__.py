@@ -44,9 +44,12 @@ def launched_distributed() -> bool:
 
 def rank_placement(engine: Engine) -> str:
     """One line per rank saying where it runs, so a multi-node log shows how ranks were placed."""
+    local = getattr(engine, "num_local_experts", 0)
+    experts = (f", experts {engine.ep_rank * local}-{engine.ep_rank * local + local - 1} of each MoE layer "
+               f"(expert-parallel size {engine.ep_size})") if local else ""
     return (f"[minigpt] rank {engine.rank}/{engine.world_size} on host {socket.gethostname()} "
             f"(local rank {os.environ.get('LOCAL_RANK', '0')}, master {os.environ.get('MASTER_ADDR', '?')}:"
-            f"{os.environ.get('MASTER_PORT', '?')})")
+            f"{os.environ.get('MASTER_PORT', '?')}){experts}")
 
 
 def create_runtime(cfg: TrainConfig) -> Runtime:
@@ -80,7 +83,8 @@ def create_engine(model: nn.Module, cfg: TrainConfig, runtime: Runtime | None = 
 def validate_engine_config(cfg: TrainConfig, world_size: int) -> str:
     """Check engine settings without building anything (for --dry-run); return a one-line plan."""
     if launched_distributed() or cfg.ds_config:
-        from minigpt.engine.ds_config import build_ds_config, load_ds_json, zero_stage_of
+        from minigpt.config import get_config
+        from minigpt.engine.ds_config import build_ds_config, load_ds_json, resolve_ep_size, zero_stage_of
 
         device = detect_device(cfg.device)
         accelerator = "cuda" if device.type == "cuda" else "cpu"
@@ -88,7 +92,10 @@ def validate_engine_config(cfg: TrainConfig, world_size: int) -> str:
         raw = load_ds_json(cfg.ds_config) if cfg.ds_config else {}
         build_ds_config(raw, cfg, world_size, cfg.ds_config or "<default ZeRO-0 config>",
                         precision=precision, accelerator=accelerator)
+        experts = get_config(cfg.config).num_experts if not cfg.init_from else 0  # the engine checks --init-from's
+        ep = (f", experts over {resolve_ep_size(cfg.ep_size, world_size, experts, zero_stage_of(raw))} "
+              "expert-parallel rank(s)") if experts else ""
         return (f"DeepSpeed ZeRO-{zero_stage_of(raw)} ({cfg.ds_config or 'default config'}), {world_size} rank(s), "
-                f"{precision} on {accelerator}")
+                f"{precision} on {accelerator}{ep}")
     device = detect_device(cfg.device)
     return f"plain on {device}, {resolve_precision(cfg.precision, device)}" + (", compiled" if cfg.compile else "")

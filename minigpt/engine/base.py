@@ -100,6 +100,11 @@ def enable_activation_checkpointing(model: nn.Module, checkpoint_fn: Callable) -
     returns how many it found."""
     found = 0
     for module in model.modules():
+        if hasattr(module, "checkpoint_fn") and getattr(module.config, "is_moe", False):
+            # The router's balance loss is read from the blocks after forward; a recompute under
+            # DeepSpeed's (reentrant) checkpointing would leave it without gradients.
+            raise ConfigError("--activation-checkpointing is not supported for mixture-of-experts models yet; "
+                              "lower --batch-size and raise --grad-accum instead")
         if hasattr(module, "checkpoint_fn"):
             module.checkpoint_fn = checkpoint_fn
             found += 1

@@ -37,13 +37,23 @@ from minigpt.engine.base import (
     enable_activation_checkpointing,
 )
 from minigpt.engine.device import resolve_precision
-from minigpt.engine.ds_config import build_ds_config, load_ds_json, offloads_optimizer, zero_stage_of
+from minigpt.engine.ds_config import (
+    build_ds_config,
+    load_ds_json,
+    offloads_optimizer,
+    resolve_ep_size,
+    zero_stage_of,
+)
+from minigpt.engine.moe import use_deepspeed_moe
 from minigpt.engine.portable import (
     ADAM_KEYS,
     ENGINE_FILE,
     FORMAT_VERSION,
+    fit_scheduler_state,
+    is_expert_name,
     load_named_optimizer_state,
     parameter_names,
+    plain_name,
     read_deepspeed_checkpoint,
     read_engine_file,
     sync_group_lrs,
@@ -91,6 +101,18 @@ def distributed_runtime(timeout_s: int = 600) -> Runtime:
                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device, distributed=True)
 
 
+def moe_optimizer(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The same AdamW with DeepSpeed's MoE parameter groups: expert weights apart, since ZeRO reduces and
+    partitions them over the expert-data-parallel group rather than all ranks."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    named = [{"name": f"group{index}", "params": list(group["params"]), "weight_decay": group["weight_decay"]}
+             for index, group in enumerate(optimizer.param_groups)]
+    groups = [g for g in split_params_into_different_moe_groups_for_optimizer(named) if g["params"]]
+    return type(optimizer)(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                           **({"fused": True} if isinstance(optimizer, torch.optim.AdamW) else {}))
+
+
 class DeepSpeedEngine(Engine):
     """`deepspeed.initialize` around the model with the client optimizer and scheduler."""
 
@@ -111,8 +133,18 @@ class DeepSpeedEngine(Engine):
         self.zero_stage = zero_stage_of(raw)
         self._ds_grad_accum = cfg.grad_accum  # DeepSpeed's gradient_accumulation_steps: its backward divides by it
         self._boundary_pending = False
+        self.ep_size, self.ep_rank, self.num_local_experts = 1, 0, 0
+        num_experts = getattr(getattr(model, "config", None), "num_experts", 0)
+        if num_experts:
+            # Each rank keeps num_experts / ep_size experts; DeepSpeed's expert-parallel groups are consecutive
+            # ranks ([0..ep-1], [ep..2ep-1], ...), so this rank holds experts ep_rank * local ... + local - 1.
+            self.ep_size = resolve_ep_size(cfg.ep_size, self.world_size, num_experts, self.zero_stage)
+            self.ep_rank, self.num_local_experts = self.rank % self.ep_size, num_experts // self.ep_size
+            use_deepspeed_moe(model, self.ep_size, self.ep_rank)
         model = model.to(self.device)
         client_optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        if num_experts:
+            client_optimizer = moe_optimizer(client_optimizer, cfg)
         if offloads_optimizer(raw):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -129,6 +161,12 @@ class DeepSpeedEngine(Engine):
                                               checkpoint_in_cpu=False, synchronize=False, profile=False)
             enable_activation_checkpointing(self.module, deepspeed.checkpointing.checkpoint)
         self._names = parameter_names(self.module)
+        if num_experts:
+            from deepspeed.utils import groups
+
+            found = groups._get_expert_parallel_rank(f"ep_size_{self.ep_size}")
+            if found != self.ep_rank:
+                raise RuntimeError(f"DeepSpeed placed this rank at expert-parallel rank {found}, expected {self.ep_rank}")
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.ds(*args, **kwargs)
@@ -188,10 +226,22 @@ class DeepSpeedEngine(Engine):
         return StepResult(grad_norm=grad_norm, lr=lr, skipped=True)
 
     def _local_grad_norm(self) -> float:
-        """Norm of the (already all-reduced) ZeRO-0 gradients, for when DeepSpeed does not compute it."""
-        grads = [p.grad.detach().float() for p in self.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
-            if grads else 0.0
+        """Norm of the (already all-reduced) ZeRO-0 gradients, for when DeepSpeed does not compute it.
+
+        A rank holds only its own experts' gradients: their squares are summed over the ranks (each expert
+        counted once: divided by its expert-data-parallel replicas) to give the global norm."""
+        dense, experts = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        for name, param in self.module.named_parameters():
+            if param.grad is not None:
+                square = param.grad.detach().double().pow(2).sum().cpu()
+                if self.num_local_experts and is_expert_name(name):
+                    experts += square
+                else:
+                    dense += square
+        if self.num_local_experts:
+            replicas = self.world_size // self.ep_size
+            experts = self.all_reduce_sum(experts.to(self.device)).cpu() / replicas
+        return float((dense + experts).sqrt())
 
     @property
     def lr(self) -> float:
@@ -209,7 +259,7 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
         if self.is_main:
             meta = {"engine": "deepspeed", "zero_stage": self.zero_stage, "world_size": self.world_size,
-                    "precision": self.precision, "format_version": FORMAT_VERSION}
+                    "precision": self.precision, "format_version": FORMAT_VERSION, "ep_size": self.ep_size}
             (directory / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         self.barrier()
 
@@ -221,10 +271,12 @@ class DeepSpeedEngine(Engine):
             return
         if meta is None:
             raise ConfigError(f"{directory}: neither {ENGINE_FILE} (plain engine) nor {META_FILE} (DeepSpeed engine)")
-        if meta["world_size"] != self.world_size or meta["zero_stage"] != self.zero_stage:
-            log.warning("%s: saved by ZeRO-%s on %s ranks, this run is ZeRO-%s on %s ranks: converting through "
-                        "full fp32 weights and optimizer moments", directory, meta["zero_stage"],
-                        meta["world_size"], self.zero_stage, self.world_size)
+        if (meta["world_size"], meta["zero_stage"], meta.get("ep_size", 1)) != (
+                self.world_size, self.zero_stage, self.ep_size):
+            log.warning("%s: saved by ZeRO-%s on %s ranks (expert parallel %s), this run is ZeRO-%s on %s ranks "
+                        "(expert parallel %s): converting through full fp32 weights and optimizer moments", directory,
+                        meta["zero_stage"], meta["world_size"], meta.get("ep_size", 1), self.zero_stage,
+                        self.world_size, self.ep_size)
             self._load_portable(read_deepspeed_checkpoint(directory), str(directory))
             return
         self._check_deepspeed_shapes(directory)
@@ -236,7 +288,8 @@ class DeepSpeedEngine(Engine):
 
     def _check_deepspeed_shapes(self, directory: Path) -> None:
         """Refuse a DeepSpeed checkpoint of another model shape with a message naming the tensor."""
-        files = sorted(directory.glob("*model_states.pt"))
+        # Not DeepSpeed's per-expert files (layer_L_expert_E_mp_rank_00_model_states.pt)
+        files = sorted(path for path in directory.glob("*model_states.pt") if not path.name.startswith("layer_"))
         if not files:
             raise ConfigError(f"{directory}: no DeepSpeed *_model_states.pt files")
         saved = safe_torch_load(files[0])
@@ -245,16 +298,22 @@ class DeepSpeedEngine(Engine):
                      for group in saved["param_shapes"] for name, shape in group.items()}
         else:  # ZeRO-0 saves the full module instead of partition shapes
             found = {name: saved["module"][name] for name in self._param_shapes() if name in saved["module"]}
-        check_shapes_fit(self._param_shapes(), found, str(directory))
+        expected = self._param_shapes()
+        if self.num_local_experts and not any(is_expert_name(name) for name in found):
+            # DeepSpeed keeps the experts out of the module state (its layer_L_expert_E files have them)
+            expected = {name: shape for name, shape in expected.items() if not is_expert_name(name)}
+        check_shapes_fit(expected, found, str(directory))
 
     def _param_shapes(self) -> dict[str, torch.Size]:
         return {name: getattr(p, "ds_shape", p.shape) for name, p in self.module.named_parameters()}
 
     def _load_portable(self, state: dict[str, Any], source: str) -> None:
         """Place engine-neutral state (full weights, named AdamW moments, scheduler) into this engine."""
-        weights = {name: state["model"][name] for name in self._param_shapes() if name in state["model"]}
+        # Engine-neutral names are the plain model's; this rank's DeepSpeed-MoE names map onto them.
+        names = {name: plain_name(name, self.ep_rank, self.num_local_experts) for name in self._param_shapes()}
+        weights = {name: state["model"][plain] for name, plain in names.items() if plain in state["model"]}
         check_shapes_fit(self._param_shapes(), weights, source)
-        moments = state["optimizer"]
+        moments = {name: state["optimizer"][plain] for name, plain in names.items() if plain in state["optimizer"]}
         if not moments:
             log.warning("%s: checkpoint has no optimizer moments; AdamW restarts from zero moments", source)
         if self.zero_stage == 0:
@@ -265,7 +324,7 @@ class DeepSpeedEngine(Engine):
             load_named_optimizer_state(inner, self.module, moments, source)
         else:
             self._load_portable_zero(weights, moments)
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(fit_scheduler_state(state["scheduler"], len(self.optimizer.param_groups)))
         sync_group_lrs(self.optimizer, self.scheduler)
 
     def _load_portable_zero(self, weights: dict[str, torch.Tensor], moments: dict[str, dict]) -> None:
@@ -298,7 +357,10 @@ class DeepSpeedEngine(Engine):
                     param.copy_(value.to(param.dtype))
 
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Full weights on rank 0 from the fp32 master copy (ZeRO 1-3 gather collectively); None elsewhere."""
+        """Full weights on rank 0 from the fp32 master copy (ZeRO 1-3 gather collectively); None elsewhere.
+
+        Mixture of experts: named as the plain model's parameters, every expert gathered from the ranks of
+        the first expert-parallel group (ranks 0 .. ep_size - 1 hold experts 0 .. num_experts - 1)."""
         result: dict[str, torch.Tensor] = {}
         gathered: dict[int, torch.Tensor] = {}
         for name, tensor in self.module.state_dict(keep_vars=True).items():
@@ -312,6 +374,12 @@ class DeepSpeedEngine(Engine):
                 value = gathered[id(tensor)]
             else:
                 value = tensor.detach().cpu().clone()
-            if self.is_main:
-                result[name] = value
+            if self.num_local_experts and is_expert_name(name):
+                pieces = [torch.empty_like(value) for _ in range(self.world_size)]
+                torch.distributed.all_gather(pieces, value.to(self.device))
+                if self.is_main:
+                    for rank in range(self.ep_size):
+                        result[plain_name(name, rank, self.num_local_experts)] = pieces[rank].cpu()
+            elif self.is_main:
+                result[plain_name(name, 0, self.num_local_experts)] = value
         return result if self.is_main else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -139,3 +140,17 @@ def build_ds_config(raw: dict, cfg: TrainConfig, world_size: int, source: str, *
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("wall_clock_breakdown", False)
     return ds
+
+
+def resolve_ep_size(requested: int, world_size: int, num_experts: int, zero_stage: int) -> int:
+    """The expert-parallel size: `requested` (--ep-size) checked, or the largest divisor of both (0)."""
+    if zero_stage == 3:
+        raise ConfigError("mixture-of-experts models train with ZeRO stage 0, 1 or 2: DeepSpeed refuses its MoE layer "
+                          "under ZeRO-3 (\"Native DeepSpeed MoE is not supported with ZeRO Stage 3\"); use "
+                          "ds_configs/zero2.json")
+    if requested == 0:
+        return math.gcd(world_size, num_experts)
+    if world_size % requested or num_experts % requested:
+        raise ConfigError(f"--ep-size {requested} must divide the world size ({world_size}) and the expert count "
+                          f"(num_experts={num_experts})")
+    return requested

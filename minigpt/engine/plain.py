@@ -31,6 +31,7 @@ from minigpt.engine.device import autocast_dtype, resolve_precision
 from minigpt.engine.portable import (
     ENGINE_FILE,
     FORMAT_VERSION,
+    fit_scheduler_state,
     load_named_optimizer_state,
     named_optimizer_state,
     read_portable_state,
@@ -110,7 +111,7 @@ class PlainEngine(Engine):
         if not state["optimizer"]:
             log.warning("%s: checkpoint has no optimizer moments; AdamW restarts from zero moments", directory)
         load_named_optimizer_state(self.optimizer, self.module, state["optimizer"], str(directory))
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(fit_scheduler_state(state["scheduler"], len(self.optimizer.param_groups)))
         sync_group_lrs(self.optimizer, self.scheduler)
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])

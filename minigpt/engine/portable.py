@@ -8,6 +8,8 @@ called, which keeps this module (and the plain engine) importable without it.
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,25 @@ from minigpt.safe_load import safe_torch_load, weights_only_loads
 ENGINE_FILE = "engine.pt"
 FORMAT_VERSION = 1
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+_DS_EXPERT = re.compile(r"^(?P<prefix>.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<local>\d+)\.(?P<rest>.*)$")
+_DS_GATE = re.compile(r"^(?P<prefix>.*)\.moe\.deepspeed_moe\.gate\.wg\.weight$")
+
+
+def plain_name(name: str, ep_rank: int, num_local: int) -> str:
+    """The plain model's name of a DeepSpeed-MoE parameter (minigpt/engine/moe.py); other names unchanged.
+
+    DeepSpeed names a rank's experts by local index; expert-parallel rank `ep_rank` holds experts
+    ep_rank * num_local ... ep_rank * num_local + num_local - 1."""
+    if match := _DS_GATE.match(name):
+        return f"{match['prefix']}.router.weight"
+    if match := _DS_EXPERT.match(name):
+        return f"{match['prefix']}.experts.{ep_rank * num_local + int(match['local'])}.{match['rest']}"
+    return name
+
+
+def is_expert_name(name: str) -> bool:
+    """True for a parameter of one of DeepSpeed's (rank-local) experts."""
+    return _DS_EXPERT.match(name) is not None
 
 
 def parameter_names(module: nn.Module) -> dict[int, str]:
@@ -65,6 +86,19 @@ def sync_group_lrs(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_s
         group["lr"] = base_lr * schedule(scheduler.last_epoch)
 
 
+def fit_scheduler_state(state: dict[str, Any], num_groups: int) -> dict[str, Any]:
+    """The LR-scheduler state for an optimizer of `num_groups` parameter groups.
+
+    Every group follows one schedule from one peak LR; only the number of groups differs between engines
+    (DeepSpeed's MoE optimizer adds a group for the experts), so per-group lists are cut or extended."""
+    state = dict(state)
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+        if isinstance(state.get(key), list) and state[key] and len(state[key]) != num_groups:
+            values = state[key]
+            state[key] = [values[min(i, len(values) - 1)] for i in range(num_groups)]
+    return state
+
+
 def read_engine_file(path: Path) -> dict[str, Any]:
     """Load an `engine.pt` and check its format version."""
     state = safe_torch_load(path)
@@ -95,6 +129,8 @@ def read_deepspeed_checkpoint(directory: Path) -> dict[str, Any]:
     from deepspeed.utils import zero_to_fp32
 
     directory = Path(directory)
+    if any(directory.glob("layer_*_expert_*_model_states.pt")):
+        return read_deepspeed_moe_checkpoint(directory)
     with weights_only_loads():  # zero_to_fp32 asks torch.load for weights_only=False; never granted
         model_states = zero_to_fp32.parse_model_states(zero_to_fp32.get_model_state_files(str(directory)))
     optim_files = zero_to_fp32.get_optim_files(str(directory))
@@ -134,3 +170,66 @@ def read_deepspeed_checkpoint(directory: Path) -> dict[str, Any]:
     scheduler = safe_torch_load(zero_to_fp32.get_model_state_file(str(directory), stage))["lr_scheduler"]
     return {"format_version": FORMAT_VERSION, "engine": "deepspeed", "world_size": world_size, "model": weights,
             "optimizer": optimizer, "scheduler": scheduler, "scaler": None}
+
+
+def read_deepspeed_moe_checkpoint(directory: Path) -> dict[str, Any]:
+    """`read_deepspeed_checkpoint` for a mixture-of-experts model under ZeRO-1/2: names mapped to the plain
+    model's (every expert by its global index), from the fp32 master partitions and AdamW moments.
+
+    ZeRO-1/2 keep one flat fp32 tensor per parameter group and rank, the group's parameters laid end to end
+    (padding only at the end) and cut into `partition_count` equal pieces: the dense groups over all
+    ranks, DeepSpeed's expert group over the expert-data-parallel ranks (those with the same rank modulo
+    ep_size), whose concatenation is the flat of one expert-parallel rank's local experts."""
+    meta_file = directory / "engine_meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    ep_size = int(meta.get("ep_size", 0))
+    if not ep_size:
+        raise ConfigError(f"{directory}: a DeepSpeed mixture-of-experts checkpoint without engine_meta.json's ep_size "
+                          "cannot be converted; resume it with the same DeepSpeed config and world size")
+    model_states = safe_torch_load(directory / "mp_rank_00_model_states.pt")
+    optim_files = sorted(directory.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                         key=lambda path: int(path.name.split("_")[3]))
+    ranks = [safe_torch_load(path)["optimizer_state_dict"] for path in optim_files]
+    if not ranks or ranks[0].get("zero_stage") not in (1, 2):
+        found = ranks[0].get("zero_stage") if ranks else "no optimizer files"
+        raise ConfigError(f"{directory}: mixture-of-experts checkpoints convert from ZeRO-1/2 only (found {found}); "
+                          "resume it with the same DeepSpeed config and world size")
+    world_size = len(ranks)
+    groups = ranks[0]["base_optimizer_state"]["param_groups"]
+    shapes = model_states["param_shapes"]
+    local_experts = {int(m["local"]) for group in shapes for name in group if (m := _DS_EXPERT.match(name))}
+    num_local = max(local_experts) + 1
+
+    def split(flat: torch.Tensor, group: dict[str, Any], ep_rank: int, out: dict[str, torch.Tensor]) -> None:
+        offset = 0
+        for name, shape in group.items():
+            numel = int(torch.Size(shape).numel())
+            out[plain_name(name, ep_rank, num_local)] = flat[offset:offset + numel].view(shape).float().clone()
+            offset += numel
+
+    def merged(pieces: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for index, group in enumerate(shapes):
+            if groups[index].get("moe"):
+                for ep_rank in range(ep_size):
+                    members = [r for r in range(world_size) if r % ep_size == ep_rank]
+                    split(torch.cat([pieces[r][index] for r in members]), group, ep_rank, out)
+            else:
+                split(torch.cat([pieces[r][index] for r in range(world_size)]), group, 0, out)
+        return out
+
+    weights = merged([r["single_partition_of_fp32_groups"] for r in ranks])
+    optimizer: dict[str, dict[str, Any]] = {name: {} for name in weights}
+    for alias, source in model_states.get("shared_params", {}).items():  # tied weights: lm_head = embed
+        weights[alias] = weights[source]
+    states = [r["base_optimizer_state"]["state"] for r in ranks]
+    if all(len(state) == len(shapes) for state in states):
+        for key in ADAM_KEYS:
+            for name, value in merged([[state[g][key] for g in range(len(shapes))] for state in states]).items():
+                optimizer[name][key] = value
+        for name in optimizer:
+            optimizer[name]["step"] = torch.as_tensor(states[0][0]["step"], dtype=torch.float32).clone()
+    else:
+        optimizer = {}
+    return {"format_version": FORMAT_VERSION, "engine": "deepspeed", "world_size": world_size, "model": weights,
+            "optimizer": optimizer, "scheduler": model_states["lr_scheduler"], "scaler": None}

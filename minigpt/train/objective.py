@@ -8,7 +8,9 @@ The loop (`minigpt.train.loop`) calls, in this order:
     per optimizer step:
         begin_batch(step, micro_batches)  when the sampler hands over a new batch (every
                                           `updates_per_batch` steps); returns what `loss` trains on
-        loss(engine, micro_batch)         per micro-batch -> (scalar loss, {stat name: value})
+        loss(engine, micro_batch)         per micro-batch -> (scalar loss, {stat name: value});
+                                          a mixture-of-experts model's own losses join it through
+                                          `model_losses(engine)` (load balancing, router z-loss)
         tokens_in(micro_batch)            per micro-batch, for throughput
     evaluation: eval_batch(model, batch, sums) per validation batch, then metrics(sums reduced by name)
     end of run: save_consolidated(...)    the final weights directory
@@ -91,6 +93,27 @@ class Objective:
     def loss(self, engine, batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Scalar loss of one micro-batch (mean over it) and statistics to log, the same keys every call."""
         raise NotImplementedError
+
+    def model_losses(self, engine) -> tuple[torch.Tensor | float, dict[str, float]]:
+        """The weighted losses the model adds to the mode's loss after its last forward pass, and their stats.
+
+        For a mixture-of-experts model: moe_aux_loss_weight x the load-balancing loss + moe_z_loss_weight x
+        the router z-loss, each averaged over the MoE layers; stats `moe_aux_loss`, `moe_z_loss` and
+        `moe_load/l{layer}_e{expert}` (the share of the layer's routed assignments each expert got:
+        1/E each when balanced; near 1/k for the k experts that take every token when routing collapsed).
+        A dense model adds 0."""
+        model = engine.module
+        layers = model.moe_stats() if hasattr(model, "moe_stats") else []
+        if not layers:
+            return 0.0, {}
+        config = model.config
+        aux = torch.stack([layer.aux_loss for layer in layers]).mean()
+        z_loss = torch.stack([layer.z_loss for layer in layers]).mean()
+        stats = {"moe_aux_loss": aux.item(), "moe_z_loss": z_loss.item()}
+        for index, layer in enumerate(layers):
+            shares = (layer.counts / layer.counts.sum().clamp(min=1)).tolist()
+            stats.update({f"moe_load/l{index}_e{e}": share for e, share in enumerate(shares)})
+        return config.moe_aux_loss_weight * aux + config.moe_z_loss_weight * z_loss, stats
 
     def tokens_in(self, batch) -> int:
         """Tokens the training forward pass over `batch` processes (for throughput)."""

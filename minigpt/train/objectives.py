@@ -61,7 +61,11 @@ class LanguageModeling(Objective):
         labels = batch["labels"].flatten()
         # Sum / count rather than mean: a micro-batch with no trained token (all -100) gives 0, not NaN.
         total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-        return total / (labels != IGNORE_INDEX).sum().clamp(min=1), {}
+        lm_loss = total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+        model_loss, stats = self.model_losses(engine)  # a mixture of experts' load balancing; 0 when dense
+        if stats:
+            stats["lm_loss"] = lm_loss.item()  # `loss` is what is optimised: this plus the weighted MoE losses
+        return lm_loss + model_loss, stats
 
     @torch.no_grad()
     def eval_batch(self, model, batch: dict[str, torch.Tensor], sums: MetricSums) -> None:

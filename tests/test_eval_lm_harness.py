@@ -16,7 +16,13 @@ import pytest
 from interop_models import random_model, save_model
 
 from minigpt.cli import eval as eval_cli
-from minigpt.evaluation.choice import context_text, continuation_logprobs, continuations, encode_pair, load_items
+from minigpt.evaluation.choice import (
+    context_text,
+    continuation_logprobs,
+    continuations,
+    encode_pair,
+    load_items,
+)
 from minigpt.evaluation.context import EvalContext
 
 pytestmark = pytest.mark.integration

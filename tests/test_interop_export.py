@@ -153,15 +153,21 @@ def test_export_refuses_a_tokenizer_transformers_would_encode_differently(tmp_pa
     assert not (tmp_path / "hf").exists()
 
 
-def test_export_refuses_a_model_with_a_config_field_it_does_not_know(tied_dir, tmp_path, capsys):
-    moe = tmp_path / "moe"
-    shutil.copytree(tied_dir, moe)
-    meta = json.loads((moe / "config.json").read_text())
-    meta["model"]["num_experts"] = 4
-    (moe / "config.json").write_text(json.dumps(meta))
-    assert export_cli.main(["--model", str(moe), "--format", "hf", "--out", str(tmp_path / "hf")]) == 2
+@pytest.mark.parametrize("format_", ["hf", "gguf"])
+def test_export_refuses_a_mixture_of_experts_model_by_its_field(data_tokenizer, tmp_path, capsys, format_):
+    import dataclasses
+
+    from minigpt.config import get_config
+    from minigpt.model import MiniGPT
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(get_config("tiny-moe"), vocab_size=data_tokenizer.vocab_size, num_layers=2)
+    moe = save_model(tmp_path / "moe", MiniGPT(config), data_tokenizer)
+    out = tmp_path / ("hf" if format_ == "hf" else "m.gguf")
+    assert export_cli.main(["--model", str(moe), "--format", format_, "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error:") and "num_experts" in err
+    assert err.startswith("error:") and "num_experts" in err and "no Llama equivalent" in err
+    assert not out.exists()
 
 
 def test_export_names_a_missing_model_directory(tmp_path, capsys):

@@ -76,7 +76,8 @@ DOCS = REPO / "docs"
 ZH_DOCS = DOCS / "zh"
 ENGLISH_PAGES = sorted(DOCS.glob("*.md"))
 ALL_PAGES = [REPO / "README.md", README_ZH, *ENGLISH_PAGES, *sorted(ZH_DOCS.glob("*.md"))]
-CLI_MODULES = {"launch/train.py": "train", "launch/generate.py": "generate",
+CLI_MODULES = {"launch/train.py": "train", "launch/generate.py": "generate", "launch/chat.py": "chat",
+               "launch/serve.py": "serve", "launch/eval.py": "eval", "launch/export.py": "export",
                "launch/debug_fullstack.py": "debug_fullstack", "data_tools/train_tokenizer.py": "train_tokenizer",
                "data_tools/pretokenize.py": "pretokenize", "data_tools/make_tasks.py": "make_tasks"}
 FENCE = re.compile(r"^( *)```(\w*)\n(.*?)^\1```", re.M | re.S)
@@ -180,7 +181,8 @@ def test_every_documented_command_uses_flags_the_cli_accepts():
                         dataclass_from_args(TrainConfig, parser.parse_args(argv))
                     except (ConfigError, SystemExit) as err:
                         pytest.fail(f"{page.relative_to(REPO)}: launch/train.py {' '.join(argv)}: {err}")
-    assert {"launch/train.py", "launch/generate.py", "data_tools/pretokenize.py", "slurm/submit.sh"} <= seen
+    assert {"launch/train.py", "launch/generate.py", "launch/chat.py", "launch/serve.py", "launch/eval.py",
+            "launch/export.py", "data_tools/pretokenize.py", "slurm/submit.sh"} <= seen
 
 
 def test_chinese_readme_quick_start_is_byte_identical_and_linked_both_ways():

@@ -93,3 +93,14 @@ def test_moe_bench_compares_at_equal_wall_time_by_interpolating_each_curve():
     assert bpb_at(curve, 20.0) == pytest.approx(2.5)
     assert bpb_at(curve, 5.0) == 3.0, "before the first checkpoint: its value, nothing extrapolated"
     assert bpb_at(curve, 50.0) == 2.0
+
+
+def test_gpu_check_refuses_clearly_without_a_gpu():
+    """bench/gpu_check.sh is for CUDA machines (run it there as it is); here it must say so, not crash."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible: run bench/gpu_check.sh itself")
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "no CUDA GPU" in done.stderr

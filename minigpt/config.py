@@ -225,7 +225,9 @@ class TrainConfig:
     save_interval: int = _opt("checkpoint every N steps (0: only at the end)", default=500)
     keep_last: int = _opt("checkpoints to keep", default=3)
     log_interval: int = _opt("print a log line every N steps", default=10)
-    sample_prompt: str = _opt("prompt sampled at each evaluation", default="The")
+    sample_prompt: str = _opt("prompt sampled at each evaluation; default: the first words of the first "
+                              "validation document (pretrain) or its user turn (sft, dpo, rlhf: answered as a chat)",
+                              default="")
     seed: int = _opt("random seed", default=1337)
     val_fraction: float = _opt("share of documents held out for validation when raw files are tokenized",
                                default=0.05)

@@ -152,6 +152,18 @@ class Tokenizer:
                 run.append(token_id)
         return "".join(parts + [self.sp.decode(run)])
 
+    def unseen_characters(self, text: str) -> str:
+        """The distinct characters of `text` that have no piece of their own: the tokenizer never saw them
+        in training and passes them as UTF-8 bytes, which an untrained-on-them model cannot continue."""
+        seen, unseen = set(), []
+        for char in text:
+            if char in seen or char.isspace():
+                continue
+            seen.add(char)
+            if self.sp.piece_to_id(char) == self.unk_id:
+                unseen.append(char)
+        return "".join(unseen)
+
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(int(token_id))
 

@@ -111,13 +111,26 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
     return RunData(tokenizer, datasets)
 
 
+def planned_vocab_size(cfg: TrainConfig) -> tuple[int, str]:
+    """The vocabulary the run will have, without building anything, and where that figure comes from."""
+    if cfg.tokenizer:
+        return Tokenizer(cfg.tokenizer).vocab_size, f"tokenizer {cfg.tokenizer}"
+    run_tokenizer = cfg.run_dir / "tokenizer"
+    if run_tokenizer.exists() and not cfg.retrain_tokenizer:
+        return Tokenizer(run_tokenizer).vocab_size, f"tokenizer {run_tokenizer}"
+    vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
+    return vocab, "at most: a tokenizer is trained on the data (a small corpus gives fewer)"
+
+
 def _resolve_tokenizer(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | None, raw: list[Path],
                        datasets: list[Path]) -> Tokenizer:
     if tokenizer_dir is not None:
-        if cfg.tokenizer and Path(cfg.tokenizer).resolve() != tokenizer_dir.resolve():
+        weights_tokenizer = Tokenizer(tokenizer_dir)
+        # Compared by content: a copy of the same tokenizer elsewhere is the same tokenizer.
+        if cfg.tokenizer and Tokenizer(cfg.tokenizer).checksum != weights_tokenizer.checksum:
             raise ConfigError(f"--tokenizer {cfg.tokenizer} differs from the tokenizer of the starting "
                               f"weights ({tokenizer_dir}); post-training keeps the tokenizer of its weights")
-        return Tokenizer(tokenizer_dir)
+        return weights_tokenizer
     if cfg.tokenizer:
         return Tokenizer(cfg.tokenizer)
     run_tokenizer = cfg.run_dir / "tokenizer"

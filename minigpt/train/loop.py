@@ -33,7 +33,7 @@ from minigpt.model import MiniGPT
 from minigpt.monitor import TrainingMonitor
 from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 from minigpt.tokenizer import Tokenizer, TokenizerError
-from minigpt.train.data import DataError, RunData, find_input, resolve_run_data
+from minigpt.train.data import DataError, RunData, find_input, planned_vocab_size, resolve_run_data
 from minigpt.train.metrics import reduce_by_name
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.objectives import build_objective, dataset_kind
@@ -77,6 +77,35 @@ def open_datasets(run_data: RunData, objective, split: str, seq_len: int) -> Con
                             vocab_size=run_data.tokenizer.vocab_size)
         parts.append(objective.dataset(reader, seq_len, run_data.tokenizer))
     return ConcatWindows(parts)
+
+
+CHAT_MODES = ("sft", "dpo", "rlhf")
+"""Modes whose model answers chat turns: their samples go through the chat template."""
+
+
+def default_sample_prompt(tokenizer: Tokenizer, dataset_dirs: list[Path], chat: bool) -> str:
+    """A prompt from the run's own data, so samples read in its language: the first words of the first
+    validation document, or (chat) the first user turn of its first conversation."""
+    for directory in dataset_dirs:
+        for split in ("val", "train"):
+            reader = open_shard(directory, split)
+            if not reader.num_documents:
+                continue
+            ids = [int(i) for i in reader.document(0)]
+            if chat:
+                for start in (i + 1 for i, token in enumerate(ids) if token == tokenizer.im_start_id):
+                    end = ids.index(tokenizer.im_end_id, start) if tokenizer.im_end_id in ids[start:] else len(ids)
+                    role, _, content = tokenizer.decode(ids[start:end]).partition("\n")
+                    if role == "user" and content.strip():
+                        return content.strip()
+                continue
+            text = tokenizer.decode(ids[:32]).strip().split("\n", 1)[0]
+            if len(text) > 24:
+                cut = text.rfind(" ", 0, 24)
+                text = text[:cut] if cut > 0 else text[:12]
+            if text:
+                return text
+    return "The"
 
 
 def collate(samples: list[dict[str, np.ndarray]], device: torch.device) -> dict[str, torch.Tensor]:
@@ -175,6 +204,14 @@ class Trainer:
         self.step, self.tokens_seen = 0, 0
         self.start = start
         self._batches: list | None = None
+        self.chat_samples = cfg.mode in CHAT_MODES
+        self.sample_prompt = cfg.sample_prompt or default_sample_prompt(
+            self.tokenizer, self.run_data.dataset_dirs, self.chat_samples)
+        unseen = self.tokenizer.unseen_characters(self.sample_prompt)
+        if unseen and self.runtime.is_main:
+            print(f"[minigpt] hint: the tokenizer {self.tokenizer.directory} never saw {unseen!r} of the sample "
+                  f"prompt (they go as bytes, so samples from them look garbled); train a tokenizer on text "
+                  f"that has them (--data YOUR_FILES --retrain-tokenizer)", flush=True)
         if self.engine.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             write_snapshot(cfg, self.model_config, start, self.run_data, self.engine, self.seq_len)
@@ -258,12 +295,14 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self) -> str:
-        """Greedy continuation of the sample prompt; every rank runs it (ZeRO-3 gathers weights collectively)."""
+        """Greedy continuation of the sample prompt, or in chat modes its answer as a user turn of the chat
+        template; every rank runs it (ZeRO-3 gathers weights collectively)."""
         self.engine.eval()
         generator = TextGenerator(self.engine.module, self.tokenizer, self.engine.device)
-        text = generator.generate([self.cfg.sample_prompt], GenerationConfig(max_new_tokens=48, do_sample=False))[0]
+        text = generator.generate([self.sample_prompt], GenerationConfig(max_new_tokens=48, do_sample=False),
+                                  chat=self.chat_samples)[0]
         self.engine.train()
-        return self.cfg.sample_prompt + text
+        return f"[user] {self.sample_prompt}\n[assistant] {text}" if self.chat_samples else self.sample_prompt + text
 
     def record_sample(self, monitor: TrainingMonitor, index: int) -> None:
         """Generate the fixed-prompt sample (all ranks) and log it; the main rank appends it to samples.jsonl."""
@@ -271,7 +310,8 @@ class Trainer:
         monitor.log_text(index, "sample", text)
         if self.engine.is_main:
             with open(self.cfg.run_dir / "samples.jsonl", "a") as handle:
-                handle.write(json.dumps({"step": index, "prompt": self.cfg.sample_prompt, "text": text},
+                handle.write(json.dumps({"step": index, "prompt": self.sample_prompt, "chat": self.chat_samples,
+                                         "text": text},
                                         ensure_ascii=False) + "\n")
 
     def save(self) -> Path:
@@ -350,13 +390,21 @@ def dry_run(cfg: TrainConfig) -> int:
     engine_plan = validate_engine_config(cfg, world_size)
     if start.model_dir is not None:
         model_config, _meta = read_consolidated_meta(start.model_dir)
+        vocab_source = f"weights {start.model_dir}"
     else:
-        model_config = get_config(cfg.config, **({"vocab_size": cfg.vocab_size} if cfg.vocab_size else {}))
+        shard_dirs = [p for p in inputs if isinstance(p, Path) and (p / "train" / "meta.json").is_file()]
+        if shard_dirs and not cfg.tokenizer:  # shards fix the vocabulary they were built with
+            vocab = json.loads((shard_dirs[0] / "train" / "meta.json").read_text())["vocab_size"]
+            vocab_source = f"shards {shard_dirs[0]}"
+        else:
+            vocab, vocab_source = planned_vocab_size(cfg)
+        model_config = get_config(cfg.config, vocab_size=vocab)
     seq_len = seq_len_of(cfg, model_config) if cfg.seq_len <= model_config.max_seq_len else cfg.seq_len
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * seq_len
     print("\n".join([
         f"mode            {cfg.mode} (weights: {start.source})",
-        f"model           {cfg.config}: {model_config.num_params():,} parameters, vocab {model_config.vocab_size}",
+        f"model           {cfg.config}: {model_config.num_params():,} parameters, vocab {model_config.vocab_size} "
+        f"({vocab_source})",
         f"data            {', '.join(map(str, inputs))}",
         f"engine          {engine_plan}",
         f"batch           {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} rank(s) x {seq_len} tokens"

@@ -1,0 +1,105 @@
+"""The quick-start guide's commands work as written (issue 13): debug_fullstack in every mode, tokenizers
+compared by content, an honest --dry-run, samples in the data's language and through the chat template."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from minigpt.cli import debug_fullstack
+from minigpt.cli import train as train_cli
+from minigpt.config import PRESETS, TrainConfig
+from minigpt.data.build import build_dataset
+from minigpt.data.tasks import write_task_files
+from minigpt.signals import EXIT_FINISHED
+from minigpt.train.loop import Trainer, default_sample_prompt
+
+SMALL = dataclasses.replace(PRESETS["tiny"], hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                            ffn_hidden_size=64, max_seq_len=64)
+QUICK = ["--seq-len", "48", "--batch-size", "2", "--warmup-steps", "0", "--eval-interval", "0",
+         "--eval-batches", "1", "--log-interval", "100", "--rl-group-size", "2", "--rl-max-new-tokens", "4"]
+
+
+@pytest.fixture(scope="module")
+def guide(tmp_path_factory, shards, data_tokenizer) -> Path:
+    """A working directory with a finished 2-layer `pretrain_tiny` run and the task files."""
+    patch = pytest.MonkeyPatch()
+    patch.setitem(PRESETS, "tiny", SMALL)
+    root = tmp_path_factory.mktemp("guide")
+    patch.chdir(root)
+    write_task_files(root / "tasks", 24, seed=0)
+    cfg = TrainConfig(mode="pretrain", config="tiny", data=[str(shards)], tokenizer=str(data_tokenizer.directory),
+                      seq_len=48, batch_size=2, max_steps=2, warmup_steps=0, eval_interval=0, eval_batches=1,
+                      log_interval=100)
+    assert Trainer(cfg).run() == EXIT_FINISHED
+    yield root
+    patch.undo()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("mode,data", [("sft", "sft"), ("dpo", "dpo"), ("reward", "dpo"), ("rlhf", "rlhf")])
+def test_debug_fullstack_walks_every_post_training_mode(guide, capsys, mode, data):
+    code = debug_fullstack.main(["--mode", mode, "--model-size", "tiny", "--data", f"tasks/{data}.jsonl",
+                                 "--init-from", "checkpoints/pretrain_tiny", *QUICK])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "== one optimizer step ==" in out and "== generation ==" in out
+    if mode in ("sft", "dpo", "rlhf"):  # the sample shows chat behaviour: a user turn answered
+        assert "[user] " in out and "[assistant] " in out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("init_from", ["nowhere", "tasks"])
+def test_debug_fullstack_bad_init_from_is_one_error_line(guide, capsys, init_from):
+    code = debug_fullstack.main(["--mode", "dpo", "--data", "tasks/dpo.jsonl", "--init-from", init_from, *QUICK])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --init-from") and "Traceback" not in err
+
+
+@pytest.mark.integration
+def test_a_byte_identical_tokenizer_copy_is_accepted_for_post_training(guide, tmp_path, capsys):
+    copy = shutil.copytree(guide / "checkpoints" / "pretrain_tiny" / "final", tmp_path / "tok",
+                           ignore=shutil.ignore_patterns("model.pt", "config.json"))
+    code = train_cli.main(["--mode", "sft", "--data", "tasks/sft.jsonl", "--init-from", "checkpoints/pretrain_tiny",
+                           "--tokenizer", str(copy), "--max-steps", "1", "--out", str(tmp_path / "sft"), *QUICK])
+    assert code == 0, capsys.readouterr().err
+
+
+def test_dry_run_reports_the_tokenizers_vocabulary_and_parameters(data_tokenizer, tmp_path, capsys, demo_corpus):
+    code = train_cli.main(["--data", str(demo_corpus), "--tokenizer", str(data_tokenizer.directory), "--dry-run",
+                           "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    expected = dataclasses.replace(PRESETS["tiny"], vocab_size=data_tokenizer.vocab_size)
+    assert code == 0
+    assert f"{expected.num_params():,} parameters, vocab {data_tokenizer.vocab_size}" in out
+
+
+def test_default_sample_prompt_is_the_start_of_a_chinese_validation_document(tmp_path, data_tokenizer,
+                                                                           chinese_jsonl):
+    out = tmp_path / "zh"
+    build_dataset([chinese_jsonl], out, data_tokenizer, kind="pretrain", val_fraction=0.2, seed=0, progress=False)
+    prompt = default_sample_prompt(data_tokenizer, [out], chat=False)
+    assert prompt and not prompt.startswith("The")
+    texts = [json.loads(row)["text"] for row in chinese_jsonl.read_text(encoding="utf-8").splitlines()]
+    assert any(text.startswith(prompt) for text in texts)
+
+
+def test_default_sample_prompt_of_chat_data_is_its_first_user_turn(tmp_path, data_tokenizer):
+    files = write_task_files(tmp_path / "tasks", 10, seed=0)
+    out = tmp_path / "sft"
+    build_dataset([files["sft"]], out, data_tokenizer, kind="sft", val_fraction=0.2, seed=0, progress=False)
+    prompt = default_sample_prompt(data_tokenizer, [out], chat=True)
+    prompts = {json.loads(row)["conversations"][0]["content"] for row in files["sft"].read_text().splitlines()}
+    assert prompt in prompts
+
+
+def test_unseen_characters_are_named(data_tokenizer, tmp_path, demo_corpus):
+    from minigpt.tokenizer_training import train_tokenizer
+
+    english = train_tokenizer([demo_corpus], tmp_path / "en", vocab_size=400)
+    assert english.unseen_characters("你好 hello 你") == "你好"
+    assert data_tokenizer.unseen_characters("你好") == ""

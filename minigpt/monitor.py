@@ -22,7 +22,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from minigpt.flops import peak_flops
+from minigpt.flops import PEAK_FLOPS_ENV, peak_flops
 from minigpt.fsutil import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -173,6 +173,7 @@ class TrainingMonitor:
         self.print_interval = print_interval
         self.detector = detector or AnomalyDetector()
         self.anomaly_counts: dict[str, int] = {}
+        self._peak_warned = False
         self.checkpoint_safe = True
         """False while the last logged step had a non-finite loss: do not save that state."""
         if peak_flops_per_device is None:
@@ -212,8 +213,7 @@ class TrainingMonitor:
         found = self.detector.check(loss, grad_norm)
         metrics = StepMetrics(
             step=step, loss=loss, lr=float(lr), grad_norm=grad_norm, tokens=tokens, seconds=seconds,
-            tokens_per_sec=tokens_per_sec,
-            mfu=self.flops_per_token * tokens_per_sec / (self.peak_flops_per_device * self.world_size),
+            tokens_per_sec=tokens_per_sec, mfu=self._mfu(tokens_per_sec),
             memory=self._memory(), anomalies=tuple(a.kind for a in found), extra=dict(extra or {}),
         )
         self.checkpoint_safe = metrics.loss_is_finite
@@ -231,6 +231,26 @@ class TrainingMonitor:
             self._add_scalars(scalars, step)
         self._show_progress(metrics)
         return metrics
+
+    def _mfu(self, tokens_per_sec: float) -> float:
+        """Achieved FLOP/s over the peak, never above 1. A device that beats its peak proves the peak
+        too low: a measured one (taken at start-up, perhaps on a busy machine) is raised to what the
+        step achieved; a table or given one is kept, and MFU capped, with one warning either way."""
+        achieved = self.flops_per_token * tokens_per_sec / self.world_size
+        if achieved <= self.peak_flops_per_device:
+            return achieved / self.peak_flops_per_device
+        if not self._peak_warned:
+            self._peak_warned = True
+            if self.peak_source.startswith("measured"):
+                self.write(f"note: a step reached {achieved / 1e9:,.1f} GFLOP/s per device, above the peak "
+                           f"measured at start-up ({self.peak_flops_per_device / 1e9:,.1f}); the peak follows the "
+                           f"best step from now on (set ${PEAK_FLOPS_ENV} for a fixed one)")
+            else:
+                self.write(f"warning: a step reached {achieved / 1e9:,.1f} GFLOP/s per device, above the peak of "
+                           f"{self.peak_flops_per_device / 1e9:,.1f} ({self.peak_source}); MFU is capped at 100%")
+        if self.peak_source.startswith("measured"):
+            self.peak_flops_per_device = achieved
+        return 1.0
 
     def log_eval(self, step: int, metrics: dict[str, float], split: str = "val") -> None:
         """Record evaluation figures (loss, bpb, ...) at `step` under `split`."""

@@ -195,6 +195,9 @@ class TrainConfig:
     retrain_tokenizer: bool = _opt("train a new tokenizer even if one exists", default=False)
     vocab_size: int = _opt("vocabulary size when a tokenizer is trained (0: the preset's)", default=0)
     out: str = _opt("run directory; default checkpoints/<mode>_<config>", default="")
+    overwrite: bool = _opt("a fresh run into a run directory that holds another run's checkpoints, final/ "
+                           "weights or TensorBoard events deletes them first (without it, such a run is refused); "
+                           "the directory's tokenizer/ is kept", default=False)
     ds_config: str = _opt("DeepSpeed JSON config (ZeRO stage, offload); used when run under deepspeed",
                           default="")
     dist_timeout: int = _opt("seconds a rank waits in a collective for the other ranks before it fails (a lost "
@@ -309,6 +312,15 @@ class TrainConfig:
         if self.document_mask and self.mode != "pretrain":
             raise ConfigError(f"--document-mask applies to --mode pretrain (packed windows); --mode {self.mode} "
                               "trains on one conversation or pair per sequence already")
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not meant: said at start-up, the run goes on."""
+        found = []
+        if self.warmup_steps > self.max_steps // 2:
+            found.append(f"--warmup-steps {self.warmup_steps} is more than half of --max-steps {self.max_steps}: the "
+                         f"learning rate {'never reaches its peak' if self.warmup_steps >= self.max_steps else 'barely decays'}"
+                         f"; lower --warmup-steps (a few percent of the steps is usual)")
+        return found
 
     @property
     def run_dir(self) -> Path:

@@ -103,3 +103,74 @@ def test_unseen_characters_are_named(data_tokenizer, tmp_path, demo_corpus):
     english = train_tokenizer([demo_corpus], tmp_path / "en", vocab_size=400)
     assert english.unseen_characters("你好 hello 你") == "你好"
     assert data_tokenizer.unseen_characters("你好") == ""
+
+
+def tensorboard_steps(run_dir: Path) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in sorted((run_dir / "tensorboard").glob("events.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        steps += [event.step for event in accumulator.Scalars("train/loss")]
+    return steps
+
+
+@pytest.mark.integration
+def test_a_new_run_into_another_runs_directory_is_refused_unless_overwrite(guide, data_tokenizer, shards, capsys):
+    common = ["--data", str(shards), "--tokenizer", str(data_tokenizer.directory), "--out", "checkpoints/again",
+              "--max-steps", "2", *QUICK]
+    assert train_cli.main(common) == 0
+    capsys.readouterr()
+    assert train_cli.main(common) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoints/again holds another run") and "--auto-resume" in err
+    assert "--out" in err and "--overwrite" in err
+    assert train_cli.main([*common, "--dry-run"]) == 2  # the plan says so too
+    capsys.readouterr()
+    assert train_cli.main([*common, "--overwrite", "--max-steps", "3"]) == 0
+    assert tensorboard_steps(guide / "checkpoints" / "again") == [0, 1, 2]  # one run's events, not two
+    assert [json.loads(line)["step"] for line in (guide / "checkpoints" / "again" / "metrics.jsonl")
+            .read_text().splitlines() if json.loads(line)["split"] == "train"] == [0, 1, 2]
+
+
+@pytest.mark.integration
+def test_auto_resume_without_a_checkpoint_clears_the_attempts_events(guide, data_tokenizer, shards, capsys):
+    run_dir = guide / "checkpoints" / "interrupted"
+    common = ["--data", str(shards), "--tokenizer", str(data_tokenizer.directory), "--out", str(run_dir), *QUICK]
+    assert train_cli.main([*common, "--max-steps", "3", "--save-interval", "0"]) == 0
+    shutil.rmtree(run_dir / "ckpt")  # as if killed before its first checkpoint: events and metrics stay
+    (run_dir / "latest").unlink()
+    shutil.rmtree(run_dir / "final")
+    assert train_cli.main([*common, "--max-steps", "2", "--auto-resume"]) == 0
+    assert "removing that attempt's" in capsys.readouterr().out
+    assert tensorboard_steps(run_dir) == [0, 1]
+
+
+@pytest.mark.integration
+def test_resuming_with_another_max_steps_warns_that_the_schedule_changes(guide, data_tokenizer, shards, capsys):
+    common = ["--data", str(shards), "--tokenizer", str(data_tokenizer.directory), "--out", "checkpoints/longer",
+              "--save-interval", "1", *QUICK]
+    assert train_cli.main([*common, "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    assert train_cli.main([*common, "--max-steps", "3", "--auto-resume"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: resuming with --max-steps 3, the checkpoint's run had 2" in out
+
+
+def test_warmup_longer_than_half_the_run_is_warned(tmp_path, capsys):
+    assert TrainConfig(warmup_steps=10, max_steps=100).warnings() == []
+    [warning] = TrainConfig(warmup_steps=100, max_steps=40).warnings()
+    assert "--warmup-steps 100" in warning and "--max-steps 40" in warning
+    assert train_cli.main(["--warmup-steps", "100", "--max-steps", "40", "--dry-run", "--out", str(tmp_path)]) == 0
+    assert "warmup-steps 100 is more than half" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_generate_accepts_a_run_directory(guide, capsys):
+    from minigpt.cli import generate as generate_cli
+
+    code = generate_cli.main(["--model", "checkpoints/pretrain_tiny", "--prompt", "The", "--max-new-tokens", "4",
+                              "--greedy"])
+    assert code == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("The")

@@ -26,8 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show-tokens", type=int, default=48, help="tokens of the first sample to print")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.out == "":
+    if args.out == "":  # its own scratch directory, replaced on every walk
         args.out = f"checkpoints/debug_{args.mode}_{args.config}"
+        args.overwrite = True
     args.max_steps = 1
     args.warmup_steps = 0
     cfg = dataclass_from_args(TrainConfig, args)

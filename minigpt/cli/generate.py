@@ -1,6 +1,7 @@
 """Generate text from a consolidated MiniGPT directory (model.pt + config.json + tokenizer files).
 
     python launch/generate.py --model checkpoints/pretrain_tiny/final --prompt "The king"
+    python launch/generate.py --model checkpoints/pretrain_tiny --prompt "The king"   # a run directory: its final/
     python launch/generate.py --model DIR --chat --prompt "Who are you?" --stream
 
 Exit codes: 0 done, 2 bad usage or a model directory that cannot be loaded.
@@ -20,7 +21,8 @@ from minigpt.weights import WeightsError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch/generate.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="consolidated model directory")
+    parser.add_argument("--model", required=True,
+                        help="consolidated model directory, or a run directory (its final/ weights)")
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text; repeat the flag for several prompts (generated as one batch)")
     parser.add_argument("--chat", action="store_true",

@@ -37,6 +37,7 @@ from minigpt.train.data import DataError, RunData, find_input, planned_vocab_siz
 from minigpt.train.metrics import reduce_by_name
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.objectives import build_objective, dataset_kind
+from minigpt.train.run_dir import check_fresh_run_dir, previous_run_artefacts, remove_artefacts
 from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError,
@@ -183,9 +184,16 @@ class Trainer:
         self.cfg = cfg
         # First: who this process is, and the process group the data resolution's barriers need.
         self.runtime = create_runtime(cfg)
+        earlier_run = check_fresh_run_dir(cfg)  # every rank refuses alike, before anything is written
         if self.runtime.is_main:
+            if earlier_run:
+                print(f"[minigpt] --overwrite: deleting {', '.join(map(str, earlier_run))}", flush=True)
+                remove_artefacts(earlier_run)
             for stale in sweep_temporary(cfg.run_dir):
                 print(f"[minigpt] removed {stale}, left by an interrupted write", flush=True)
+            for warning in cfg.warnings():
+                print(f"[minigpt] warning: {warning}", flush=True)
+        self.runtime.barrier()
         set_seed(cfg.seed)
         start = find_starting_weights(cfg)
         self.run_data = resolve_run_data(cfg, self.runtime, start.model_dir, dataset_kind(cfg.mode))
@@ -219,8 +227,13 @@ class Trainer:
     def resume(self) -> None:
         point = self.checkpoints.resume_point(self.cfg.resume, self.cfg.auto_resume)
         if point is None:
+            leftovers = previous_run_artefacts(self.cfg.run_dir) if self.cfg.auto_resume else []
             if self.cfg.auto_resume and self.engine.is_main:
                 print(f"[minigpt] --auto-resume: no checkpoint in {self.cfg.run_dir}, starting fresh", flush=True)
+                if leftovers:  # an attempt that saved no checkpoint: its plots and metrics must not mix with ours
+                    print(f"[minigpt] removing that attempt's {', '.join(p.name for p in leftovers)}", flush=True)
+                    remove_artefacts(leftovers)
+            self.engine.barrier()
             return
         state = self.checkpoints.load(point)
         if state.get("tokenizer_checksum") not in (None, self.tokenizer.checksum):
@@ -230,11 +243,20 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.engine.is_main:
             print(f"[minigpt] resumed from {state['checkpoint']} at step {self.step}", flush=True)
+            for name in ("max_steps", "warmup_steps"):
+                before, now = state.get(name), getattr(self.cfg, name)
+                if before is not None and before != now:
+                    flag = "--" + name.replace("_", "-")
+                    print(f"[minigpt] warning: resuming with {flag} {now}, the checkpoint's run had {before}: the "
+                          f"learning-rate schedule (warmup, then cosine decay to step {self.cfg.max_steps}) is "
+                          f"reshaped from step {self.step} on; pass {flag} {before} to continue the same "
+                          "schedule", flush=True)
 
     def trainer_state(self) -> dict:
         return {"tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
                 "tokenizer_checksum": self.tokenizer.checksum, "mode": self.cfg.mode,
-                "weights_from": self.start.source}
+                "weights_from": self.start.source, "max_steps": self.cfg.max_steps,
+                "warmup_steps": self.cfg.warmup_steps}
 
     def setup_context(self) -> SetupContext:
         """What the objective may know about this run (never the Trainer itself)."""
@@ -385,6 +407,7 @@ def dry_run(cfg: TrainConfig) -> int:
     from minigpt.engine import validate_engine_config
 
     start = find_starting_weights(cfg)
+    earlier_run = check_fresh_run_dir(cfg)
     inputs = [find_input(name, cfg.data_dir) for name in cfg.data] or ["<built-in demo corpus>"]
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     engine_plan = validate_engine_config(cfg, world_size)
@@ -410,7 +433,9 @@ def dry_run(cfg: TrainConfig) -> int:
         f"batch           {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} rank(s) x {seq_len} tokens"
         f" = {tokens_per_step:,} tokens/step",
         f"steps           {cfg.max_steps:,} ({cfg.max_steps * tokens_per_step:,} tokens), warmup {cfg.warmup_steps}",
-        f"output          {cfg.run_dir}",
+        f"output          {cfg.run_dir}" + (f" (--overwrite deletes {', '.join(p.name for p in earlier_run)})"
+                                                if earlier_run else ""),
+        *(f"warning         {warning}" for warning in cfg.warnings()),
         "dry run: configuration is valid; nothing was trained",
     ]))
     return EXIT_FINISHED

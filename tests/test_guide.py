@@ -174,3 +174,40 @@ def test_generate_accepts_a_run_directory(guide, capsys):
                               "--greedy"])
     assert code == 0, capsys.readouterr().err
     assert capsys.readouterr().out.startswith("The")
+
+
+def test_demo_post_training_data_is_bilingual_with_identity_chats():
+    from minigpt.data.demo import demo_post_training_records
+
+    sft = demo_post_training_records("sft", count=200)
+    users = [r["conversations"][0]["content"] for r in sft]
+    assert any(u.startswith("计算 ") for u in users) and any(u.startswith("Add ") for u in users)
+    assert "你是谁？" in users and "Who are you?" in users
+    dpo = demo_post_training_records("dpo", count=200)
+    assert all(r["chosen"] != r["rejected"] for r in dpo)
+    rlhf = demo_post_training_records("rlhf", count=200)
+    assert all(r["reference"] for r in rlhf) and any(r["prompt"].startswith("倒序写出") for r in rlhf)
+
+
+@pytest.mark.integration
+def test_the_guides_sft_command_runs_on_a_fresh_clone(guide, tmp_path, monkeypatch, capsys):
+    """`train.py --mode sft --config medium --auto-resume` on a fresh clone (here tiny): demo data, random init."""
+    monkeypatch.chdir(tmp_path)
+    assert train_cli.main(["--mode", "sft", "--config", "tiny", "--auto-resume", "--max-steps", "2", *QUICK]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: --mode sft found no previous stage" in out and "RANDOM weights" in out
+    assert "--mode pretrain --config tiny" in out  # the better path
+    assert "built-in bilingual demo data" in out
+    assert (tmp_path / "checkpoints" / "sft_tiny" / "final" / "model.pt").is_file()
+
+
+@pytest.mark.integration
+def test_dpo_from_random_init_keeps_its_reference_across_a_resume(guide, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = str(guide / "tasks" / "dpo.jsonl")
+    command = ["--mode", "dpo", "--data", data, "--auto-resume", "--save-interval", "1", *QUICK]
+    assert train_cli.main([*command, "--max-steps", "2"]) == 0
+    assert "WARNING: --mode dpo found no previous stage" in capsys.readouterr().out
+    initial = (tmp_path / "checkpoints" / "dpo_tiny" / "initial" / "model.pt").read_bytes()
+    assert train_cli.main([*command, "--max-steps", "3"]) == 0
+    assert (tmp_path / "checkpoints" / "dpo_tiny" / "initial" / "model.pt").read_bytes() == initial

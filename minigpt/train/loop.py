@@ -38,7 +38,7 @@ from minigpt.train.metrics import reduce_by_name
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.objectives import build_objective, dataset_kind
 from minigpt.train.run_dir import check_fresh_run_dir, previous_run_artefacts, remove_artefacts
-from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta
+from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta, save_consolidated
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError,
                DatasetBuildError, SamplerError)
@@ -121,8 +121,23 @@ class StartingWeights:
     model_dir: Path | None = None
 
 
+NO_PREVIOUS_STAGE = "random init (no previous stage)"
+INITIAL = "initial"
+"""Where a post-training run from random init keeps its starting weights (its DPO/RLHF reference)."""
+
+
+def no_previous_stage_warning(cfg: TrainConfig) -> str:
+    """The loud warning of a post-training run that found no previous stage to start from."""
+    stages = PREVIOUS_STAGES[cfg.mode]
+    return (f"WARNING: --mode {cfg.mode} found no previous stage (checkpoints/{{{','.join(stages)}}}_{cfg.config}/"
+            f"{FINAL}) and starts from RANDOM weights: it runs, but learns far less than it would from a "
+            f"pretrained model. Better: python launch/train.py --mode {stages[-1]} --config {cfg.config} first "
+            f"(or pass --init-from DIR)")
+
+
 def find_starting_weights(cfg: TrainConfig) -> StartingWeights:
-    """--init-from, else the previous stage's final weights of this preset; pretraining starts from scratch."""
+    """--init-from, else the previous stage's final weights of this preset; pretraining starts from scratch,
+    and so, with a loud warning, does a post-training stage that has no previous stage."""
     if cfg.init_from:
         path = Path(cfg.init_from)
         if (path / FINAL / "model.pt").is_file():
@@ -137,9 +152,7 @@ def find_starting_weights(cfg: TrainConfig) -> StartingWeights:
         candidate = Path("checkpoints") / f"{stage}_{cfg.config}" / FINAL
         if (candidate / "model.pt").is_file():
             return StartingWeights(str(candidate), candidate)
-    raise ConfigError(f"--mode {cfg.mode} starts from trained weights: none found at "
-                      f"checkpoints/{{{','.join(PREVIOUS_STAGES[cfg.mode])}}}_{cfg.config}/{FINAL}; "
-                      "pass --init-from DIR")
+    return StartingWeights(NO_PREVIOUS_STAGE)
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer, start: StartingWeights) -> MiniGPT:
@@ -196,9 +209,13 @@ class Trainer:
         self.runtime.barrier()
         set_seed(cfg.seed)
         start = find_starting_weights(cfg)
+        if start.source == NO_PREVIOUS_STAGE and self.runtime.is_main:
+            print(f"[minigpt] {no_previous_stage_warning(cfg)}", flush=True)
         self.run_data = resolve_run_data(cfg, self.runtime, start.model_dir, dataset_kind(cfg.mode))
         self.tokenizer = self.run_data.tokenizer
         self.model = build_model(cfg, self.tokenizer, start)
+        if start.source == NO_PREVIOUS_STAGE:
+            start = self._keep_initial_weights(start)
         self.objective: Objective = build_objective(cfg.mode, self.tokenizer, cfg)
         self.model = self.objective.wrap_model(self.model)  # e.g. the reward model's scalar head
         self.model_config = self.model.config
@@ -223,6 +240,21 @@ class Trainer:
         if self.engine.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             write_snapshot(cfg, self.model_config, start, self.run_data, self.engine, self.seq_len)
+
+    def _keep_initial_weights(self, start: StartingWeights) -> StartingWeights:
+        """A post-training run from random init saves its initial weights as `<run>/initial` (a fresh run
+        anew, a resumed one reuses them): DPO's and RLHF's frozen reference is the starting policy, and a
+        resumed run must find the same one."""
+        initial = self.cfg.run_dir / INITIAL
+        fresh = not (self.cfg.resume or self.cfg.auto_resume) or not (initial / "model.pt").is_file()
+        self.runtime.barrier()  # every rank has looked before the main rank writes
+        if fresh and self.runtime.is_main:
+            save_consolidated(initial, self.model.state_dict(), self.model.config, self.tokenizer.directory,
+                              extra={"mode": self.cfg.mode, "step": 0, "weights_from": start.source})
+        self.runtime.barrier()
+        if not fresh:
+            self.model.load_state_dict(load_consolidated(initial)[0].state_dict())
+        return StartingWeights(start.source, initial)
 
     def resume(self) -> None:
         point = self.checkpoints.resume_point(self.cfg.resume, self.cfg.auto_resume)
@@ -408,7 +440,8 @@ def dry_run(cfg: TrainConfig) -> int:
 
     start = find_starting_weights(cfg)
     earlier_run = check_fresh_run_dir(cfg)
-    inputs = [find_input(name, cfg.data_dir) for name in cfg.data] or ["<built-in demo corpus>"]
+    demo = "<built-in demo corpus>" if cfg.mode == "pretrain" else "<built-in bilingual demo data>"
+    inputs = [find_input(name, cfg.data_dir) for name in cfg.data] or [demo]
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     engine_plan = validate_engine_config(cfg, world_size)
     if start.model_dir is not None:
@@ -436,6 +469,7 @@ def dry_run(cfg: TrainConfig) -> int:
         f"output          {cfg.run_dir}" + (f" (--overwrite deletes {', '.join(p.name for p in earlier_run)})"
                                                 if earlier_run else ""),
         *(f"warning         {warning}" for warning in cfg.warnings()),
+        *([f"warning         {no_previous_stage_warning(cfg)}"] if start.source == NO_PREVIOUS_STAGE else []),
         "dry run: configuration is valid; nothing was trained",
     ]))
     return EXIT_FINISHED

@@ -196,7 +196,8 @@ class TrainConfig:
     config: str = _opt(f"model preset ({', '.join(PRESETS)})", default="tiny")
     data: list[str] = _opt("shard directories or raw .txt/.jsonl files; default: the built-in demo corpus",
                            default_factory=list)
-    data_dir: str = _opt("where relative --data names are looked up first (then $MINIGPT_DATA_DIR)",
+    data_dir: str = _opt("where relative --data names are looked up when the working directory has no such "
+                         "name (then $MINIGPT_DATA_DIR); also holds the cache of tokenized raw files",
                          default="data")
     tokenizer: str = _opt("tokenizer directory; default: <out>/tokenizer, trained on the data if missing",
                           default="")

@@ -211,3 +211,25 @@ def test_dpo_from_random_init_keeps_its_reference_across_a_resume(guide, tmp_pat
     initial = (tmp_path / "checkpoints" / "dpo_tiny" / "initial" / "model.pt").read_bytes()
     assert train_cli.main([*command, "--max-steps", "3"]) == 0
     assert (tmp_path / "checkpoints" / "dpo_tiny" / "initial" / "model.pt").read_bytes() == initial
+
+
+def test_data_lookup_order_is_cwd_then_data_dir_then_the_environment(tmp_path, monkeypatch):
+    """The order `--data-dir`'s help states: working directory, then --data-dir, then $MINIGPT_DATA_DIR."""
+    from minigpt.cli.train import build_parser
+    from minigpt.train.data import DATA_ENV, DataError, find_input
+
+    cwd, data_dir, env = (tmp_path / name for name in ("cwd", "data", "env"))
+    for root in (cwd, data_dir, env):
+        root.mkdir()
+        (root / "corpus.txt").write_text(root.name)
+    (data_dir / "only_data.txt").write_text("data")
+    (env / "only_env.txt").write_text("env")
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv(DATA_ENV, str(env))
+    assert find_input("corpus.txt", str(data_dir)).read_text() == "cwd"
+    assert find_input("only_data.txt", str(data_dir)).read_text() == "data"
+    assert find_input("only_env.txt", str(data_dir)).read_text() == "env"
+    with pytest.raises(DataError, match=f"{cwd}, {data_dir}, {env}"):
+        find_input("missing.txt", str(data_dir))
+    help_text = " ".join(build_parser().format_help().split())
+    assert "looked up when the working directory has no such name (then $MINIGPT_DATA_DIR)" in help_text

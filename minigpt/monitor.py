@@ -2,8 +2,10 @@
 
 The loop calls `TrainingMonitor.log_step` once per optimizer step. Only the main rank writes (build the
 others with `enabled=False`); every rank still gets the computed `StepMetrics` back. Steps are 0-based
-optimizer-step indices; a run resumed at `start_step` redoes steps from there, so lines and TensorBoard
-events at or after `start_step` left by an earlier attempt are dropped when the monitor starts.
+optimizer-step indices in `metrics.jsonl` and TensorBoard; a run resumed at `start_step` redoes steps from
+there, so lines and TensorBoard events at or after `start_step` left by an earlier attempt are dropped
+when the monitor starts. Printed lines count steps done instead (`step 220 val` follows the 220th
+update, the one saved as `ckpt/step_0000220`, as in `done: 220 steps`), so the console reads one way.
 """
 
 from __future__ import annotations
@@ -219,7 +221,7 @@ class TrainingMonitor:
         self.checkpoint_safe = metrics.loss_is_finite
         for anomaly in found:
             self.anomaly_counts[anomaly.kind] = self.anomaly_counts.get(anomaly.kind, 0) + 1
-            self.write(f"warning: step {step}: {anomaly.kind}: {anomaly.message}")
+            self.write(f"warning: step {step + 1}: {anomaly.kind}: {anomaly.message}")
         if not self.enabled:
             return metrics
         self._append(metrics.to_record())
@@ -259,7 +261,7 @@ class TrainingMonitor:
         self._append(_json_safe({"step": step, "split": split, **metrics}))
         if self._writer is not None:
             self._add_scalars({f"{split}/{k}": v for k, v in metrics.items()}, step)
-        self.write(f"step {step} {split}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        self.write(f"step {step + 1} {split}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         """Record a text (e.g. a generated sample) in TensorBoard and print it."""
@@ -267,7 +269,7 @@ class TrainingMonitor:
             return
         if self._writer is not None:
             self._writer.add_text(tag, text, step)
-        self.write(f"step {step} {tag}: {text}")
+        self.write(f"step {step + 1} {tag}: {text}")
 
     def write(self, message: str) -> None:
         """Print a line on the main rank without breaking the progress bar."""
@@ -320,7 +322,7 @@ class TrainingMonitor:
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(max(0, metrics.step + 1 - self._bar.n))
         elif self.print_interval and (metrics.step + 1) % self.print_interval == 0:
-            self.write(f"step {metrics.step}: loss {metrics.loss:.4f} lr {metrics.lr:.2e} grad_norm "
+            self.write(f"step {metrics.step + 1}: loss {metrics.loss:.4f} lr {metrics.lr:.2e} grad_norm "
                        f"{metrics.grad_norm:.3g} tok/s {metrics.tokens_per_sec:,.0f} mfu {metrics.mfu:.1%}")
 
 

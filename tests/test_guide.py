@@ -129,6 +129,9 @@ def test_a_new_run_into_another_runs_directory_is_refused_unless_overwrite(guide
     assert train_cli.main([*common, "--dry-run"]) == 2  # the plan says so too
     capsys.readouterr()
     assert train_cli.main([*common, "--overwrite", "--max-steps", "3"]) == 0
+    out = capsys.readouterr().out  # one numbering: the 3rd step's evaluation, the run's end, its checkpoint
+    assert "step 3 val:" in out and "done: 3 steps" in out and "step 2 val:" not in out
+    assert (guide / "checkpoints" / "again" / "ckpt" / "step_0000003").is_dir()
     assert tensorboard_steps(guide / "checkpoints" / "again") == [0, 1, 2]  # one run's events, not two
     assert [json.loads(line)["step"] for line in (guide / "checkpoints" / "again" / "metrics.jsonl")
             .read_text().splitlines() if json.loads(line)["split"] == "train"] == [0, 1, 2]

@@ -124,14 +124,14 @@ def test_nan_loss_is_recorded_as_null_and_blocks_checkpointing(tmp_path: Path, c
         assert monitor.checkpoint_safe
     record = read_jsonl(tmp_path / METRICS_FILE)[2]
     assert record["loss"] is None and record["anomaly"] == ["nonfinite_loss", "nonfinite_grad"]
-    assert "warning: step 2: nonfinite_loss" in capsys.readouterr().out
+    assert "warning: step 3: nonfinite_loss" in capsys.readouterr().out  # printed: the third step done
     assert [step for step, _ in read_scalars(tmp_path, "train/loss")] == [0, 1, 3]
 
 
 def test_text_samples_go_to_tensorboard_and_stdout(tmp_path: Path, capsys) -> None:
     with make_monitor(tmp_path) as monitor:
         monitor.log_text(5, "sample", "To be, or not to be")
-    assert "step 5 sample: To be, or not to be" in capsys.readouterr().out
+    assert "step 6 sample: To be, or not to be" in capsys.readouterr().out  # after the sixth step (index 5)
     accumulator = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
     accumulator.Reload()
     assert any("sample" in tag for tag in accumulator.Tags()["tensors"])

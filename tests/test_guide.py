@@ -236,3 +236,10 @@ def test_data_lookup_order_is_cwd_then_data_dir_then_the_environment(tmp_path, m
         find_input("missing.txt", str(data_dir))
     help_text = " ".join(build_parser().format_help().split())
     assert "looked up when the working directory has no such name (then $MINIGPT_DATA_DIR)" in help_text
+
+
+def test_pretokenize_holds_out_the_same_validation_share_as_train():
+    from minigpt.cli.pretokenize import build_parser as pretokenize_parser
+
+    defaults = pretokenize_parser().parse_args(["--input", "x", "--tokenizer", "t", "--out", "o"])
+    assert defaults.val_fraction == TrainConfig().val_fraction

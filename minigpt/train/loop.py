@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,7 +394,9 @@ class Trainer:
                                   start_step=self.step,
                                   flops_per_token=self.model_config.flops_per_token(self.seq_len),
                                   device=self.engine.device, world_size=self.engine.world_size,
-                                  precision=self.engine.precision, print_interval=cfg.log_interval)
+                                  precision=self.engine.precision, print_interval=cfg.log_interval,
+                                  # a bar only on a terminal: in a log file every printed line re-draws it
+                                  progress=sys.stdout.isatty())
         stop = stop or StopRequest().install()
         last_saved = self.step if self.step else -1
         try:

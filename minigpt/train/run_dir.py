@@ -15,11 +15,13 @@ from pathlib import Path
 from minigpt.checkpoint import CKPT_DIR, LATEST
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.monitor import METRICS_FILE, TENSORBOARD_DIR
+from minigpt.train.dpo import REFERENCE_FILE
 from minigpt.weights import FINAL_DIR
 
 SAMPLES_FILE = "samples.jsonl"
-RUN_ARTEFACTS = (CKPT_DIR, LATEST, FINAL_DIR, METRICS_FILE, SAMPLES_FILE, TENSORBOARD_DIR)
-"""What one run writes into its directory besides the tokenizer, snapshot and dataset statistics."""
+RUN_ARTEFACTS = (CKPT_DIR, LATEST, FINAL_DIR, METRICS_FILE, SAMPLES_FILE, TENSORBOARD_DIR, REFERENCE_FILE)
+"""What one run writes into its directory besides the tokenizer, snapshot and dataset statistics (DPO's
+cached reference log-probs included: another run's must not be reused)."""
 
 
 def previous_run_artefacts(run_dir: Path) -> list[Path]:

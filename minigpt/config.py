@@ -195,6 +195,14 @@ PRESETS: dict[str, MiniGPTConfig] = {
     # ~1.4M parameters: the tinyshakespeare quality recipe (bench/recipes/shakespeare.json, 1024-token BPE).
     "shakespeare": MiniGPTConfig(vocab_size=1024, hidden_size=160, num_layers=4, num_heads=4, num_kv_heads=4,
                                  ffn_hidden_size=432, max_seq_len=256),
+    # The quick-start guide's presets (its MoE preset has its own issue); a 6400-token vocabulary keeps
+    # small_30m at the ~30M parameters of its name (the vocabulary follows the tokenizer anyway).
+    "small_30m": MiniGPTConfig(vocab_size=6400, hidden_size=384, num_layers=13, num_heads=12, num_kv_heads=3,
+                               ffn_hidden_size=1408, max_seq_len=2048),
+    "foundation": MiniGPTConfig(vocab_size=6400, hidden_size=768, num_layers=24, num_heads=16, num_kv_heads=4,
+                                ffn_hidden_size=2688, max_seq_len=4096),
+    "large": MiniGPTConfig(vocab_size=6400, hidden_size=768, num_layers=32, num_heads=24, num_kv_heads=6,
+                           ffn_hidden_size=3072, max_seq_len=4096),
     # Mixture of experts: 4 routed SwiGLU experts, top-2, plus 1 shared expert in every layer.
     "moe": MiniGPTConfig(vocab_size=16384, hidden_size=384, num_layers=12, num_heads=12, num_kv_heads=3,
                          ffn_hidden_size=1536, max_seq_len=1024, num_experts=4, experts_per_token=2,
@@ -271,13 +279,17 @@ class TrainConfig:
     config: str = _opt(f"model preset ({', '.join(PRESETS)})", default="tiny")
     data: list[str] = _opt("shard directories or raw .txt/.jsonl files; default: the built-in demo corpus",
                            default_factory=list)
-    data_dir: str = _opt("where relative --data names are looked up first (then $MINIGPT_DATA_DIR)",
+    data_dir: str = _opt("where relative --data names are looked up when the working directory has no such "
+                         "name (then $MINIGPT_DATA_DIR); also holds the cache of tokenized raw files",
                          default="data")
     tokenizer: str = _opt("tokenizer directory; default: <out>/tokenizer, trained on the data if missing",
                           default="")
     retrain_tokenizer: bool = _opt("train a new tokenizer even if one exists", default=False)
     vocab_size: int = _opt("vocabulary size when a tokenizer is trained (0: the preset's)", default=0)
     out: str = _opt("run directory; default checkpoints/<mode>_<config>", default="")
+    overwrite: bool = _opt("a fresh run into a run directory that holds another run's checkpoints, final/ "
+                           "weights or TensorBoard events deletes them first (without it, such a run is refused); "
+                           "the directory's tokenizer/ is kept", default=False)
     ds_config: str = _opt("DeepSpeed JSON config (ZeRO stage, offload); used when run under deepspeed",
                           default="")
     ep_size: int = _opt("DeepSpeed, mixture-of-experts models: expert-parallel ranks each MoE layer's experts are "
@@ -318,7 +330,9 @@ class TrainConfig:
     save_interval: int = _opt("checkpoint every N steps (0: only at the end)", default=500)
     keep_last: int = _opt("checkpoints to keep", default=3)
     log_interval: int = _opt("print a log line every N steps", default=10)
-    sample_prompt: str = _opt("prompt sampled at each evaluation", default="The")
+    sample_prompt: str = _opt("prompt sampled at each evaluation; default: the first words of the first "
+                              "validation document (pretrain) or its user turn (sft, dpo, rlhf: answered as a chat)",
+                              default="")
     seed: int = _opt("random seed", default=1337)
     val_fraction: float = _opt("share of documents held out for validation when raw files are tokenized",
                                default=0.05)
@@ -416,6 +430,15 @@ class TrainConfig:
         if self.document_mask and self.mode != "pretrain":
             raise ConfigError(f"--document-mask applies to --mode pretrain (packed windows); --mode {self.mode} "
                               "trains on one conversation or pair per sequence already")
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not meant: said at start-up, the run goes on."""
+        found = []
+        if self.warmup_steps > self.max_steps // 2:
+            found.append(f"--warmup-steps {self.warmup_steps} is more than half of --max-steps {self.max_steps}: the "
+                         f"learning rate {'never reaches its peak' if self.warmup_steps >= self.max_steps else 'barely decays'}"
+                         f"; lower --warmup-steps (a few percent of the steps is usual)")
+        return found
 
     @property
     def max_time_seconds(self) -> float | None:

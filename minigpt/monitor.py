@@ -2,8 +2,10 @@
 
 The loop calls `TrainingMonitor.log_step` once per optimizer step. Only the main rank writes (build the
 others with `enabled=False`); every rank still gets the computed `StepMetrics` back. Steps are 0-based
-optimizer-step indices; a run resumed at `start_step` redoes steps from there, so lines and TensorBoard
-events at or after `start_step` left by an earlier attempt are dropped when the monitor starts.
+optimizer-step indices in `metrics.jsonl` and TensorBoard; a run resumed at `start_step` redoes steps from
+there, so lines and TensorBoard events at or after `start_step` left by an earlier attempt are dropped
+when the monitor starts. Printed lines count steps done instead (`step 220 val` follows the 220th
+update, the one saved as `ckpt/step_0000220`, as in `done: 220 steps`), so the console reads one way.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from minigpt.flops import peak_flops
+from minigpt.flops import PEAK_FLOPS_ENV, peak_flops
 from minigpt.fsutil import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -173,6 +175,7 @@ class TrainingMonitor:
         self.print_interval = print_interval
         self.detector = detector or AnomalyDetector()
         self.anomaly_counts: dict[str, int] = {}
+        self._peak_warned = False
         self.checkpoint_safe = True
         """False while the last logged step had a non-finite loss: do not save that state."""
         if peak_flops_per_device is None:
@@ -212,14 +215,13 @@ class TrainingMonitor:
         found = self.detector.check(loss, grad_norm)
         metrics = StepMetrics(
             step=step, loss=loss, lr=float(lr), grad_norm=grad_norm, tokens=tokens, seconds=seconds,
-            tokens_per_sec=tokens_per_sec,
-            mfu=self.flops_per_token * tokens_per_sec / (self.peak_flops_per_device * self.world_size),
+            tokens_per_sec=tokens_per_sec, mfu=self._mfu(tokens_per_sec),
             memory=self._memory(), anomalies=tuple(a.kind for a in found), extra=dict(extra or {}),
         )
         self.checkpoint_safe = metrics.loss_is_finite
         for anomaly in found:
             self.anomaly_counts[anomaly.kind] = self.anomaly_counts.get(anomaly.kind, 0) + 1
-            self.write(f"warning: step {step}: {anomaly.kind}: {anomaly.message}")
+            self.write(f"warning: step {step + 1}: {anomaly.kind}: {anomaly.message}")
         if not self.enabled:
             return metrics
         self._append(metrics.to_record())
@@ -232,6 +234,26 @@ class TrainingMonitor:
         self._show_progress(metrics)
         return metrics
 
+    def _mfu(self, tokens_per_sec: float) -> float:
+        """Achieved FLOP/s over the peak, never above 1. A device that beats its peak proves the peak
+        too low: a measured one (taken at start-up, perhaps on a busy machine) is raised to what the
+        step achieved; a table or given one is kept, and MFU capped, with one warning either way."""
+        achieved = self.flops_per_token * tokens_per_sec / self.world_size
+        if achieved <= self.peak_flops_per_device:
+            return achieved / self.peak_flops_per_device
+        if not self._peak_warned:
+            self._peak_warned = True
+            if self.peak_source.startswith("measured"):
+                self.write(f"note: a step reached {achieved / 1e9:,.1f} GFLOP/s per device, above the peak "
+                           f"measured at start-up ({self.peak_flops_per_device / 1e9:,.1f}); the peak follows the "
+                           f"best step from now on (set ${PEAK_FLOPS_ENV} for a fixed one)")
+            else:
+                self.write(f"warning: a step reached {achieved / 1e9:,.1f} GFLOP/s per device, above the peak of "
+                           f"{self.peak_flops_per_device / 1e9:,.1f} ({self.peak_source}); MFU is capped at 100%")
+        if self.peak_source.startswith("measured"):
+            self.peak_flops_per_device = achieved
+        return 1.0
+
     def log_eval(self, step: int, metrics: dict[str, float], split: str = "val") -> None:
         """Record evaluation figures (loss, bpb, ...) at `step` under `split`."""
         if not self.enabled:
@@ -239,7 +261,7 @@ class TrainingMonitor:
         self._append(_json_safe({"step": step, "split": split, **metrics}))
         if self._writer is not None:
             self._add_scalars({f"{split}/{k}": v for k, v in metrics.items()}, step)
-        self.write(f"step {step} {split}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        self.write(f"step {step + 1} {split}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         """Record a text (e.g. a generated sample) in TensorBoard and print it."""
@@ -247,7 +269,7 @@ class TrainingMonitor:
             return
         if self._writer is not None:
             self._writer.add_text(tag, text, step)
-        self.write(f"step {step} {tag}: {text}")
+        self.write(f"step {step + 1} {tag}: {text}")
 
     def write(self, message: str) -> None:
         """Print a line on the main rank without breaking the progress bar."""
@@ -300,7 +322,7 @@ class TrainingMonitor:
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(max(0, metrics.step + 1 - self._bar.n))
         elif self.print_interval and (metrics.step + 1) % self.print_interval == 0:
-            self.write(f"step {metrics.step}: loss {metrics.loss:.4f} lr {metrics.lr:.2e} grad_norm "
+            self.write(f"step {metrics.step + 1}: loss {metrics.loss:.4f} lr {metrics.lr:.2e} grad_norm "
                        f"{metrics.grad_norm:.3g} tok/s {metrics.tokens_per_sec:,.0f} mfu {metrics.mfu:.1%}")
 
 

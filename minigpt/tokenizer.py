@@ -25,6 +25,8 @@ SPECIAL_IDS = {PAD: 0, UNK: 1, BOS: 2, EOS: 3}
 CHAT_SYMBOLS = (IM_START, IM_END)
 CHAT_ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE = "chatml"
+SPACE_SYMBOL = "\u2581"
+"""sentencepiece's whitespace meta symbol `▁`: spaces become it before pieces are matched."""
 
 
 class TokenizerError(ValueError):
@@ -89,6 +91,15 @@ class Tokenizer:
                                      f"{self.sp.piece_to_id(piece)}, MiniGPT expects {expected}")
         self.im_start_id = self._symbol_id(IM_START)
         self.im_end_id = self._symbol_id(IM_END)
+        self._space_piece = self.sp.piece_to_id(SPACE_SYMBOL) != self.unk_id
+        # A space must reach the model as something decode turns back into a space, and a typed `▁`
+        # as something decode keeps: with a `▁` piece the typed one goes as its UTF-8 bytes; without
+        # one (a tokenizer trained on space-free text) sentencepiece would byte-encode the space as
+        # `▁`'s bytes, which decode returns literally, so the space goes as the byte 0x20 instead.
+        if self._space_piece:
+            self._escaped, self._escape_ids = SPACE_SYMBOL, self._byte_ids(SPACE_SYMBOL.encode())
+        else:
+            self._escaped, self._escape_ids = " ", self._byte_ids(b" ")
 
     def _symbol_id(self, piece: str) -> int:
         token_id = self.sp.piece_to_id(piece)
@@ -107,9 +118,41 @@ class Tokenizer:
         """Ids that end a generated sequence: end of document and end of a chat turn."""
         return (self.eos_id, self.im_end_id)
 
+    def _byte_ids(self, data: bytes) -> list[int]:
+        ids = [self.sp.piece_to_id(f"<0x{byte:02X}>") for byte in data]
+        if self.unk_id in ids:
+            raise TokenizerError(f"{self.directory}: tokenizer lacks byte-fallback pieces; MiniGPT needs them")
+        return ids
+
+    def _encode_exact(self, text: str) -> list[int]:
+        """Ids that `decode` turns back into exactly `text` (see `__init__` for the one character
+        sentencepiece alone would not give back)."""
+        if self._escaped not in text:
+            return self.sp.encode(text)
+        ids: list[int] = []
+        for index, part in enumerate(text.split(self._escaped)):
+            if index:
+                ids += self._escape_ids
+            if part:
+                ids += self.sp.encode(part)
+        return ids
+
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = self.sp.encode(text)
+        """Token ids of `text`; `decode(encode(text)) == text` for any text (spaces, tabs, newlines,
+        emoji, any script), characters the tokenizer never saw going as UTF-8 bytes."""
+        ids = self._encode_exact(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of each text; texts sentencepiece takes as they are go through it in one call."""
+        plain = [index for index, text in enumerate(texts) if self._escaped not in text]
+        result: list[list[int]] = [[] for _ in texts]
+        for index, ids in zip(plain, self.sp.encode([texts[i] for i in plain], num_threads=1), strict=True):
+            result[index] = ids
+        for index, text in enumerate(texts):
+            if self._escaped in text:
+                result[index] = self._encode_exact(text)
+        return result
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; special tokens (pad, bos, eos, chat markers) are dropped.
@@ -129,6 +172,18 @@ class Tokenizer:
             else:
                 run.append(token_id)
         return "".join(parts + [self.sp.decode(run)])
+
+    def unseen_characters(self, text: str) -> str:
+        """The distinct characters of `text` that have no piece of their own: the tokenizer never saw them
+        in training and passes them as UTF-8 bytes, which an untrained-on-them model cannot continue."""
+        seen, unseen = set(), []
+        for char in text:
+            if char in seen or char.isspace():
+                continue
+            seen.add(char)
+            if self.sp.piece_to_id(char) == self.unk_id:
+                unseen.append(char)
+        return "".join(unseen)
 
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(int(token_id))

@@ -26,6 +26,7 @@ from minigpt.tokenizer import (
     META_FILE,
     MODEL_FILE,
     PAD,
+    SPACE_SYMBOL,
     SPECIAL_IDS,
     UNK,
     Tokenizer,
@@ -35,6 +36,24 @@ from minigpt.tokenizer import (
 
 MIN_VOCAB_SIZE = 320
 """Smallest vocabulary worth training: 4 specials + 2 chat symbols + 256 byte pieces + some merges."""
+WHITESPACE_PIECES = SPACE_SYMBOL + "\t\n"
+"""Always pieces of their own, whatever the corpus: space (as `▁`), tab and newline. A tokenizer trained
+on space-free Chinese still encodes English spaces compactly and gives them back."""
+
+
+def coverage_report(model: spm.SentencePieceProcessor, sentences: list[str]) -> dict:
+    """How well the vocabulary covers the training text's characters.
+
+    `char_coverage`: share of character occurrences that are a piece of their own (or part of one);
+    `byte_fallback_chars`: distinct characters only reachable as UTF-8 bytes, most frequent first
+    (`byte_fallback_examples`)."""
+    counts = Counter(char for sentence in sentences for char in sentence)
+    total = sum(counts.values()) or 1
+    missing = [(char, n) for char, n in counts.most_common()
+               if model.piece_to_id(SPACE_SYMBOL if char == " " else char) == model.unk_id()]
+    return {"distinct_chars": len(counts), "byte_fallback_chars": len(missing),
+            "char_coverage": round(1.0 - sum(n for _, n in missing) / total, 4),
+            "byte_fallback_examples": "".join(char for char, _ in missing[:20])}
 
 
 def _training_sentences(inputs: list[str | Path], text_field: str, input_sentence_size: int,
@@ -99,6 +118,7 @@ def train_tokenizer(inputs: list[str | Path], out_dir: str | Path, vocab_size: i
         raise TokenizerError(f"no text to train on in {', '.join(s['path'] for s in sources)} "
                              f"(JSONL records need a string field {text_field!r} or chat fields)")
     reserved = len(SPECIAL_IDS) + len(CHAT_SYMBOLS) + 256
+    original_sentences = sentences
     sentences, dropped_chars = _keep_frequent_chars(sentences, (vocab_size - reserved) // 2)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.")
@@ -109,16 +129,19 @@ def train_tokenizer(inputs: list[str | Path], out_dir: str | Path, vocab_size: i
             eos_id=SPECIAL_IDS[EOS], control_symbols=list(CHAT_SYMBOLS), byte_fallback=True,
             character_coverage=1.0, normalization_rule_name="identity", remove_extra_whitespaces=False,
             add_dummy_prefix=False, split_digits=True, allow_whitespace_only_pieces=True,
+            required_chars=WHITESPACE_PIECES,
             hard_vocab_limit=False, max_sentence_length=max_sentence_length * 4, num_threads=os.cpu_count() or 1,
             minloglevel=2)
         (staging / "tokenizer.vocab").unlink(missing_ok=True)
         _drop_training_paths(staging / MODEL_FILE)
         model = spm.SentencePieceProcessor(model_file=str(staging / MODEL_FILE))
+        coverage = coverage_report(model, original_sentences)
         meta = {"checksum": file_checksum(staging / MODEL_FILE), "vocab_size": model.get_piece_size(),
                 "special_tokens": SPECIAL_IDS, "chat_symbols": list(CHAT_SYMBOLS), "chat_template": CHAT_TEMPLATE,
                 "model_type": "bpe", "byte_fallback": True,
                 "training": {"inputs": sources, "text_field": text_field, "requested_vocab_size": vocab_size,
                              "sentences": len(sentences), "dropped_rare_characters": dropped_chars,
+                             "coverage": coverage,
                              "max_sentence_length": max_sentence_length,
                              "input_sentence_size": input_sentence_size,
                              "seconds": round(time.monotonic() - started, 2)}}

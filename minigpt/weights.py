@@ -143,8 +143,21 @@ def save_consolidated(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor
     return out_dir
 
 
+FINAL_DIR = "final"
+"""Where a training run keeps its consolidated weights: a run directory names its `final/` model."""
+
+
+def model_directory(path: str | Path) -> Path:
+    """The consolidated directory `path` names: itself, or a run directory's `final/`."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() and (path / FINAL_DIR / CONFIG_FILE).is_file():
+        return path / FINAL_DIR
+    return path
+
+
 def read_consolidated_meta(model_dir: str | Path) -> tuple[MiniGPTConfig, dict[str, Any]]:
-    """The model config and the whole config.json of a consolidated directory."""
+    """The model config and the whole config.json of a consolidated directory (or a run directory's final/)."""
+    model_dir = model_directory(model_dir)
     path = Path(model_dir) / CONFIG_FILE
     if not Path(model_dir).is_dir():
         raise WeightsError(f"model directory not found: {model_dir}")
@@ -173,12 +186,13 @@ def read_consolidated_meta(model_dir: str | Path) -> tuple[MiniGPTConfig, dict[s
 
 def load_consolidated(model_dir: str | Path, device: str | torch.device = "cpu"
                       ) -> tuple[MiniGPT, Tokenizer | None]:
-    """Load a consolidated directory into an eval-mode `MiniGPT` on `device`, with its tokenizer.
+    """Load a consolidated directory (or a run directory's final/) into an eval-mode `MiniGPT` on `device`,
+    with its tokenizer.
 
     The tokenizer is None only when the directory was saved without one. Raises `WeightsError`
     (missing file, wrong shapes, tokenizer not the one recorded) or `ConfigError` (bad config.json).
     """
-    model_dir = Path(model_dir)
+    model_dir = model_directory(model_dir)
     config, meta = read_consolidated_meta(model_dir)
     tokenizer = _load_tokenizer(model_dir, meta.get("tokenizer_checksum"), config)
     weights_path = model_dir / WEIGHTS_FILE

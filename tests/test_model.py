@@ -140,3 +140,20 @@ def test_tied_embeddings_share_one_matrix_and_untied_do_not():
     assert tied.lm_head.weight is tied.embed.weight
     assert untied.lm_head.weight is not untied.embed.weight
     assert dataclasses.replace(tied.config, tie_embeddings=False).num_params() == untied.num_params()
+
+
+@pytest.mark.parametrize("name,shape", [
+    ("small_30m", dict(hidden_size=384, num_layers=13, num_heads=12, num_kv_heads=3, ffn_hidden_size=1408,
+                       max_seq_len=2048)),
+    ("foundation", dict(hidden_size=768, num_layers=24, num_heads=16, num_kv_heads=4, ffn_hidden_size=2688,
+                        max_seq_len=4096)),
+    ("large", dict(hidden_size=768, num_layers=32, num_heads=24, num_kv_heads=6, ffn_hidden_size=3072,
+                   max_seq_len=4096)),
+])
+def test_the_guides_presets_have_its_shapes_and_are_listed(name, shape):
+    from minigpt.config import preset_table
+
+    config = get_config(name)
+    assert {field: getattr(config, field) for field in shape} == shape
+    assert any(row.split()[0] == name for row in preset_table().splitlines())
+    assert 25e6 < PRESETS["small_30m"].num_params() < 35e6

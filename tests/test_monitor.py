@@ -124,14 +124,14 @@ def test_nan_loss_is_recorded_as_null_and_blocks_checkpointing(tmp_path: Path, c
         assert monitor.checkpoint_safe
     record = read_jsonl(tmp_path / METRICS_FILE)[2]
     assert record["loss"] is None and record["anomaly"] == ["nonfinite_loss", "nonfinite_grad"]
-    assert "warning: step 2: nonfinite_loss" in capsys.readouterr().out
+    assert "warning: step 3: nonfinite_loss" in capsys.readouterr().out  # printed: the third step done
     assert [step for step, _ in read_scalars(tmp_path, "train/loss")] == [0, 1, 3]
 
 
 def test_text_samples_go_to_tensorboard_and_stdout(tmp_path: Path, capsys) -> None:
     with make_monitor(tmp_path) as monitor:
         monitor.log_text(5, "sample", "To be, or not to be")
-    assert "step 5 sample: To be, or not to be" in capsys.readouterr().out
+    assert "step 6 sample: To be, or not to be" in capsys.readouterr().out  # after the sixth step (index 5)
     accumulator = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"tensors": 0})
     accumulator.Reload()
     assert any("sample" in tag for tag in accumulator.Tags()["tensors"])
@@ -196,3 +196,25 @@ def test_peak_flops_env_override(monkeypatch) -> None:
     monkeypatch.setenv("MINIGPT_PEAK_FLOPS", "fast")
     with pytest.raises(ValueError, match="MINIGPT_PEAK_FLOPS"):
         peak_flops("cpu", "bf16")
+
+
+def test_mfu_never_exceeds_100_percent_with_a_given_peak(tmp_path: Path, capsys) -> None:
+    monitor = TrainingMonitor(tmp_path, enabled=True, total_steps=3, start_step=0, flops_per_token=6e6,
+                              device="cpu", peak_flops_per_device=1e9, progress=False, tensorboard=False)
+    fast = monitor.log_step(0, loss=1.0, lr=1e-3, grad_norm=1.0, tokens=10_000, seconds=0.01)  # 6e12 FLOP/s
+    monitor.close()
+    assert fast.mfu == 1.0
+    assert "MFU is capped at 100%" in capsys.readouterr().out
+
+
+def test_a_measured_peak_beaten_by_a_step_follows_the_best_step(tmp_path: Path, capsys) -> None:
+    """The start-up benchmark ran on a busy machine: the peak is raised, MFU stays a true fraction."""
+    monitor = TrainingMonitor(tmp_path, enabled=True, total_steps=3, start_step=0, flops_per_token=6e6,
+                              device="cpu", progress=False, tensorboard=False)
+    assert monitor.peak_source.startswith("measured")
+    beyond = 4 * monitor.peak_flops_per_device  # FLOP/s of a step four times the measured peak
+    first = monitor.log_step(0, loss=1.0, lr=1e-3, grad_norm=1.0, tokens=int(beyond / 6e6), seconds=1.0)
+    second = monitor.log_step(1, loss=1.0, lr=1e-3, grad_norm=1.0, tokens=int(beyond / 6e6), seconds=2.0)
+    monitor.close()
+    assert first.mfu == 1.0 and second.mfu == pytest.approx(0.5, rel=1e-3)
+    assert "above the peak measured at start-up" in capsys.readouterr().out

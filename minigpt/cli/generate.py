@@ -1,6 +1,7 @@
 """Generate text from a consolidated MiniGPT directory (model.pt + config.json + tokenizer files).
 
     python launch/generate.py --model checkpoints/pretrain_tiny/final --prompt "The king"
+    python launch/generate.py --model checkpoints/pretrain_tiny --prompt "The king"   # a run directory: its final/
     python launch/generate.py --model DIR --chat --prompt "Who are you?" --stream
 
 Exit codes: 0 done, 2 bad usage or a model directory that cannot be loaded.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minigpt.config import TrainConfig
 from minigpt.data.build import STATS_FILE, DatasetBuildError, build_dataset
 from minigpt.data.shards import KINDS
 from minigpt.tokenizer import Tokenizer, TokenizerError
@@ -26,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory (data_tools/train_tokenizer.py)")
     parser.add_argument("--out", required=True, help="dataset directory to write")
     parser.add_argument("--kind", choices=KINDS, default="pretrain", help="what the records are (docs/data.md)")
-    parser.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
+    parser.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+                        help="share of documents for validation (the same default as train.py's raw-file path)")
     parser.add_argument("--seed", type=int, default=1337, help="seed of the train/validation split")
     parser.add_argument("--workers", type=int, default=1, help="encoding processes")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text (pretrain)")

@@ -35,6 +35,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def coverage_line(coverage: dict) -> str:
+    """One line on how the vocabulary covers the corpus's characters, with advice when it is thin."""
+    line = (f"character coverage {coverage['char_coverage']:.1%} of the training text; "
+            f"{coverage['byte_fallback_chars']} of {coverage['distinct_chars']} distinct characters fall back "
+            "to UTF-8 bytes")
+    if coverage["byte_fallback_chars"]:
+        line += f" (most frequent: {coverage['byte_fallback_examples']})"
+    if coverage["char_coverage"] < 0.98:
+        line += "; a larger --vocab-size covers more (see docs/data.md: choosing a vocabulary size)"
+    return line
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     inputs = list(args.input)
@@ -53,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out} "
           f"(checksum {tokenizer.checksum[:12]})")
+    print(coverage_line(tokenizer.meta["training"]["coverage"]))
     return 0
 
 

@@ -121,7 +121,7 @@ class _Job:
 def _encode_pretrain(tokenizer: Tokenizer, examples: list[Example]) -> tuple[list[list[int]], int]:
     """Token ids + EOS of each piece of each text, and how many texts were long enough to be cut."""
     pieces = [cut_long_text(e.text) for e in examples]
-    encoded = tokenizer.sp.encode([piece for cut in pieces for piece in cut], num_threads=1)
+    encoded = tokenizer.encode_batch([piece for cut in pieces for piece in cut])
     return [ids + [tokenizer.eos_id] for ids in encoded], sum(len(cut) > 1 for cut in pieces)
 
 

@@ -1,11 +1,33 @@
-"""The built-in demo corpus: CPython's own documentation topics, so the quick start needs no download."""
+"""The built-in demo data, so the quick start needs no download: CPython's own documentation topics for
+pretraining, and bilingual (Chinese and English) post-training data generated here: the verifiable
+tasks of `minigpt.data.tasks` phrased in both languages, plus a few identity and chat conversations."""
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 from pydoc_data.topics import topics
 
+from minigpt.data.tasks import generate_tasks
 from minigpt.fsutil import atomic_write_text
+
+CHINESE_VERBS = {"Add": "计算", "Reverse": "倒序写出", "Sort": "按字母排序"}
+"""The Chinese phrasing of each task verb ("计算 27+45" asks what "Add 27+45" asks)."""
+
+CONVERSATIONS = [
+    ("你好", "你好！我是 MiniGPT，一个小型语言模型。有什么可以帮你？", "嗯。"),
+    ("你是谁？", "我是 MiniGPT，用 MiniGPT 项目从头训练的小型语言模型。", "我不知道。"),
+    ("你能做什么？", "我会做简单的加法、倒序和排序，比如“计算 12+30”或者“按字母排序 dcba”。", "什么都不会。"),
+    ("谢谢！", "不客气！还有什么问题吗？", "哦。"),
+    ("Hello!", "Hello! I am MiniGPT, a small language model. How can I help?", "What."),
+    ("Who are you?", "I am MiniGPT, a small language model trained from scratch with the MiniGPT project.",
+     "I don't know."),
+    ("What can you do?", "I can add numbers, reverse and sort letters: try \"Add 12+30\" or \"Sort dcba\".",
+     "Nothing."),
+    ("Thank you!", "You're welcome! Anything else?", "Ok."),
+]
+"""(user turn, good answer, poor answer): identity and chat turns in both languages."""
 
 
 def demo_text() -> str:
@@ -22,4 +44,43 @@ def write_demo_corpus(path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, demo_text())
+    return path
+
+
+def _bilingual(prompt: str, chinese: bool) -> str:
+    verb, argument = prompt.split(" ", 1)
+    return f"{CHINESE_VERBS[verb]} {argument}" if chinese else prompt
+
+
+def demo_post_training_records(kind: str, count: int = 2000, seed: int = 0) -> list[dict]:
+    """`count` tasks (every other one phrased in Chinese) as `kind` ("sft", "dpo" or "rlhf") records, with
+    the identity conversations mixed in (not for rlhf: its rule reward needs a checkable answer)."""
+    records = []
+    for index, task in enumerate(generate_tasks(count, seed)):
+        prompt = _bilingual(task["prompt"], chinese=index % 2 == 1)
+        if kind == "sft":
+            records.append({"conversations": [{"role": "user", "content": prompt},
+                                              {"role": "assistant", "content": task["reference"]}]})
+        elif kind == "dpo":
+            records.append({"prompt": prompt, "chosen": task["reference"], "rejected": task["wrong"]})
+        elif kind == "rlhf":
+            records.append({"prompt": prompt, "reference": task["reference"], "task": task["task"]})
+        else:
+            raise ValueError(f"no demo data for kind {kind!r}; choose sft, dpo or rlhf")
+    if kind != "rlhf":
+        for _ in range(max(1, count // 100)):  # often enough to be learned
+            for user, good, poor in CONVERSATIONS:
+                records.append({"conversations": [{"role": "user", "content": user},
+                                                  {"role": "assistant", "content": good}]} if kind == "sft"
+                               else {"prompt": user, "chosen": good, "rejected": poor})
+    random.Random(seed).shuffle(records)
+    return records
+
+
+def write_demo_post_training(path: str | Path, kind: str, count: int = 2000, seed: int = 0) -> Path:
+    """Write the bilingual demo `kind` data as JSONL at `path` (atomically) and return it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                    for r in demo_post_training_records(kind, count, seed)))
     return path

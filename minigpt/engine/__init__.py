@@ -7,6 +7,7 @@ the plain engine works without it installed.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -16,6 +17,18 @@ from minigpt.config import ConfigError, TrainConfig
 from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, warmup_cosine
 from minigpt.engine.device import detect_device, resolve_precision
 from minigpt.runtime import Runtime
+
+
+class _AcceleratorAnnouncement(logging.Filter):
+    """Drops DeepSpeed's "Setting accelerator to CPU" that every rank's `import deepspeed` logs: the
+    launcher has said it already, and MiniGPT's own device line says it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Setting accelerator to", "Setting ds_accelerator to"))
+
+
+# Installed before anything imports deepspeed: DeepSpeed's logger keeps filters its set-up finds.
+logging.getLogger("DeepSpeed").addFilter(_AcceleratorAnnouncement())
 
 __all__ = ["Engine", "StepResult", "build_optimizer", "build_scheduler", "create_engine", "create_runtime",
            "detect_device", "launched_distributed", "rank_placement", "resolve_precision", "validate_engine_config",

@@ -12,11 +12,14 @@ plain `engine.pt` into the ZeRO partitions with DeepSpeed's tensor-fragment API.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import io
 import json
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,7 @@ from minigpt.engine.base import (
     check_shapes_fit,
     enable_activation_checkpointing,
 )
-from minigpt.engine.device import resolve_precision
+from minigpt.engine.device import is_first_rank, resolve_precision
 from minigpt.engine.ds_config import (
     build_ds_config,
     load_ds_json,
@@ -62,6 +65,10 @@ from minigpt.runtime import Runtime
 from minigpt.safe_load import safe_torch_load, weights_only_loads
 
 log = logging.getLogger(__name__)
+# DeepSpeed's ZeRO calls a torch collective that torch has deprecated; the warning is for DeepSpeed, not
+# for our users, and each rank repeats it.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
 
 META_FILE = "engine_meta.json"
 
@@ -85,7 +92,9 @@ def init_distributed(timeout_s: int = 600) -> torch.device:
         c10d.default_pg_timeout = timeout
         if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
             c10d.default_pg_nccl_timeout = timeout
-        deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+        # DeepSpeed prints "... op built successfully" from every rank: rank 0's says it once.
+        with contextlib.nullcontext() if is_first_rank() else contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() == "cpu":
         return torch.device("cpu")

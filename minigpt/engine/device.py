@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from minigpt.config import ConfigError
@@ -25,13 +27,21 @@ def check_device(requested: str) -> torch.device:
     return device
 
 
+def is_first_rank() -> bool:
+    """True in a single process and on global rank 0 of a launched run (read from the launcher's environment,
+    so it holds before any process group exists)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
 def detect_device(requested: str = "") -> torch.device:
     """The device to train on: `requested` when given (and available), else cuda > mps > cpu.
 
-    Prints what it chose and why, so a run on the wrong device is visible in the first lines of the log."""
+    Prints what it chose and why (rank 0 only: ranks of a node choose alike), so a run on the wrong device
+    is visible in the first lines of the log."""
+    say = print if is_first_rank() else (lambda *a, **k: None)
     if requested and requested != "auto":
         device = check_device(requested)
-        print(f"[minigpt] device {device} (requested with --device)", flush=True)
+        say(f"[minigpt] device {device} (requested with --device)", flush=True)
         return device
     if torch.cuda.is_available():
         device, why = torch.device("cuda"), f"CUDA available ({torch.cuda.get_device_name(0)})"
@@ -39,7 +49,7 @@ def detect_device(requested: str = "") -> torch.device:
         device, why = torch.device("mps"), "Apple MPS available, no CUDA"
     else:
         device, why = torch.device("cpu"), "no CUDA or MPS device found"
-    print(f"[minigpt] device {device} (auto-detected: {why}; override with --device)", flush=True)
+    say(f"[minigpt] device {device} (auto-detected: {why}; override with --device)", flush=True)
     return device
 
 

@@ -3,7 +3,8 @@
 `--data` names shard directories (built by `data_tools/pretokenize.py`) or raw .txt/.jsonl files,
 which are pre-tokenized on the fly into a cache keyed by their content and the tokenizer. Relative
 names are looked up in the working directory, then the run's `--data-dir`, then `$MINIGPT_DATA_DIR`.
-With no `--data`, pretraining uses the built-in demo corpus. In a multi-rank run the main rank builds
+With no `--data`, pretraining uses the built-in demo corpus and the post-training modes the built-in
+bilingual demo data (`minigpt.data.demo`). In a multi-rank run the main rank builds
 what is missing while the others wait at a barrier of the runtime (created before the data, so a
 process group exists); every rank passes the same barriers whichever branch it takes.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from minigpt.config import ConfigError, TrainConfig, get_config
 from minigpt.data.build import build_dataset
-from minigpt.data.demo import write_demo_corpus
+from minigpt.data.demo import write_demo_corpus, write_demo_post_training
 from minigpt.data.shards import open_shard
 from minigpt.runtime import Runtime
 from minigpt.tokenizer import Tokenizer
@@ -79,13 +80,13 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
     is_main = runtime.is_main
     inputs = [find_input(name, cfg.data_dir) for name in cfg.data]
     if not inputs:
-        if kind != "pretrain":
-            raise DataError(f"--mode {cfg.mode} needs --data ({kind} JSONL files or shards); "
-                            "see docs/data.md for the formats")
-        demo = Path(cfg.data_dir) / CACHE / "demo" / "corpus.txt"
+        demo = Path(cfg.data_dir) / CACHE / "demo" / ("corpus.txt" if kind == "pretrain" else f"{kind}.jsonl")
+        if is_main and kind != "pretrain":
+            print(f"[minigpt] no --data: --mode {cfg.mode} trains on the built-in bilingual demo data ({demo}: "
+                  "tasks in Chinese and English, identity chats); see docs/data.md for your own", flush=True)
         if is_main and not demo.exists():
             demo.parent.mkdir(parents=True, exist_ok=True)
-            write_demo_corpus(demo)
+            write_demo_corpus(demo) if kind == "pretrain" else write_demo_post_training(demo, kind)
         runtime.barrier()
         inputs = [demo]
     datasets = [p for p in inputs if _is_dataset_dir(p)]
@@ -111,13 +112,26 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
     return RunData(tokenizer, datasets)
 
 
+def planned_vocab_size(cfg: TrainConfig) -> tuple[int, str]:
+    """The vocabulary the run will have, without building anything, and where that figure comes from."""
+    if cfg.tokenizer:
+        return Tokenizer(cfg.tokenizer).vocab_size, f"tokenizer {cfg.tokenizer}"
+    run_tokenizer = cfg.run_dir / "tokenizer"
+    if run_tokenizer.exists() and not cfg.retrain_tokenizer:
+        return Tokenizer(run_tokenizer).vocab_size, f"tokenizer {run_tokenizer}"
+    vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
+    return vocab, "at most: a tokenizer is trained on the data (a small corpus gives fewer)"
+
+
 def _resolve_tokenizer(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | None, raw: list[Path],
                        datasets: list[Path]) -> Tokenizer:
     if tokenizer_dir is not None:
-        if cfg.tokenizer and Path(cfg.tokenizer).resolve() != tokenizer_dir.resolve():
+        weights_tokenizer = Tokenizer(tokenizer_dir)
+        # Compared by content: a copy of the same tokenizer elsewhere is the same tokenizer.
+        if cfg.tokenizer and Tokenizer(cfg.tokenizer).checksum != weights_tokenizer.checksum:
             raise ConfigError(f"--tokenizer {cfg.tokenizer} differs from the tokenizer of the starting "
                               f"weights ({tokenizer_dir}); post-training keeps the tokenizer of its weights")
-        return Tokenizer(tokenizer_dir)
+        return weights_tokenizer
     if cfg.tokenizer:
         return Tokenizer(cfg.tokenizer)
     run_tokenizer = cfg.run_dir / "tokenizer"

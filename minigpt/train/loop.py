@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +37,12 @@ from minigpt.monitor import TrainingMonitor
 from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 from minigpt.tokenizer import Tokenizer, TokenizerError
 from minigpt.train.budget import TimeBudget
-from minigpt.train.data import DataError, RunData, find_input, resolve_run_data
+from minigpt.train.data import DataError, RunData, find_input, planned_vocab_size, resolve_run_data
 from minigpt.train.metrics import reduce_by_name
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.objectives import build_objective, dataset_kind
-from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta
+from minigpt.train.run_dir import check_fresh_run_dir, previous_run_artefacts, remove_artefacts
+from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta, save_consolidated
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError,
                DatasetBuildError, SamplerError, EvalDataError)
@@ -82,6 +84,35 @@ def open_datasets(run_data: RunData, objective, split: str, seq_len: int) -> Con
     return ConcatWindows(parts)
 
 
+CHAT_MODES = ("sft", "dpo", "rlhf")
+"""Modes whose model answers chat turns: their samples go through the chat template."""
+
+
+def default_sample_prompt(tokenizer: Tokenizer, dataset_dirs: list[Path], chat: bool) -> str:
+    """A prompt from the run's own data, so samples read in its language: the first words of the first
+    validation document, or (chat) the first user turn of its first conversation."""
+    for directory in dataset_dirs:
+        for split in ("val", "train"):
+            reader = open_shard(directory, split)
+            if not reader.num_documents:
+                continue
+            ids = [int(i) for i in reader.document(0)]
+            if chat:
+                for start in (i + 1 for i, token in enumerate(ids) if token == tokenizer.im_start_id):
+                    end = ids.index(tokenizer.im_end_id, start) if tokenizer.im_end_id in ids[start:] else len(ids)
+                    role, _, content = tokenizer.decode(ids[start:end]).partition("\n")
+                    if role == "user" and content.strip():
+                        return content.strip()
+                continue
+            text = tokenizer.decode(ids[:32]).strip().split("\n", 1)[0]
+            if len(text) > 24:
+                cut = text.rfind(" ", 0, 24)
+                text = text[:cut] if cut > 0 else text[:12]
+            if text:
+                return text
+    return "The"
+
+
 def collate(samples: list[dict[str, np.ndarray]], device: torch.device) -> dict[str, torch.Tensor]:
     return {key: torch.from_numpy(np.stack([s[key] for s in samples])).to(device) for key in samples[0]}
 
@@ -94,8 +125,23 @@ class StartingWeights:
     model_dir: Path | None = None
 
 
+NO_PREVIOUS_STAGE = "random init (no previous stage)"
+INITIAL = "initial"
+"""Where a post-training run from random init keeps its starting weights (its DPO/RLHF reference)."""
+
+
+def no_previous_stage_warning(cfg: TrainConfig) -> str:
+    """The loud warning of a post-training run that found no previous stage to start from."""
+    stages = PREVIOUS_STAGES[cfg.mode]
+    return (f"WARNING: --mode {cfg.mode} found no previous stage (checkpoints/{{{','.join(stages)}}}_{cfg.config}/"
+            f"{FINAL}) and starts from RANDOM weights: it runs, but learns far less than it would from a "
+            f"pretrained model. Better: python launch/train.py --mode {stages[-1]} --config {cfg.config} first "
+            f"(or pass --init-from DIR)")
+
+
 def find_starting_weights(cfg: TrainConfig) -> StartingWeights:
-    """--init-from, else the previous stage's final weights of this preset; pretraining starts from scratch."""
+    """--init-from, else the previous stage's final weights of this preset; pretraining starts from scratch,
+    and so, with a loud warning, does a post-training stage that has no previous stage."""
     if cfg.init_from:
         path = Path(cfg.init_from)
         if is_hf_llama_dir(path):  # converted once into the run directory, then used like our own weights
@@ -112,9 +158,7 @@ def find_starting_weights(cfg: TrainConfig) -> StartingWeights:
         candidate = Path("checkpoints") / f"{stage}_{cfg.config}" / FINAL
         if (candidate / "model.pt").is_file():
             return StartingWeights(str(candidate), candidate)
-    raise ConfigError(f"--mode {cfg.mode} starts from trained weights: none found at "
-                      f"checkpoints/{{{','.join(PREVIOUS_STAGES[cfg.mode])}}}_{cfg.config}/{FINAL}; "
-                      "pass --init-from DIR")
+    return StartingWeights(NO_PREVIOUS_STAGE)
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer, start: StartingWeights) -> MiniGPT:
@@ -171,15 +215,26 @@ class Trainer:
         started = time.monotonic()  # a --max-time budget counts from here
         # First: who this process is, and the process group the data resolution's barriers need.
         self.runtime = create_runtime(cfg)
+        earlier_run = check_fresh_run_dir(cfg)  # every rank refuses alike, before anything is written
         if self.runtime.is_main:
+            if earlier_run:
+                print(f"[minigpt] --overwrite: deleting {', '.join(map(str, earlier_run))}", flush=True)
+                remove_artefacts(earlier_run)
             for stale in sweep_temporary(cfg.run_dir):
                 print(f"[minigpt] removed {stale}, left by an interrupted write", flush=True)
+            for warning in cfg.warnings():
+                print(f"[minigpt] warning: {warning}", flush=True)
+        self.runtime.barrier()
         set_seed(cfg.seed)
         check_eval_tasks(cfg)
         start = find_starting_weights(cfg)
+        if start.source == NO_PREVIOUS_STAGE and self.runtime.is_main:
+            print(f"[minigpt] {no_previous_stage_warning(cfg)}", flush=True)
         self.run_data = resolve_run_data(cfg, self.runtime, start.model_dir, dataset_kind(cfg.mode))
         self.tokenizer = self.run_data.tokenizer
         self.model = build_model(cfg, self.tokenizer, start)
+        if start.source == NO_PREVIOUS_STAGE:
+            start = self._keep_initial_weights(start)
         self.objective: Objective = build_objective(cfg.mode, self.tokenizer, cfg)
         self.model = self.objective.wrap_model(self.model)  # e.g. the reward model's scalar head
         self.model_config = self.model.config
@@ -198,15 +253,43 @@ class Trainer:
             self.budget = TimeBudget(cfg.max_time_seconds, eval_batches=cfg.eval_batches, grad_accum=cfg.grad_accum,
                                      state_bytes=state_bytes, origin=started)
         self._batches: list | None = None
+        self.chat_samples = cfg.mode in CHAT_MODES
+        self.sample_prompt = cfg.sample_prompt or default_sample_prompt(
+            self.tokenizer, self.run_data.dataset_dirs, self.chat_samples)
+        unseen = self.tokenizer.unseen_characters(self.sample_prompt)
+        if unseen and self.runtime.is_main:
+            print(f"[minigpt] hint: the tokenizer {self.tokenizer.directory} never saw {unseen!r} of the sample "
+                  f"prompt (they go as bytes, so samples from them look garbled); train a tokenizer on text "
+                  f"that has them (--data YOUR_FILES --retrain-tokenizer)", flush=True)
         if self.engine.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             write_snapshot(cfg, self.model_config, start, self.run_data, self.engine, self.seq_len)
 
+    def _keep_initial_weights(self, start: StartingWeights) -> StartingWeights:
+        """A post-training run from random init saves its initial weights as `<run>/initial` (a fresh run
+        anew, a resumed one reuses them): DPO's and RLHF's frozen reference is the starting policy, and a
+        resumed run must find the same one."""
+        initial = self.cfg.run_dir / INITIAL
+        fresh = not (self.cfg.resume or self.cfg.auto_resume) or not (initial / "model.pt").is_file()
+        self.runtime.barrier()  # every rank has looked before the main rank writes
+        if fresh and self.runtime.is_main:
+            save_consolidated(initial, self.model.state_dict(), self.model.config, self.tokenizer.directory,
+                              extra={"mode": self.cfg.mode, "step": 0, "weights_from": start.source})
+        self.runtime.barrier()
+        if not fresh:
+            self.model.load_state_dict(load_consolidated(initial)[0].state_dict())
+        return StartingWeights(start.source, initial)
+
     def resume(self) -> None:
         point = self.checkpoints.resume_point(self.cfg.resume, self.cfg.auto_resume)
         if point is None:
+            leftovers = previous_run_artefacts(self.cfg.run_dir) if self.cfg.auto_resume else []
             if self.cfg.auto_resume and self.engine.is_main:
                 print(f"[minigpt] --auto-resume: no checkpoint in {self.cfg.run_dir}, starting fresh", flush=True)
+                if leftovers:  # an attempt that saved no checkpoint: its plots and metrics must not mix with ours
+                    print(f"[minigpt] removing that attempt's {', '.join(p.name for p in leftovers)}", flush=True)
+                    remove_artefacts(leftovers)
+            self.engine.barrier()
             return
         state = self.checkpoints.load(point)
         if state.get("tokenizer_checksum") not in (None, self.tokenizer.checksum):
@@ -218,11 +301,20 @@ class Trainer:
             self.budget.spent_before = float(state.get("elapsed_seconds", 0.0))
         if self.engine.is_main:
             print(f"[minigpt] resumed from {state['checkpoint']} at step {self.step}", flush=True)
+            for name in ("max_steps", "warmup_steps"):
+                before, now = state.get(name), getattr(self.cfg, name)
+                if before is not None and before != now:
+                    flag = "--" + name.replace("_", "-")
+                    print(f"[minigpt] warning: resuming with {flag} {now}, the checkpoint's run had {before}: the "
+                          f"learning-rate schedule (warmup, then cosine decay to step {self.cfg.max_steps}) is "
+                          f"reshaped from step {self.step} on; pass {flag} {before} to continue the same "
+                          "schedule", flush=True)
 
     def trainer_state(self) -> dict:
         state = {"tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
                  "tokenizer_checksum": self.tokenizer.checksum, "mode": self.cfg.mode,
-                 "weights_from": self.start.source}
+                 "weights_from": self.start.source, "max_steps": self.cfg.max_steps,
+                 "warmup_steps": self.cfg.warmup_steps}
         if self.budget is not None:
             state["elapsed_seconds"] = self.budget.elapsed()
         return state
@@ -309,12 +401,14 @@ class Trainer:
 
     @torch.no_grad()
     def sample(self) -> str:
-        """Greedy continuation of the sample prompt; every rank runs it (ZeRO-3 gathers weights collectively)."""
+        """Greedy continuation of the sample prompt, or in chat modes its answer as a user turn of the chat
+        template; every rank runs it (ZeRO-3 gathers weights collectively)."""
         self.engine.eval()
         generator = TextGenerator(self.engine.module, self.tokenizer, self.engine.device)
-        text = generator.generate([self.cfg.sample_prompt], GenerationConfig(max_new_tokens=48, do_sample=False))[0]
+        text = generator.generate([self.sample_prompt], GenerationConfig(max_new_tokens=48, do_sample=False),
+                                  chat=self.chat_samples)[0]
         self.engine.train()
-        return self.cfg.sample_prompt + text
+        return f"[user] {self.sample_prompt}\n[assistant] {text}" if self.chat_samples else self.sample_prompt + text
 
     def record_sample(self, monitor: TrainingMonitor, index: int) -> None:
         """Generate the fixed-prompt sample (all ranks) and log it; the main rank appends it to samples.jsonl."""
@@ -322,7 +416,8 @@ class Trainer:
         monitor.log_text(index, "sample", text)
         if self.engine.is_main:
             with open(self.cfg.run_dir / "samples.jsonl", "a") as handle:
-                handle.write(json.dumps({"step": index, "prompt": self.cfg.sample_prompt, "text": text},
+                handle.write(json.dumps({"step": index, "prompt": self.sample_prompt, "chat": self.chat_samples,
+                                         "text": text},
                                         ensure_ascii=False) + "\n")
 
     def save(self) -> Path:
@@ -369,7 +464,9 @@ class Trainer:
                                   start_step=self.step,
                                   flops_per_token=self.model_config.flops_per_token(self.seq_len),
                                   device=self.engine.device, world_size=self.engine.world_size,
-                                  precision=self.engine.precision, print_interval=cfg.log_interval)
+                                  precision=self.engine.precision, print_interval=cfg.log_interval,
+                                  # a bar only on a terminal: in a log file every printed line re-draws it
+                                  progress=sys.stdout.isatty())
         stop = stop or StopRequest().install()
         last_saved = self.step if self.step else -1
         try:
@@ -430,24 +527,37 @@ def dry_run(cfg: TrainConfig) -> int:
 
     check_eval_tasks(cfg)
     start = find_starting_weights(cfg)
-    inputs = [find_input(name, cfg.data_dir) for name in cfg.data] or ["<built-in demo corpus>"]
+    earlier_run = check_fresh_run_dir(cfg)
+    demo = "<built-in demo corpus>" if cfg.mode == "pretrain" else "<built-in bilingual demo data>"
+    inputs = [find_input(name, cfg.data_dir) for name in cfg.data] or [demo]
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     engine_plan = validate_engine_config(cfg, world_size)
     if start.model_dir is not None:
         model_config, _meta = read_consolidated_meta(start.model_dir)
+        vocab_source = f"weights {start.model_dir}"
     else:
-        model_config = get_config(cfg.config, **({"vocab_size": cfg.vocab_size} if cfg.vocab_size else {}))
+        shard_dirs = [p for p in inputs if isinstance(p, Path) and (p / "train" / "meta.json").is_file()]
+        if shard_dirs and not cfg.tokenizer:  # shards fix the vocabulary they were built with
+            vocab = json.loads((shard_dirs[0] / "train" / "meta.json").read_text())["vocab_size"]
+            vocab_source = f"shards {shard_dirs[0]}"
+        else:
+            vocab, vocab_source = planned_vocab_size(cfg)
+        model_config = get_config(cfg.config, vocab_size=vocab)
     seq_len = seq_len_of(cfg, model_config) if cfg.seq_len <= model_config.max_seq_len else cfg.seq_len
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * seq_len
     print("\n".join([
         f"mode            {cfg.mode} (weights: {start.source})",
-        f"model           {cfg.config}: {model_config.num_params():,} parameters, vocab {model_config.vocab_size}",
+        f"model           {cfg.config}: {model_config.num_params():,} parameters, vocab {model_config.vocab_size} "
+        f"({vocab_source})",
         f"data            {', '.join(map(str, inputs))}",
         f"engine          {engine_plan}",
         f"batch           {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} rank(s) x {seq_len} tokens"
         f" = {tokens_per_step:,} tokens/step",
         f"steps           {cfg.max_steps:,} ({cfg.max_steps * tokens_per_step:,} tokens), warmup {cfg.warmup_steps}",
-        f"output          {cfg.run_dir}",
+        f"output          {cfg.run_dir}" + (f" (--overwrite deletes {', '.join(p.name for p in earlier_run)})"
+                                                if earlier_run else ""),
+        *(f"warning         {warning}" for warning in cfg.warnings()),
+        *([f"warning         {no_previous_stage_warning(cfg)}"] if start.source == NO_PREVIOUS_STAGE else []),
         "dry run: configuration is valid; nothing was trained",
     ]))
     return EXIT_FINISHED

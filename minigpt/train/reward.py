@@ -28,7 +28,7 @@ from minigpt.model import MiniGPT
 from minigpt.train.metrics import MetricSums
 from minigpt.train.objective import Objective
 from minigpt.train.sequences import has_response, preference_accuracy
-from minigpt.weights import load_consolidated, save_consolidated
+from minigpt.weights import load_consolidated, model_directory, save_consolidated
 
 HEAD_FILE = "reward_head.pt"
 
@@ -150,8 +150,9 @@ def save_reward_model(out_dir: str | Path, state_dict: dict[str, torch.Tensor], 
 
 
 def load_reward_model(model_dir: str | Path, tokenizer=None, device: str | torch.device = "cpu") -> RewardModel:
-    """A frozen reward model from `model_dir`; with `tokenizer`, refuse one built on another tokenizer/vocab."""
-    model_dir = Path(model_dir)
+    """A frozen reward model from `model_dir` (or a run directory's final/); with `tokenizer`, refuse one built
+    on another tokenizer/vocab."""
+    model_dir = model_directory(model_dir)
     if not (model_dir / HEAD_FILE).is_file():
         raise ConfigError(f"--reward-model {model_dir}: not a reward model (no {HEAD_FILE}); train one with "
                           "--mode reward")

@@ -119,7 +119,8 @@ def test_multiple_choice_picks_the_most_likely_choice_raw_and_per_character(tmp_
             ids, n = encode_pair(data_tokenizer, context_text(item, shots, style), cont, model.config.max_seq_len)
             with torch.no_grad():
                 scores.append(model.token_logprobs(torch.tensor([ids]))[0, -n:].double().sum().item())
-        normed = [s / len(c) for s, c in zip(scores, continuations(item, style), strict=True)]
+        # per character of the choice, without the space joining it to the prompt (as the harness does)
+        normed = [s / len(c.removeprefix(' ')) for s, c in zip(scores, continuations(item, style), strict=True)]
         correct += scores.index(max(scores)) == item.answer
         correct_norm += normed.index(max(normed)) == item.answer
         gold += scores[item.answer]

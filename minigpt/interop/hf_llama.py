@@ -266,7 +266,7 @@ def check_exportable_tokenizer(tokenizer: Tokenizer) -> None:
 
     MiniGPT's trainer writes byte-fallback BPE with identity normalization and no dummy prefix; the
     chat encoding (each segment encoded on its own) equals the rendered template's ids because no
-    piece spans a newline."""
+    piece spans a newline (the newline is a piece of its own)."""
     from sentencepiece import sentencepiece_model_pb2
 
     model_path = tokenizer.directory / MODEL_FILE
@@ -284,8 +284,10 @@ def check_exportable_tokenizer(tokenizer: Tokenizer) -> None:
         problems.append("add_dummy_prefix is on")
     if normalizer.remove_extra_whitespaces:
         problems.append("remove_extra_whitespaces is on")
-    if any("\n" in piece.piece for piece in proto.pieces):
-        problems.append("a piece contains a newline (the chat template could merge across it)")
+    # The newline piece itself is fine (the trainer always gives "\n" one of its own); a longer piece
+    # holding a newline could merge across the chat template's line breaks.
+    if any("\n" in piece.piece and len(piece.piece) > 1 for piece in proto.pieces):
+        problems.append("a piece spans a newline (the chat template could merge across it)")
     if tokenizer.meta.get("chat_template", CHAT_TEMPLATE) != CHAT_TEMPLATE:
         problems.append(f"chat template {tokenizer.meta.get('chat_template')!r} is not {CHAT_TEMPLATE}")
     if problems:

@@ -18,14 +18,13 @@ harness does; a context too long for the model loses its oldest tokens.
 from __future__ import annotations
 
 import csv
-import json
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches
+from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches, jsonl_objects
 from minigpt.evaluation.spec import TaskSpec
 from minigpt.train.metrics import MetricSums
 
@@ -51,19 +50,7 @@ def _records(path: Path) -> list[tuple[int, dict]]:
             return [(number, row) for number, row in enumerate(csv.DictReader(handle), start=2)]
     if not name.endswith(".jsonl"):
         raise EvalDataError(f"{path}: multiple-choice items must be .jsonl or .csv")
-    records = []
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalDataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise EvalDataError(f"{path}:{number}: expected a JSON object")
-            records.append((number, record))
-    return records
+    return list(jsonl_objects(path))
 
 
 def _item(path: Path, number: int, record: dict) -> ChoiceItem:

@@ -9,9 +9,11 @@ forward passes: a rank short of a batch repeats one and discards it.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -22,6 +24,24 @@ from minigpt.train.metrics import MetricSums, reduce_by_name
 
 class EvalDataError(ValueError):
     """An evaluation file that cannot be used: missing, malformed, or a record without a needed field."""
+
+
+def jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a UTF-8 JSONL file (a byte-order mark is skipped);
+    EvalDataError names the file and line of a line that is not a JSON object."""
+    if not path.is_file():
+        raise EvalDataError(f"{path}: no such file")
+    with open(path, encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise EvalDataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise EvalDataError(f"{path}:{number}: expected a JSON object")
+            yield number, record
 
 
 @dataclass

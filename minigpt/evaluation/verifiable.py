@@ -9,11 +9,10 @@ both also per task type (`exact_match/sort`, ...). Prompts that occur in the tra
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from minigpt.data.tasks import expected_answer, prompt_of, reward
-from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches
+from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches, jsonl_objects
 from minigpt.evaluation.spec import TaskSpec
 from minigpt.generate import GenerationConfig, TextGenerator
 from minigpt.train.metrics import MetricSums
@@ -21,26 +20,15 @@ from minigpt.train.metrics import MetricSums
 
 def load_tasks(path: Path) -> list[dict]:
     """Records {"prompt", "reference", "task"} of a task file in any make_tasks format (sft, dpo, rlhf)."""
-    if not path.is_file():
-        raise EvalDataError(f"{path}: no such file")
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalDataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise EvalDataError(f"{path}:{number}: expected a JSON object")
-            prompt = prompt_of(record).strip()
-            reference = expected_answer(record) if prompt else None
-            if reference is None:
-                raise EvalDataError(f"{path}:{number}: not a verifiable task (no prompt with a known answer or "
-                                    "'reference' field)")
-            records.append({"prompt": prompt, "reference": reference,
-                            "task": str(record.get("task") or prompt.split(" ", 1)[0].lower())})
+    for number, record in jsonl_objects(path):
+        prompt = prompt_of(record).strip()
+        reference = expected_answer(record) if prompt else None
+        if reference is None:
+            raise EvalDataError(f"{path}:{number}: not a verifiable task (no prompt with a known answer or "
+                                "'reference' field)")
+        records.append({"prompt": prompt, "reference": reference,
+                        "task": str(record.get("task") or prompt.split(" ", 1)[0].lower())})
     return records
 
 

@@ -153,20 +153,58 @@ def test_export_refuses_a_tokenizer_transformers_would_encode_differently(tmp_pa
     assert not (tmp_path / "hf").exists()
 
 
-@pytest.mark.parametrize("format_", ["hf", "gguf"])
-def test_export_refuses_a_mixture_of_experts_model_by_its_field(data_tokenizer, tmp_path, capsys, format_):
+def _moe_dir(directory: Path, tokenizer: Tokenizer, **overrides) -> Path:
     import dataclasses
 
     from minigpt.config import get_config
     from minigpt.model import MiniGPT
 
     torch.manual_seed(0)
-    config = dataclasses.replace(get_config("tiny-moe"), vocab_size=data_tokenizer.vocab_size, num_layers=2)
-    moe = save_model(tmp_path / "moe", MiniGPT(config), data_tokenizer)
-    out = tmp_path / ("hf" if format_ == "hf" else "m.gguf")
-    assert export_cli.main(["--model", str(moe), "--format", format_, "--out", str(out)]) == 2
+    config = dataclasses.replace(get_config("tiny-moe"), vocab_size=tokenizer.vocab_size, num_layers=2, **overrides)
+    return save_model(directory, MiniGPT(config), tokenizer)
+
+
+def test_gguf_export_refuses_a_mixture_of_experts_model_by_its_field(data_tokenizer, tmp_path, capsys):
+    moe = _moe_dir(tmp_path / "moe", data_tokenizer)
+    out = tmp_path / "m.gguf"
+    assert export_cli.main(["--model", str(moe), "--format", "gguf", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "num_experts" in err and "no Llama equivalent" in err
+    assert not out.exists()
+
+
+def test_hf_export_writes_a_moe_preset_as_granitemoeshared(data_tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    moe = _moe_dir(tmp_path / "moe", data_tokenizer)  # 4 experts, top-2, 1 shared expert, ffn 128
+    out = tmp_path / "hf"
+    assert export_cli.main(["--model", str(moe), "--format", "hf", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["GraniteMoeSharedForCausalLM"] and config["model_type"] == "granitemoeshared"
+    assert (config["num_local_experts"], config["num_experts_per_tok"], config["shared_intermediate_size"]) == (4, 2, 128)
+    assert (config["embedding_multiplier"], config["residual_multiplier"], config["logits_scaling"]) == (1, 1, 1)
+    assert config["attention_multiplier"] == 32 ** -0.5  # head_dim = hidden 128 / 4 heads
+    tensors = load_file(str(out / SAFETENSORS_FILE))
+    ours = load_consolidated(moe)[0].state_dict()
+    prefix = "model.layers.1.block_sparse_moe."
+    assert torch.equal(tensors[prefix + "input_linear.weight"][3], ours["blocks.1.ffn.experts.3.gate_up_proj.weight"])
+    assert torch.equal(tensors[prefix + "output_linear.weight"][3], ours["blocks.1.ffn.experts.3.down_proj.weight"])
+    assert torch.equal(tensors[prefix + "router.layer.weight"], ours["blocks.1.ffn.router.weight"])
+    assert torch.equal(tensors["model.layers.1.shared_mlp.input_linear.weight"], ours["blocks.1.ffn.shared.0.gate_up_proj.weight"])
+
+
+@pytest.mark.parametrize(("overrides", "field"), [
+    ({"experts_per_token": 1}, "experts_per_token=1"),
+    ({"moe_capacity_factor": 1.25}, "moe_capacity_factor=1.25"),
+    ({"moe_capacity_factor": 1.25, "num_shared_experts": 0}, "moe_capacity_factor=1.25"),
+])
+def test_hf_export_refuses_moe_routing_granitemoeshared_cannot_reproduce(data_tokenizer, tmp_path, capsys,
+                                                                          overrides, field):
+    moe = _moe_dir(tmp_path / "moe", data_tokenizer, **overrides)
+    out = tmp_path / "hf"
+    assert export_cli.main(["--model", str(moe), "--format", "hf", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and field in err and "no GraniteMoeShared equivalent" in err
     assert not out.exists()
 
 

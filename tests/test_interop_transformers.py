@@ -50,6 +50,20 @@ def trained_export(tmp_path_factory, data_tokenizer):
     return TextGenerator(ours, data_tokenizer), hf_model, hf_tokenizer
 
 
+@pytest.fixture(scope="module", params=[(2, 2), (3, 0)], ids=["top2-2shared", "top3-noshared"])
+def moe_pair(request, tmp_path_factory, data_tokenizer):
+    """(our mixture-of-experts model, transformers' GraniteMoeShared) for random weights, exported in fp32:
+    top-2 with two shared experts (stacked into one shared MLP), and top-3 without shared experts."""
+    k, shared = request.param
+    ours = random_model(data_tokenizer.vocab_size, seed=5, tie_embeddings=False, max_seq_len=128, num_experts=4,
+                        experts_per_token=k, num_shared_experts=shared, ffn_hidden_size=32)
+    out = export_hf(save_model(tmp_path_factory.mktemp("moe") / "final", ours, data_tokenizer),
+                    tmp_path_factory.mktemp("hf") / "moe")
+    hf_model = load_hf(out)[0]
+    assert type(hf_model).__name__ == "GraniteMoeSharedForCausalLM"
+    return ours, hf_model
+
+
 def padded_batch(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids (pad 0) and the attention mask, as both generators batch prompts."""
     width = max(len(r) for r in rows)
@@ -69,6 +83,13 @@ def max_logit_difference(ours, hf_model, rows: list[list[int]]) -> float:
 
 def test_fp32_logits_of_random_weights_equal_ours_on_a_padded_batch(random_pair):
     ours, hf_model = random_pair
+    torch.manual_seed(0)
+    rows = [torch.randint(6, ours.config.vocab_size, (n,)).tolist() for n in (40, 17, 3)]
+    assert max_logit_difference(ours, hf_model, rows) <= 1e-4
+
+
+def test_fp32_logits_of_a_random_moe_model_equal_ours_on_a_padded_batch(moe_pair):
+    ours, hf_model = moe_pair
     torch.manual_seed(0)
     rows = [torch.randint(6, ours.config.vocab_size, (n,)).tolist() for n in (40, 17, 3)]
     assert max_logit_difference(ours, hf_model, rows) <= 1e-4
@@ -101,6 +122,15 @@ def hf_greedy(hf_model, prompts: list[list[int]], stop_ids: list[int] | None) ->
 
 def test_greedy_generate_gives_the_same_64_tokens_as_our_generator(random_pair, data_tokenizer):
     ours, hf_model = random_pair
+    prompts = [data_tokenizer.encode("First Citizen:"), data_tokenizer.encode("学而")]
+    expected = TextGenerator(ours, data_tokenizer).generate_ids(
+        prompts, GenerationConfig(max_new_tokens=64, do_sample=False, stop_token_ids=()))
+    assert [len(row) for row in expected] == [64, 64]
+    assert hf_greedy(hf_model, prompts, None) == expected
+
+
+def test_greedy_generate_of_a_moe_model_gives_the_same_64_tokens_as_our_generator(moe_pair, data_tokenizer):
+    ours, hf_model = moe_pair
     prompts = [data_tokenizer.encode("First Citizen:"), data_tokenizer.encode("学而")]
     expected = TextGenerator(ours, data_tokenizer).generate_ids(
         prompts, GenerationConfig(max_new_tokens=64, do_sample=False, stop_token_ids=()))

@@ -5,6 +5,7 @@ embeddings), so the export is a renaming plus two splits: our fused `qkv_proj` b
 `q_proj/k_proj/v_proj` and `gate_up_proj` becomes `gate_proj/up_proj`. transformers' Llama rotates
 query/key halves the same way we do (`rotate_half`), so no permutation is needed. One table
 (`TENSOR_TABLE`) drives both directions, so a round trip is bit-identical by construction.
+A mixture-of-experts model exports (one way) as transformers' GraniteMoeShared: see `hf_granitemoe`.
 
 An exported directory holds `model.safetensors`, `config.json` (LlamaForCausalLM), `generation_config.json`,
 and the tokenizer as transformers loads it with no custom code: our sentencepiece `tokenizer.model`
@@ -27,6 +28,13 @@ import torch
 
 from minigpt.config import ConfigError, MiniGPTConfig
 from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
+from minigpt.interop.hf_granitemoe import (
+    MOE_FIELDS,
+    moe_hf_config,
+    moe_hf_tensors,
+    moe_problem,
+    moe_tensor_names,
+)
 from minigpt.model import MiniGPT
 from minigpt.tokenizer import (
     BOS,
@@ -131,26 +139,36 @@ def _split_sizes(name: str, config: MiniGPTConfig) -> list[int] | None:
 
 
 def tensor_table(config: MiniGPTConfig) -> list[tuple[str, tuple[str, ...]]]:
-    """(our name, its Hugging Face names) for every tensor of `config`'s model; no lm_head when tied."""
+    """(our name, its Hugging Face names) for every tensor of `config`'s model; no lm_head when tied.
+    A MoE model's feed-forward tensors are not in it (`moe_hf_tensors` writes those)."""
+    layer_rows = [row for row in LAYER_TENSORS if not (config.is_moe and row[0].startswith("blocks.{i}.ffn."))]
     rows = [(ours.format(i=i), tuple(h.format(i=i) for h in theirs))
-            for i in range(config.num_layers) for ours, theirs in LAYER_TENSORS]
+            for i in range(config.num_layers) for ours, theirs in layer_rows]
     rows += [row for row in MODEL_TENSORS if not (config.tie_embeddings and row[0] == "lm_head.weight")]
     return rows
 
 
 def to_hf_tensors(state_dict: Mapping[str, torch.Tensor], config: MiniGPTConfig,
                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Our state dict as Hugging Face Llama tensors (contiguous copies, `dtype`)."""
+    """Our state dict as Hugging Face Llama tensors (contiguous copies, `dtype`); a MoE model's as
+    GraniteMoeShared tensors (minigpt/interop/hf_granitemoe.py)."""
     table = tensor_table(config)
-    unmapped = sorted(set(state_dict) - {ours for ours, _ in table} - {"lm_head.weight"})
+    moe_names = moe_tensor_names(config) if config.is_moe else set()
+    unmapped = sorted(set(state_dict) - {ours for ours, _ in table} - moe_names - {"lm_head.weight"})
     if unmapped:
         raise InteropError(f"tensor(s) {unmapped[:5]} have no Llama equivalent; this model cannot be exported")
+
+    def convert(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().to("cpu", dtype).contiguous().clone()
+
     out: dict[str, torch.Tensor] = {}
     for ours, theirs in table:
         sizes = _split_sizes(ours, config)
         parts = state_dict[ours].split(sizes, dim=0) if sizes else (state_dict[ours],)
         for name, part in zip(theirs, parts, strict=True):
-            out[name] = part.detach().to("cpu", dtype).contiguous().clone()
+            out[name] = convert(part)
+    for layer in range(config.num_layers if config.is_moe else 0):
+        out.update(moe_hf_tensors(state_dict, config, layer, convert))
     return out
 
 
@@ -179,10 +197,16 @@ def from_hf_tensors(tensors: Mapping[str, torch.Tensor], config: MiniGPTConfig, 
 
 # --- config ------------------------------------------------------------------------------------------
 
-def check_exportable(config: MiniGPTConfig) -> None:
-    """Refuse a model with a config field the Llama format cannot express (by the field's name)."""
+def check_exportable(config: MiniGPTConfig, moe: bool = False) -> None:
+    """Refuse a model with a config field the Llama format cannot express (by the field's name).
+
+    With `moe` (the Hugging Face export), a mixture-of-experts model is accepted as GraniteMoeShared
+    when its MoE fields have an exact equivalent there (`hf_granitemoe.moe_problem`)."""
+    moe = moe and config.is_moe
+    if moe and (problem := moe_problem(config)):
+        raise InteropError(problem)
     for field in dataclasses.fields(config):
-        if field.name in EXPORTED_FIELDS:
+        if field.name in EXPORTED_FIELDS or (moe and field.name in MOE_FIELDS):
             continue
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         if getattr(config, field.name) != default:
@@ -191,9 +215,9 @@ def check_exportable(config: MiniGPTConfig) -> None:
 
 
 def hf_config(config: MiniGPTConfig, tokenizer: Tokenizer, dtype: str = "fp32") -> dict[str, Any]:
-    """`config.json` of the exported LlamaForCausalLM."""
-    check_exportable(config)
-    return {
+    """`config.json` of the exported LlamaForCausalLM (GraniteMoeSharedForCausalLM for a MoE model)."""
+    check_exportable(config, moe=True)
+    llama = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
         "intermediate_size": config.ffn_hidden_size, "num_hidden_layers": config.num_layers,
@@ -206,6 +230,7 @@ def hf_config(config: MiniGPTConfig, tokenizer: Tokenizer, dtype: str = "fp32") 
         "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id,
         "torch_dtype": DTYPE_NAMES[dtype], "dtype": DTYPE_NAMES[dtype],
     }
+    return moe_hf_config(llama, config) if config.is_moe else llama
 
 
 def config_from_hf(hf: Mapping[str, Any], source: str) -> MiniGPTConfig:
@@ -323,15 +348,16 @@ def prepare_output(out: Path, force: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def load_for_export(model_dir: str | Path) -> tuple[MiniGPT, Tokenizer, Path]:
-    """The model and tokenizer of a run directory / `final/` / consolidated directory, checked for export."""
+def load_for_export(model_dir: str | Path, moe: bool = False) -> tuple[MiniGPT, Tokenizer, Path]:
+    """The model and tokenizer of a run directory / `final/` / consolidated directory, checked for export
+    (`moe`: a mixture-of-experts model may be exported, as GraniteMoeShared)."""
     source = resolve_model_dir(model_dir)
     if not (source / WEIGHTS_FILE).is_file() and (source / CONFIG_FILE).is_file() and is_hf_llama_dir(source):
         raise InteropError(f"{source}: is already a Hugging Face Llama directory")
     model, tokenizer = load_consolidated(source)
     if tokenizer is None:
         raise InteropError(f"{source}: has no tokenizer files; an export needs {MODEL_FILE} and {META_FILE}")
-    check_exportable(model.config)
+    check_exportable(model.config, moe=moe)
     check_exportable_tokenizer(tokenizer)
     return model, tokenizer, source
 
@@ -348,7 +374,7 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "fp32", force
         raise InteropError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     out = Path(out)
     prepare_output(out, force)
-    model, tokenizer, _source = load_for_export(model_dir)
+    model, tokenizer, _source = load_for_export(model_dir, moe=True)
     config = model.config
     tensors = to_hf_tensors(model.state_dict(), config, DTYPES[dtype])
     staging = make_staging_dir(out.parent, f".{out.name}.tmp-")

@@ -1,4 +1,6 @@
-"""Export a MiniGPT model to the Hugging Face Llama format (transformers, vLLM) or to GGUF (llama.cpp, Ollama).
+"""Export a MiniGPT model to the Hugging Face format (transformers, vLLM) or to GGUF (llama.cpp, Ollama).
+
+Dense models export as LlamaForCausalLM, mixtures of experts as GraniteMoeSharedForCausalLM (hf only).
 
     python launch/export.py --model checkpoints/sft_tiny --format hf --out exports/sft_tiny-hf
     python launch/export.py --model checkpoints/sft_tiny/final --format gguf --dtype bf16 --out sft_tiny.gguf
@@ -27,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="run directory (uses its final/) or consolidated model directory")
     parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="hf: a Hugging Face Llama directory; gguf: one llama.cpp GGUF file")
+                        help="hf: a Hugging Face directory (Llama; GraniteMoeShared for mixtures of experts); "
+                             "gguf: one llama.cpp GGUF file (dense models)")
     parser.add_argument("--out", required=True, help="output directory (hf) or file (gguf)")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
                         help="weight precision of the export (fp32 is exact; default: fp32)")

@@ -3,15 +3,17 @@
 Every on-disk artefact (shards, tokenizers, checkpoints, consolidated weights) is written under a
 temporary name, flushed with these, then renamed, so a crash never leaves a complete-looking file: one
 file with `atomic_write` (and its text/torch forms); a directory of files built in `make_staging_dir`,
-each flushed with `fsync_file`, then moved into place with `replace_dir`.
+each flushed with `fsync_file`, then moved into place with `replace_dir` (`staged_directory` does all
+three around the code that fills it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -100,3 +102,19 @@ def replace_dir(staging: Path, target: Path) -> None:
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_directory(target: str | Path, label: str = "tmp") -> Iterator[Path]:
+    """Build the directory `target` all at once: yields an empty staging directory beside it
+    (`.<name>.<label>-<random>`); when the block ends normally every file in it is fsynced and it replaces
+    `target` (`replace_dir`); when the block raises it is removed and `target` is untouched."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(target.parent, f".{target.name}.{label}-")
+    try:
+        yield staging
+        fsync_tree(staging)
+        replace_dir(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

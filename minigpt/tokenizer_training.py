@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import sentencepiece as spm
 
 from minigpt.data.sources import expand_inputs, input_format, iter_raw_records, training_texts
-from minigpt.fsutil import fsync_file, make_staging_dir, replace_dir
+from minigpt.fsutil import staged_directory
 from minigpt.tokenizer import (
     BOS,
     CHAT_SYMBOLS,
@@ -120,9 +119,7 @@ def train_tokenizer(inputs: list[str | Path], out_dir: str | Path, vocab_size: i
     reserved = len(SPECIAL_IDS) + len(CHAT_SYMBOLS) + 256
     original_sentences = sentences
     sentences, dropped_chars = _keep_frequent_chars(sentences, (vocab_size - reserved) // 2)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.")
-    try:
+    with staged_directory(out_dir) as staging:
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(sentences), model_prefix=str(staging / "tokenizer"), vocab_size=vocab_size,
             model_type="bpe", pad_id=SPECIAL_IDS[PAD], unk_id=SPECIAL_IDS[UNK], bos_id=SPECIAL_IDS[BOS],
@@ -146,10 +143,5 @@ def train_tokenizer(inputs: list[str | Path], out_dir: str | Path, vocab_size: i
                              "input_sentence_size": input_sentence_size,
                              "seconds": round(time.monotonic() - started, 2)}}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        for path in staging.iterdir():
-            fsync_file(path)
-        replace_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return Tokenizer(out_dir)
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from minigpt.config import ConfigError, MiniGPTConfig
-from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
+from minigpt.fsutil import staged_directory
 from minigpt.model import MiniGPT
 from minigpt.tokenizer import META_FILE, MODEL_FILE, Tokenizer
 
@@ -125,21 +125,12 @@ def save_consolidated(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor
                            f"vocab_size is {config.vocab_size}")
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "model": config.to_dict(),
             "tokenizer_checksum": tokenizer.checksum if tokenizer else None, "extra": extra or {}}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = make_staging_dir(out_dir.parent, f".{out_dir.name}.tmp-")
-    try:
+    with staged_directory(out_dir) as tmp_dir:
         torch.save(tensors, tmp_dir / WEIGHTS_FILE)
         (tmp_dir / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer is not None:
             for name in (MODEL_FILE, META_FILE):
                 shutil.copyfile(tokenizer.directory / name, tmp_dir / name)
-        for path in tmp_dir.iterdir():
-            fsync_file(path)
-        fsync_dir(tmp_dir)
-        replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from minigpt.config import ConfigError, MiniGPTConfig
-from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
+from minigpt.fsutil import make_staging_dir, staged_directory
 from minigpt.interop.hf_granitemoe import (
     MOE_FIELDS,
     moe_hf_config,
@@ -377,8 +377,7 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "fp32", force
     model, tokenizer, _source = load_for_export(model_dir, moe=True)
     config = model.config
     tensors = to_hf_tensors(model.state_dict(), config, DTYPES[dtype])
-    staging = make_staging_dir(out.parent, f".{out.name}.tmp-")
-    try:
+    with staged_directory(out) as staging:
         try:
             save_file(tensors, str(staging / SAFETENSORS_FILE), metadata={"format": "pt"})
         except SafetensorError as err:  # its I/O errors (a full disk) are not OSErrors
@@ -390,13 +389,6 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "fp32", force
         for name, content in files.items():
             (staging / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         shutil.copyfile(tokenizer.directory / MODEL_FILE, staging / MODEL_FILE)
-        for path in staging.iterdir():
-            fsync_file(path)
-        fsync_dir(staging)
-        replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

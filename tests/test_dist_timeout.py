@@ -53,3 +53,34 @@ def test_collective_on_a_later_group_fails_after_the_dist_timeout_instead_of_han
     waited = float(output.split("failed after ")[1].split(" s")[0])
     assert 2.5 <= waited < 30, f"the all-reduce gave up after {waited} s, not after the 3 s timeout"
     assert "Timed out" in output, output[-3000:]
+
+
+SHM_SCRIPT = textwrap.dedent("""
+    import sys, torch, deepspeed
+    from pathlib import Path
+    from minigpt.engine.deepspeed import init_distributed
+    init_distributed(timeout_s=60)
+    rank = torch.distributed.get_rank()
+    # DeepSpeed's shared-memory all-reduce still works on the mapped segments after their names are gone.
+    summed = deepspeed.comm.inference_all_reduce(torch.full((8,), float(rank + 1)))
+    torch.distributed.barrier()
+    Path(sys.argv[-1], f"rank{rank}.txt").write_text(str(summed.tolist()))
+""")
+
+
+def test_a_launch_leaves_no_shared_memory_segments_behind(tmp_path) -> None:
+    """DeepSpeed's CPU all-reduce maps a 66 MiB /dev/shm segment per rank and never removes it: each 2-rank
+    run on a new port used to keep 132 MiB of RAM until reboot, which filled a CI machine's memory."""
+    pytest.importorskip("deepspeed", reason="the segments are DeepSpeed's")
+    script = tmp_path / "shm_ranks.py"
+    script.write_text(SHM_SCRIPT)
+    port = str(free_port())
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["deepspeed", "--num_gpus", "2", "--master_port", port, str(script), str(tmp_path)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text() == str([3.0] * 8), output[-3000:]
+    left = [p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*")]
+    assert left == [], f"segments left in /dev/shm: {left}"

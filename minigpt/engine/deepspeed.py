@@ -95,11 +95,30 @@ def init_distributed(timeout_s: int = 600) -> torch.device:
         # DeepSpeed prints "... op built successfully" from every rank: rank 0's says it once.
         with contextlib.nullcontext() if is_first_rank() else contextlib.redirect_stdout(io.StringIO()):
             deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+        unlink_shared_memory_segment()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if accelerator.device_name() == "cpu":
         return torch.device("cpu")
     accelerator.set_device(local_rank)
     return torch.device(accelerator.device_name(local_rank))
+
+
+def unlink_shared_memory_segment() -> None:
+    """Remove this rank's name for DeepSpeed's CPU all-reduce segment once every rank has mapped it.
+
+    On the CPU accelerator, when all ranks share a machine, each rank creates a 66 MiB /dev/shm segment
+    (deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>) and the peers map it by name;
+    DeepSpeed never unlinks it, so every run on a new port kept its ranks' segments in RAM until reboot.
+    After a barrier all peers hold their mappings: dropping the name frees the memory when the last rank
+    exits (however it exits), and a later run on the same port starts from a fresh segment."""
+    world_size = torch.distributed.get_world_size()
+    # DeepSpeed's own test for the shared-memory path, which every rank answers alike (so all or none wait).
+    if get_accelerator().device_name() != "cpu" or os.environ.get("LOCAL_SIZE") != str(world_size):
+        return
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{torch.distributed.get_rank()}")
+    torch.distributed.barrier()
+    (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def distributed_runtime(timeout_s: int = 600) -> Runtime:

@@ -68,9 +68,9 @@ def iterate(dataset_dir: str, batches: int, batch_size: int, seq_len: int) -> di
     import torch
 
     from minigpt.data.datasets import PretrainWindows
+    from minigpt.data.prefetch import collate
     from minigpt.data.sampler import ResumableSampler
     from minigpt.data.shards import open_shard
-    from minigpt.train.loop import collate
 
     process = psutil.Process()
     rss = lambda: process.memory_info().rss / 2**20  # noqa: E731

@@ -337,6 +337,9 @@ class TrainConfig:
     val_fraction: float = _opt("share of documents held out for validation when raw files are tokenized",
                                default=0.05)
     compile: bool = _opt("torch.compile the model (plain engine)", default=False)
+    prefetch: int = _opt("training steps whose batches a background thread assembles ahead while the current "
+                         "step computes (pinned memory on CUDA); 0: each step reads its batches itself",
+                         default=2)
     activation_checkpointing: bool = _opt("recompute each block's activations during the backward pass instead of "
                                           "keeping them: far less activation memory (long contexts, big batches) "
                                           "for about one more forward pass of compute; DeepSpeed's activation "
@@ -384,7 +387,7 @@ class TrainConfig:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         for name in ("warmup_steps", "eval_interval", "save_interval", "seq_len", "vocab_size",
-                     "eval_batches", "grad_clip", "weight_decay"):
+                     "eval_batches", "grad_clip", "weight_decay", "prefetch"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         if self.ep_size < 0:

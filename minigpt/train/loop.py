@@ -24,6 +24,7 @@ import torch
 from minigpt.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state, sweep_temporary
 from minigpt.config import ConfigError, MiniGPTConfig, TrainConfig, get_config
 from minigpt.data.build import DatasetBuildError
+from minigpt.data.prefetch import PrefetchingLoader, collate
 from minigpt.data.sampler import ResumableSampler, SamplerError
 from minigpt.data.shards import ShardError, open_shard
 from minigpt.engine import create_engine, create_runtime
@@ -111,10 +112,6 @@ def default_sample_prompt(tokenizer: Tokenizer, dataset_dirs: list[Path], chat: 
             if text:
                 return text
     return "The"
-
-
-def collate(samples: list[dict[str, np.ndarray]], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: torch.from_numpy(np.stack([s[key] for s in samples])).to(device) for key in samples[0]}
 
 
 @dataclass
@@ -244,6 +241,7 @@ class Trainer:
         self.val_set = open_datasets(self.run_data, self.objective, "val", self.seq_len)
         self.sampler = ResumableSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.engine.rank,
                                         self.engine.world_size, seed=cfg.seed)
+        self.loader = PrefetchingLoader(self.train_set, self.sampler, self.engine.device, depth=cfg.prefetch)
         self.checkpoints = CheckpointManager(cfg.run_dir, self.engine, cfg.keep_last)
         self.step, self.tokens_seen = 0, 0
         self.start = start
@@ -253,6 +251,8 @@ class Trainer:
             self.budget = TimeBudget(cfg.max_time_seconds, eval_batches=cfg.eval_batches, grad_accum=cfg.grad_accum,
                                      state_bytes=state_bytes, origin=started)
         self._batches: list | None = None
+        self.data_wait = 0.0
+        """Seconds the last step waited for its batches (0 when they were ready): logged as data_wait_s."""
         self.chat_samples = cfg.mode in CHAT_MODES
         self.sample_prompt = cfg.sample_prompt or default_sample_prompt(
             self.tokenizer, self.run_data.dataset_dirs, self.chat_samples)
@@ -295,7 +295,7 @@ class Trainer:
         if state.get("tokenizer_checksum") not in (None, self.tokenizer.checksum):
             raise ConfigError(f"{state['checkpoint']}: trained with tokenizer {state['tokenizer_checksum'][:12]}, "
                               f"this run uses {self.tokenizer.checksum[:12]} ({self.tokenizer.directory})")
-        self.sampler.load_state_dict(state["sampler"])
+        self.loader.load_state_dict(state["sampler"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.budget is not None:
             self.budget.spent_before = float(state.get("elapsed_seconds", 0.0))
@@ -311,7 +311,7 @@ class Trainer:
                           "schedule", flush=True)
 
     def trainer_state(self) -> dict:
-        state = {"tokens_seen": self.tokens_seen, "sampler": self.sampler.state_dict(),
+        state = {"tokens_seen": self.tokens_seen, "sampler": self.loader.state_dict(),
                  "tokenizer_checksum": self.tokenizer.checksum, "mode": self.cfg.mode,
                  "weights_from": self.start.source, "max_steps": self.cfg.max_steps,
                  "warmup_steps": self.cfg.warmup_steps}
@@ -332,9 +332,10 @@ class Trainer:
         into what it trains on, or the previous step's again while the objective takes several updates
         per batch (GRPO's `--rl-updates`). A run resumed mid-cycle starts a new batch."""
         if self._batches is None or self.step % self.objective.updates_per_batch == 0:
-            drawn = [collate([self.train_set[int(i)] for i in indices], self.engine.device)
-                     for indices in self.sampler.next_step()]
-            self._batches = self.objective.begin_batch(self.step, drawn)
+            self._batches = self.objective.begin_batch(self.step, self.loader.next_step())
+            self.data_wait = self.loader.wait_seconds
+        else:
+            self.data_wait = 0.0
         return self._batches
 
     def train_step(self, batches: list | None = None) -> tuple[float, object, int, dict]:
@@ -478,7 +479,7 @@ class Trainer:
                 self.tokens_seen += tokens
                 seconds = time.perf_counter() - started
                 monitor.log_step(index, loss=loss, lr=result.lr, grad_norm=result.grad_norm, tokens=tokens,
-                                 seconds=seconds, extra=stats)
+                                 seconds=seconds, extra={**stats, "data_wait_s": self.data_wait})
                 if self.budget is not None:
                     self.budget.note_step(seconds)
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
@@ -512,6 +513,7 @@ class Trainer:
                           f"{final}")
             return EXIT_FINISHED
         finally:
+            self.loader.close()
             stop.uninstall()
             monitor.close()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,3 +123,30 @@ def test_resume_keeps_counting_the_time_already_spent(tmp_path, shards, data_tok
     assert [r["step"] for r in _train_rows(tmp_path / "run")] == [0, 1, 2]
     assert (tmp_path / "run" / "final" / "model.pt").is_file()
     assert "stopping at step 3" in capsys.readouterr().out
+
+
+@pytest.mark.integration
+def test_the_whole_process_fits_the_budget_interpreter_start_up_included(tmp_path, shards, data_tokenizer):
+    """`--max-time 20s` is what `time python launch/train.py ...` reads (what a Slurm --time limit counts),
+    not 20 s after the imports and set-up."""
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, str(repo / "launch" / "train.py"), "--mode", "pretrain", "--config", "tiny",
+               "--data", str(shards), "--data-dir", str(tmp_path), "--tokenizer", str(data_tokenizer.directory),
+               "--out", str(tmp_path / "run"), "--seq-len", "48", "--batch-size", "4", "--max-steps", "100000",
+               "--warmup-steps", "2", "--eval-interval", "0", "--eval-batches", "2", "--save-interval", "0",
+               "--sample-prompt", "a", "--max-time", "20s"]
+    started = time.monotonic()
+    proc = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, done_at = [], None
+    for line in proc.stdout:  # when the run says it is done, before the interpreter's own exit
+        lines.append(line)
+        if line.startswith("done: "):
+            done_at = time.monotonic() - started
+    took = time.monotonic() - started
+    output = "".join(lines)
+    assert proc.wait(timeout=60) == 0, output[-3000:]
+    assert "--max-time 20s: stopping at step" in output
+    assert took <= 20.0 + 1.5, f"the process took {took:.1f} s of a 20 s budget"
+    # What the run counted as spent covers the interpreter's start-up and imports (seconds), not only set-up.
+    counted = float(output.split(" s of 20 s")[0].rsplit(" in ", 1)[1])
+    assert counted >= done_at - 0.3, f"the run counted {counted:.1f} s of the {done_at:.1f} s it had run"

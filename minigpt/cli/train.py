@@ -23,6 +23,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def process_started() -> float:
+    """When this process started, on the `time.monotonic()` clock: a --max-time budget counts the interpreter's
+    start-up and imports too, as `time` and a Slurm --time limit do."""
+    import time
+
+    import psutil
+
+    age = max(0.0, time.time() - psutil.Process().create_time())
+    return time.monotonic() - age
+
+
 def main(argv: list[str] | None = None) -> int:
     # Catch stop signals before the slow imports and setup: a preemption during start-up must not kill
     # the rank with Python's default action (the run then stops at its first step boundary).
@@ -36,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from minigpt.train.loop import USER_ERRORS, dry_run, train
 
     try:
-        return dry_run(cfg) if cfg.dry_run else train(cfg, stop)
+        return dry_run(cfg) if cfg.dry_run else train(cfg, stop, started=process_started())
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

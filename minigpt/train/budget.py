@@ -7,9 +7,9 @@ inside the budget. All ranks decide on numbers they agreed on (the loop all-redu
 flag), so they stop at the same step. The share of the budget used drives the LR decay
 (`minigpt.engine.base.ScheduleClock`).
 
-Time counts from the start of training set-up (`Trainer` construction) plus the time the checkpoint
-being resumed had already spent; the interpreter's start-up before it (imports, a few seconds) is not
-counted, so leave that much headroom under a hard limit such as Slurm's --time.
+Time counts from the start of the process (`launch/train.py`: interpreter start-up and imports included;
+a `Trainer` built in-process counts from its construction) plus the time the checkpoint being resumed had
+already spent.
 """
 
 from __future__ import annotations

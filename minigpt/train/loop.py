@@ -207,9 +207,11 @@ def check_eval_tasks(cfg: TrainConfig) -> None:
 class Trainer:
     """Holds what the loop needs between steps; `run()` is the loop."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, started: float | None = None):
+        """`started`: the `time.monotonic()` reading a --max-time budget counts from (default: now; the
+        command line passes the process's start)."""
         self.cfg = cfg
-        started = time.monotonic()  # a --max-time budget counts from here
+        started = time.monotonic() if started is None else started
         # First: who this process is, and the process group the data resolution's barriers need.
         self.runtime = create_runtime(cfg)
         earlier_run = check_fresh_run_dir(cfg)  # every rank refuses alike, before anything is written
@@ -508,7 +510,7 @@ class Trainer:
                 self.save()
             final = self.consolidate()
             self.record_sample(monitor, self.step - 1)
-            spent = f" in {self.budget.elapsed():.0f} s of {cfg.max_time_seconds:.0f} s" if self.budget else ""
+            spent = f" in {self.budget.elapsed():.1f} s of {cfg.max_time_seconds:.0f} s" if self.budget else ""
             monitor.write(f"done: {self.step} steps, {self.tokens_seen:,} tokens{spent}; consolidated weights in "
                           f"{final}")
             return EXIT_FINISHED
@@ -518,9 +520,10 @@ class Trainer:
             monitor.close()
 
 
-def train(cfg: TrainConfig, stop: StopRequest | None = None) -> int:
-    """Run training as configured; returns the process exit code (see minigpt.signals)."""
-    return Trainer(cfg).run(stop)
+def train(cfg: TrainConfig, stop: StopRequest | None = None, started: float | None = None) -> int:
+    """Run training as configured; returns the process exit code (see minigpt.signals). `started`: the
+    `time.monotonic()` reading a --max-time budget counts from (default: now)."""
+    return Trainer(cfg, started=started).run(stop)
 
 
 def dry_run(cfg: TrainConfig) -> int:

@@ -51,10 +51,11 @@ class ReferenceGPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
-def reference_tokens_per_sec(steps: int = 60, batch_size: int = 12, context: int = 64, vocab: int = 65) -> float:
+def reference_tokens_per_sec(steps: int = 60, batch_size: int = 12, context: int = 64, vocab: int = 65,
+                             width: int = 128, layers: int = 4, heads: int = 4) -> float:
     """Median-step tokens/s of the reference model's fp32 training step (forward, backward, clip, AdamW)."""
     torch.manual_seed(0)
-    model = ReferenceGPT(vocab=vocab, context=context)
+    model = ReferenceGPT(vocab=vocab, width=width, layers=layers, heads=heads, context=context)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
     batches = torch.randint(0, vocab, (8, batch_size, context + 1))
     times = []

@@ -268,7 +268,11 @@ ADVANTAGE_SCALES = ("group", "batch", "none")
 
 def _opt(help_text: str, **kwargs: Any) -> Any:
     """A dataclass field whose help text also drives the command line (one source for both)."""
-    return dataclasses.field(metadata={"help": help_text}, **kwargs)
+    const = kwargs.pop("const", None)  # the value of the flag given without one (`--compile` = `--compile on`)
+    return dataclasses.field(metadata={"help": help_text, **({"const": const} if const else {})}, **kwargs)
+
+
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -336,7 +340,9 @@ class TrainConfig:
     seed: int = _opt("random seed", default=1337)
     val_fraction: float = _opt("share of documents held out for validation when raw files are tokenized",
                                default=0.05)
-    compile: bool = _opt("torch.compile the model (plain engine)", default=False)
+    compile: str = _opt("torch.compile the model (plain engine): auto (when the run is long enough to pay back "
+                        "the compilation, time eager and compiled steps and keep the faster; skipped where it "
+                        "cannot work), on (--compile alone) or off", default="auto", const="on")
     prefetch: int = _opt("training steps whose batches a background thread assembles ahead while the current "
                          "step computes (pinned memory on CUDA); 0: each step reads its batches itself",
                          default=2)
@@ -381,6 +387,10 @@ class TrainConfig:
             raise ConfigError(f"--mode must be one of {MODES}, got {self.mode!r}")
         if self.config not in PRESETS:
             raise ConfigError(f"--config must be one of {sorted(PRESETS)}, got {self.config!r}")
+        if isinstance(self.compile, bool):  # the library's earlier boolean field
+            self.compile = "on" if self.compile else "off"
+        if self.compile not in COMPILE_CHOICES:
+            raise ConfigError(f"--compile must be one of {COMPILE_CHOICES}, got {self.compile!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("batch_size", "grad_accum", "max_steps"):

@@ -19,6 +19,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         elif typing.get_origin(kind) is list:
             # extend: `--data a b` and `--data a --data b` both give [a, b] (a repeated flag adds, never replaces)
             parser.add_argument(flag, nargs="+", action="extend", default=default, help=help_text, metavar="PATH")
+        elif "const" in field.metadata:  # `--flag` alone means `--flag CONST`
+            parser.add_argument(flag, type=kind, nargs="?", const=field.metadata["const"], default=default,
+                                help=f"{help_text} (default: {default!r})")
         else:
             parser.add_argument(flag, type=kind, default=default,
                                 help=f"{help_text} (default: {default!r})")

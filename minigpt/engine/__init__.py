@@ -111,4 +111,5 @@ def validate_engine_config(cfg: TrainConfig, world_size: int) -> str:
         return (f"DeepSpeed ZeRO-{zero_stage_of(raw)} ({cfg.ds_config or 'default config'}), {world_size} rank(s), "
                 f"{precision} on {accelerator}{ep}")
     device = detect_device(cfg.device)
-    return f"plain on {device}, {resolve_precision(cfg.precision, device)}" + (", compiled" if cfg.compile else "")
+    compiled = {"on": ", compiled", "auto": ", compile auto"}.get(cfg.compile, "")
+    return f"plain on {device}, {resolve_precision(cfg.precision, device)}{compiled}"

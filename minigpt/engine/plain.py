@@ -54,11 +54,24 @@ class PlainEngine(Engine):
             enable_activation_checkpointing(self.module, functools.partial(torch.utils.checkpoint.checkpoint,
                                                                            use_reentrant=False))
         # The compiled wrapper only runs forward; checkpoints and eval use the unwrapped module.
-        self._forward_module = torch.compile(self.module) if cfg.compile else self.module
+        self._compiled: nn.Module | None = None
+        self._forward_module = self.module
+        self.set_compiled(cfg.compile == "on")
         self.optimizer = build_optimizer(self.module, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
         self.schedule_clock = ScheduleClock()
         self.scheduler = build_scheduler(self.optimizer, cfg, self.schedule_clock)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
+
+    def set_compiled(self, compiled: bool) -> None:
+        """Run training forwards through torch.compile's wrapper (made once, compiled at its first call) or
+        the eager module; the weights are the same either way."""
+        if compiled and self._compiled is None:
+            self._compiled = torch.compile(self.module)
+        self._forward_module = self._compiled if compiled else self.module
+
+    @property
+    def compiled(self) -> bool:
+        return self._forward_module is not self.module
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         dtype = autocast_dtype(self.precision)

@@ -29,6 +29,7 @@ from minigpt.data.sampler import ResumableSampler, SamplerError
 from minigpt.data.shards import ShardError, open_shard
 from minigpt.engine import create_engine, create_runtime
 from minigpt.engine.base import Engine
+from minigpt.engine.plain import PlainEngine
 from minigpt.evaluation.context import EvalDataError
 from minigpt.fsutil import atomic_write_text
 from minigpt.generate import GenerationConfig, TextGenerator
@@ -37,6 +38,7 @@ from minigpt.model import MiniGPT
 from minigpt.monitor import TrainingMonitor
 from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 from minigpt.tokenizer import Tokenizer, TokenizerError
+from minigpt.train.autocompile import CompileTrial, compile_unavailable
 from minigpt.train.budget import TimeBudget
 from minigpt.train.data import DataError, RunData, find_input, planned_vocab_size, resolve_run_data
 from minigpt.train.metrics import reduce_by_name
@@ -454,6 +456,19 @@ class Trainer:
         self.engine.barrier()
         return out
 
+    def compile_trial(self, monitor: TrainingMonitor) -> CompileTrial | None:
+        """`--compile auto`'s measurement, or None (decided already: on, off, or it cannot work here)."""
+        if self.cfg.compile != "auto" or not isinstance(self.engine, PlainEngine):  # DeepSpeed: eager, silently
+            return None
+        why_not = compile_unavailable(self.engine.device, plain_engine=isinstance(self.engine, PlainEngine),
+                                      moe=bool(self.model_config.num_experts),
+                                      activation_checkpointing=self.cfg.activation_checkpointing,
+                                      mode=self.cfg.mode)
+        if why_not:
+            monitor.write(f"--compile auto: eager ({why_not})")
+            return None
+        return CompileTrial(self.engine.set_compiled, monitor.write)
+
     def run(self, stop: StopRequest | None = None) -> int:
         """Train to max_steps; stop early (exit 75) after saving when `stop` is requested on any rank."""
         cfg = self.cfg
@@ -471,6 +486,7 @@ class Trainer:
                                   # a bar only on a terminal: in a log file every printed line re-draws it
                                   progress=sys.stdout.isatty())
         stop = stop or StopRequest().install()
+        trial = self.compile_trial(monitor)
         last_saved = self.step if self.step else -1
         try:
             in_time = self.budget is None or self.step >= cfg.max_steps or self.agree(stop)[1]
@@ -482,7 +498,10 @@ class Trainer:
                 seconds = time.perf_counter() - started
                 monitor.log_step(index, loss=loss, lr=result.lr, grad_norm=result.grad_norm, tokens=tokens,
                                  seconds=seconds, extra={**stats, "data_wait_s": self.data_wait})
-                if self.budget is not None:
+                compiling = trial is not None and trial.after_step(
+                    seconds, cfg.max_steps - self.step,
+                    None if self.budget is None else self.budget.seconds - self.budget.elapsed())
+                if self.budget is not None and not compiling:
                     self.budget.note_step(seconds)
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
                     started = time.perf_counter()

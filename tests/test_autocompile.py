@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -115,3 +117,10 @@ def test_a_real_run_compiles_times_both_and_reports(tmp_path, shards, data_token
     assert "compiled in" in line and "ms compiled" in line, line
     assert trainer.engine.compiled == ("compiled from here on" in line)
     assert (tmp_path / "run" / "final" / "model.pt").is_file()
+
+    # Resumed for more steps, the run follows its recorded decision instead of trialling again.
+    resumed = Trainer(dataclasses.replace(cfg, max_steps=cfg.max_steps + 2, auto_resume=True))
+    assert resumed.run() == EXIT_FINISHED
+    out = capsys.readouterr().out
+    assert "as the run decided before its checkpoint" in out, out[-2000:]
+    assert resumed.engine.compiled == trainer.engine.compiled

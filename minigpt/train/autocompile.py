@@ -14,9 +14,11 @@ of guessing:
    --max-time step estimate), `MEASURE` compiled steps are timed, and the compiled model is kept only if
    its median step is at least `MIN_GAIN` faster than the eager median.
 
-`--compile on` compiles from the first step, `--compile off` never does. Compiled and eager steps agree to
-float rounding, not bitwise: a run resumed with `auto` may decide differently and is not bitwise-equal to
-an uninterrupted one (use `on` or `off` where that matters).
+The decision is saved in each checkpoint (`compiled` in trainer_state.json) and a resumed run follows it
+without a new trial, so it continues on the same kind of step. `--compile on` compiles from the first step,
+`--compile off` never does. Compiled and eager steps agree to float rounding, not bitwise: a run resumed
+from a checkpoint taken before the decision decides again for itself and may differ in the last bits from an
+uninterrupted one (use `on` or `off` where bitwise equality matters).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 
 MEASURE = 5
 """Steps timed on each side of the comparison (after the first eager step, which warms up)."""
-PAYBACK_SECONDS = 180.0
+PAYBACK_SECONDS = 300.0
 """A compilation (~20-60 s on a CPU) is tried only when the rest of the run would take this long eager."""
 MIN_GAIN = 0.05
 """The compiled median step must be this much faster than the eager one to be kept."""

@@ -255,6 +255,8 @@ class Trainer:
             self.budget = TimeBudget(cfg.max_time_seconds, eval_batches=cfg.eval_batches, grad_accum=cfg.grad_accum,
                                      state_bytes=state_bytes, origin=started)
         self._batches: list | None = None
+        self.compile_decided: bool | None = None
+        """--compile auto's decision once made (or read from the checkpoint resumed): saved with each checkpoint."""
         self.data_wait = 0.0
         """Seconds the last step waited for its batches (0 when they were ready): logged as data_wait_s."""
         self.chat_samples = cfg.mode in CHAT_MODES
@@ -300,6 +302,7 @@ class Trainer:
             raise ConfigError(f"{state['checkpoint']}: trained with tokenizer {state['tokenizer_checksum'][:12]}, "
                               f"this run uses {self.tokenizer.checksum[:12]} ({self.tokenizer.directory})")
         self.loader.load_state_dict(state["sampler"])
+        self.compile_decided = state.get("compiled")
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.budget is not None:
             self.budget.spent_before = float(state.get("elapsed_seconds", 0.0))
@@ -321,6 +324,8 @@ class Trainer:
                  "warmup_steps": self.cfg.warmup_steps}
         if self.budget is not None:
             state["elapsed_seconds"] = self.budget.elapsed()
+        if self.compile_decided is not None:
+            state["compiled"] = self.compile_decided
         return state
 
     def setup_context(self) -> SetupContext:
@@ -467,7 +472,18 @@ class Trainer:
         if why_not:
             monitor.write(f"--compile auto: eager ({why_not})")
             return None
-        return CompileTrial(self.engine.set_compiled, monitor.write)
+        if self.compile_decided is not None:
+            self.engine.set_compiled(self.compile_decided)
+            monitor.write(f"--compile auto: {'compiled' if self.compile_decided else 'eager'}, as the run decided "
+                          "before its checkpoint")
+            return None
+
+        def report(message: str) -> None:
+            self.compile_decided = trial.kept
+            monitor.write(message)
+
+        trial = CompileTrial(self.engine.set_compiled, report)
+        return trial
 
     def run(self, stop: StopRequest | None = None) -> int:
         """Train to max_steps; stop early (exit 75) after saving when `stop` is requested on any rank."""

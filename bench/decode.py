@@ -39,12 +39,28 @@ def time_decode(generator: TextGenerator, prompt: list[int], config: GenerationC
     return best, produced
 
 
+def batched_rate(generator: TextGenerator, vocab: int, batch: int, prompt_tokens: int, new_tokens: int,
+                 repeats: int = 1) -> float:
+    """Generated tokens per second (all rows) of cached greedy decoding of `batch` random prompts at once."""
+    prompts = torch.randint(4, vocab, (batch, prompt_tokens)).tolist()
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, stop_token_ids=())
+    generator.generate_ids(prompts, GenerationConfig(max_new_tokens=4, do_sample=False, stop_token_ids=()))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = generator.generate_ids(prompts, config)
+        best = min(best, time.perf_counter() - start)
+    return sum(len(ids) for ids in out) / best
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per mode (best is reported)")
+    parser.add_argument("--batches", type=int, nargs="*", default=[1, 8, 32],
+                        help="batch sizes of the batched (cached) decoding table")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -57,15 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     config = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, stop_token_ids=())
     print(f"preset={args.preset} params={model_config.num_params():,} device={args.device} "
           f"threads={torch.get_num_threads()} prompt={args.prompt_tokens} new_tokens={args.new_tokens} "
-          f"batch=1 greedy torch={torch.__version__}")
+          f"greedy torch={torch.__version__}")
     rows = []
     for label, use_cache in (("with KV cache", True), ("without cache", False)):
         seconds, produced = time_decode(generator, prompt, config, use_cache, args.repeats)
         rows.append((label, produced, seconds, produced / seconds))
-    print(f"{'mode':<15} {'tokens':>6} {'seconds':>8} {'tokens/s':>9}")
+    print(f"{'mode (batch 1)':<15} {'tokens':>6} {'seconds':>8} {'tokens/s':>9}")
     for label, produced, seconds, rate in rows:
         print(f"{label:<15} {produced:>6} {seconds:>8.2f} {rate:>9.1f}")
     print(f"KV cache speed-up: {rows[0][3] / rows[1][3]:.2f}x")
+    if args.batches:
+        print(f"{'batch':>5} {'tokens/s (all rows)':>20} {'per row':>8}")
+        for batch in args.batches:
+            rate = batched_rate(generator, model_config.vocab_size, batch, args.prompt_tokens, args.new_tokens,
+                                args.repeats)
+            print(f"{batch:>5} {rate:>20.1f} {rate / batch:>8.1f}")
     return 0
 
 

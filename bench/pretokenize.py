@@ -35,6 +35,24 @@ def baseline(tokenizer, path: Path, text_field: str) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
+def compare(path: Path, text_field: str, vocab_size: int, workers_list: list[int]) -> tuple[float, int, list]:
+    """(MB of input, vocabulary, [(label, seconds, tokens)]): plain sp.encode first, then the pipeline with each
+    number of workers. The tokenizer is trained on the input first (not timed)."""
+    megabytes = path.stat().st_size / 1e6
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = train_tokenizer([path], Path(scratch) / "tok", vocab_size, text_field=text_field)
+        base_seconds, base_tokens = baseline(tokenizer, path, text_field)
+        rows = [("sp.encode, 1 process", base_seconds, base_tokens)]
+        for workers in workers_list:
+            start = time.perf_counter()
+            out = build_dataset([path], Path(scratch) / f"w{workers}", tokenizer, workers=workers,
+                                text_field=text_field, progress=False)
+            seconds = time.perf_counter() - start
+            rows.append((f"pretokenize, {workers} worker(s)", seconds,
+                         json.loads((out / STATS_FILE).read_text())["totals"]["tokens"]))
+    return megabytes, tokenizer.vocab_size, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="a .jsonl corpus")
@@ -45,19 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.input.is_file():
         print(f"error: {args.input} not found", file=sys.stderr)
         return 2
-    megabytes = args.input.stat().st_size / 1e6
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = train_tokenizer([args.input], Path(scratch) / "tok", args.vocab_size, text_field=args.text_field)
-        base_seconds, base_tokens = baseline(tokenizer, args.input, args.text_field)
-        rows = [("sp.encode, 1 process", base_seconds, base_tokens)]
-        for workers in args.workers:
-            start = time.perf_counter()
-            out = build_dataset([args.input], Path(scratch) / f"w{workers}", tokenizer, workers=workers,
-                                text_field=args.text_field, progress=False)
-            seconds = time.perf_counter() - start
-            rows.append((f"pretokenize, {workers} worker(s)", seconds,
-                         json.loads((out / STATS_FILE).read_text())["totals"]["tokens"]))
-    print(f"{args.input.name}: {megabytes:.1f} MB, vocab {tokenizer.vocab_size}, {os.cpu_count()} CPU cores")
+    megabytes, vocab, rows = compare(args.input, args.text_field, args.vocab_size, args.workers)
+    base_seconds = rows[0][1]
+    print(f"{args.input.name}: {megabytes:.1f} MB, vocab {vocab}, {os.cpu_count()} CPU cores")
     print(f"{'':28} {'seconds':>8} {'MB/s':>7} {'Mtok/s':>7} {'vs sp.encode':>13}")
     for name, seconds, tokens in rows:
         print(f"{name:28} {seconds:8.2f} {megabytes / seconds:7.2f} {tokens / seconds / 1e6:7.3f} "

@@ -150,3 +150,14 @@ def test_the_whole_process_fits_the_budget_interpreter_start_up_included(tmp_pat
     # What the run counted as spent covers the interpreter's start-up and imports (seconds), not only set-up.
     counted = float(output.split(" s of 20 s")[0].rsplit(" in ", 1)[1])
     assert counted >= done_at - 0.3, f"the run counted {counted:.1f} s of the {done_at:.1f} s it had run"
+
+
+@pytest.mark.integration
+def test_eval_batches_beyond_the_validation_set_do_not_inflate_the_reserve(tmp_path, shards, data_tokenizer,
+                                                                           monkeypatch, capsys):
+    """`--eval-batches 100000` means "the whole validation set": the ending is estimated from the batches that
+    set really has, so a 15 s budget still trains (it used to stop after one step, reserving hours)."""
+    monkeypatch.setitem(PRESETS, "tiny", SMALL)
+    trainer = Trainer(_cfg(tmp_path, shards, data_tokenizer, max_time="15s", eval_batches=100_000, eval_interval=0))
+    assert trainer.run() == EXIT_FINISHED
+    assert len(_train_rows(tmp_path / "run")) >= 10, capsys.readouterr().out[-2000:]

@@ -252,7 +252,10 @@ class Trainer:
         self.budget: TimeBudget | None = None
         if cfg.max_time:
             state_bytes = 12 * sum(p.numel() for p in self.model.parameters())  # fp32 weights + AdamW moments
-            self.budget = TimeBudget(cfg.max_time_seconds, eval_batches=cfg.eval_batches, grad_accum=cfg.grad_accum,
+            # --eval-batches larger than the validation set means all of it: estimate what evaluate() will run.
+            global_batch = cfg.batch_size * self.engine.world_size
+            eval_batches = min(cfg.eval_batches, -(-len(self.val_set) // global_batch))
+            self.budget = TimeBudget(cfg.max_time_seconds, eval_batches=eval_batches, grad_accum=cfg.grad_accum,
                                      state_bytes=state_bytes, origin=started)
         self._batches: list | None = None
         self.compile_decided: bool | None = None

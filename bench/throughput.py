@@ -78,6 +78,74 @@ def measure(precision: str = "fp32", compiled: bool = False, steps: int = 60, wa
     return ThroughputResult(precision, compiled, tokens_per_sec, median * 1e3, mfu, peak, warmup_seconds)
 
 
+@dataclass
+class Comparison:
+    """MiniGPT's plain engine and the reference loop, timed in alternating blocks in one process."""
+
+    shape: str
+    parameters: int
+    reference_parameters: int
+    tokens_per_step: int
+    tokens_per_sec: float
+    reference_tokens_per_sec: float
+
+    @property
+    def ratio(self) -> float:
+        return self.tokens_per_sec / self.reference_tokens_per_sec
+
+
+def compare_with_reference(shape: str = "baseline", rounds: int = 8, steps: int = 6) -> Comparison:
+    """fp32 eager tokens/s of the plain engine against the reference minimal-GPT loop at the same shape (width,
+    depth, heads, context, vocabulary, batch): `rounds` alternating blocks of `steps` timed steps each, so a
+    slow spell of a shared machine lands on both; the medians of all the steps are compared.
+
+    shape: "baseline" (the minimal GPT trainer's CPU recipe) or "small" (the `small` preset, 26M parameters,
+    context 256, batch 8)."""
+    from reference_gpt import ReferenceGPT
+
+    from minigpt.config import get_config
+
+    if shape == "baseline":
+        config, batch_size = BASELINE_SHAPE, BASELINE_BATCH
+    else:
+        config, batch_size = get_config("small", max_seq_len=256), 8
+    seq_len = config.max_seq_len
+    torch.manual_seed(0)
+    cfg = TrainConfig(batch_size=batch_size, precision="fp32", compile="off", max_steps=100 * rounds * steps,
+                      warmup_steps=5)
+    engine = PlainEngine(MiniGPT(config), cfg, torch.device("cpu"))
+    reference = ReferenceGPT(vocab=config.vocab_size, width=config.hidden_size, layers=config.num_layers,
+                             heads=config.num_heads, context=seq_len)
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.1)
+    batch = torch.randint(4, config.vocab_size, (batch_size, seq_len + 1))
+
+    def ours() -> float:
+        start = time.perf_counter()
+        logits = engine(batch[:, :-1])
+        engine.backward(F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten()))
+        engine.step()
+        return time.perf_counter() - start
+
+    def theirs() -> float:
+        start = time.perf_counter()
+        loss = F.cross_entropy(reference(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        optimizer.step()
+        return time.perf_counter() - start
+
+    for _ in range(3):  # warm-up: allocations, kernel choice
+        ours(), theirs()
+    mine, refs = [], []
+    for _ in range(rounds):
+        mine += [ours() for _ in range(steps)]
+        refs += [theirs() for _ in range(steps)]
+    tokens = batch_size * seq_len
+    return Comparison(shape, config.num_params(), sum(p.numel() for p in reference.parameters()), tokens,
+                      tokens / statistics.median(mine), tokens / statistics.median(refs))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)

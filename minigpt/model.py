@@ -130,6 +130,8 @@ class Attention(nn.Module):
         q, k = apply_rope(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         if cache is not None:
             k, v = cache.append(self.layer_index, k, v)
+            if t == 1:
+                return self.o_proj(self._decode_step(q, k, v, mask).reshape(b, 1, -1))
         if self.num_kv_heads != self.num_heads:
             # Expanding k/v is as fast as SDPA's enable_gqa on CPU and works on every torch >= 2.2.
             repeat = self.num_heads // self.num_kv_heads
@@ -139,6 +141,21 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
             dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+    def _decode_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+        """One new query per row (B, H, 1, D) against the cached keys/values (B, Hkv, S, D): two small matmuls.
+
+        The query heads that share a key/value head are grouped, so the cache is read where it lies (no
+        repeat_interleave copy of every layer's keys and values at every step), and the keys are the left
+        operand: matmul reads the cache's (S, D) blocks as stored (the transposed-keys form copies them)."""
+        b, s = q.shape[0], k.shape[2]
+        grouped = q.reshape(b, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+        scores = torch.matmul(k, grouped.transpose(-1, -2)).mul_(self.head_dim ** -0.5)  # (B, Hkv, S, G)
+        if mask is not None:  # (B, 1, 1, S): the padding of left-padded prompts
+            scores = scores.masked_fill(~mask.reshape(b, 1, s, 1), float("-inf"))
+        probs = scores.softmax(dim=-2).to(v.dtype)
+        return torch.matmul(probs.transpose(-1, -2), v)  # (B, Hkv, G, D): the query heads in their order
 
 
 class _SwiGLUFunction(torch.autograd.Function):

@@ -77,7 +77,7 @@ def test_run_all_quick_writes_results_and_plot(tmp_path):
     if not (Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt").is_file():
         pytest.skip("../shared/data/tinyshakespeare.txt not present")
     result = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--out", str(tmp_path),
-                             "--skip", "deepspeed", "compile", "memory"], capture_output=True, text=True, timeout=600)
+                             "--skip", "deepspeed", "compile", "memory", "data", "activation", "pretokenize"], capture_output=True, text=True, timeout=600)
     assert "| goal" in result.stdout, result.stdout + result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert {row["name"].split(":")[0] for row in results["rows"]} >= {"quality", "throughput", "decode"}

@@ -161,3 +161,14 @@ def test_eval_batches_beyond_the_validation_set_do_not_inflate_the_reserve(tmp_p
     trainer = Trainer(_cfg(tmp_path, shards, data_tokenizer, max_time="15s", eval_batches=100_000, eval_interval=0))
     assert trainer.run() == EXIT_FINISHED
     assert len(_train_rows(tmp_path / "run")) >= 10, capsys.readouterr().out[-2000:]
+
+
+@pytest.mark.integration
+def test_a_budget_spent_mostly_in_warmup_says_so_and_suggests_a_warmup(tmp_path, shards, data_tokenizer, monkeypatch,
+                                                                       capsys):
+    monkeypatch.setitem(PRESETS, "tiny", SMALL)
+    trainer = Trainer(_cfg(tmp_path, shards, data_tokenizer, max_time="6s", warmup_steps=1_000_000))
+    assert trainer.run() == EXIT_FINISHED
+    out = capsys.readouterr().out
+    assert f"warning: the warmup (--warmup-steps 1000000) took most of the {trainer.step} steps" in out, out[-2000:]
+    assert f"--warmup-steps {max(1, trainer.step // 10)} or so" in out

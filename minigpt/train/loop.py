@@ -543,6 +543,10 @@ class Trainer:
             if not in_time:
                 monitor.write(f"--max-time {cfg.max_time}: stopping at step {self.step} of {cfg.max_steps} after "
                               f"{self.budget.elapsed():.0f} s, leaving time to evaluate, save and consolidate")
+                if self.step < 2 * cfg.warmup_steps:
+                    monitor.write(f"warning: the warmup (--warmup-steps {cfg.warmup_steps}) took most of the "
+                                  f"{self.step} steps this budget allowed, so the learning rate barely left it: for "
+                                  f"a budget this short pass --warmup-steps {max(1, self.step // 10)} or so")
             self.log_evaluation(monitor, self.step - 1)
             if last_saved != self.step:
                 self.save()

@@ -252,9 +252,8 @@ class Trainer:
         self.budget: TimeBudget | None = None
         if cfg.max_time:
             state_bytes = 12 * sum(p.numel() for p in self.model.parameters())  # fp32 weights + AdamW moments
-            # --eval-batches larger than the validation set means all of it: estimate what evaluate() will run.
-            global_batch = cfg.batch_size * self.engine.world_size
-            eval_batches = min(cfg.eval_batches, -(-len(self.val_set) // global_batch))
+            # What evaluate() will run (--eval-batches larger than the validation set means all of it).
+            eval_batches = -(-self.eval_samples() // (cfg.batch_size * self.engine.world_size))
             self.budget = TimeBudget(cfg.max_time_seconds, eval_batches=eval_batches, grad_accum=cfg.grad_accum,
                                      state_bytes=state_bytes, origin=started)
         self._batches: list | None = None
@@ -371,6 +370,13 @@ class Trainer:
         averaged = {name: value * scale for name, value in summed.items()}
         return averaged.pop("loss"), result, tokens * self.engine.world_size, averaged
 
+    def eval_samples(self) -> int:
+        """Validation samples an evaluation runs: the first `eval_batches` global batches, or all of the set
+        when it is smaller, rounded down to a multiple of the world size (every rank runs as many)."""
+        world = self.engine.world_size
+        count = min(len(self.val_set), self.cfg.eval_batches * self.cfg.batch_size * world)
+        return count - count % world
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation metrics over the first `eval_batches` global batches of the validation set.
@@ -379,8 +385,7 @@ class Trainer:
         self.engine.eval()
         sums = self.objective.new_eval_sums()
         world, rank, micro = self.engine.world_size, self.engine.rank, self.cfg.batch_size
-        count = min(len(self.val_set), self.cfg.eval_batches * micro * world)
-        count -= count % world
+        count = self.eval_samples()
         mine = list(range(rank, count, world))
         for start in range(0, len(mine), micro):
             samples = [self.val_set[i] for i in mine[start:start + micro]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ from minigpt.data.build import build_dataset
 from minigpt.data.demo import write_demo_corpus
 from minigpt.tokenizer import Tokenizer
 from minigpt.tokenizer_training import train_tokenizer
+
+# A rank or run that the C++ runtime aborts prints its Python stack (subprocesses inherit this).
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CHINESE_LINES = ["学而时习之，不亦说乎？有朋自远方来，不亦乐乎？人不知而不愠，不亦君子乎？",

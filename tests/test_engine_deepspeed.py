@@ -12,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from ports import free_port  # noqa: E402
+from ports import free_port, run_launch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engine_driver import SAVE_AT, STEPS, WORLD, fresh_model, run_steps, train_config  # noqa: E402
@@ -55,7 +54,7 @@ def launch_driver(ds_config: str, out: Path, plain_checkpoint: Path, precision: 
     cmd = ["deepspeed", "--num_gpus", str(WORLD), "--master_port", str(free_port()),
            str(REPO / "tests" / "engine_driver.py"), "--ds-config", str(REPO / ds_config), "--out", str(out),
            "--plain-checkpoint", str(plain_checkpoint), "--precision", precision]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_launch(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return json.loads((out / "results.json").read_text())
 

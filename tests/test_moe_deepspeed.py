@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ports import free_port
+from ports import free_port, run_launch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_driver import MODEL, PROBE, SAVE_AT, STEPS, WORLD, fresh_model, run_steps, train_config  # noqa: E402
@@ -66,8 +66,8 @@ def ds_run(plain_run, tmp_path_factory) -> dict:
     cmd = ["deepspeed", "--num_gpus", str(WORLD), "--master_port", str(free_port()),
            str(REPO / "tests" / "moe_driver.py"), "--ds-config", str(REPO / "ds_configs" / "zero2.json"),
            "--out", str(out), "--plain-checkpoint", str(plain_run["checkpoint"])]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_launch(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                      text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return {**json.loads((out / "results.json").read_text()),
             **torch.load(out / "tensors.pt", weights_only=True), "checkpoint": out / "ds_checkpoint"}

@@ -52,6 +52,24 @@ def test_the_decay_follows_the_budget_when_it_is_further_along_than_the_steps():
     assert warmup_cosine(1000, 10, 1000, 0.1, clock) == pytest.approx(0.1)  # steps further along: steps win
 
 
+def test_the_decay_starts_at_the_peak_however_much_of_the_budget_warmup_used():
+    """Warmup took 40% of the budget: the cosine then runs over the remaining 60% from the peak LR, rather
+    than dropping at once to where 40% of the whole budget would put it (0.1 + 0.9 * 0.65 = 0.69)."""
+    clock = ScheduleClock()
+    clock.fraction = 0.38
+    assert warmup_cosine(9, 10, 1000, 0.1, clock) == pytest.approx(1.0)  # the last warmup step
+    clock.fraction = 0.4
+    assert warmup_cosine(10, 10, 1000, 0.1, clock) == pytest.approx(1.0)  # the first decay step: no jump
+    assert clock.warmup_end == pytest.approx(0.4)
+    clock.fraction = 0.7  # half of what was left after warmup
+    assert warmup_cosine(11, 10, 1000, 0.1, clock) == pytest.approx(0.55)
+    clock.fraction = 1.0
+    assert warmup_cosine(12, 10, 1000, 0.1, clock) == pytest.approx(0.1)
+    # A resumed run gets the recorded end of warmup back and continues the same curve.
+    resumed = ScheduleClock(fraction=0.7, warmup_end=clock.warmup_end)
+    assert warmup_cosine(11, 10, 1000, 0.1, resumed) == pytest.approx(0.55)
+
+
 def test_the_reserve_uses_this_runs_measurements_and_the_decision_keeps_them_free():
     now = [0.0]
     budget = TimeBudget(100.0, eval_batches=4, grad_accum=2, state_bytes=0, clock=lambda: now[0])
@@ -117,9 +135,11 @@ def test_resume_keeps_counting_the_time_already_spent(tmp_path, shards, data_tok
     state = json.loads((tmp_path / "run" / "ckpt" / "step_0000003" / "trainer_state.json").read_text())
     spent = state["elapsed_seconds"]
     assert spent > 0
+    assert 0.0 <= state["lr_warmup_end"] < 0.01  # warmup (2 steps) ended early in the hour
     # The same run resumed with a budget the first part already used up: no more steps, but final weights.
     resumed = Trainer(_cfg(tmp_path, shards, data_tokenizer, max_time=f"{spent:.3f}s", auto_resume=True))
     assert resumed.run() == EXIT_FINISHED
+    assert resumed.engine.schedule_clock.warmup_end == state["lr_warmup_end"]
     assert [r["step"] for r in _train_rows(tmp_path / "run")] == [0, 1, 2]
     assert (tmp_path / "run" / "final" / "model.pt").is_file()
     assert "stopping at step 3" in capsys.readouterr().out

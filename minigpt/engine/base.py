@@ -41,10 +41,21 @@ class ScheduleClock:
     """How much of a wall-clock budget (--max-time) the run has used, as a fraction in [0, 1].
 
     The loop sets `fraction` after every step from a value all ranks agreed on; the LR schedule reads it
-    when the engine next steps its scheduler. It is not part of any checkpoint (the loop restores the
-    time spent instead)."""
+    when the engine next steps its scheduler. `warmup_end` is the fraction at which warmup ended (the
+    schedule records it at its first decay step), so the cosine runs over the rest of the budget from the
+    peak. Neither is in the engine's checkpoint: the loop saves the time spent and `warmup_end` in its
+    trainer state and restores them."""
 
     fraction: float = 0.0
+    warmup_end: float | None = None
+
+    def decay_progress(self) -> float:
+        """How far along the budget's decay is, 0 at the end of warmup and 1 when the budget is used."""
+        if self.warmup_end is None:
+            self.warmup_end = min(1.0, max(0.0, self.fraction))
+        if self.warmup_end >= 1.0:
+            return 1.0
+        return min(1.0, max(0.0, (self.fraction - self.warmup_end) / (1.0 - self.warmup_end)))
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float,
@@ -52,10 +63,11 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     """LR multiplier: linear warmup from 1/warmup to 1, then cosine decay to `min_lr_ratio` at max_steps.
 
     With a `clock` (a time budget) the decay follows whichever is further along: the steps or the
-    budget, so a run that stops on time has decayed fully when it stops."""
+    budget left after warmup, so a run that stops on time has decayed fully when it stops, and the LR
+    does not drop at the end of a warmup that took a large share of the budget."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
-    by_time = min(1.0, max(0.0, clock.fraction)) if clock is not None else 0.0
+    by_time = clock.decay_progress() if clock is not None else 0.0
     if max_steps <= warmup_steps:
         by_steps = 0.0
     else:

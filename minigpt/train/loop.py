@@ -308,6 +308,11 @@ class Trainer:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.budget is not None:
             self.budget.spent_before = float(state.get("elapsed_seconds", 0.0))
+            clock = self.engine.schedule_clock
+            if "lr_warmup_end" in state:
+                clock.warmup_end = state["lr_warmup_end"]
+            elif self.step > self.cfg.warmup_steps:  # saved before it was recorded: decay over the whole budget
+                clock.warmup_end = 0.0
         if self.engine.is_main:
             print(f"[minigpt] resumed from {state['checkpoint']} at step {self.step}", flush=True)
             for name in ("max_steps", "warmup_steps"):
@@ -326,6 +331,7 @@ class Trainer:
                  "warmup_steps": self.cfg.warmup_steps}
         if self.budget is not None:
             state["elapsed_seconds"] = self.budget.elapsed()
+            state["lr_warmup_end"] = self.engine.schedule_clock.warmup_end  # None while still warming up
         if self.compile_decided is not None:
             state["compiled"] = self.compile_decided
         return state

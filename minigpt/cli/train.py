@@ -7,6 +7,7 @@ Every flag mirrors a field of `minigpt.config.TrainConfig`; `--help` lists them.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import sys
 
 from minigpt.cli.args import add_dataclass_arguments, dataclass_from_args
@@ -35,6 +36,10 @@ def process_started() -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A rank that the C++ runtime aborts (gloo, NCCL, a kernel: "terminate called ...") or that segfaults
+    # prints every thread's Python stack, so the log says where the run was, not only the C++ message.
+    if sys.stderr is not None and not faulthandler.is_enabled():
+        faulthandler.enable()
     # Catch stop signals before the slow imports and setup: a preemption during start-up must not kill
     # the rank with Python's default action (the run then stops at its first step boundary).
     stop = StopRequest().install()

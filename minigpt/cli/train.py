@@ -38,8 +38,11 @@ def process_started() -> float:
 def main(argv: list[str] | None = None) -> int:
     # A rank that the C++ runtime aborts (gloo, NCCL, a kernel: "terminate called ...") or that segfaults
     # prints every thread's Python stack, so the log says where the run was, not only the C++ message.
-    if sys.stderr is not None and not faulthandler.is_enabled():
-        faulthandler.enable()
+    if not faulthandler.is_enabled():
+        try:
+            faulthandler.enable()
+        except (AttributeError, ValueError, OSError):  # stderr without a file descriptor (a notebook): skip
+            pass
     # Catch stop signals before the slow imports and setup: a preemption during start-up must not kill
     # the rank with Python's default action (the run then stops at its first step boundary).
     stop = StopRequest().install()

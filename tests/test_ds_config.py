@@ -187,3 +187,11 @@ def test_known_top_level_keys_are_the_keys_deepspeed_reads():
                                             gradient_accumulation_steps=1))
     read_elsewhere = {"vocabulary_size"}  # DeepSpeedConfig._do_warning_check
     assert looked_up | read_elsewhere == set(DEEPSPEED_TOP_LEVEL_KEYS)
+
+
+def test_compile_on_is_refused_on_the_deepspeed_engine_rather_than_ignored():
+    """The DeepSpeed engine runs eager: an explicit --compile on must not silently train uncompiled."""
+    with pytest.raises(ConfigError, match=r"--compile on.*DeepSpeed engine.*--compile auto"):
+        build_ds_config({}, cfg(compile="on"), 2, "zero2.json", precision="fp32", accelerator="cpu")
+    for choice in ("auto", "off"):  # auto settles on eager there, and says so
+        build_ds_config({}, cfg(compile=choice), 2, "zero2.json", precision="fp32", accelerator="cpu")

@@ -98,6 +98,10 @@ def build_ds_config(raw: dict, cfg: TrainConfig, world_size: int, source: str, *
         precision = resolve_precision(cfg.precision, torch.device(accelerator))
     if world_size < 1:
         raise ConfigError(f"world size must be at least 1, got {world_size}")
+    if cfg.compile == "on":
+        raise ConfigError("--compile on: the DeepSpeed engine runs eager (torch.compile is applied by the plain "
+                          "engine only); pass --compile auto (it says it stays eager) or off, or train on one "
+                          "device without a launcher and --ds-config to compile")
     ds = copy.deepcopy(raw)
     for section in ("optimizer", "scheduler"):
         if section in ds:

@@ -477,7 +477,7 @@ class Trainer:
 
     def compile_trial(self, monitor: TrainingMonitor) -> CompileTrial | None:
         """`--compile auto`'s measurement, or None (decided already: on, off, or it cannot work here)."""
-        if self.cfg.compile != "auto" or not isinstance(self.engine, PlainEngine):  # DeepSpeed: eager, silently
+        if self.cfg.compile != "auto":
             return None
         why_not = compile_unavailable(self.engine.device, plain_engine=isinstance(self.engine, PlainEngine),
                                       moe=bool(self.model_config.num_experts),

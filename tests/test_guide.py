@@ -243,3 +243,20 @@ def test_pretokenize_holds_out_the_same_validation_share_as_train():
 
     defaults = pretokenize_parser().parse_args(["--input", "x", "--tokenizer", "t", "--out", "o"])
     assert defaults.val_fraction == TrainConfig().val_fraction
+
+
+def test_raw_files_are_pre_tokenized_again_after_the_encoding_changes(tmp_path, demo_corpus, data_tokenizer,
+                                                                       monkeypatch):
+    """The cache of raw --data files is keyed by what produced the tokens, not only by the files and the
+    tokenizer: after an upgrade that changes the encoding, a run does not train on the old tokens."""
+    from minigpt.data import build
+    from minigpt.runtime import Runtime
+    from minigpt.train.data import resolve_run_data
+
+    cfg = TrainConfig(mode="pretrain", data=[str(demo_corpus)], data_dir=str(tmp_path),
+                      tokenizer=str(data_tokenizer.directory))
+    first = resolve_run_data(cfg, Runtime(), None, "pretrain").dataset_dirs
+    assert resolve_run_data(cfg, Runtime(), None, "pretrain").dataset_dirs == first  # reused as it is
+    monkeypatch.setattr(build, "ENCODING_VERSION", build.ENCODING_VERSION + 1)
+    rebuilt = resolve_run_data(cfg, Runtime(), None, "pretrain").dataset_dirs
+    assert rebuilt != first and (rebuilt[0] / "train").is_dir()

@@ -42,6 +42,10 @@ from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
 from minigpt.tokenizer import Tokenizer
 
 STATS_FILE = "dataset_stats.json"
+ENCODING_VERSION = 2
+"""What `build_dataset` writes for the same input and tokenizer model. Bump it when that changes (2: a typed
+`▁` is escaped, tab and newline have pieces of their own), so that train.py's cache of pre-tokenized raw
+files is rebuilt rather than reused."""
 CHUNK_RECORDS = 256
 CHUNK_BYTES = 1 << 20
 FIRST_LINES = 5

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minigpt.config import ConfigError, TrainConfig, get_config
+from minigpt.data import build
 from minigpt.data.build import build_dataset
 from minigpt.data.demo import write_demo_corpus, write_demo_post_training
 from minigpt.data.shards import open_shard
@@ -97,7 +98,8 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
 
     tokenizer = _resolve_tokenizer(cfg, runtime, tokenizer_dir, raw, datasets)
     if raw:
-        key = _content_key(raw, tokenizer.checksum, kind, str(cfg.val_fraction), str(cfg.seed))
+        key = _content_key(raw, tokenizer.checksum, kind, str(cfg.val_fraction), str(cfg.seed),
+                           f"encoding {build.ENCODING_VERSION}")
         cached = Path(cfg.data_dir) / CACHE / f"{kind}-{key}"
         if is_main and not cached.exists():
             print(f"[minigpt] pre-tokenizing {len(raw)} file(s) into {cached}", flush=True)

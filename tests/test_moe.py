@@ -197,3 +197,50 @@ def test_ep_size_must_divide_world_and_experts_and_zero3_is_refused():
         moe.resolve_ep_size(4, world_size=2, num_experts=4, zero_stage=2)
     with pytest.raises(ConfigError, match="ZeRO stage 0, 1 or 2"):
         moe.resolve_ep_size(0, world_size=2, num_experts=4, zero_stage=3)
+
+
+def _pair_batch(ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Two preference pairs over `ids` (4 rows): responses are the last 3 tokens of each row."""
+    labels = ids.clone()
+    labels[:, :-3] = -100
+    return {"chosen_input_ids": ids[:2], "rejected_input_ids": ids[2:], "chosen_labels": labels[:2],
+            "rejected_labels": labels[2:], "reference_logps": torch.zeros(2, 2)}
+
+
+def _objective_loss(mode: str, model: torch.nn.Module, ids: torch.Tensor):
+    from minigpt.train.dpo import DPO
+    from minigpt.train.reward import RewardModel, RewardModeling
+    from minigpt.train.rlhf import GRPO, Rollout
+
+    if mode == "reward":
+        model = RewardModel(model)
+    engine = PlainEngine(model, TrainConfig(precision="fp32"), torch.device("cpu"))
+    if mode == "dpo":
+        return DPO(beta=0.1).loss(engine, _pair_batch(ids)), engine
+    if mode == "reward":
+        return RewardModeling().loss(engine, _pair_batch(ids)), engine
+    cfg = TrainConfig(mode="rlhf", rl_group_size=2, kl_coef=0.05)
+    mask = torch.ones_like(ids)
+    rollout = Rollout(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1), prompt_len=6,
+                      response_mask=torch.ones(4, 3), old_logprobs=torch.full((4, 3), -4.0),
+                      rewards=torch.tensor([1.0, 0.0, 0.5, 0.0]), reference_logprobs=torch.full((4, 3), -4.0))
+    return GRPO(cfg, tokenizer=None).loss(engine, rollout), engine
+
+
+@pytest.mark.parametrize("mode", ["dpo", "reward", "rlhf"])
+def test_post_training_objectives_add_the_balance_loss_and_log_expert_shares(mode):
+    """DPO, the reward model and GRPO keep a mixture of experts balanced as pretraining and SFT do: the
+    weighted router losses are added to the mode's loss, logged, and reach the router's gradient."""
+    ids = torch.randint(0, 64, (4, 9), generator=torch.Generator().manual_seed(0))
+    (without, stats_without), _ = _objective_loss(mode, seeded_model(moe_config(moe_aux_loss_weight=0.0)), ids)
+    (loss, stats), engine = _objective_loss(mode, seeded_model(moe_config(moe_aux_loss_weight=0.1,
+                                                                          moe_z_loss_weight=0.01)), ids)
+    assert stats["moe_aux_loss"] == pytest.approx(stats_without["moe_aux_loss"], rel=1e-6)  # same weights
+    assert loss.item() - without.item() == pytest.approx(0.1 * stats["moe_aux_loss"] + 0.01 * stats["moe_z_loss"],
+                                                         rel=1e-4)
+    assert sum(stats[f"moe_load/l0_e{e}"] for e in range(4)) == pytest.approx(1.0)
+    own = {"dpo": "dpo_loss", "reward": "reward_loss", "rlhf": "policy_loss"}[mode]  # the mode's loss alone
+    assert stats[own] == pytest.approx(without.item(), rel=1e-5)
+    loss.backward()
+    router = next(m for m in engine.module.modules() if hasattr(m, "moe_stats")).blocks[0].ffn.router
+    assert router.weight.grad.abs().sum() > 0

@@ -211,7 +211,8 @@ class DPO(Objective):
                  "margin": (margin * valid).sum() / count,
                  "accuracy": (preference_accuracy(margin) * valid).sum() / count,
                  "empty_pairs": (1.0 - valid).sum()}
-        return loss, {name: float(value) for name, value in stats.items()}
+        return self.add_model_losses(engine, loss, {name: float(value) for name, value in stats.items()},
+                                     "dpo_loss")  # a mixture of experts' load balancing
 
     @torch.no_grad()
     def eval_batch(self, model, batch: dict[str, torch.Tensor], sums: MetricSums) -> None:

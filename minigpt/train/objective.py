@@ -101,9 +101,11 @@ class Objective:
         the router z-loss, each averaged over the MoE layers; stats `moe_aux_loss`, `moe_z_loss` and
         `moe_load/l{layer}_e{expert}` (the share of the layer's routed assignments each expert got:
         1/E each when balanced; near 1/k for the k experts that take every token when routing collapsed).
-        A dense model adds 0."""
-        model = engine.module
-        layers = model.moe_stats() if hasattr(model, "moe_stats") else []
+        A dense model adds 0. Every mode adds it after its policy's forward pass (DPO and the reward model
+        over both sides of the pairs, GRPO over the rollout); a reward model's backbone is found inside it."""
+        root = getattr(engine, "module", engine)  # an engine, or the bare model a caller forwards through
+        model = next((m for m in root.modules() if hasattr(m, "moe_stats")), None)
+        layers = model.moe_stats() if model is not None else []
         if not layers:
             return 0.0, {}
         config = model.config
@@ -114,6 +116,15 @@ class Objective:
             shares = (layer.counts / layer.counts.sum().clamp(min=1)).tolist()
             stats.update({f"moe_load/l{index}_e{e}": share for e, share in enumerate(shares)})
         return config.moe_aux_loss_weight * aux + config.moe_z_loss_weight * z_loss, stats
+
+    def add_model_losses(self, engine, loss: torch.Tensor, stats: dict[str, float],
+                         name: str) -> tuple[torch.Tensor, dict[str, float]]:
+        """`loss` plus `model_losses`, with their stats; for a mixture of experts the mode's own loss is
+        logged as `name` too (`loss` is what is optimised: the sum)."""
+        model_loss, model_stats = self.model_losses(engine)
+        if not model_stats:
+            return loss, stats
+        return loss + model_loss, {**stats, name: loss.item(), **model_stats}
 
     def tokens_in(self, batch) -> int:
         """Tokens the training forward pass over `batch` processes (for throughput)."""

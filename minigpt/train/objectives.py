@@ -62,10 +62,7 @@ class LanguageModeling(Objective):
         # Sum / count rather than mean: a micro-batch with no trained token (all -100) gives 0, not NaN.
         total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
         lm_loss = total / (labels != IGNORE_INDEX).sum().clamp(min=1)
-        model_loss, stats = self.model_losses(engine)  # a mixture of experts' load balancing; 0 when dense
-        if stats:
-            stats["lm_loss"] = lm_loss.item()  # `loss` is what is optimised: this plus the weighted MoE losses
-        return lm_loss + model_loss, stats
+        return self.add_model_losses(engine, lm_loss, {}, "lm_loss")  # a mixture of experts' load balancing
 
     @torch.no_grad()
     def eval_batch(self, model, batch: dict[str, torch.Tensor], sums: MetricSums) -> None:

@@ -104,7 +104,8 @@ class RewardModeling(Objective):
                  "chosen_score": (chosen.detach() * valid).sum() / count,
                  "rejected_score": (rejected.detach() * valid).sum() / count,
                  "margin": (margin * valid).sum() / count}
-        return loss, {name: float(value) for name, value in stats.items()}
+        return self.add_model_losses(engine, loss, {name: float(value) for name, value in stats.items()},
+                                     "reward_loss")  # a mixture of experts' load balancing
 
     @torch.no_grad()
     def eval_batch(self, model, batch: dict[str, torch.Tensor], sums: MetricSums) -> None:

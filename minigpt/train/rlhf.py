@@ -268,7 +268,8 @@ class GRPO(Objective):
                  "kl": (kl.detach() * mask).sum() / tokens,
                  "response_length": mask.sum(-1).mean(),
                  "clip_fraction": (clipped * mask).sum() / tokens}
-        return loss, {name: float(value) for name, value in stats.items()}
+        return self.add_model_losses(engine, loss, {name: float(value) for name, value in stats.items()},
+                                     "policy_loss")  # a mixture of experts' load balancing
 
     @torch.no_grad()
     def eval_batch(self, model, batch: dict[str, torch.Tensor], sums: MetricSums) -> None:

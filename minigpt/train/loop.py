@@ -311,7 +311,7 @@ class Trainer:
             clock = self.engine.schedule_clock
             if "lr_warmup_end" in state:
                 clock.warmup_end = state["lr_warmup_end"]
-            elif self.step > self.cfg.warmup_steps:  # saved before it was recorded: decay over the whole budget
+            elif self.step >= self.cfg.warmup_steps:  # saved before it was recorded: decay over the whole budget
                 clock.warmup_end = 0.0
         if self.engine.is_main:
             print(f"[minigpt] resumed from {state['checkpoint']} at step {self.step}", flush=True)

@@ -107,16 +107,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def enable_activation_checkpointing(model: nn.Module, checkpoint_fn: Callable) -> int:
+def enable_activation_checkpointing(model: nn.Module, checkpoint_fn: Callable, *, reentrant: bool = False) -> int:
     """Make every MiniGPT inside `model` (a reward model wraps one) run its blocks through `checkpoint_fn`;
-    returns how many it found."""
+    returns how many it found. `reentrant`: `checkpoint_fn` runs the first forward without a graph
+    (DeepSpeed's), which a mixture of experts cannot use."""
     found = 0
     for module in model.modules():
-        if hasattr(module, "checkpoint_fn") and getattr(module.config, "is_moe", False):
-            # The router's balance loss is read from the blocks after forward; a recompute under
-            # DeepSpeed's (reentrant) checkpointing would leave it without gradients.
-            raise ConfigError("--activation-checkpointing is not supported for mixture-of-experts models yet; "
-                              "lower --batch-size and raise --grad-accum instead")
+        if reentrant and hasattr(module, "checkpoint_fn") and getattr(module.config, "is_moe", False):
+            # The router's balance loss is read from the blocks after forward; a reentrant recompute would
+            # leave it without gradients.
+            raise ConfigError("--activation-checkpointing is not supported for mixture-of-experts models on the "
+                              "DeepSpeed engine (its reentrant recompute leaves the router's balance loss without "
+                              "gradients); use the plain engine, or lower --batch-size and raise --grad-accum")
         if hasattr(module, "checkpoint_fn"):
             module.checkpoint_fn = checkpoint_fn
             found += 1

@@ -187,7 +187,7 @@ class DeepSpeedEngine(Engine):
         if cfg.activation_checkpointing:
             deepspeed.checkpointing.configure(None, partition_activations=False, contiguous_checkpointing=False,
                                               checkpoint_in_cpu=False, synchronize=False, profile=False)
-            enable_activation_checkpointing(self.module, deepspeed.checkpointing.checkpoint)
+            enable_activation_checkpointing(self.module, deepspeed.checkpointing.checkpoint, reentrant=True)
         self._names = parameter_names(self.module)
         if num_experts:
             from deepspeed.utils import groups

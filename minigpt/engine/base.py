@@ -113,15 +113,16 @@ def enable_activation_checkpointing(model: nn.Module, checkpoint_fn: Callable, *
     (DeepSpeed's), which a mixture of experts cannot use."""
     found = 0
     for module in model.modules():
-        if reentrant and hasattr(module, "checkpoint_fn") and getattr(module.config, "is_moe", False):
+        if not hasattr(module, "checkpoint_fn"):
+            continue
+        if reentrant and getattr(module.config, "is_moe", False):
             # The router's balance loss is read from the blocks after forward; a reentrant recompute would
             # leave it without gradients.
             raise ConfigError("--activation-checkpointing is not supported for mixture-of-experts models on the "
                               "DeepSpeed engine (its reentrant recompute leaves the router's balance loss without "
                               "gradients); use the plain engine, or lower --batch-size and raise --grad-accum")
-        if hasattr(module, "checkpoint_fn"):
-            module.checkpoint_fn = checkpoint_fn
-            found += 1
+        module.checkpoint_fn = checkpoint_fn
+        found += 1
     if not found:
         raise ConfigError("--activation-checkpointing: the model has no blocks that support it")
     return found

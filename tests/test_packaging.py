@@ -45,3 +45,15 @@ def test_checkout_scripts_still_run_by_path(script):
                             cwd="/", timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: {script}")
+
+
+UNDECLARED_IMPORTS = ROOT.parent / "shared" / "tools" / "undeclared_imports.py"
+
+
+@pytest.mark.skipif(not UNDECLARED_IMPORTS.is_file(), reason=f"{UNDECLARED_IMPORTS} not found (../shared is absent)")
+def test_every_third_party_import_is_declared_in_pyproject():
+    """A package the code, tests or benches import but pyproject.toml does not declare works on the machine
+    that has it by hand and fails at collection on a fresh one (hypothesis did)."""
+    result = subprocess.run([sys.executable, str(UNDECLARED_IMPORTS), str(ROOT)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -39,9 +39,12 @@ def test_cli_reference_lists_every_train_flag_with_its_default():
         assert rows[flag] == repr(default), f"README says {flag} defaults to {rows[flag]}, code says {default!r}"
 
 
-def test_test_command_is_what_ci_runs():
+def test_ci_runs_both_quick_start_commands_in_a_fresh_virtual_environment():
     assert "pytest --integration" in quickstart_command("tests")
-    assert "quickstart:tests" in (REPO / ".ci" / "run").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "quickstart main" in ci and "quickstart tests" in ci
+    venv = ci.index("-m venv")
+    assert venv < ci.index('eval "$main_cmd"') < ci.index('eval "$test_cmd"')
 
 
 @pytest.mark.integration

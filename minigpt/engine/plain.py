@@ -7,7 +7,6 @@ Its checkpoint is one torch file, `engine.pt`, in the engine-neutral layout of `
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from pathlib import Path
@@ -27,7 +26,7 @@ from minigpt.engine.base import (
     check_shapes_fit,
     enable_activation_checkpointing,
 )
-from minigpt.engine.device import autocast_dtype, resolve_precision
+from minigpt.engine.device import autocast_context, resolve_precision
 from minigpt.engine.portable import (
     ENGINE_FILE,
     FORMAT_VERSION,
@@ -74,9 +73,7 @@ class PlainEngine(Engine):
         return self._forward_module is not self.module
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        dtype = autocast_dtype(self.precision)
-        context = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with context:
+        with autocast_context(self.device, self.precision):
             return self._forward_module(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor, micro_batches: int = 1, last: bool = True) -> None:

@@ -133,7 +133,7 @@ class DPO(Objective):
             print(f"[minigpt] dpo: {truncated} pair(s) cut at --seq-len {context.seq_len}; pairs left without "
                   "response tokens are counted as empty_pairs and take no loss", flush=True)
         if self.reference_in_memory:
-            self.reference_model = load_frozen_model(context.start_dir, engine.device, context.mode)
+            self.reference_model = load_frozen_model(context.start_dir, engine.device, context.mode, engine.precision)
             return
         path = context.run_dir / REFERENCE_FILE
         fingerprint = {"weights_from": context.start_source, "seq_len": context.seq_len,
@@ -169,7 +169,7 @@ class DPO(Objective):
             finally:
                 engine.train()
         # Resumed without the file: score with the starting weights, briefly held on every rank.
-        model = load_frozen_model(context.start_dir, engine.device, context.mode)
+        model = load_frozen_model(context.start_dir, engine.device, context.mode, engine.precision)
         references = [compute_reference_logprobs(model, d, context.batch_size, 0, 1, engine.device,
                                                  lambda t: t) for d in self.datasets]
         del model

@@ -168,7 +168,8 @@ class GRPO(Objective):
     def setup(self, context: SetupContext) -> None:
         """Load the frozen reference policy and the reward (model, or check the prompts are verifiable)."""
         self.engine = context.engine
-        self.reference_model = load_frozen_model(context.start_dir, context.engine.device, context.mode)
+        self.reference_model = load_frozen_model(context.start_dir, context.engine.device, context.mode,
+                                                 context.engine.precision)
         if self.cfg.reward_model:
             self.reward_model = load_reward_model(self.cfg.reward_model, self.tokenizer, context.engine.device)
             source = f"reward model {self.cfg.reward_model}"

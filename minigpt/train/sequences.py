@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from minigpt.config import ConfigError
 from minigpt.data.datasets import IGNORE_INDEX
+from minigpt.engine.device import autocast_context
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -32,8 +33,25 @@ def has_response(labels: torch.Tensor) -> torch.Tensor:
     return (labels != IGNORE_INDEX).any(-1)
 
 
-def load_frozen_model(model_dir: Path | None, device: torch.device, mode: str) -> torch.nn.Module:
-    """A frozen copy of the run's starting weights on `device` (the DPO/RLHF reference policy)."""
+class FrozenReference(torch.nn.Module):
+    """A frozen model whose forward runs in the policy's precision (autocast), so a reference scores exactly
+    as the policy's engine would score the same weights: a bf16 policy compared with an fp32 reference would
+    start with a log-ratio that is rounding, not learning, and a resumed run would recompute different
+    reference log-probs than the run it continues."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device, precision: str):
+        super().__init__()
+        self.model, self.device, self.precision = model, device, precision
+
+    def forward(self, *args, **kwargs):
+        with autocast_context(self.device, self.precision):
+            return self.model(*args, **kwargs)
+
+
+def load_frozen_model(model_dir: Path | None, device: torch.device, mode: str,
+                      precision: str = "fp32") -> torch.nn.Module:
+    """A frozen copy of the run's starting weights on `device` (the DPO/RLHF reference policy), run at the
+    policy's `precision`."""
     from minigpt.weights import load_consolidated
 
     if model_dir is None:
@@ -41,4 +59,4 @@ def load_frozen_model(model_dir: Path | None, device: torch.device, mode: str) -
     model, _ = load_consolidated(model_dir, device=device)
     model.eval()
     model.requires_grad_(False)
-    return model
+    return FrozenReference(model, device, precision).eval()

@@ -251,6 +251,24 @@ def find_resume_point(run_dir: Path) -> ResumePoint | None:
     return None
 
 
+def recorded_precision(path: str | Path) -> str | None:
+    """The precision the checkpoint a resume would start from recorded (`path`: a checkpoint folder or a run
+    directory), read before any engine exists so a resumed `--precision auto` run keeps its precision on
+    another machine. A cheap read, not a verification: None when there is nothing readable to follow."""
+    path = Path(path)
+    candidates = [path] if is_checkpoint_folder(path) else sorted(
+        complete_checkpoints((path.parent if path.name == CKPT_DIR else path) / CKPT_DIR), key=save_order_key,
+        reverse=True)[:1]
+    for checkpoint in candidates:
+        try:
+            state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError):
+            return None
+        precision = state.get("precision") if isinstance(state, dict) else None
+        return precision if precision in ("fp32", "bf16", "fp16") else None
+    return None
+
+
 def is_checkpoint_folder(path: Path) -> bool:
     """A single checkpoint (as opposed to a run directory or its `ckpt/` folder)."""
     return ((path / TRAINER_STATE).exists() or (path / MANIFEST).exists()

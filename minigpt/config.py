@@ -309,7 +309,7 @@ class TrainConfig:
     init_from: str = _opt("consolidated weights, run directory or Hugging Face Llama directory to start from",
                           default="")
     device: str = _opt("cpu, cuda, cuda:N or mps; default: auto-detect", default="")
-    precision: str = _opt("auto, fp32, bf16 or fp16 (auto: bf16 on capable GPUs, else fp32)", default="auto")
+    precision: str = _opt("auto, fp32, bf16 or fp16 (auto: bf16 on a GPU or CPU with native bf16 — avx512_bf16/AMX, Arm bf16 — else fp32; a resumed run keeps the precision it started with)", default="auto")
     seq_len: int = _opt("training sequence length (0: the preset's max_seq_len)", default=0)
     batch_size: int = _opt("micro-batch size per data-parallel rank", default=16)
     grad_accum: int = _opt("micro-batches accumulated per optimizer step", default=1)
@@ -340,9 +340,10 @@ class TrainConfig:
     seed: int = _opt("random seed", default=1337)
     val_fraction: float = _opt("share of documents held out for validation when raw files are tokenized",
                                default=0.05)
-    compile: str = _opt("torch.compile the model (plain engine): auto (when the run is long enough to pay back "
-                        "the compilation, time eager and compiled steps and keep the faster; skipped where it "
-                        "cannot work), on (--compile alone) or off", default="auto", const="on")
+    compile: str = _opt("torch.compile the model (plain engine): auto (compiled when the run asks for 2000+ steps "
+                        "and any --max-time is 10 minutes or more, except bf16 on a CPU; decided from these "
+                        "facts alone, never from timings; skipped where it cannot work), on (--compile alone) "
+                        "or off", default="auto", const="on")
     prefetch: int = _opt("training steps whose batches a background thread assembles ahead while the current "
                          "step computes (pinned memory on CUDA); 0: each step reads its batches itself",
                          default=2)

@@ -208,8 +208,8 @@ def test_fp32_bf16_and_fp16_loss_curves_agree_over_a_short_run():
             assert ours == pytest.approx(exact, rel=0.02), (precision, step, curves)
 
 
-def test_auto_precision_is_fp32_on_cpu():
-    assert resolve_precision("auto", CPU) == "fp32"
+def test_explicit_precisions_are_kept_on_cpu():
+    assert resolve_precision("fp32", CPU) == "fp32"
     assert resolve_precision("bf16", CPU) == "bf16"
     assert resolve_precision("fp16", CPU) == "fp16"
 

@@ -101,7 +101,7 @@ def validate_engine_config(cfg: TrainConfig, world_size: int) -> str:
 
         device = detect_device(cfg.device)
         accelerator = "cuda" if device.type == "cuda" else "cpu"
-        precision = resolve_precision(cfg.precision, device)
+        precision = resolve_precision(cfg.precision, device, deepspeed=True)
         raw = load_ds_json(cfg.ds_config) if cfg.ds_config else {}
         build_ds_config(raw, cfg, world_size, cfg.ds_config or "<default ZeRO-0 config>",
                         precision=precision, accelerator=accelerator)

@@ -147,7 +147,7 @@ class DeepSpeedEngine(Engine):
     def __init__(self, model: nn.Module, cfg: TrainConfig, ds_config_path: str | None,
                  runtime: Runtime | None = None):
         accelerator = get_accelerator().device_name()
-        precision = resolve_precision(cfg.precision, torch.device(accelerator))
+        precision = resolve_precision(cfg.precision, torch.device(accelerator), deepspeed=True)
         raw = load_ds_json(ds_config_path) if ds_config_path else {"zero_optimization": {"stage": 0}}
         source = ds_config_path or "<default ZeRO-0 config>"
         world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
+import platform
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -53,24 +58,126 @@ def detect_device(requested: str = "") -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> Precision:
-    """Turn --precision (auto/fp32/bf16/fp16) into what `device` will actually run.
+PROBE_MARGIN = 1.5
+"""Where the CPU's flags don't say whether it has native bf16, the probe picks bf16 only when a bf16 matmul
+runs at least this much faster than an fp32 one: native bf16 measures 2-3x, emulated bf16 ~0.01x, so no
+load on the machine can move a CPU from one side of the margin to the other."""
+BF16_ISA_LIMITS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16", "ALL",
+                   "DEFAULT")
+"""Values of ONEDNN_MAX_CPU_ISA that still let oneDNN (torch's CPU bf16 matmuls) use the bf16 instructions."""
 
-    auto → bf16 on a CUDA device that supports it, else fp32. bf16 and fp16 run on every device through
-    autocast, fp16 with a GradScaler (on CPU too, so the loss-scaling path GPU users rely on is tested
-    here); DeepSpeed's CPU accelerator refuses fp16, which `build_ds_config` says clearly."""
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """A resolved precision and why it was chosen (printed at start-up and by --dry-run)."""
+
+    precision: Precision
+    why: str
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
+    """The CPU feature flags the kernel reports (x86 `flags`, ARM `Features`), or None where there is no
+    /proc/cpuinfo (macOS, Windows)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("flags", "features"):
+                    return set(value.split())
+    except OSError:
+        return None
+    return None
+
+
+def native_cpu_bf16(flags: set[str] | None, machine: str) -> tuple[bool | None, str]:
+    """Whether this CPU runs bf16 matmuls in hardware, from facts that don't change with load: the CPU's
+    flags and the oneDNN ISA cap. None when the flags don't settle it (no flags, an unknown architecture)."""
+    if flags is None:
+        return None, "no CPU flags to read (no /proc/cpuinfo)"
+    if machine in ("x86_64", "amd64", "i386", "i686"):
+        native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+        if not native:
+            return False, ("this CPU has no avx512_bf16 or amx_bf16, so bf16 is emulated (8-10x slower than "
+                           "fp32 here)")
+        limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+        if limit and limit not in BF16_ISA_LIMITS:
+            return False, f"ONEDNN_MAX_CPU_ISA={limit} keeps oneDNN off the CPU's {'/'.join(native)} instructions"
+        return True, f"this CPU has {' and '.join(native)}"
+    if machine in ("aarch64", "arm64"):
+        if "bf16" in flags:
+            return True, "this CPU has the Arm bf16 extension"
+        return False, "this CPU lacks the Arm bf16 extension, so bf16 is emulated"
+    return None, f"no known bf16 flag for a {machine} CPU"
+
+
+def bf16_matmul_speedup(size: int = 512, repeats: int = 5) -> float:
+    """fp32 matmul time over bf16 matmul time on this CPU (> 1: bf16 is faster). Interleaved and the best of
+    `repeats` each, on constant inputs: it draws no random numbers and touches no model."""
+    a = torch.linspace(-1, 1, size * size).reshape(size, size)
+    timings: dict[torch.dtype, float] = {}
+    for _ in range(repeats):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = a.to(dtype)
+            started = time.perf_counter()
+            x @ x
+            timings[dtype] = min(timings.get(dtype, float("inf")), time.perf_counter() - started)
+    return timings[torch.float32] / max(timings[torch.bfloat16], 1e-12)
+
+
+@functools.lru_cache(maxsize=1)
+def choose_cpu_precision() -> PrecisionChoice:
+    """`--precision auto` on the CPU: bf16 where the hardware runs it natively, else fp32; a short probe with
+    a decisive margin (PROBE_MARGIN) only where the flags don't settle it. Decided once per process."""
+    native, why = native_cpu_bf16(cpu_flags(), platform.machine().lower())
+    if native is None:
+        speedup = bf16_matmul_speedup()
+        native = speedup >= PROBE_MARGIN
+        why = (f"{why}; a bf16 matmul probe ran {speedup:.2f}x the speed of fp32 "
+               f"({'at least' if native else 'under'} the {PROBE_MARGIN}x that bf16 must win by)")
+    return PrecisionChoice("bf16" if native else "fp32", why)
+
+
+def choose_precision(precision: str, device: torch.device, *, deepspeed: bool = False) -> PrecisionChoice:
+    """Turn --precision (auto/fp32/bf16/fp16) into what `device` will actually run, and say why.
+
+    auto → on CUDA bf16 where the GPU has it natively (Ampere and newer), else fp32; on the CPU bf16 where
+    the CPU has native bf16 (`choose_cpu_precision`), else fp32 — except under DeepSpeed, whose bf16 mode
+    keeps the weights themselves in bf16 (its CPU accelerator is for testing: fp32 there); on MPS fp32.
+    bf16 and fp16 run on every device through autocast, fp16 with a GradScaler (on CPU too, so the
+    loss-scaling path GPU users rely on is tested here); DeepSpeed's CPU accelerator refuses fp16, which
+    `build_ds_config` says clearly."""
     if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return "bf16"
-        return "fp32"
+        if device.type == "cuda":
+            if torch.cuda.get_device_capability(device)[0] >= 8:
+                return PrecisionChoice("bf16", f"auto: {torch.cuda.get_device_name(device)} has native bf16")
+            return PrecisionChoice("fp32", f"auto: {torch.cuda.get_device_name(device)} has no native bf16 "
+                                           "(--precision fp16 uses its tensor cores with loss scaling)")
+        if device.type == "cpu" and deepspeed:
+            return PrecisionChoice("fp32", "auto: DeepSpeed on the CPU runs fp32 (its bf16 mode stores the "
+                                           "weights in bf16; pass --precision bf16 to use it)")
+        if device.type == "cpu":
+            choice = choose_cpu_precision()
+            return PrecisionChoice(choice.precision, f"auto: {choice.why}")
+        return PrecisionChoice("fp32", f"auto: fp32 on {device.type}")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bf16; "
                           "use --precision fp16 or fp32")
     if precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    return precision
+    return PrecisionChoice(precision, "requested with --precision")
+
+
+def resolve_precision(precision: str, device: torch.device, *, deepspeed: bool = False) -> Precision:
+    """The precision `choose_precision` picks, without the reason."""
+    return choose_precision(precision, device, deepspeed=deepspeed).precision
 
 
 def autocast_dtype(precision: Precision) -> torch.dtype | None:
     """The autocast dtype of a resolved precision (None: run in fp32 without autocast)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def autocast_context(device: torch.device, precision: Precision) -> contextlib.AbstractContextManager:
+    """The autocast a forward pass at `precision` runs under on `device` (a no-op for fp32)."""
+    dtype = autocast_dtype(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()

@@ -95,7 +95,7 @@ def build_ds_config(raw: dict, cfg: TrainConfig, world_size: int, source: str, *
     `source` names the JSON in error messages. `accelerator` is DeepSpeed's accelerator name ("cuda",
     "cpu", ...); `precision` is the resolved precision (default: `cfg.precision` resolved for it)."""
     if precision is None:
-        precision = resolve_precision(cfg.precision, torch.device(accelerator))
+        precision = resolve_precision(cfg.precision, torch.device(accelerator), deepspeed=True)
     if world_size < 1:
         raise ConfigError(f"world size must be at least 1, got {world_size}")
     if cfg.compile == "on":

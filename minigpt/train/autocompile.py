@@ -1,24 +1,22 @@
-"""`--compile auto`: use torch.compile where it works and pays, decided by measuring this run's own steps.
+"""`--compile auto`: use torch.compile where it works and pays, decided from facts that don't change with load.
 
-Compilation costs tens of seconds up front and pays back a fraction of every later step, a fraction that
-depends on the model's shape, the precision and the machine (large on tiny models whose steps are
-dominated by per-op overhead, nothing on models whose steps are all matmuls). So the run measures instead
-of guessing:
+Compilation costs tens of seconds up front (11-110 s on a CPU, more on a busy one) and pays back a fraction
+of every later step: 1.15-1.4x in fp32 on the small shapes this project trains on a CPU, nothing to 1.13x
+in bf16 there, where the matmuls are already fast (docs/performance.md). Timing eager and compiled steps
+inside the run would let a busy machine decide differently from a quiet one, and since compiled and eager
+steps agree only to float rounding, the run's numbers would depend on how busy the machine was. So the
+decision reads only facts fixed before the first step:
 
-1. Skipped at once where it cannot work or cannot pay: not the plain engine, MPS, a CPU without a C++
-   compiler (inductor generates C++), CUDA without triton, Windows, mixture-of-experts layers (routing
-   has data-dependent shapes), activation checkpointing, modes whose batch shapes vary (dpo, reward, rlhf).
-2. Eager steps are timed (`MEASURE` of them after the first). If the rest of the run at that speed is
-   shorter than `PAYBACK_SECONDS`, a compilation could not pay for itself: eager it stays.
-3. Otherwise the next step compiles (its time, the compile time, is reported and kept out of the
-   --max-time step estimate), `MEASURE` compiled steps are timed, and the compiled model is kept only if
-   its median step is at least `MIN_GAIN` faster than the eager median.
+1. Skipped where it cannot work: not the plain engine, Windows, MPS, a CPU without a C++ compiler (inductor
+   generates C++), CUDA without triton, mixture-of-experts layers (routing has data-dependent shapes),
+   activation checkpointing, modes whose batch shapes vary (dpo, reward, rlhf).
+2. Skipped where it does not reliably pay: bf16 on the CPU.
+3. Skipped where the run is too short to pay back a compilation: fewer than `MIN_STEPS` optimizer steps
+   asked for, or a --max-time budget under `MIN_SECONDS`.
 
-The decision is saved in each checkpoint (`compiled` in trainer_state.json) and a resumed run follows it
-without a new trial, so it continues on the same kind of step. `--compile on` compiles from the first step,
-`--compile off` never does. Compiled and eager steps agree to float rounding, not bitwise: a run resumed
-from a checkpoint taken before the decision decides again for itself and may differ in the last bits from an
-uninterrupted one (use `on` or `off` where bitwise equality matters).
+Otherwise the model is compiled from the first step. The decision is saved in each checkpoint (`compiled`
+in trainer_state.json) and a resumed run follows it, so it continues on the same kind of step.
+`--compile on` compiles from the first step, `--compile off` never does.
 """
 
 from __future__ import annotations
@@ -26,18 +24,15 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import statistics
 import sys
-from collections.abc import Callable
 
 import torch
 
-MEASURE = 5
-"""Steps timed on each side of the comparison (after the first eager step, which warms up)."""
-PAYBACK_SECONDS = 300.0
-"""A compilation (~20-60 s on a CPU) is tried only when the rest of the run would take this long eager."""
-MIN_GAIN = 0.05
-"""The compiled median step must be this much faster than the eager one to be kept."""
+MIN_STEPS = 2000
+"""A run asking for fewer optimizer steps stays eager: at the 10-50 ms steps of the small shapes where a
+compilation gains most, 2000 steps are 20-100 s of work, about what the compilation itself costs."""
+MIN_SECONDS = 600.0
+"""A --max-time budget under this stays eager: a compilation would take a large share of it."""
 VARYING_SHAPE_MODES = ("dpo", "reward", "rlhf")
 
 
@@ -64,52 +59,15 @@ def compile_unavailable(device: torch.device, *, plain_engine: bool, moe: bool, 
     return None
 
 
-class CompileTrial:
-    """Drives `--compile auto` from the training loop: call `after_step` after each optimizer step."""
-
-    def __init__(self, set_compiled: Callable[[bool], None], report: Callable[[str], None]):
-        self._set_compiled, self._report = set_compiled, report
-        self.phase = "eager"
-        """eager (timing eager steps) -> compiling (the next step compiles) -> compiled (timing) -> decided"""
-        self.eager: list[float] = []
-        self.compiled: list[float] = []
-        self.compile_seconds: float | None = None
-        self.kept: bool | None = None
-        self._warmed_up = False
-
-    def after_step(self, seconds: float, steps_left: int, seconds_left: float | None = None) -> bool:
-        """Note a finished step's time and switch the engine when the trial calls for it. Returns True when
-        this step included the compilation (an outlier the --max-time step estimate must not see)."""
-        if self.phase == "eager":
-            if not self._warmed_up:  # the first step warms up (allocations, kernel choice)
-                self._warmed_up = True
-            else:
-                self.eager.append(seconds)
-            if len(self.eager) == MEASURE:
-                eager = statistics.median(self.eager)
-                rest = eager * steps_left if seconds_left is None else min(eager * steps_left, seconds_left)
-                if rest < PAYBACK_SECONDS:
-                    self._decide(False, f"the rest of the run ({rest:.0f} s eager) is too short to pay back a "
-                                        "compilation: eager")
-                else:
-                    self._set_compiled(True)
-                    self.phase = "compiling"
-            return False
-        if self.phase == "compiling":
-            self.compile_seconds, self.phase = seconds, "compiled"
-            return True
-        if self.phase == "compiled":
-            self.compiled.append(seconds)
-            if len(self.compiled) == MEASURE:
-                eager, compiled = statistics.median(self.eager), statistics.median(self.compiled)
-                keep = compiled <= (1 - MIN_GAIN) * eager
-                self._decide(keep, f"compiled in {self.compile_seconds:.1f} s; median step {eager * 1e3:.1f} ms "
-                                   f"eager, {compiled * 1e3:.1f} ms compiled ({eager / compiled:.2f}x): "
-                                   + ("compiled from here on" if keep else "not enough faster, eager again"))
-        return False
-
-    def _decide(self, keep: bool, why: str) -> None:
-        self.kept, self.phase = keep, "decided"
-        if not keep and self.compile_seconds is not None:
-            self._set_compiled(False)
-        self._report(f"--compile auto: {why}")
+def compile_pays(device: torch.device, precision: str, steps_left: int, budget_seconds: float | None) -> tuple[bool, str]:
+    """Whether a compilation is worth it for the rest of this run, and why, from facts only: the device, the
+    precision, the optimizer steps left and the --max-time budget (None: no budget)."""
+    if device.type == "cpu" and precision == "bf16":
+        return False, "bf16 steps on the CPU gain little from compilation (0.97-1.13x measured)"
+    if steps_left < MIN_STEPS:
+        return False, f"{steps_left:,} steps are too few to pay back a compilation (it needs {MIN_STEPS:,} or more)"
+    if budget_seconds is not None and budget_seconds < MIN_SECONDS:
+        return False, (f"a {budget_seconds:.0f} s budget is too short to pay back a compilation (it needs "
+                       f"{MIN_SECONDS:.0f} s or more)")
+    budget = "" if budget_seconds is None else f" and a {budget_seconds:.0f} s budget"
+    return True, f"{steps_left:,} steps{budget} pay back a compilation"

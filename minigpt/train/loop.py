@@ -10,6 +10,7 @@ Mode-specific maths lives behind the `Objective` contract (`minigpt.train.object
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -21,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minigpt.checkpoint import CheckpointError, CheckpointManager, rng_state, set_rng_state, sweep_temporary
+from minigpt.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    recorded_precision,
+    rng_state,
+    set_rng_state,
+    sweep_temporary,
+)
 from minigpt.config import ConfigError, MiniGPTConfig, TrainConfig, get_config
 from minigpt.data.build import DatasetBuildError
 from minigpt.data.prefetch import PrefetchingLoader, collate
@@ -29,6 +37,7 @@ from minigpt.data.sampler import ResumableSampler, SamplerError
 from minigpt.data.shards import ShardError, open_shard
 from minigpt.engine import create_engine, create_runtime
 from minigpt.engine.base import Engine
+from minigpt.engine.device import PrecisionChoice, choose_precision
 from minigpt.engine.plain import PlainEngine
 from minigpt.evaluation.context import EvalDataError
 from minigpt.fsutil import atomic_write_text
@@ -38,10 +47,10 @@ from minigpt.model import MiniGPT
 from minigpt.monitor import TrainingMonitor
 from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 from minigpt.tokenizer import Tokenizer, TokenizerError
-from minigpt.train.autocompile import CompileTrial, compile_unavailable
-from minigpt.train.budget import TimeBudget
+from minigpt.train.autocompile import compile_pays, compile_unavailable
+from minigpt.train.budget import WHOLE_EVAL_TIMED, TimeBudget
 from minigpt.train.data import DataError, RunData, find_input, planned_vocab_size, resolve_run_data
-from minigpt.train.metrics import reduce_by_name
+from minigpt.train.metrics import MetricSums, reduce_by_name
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.objectives import build_objective, dataset_kind
 from minigpt.train.run_dir import check_fresh_run_dir, previous_run_artefacts, remove_artefacts
@@ -216,6 +225,8 @@ class Trainer:
         started = time.monotonic() if started is None else started
         # First: who this process is, and the process group the data resolution's barriers need.
         self.runtime = create_runtime(cfg)
+        precision = run_precision(cfg, self.runtime.device, deepspeed=self.runtime.distributed)
+        self.cfg = cfg = dataclasses.replace(cfg, precision=precision.precision)  # the engines, the snapshot
         earlier_run = check_fresh_run_dir(cfg)  # every rank refuses alike, before anything is written
         if self.runtime.is_main:
             if earlier_run:
@@ -225,6 +236,8 @@ class Trainer:
                 print(f"[minigpt] removed {stale}, left by an interrupted write", flush=True)
             for warning in cfg.warnings():
                 print(f"[minigpt] warning: {warning}", flush=True)
+            print(f"[minigpt] precision {precision.precision} ({precision.why}; override with --precision)",
+                  flush=True)
         self.runtime.barrier()
         set_seed(cfg.seed)
         check_eval_tasks(cfg)
@@ -328,7 +341,7 @@ class Trainer:
         state = {"tokens_seen": self.tokens_seen, "sampler": self.loader.state_dict(),
                  "tokenizer_checksum": self.tokenizer.checksum, "mode": self.cfg.mode,
                  "weights_from": self.start.source, "max_steps": self.cfg.max_steps,
-                 "warmup_steps": self.cfg.warmup_steps}
+                 "warmup_steps": self.cfg.warmup_steps, "precision": self.engine.precision}
         if self.budget is not None:
             state["elapsed_seconds"] = self.budget.elapsed()
             state["lr_warmup_end"] = self.engine.schedule_clock.warmup_end  # None while still warming up
@@ -383,6 +396,18 @@ class Trainer:
         count = min(len(self.val_set), self.cfg.eval_batches * self.cfg.batch_size * world)
         return count - count % world
 
+    def eval_micro_batches(self) -> list[list[int]]:
+        """This rank's share of an evaluation, as the validation indices of each micro-batch: every rank gets
+        as many micro-batches (ZeRO-3 gathers weights collectively at each forward pass)."""
+        world, rank, micro = self.engine.world_size, self.engine.rank, self.cfg.batch_size
+        mine = list(range(rank, self.eval_samples(), world))
+        return [mine[start:start + micro] for start in range(0, len(mine), micro)]
+
+    def eval_micro_batch(self, indices: list[int], sums: MetricSums) -> None:
+        """Add the validation samples at `indices` (one micro-batch) into `sums`."""
+        samples = [self.val_set[i] for i in indices]
+        self.objective.eval_batch(self.engine.module, collate(samples, self.engine.device), sums)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation metrics over the first `eval_batches` global batches of the validation set.
@@ -390,15 +415,38 @@ class Trainer:
         Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively)."""
         self.engine.eval()
         sums = self.objective.new_eval_sums()
-        world, rank, micro = self.engine.world_size, self.engine.rank, self.cfg.batch_size
-        count = self.eval_samples()
-        mine = list(range(rank, count, world))
-        for start in range(0, len(mine), micro):
-            samples = [self.val_set[i] for i in mine[start:start + micro]]
-            self.objective.eval_batch(self.engine.module, collate(samples, self.engine.device), sums)
+        for indices in self.eval_micro_batches():
+            self.eval_micro_batch(indices, sums)
         reduced = reduce_by_name(sums, self.engine.all_reduce_sum, self.engine.device)
         self.engine.train()
-        return self.objective.metrics(reduced) if count else {}
+        return self.objective.metrics(reduced) if self.eval_samples() else {}
+
+    @torch.no_grad()
+    def time_ending(self) -> None:
+        """Measure the final evaluation's cost for the --max-time budget, rather than extrapolate it from a
+        step (the first can be many times slower than the rest): the budget's timing passes, run back to
+        back (the fastest counts). Every rank runs them alike (ZeRO-3 gathers weights collectively); the
+        random streams are put back, so training goes on as without them."""
+        random_state = rng_state()
+        while self.budget.ending_pass_due:
+            self.budget.note_ending_pass(*self.ending_pass())
+        self.engine.train()
+        set_rng_state(random_state)
+
+    def ending_pass(self) -> tuple[int, float, float]:
+        """One timing pass: (validation micro-batches timed, their seconds, the sample's seconds). One
+        micro-batch is timed, or the whole evaluation when it has at most `WHOLE_EVAL_TIMED`, and a sample
+        of full length."""
+        batches = self.eval_micro_batches()
+        timed = batches if len(batches) <= WHOLE_EVAL_TIMED else batches[:1]
+        self.engine.eval()
+        started = time.perf_counter()
+        sums = self.objective.new_eval_sums()  # sums are added as floats: the device has finished when timed
+        for indices in timed:
+            self.eval_micro_batch(indices, sums)
+        evaluated = time.perf_counter()
+        self.sample(stop_token_ids=())  # all its tokens: the model of the final sample may not stop early
+        return len(timed), evaluated - started, time.perf_counter() - evaluated
 
     @torch.no_grad()
     def evaluate_tasks(self) -> dict[str, float]:
@@ -424,13 +472,14 @@ class Trainer:
             monitor.log_eval(index, self.evaluate_tasks(), split="eval")
 
     @torch.no_grad()
-    def sample(self) -> str:
+    def sample(self, stop_token_ids: tuple[int, ...] | None = None) -> str:
         """Greedy continuation of the sample prompt, or in chat modes its answer as a user turn of the chat
-        template; every rank runs it (ZeRO-3 gathers weights collectively)."""
+        template; every rank runs it (ZeRO-3 gathers weights collectively). `stop_token_ids=()` never stops
+        early: the longest a sample can take."""
         self.engine.eval()
         generator = TextGenerator(self.engine.module, self.tokenizer, self.engine.device)
-        text = generator.generate([self.sample_prompt], GenerationConfig(max_new_tokens=48, do_sample=False),
-                                  chat=self.chat_samples)[0]
+        config = GenerationConfig(max_new_tokens=48, do_sample=False, stop_token_ids=stop_token_ids)
+        text = generator.generate([self.sample_prompt], config, chat=self.chat_samples)[0]
         self.engine.train()
         return f"[user] {self.sample_prompt}\n[assistant] {text}" if self.chat_samples else self.sample_prompt + text
 
@@ -475,29 +524,27 @@ class Trainer:
         self.engine.barrier()
         return out
 
-    def compile_trial(self, monitor: TrainingMonitor) -> CompileTrial | None:
-        """`--compile auto`'s measurement, or None (decided already: on, off, or it cannot work here)."""
+    def decide_compile(self, monitor: TrainingMonitor) -> None:
+        """`--compile auto`'s decision, from facts fixed before the first step (minigpt.train.autocompile), or
+        the one the resumed run recorded; printed in one line and saved with each checkpoint."""
         if self.cfg.compile != "auto":
-            return None
+            return
         why_not = compile_unavailable(self.engine.device, plain_engine=isinstance(self.engine, PlainEngine),
                                       moe=bool(self.model_config.num_experts),
                                       activation_checkpointing=self.cfg.activation_checkpointing,
                                       mode=self.cfg.mode)
         if why_not:
             monitor.write(f"--compile auto: eager ({why_not})")
-            return None
+            return
         if self.compile_decided is not None:
-            self.engine.set_compiled(self.compile_decided)
             monitor.write(f"--compile auto: {'compiled' if self.compile_decided else 'eager'}, as the run decided "
                           "before its checkpoint")
-            return None
-
-        def report(message: str) -> None:
-            self.compile_decided = trial.kept
-            monitor.write(message)
-
-        trial = CompileTrial(self.engine.set_compiled, report)
-        return trial
+        else:
+            budget_left = None if self.budget is None else self.budget.seconds - self.budget.elapsed()
+            self.compile_decided, why = compile_pays(self.engine.device, self.engine.precision,
+                                                     self.cfg.max_steps - self.step, budget_left)
+            monitor.write(f"--compile auto: {'compiled' if self.compile_decided else 'eager'} ({why})")
+        self.engine.set_compiled(self.compile_decided)
 
     def run(self, stop: StopRequest | None = None) -> int:
         """Train to max_steps; stop early (exit 75) after saving when `stop` is requested on any rank."""
@@ -516,7 +563,7 @@ class Trainer:
                                   # a bar only on a terminal: in a log file every printed line re-draws it
                                   progress=sys.stdout.isatty())
         stop = stop or StopRequest().install()
-        trial = self.compile_trial(monitor)
+        self.decide_compile(monitor)
         last_saved = self.step if self.step else -1
         try:
             in_time = self.budget is None or self.step >= cfg.max_steps or self.agree(stop)[1]
@@ -528,10 +575,7 @@ class Trainer:
                 seconds = time.perf_counter() - started
                 monitor.log_step(index, loss=loss, lr=result.lr, grad_norm=result.grad_norm, tokens=tokens,
                                  seconds=seconds, extra={**stats, "data_wait_s": self.data_wait})
-                compiling = trial is not None and trial.after_step(
-                    seconds, cfg.max_steps - self.step,
-                    None if self.budget is None else self.budget.seconds - self.budget.elapsed())
-                if self.budget is not None and not compiling:
+                if self.budget is not None:
                     self.budget.note_step(seconds)
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
                     started = time.perf_counter()
@@ -539,6 +583,8 @@ class Trainer:
                     self.record_sample(monitor, index)
                     if self.budget is not None:
                         self.budget.note_eval(time.perf_counter() - started)
+                if self.budget is not None and self.budget.ending_pass_due and self.step < cfg.max_steps:
+                    self.time_ending()
                 stop_now, in_time = self.agree(stop)
                 # Periodic saves stop short of the end (the finished run saves after its final evaluation),
                 # but a stop request saves whatever step it lands on, the last one included.
@@ -573,6 +619,17 @@ class Trainer:
             monitor.close()
 
 
+def run_precision(cfg: TrainConfig, device: torch.device, *, deepspeed: bool) -> PrecisionChoice:
+    """The run's precision: --precision as given, or auto's choice for this hardware — except that a resumed
+    auto run keeps the precision its checkpoint recorded (a run moved to another machine continues on the
+    same kind of step)."""
+    if cfg.precision == "auto" and (cfg.resume or cfg.auto_resume):
+        recorded = recorded_precision(cfg.resume or cfg.run_dir)
+        if recorded:
+            return PrecisionChoice(recorded, "auto: as the run resumed decided when it started")
+    return choose_precision(cfg.precision, device, deepspeed=deepspeed)
+
+
 def train(cfg: TrainConfig, stop: StopRequest | None = None, started: float | None = None) -> int:
     """Run training as configured; returns the process exit code (see minigpt.signals). `started`: the
     `time.monotonic()` reading a --max-time budget counts from (default: now)."""
@@ -581,7 +638,7 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None, started: float | No
 
 def dry_run(cfg: TrainConfig) -> int:
     """Validate config, data and DeepSpeed config without building anything; print the plan."""
-    from minigpt.engine import validate_engine_config
+    from minigpt.engine import detect_device, launched_distributed, validate_engine_config
 
     check_eval_tasks(cfg)
     start = find_starting_weights(cfg)
@@ -590,6 +647,7 @@ def dry_run(cfg: TrainConfig) -> int:
     inputs = [find_input(name, cfg.data_dir) for name in cfg.data] or [demo]
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     engine_plan = validate_engine_config(cfg, world_size)
+    precision = run_precision(cfg, detect_device(cfg.device), deepspeed=launched_distributed() or bool(cfg.ds_config))
     if start.model_dir is not None:
         model_config, _meta = read_consolidated_meta(start.model_dir)
         vocab_source = f"weights {start.model_dir}"
@@ -609,6 +667,7 @@ def dry_run(cfg: TrainConfig) -> int:
         f"({vocab_source})",
         f"data            {', '.join(map(str, inputs))}",
         f"engine          {engine_plan}",
+        f"precision       {precision.precision} ({precision.why})",
         f"batch           {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} rank(s) x {seq_len} tokens"
         f" = {tokens_per_step:,} tokens/step",
         f"steps           {cfg.max_steps:,} ({cfg.max_steps * tokens_per_step:,} tokens), warmup {cfg.warmup_steps}",

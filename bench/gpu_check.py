@@ -32,7 +32,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from minigpt.config import TrainConfig, get_config  # noqa: E402
 from minigpt.engine.plain import PlainEngine  # noqa: E402
-from minigpt.flops import peak_flops  # noqa: E402
+from minigpt.flops import model_flops_utilization, peak_flops  # noqa: E402
 from minigpt.generate import GenerationConfig, TextGenerator  # noqa: E402
 from minigpt.model import MiniGPT  # noqa: E402
 
@@ -65,7 +65,7 @@ def train_plain(preset: str, precision: str, steps: int, seq_len: int, batch: in
     seconds = time.perf_counter() - started
     tokens_per_s = (steps - 5) * batch * seq_len / seconds
     peak, _ = peak_flops(torch.device("cuda"), precision)
-    mfu = tokens_per_s * config.flops_per_token(seq_len) / peak
+    mfu = model_flops_utilization(tokens_per_s * config.flops_per_token(seq_len), peak)
     learned = losses[-1] < losses[0] - 0.5
     extra = f", loss scale {engine.scaler.get_scale():.0f}" if precision == "fp16" else ""
     row(f"plain {precision}", "pass" if learned else "FAIL",

@@ -1,7 +1,12 @@
 """Quality per CPU-minute: the documented recipe on tinyshakespeare, timed as a user would run it.
 
     python bench/quality.py                       # bench/recipes/shakespeare.json
-    python bench/quality.py --max-steps 200       # shorter run (the time budget then says nothing)
+    python bench/quality.py --set max_steps=200   # shorter run (the time budget then says nothing)
+    ONEDNN_MAX_CPU_ISA=AVX2 python bench/quality.py   # as on a CPU without native bf16 (AVX2-only)
+
+The recipe asks for `--precision auto`: bf16 on a CPU with native bf16 (avx512_bf16, amx_bf16, Arm bf16),
+fp32 elsewhere, where bf16 autocast is emulated and ~8x slower. What the run chose, and why, is read back
+from its log into the result.
 
 1. Tokenizer + pre-tokenization (not timed against the budget, reported): `shakespeare_data.prepare`.
 2. `python launch/train.py` with the recipe's flags, timed from process start to exit: that wall
@@ -18,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +47,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "bench" / "recipes" / "shakespeare.json"
 BASELINE_BPB = 2.72
 """The minimal GPT trainer's CPU recipe on the same split: 1.886 nats/char after 125 s."""
+PRECISION_LINE = re.compile(r"^\[minigpt\] precision (\w+) \((.*); override with --precision\)$", re.M)
+COMPILE_LINE = re.compile(r"^--compile auto: (.*)$", re.M)
 
 
 @dataclass
@@ -60,6 +68,13 @@ class QualityResult:
     curve: list[tuple[float, float]] = field(default_factory=list)
     """(seconds since the training process started, val bpb on the whole validation text)."""
     run_dir: str = ""
+    precision: str = ""
+    """What the run trained in (`--precision auto` resolved), from its log."""
+    precision_why: str = ""
+    compile_decision: str = ""
+    """What `--compile auto` decided and why, from its log ("" when compile was not auto)."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Environment variables set for the run on top of the recipe's (e.g. ONEDNN_MAX_CPU_ISA)."""
 
 
 def load_recipe(path: Path) -> dict:
@@ -80,6 +95,16 @@ def train_command(flags: dict, dataset_dir: Path, tokenizer_dir: Path, run_dir: 
         else:
             command += [flag, str(value)]
     return command + ["--data", str(dataset_dir), "--tokenizer", str(tokenizer_dir), "--out", str(run_dir)]
+
+
+def run_decisions(log_text: str) -> dict[str, str]:
+    """What the training process decided at start-up, read from its log: the precision it resolved and why,
+    and what `--compile auto` chose; empty strings for what the log does not say."""
+    precision = PRECISION_LINE.search(log_text)
+    compiled = COMPILE_LINE.search(log_text)
+    return {"precision": precision.group(1) if precision else "",
+            "precision_why": precision.group(2) if precision else "",
+            "compile_decision": compiled.group(1) if compiled else ""}
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -124,8 +149,9 @@ def checkpoint_curve(run_dir: Path, dataset_dir: Path, tokenizer: Tokenizer, sta
 
 
 def run_quality(work: Path, recipe_path: Path = DEFAULT_RECIPE, overrides: dict | None = None,
-                log=print) -> QualityResult:
-    """Prepare the data, run the recipe through launch/train.py, evaluate its checkpoints."""
+                log=print, env: dict[str, str] | None = None) -> QualityResult:
+    """Prepare the data, run the recipe through launch/train.py, evaluate its checkpoints. `env` adds
+    variables to the training process's environment (ONEDNN_MAX_CPU_ISA=AVX2 emulates an AVX2-only CPU)."""
     from shakespeare_data import prepare
 
     recipe = load_recipe(recipe_path)
@@ -143,10 +169,10 @@ def run_quality(work: Path, recipe_path: Path = DEFAULT_RECIPE, overrides: dict 
     log("quality: " + " ".join(command[1:]))
     # The recipe's environment (OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning,
     # which keeps a shared 2-core machine from collapsing when another process holds a core).
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **recipe.get("env", {})}
+    process_env = {**os.environ, "PYTHONUNBUFFERED": "1", **recipe.get("env", {}), **(env or {})}
     started_unix, started = time.time(), time.perf_counter()
     with open(work / "train.log", "w") as handle:
-        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=process_env, cwd=REPO)
     wall = time.perf_counter() - started
     if code != 0:
         raise RuntimeError(f"training exited with code {code}; see {work / 'train.log'}")
@@ -163,7 +189,8 @@ def run_quality(work: Path, recipe_path: Path = DEFAULT_RECIPE, overrides: dict 
                          pretokenize_seconds=prepared.pretokenize_seconds, vocab_size=prepared.vocab_size,
                          bytes_per_token=prepared.bytes_per_token,
                          parameters=MiniGPTConfig.from_dict(snapshot["model"]).num_params(),
-                         curve=sorted(curve), run_dir=str(run_dir))
+                         curve=sorted(curve), run_dir=str(run_dir), env=dict(env or {}),
+                         **run_decisions((work / "train.log").read_text()))
 
 
 def main(argv: list[str] | None = None) -> int:

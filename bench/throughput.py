@@ -7,7 +7,9 @@
 The shape is the minimal GPT trainer's CPU recipe (~0.8M parameters; vocab 65 as its character
 tokenizer). Each variant runs full optimizer steps through `PlainEngine` (autocast, clipping, AdamW,
 schedule) on random token batches; tokens/s is the median step's. MFU is model FLOPs
-(`MiniGPTConfig.flops_per_token`) against the device peak `minigpt.flops.peak_flops` measures.
+(`MiniGPTConfig.flops_per_token`) against the device peak `minigpt.flops.peak_flops` measures, capped at
+100% by `minigpt.flops.model_flops_utilization` as in training. The precision of each row is explicit
+(fp32 and bf16 side by side); what `--precision auto` would pick on this CPU is printed above the table.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from minigpt.config import MiniGPTConfig, TrainConfig  # noqa: E402
+from minigpt.engine.device import choose_precision  # noqa: E402
 from minigpt.engine.plain import PlainEngine  # noqa: E402
-from minigpt.flops import peak_flops  # noqa: E402
+from minigpt.flops import model_flops_utilization, peak_flops  # noqa: E402
 from minigpt.model import MiniGPT  # noqa: E402
 
 BASELINE_SHAPE = MiniGPTConfig(vocab_size=65, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
@@ -74,7 +77,7 @@ def measure(precision: str = "fp32", compiled: bool = False, steps: int = 60, wa
     median = statistics.median(step(i) for i in range(steps))
     tokens_per_sec = batch_size * seq_len / median
     peak, _ = peak_flops("cpu", precision)
-    mfu = config.flops_per_token(seq_len) * tokens_per_sec / peak
+    mfu = model_flops_utilization(config.flops_per_token(seq_len) * tokens_per_sec, peak)
     return ThroughputResult(precision, compiled, tokens_per_sec, median * 1e3, mfu, peak, warmup_seconds)
 
 
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [("fp32", False), ("bf16", False)] + ([("fp32", True), ("bf16", True)] if args.compile else [])
     print(f"baseline shape: {BASELINE_SHAPE.num_params():,} parameters, batch {BASELINE_BATCH} x "
           f"{BASELINE_SHAPE.max_seq_len}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    auto = choose_precision("auto", torch.device("cpu"))
+    print(f"explicit precisions below; --precision auto picks {auto.precision} here ({auto.why})")
     print(f"{'precision':<9} {'compiled':<8} {'tokens/s':>9} {'ms/step':>8} {'MFU':>6} {'peak GFLOP/s':>12} "
           f"{'first steps s':>13}")
     for precision, compiled in variants:

@@ -24,7 +24,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from minigpt.flops import PEAK_FLOPS_ENV, peak_flops
+from minigpt.flops import PEAK_FLOPS_ENV, model_flops_utilization, peak_flops
 from minigpt.fsutil import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -235,24 +235,28 @@ class TrainingMonitor:
         return metrics
 
     def _mfu(self, tokens_per_sec: float) -> float:
-        """Achieved FLOP/s over the peak, never above 1. A device that beats its peak proves the peak
-        too low: a measured one (taken at start-up, perhaps on a busy machine) is raised to what the
-        step achieved; a table or given one is kept, and MFU capped, with one warning either way."""
+        """Achieved FLOP/s over the peak, never above 1 (`model_flops_utilization`). A device that beats its
+        peak proves the peak too low: a measured one (taken at start-up, perhaps on a busy machine) is raised
+        to what the step achieved; a table or given one is kept, and MFU capped, with one warning either way."""
         achieved = self.flops_per_token * tokens_per_sec / self.world_size
-        if achieved <= self.peak_flops_per_device:
-            return achieved / self.peak_flops_per_device
+        if achieved > self.peak_flops_per_device:
+            self._peak_exceeded(achieved)
+        return model_flops_utilization(achieved, self.peak_flops_per_device)
+
+    def _peak_exceeded(self, achieved: float) -> None:
+        """Warn once that a step beat the peak; a measured peak follows the best step from now on."""
+        measured = self.peak_source.startswith("measured")
         if not self._peak_warned:
             self._peak_warned = True
-            if self.peak_source.startswith("measured"):
+            if measured:
                 self.write(f"note: a step reached {achieved / 1e9:,.1f} GFLOP/s per device, above the peak "
                            f"measured at start-up ({self.peak_flops_per_device / 1e9:,.1f}); the peak follows the "
                            f"best step from now on (set ${PEAK_FLOPS_ENV} for a fixed one)")
             else:
                 self.write(f"warning: a step reached {achieved / 1e9:,.1f} GFLOP/s per device, above the peak of "
                            f"{self.peak_flops_per_device / 1e9:,.1f} ({self.peak_source}); MFU is capped at 100%")
-        if self.peak_source.startswith("measured"):
+        if measured:
             self.peak_flops_per_device = achieved
-        return 1.0
 
     def log_eval(self, step: int, metrics: dict[str, float], split: str = "val") -> None:
         """Record evaluation figures (loss, bpb, ...) at `step` under `split`."""

@@ -17,10 +17,22 @@ sys.path.insert(0, str(BENCH))
 
 from loader_memory import measure as measure_loader  # noqa: E402
 from pngplot import Chart, Series, nice_ticks  # noqa: E402
-from run_all import Row, format_table  # noqa: E402
+from quality import QualityResult, run_decisions  # noqa: E402
+from run_all import (  # noqa: E402
+    AVX2_ONLY_GOAL_BPB,
+    NATIVE_BF16_GOAL_BPB,
+    Row,
+    emulation_skipped_reason,
+    format_precision_facts,
+    format_table,
+    mfu_figure,
+    precision_facts,
+    quality_row,
+)
 from shakespeare_data import prepare  # noqa: E402
 
 from minigpt.data.shards import open_shard  # noqa: E402
+from minigpt.flops import PEAK_FLOPS_ENV, model_flops_utilization  # noqa: E402
 from minigpt.tokenizer import Tokenizer  # noqa: E402
 from minigpt.train.objectives import token_byte_lengths  # noqa: E402
 
@@ -70,6 +82,67 @@ def test_table_has_one_row_per_goal_with_its_verdict():
     table = format_table([Row("a", "1 tok/s", "2x", ">= 1", "pass"), Row("b", "3", "", "", "FAIL")])
     lines = table.splitlines()
     assert len(lines) == 4 and "pass" in lines[2] and "FAIL" in lines[3]
+
+
+def test_mfu_is_never_above_one_even_when_the_peak_is_measured_too_low():
+    assert model_flops_utilization(5e8, 1e9) == pytest.approx(0.5)
+    assert model_flops_utilization(8e9, 0.9e9) == 1.0, "a peak below the achieved rate is wrong: cap, not 889%"
+    with pytest.raises(ValueError, match="positive"):
+        model_flops_utilization(1e9, 0.0)
+
+
+def test_throughput_bench_caps_mfu_and_marks_the_cap(monkeypatch):
+    from throughput import measure
+
+    monkeypatch.setenv(PEAK_FLOPS_ENV, "1")  # a 1 FLOP/s "peak": every step beats it
+    result = measure("fp32", steps=2, warmup=1)
+    assert result.mfu == 1.0
+    assert "capped" in mfu_figure(result.mfu) and "capped" not in mfu_figure(0.283)
+
+
+def test_quality_reads_what_auto_chose_from_the_training_log():
+    log = ("[minigpt] device cpu (requested with --device)\n"
+           "[minigpt] precision fp32 (auto: ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN off the CPU's avx512_bf16 "
+           "instructions; override with --precision)\n"
+           "--compile auto: eager (--max-time 122s is under 600 s)\n")
+    decisions = run_decisions(log)
+    assert decisions["precision"] == "fp32"
+    assert decisions["precision_why"].startswith("auto: ONEDNN_MAX_CPU_ISA=AVX2")
+    assert decisions["compile_decision"].startswith("eager")
+    assert run_decisions("") == {"precision": "", "precision_why": "", "compile_decision": ""}
+
+
+def quality_result(val_bpb: float, wall_seconds: float, precision: str) -> QualityResult:
+    return QualityResult(val_bpb=val_bpb, wall_seconds=wall_seconds, steps=640, tokens_seen=1_310_720,
+                         tokens_per_sec=11_000.0, tokenizer_seconds=0.2, pretokenize_seconds=0.4, vocab_size=1024,
+                         bytes_per_token=2.21, parameters=1_404_320, precision=precision)
+
+
+def test_each_machine_class_is_judged_against_its_own_quality_goal():
+    result = quality_result((NATIVE_BF16_GOAL_BPB + AVX2_ONLY_GOAL_BPB) / 2, 121.0, "fp32")
+    native, avx2 = quality_row("this CPU", result, True, 125), quality_row("AVX2", result, False, 125)
+    assert native.status == "FAIL" and f"<= {NATIVE_BF16_GOAL_BPB:.3f}" in native.goal
+    assert avx2.status == "pass" and f"<= {AVX2_ONLY_GOAL_BPB:.3f}" in avx2.goal
+    assert "640 steps" in avx2.figure and "fp32" in avx2.figure
+    assert quality_row("AVX2", quality_result(2.3, 126.0, "fp32"), False, 125).status == "FAIL", "over budget"
+
+
+def test_avx2_emulation_runs_only_on_an_x86_cpu_whose_auto_picks_bf16():
+    facts = {"architecture": "x86", "auto_precision": "bf16"}
+    assert emulation_skipped_reason(facts) == ""
+    assert "AVX2-only case" in emulation_skipped_reason({**facts, "auto_precision": "fp32"})
+    assert "x86" in emulation_skipped_reason({**facts, "architecture": "arm"})
+
+
+def test_precision_facts_name_the_flags_the_isa_cap_and_autos_choice():
+    facts = {"architecture": "x86", "cpu_flags": {"avx512f": True, "avx512_bf16": False, "amx_bf16": False},
+             "onednn_max_cpu_isa": "", "native_bf16": False, "auto_precision": "fp32",
+             "auto_why": "auto: this CPU has no avx512_bf16 or amx_bf16"}
+    line = format_precision_facts(facts)
+    assert "avx512f present, avx512_bf16 absent, amx_bf16 absent" in line
+    assert "ONEDNN_MAX_CPU_ISA unset" in line and "--precision auto -> fp32 (auto: this CPU" in line
+    here = precision_facts()
+    assert here["auto_precision"] in ("fp32", "bf16") and here["auto_why"].startswith("auto: ")
 
 
 @pytest.mark.integration

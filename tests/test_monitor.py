@@ -218,3 +218,15 @@ def test_a_measured_peak_beaten_by_a_step_follows_the_best_step(tmp_path: Path, 
     monitor.close()
     assert first.mfu == 1.0 and second.mfu == pytest.approx(0.5, rel=1e-3)
     assert "above the peak measured at start-up" in capsys.readouterr().out
+
+
+def test_measuring_the_peak_leaves_the_seeded_random_stream_alone():
+    """The peak is measured once per process, in the first run's monitor: a second run in the same process
+    with the same seed must draw the same numbers as the first."""
+    from minigpt.flops import measure_matmul_flops
+
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    torch.manual_seed(5)
+    measure_matmul_flops(torch.device("cpu"), torch.float32, size=64, seconds=0.01, repeats=1)
+    assert torch.equal(torch.rand(4), expected)

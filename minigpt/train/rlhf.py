@@ -33,6 +33,7 @@ from minigpt.config import ADVANTAGE_SCALES, ConfigError
 from minigpt.data.datasets import RLHFPrompts
 from minigpt.data.tasks import expected_answer
 from minigpt.data.tasks import reward as task_reward
+from minigpt.engine.device import autocast_context
 from minigpt.generate import GenerationConfig, TextGenerator
 from minigpt.train.metrics import MetricSums
 from minigpt.train.objective import Objective, SetupContext
@@ -246,7 +247,10 @@ class GRPO(Objective):
         these for the next `rl_updates` steps."""
         rollouts = []
         for batch in micro_batches:
-            rollout = self.rollout(self.engine.module, batch, self.group_size)
+            # Sampled at the precision the loss runs at, so the sampling log-probs (the ratio's denominator)
+            # differ from the first update's by rounding, not by bf16 against fp32.
+            with autocast_context(self.engine.device, self.engine.precision):
+                rollout = self.rollout(self.engine.module, batch, self.group_size)
             with torch.no_grad():
                 rollout.reference_logprobs = response_logprobs(self.reference_model, rollout)
             rollouts.append(rollout)

@@ -1,8 +1,8 @@
 """`--compile auto`: use torch.compile where it works and pays, decided from facts that don't change with load.
 
 Compilation costs tens of seconds up front (11-110 s on a CPU, more on a busy one) and pays back a fraction
-of every later step: 1.15-1.4x in fp32 on the small shapes this project trains on a CPU, nothing to 1.13x
-in bf16 there, where the matmuls are already fast (docs/performance.md). Timing eager and compiled steps
+of every later step: 1.15-1.4x in fp32 on the small shapes this project trains on a CPU, 0.97x (the quality
+recipe's shape) to 1.31x (the baseline shape) in bf16 there (docs/performance.md). Timing eager and compiled steps
 inside the run would let a busy machine decide differently from a quiet one, and since compiled and eager
 steps agree only to float rounding, the run's numbers would depend on how busy the machine was. So the
 decision reads only facts fixed before the first step:
@@ -63,7 +63,7 @@ def compile_pays(device: torch.device, precision: str, steps_left: int, budget_s
     """Whether a compilation is worth it for the rest of this run, and why, from facts only: the device, the
     precision, the optimizer steps left and the --max-time budget (None: no budget)."""
     if device.type == "cpu" and precision == "bf16":
-        return False, "bf16 steps on the CPU gain little from compilation (0.97-1.13x measured)"
+        return False, "bf16 steps on the CPU gain too little from compilation to rely on (0.97-1.31x measured)"
     if steps_left < MIN_STEPS:
         return False, f"{steps_left:,} steps are too few to pay back a compilation (it needs {MIN_STEPS:,} or more)"
     if budget_seconds is not None and budget_seconds < MIN_SECONDS:

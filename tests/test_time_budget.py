@@ -328,6 +328,7 @@ def test_the_ending_timing_pass_leaves_training_bitwise_unchanged(tmp_path, shar
     move the LR: the step count drives the decay): the same losses and final weights, bit for bit, with
     dropout drawing from the torch stream and the evaluation drawing from every stream."""
     monkeypatch.setitem(PRESETS, "tiny", SMALL)
+    monkeypatch.chdir(tmp_path)  # a previous stage's checkpoints/ in the working directory must not be picked up
     monkeypatch.setattr(Trainer, "eval_micro_batch", _drawing_random_numbers(Trainer.eval_micro_batch))
     files = write_task_files(tmp_path / "tasks", 48, seed=0, tasks=("sort",))
     data = {"pretrain": shards, "sft": files["sft"], "dpo": files["dpo"], "reward": files["dpo"],

@@ -25,7 +25,7 @@ from minigpt.engine.device import (
     resolve_precision,
 )
 from minigpt.signals import EXIT_FINISHED
-from minigpt.train.loop import Trainer
+from minigpt.train.loop import Trainer, dry_run
 
 CPU = torch.device("cpu")
 SMALL = dataclasses.replace(PRESETS["tiny"], hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -143,6 +143,11 @@ def test_a_resumed_auto_run_keeps_the_precision_it_started_with(tmp_path, shards
     monkeypatch.setattr(device_module, "choose_cpu_precision", lambda: PrecisionChoice("bf16", "native"))
     assert Trainer(_cfg(tmp_path, shards, data_tokenizer, max_steps=3)).run() == EXIT_FINISHED
     monkeypatch.setattr(device_module, "choose_cpu_precision", lambda: PrecisionChoice("fp32", "emulated"))
+    capsys.readouterr()
+    assert dry_run(_cfg(tmp_path, shards, data_tokenizer, auto_resume=True)) == EXIT_FINISHED
+    plan = capsys.readouterr().out
+    assert "plain on cpu, bf16" in plan and "precision       bf16 (auto: as the run resumed decided" in plan, plan
+    assert plan.count("[minigpt] device ") == 1, plan
     resumed = Trainer(_cfg(tmp_path, shards, data_tokenizer, auto_resume=True))
     assert resumed.engine.precision == "bf16"
     assert "precision bf16 (auto: as the run resumed decided" in capsys.readouterr().out

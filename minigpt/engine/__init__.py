@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 
+import torch
 from torch import nn
 
 from minigpt.config import ConfigError, TrainConfig
@@ -93,13 +94,14 @@ def create_engine(model: nn.Module, cfg: TrainConfig, runtime: Runtime | None = 
     return PlainEngine(model, cfg, runtime.device, runtime)
 
 
-def validate_engine_config(cfg: TrainConfig, world_size: int) -> str:
-    """Check engine settings without building anything (for --dry-run); return a one-line plan."""
+def validate_engine_config(cfg: TrainConfig, world_size: int, device: torch.device | None = None) -> str:
+    """Check engine settings without building anything (for --dry-run); return a one-line plan. `device`:
+    the device already detected (default: detected here)."""
     if launched_distributed() or cfg.ds_config:
         from minigpt.config import get_config
         from minigpt.engine.ds_config import build_ds_config, load_ds_json, resolve_ep_size, zero_stage_of
 
-        device = detect_device(cfg.device)
+        device = device or detect_device(cfg.device)
         accelerator = "cuda" if device.type == "cuda" else "cpu"
         precision = resolve_precision(cfg.precision, device, deepspeed=True)
         raw = load_ds_json(cfg.ds_config) if cfg.ds_config else {}
@@ -110,6 +112,6 @@ def validate_engine_config(cfg: TrainConfig, world_size: int) -> str:
               "expert-parallel rank(s)") if experts else ""
         return (f"DeepSpeed ZeRO-{zero_stage_of(raw)} ({cfg.ds_config or 'default config'}), {world_size} rank(s), "
                 f"{precision} on {accelerator}{ep}")
-    device = detect_device(cfg.device)
+    device = device or detect_device(cfg.device)
     compiled = {"on": ", compiled", "auto": ", compile auto"}.get(cfg.compile, "")
     return f"plain on {device}, {resolve_precision(cfg.precision, device)}{compiled}"

@@ -646,8 +646,10 @@ def dry_run(cfg: TrainConfig) -> int:
     demo = "<built-in demo corpus>" if cfg.mode == "pretrain" else "<built-in bilingual demo data>"
     inputs = [find_input(name, cfg.data_dir) for name in cfg.data] or [demo]
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    engine_plan = validate_engine_config(cfg, world_size)
-    precision = run_precision(cfg, detect_device(cfg.device), deepspeed=launched_distributed() or bool(cfg.ds_config))
+    device = detect_device(cfg.device)
+    precision = run_precision(cfg, device, deepspeed=launched_distributed() or bool(cfg.ds_config))
+    # The plan shows the precision the run will use: a resumed auto run's comes from its checkpoint.
+    engine_plan = validate_engine_config(dataclasses.replace(cfg, precision=precision.precision), world_size, device)
     if start.model_dir is not None:
         model_config, _meta = read_consolidated_meta(start.model_dir)
         vocab_source = f"weights {start.model_dir}"

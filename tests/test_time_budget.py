@@ -347,6 +347,7 @@ def test_the_ending_timing_pass_leaves_training_bitwise_unchanged(tmp_path, shar
     assert run("untimed").budget.ending_passes == 0
     losses = [[r["loss"] for r in _train_rows(tmp_path / name)] for name in ("timed", "untimed")]
     assert losses[0] == losses[1]
-    weights = [torch.load(tmp_path / name / "final" / "model.pt", map_location="cpu", weights_only=True) for name in ("timed", "untimed")]
+    weights = [torch.load(tmp_path / name / "final" / "model.pt", map_location="cpu", weights_only=True)
+               for name in ("timed", "untimed")]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])

@@ -59,7 +59,8 @@ def compile_unavailable(device: torch.device, *, plain_engine: bool, moe: bool, 
     return None
 
 
-def compile_pays(device: torch.device, precision: str, steps_left: int, budget_seconds: float | None) -> tuple[bool, str]:
+def compile_pays(device: torch.device, precision: str, steps_left: int,
+                 budget_seconds: float | None) -> tuple[bool, str]:
     """Whether a compilation is worth it for the rest of this run, and why, from facts only: the device, the
     precision, the optimizer steps left and the --max-time budget (None: no budget)."""
     if device.type == "cpu" and precision == "bf16":

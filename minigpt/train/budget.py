@@ -94,10 +94,10 @@ class TimeBudget:
         `sample_seconds`; the fastest pass counts."""
         per_batch = eval_seconds / max(1, eval_batches)
         self.ending_passes += 1
-        self.eval_batch_seconds = per_batch if self.eval_batch_seconds is None else min(per_batch,
-                                                                                         self.eval_batch_seconds)
-        self.sample_seconds = sample_seconds if self.sample_seconds is None else min(sample_seconds,
-                                                                                     self.sample_seconds)
+        if self.eval_batch_seconds is not None:  # both are set together: the fastest of each counts
+            per_batch = min(per_batch, self.eval_batch_seconds)
+            sample_seconds = min(sample_seconds, self.sample_seconds)
+        self.eval_batch_seconds, self.sample_seconds = per_batch, sample_seconds
 
     def note_eval(self, seconds: float) -> None:
         """Record a whole periodic evaluation with its sample (and --eval-task)."""

@@ -133,7 +133,8 @@ class DPO(Objective):
             print(f"[minigpt] dpo: {truncated} pair(s) cut at --seq-len {context.seq_len}; pairs left without "
                   "response tokens are counted as empty_pairs and take no loss", flush=True)
         if self.reference_in_memory:
-            self.reference_model = load_frozen_model(context.start_dir, engine.device, context.mode, engine.precision)
+            self.reference_model = load_frozen_model(context.start_dir, engine.device, context.mode,
+                                                     engine.precision)
             return
         path = context.run_dir / REFERENCE_FILE
         fingerprint = {"weights_from": context.start_source, "seq_len": context.seq_len,

@@ -281,8 +281,8 @@ class TrainConfig:
 
     mode: str = _opt("training stage: pretrain, sft, dpo, reward (a reward model) or rlhf", default="pretrain")
     config: str = _opt(f"model preset ({', '.join(PRESETS)})", default="tiny")
-    data: list[str] = _opt("shard directories or raw .txt/.jsonl files; default: the built-in demo corpus",
-                           default_factory=list)
+    data: list[str] = _opt("shard directories, raw .txt/.jsonl files, or a built-in corpus: demo:en (the "
+                           "default), demo:zh", default_factory=list)
     data_dir: str = _opt("where relative --data names are looked up when the working directory has no such "
                          "name (then $MINIGPT_DATA_DIR); also holds the cache of tokenized raw files",
                          default="data")

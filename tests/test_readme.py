@@ -48,9 +48,12 @@ def test_ci_runs_both_quick_start_commands_in_a_fresh_virtual_environment():
 
 
 @pytest.mark.integration
-def test_quick_start_main_job_runs_end_to_end(tmp_path):
-    """The quick start as written (its install step excepted: this environment is installed already)."""
-    command = quickstart_command("main")
+@pytest.mark.parametrize("block,run_name,prompt", [("main", "pretrain_tiny", "The module"),
+                                                   ("main-zh", "pretrain_tiny_zh", "床前明月光")])
+def test_quick_start_main_job_runs_end_to_end(tmp_path, block, run_name, prompt):
+    """The quick start as written (its install step excepted: this environment is installed already), in
+    English and in Chinese (README.zh-CN.md's main job)."""
+    command = quickstart_command(block)
     install, _, job = command.partition(" && ")
     assert install.startswith("pip install")
     # Run in a scratch directory so the user's own checkpoints/ and data/ are never touched.
@@ -59,15 +62,16 @@ def test_quick_start_main_job_runs_end_to_end(tmp_path):
     result = subprocess.run(job, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=1200,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    run_dir = tmp_path / "checkpoints" / "pretrain_tiny"
+    run_dir = tmp_path / "checkpoints" / run_name
     for produced in ("tokenizer/tokenizer.model", "final/model.pt", "final/config.json", "metrics.jsonl",
                      "training_config_snapshot.json", "dataset_stats.json", "latest"):
         assert (run_dir / produced).exists(), produced
     # The generator prints the prompt and its continuation after training's last line.
     generated = result.stdout.rsplit("consolidated weights in", 1)[-1]
-    assert "The module" in generated, generated[-2000:]
-    continuation = generated.split("The module", 1)[1]
-    assert len(continuation.strip()) > 20, generated[-2000:]
+    assert prompt in generated, generated[-2000:]
+    continuation = generated.split(prompt, 1)[1]
+    assert len(continuation.strip()) > (20 if block == "main" else 10), generated[-2000:]
+    assert "\ufffd" not in continuation, generated[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,12 +192,18 @@ def test_every_documented_command_uses_flags_the_cli_accepts():
             "launch/export.py", "data_tools/pretokenize.py", "slurm/submit.sh"} <= seen
 
 
-def test_chinese_readme_quick_start_is_byte_identical_and_linked_both_ways():
+def zh_quickstart_command(name: str) -> str:
+    match = re.search(rf"<!-- quickstart:{name} -->\s*```bash\n(.+?)\n```", README_ZH.read_text(), re.S)
+    assert match, f"README.zh-CN.md has no quickstart:{name} block"
+    return match.group(1).strip()
+
+
+def test_chinese_readme_leads_with_the_chinese_job_and_keeps_both_byte_identical():
+    assert "--data demo:zh" in quickstart_command("main-zh") and "床前明月光" in quickstart_command("main-zh")
+    assert zh_quickstart_command("main") == quickstart_command("main-zh")
+    assert zh_quickstart_command("main-en") == quickstart_command("main")
+    assert zh_quickstart_command("tests") == quickstart_command("tests")
     zh = README_ZH.read_text()
-    for name in ("main", "tests"):
-        match = re.search(rf"<!-- quickstart:{name} -->\s*```bash\n(.+?)\n```", zh, re.S)
-        assert match, f"README.zh-CN.md has no quickstart:{name} block"
-        assert match.group(1).strip() == quickstart_command(name)
     assert "README.zh-CN.md" in README.split("\n## ", 1)[0], "README.md must link the Chinese README at its top"
     assert "(README.md)" in zh.split("\n## ", 1)[0], "README.zh-CN.md must link back to README.md at its top"
 
@@ -214,6 +224,8 @@ def test_chinese_page_has_the_english_pages_headings_code_and_figures(english, c
     en, zh = english.read_text(), chinese.read_text()
     assert headings(zh) == headings(en), f"{chinese.name}: level-2/3 headings differ from {english.name}"
     en_blocks, zh_blocks = code_blocks(en), code_blocks(zh)
+    if english.name == "README.md":  # each README leads with the quick-start job in its own language
+        en_blocks, zh_blocks = sorted(en_blocks), sorted(zh_blocks)
     assert [lang for lang, _ in zh_blocks] == [lang for lang, _ in en_blocks]
     for (lang, en_body), (_, zh_body) in zip(en_blocks, zh_blocks, strict=True):
         assert without_comments(lang, zh_body) == without_comments(lang, en_body), \

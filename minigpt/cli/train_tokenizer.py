@@ -3,6 +3,7 @@
     python data_tools/train_tokenizer.py --input data/corpus.txt --out tokenizer --vocab-size 4096
     python data_tools/train_tokenizer.py --input 'data/*.jsonl' --text-field content --out tok --vocab-size 8000
     python data_tools/train_tokenizer.py --demo --out tokenizer --vocab-size 4096
+    python data_tools/train_tokenizer.py --demo zh --out tokenizer_zh --vocab-size 4096
 
 Exit codes: 0 done, 2 bad usage or unusable input (the message names the file).
 """
@@ -14,7 +15,7 @@ import os
 import sys
 import tempfile
 
-from minigpt.data.demo import write_demo_corpus
+from minigpt.data.demo import CORPORA, write_demo_corpus
 from minigpt.data.sources import InputError
 from minigpt.tokenizer import TokenizerError
 from minigpt.tokenizer_training import train_tokenizer
@@ -25,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", default=[],
                         help=".txt / .jsonl / .jsonl.gz file or glob; repeatable")
-    parser.add_argument("--demo", action="store_true", help="also train on the built-in demo corpus (pydoc_data)")
+    parser.add_argument("--demo", nargs="?", const="en", choices=sorted(CORPORA),
+                        help="also train on a built-in demo corpus: en (the default: CPython's documentation) "
+                             "or zh (classical Chinese poetry)")
     parser.add_argument("--out", required=True, help="tokenizer directory to write (replaced if it is one)")
     parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (at most; small corpora give less)")
     parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
@@ -55,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory() as scratch:
         if args.demo:
-            inputs.append(str(write_demo_corpus(os.path.join(scratch, "demo.txt"))))
+            demo = os.path.join(scratch, CORPORA[args.demo])
+            inputs.append(str(write_demo_corpus(demo, args.demo)))
         try:
             tokenizer = train_tokenizer(inputs, args.out, vocab_size=args.vocab_size, text_field=args.text_field,
                                         max_sentence_length=args.max_sentence_length,

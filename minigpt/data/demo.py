@@ -1,11 +1,18 @@
-"""The built-in demo data, so the quick start needs no download: CPython's own documentation topics for
-pretraining, and bilingual (Chinese and English) post-training data generated here: the verifiable
-tasks of `minigpt.data.tasks` phrased in both languages, plus a few identity and chat conversations."""
+"""The built-in demo data, so the quick start needs no download.
+
+Pretraining corpora, named `demo:en` and `demo:zh` wherever a data file is accepted: CPython's own
+documentation topics (English, the default when no --data is given) and a subset of classical Chinese
+poetry shipped in the package (`zh_classics_demo.jsonl.xz`, from the chinese-poetry collection, MIT
+licence: see `zh_classics_demo.NOTICE`). Post-training data is bilingual (Chinese and English) and
+generated here: the verifiable tasks of `minigpt.data.tasks` phrased in both languages, plus a few
+identity and chat conversations."""
 
 from __future__ import annotations
 
 import json
+import lzma
 import random
+from importlib import resources
 from pathlib import Path
 from pydoc_data.topics import topics
 
@@ -39,11 +46,35 @@ def demo_text() -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def write_demo_corpus(path: str | Path) -> Path:
-    """Write the demo corpus as a .txt file at `path` (atomically: complete or absent) and return it."""
+DEMO_PREFIX = "demo:"
+CORPORA = {"en": "corpus.txt", "zh": "zh_classics.jsonl"}
+"""Built-in pretraining corpora by language, and the file name each is written under."""
+CHINESE_ARCHIVE = "zh_classics_demo.jsonl.xz"
+
+
+def chinese_demo_jsonl() -> str:
+    """The Chinese demo corpus as JSONL ({"text": poem} per line, ~1.8 MB, ~3,800 poems)."""
+    archive = resources.files("minigpt.data").joinpath(CHINESE_ARCHIVE)
+    return lzma.decompress(archive.read_bytes()).decode("utf-8")
+
+
+def demo_language(name: str) -> str | None:
+    """The language of a `demo:LANG` data name, None for an ordinary path; ValueError for an unknown one."""
+    if not name.startswith(DEMO_PREFIX):
+        return None
+    language = name[len(DEMO_PREFIX):]
+    if language not in CORPORA:
+        raise ValueError(f"{name}: no such built-in corpus; choose "
+                         f"{' or '.join(DEMO_PREFIX + known for known in CORPORA)}")
+    return language
+
+
+def write_demo_corpus(path: str | Path, language: str = "en") -> Path:
+    """Write the `language` demo corpus at `path` (atomically: complete or absent) and return it:
+    .txt for English, .jsonl for Chinese (the path's suffix should match `CORPORA[language]`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, demo_text())
+    atomic_write_text(path, demo_text() if language == "en" else chinese_demo_jsonl())
     return path
 
 

@@ -3,8 +3,8 @@
 `--data` names shard directories (built by `data_tools/pretokenize.py`) or raw .txt/.jsonl files,
 which are pre-tokenized on the fly into a cache keyed by their content and the tokenizer. Relative
 names are looked up in the working directory, then the run's `--data-dir`, then `$MINIGPT_DATA_DIR`.
-With no `--data`, pretraining uses the built-in demo corpus and the post-training modes the built-in
-bilingual demo data (`minigpt.data.demo`). In a multi-rank run the main rank builds
+With no `--data`, pretraining uses the built-in English demo corpus (`--data demo:zh` names the Chinese
+one) and the post-training modes the built-in bilingual demo data (`minigpt.data.demo`). In a multi-rank run the main rank builds
 what is missing while the others wait at a barrier of the runtime (created before the data, so a
 process group exists); every rank passes the same barriers whichever branch it takes.
 """
@@ -20,13 +20,14 @@ from pathlib import Path
 from minigpt.config import ConfigError, TrainConfig, get_config
 from minigpt.data import build
 from minigpt.data.build import build_dataset
-from minigpt.data.demo import write_demo_corpus, write_demo_post_training
+from minigpt.data.demo import CORPORA, DEMO_PREFIX, demo_language, write_demo_corpus, write_demo_post_training
 from minigpt.data.shards import open_shard
 from minigpt.runtime import Runtime
 from minigpt.tokenizer import Tokenizer
 from minigpt.tokenizer_training import train_tokenizer
 
 DATA_ENV = "MINIGPT_DATA_DIR"
+DEMO_NAMES = {"en": "English demo corpus", "zh": "Chinese demo corpus"}
 CACHE = "cache"
 
 
@@ -62,6 +63,46 @@ def find_input(name: str, data_dir: str) -> Path:
                     f"(set --data-dir or ${DATA_ENV} to where your data lives)")
 
 
+def planned_inputs(cfg: TrainConfig) -> list[Path | str]:
+    """What `resolve_run_data` will read, found but not built: paths, and built-in corpora by name."""
+    planned: list[Path | str] = []
+    for name in cfg.data:
+        if name.startswith(DEMO_PREFIX):
+            try:
+                planned.append(f"<built-in {DEMO_NAMES[demo_language(name)]} ({name})>")
+            except ValueError as err:
+                raise DataError(f"--data {err}") from None
+        else:
+            planned.append(find_input(name, cfg.data_dir))
+    return planned or ["<built-in demo corpus>" if cfg.mode == "pretrain" else "<built-in bilingual demo data>"]
+
+
+def _builtin_input(cfg: TrainConfig, runtime: Runtime, kind: str, name: str | None) -> Path:
+    """The file of a built-in corpus (`demo:en`, `demo:zh`) or, with name None, of the built-in
+    post-training data of `kind`, written into the data cache by the main rank while the others wait."""
+    cache = Path(cfg.data_dir) / CACHE / "demo"
+    if name is None:
+        demo = cache / f"{kind}.jsonl"
+        if runtime.is_main:
+            print(f"[minigpt] no --data: --mode {cfg.mode} trains on the built-in bilingual demo data ({demo}: "
+                  "tasks in Chinese and English, identity chats); see docs/data.md for your own", flush=True)
+            if not demo.exists():
+                write_demo_post_training(demo, kind)
+    else:
+        try:
+            language = demo_language(name)
+        except ValueError as err:
+            raise DataError(f"--data {err}") from None
+        if kind != "pretrain":
+            raise DataError(f"--data {name} is a pretraining corpus; --mode {cfg.mode} needs {kind} records "
+                            "(without --data it trains on the built-in bilingual demo data)")
+        demo = cache / CORPORA[language]
+        if runtime.is_main and not demo.exists():
+            write_demo_corpus(demo, language)
+    runtime.barrier()
+    return demo
+
+
 def _content_key(files: list[Path], *parts: str) -> str:
     digest = hashlib.sha256()
     for path in sorted(files):
@@ -79,17 +120,10 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
     or None to use --tokenizer / <run>/tokenizer / train one on the raw inputs.
     """
     is_main = runtime.is_main
-    inputs = [find_input(name, cfg.data_dir) for name in cfg.data]
+    inputs = [_builtin_input(cfg, runtime, kind, name) if name.startswith(DEMO_PREFIX)
+              else find_input(name, cfg.data_dir) for name in cfg.data]
     if not inputs:
-        demo = Path(cfg.data_dir) / CACHE / "demo" / ("corpus.txt" if kind == "pretrain" else f"{kind}.jsonl")
-        if is_main and kind != "pretrain":
-            print(f"[minigpt] no --data: --mode {cfg.mode} trains on the built-in bilingual demo data ({demo}: "
-                  "tasks in Chinese and English, identity chats); see docs/data.md for your own", flush=True)
-        if is_main and not demo.exists():
-            demo.parent.mkdir(parents=True, exist_ok=True)
-            write_demo_corpus(demo) if kind == "pretrain" else write_demo_post_training(demo, kind)
-        runtime.barrier()
-        inputs = [demo]
+        inputs = [_builtin_input(cfg, runtime, kind, "demo:en" if kind == "pretrain" else None)]
     datasets = [p for p in inputs if _is_dataset_dir(p)]
     raw = [p for p in inputs if not _is_dataset_dir(p)]
     for path in raw:

@@ -49,7 +49,7 @@ from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 from minigpt.tokenizer import Tokenizer, TokenizerError
 from minigpt.train.autocompile import compile_pays, compile_unavailable
 from minigpt.train.budget import WHOLE_EVAL_TIMED, TimeBudget
-from minigpt.train.data import DataError, RunData, find_input, planned_vocab_size, resolve_run_data
+from minigpt.train.data import DataError, RunData, planned_inputs, planned_vocab_size, resolve_run_data
 from minigpt.train.metrics import MetricSums, reduce_by_name
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.objectives import build_objective, dataset_kind
@@ -643,8 +643,7 @@ def dry_run(cfg: TrainConfig) -> int:
     check_eval_tasks(cfg)
     start = find_starting_weights(cfg)
     earlier_run = check_fresh_run_dir(cfg)
-    demo = "<built-in demo corpus>" if cfg.mode == "pretrain" else "<built-in bilingual demo data>"
-    inputs = [find_input(name, cfg.data_dir) for name in cfg.data] or [demo]
+    inputs = planned_inputs(cfg)
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     device = detect_device(cfg.device)
     precision = run_precision(cfg, device, deepspeed=launched_distributed() or bool(cfg.ds_config))

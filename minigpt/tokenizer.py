@@ -80,9 +80,22 @@ class Tokenizer:
         tokenizer._load_model(model_path)
         return tokenizer
 
-    def _load_model(self, model_path: Path) -> None:
+    @classmethod
+    def from_model_proto(cls, proto: bytes, source: str | Path) -> Tokenizer:
+        """A tokenizer from a serialized sentencepiece model (e.g. rebuilt from transformers'
+        tokenizer.json); `source` names where it came from in messages and is its `directory`."""
+        tokenizer = cls.__new__(cls)
+        tokenizer.directory = Path(source).parent
+        tokenizer.checksum = hashlib.sha256(proto).hexdigest()
+        tokenizer.meta = {"checksum": tokenizer.checksum, "special_tokens": SPECIAL_IDS,
+                          "chat_symbols": list(CHAT_SYMBOLS), "chat_template": CHAT_TEMPLATE}
+        tokenizer._load_model(Path(source), proto)
+        return tokenizer
+
+    def _load_model(self, model_path: Path, proto: bytes | None = None) -> None:
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(model_path))
+            self.sp = (spm.SentencePieceProcessor(model_proto=proto) if proto is not None
+                       else spm.SentencePieceProcessor(model_file=str(model_path)))
         except (OSError, RuntimeError) as err:
             raise TokenizerError(f"{model_path}: not a sentencepiece model ({err})") from err
         for piece, expected in SPECIAL_IDS.items():

@@ -167,3 +167,58 @@ def test_apply_chat_template_equals_our_chat_encoding(trained_export, data_token
             assert list(theirs) == data_tokenizer.encode_chat(messages, add_generation_prompt=prompt).ids
     assert hf_tokenizer.convert_ids_to_tokens([data_tokenizer.im_start_id, data_tokenizer.im_end_id]) == [
         "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def resaved(tmp_path_factory, data_tokenizer):
+    """An exported model that transformers loaded and saved again: tokenizer.json, no tokenizer.model."""
+    ours = random_model(data_tokenizer.vocab_size, seed=3, tie_embeddings=False, max_seq_len=128)
+    out = export_hf(save_model(tmp_path_factory.mktemp("resave") / "final", ours, data_tokenizer),
+                    tmp_path_factory.mktemp("hf") / "exported")
+    model, tokenizer = load_hf(out)
+    again = tmp_path_factory.mktemp("hf") / "resaved"
+    model.save_pretrained(again)
+    tokenizer.save_pretrained(again)
+    return ours, again
+
+
+def test_a_directory_resaved_by_transformers_imports_from_its_tokenizer_json(resaved, data_tokenizer, tmp_path):
+    from minigpt.interop.hf_llama import import_hf_llama
+    from minigpt.tokenizer import Tokenizer
+    from minigpt.weights import load_consolidated
+
+    ours, again = resaved
+    assert not (again / "tokenizer.model").exists() and (again / "tokenizer.json").is_file()
+    imported = import_hf_llama(again, tmp_path / "imported")
+    tokenizer = Tokenizer(imported)
+    for text in MIXED_TEXTS + ["床前明月光，疑是地上霜。", "▁typed meta symbol ▁▁"]:
+        assert tokenizer.encode(text) == data_tokenizer.encode(text), text
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+    messages = [{"role": "user", "content": "计算 27+45"}]
+    assert tokenizer.encode_chat(messages, add_generation_prompt=True).ids == \
+        data_tokenizer.encode_chat(messages, add_generation_prompt=True).ids
+    model = load_consolidated(imported)[0]
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("change,named", [
+    (lambda spec: spec["pre_tokenizer"].update(prepend_scheme="first"), "pre_tokenizer"),
+    (lambda spec: spec["model"].update(byte_fallback=False), "model.byte_fallback"),
+    (lambda spec: spec["model"]["merges"].reverse(), "merges out of vocabulary order"),
+    (lambda spec: spec["model"].update(type="Unigram"), "model.type"),
+])
+def test_a_tokenizer_json_that_would_encode_differently_is_refused_by_field(resaved, tmp_path, change, named):
+    import json
+    import shutil
+
+    from minigpt.interop.hf_llama import InteropError, load_hf_llama
+
+    _, again = resaved
+    damaged = tmp_path / "damaged"
+    shutil.copytree(again, damaged)
+    spec = json.loads((damaged / "tokenizer.json").read_text())
+    change(spec)
+    (damaged / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(InteropError, match=named):
+        load_hf_llama(damaged)

@@ -35,6 +35,11 @@ from minigpt.interop.hf_granitemoe import (
     moe_problem,
     moe_tensor_names,
 )
+from minigpt.interop.hf_tokenizer import (
+    HF_TOKENIZER_FILE,
+    TokenizerJsonError,
+    sentencepiece_model_from_tokenizer_json,
+)
 from minigpt.model import MiniGPT
 from minigpt.tokenizer import (
     BOS,
@@ -434,6 +439,21 @@ def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def hf_dir_tokenizer(hf_dir: Path) -> Tokenizer:
+    """The tokenizer of a Hugging Face directory: its sentencepiece `tokenizer.model` (as our export writes
+    it), else the same model rebuilt from transformers' `tokenizer.json` (as `save_pretrained` leaves it)."""
+    model_path, json_path = hf_dir / MODEL_FILE, hf_dir / HF_TOKENIZER_FILE
+    try:
+        if model_path.is_file():
+            return Tokenizer.from_model_file(model_path)
+        if json_path.is_file():
+            return Tokenizer.from_model_proto(sentencepiece_model_from_tokenizer_json(json_path), json_path)
+    except (TokenizerError, TokenizerJsonError) as err:
+        raise InteropError(f"{err} (not a MiniGPT-compatible tokenizer)") from err
+    raise InteropError(f"{hf_dir}: no {MODEL_FILE} or {HF_TOKENIZER_FILE}; MiniGPT imports sentencepiece "
+                       "byte-fallback BPE tokenizers")
+
+
 def load_hf_llama(hf_dir: str | Path, device: str | torch.device = "cpu") -> tuple[MiniGPT, Tokenizer]:
     """An eval-mode `MiniGPT` and its tokenizer from a Hugging Face Llama directory of a supported shape."""
     hf_dir = Path(hf_dir)
@@ -443,14 +463,9 @@ def load_hf_llama(hf_dir: str | Path, device: str | torch.device = "cpu") -> tup
     except (OSError, json.JSONDecodeError) as err:
         raise InteropError(f"{config_path}: cannot be read ({err})") from err
     config = config_from_hf(hf, str(config_path))
-    if not (hf_dir / MODEL_FILE).is_file():
-        raise InteropError(f"{hf_dir / MODEL_FILE}: missing; MiniGPT imports sentencepiece tokenizers only")
-    try:
-        tokenizer = Tokenizer.from_model_file(hf_dir / MODEL_FILE)
-    except TokenizerError as err:
-        raise InteropError(f"{err} (not a MiniGPT-compatible tokenizer)") from err
+    tokenizer = hf_dir_tokenizer(hf_dir)
     if tokenizer.vocab_size > config.vocab_size:
-        raise InteropError(f"{hf_dir / MODEL_FILE}: {tokenizer.vocab_size} tokens, more than vocab_size "
+        raise InteropError(f"{hf_dir}: its tokenizer has {tokenizer.vocab_size} tokens, more than vocab_size "
                            f"{config.vocab_size} in {config_path}")
     state = from_hf_tensors(_read_safetensors(hf_dir), config, source=str(hf_dir))
     model = MiniGPT(config)
@@ -466,8 +481,11 @@ def import_hf_llama(hf_dir: str | Path, out_dir: str | Path) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tokenizer_staging = make_staging_dir(out_dir.parent, f".{out_dir.name}.tokenizer-")
     try:
-        shutil.copyfile(hf_dir / MODEL_FILE, tokenizer_staging / MODEL_FILE)
-        (tokenizer_staging / META_FILE).write_text(json.dumps(tokenizer.meta, indent=2) + "\n")
+        source = hf_dir / MODEL_FILE
+        model_bytes = source.read_bytes() if source.is_file() else tokenizer.sp.serialized_model_proto()
+        (tokenizer_staging / MODEL_FILE).write_bytes(model_bytes)
+        meta = {**tokenizer.meta, "checksum": hashlib.sha256(model_bytes).hexdigest()}
+        (tokenizer_staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         save_consolidated(out_dir, model.state_dict(), model.config, tokenizer_staging,
                           extra={"imported_from": str(hf_dir)})
     finally:
@@ -483,7 +501,7 @@ def imported_init_dir(hf_dir: str | Path, cache_root: str | Path) -> Path:
     hf_dir = Path(hf_dir)
     digest = hashlib.sha256()
     for path in sorted(hf_dir.iterdir()):
-        if path.is_file() and (path.suffix in (".json", ".safetensors") or path.name == MODEL_FILE):
+        if path.is_file() and (path.suffix in (".json", ".jinja", ".safetensors") or path.name == MODEL_FILE):
             digest.update(path.name.encode())
             with open(path, "rb") as handle:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):

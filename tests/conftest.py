@@ -15,6 +15,8 @@ from minigpt.tokenizer_training import train_tokenizer
 
 # A rank or run that the C++ runtime aborts prints its Python stack (subprocesses inherit this).
 os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+# Messages are asserted in English; tests of the Chinese ones set MINIGPT_LANG themselves.
+os.environ["MINIGPT_LANG"] = "en"
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CHINESE_LINES = ["学而时习之，不亦说乎？有朋自远方来，不亦乐乎？人不知而不愠，不亦君子乎？",

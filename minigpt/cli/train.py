@@ -12,6 +12,7 @@ import sys
 
 from minigpt.cli.args import add_dataclass_arguments, dataclass_from_args
 from minigpt.config import ConfigError, TrainConfig
+from minigpt.i18n import _
 from minigpt.signals import StopRequest
 
 
@@ -65,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         if not is_disk_full(err, cfg.run_dir):
             raise
         where = getattr(err, "filename", None) or cfg.run_dir
-        print(f"error: disk full while writing {where}: free space, then rerun with --auto-resume (the last "
-              "complete checkpoint is untouched)", file=sys.stderr)
+        print("error: " + _("disk full while writing {path}: free space, then rerun with --auto-resume (the last "
+                            "complete checkpoint is untouched)").format(path=where), file=sys.stderr)
         return 2
 
 

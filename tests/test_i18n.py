@@ -1,0 +1,99 @@
+"""Messages in the user's language: the language choice, and a catalog that is complete and compiled."""
+
+import dataclasses
+import gettext
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minigpt.config import TrainConfig
+from minigpt.i18n import LOCALE_DIR, choose_language, docs_page
+
+REPO = Path(__file__).resolve().parents[1]
+PO = LOCALE_DIR / "zh" / "LC_MESSAGES" / "minigpt.po"
+
+
+@pytest.mark.parametrize("environ,language", [
+    ({}, "en"),
+    ({"LANG": "zh_CN.UTF-8"}, "zh"),
+    ({"LANG": "en_US.UTF-8", "LC_MESSAGES": "zh_TW.UTF-8"}, "zh"),
+    ({"LANG": "zh_CN.UTF-8", "LC_ALL": "C.UTF-8"}, "en"),
+    ({"LANGUAGE": "zh_CN:en", "LANG": "C"}, "zh"),
+    ({"LANG": "zh_CN.UTF-8", "MINIGPT_LANG": "en"}, "en"),
+    ({"LANG": "C", "MINIGPT_LANG": "zh"}, "zh"),
+])
+def test_language_follows_minigpt_lang_then_the_locale(environ, language):
+    assert choose_language(environ) == language
+
+
+def test_docs_links_follow_the_language(monkeypatch):
+    monkeypatch.setenv("MINIGPT_LANG", "zh")
+    assert docs_page("data.md#built-in-corpora") == "docs/zh/data.md#built-in-corpora"
+    assert (REPO / "docs" / "zh" / "data.md").is_file()
+    monkeypatch.setenv("MINIGPT_LANG", "en")
+    assert docs_page("data.md") == "docs/data.md"
+
+
+def catalog_messages() -> dict[str, str]:
+    babel_pofile = pytest.importorskip("babel.messages.pofile", reason="the catalog checks need Babel (dev extra)")
+    with open(PO, "rb") as handle:
+        return {m.id: m.string for m in babel_pofile.read_po(handle) if m.id}
+
+
+def marked_messages() -> set[str]:
+    """Every `_("...")` literal under minigpt/, and the help of every training flag."""
+    extract = pytest.importorskip("babel.messages.extract", reason="the catalog checks need Babel (dev extra)")
+    found = {entry[2] for entry in extract.extract_from_dir(
+        str(REPO / "minigpt"), method_map=[("**.py", "python")], keywords={"_": None})}
+    return found | {f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
+
+
+def test_every_marked_message_has_a_chinese_translation():
+    catalog = catalog_messages()
+    missing = sorted(m for m in marked_messages() if not catalog.get(m))
+    assert not missing, f"{PO.relative_to(REPO)} lacks translations of {missing[:5]}"
+
+
+def test_translations_keep_the_named_fields_of_their_message():
+    import string
+    for message, translation in catalog_messages().items():
+        fields = {name for _, name, _, _ in string.Formatter().parse(message) if name}
+        assert fields == {name for _, name, _, _ in string.Formatter().parse(translation) if name}, message
+
+
+def translated(catalog: gettext.GNUTranslations) -> dict[str, str]:
+    return {message: text for message, text in catalog._catalog.items() if message}  # the header aside
+
+
+def test_the_compiled_catalog_is_the_po_file_compiled():
+    mofile = pytest.importorskip("babel.messages.mofile", reason="the catalog checks need Babel (dev extra)")
+    pofile = pytest.importorskip("babel.messages.pofile")
+    import io
+    with open(PO, "rb") as handle:
+        fresh = io.BytesIO()
+        mofile.write_mo(fresh, pofile.read_po(handle))
+    fresh.seek(0)
+    with open(PO.with_suffix(".mo"), "rb") as handle:
+        shipped = gettext.GNUTranslations(handle)
+    assert translated(shipped) == translated(gettext.GNUTranslations(fresh)), \
+        "minigpt.mo is stale: run python -m minigpt.i18n compile"
+
+
+def test_no_message_is_formatted_before_it_is_translated():
+    """`_(f"...")` or `_("..." % x)` would look up a string no catalog holds."""
+    import re
+    offenders = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "minigpt").rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if re.search(r"\b_\(\s*f[\"']", line) or re.search(r"\b_\([^)]*[\"']\s*%", line)]
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("lang,expected", [("zh", "要训练的优化器步数（默认：1000）"),
+                                           ("en", "optimizer steps to train (default: 1000)")])
+def test_train_help_speaks_the_users_language(lang, expected):
+    result = subprocess.run([sys.executable, "launch/train.py", "--help"], cwd=REPO, capture_output=True,
+                            text=True, env={**os.environ, "MINIGPT_LANG": lang, "COLUMNS": "400"})
+    assert result.returncode == 0 and expected in result.stdout, result.stdout[-2000:]

@@ -45,6 +45,7 @@ from minigpt.train.objectives import token_byte_lengths  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "bench" / "recipes" / "shakespeare.json"
+CHINESE_RECIPE = REPO / "bench" / "recipes" / "zh_classics.json"
 BASELINE_BPB = 2.72
 """The minimal GPT trainer's CPU recipe on the same split: 1.886 nats/char after 125 s."""
 PRECISION_LINE = re.compile(r"^\[minigpt\] precision (\w+) \((.*); override with --precision\)$", re.M)
@@ -75,6 +76,8 @@ class QualityResult:
     """What `--compile auto` decided and why, from its log ("" when compile was not auto)."""
     env: dict[str, str] = field(default_factory=dict)
     """Environment variables set for the run on top of the recipe's (e.g. ONEDNN_MAX_CPU_ISA)."""
+    sample: str = ""
+    """The final weights' continuation of the recipe's `sample_prompt` (greedy), when it has one."""
 
 
 def load_recipe(path: Path) -> dict:
@@ -148,15 +151,37 @@ def checkpoint_curve(run_dir: Path, dataset_dir: Path, tokenizer: Tokenizer, sta
     return curve
 
 
+def prepare_data(recipe: dict, work: Path, limit: int | None = None):
+    """The recipe's tokenizer and shards: tinyshakespeare (by position) or zh_classics (by document;
+    `limit`: its first documents only, for quick runs)."""
+    if recipe.get("data", "shakespeare") == "zh_classics":
+        import zh_classics_data
+
+        return zh_classics_data.prepare(work / "zh_classics", recipe["tokenizer_vocab_size"], limit=limit)
+    import shakespeare_data
+
+    return shakespeare_data.prepare(work / "shakespeare", recipe["tokenizer_vocab_size"])
+
+
+def sample_text(run_dir: Path, prompt: str, max_new_tokens: int = 80) -> str:
+    """What the run's final weights write after `prompt` (greedy; "" without a prompt)."""
+    if not prompt:
+        return ""
+    from minigpt.generate import GenerationConfig, TextGenerator
+    from minigpt.weights import load_consolidated
+
+    model, tokenizer = load_consolidated(run_dir / "final")
+    generator = TextGenerator(model, tokenizer)
+    return generator.generate([prompt], GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0))[0]
+
+
 def run_quality(work: Path, recipe_path: Path = DEFAULT_RECIPE, overrides: dict | None = None,
-                log=print, env: dict[str, str] | None = None) -> QualityResult:
+                log=print, env: dict[str, str] | None = None, limit: int | None = None) -> QualityResult:
     """Prepare the data, run the recipe through launch/train.py, evaluate its checkpoints. `env` adds
     variables to the training process's environment (ONEDNN_MAX_CPU_ISA=AVX2 emulates an AVX2-only CPU)."""
-    from shakespeare_data import prepare
-
     recipe = load_recipe(recipe_path)
     flags = {**recipe["train_flags"], **(overrides or {})}
-    prepared = prepare(work / "shakespeare", recipe["tokenizer_vocab_size"])
+    prepared = prepare_data(recipe, work, limit)
     log(f"quality: tokenizer {prepared.vocab_size} tokens in {prepared.tokenizer_seconds:.1f}s, pre-tokenized "
         f"{prepared.train_tokens:,} + {prepared.val_tokens:,} tokens in {prepared.pretokenize_seconds:.1f}s "
         f"({prepared.bytes_per_token:.2f} bytes/token)")
@@ -190,6 +215,7 @@ def run_quality(work: Path, recipe_path: Path = DEFAULT_RECIPE, overrides: dict 
                          bytes_per_token=prepared.bytes_per_token,
                          parameters=MiniGPTConfig.from_dict(snapshot["model"]).num_params(),
                          curve=sorted(curve), run_dir=str(run_dir), env=dict(env or {}),
+                         sample=sample_text(run_dir, recipe.get("sample_prompt", "")),
                          **run_decisions((work / "train.log").read_text()))
 
 

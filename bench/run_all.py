@@ -1,8 +1,8 @@
 """Run every performance goal of MiniGPT and print one table (figure, ratio, goal, pass/fail).
 
     python bench/run_all.py                   # everything (~15 min on 2 CPU cores, 4 deepspeed launches)
-    python bench/run_all.py --skip deepspeed  # sections: quality throughput compile deepspeed decode data
-                                              #   activation pretokenize memory
+    python bench/run_all.py --skip deepspeed  # sections: quality quality_zh throughput compile deepspeed
+                                              #   decode data activation pretokenize memory
     python bench/run_all.py --quick           # tiny sizes: checks the plumbing, the figures mean nothing
 
 Writes `bench/out/results.json` (every figure, the machine, the load average before each section)
@@ -56,7 +56,7 @@ AVX2_EMULATION = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 """Caps oneDNN at AVX2: on a CPU with native bf16 it runs bf16 as an AVX2-only CPU does, and auto picks fp32."""
 PRECISION_FLAGS = {"x86": ("avx512f", "avx512_bf16", "amx_bf16"), "arm": ("bf16",)}
 """The CPU flags that decide how fast bf16 runs, per architecture."""
-SECTIONS = ("quality", "throughput", "compile", "deepspeed", "decode", "data", "activation", "pretokenize", "memory")
+SECTIONS = ("quality", "quality_zh", "throughput", "compile", "deepspeed", "decode", "data", "activation", "pretokenize", "memory")
 
 
 @dataclass
@@ -204,6 +204,36 @@ def quality_rows(work: Path, quick: bool, results: dict, facts: dict) -> list[Ro
     rows.append(Row("quality: tokenizer + pre-tokenization (not timed)",
                     f"{native.tokenizer_seconds:.1f} s + {native.pretokenize_seconds:.1f} s", "", "", "info"))
     return rows
+
+
+def chinese_quality_rows(work: Path, quick: bool, results: dict) -> list[Row]:
+    """The Chinese recipe against the minimal GPT trainer's character-level recipe, same text, same wall time."""
+    from quality import CHINESE_RECIPE, load_recipe, run_quality
+    from reference_gpt import train_char_level
+    from zh_classics_data import split_documents
+
+    recipe = load_recipe(CHINESE_RECIPE)
+    limit = 600 if quick else None
+    overrides = {"max_steps": 20, "save_interval": 10, "warmup_steps": 5, "max_time": ""} if quick else {}
+    ours = run_quality(work / "quality_zh", CHINESE_RECIPE, overrides=overrides, log=print_now, limit=limit)
+    seconds = 5.0 if quick else ours.wall_seconds  # the baseline gets all of our wall time for training alone
+    train_text, val_text = split_documents(limit=limit)
+    baseline = train_char_level(train_text, val_text, seconds)
+    results["quality_zh"] = {"minigpt": asdict(ours), "char_level_baseline": asdict(baseline)}
+    budget = recipe["time_budget_s"]
+    ok = ours.val_bpb < baseline.val_bpb and ours.wall_seconds <= budget
+    lines = [line for line in ours.sample.splitlines()[1:] if line.strip()]
+    return [
+        Row("quality (Chinese): zh_classics held-out bits/byte",
+            f"{ours.val_bpb:.3f} bpb in {ours.wall_seconds:.1f} s, {ours.steps} steps, {ours.precision}",
+            f"{ours.val_bpb / baseline.val_bpb:.3f}x of {baseline.val_bpb:.3f}",
+            f"< char-level baseline, within {budget} s", verdict(ok)),
+        Row("quality (Chinese): minimal GPT trainer, character level, same text and wall time",
+            f"{baseline.val_bpb:.3f} bpb, {baseline.steps} steps in {baseline.train_seconds:.1f} s, "
+            f"{baseline.parameters:,} parameters", "", "", "info"),
+        Row("quality (Chinese): sample after the title of a held-out poem",
+            f"{len(lines)} lines: " + " / ".join(line[:24] for line in lines[:3]), "", "", "info"),
+    ]
 
 
 def throughput_rows(quick: bool, compile_too: bool, results: dict, auto_precision: str) -> list[Row]:
@@ -397,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {section} (load average {results['load_average'][section]:.2f})", flush=True)
         if section == "quality":
             rows += quality_rows(args.out, args.quick, results, facts)
+        elif section == "quality_zh":
+            rows += chinese_quality_rows(args.out, args.quick, results)
         elif section == "throughput":
             rows += throughput_rows(args.quick, "compile" in sections and not args.quick, results,
                                     facts["auto_precision"])

@@ -55,6 +55,13 @@ def prepare(out: Path, vocab_size: int, source: Path = SHAKESPEARE) -> PreparedD
     if not source.is_file():
         raise FileNotFoundError(f"{source}: the tinyshakespeare corpus is missing (expected in ../shared/data)")
     train_text, val_text = split_text(source)
+    return prepare_texts(out, vocab_size, train_text, val_text, f"{source}", ("first 90%", "last 10%"))
+
+
+def prepare_texts(out: Path, vocab_size: int, train_text: str, val_text: str, source: str,
+                  described: tuple[str, str]) -> PreparedData:
+    """The tokenizer (trained on `train_text` only) and `out/data/{train,val}`, each split one document;
+    `described`: how each split was taken from `source`, for the dataset's records."""
     out.mkdir(parents=True, exist_ok=True)
     train_file = out / "train.txt"
     train_file.write_text(train_text, encoding="utf-8")
@@ -67,19 +74,19 @@ def prepare(out: Path, vocab_size: int, source: Path = SHAKESPEARE) -> PreparedD
     dataset = out / "data"
     shutil.rmtree(dataset, ignore_errors=True)  # rebuilt every time: it must match this tokenizer
     counts = {}
-    for split, text in (("train", train_text), ("val", val_text)):
+    for (split, text), how in zip((("train", train_text), ("val", val_text)), described, strict=True):
         ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
         if split == "val" and tokenizer.decode(ids.tolist()) != text:
             raise RuntimeError(f"{tokenizer.directory}: the validation text does not round-trip")
         writer = ShardWriter(dataset / split, tokenizer.vocab_size, "pretrain", tokenizer.checksum,
-                             sources=[f"{source} ({split}: {'first 90%' if split == 'train' else 'last 10%'})"])
+                             sources=[f"{source} ({split}: {how})"])
         writer.add(ids)
         writer.close()
         counts[split] = len(ids)
     (dataset / "dataset_stats.json").write_text(json.dumps(
-        {"source": str(source), "split": "by position: first 90% train, last 10% val",
+        {"source": source, "split": f"train: {described[0]}, val: {described[1]}",
          "train_tokens": counts["train"], "val_tokens": counts["val"],
-         "val_bytes": len(val_text.encode("utf-8"))}, indent=2) + "\n")
+         "val_bytes": len(val_text.encode("utf-8"))}, indent=2, ensure_ascii=False) + "\n")
     pretokenize_seconds = time.perf_counter() - start
     return PreparedData(out / "tokenizer", dataset, tokenizer_seconds, pretokenize_seconds, tokenizer.vocab_size,
                         counts["train"], counts["val"], len(val_text.encode("utf-8")))

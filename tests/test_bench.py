@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -153,8 +154,11 @@ def test_run_all_quick_writes_results_and_plot(tmp_path):
                              "--skip", "deepspeed", "compile", "memory", "data", "activation", "pretokenize"], capture_output=True, text=True, timeout=600)
     assert "| goal" in result.stdout, result.stdout + result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
-    assert {row["name"].split(":")[0] for row in results["rows"]} >= {"quality", "throughput", "decode"}
+    assert {row["name"].split(":")[0] for row in results["rows"]} >= {"quality", "quality (Chinese)", "throughput",
+                                                                       "decode"}
     assert len(results["quality"]["curve"]) >= 2
+    baseline = results["quality_zh"]["char_level_baseline"]
+    assert baseline["steps"] >= 1 and 0 < baseline["val_bpb"] < 10
     read_png(tmp_path / "quality_curve.png")
 
 
@@ -177,3 +181,24 @@ def test_gpu_check_refuses_clearly_without_a_gpu():
     repo = Path(__file__).resolve().parents[1]
     done = subprocess.run(["bash", str(repo / "bench" / "gpu_check.sh")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "no CUDA GPU" in done.stderr
+
+
+def test_zh_classics_holds_out_whole_documents_every_twentieth(tmp_path):
+    from zh_classics_data import SEPARATOR, split_documents
+
+    corpus = tmp_path / "zh.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"诗{i}\n第{i}行。"}, ensure_ascii=False) + "\n"
+                              for i in range(60)), encoding="utf-8")
+    train, val = split_documents(corpus)
+    assert val.split(SEPARATOR)[:-1] == ["诗0\n第0行。", "诗20\n第20行。", "诗40\n第40行。"]
+    assert len(train.split(SEPARATOR)[:-1]) == 57 and "诗20\n" not in train
+
+
+def test_the_char_level_baseline_learns_a_repeated_poem():
+    from reference_gpt import train_char_level
+
+    poem = "床前明月光，疑是地上霜。\n举头望明月，低头思故乡。\n\n" * 200
+    result = train_char_level(poem, poem[:400], seconds=120, max_steps=120, width=32, layers=1, heads=2,
+                              context=32, warmup=1, lr=3e-3)
+    uniform = math.log2(result.vocab_size) * len(poem[:400]) / len(poem[:400].encode())
+    assert result.steps == 120 and result.val_bpb < 0.5 * uniform

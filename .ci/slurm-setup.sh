@@ -39,6 +39,37 @@ install_packages() {
     fi
 }
 
+# The settings of both test clusters (this one and .ci/slurm-two-node.sh's); each adds its own names,
+# hosts, ports and paths.
+shared_slurm_settings() {
+    cat <<'EOF'
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+# A requeued job may start again only once its old credential expired (default 120 s); a short lifetime
+# and a frequent scheduler pass bring the restart of a requeued job down to ~20 s.
+AuthInfo=cred_expire=15
+SchedulerParameters=sched_interval=2
+# No cgroup hierarchy is usable in containers such as this one: track processes by parent id.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SwitchType=switch/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/builtin
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+SlurmdParameters=config_overrides
+# A node that was DOWN (e.g. lost) returns to service as soon as its slurmd registers again.
+ReturnToService=2
+JobRequeue=1
+KillWait=30
+MinJobAge=600
+EOF
+}
+
 # Writes slurm.conf.new (main() swaps it in when it differs) and cgroup.conf.
 write_config() {
     mkdir -p "$CONF_DIR" /var/spool/slurmctld /var/spool/slurmd
@@ -52,35 +83,13 @@ write_config() {
 $MARKER
 ClusterName=minigpt
 SlurmctldHost=$NODE_NAME
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-# A requeued job may start again only once its old credential expired (default 120 s); a short lifetime
-# and a frequent scheduler pass bring the restart of a requeued job down to ~20 s.
-AuthInfo=cred_expire=15
-SchedulerParameters=sched_interval=2
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=$RUN_DIR/slurmctld.pid
 SlurmdPidFile=$RUN_DIR/slurmd.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
-# No cgroup hierarchy is usable in containers such as this one: track processes by parent id.
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/builtin
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-ReturnToService=2
-SlurmdParameters=config_overrides
-JobRequeue=1
-KillWait=30
-MinJobAge=600
+$(shared_slurm_settings)
 NodeName=$NODE_NAME CPUs=$NODE_CPUS State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF

@@ -97,36 +97,16 @@ ClusterName=minigpt2node
 SlurmctldHost=$CONTROL_HOST($HOST_ADDR)
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=cred_expire=15
-SchedulerParameters=sched_interval=2
 StateSaveLocation=$SPOOL_DIR/ctld
 SlurmdSpoolDir=$SPOOL_DIR/%n
 SlurmctldPidFile=$RUN_DIR/slurmctld.pid
 SlurmdPidFile=$RUN_DIR/slurmd-%n.pid
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/builtin
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-SlurmdParameters=config_overrides
+$(shared_slurm_settings)
 # Losing a node: after SlurmdTimeout without an answer the node is DOWN, its jobs end NODE_FAIL and a
-# job submitted with --requeue (JobRequeue=1 makes that the default) goes back to the queue at once;
-# ReturnToService=2 puts the node back into service as soon as its slurmd registers again.
+# job submitted with --requeue (JobRequeue=1 makes that the default) goes back to the queue at once.
 SlurmdTimeout=30
-ReturnToService=2
-JobRequeue=1
-KillWait=30
-MinJobAge=600
 ${node_lines}PartitionName=two Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     printf '%s\nCgroupPlugin=autodetect\nIgnoreSystemd=yes\n' "$MARKER" >"$CONF_DIR/cgroup.conf"
@@ -309,4 +289,4 @@ main_two_node() {
     esac
 }
 
-main_two_node "$@"
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then main_two_node "$@"; fi

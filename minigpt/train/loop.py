@@ -591,7 +591,8 @@ class Trainer:
                 due = cfg.save_interval and self.step % cfg.save_interval == 0 and self.step < cfg.max_steps
                 # A non-finite loss is never checkpointed (the engine skipped its update, but be safe).
                 if monitor.checkpoint_safe and (due or stop_now):
-                    self.save()
+                    with stop.saving():  # a second Ctrl-C waits for the checkpoint to be complete
+                        self.save()
                     last_saved = self.step
                 if stop_now:
                     monitor.write(f"stopped at step {self.step} ({stop.signal_name or 'signal on another rank'}); "
@@ -606,7 +607,8 @@ class Trainer:
                                   f"a budget this short pass --warmup-steps {max(1, self.step // 10)} or so")
             self.log_evaluation(monitor, self.step - 1)
             if last_saved != self.step:
-                self.save()
+                with stop.saving():
+                    self.save()
             final = self.consolidate()
             self.record_sample(monitor, self.step - 1)
             spent = f" in {self.budget.elapsed():.1f} s of {cfg.max_time_seconds:.0f} s" if self.budget else ""

@@ -303,6 +303,21 @@ def test_training_refuses_an_eval_task_before_training_when_its_file_is_missing(
     assert not (tmp_path / "run").exists()
 
 
+def test_training_refuses_an_eval_task_file_without_usable_items_before_training(tmp_path):
+    """Found at the first evaluation, an empty or malformed task file would stop the run steps in; it is read
+    before anything is trained or written instead."""
+    from minigpt.config import TrainConfig
+    from minigpt.train.loop import Trainer
+
+    (tmp_path / "header.csv").write_text("question,A,B,answer\n")
+    (tmp_path / "tasks.jsonl").write_bytes(b'{"prompt": "Sort \xff"}\n')
+    for entry, message in [(f"mc:{tmp_path / 'header.csv'}", "header.csv: no items"),
+                           (f"tasks:{tmp_path / 'tasks.jsonl'}", "tasks.jsonl:1: field 'prompt' is not valid UTF-8")]:
+        with pytest.raises(EvalDataError, match=message):
+            Trainer(TrainConfig(out=str(tmp_path / "run"), eval_task=[entry]))
+        assert not (tmp_path / "run").exists()
+
+
 def test_repeated_eval_task_flags_add_up_instead_of_replacing_each_other():
     from minigpt.cli.train import build_parser
 

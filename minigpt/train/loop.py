@@ -205,7 +205,9 @@ def write_snapshot(cfg: TrainConfig, model_config: MiniGPTConfig, start: Startin
 
 
 def check_eval_tasks(cfg: TrainConfig) -> None:
-    """Fail before training when an --eval-task names a file that is not there (not at the first evaluation)."""
+    """Fail before training when an --eval-task names a file that is not there or holds no usable items (not at
+    the first evaluation)."""
+    from minigpt.evaluation.runner import check_task_files
     from minigpt.evaluation.spec import parse_task_spec
 
     for entry in cfg.eval_task:
@@ -213,6 +215,7 @@ def check_eval_tasks(cfg: TrainConfig) -> None:
         for path in [spec.path] + ([Path(spec.get("dev"))] if spec.get("dev") else []):
             if not path.exists():
                 raise ConfigError(f"--eval-task {entry}: {path} does not exist")
+        check_task_files(spec)
 
 
 class Trainer:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import pickle
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,40 @@ NUMPY_GLOBALS = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._
 
 class UnsafeFileError(RuntimeError):
     """A torch file that is damaged or holds objects a weights-only load does not allow."""
+
+    def __init__(self, message: str, refused_global: str | None = None) -> None:
+        super().__init__(message)
+        self.refused_global = refused_global
+        """The module.name of the class or function the file's pickle names, when that is why it was refused."""
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _unpickling_error(path: str | Path, err: Exception) -> UnsafeFileError:
+    """Why a weights-only load failed, in our words. Torch's own message begins by suggesting a retry with
+    weights_only=False, which runs whatever the file names: none of it is repeated."""
+    text = str(err)
+    found = re.search(r"GLOBAL ([\w.]+)", text)
+    if found:
+        blocked = "is blocked" in text  # torch refuses os.system and the like even when allowed
+        return UnsafeFileError(f"{path}: refused to load: unpickling it could run code (it names {found.group(1)}); "
+                               "only tensors and plain containers are loaded", None if blocked else found.group(1))
+    detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    return UnsafeFileError(f"{path}: damaged or not a torch file "
+                           f"({detail.group(1).strip()[:200] if detail else 'not a pickle torch can read'})")
+
+
+def conversion_hint(path: str | Path, refused_global: str) -> str:
+    """How to turn a refused state-dict file one trusts into plain tensors: allow the one class it names for a
+    single load, keep the tensors, save them beside it."""
+    module = refused_global.rsplit(".", 1)[0]
+    converted = Path(path).with_name(Path(path).stem + ".converted.pt")
+    return (f"if you made the file or trust its source, convert it once: python -c \"import torch, {module}; "
+            f"torch.serialization.add_safe_globals([{refused_global}]); sd = torch.load('{path}'); "
+            f"torch.save({{k: v for k, v in sd.items() if torch.is_tensor(v)}}, '{converted}')\", then check "
+            f"{converted.name} and put it in place of {Path(path).name}")
 
 
 def _resolve(module: str, name: str) -> Any | None:
@@ -70,14 +105,11 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", numpy_arrays: b
         with torch.serialization.safe_globals(allowed_globals(numpy_arrays)):
             return _TORCH_LOAD(path, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsafeFileError(f"{path}: refused to load: it holds objects outside the weights-only allow-list "
-                              f"({reason[:200]}); a checkpoint must contain only tensors and plain data") from None
+        raise _unpickling_error(path, err) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         if isinstance(err, OSError) and not Path(str(path)).exists():
             raise
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UnsafeFileError(f"{path}: damaged or not a torch file ({reason[:200]})") from None
+        raise UnsafeFileError(f"{path}: damaged or not a torch file ({_first_line(err)[:200]})") from None
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ import torch
 from minigpt.config import ConfigError, MiniGPTConfig
 from minigpt.fsutil import staged_directory
 from minigpt.model import MiniGPT
+from minigpt.safe_load import UnsafeFileError, conversion_hint, safe_torch_load
 from minigpt.tokenizer import META_FILE, MODEL_FILE, Tokenizer
 
 WEIGHTS_FILE = "model.pt"
@@ -190,9 +191,10 @@ def load_consolidated(model_dir: str | Path, device: str | torch.device = "cpu"
     if not weights_path.is_file():
         raise WeightsError(f"{weights_path}: missing; the model directory has no weights file")
     try:
-        state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for a truncated or foreign file
-        raise WeightsError(f"{weights_path}: cannot be read as a weights-only state dict ({err})") from err
+        state_dict = safe_torch_load(weights_path)
+    except UnsafeFileError as err:
+        hint = f"; {conversion_hint(weights_path, err.refused_global)}" if err.refused_global else ""
+        raise WeightsError(f"{err}{hint}") from None
     if not isinstance(state_dict, dict):
         raise WeightsError(f"{weights_path}: holds a {type(state_dict).__name__}, not a state dict")
     tensors = check_state_dict(state_dict, config, source=str(weights_path))

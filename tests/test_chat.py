@@ -85,6 +85,19 @@ def test_chat_script_on_stdin_keeps_history_and_obeys_commands(model_dir, monkey
     assert "the model's context is 96 tokens" in notices and "[unknown command /nonsense" in notices
 
 
+def test_piped_input_that_is_not_utf8_stops_the_chat_with_one_line_naming_it(model_dir, monkeypatch, capsys):
+    from minigpt.cli.chat import main
+
+    piped = io.TextIOWrapper(io.BytesIO("Hi\n你好\n".encode() + b"caf\xe9\nHi\n"), encoding="utf-8",
+                             errors="surrogateescape")  # what a C-locale Python gives stdin
+    monkeypatch.setattr(sys, "stdin", piped)
+    assert main(["--model", str(model_dir), "--greedy", "--max-new-tokens", "40"]) == 2
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "Hello there, how are you?" and len(out.splitlines()) == 2  # lines 1-2 answered
+    assert err.strip().splitlines()[-1] == ("error: stdin line 3: not valid UTF-8 (byte 0xe9 at column 4); the "
+                                            "message was not sent")
+
+
 @pytest.mark.integration
 def test_launch_chat_streams_chinese_from_a_piped_stdin_as_valid_utf8(model_dir):
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1"}

@@ -14,7 +14,7 @@ from conftest import shared_file
 from minigpt.cli import pretokenize
 from minigpt.data.build import STATS_FILE, DatasetBuildError, build_dataset, split_examples
 from minigpt.data.shards import open_shard
-from minigpt.data.sources import MAX_DOCUMENT_CHARS, cut_long_text
+from minigpt.data.sources import MAX_DOCUMENT_CHARS, cut_long_text, parse_record, training_texts
 
 
 def write_jsonl(path, records):
@@ -298,3 +298,10 @@ def test_shared_chinese_corpus_builds(tmp_path, data_tokenizer):
     texts = [json.loads(line)["text"] for line in sample.read_text(encoding="utf-8").splitlines()]
     decoded = {data_tokenizer.decode(reader.document(i)[:-1]) for i in range(reader.num_documents)}
     assert decoded <= set(texts) and len(decoded) == reader.num_documents == 450
+
+
+def test_a_deeply_nested_record_is_skipped_as_malformed_not_a_crash():
+    deep = b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    skip = parse_record("pretrain", "jsonl", 7, deep)
+    assert (skip.line, skip.reason) == (7, "malformed_json")
+    assert training_texts("jsonl", deep) == []

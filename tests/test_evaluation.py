@@ -202,6 +202,53 @@ def test_eval_command_prints_a_table_writes_json_and_refuses_bad_input(tmp_path,
     assert exit_info.value.code == 2
 
 
+def malformed_task_files(tmp_path):
+    """(--task entry, what its one error line must say) for files a user could hand over by mistake."""
+    item = {"question": "q", "A": "a", "B": "b", "answer": "A"}
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text(json.dumps(item) + "\n" + '{"question": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    deep_tasks = tmp_path / "deep_tasks.jsonl"
+    deep_tasks.write_text('{"prompt": "Sort dbca"}\n{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    wide = tmp_path / "wide.csv"
+    wide.write_text("question,A,B,answer\nq,a,b,A\n" + "x" * 200_000 + ",a,b,A\n", encoding="utf-8")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps(item).encode() + b'\n{"question": "caf\xe9", "A": "a", "B": "b", "answer": "A"}\n')
+    latin_csv = tmp_path / "latin.csv"
+    latin_csv.write_bytes(b"question,A,B,answer\nq,a,b,A\nq,caf\xe9,b,A\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "header.csv").write_text("question,A,B,answer\n")
+    (tmp_path / "empty_tasks.jsonl").write_text("\n")
+    return [(f"mc:{deep}", f"{deep}:2: JSON nested too deeply"),
+            (f"tasks:{deep_tasks}", f"{deep_tasks}:2: JSON nested too deeply"),
+            (f"mc:{wide}", f"{wide}:3: field 'question' is 200,000 characters long"),
+            (f"mc:{latin}", f"{latin}:2: field 'question' is not valid UTF-8"),
+            (f"mc:{latin_csv}", f"{latin_csv}:3: field 'A' is not valid UTF-8"),
+            (f"mc:{tmp_path / 'empty.jsonl'}", "empty.jsonl: no items"),
+            (f"mc:{tmp_path / 'header.csv'}", "header.csv: no items"),
+            (f"tasks:{tmp_path / 'empty_tasks.jsonl'}", "empty_tasks.jsonl: no tasks")]
+
+
+def test_eval_refuses_malformed_or_empty_task_files_in_one_line_naming_file_line_and_field(
+        tmp_path, model_dir, capsys):
+    for task, message in malformed_task_files(tmp_path):
+        assert eval_cli.main(["--model", str(model_dir), "--no-progress", "--task", task]) == 2, task
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], captured.err
+        assert "acc" not in captured.out
+
+
+def test_excluded_training_files_that_are_malformed_are_named_too(tmp_path, model_dir, capsys):
+    items = write_jsonl(tmp_path / "mc.jsonl", mc_records())
+    for name, content, message in [("deep.jsonl", b"[" * 100_000 + b"]" * 100_000, "deep.jsonl:1: JSON nested"),
+                                   ("latin.jsonl", b'{"prompt": "caf\xe9"}', "latin.jsonl:1: field 'prompt'")]:
+        (tmp_path / name).write_bytes(content + b"\n")
+        assert eval_cli.main(["--model", str(model_dir), "--no-progress", "--task", f"mc:{items}",
+                              "--exclude-from", str(tmp_path / name)]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and error.count("\n") == 1, error
+
+
 @pytest.fixture(scope="module")
 def trained_with_eval_tasks(tmp_path_factory, shards, data_tokenizer):
     """A 2-step pretraining run (2-layer model) evaluating a bpb task and a tasks task at each evaluation."""
@@ -254,6 +301,21 @@ def test_training_refuses_an_eval_task_before_training_when_its_file_is_missing(
     with pytest.raises(ConfigError, match="missing.txt does not exist"):
         Trainer(TrainConfig(out=str(tmp_path / "run"), eval_task=[f"bpb:{tmp_path / 'missing.txt'}"]))
     assert not (tmp_path / "run").exists()
+
+
+def test_training_refuses_an_eval_task_file_without_usable_items_before_training(tmp_path):
+    """Found at the first evaluation, an empty or malformed task file would stop the run steps in; it is read
+    before anything is trained or written instead."""
+    from minigpt.config import TrainConfig
+    from minigpt.train.loop import Trainer
+
+    (tmp_path / "header.csv").write_text("question,A,B,answer\n")
+    (tmp_path / "tasks.jsonl").write_bytes(b'{"prompt": "Sort \xff"}\n')
+    for entry, message in [(f"mc:{tmp_path / 'header.csv'}", "header.csv: no items"),
+                           (f"tasks:{tmp_path / 'tasks.jsonl'}", "tasks.jsonl:1: field 'prompt' is not valid UTF-8")]:
+        with pytest.raises(EvalDataError, match=message):
+            Trainer(TrainConfig(out=str(tmp_path / "run"), eval_task=[entry]))
+        assert not (tmp_path / "run").exists()
 
 
 def test_repeated_eval_task_flags_add_up_instead_of_replacing_each_other():

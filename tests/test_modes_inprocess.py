@@ -7,6 +7,7 @@ engine). Post-training modes start from the previous stage's weights, as users c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -126,6 +127,9 @@ class _StopAtStep:
     @property
     def requested(self) -> bool:
         return self.trainer.step >= self.at
+
+    def saving(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def uninstall(self) -> None:
         pass

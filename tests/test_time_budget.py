@@ -4,6 +4,7 @@ a resume, a slow first step, and with training bitwise the same as without the e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import random
@@ -203,6 +204,9 @@ def test_resume_keeps_counting_the_time_already_spent(tmp_path, shards, data_tok
     class StopAtStep3:
         signal_name = "SIGTERM"
         requested = property(lambda self: first.step >= 3)
+
+        def saving(self) -> contextlib.AbstractContextManager:
+            return contextlib.nullcontext()
 
         def uninstall(self) -> None:
             pass

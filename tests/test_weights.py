@@ -187,7 +187,7 @@ def test_a_tokenizer_modified_after_saving_is_refused(saved):
 def test_a_foreign_config_json_or_corrupt_weights_are_named(saved):
     model_dir, _ = saved
     (model_dir / WEIGHTS_FILE).write_bytes(b"not a checkpoint")
-    with pytest.raises(WeightsError, match="model.pt: cannot be read"):
+    with pytest.raises(WeightsError, match="model.pt: damaged or not a torch file"):
         load_consolidated(model_dir)
     (model_dir / CONFIG_FILE).write_text(json.dumps(make_config().to_dict()))
     with pytest.raises(WeightsError, match="config.json: not a MiniGPT consolidated config"):
@@ -202,3 +202,20 @@ def test_consolidated_directory_gets_the_permissions_of_an_ordinary_mkdir(tmp_pa
     finally:
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o750
+
+
+def test_a_pickled_model_file_is_refused_as_code_with_a_conversion_and_without_torchs_advice(saved, capsys):
+    """A model.pt holding a pickled object (here argparse.Namespace) is refused; the message says why, how
+    to convert a file one trusts (allowing only the class it names), and never to disable weights-only loading."""
+    import argparse
+
+    from minigpt.cli.generate import main
+
+    model_dir, model = saved
+    torch.save({**model.state_dict(), "args": argparse.Namespace(lr=1e-3)}, model_dir / WEIGHTS_FILE)
+    assert main(["--model", str(model_dir), "--prompt", "hi"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1, error
+    assert f"{model_dir / WEIGHTS_FILE}: refused to load" in error and "could run code" in error
+    assert "argparse.Namespace" in error and "add_safe_globals([argparse.Namespace])" in error
+    assert "weights_only" not in error and "two options" not in error, error

@@ -10,14 +10,15 @@ Each line you type is a user message; the answer streams as it is generated. Com
 When the conversation no longer fits the model's context, the oldest whole turns are dropped.
 Answers go to stdout, notices (prompts, dropped turns, command results) to stderr.
 
-Exit codes: 0 done, 2 bad usage or a model directory that cannot be loaded.
+Exit codes: 0 done, 2 bad usage, a model directory that cannot be loaded, or piped input that is not UTF-8.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import TextIO
 
 from minigpt.chat import ChatSession
 from minigpt.cli.generate import add_sampling_arguments, load_generator
@@ -35,12 +36,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_lines(interactive: bool) -> Iterable[str]:
-    """User lines: with `input()` (line editing, a prompt on stderr) at a terminal, else stdin as is."""
-    if not interactive:
-        for line in sys.stdin:
-            yield line.rstrip("\r\n")
-        return
+class ChatInputError(ValueError):
+    """A piped stdin line that is not UTF-8 text."""
+
+
+def piped_lines(stream: TextIO) -> Iterator[str]:
+    """The lines of a piped stdin, decoded as UTF-8 line by line (a byte-order mark skipped);
+    ChatInputError names the line, byte and column of one that is not UTF-8."""
+    source = getattr(stream, "buffer", stream)
+    for number, line in enumerate(source, start=1):
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ChatInputError(f"stdin line {number}: not valid UTF-8 (byte 0x{line[err.start]:02x} at "
+                                     f"column {err.start + 1}); the message was not sent") from None
+        yield (line.removeprefix("\ufeff") if number == 1 else line).rstrip("\r\n")
+
+
+def typed_lines() -> Iterator[str]:
+    """Lines typed at a terminal with `input()` (line editing, a prompt on stderr); a line the terminal did
+    not send as UTF-8 is refused with a notice and the chat goes on."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -48,10 +64,23 @@ def read_lines(interactive: bool) -> Iterable[str]:
     while True:
         try:
             print(">>> ", end="", file=sys.stderr, flush=True)
-            yield input()
+            line = input()
         except EOFError:
             print(file=sys.stderr)
             return
+        if is_text(line):
+            yield line
+        else:
+            print("[that line is not valid UTF-8 text (check the terminal's encoding); not sent]", file=sys.stderr)
+
+
+def is_text(line: str) -> bool:
+    """False when `line` holds lone surrogates: bytes that were not UTF-8, which no tokenizer can encode."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def run_command(session: ChatSession, line: str) -> bool:
@@ -105,9 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     if interactive:
         print(f"[chatting with {args.model}; /reset, /system TEXT, /exit]", file=sys.stderr)
     try:
-        converse(session, read_lines(interactive))
+        converse(session, typed_lines() if interactive else piped_lines(sys.stdin))
     except KeyboardInterrupt:
         print(file=sys.stderr)
+    except ChatInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     from minigpt.data.tasks import read_prompts
     from minigpt.engine import create_runtime
     from minigpt.evaluation.context import EvalContext, EvalDataError
-    from minigpt.evaluation.runner import format_table, run_tasks
+    from minigpt.evaluation.runner import check_task_files, format_table, run_tasks
     from minigpt.fsutil import atomic_write_text
     from minigpt.tokenizer import TokenizerError
     from minigpt.weights import WeightsError, load_consolidated
@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in [spec.path] + ([Path(spec.get("dev"))] if spec.get("dev") else []):
                 if not path.exists():
                     raise EvalDataError(f"--task {spec.text}: {path} does not exist")
+            check_task_files(spec)  # before the model is loaded
         exclude = frozenset(read_prompts(args.exclude_from)) if args.exclude_from else frozenset()
         runtime = create_runtime(TrainConfig(device=args.device, dist_timeout=args.dist_timeout))
         directory = model_dir(args.model)

@@ -1,7 +1,8 @@
 """Train a MiniGPT model: `python launch/train.py ...` (one device) or `deepspeed launch/train.py ...`.
 
 Every flag mirrors a field of `minigpt.config.TrainConfig`; `--help` lists them. Exit codes:
-0 finished, 75 stopped by a signal after saving (rerun with --auto-resume), 130 aborted, 2 bad usage.
+0 finished, 75 stopped by a signal (or the deepspeed launcher's exit) after saving (rerun with --auto-resume),
+130 aborted by a second Ctrl-C before a checkpoint was being written, 2 bad usage.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 from minigpt.cli.args import add_dataclass_arguments, dataclass_from_args
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.i18n import _
-from minigpt.signals import StopRequest
+from minigpt.signals import StopRequest, tolerate_lost_output, watch_launcher
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     # Catch stop signals before the slow imports and setup: a preemption during start-up must not kill
     # the rank with Python's default action (the run then stops at its first step boundary).
     stop = StopRequest().install()
+    # Ctrl-C on `train.py | tee log` stops tee too: output to the dead pipe must not stop the save.
+    tolerate_lost_output()
+    watch_launcher(stop)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -226,6 +226,8 @@ def parse_record(kind: str, fmt: str, line: int, raw: bytes, text_field: str = "
         record = json.loads(text)
     except json.JSONDecodeError as err:
         return Skip(line, "malformed_json", err.msg)
+    except RecursionError:
+        return Skip(line, "malformed_json", "nested too deeply")
     if not isinstance(record, dict):
         return Skip(line, "not_an_object")
     bad_field = _may_hold_surrogate(text) and _used_lone_surrogate(kind, record, text_field)
@@ -303,7 +305,7 @@ def training_texts(fmt: str, raw: bytes, text_field: str = "text") -> list[str]:
         return [text.rstrip("\r\n")] if text.strip() else []
     try:
         record = json.loads(text) if text.strip() else None
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return []
     if not isinstance(record, dict):
         return []

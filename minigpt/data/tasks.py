@@ -19,6 +19,7 @@ import string
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
+from minigpt.data.records import RecordError, json_lines
 from minigpt.fsutil import atomic_write_text
 
 TASKS = ("add", "reverse", "sort")
@@ -140,23 +141,16 @@ def prompt_of(task: dict | str) -> str:
 
 def read_prompts(paths: Iterable[str | Path]) -> set[str]:
     """Every prompt (surrounding whitespace removed) in JSONL files of any task format: what a
-    held-out set must not contain. Raises ValueError naming the file and line of a bad record."""
+    held-out set must not contain. Raises RecordError (a ValueError) naming the file and line of a bad record."""
     prompts: set[str] = set()
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"{path}: no such file (given as a training file to exclude)")
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-                prompt = prompt_of(record) if isinstance(record, (dict, str)) else ""
-                if prompt.strip():
-                    prompts.add(prompt.strip())
+            raise RecordError(f"{path}: no such file (given as a training file to exclude)")
+        for _number, record in json_lines(path):
+            prompt = prompt_of(record) if isinstance(record, (dict, str)) else ""
+            if prompt.strip():
+                prompts.add(prompt.strip())
     return prompts
 
 

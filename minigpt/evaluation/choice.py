@@ -17,14 +17,14 @@ harness does; a context too long for the model loses its oldest tokens.
 
 from __future__ import annotations
 
-import csv
 import string
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches, jsonl_objects
+from minigpt.data.records import RecordError, csv_records, jsonl_objects
+from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches
 from minigpt.evaluation.spec import TaskSpec
 from minigpt.train.metrics import MetricSums
 
@@ -45,12 +45,12 @@ def _records(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise EvalDataError(f"{path}: no such file")
     name = path.name.lower()
-    if name.endswith(".csv"):
-        with open(path, encoding="utf-8-sig", newline="") as handle:
-            return [(number, row) for number, row in enumerate(csv.DictReader(handle), start=2)]
-    if not name.endswith(".jsonl"):
+    if not name.endswith((".csv", ".jsonl")):
         raise EvalDataError(f"{path}: multiple-choice items must be .jsonl or .csv")
-    return list(jsonl_objects(path))
+    try:
+        return csv_records(path) if name.endswith(".csv") else list(jsonl_objects(path))
+    except RecordError as err:
+        raise EvalDataError(str(err)) from None
 
 
 def _item(path: Path, number: int, record: dict) -> ChoiceItem:
@@ -79,8 +79,12 @@ def _item(path: Path, number: int, record: dict) -> ChoiceItem:
 
 
 def load_items(path: Path) -> list[ChoiceItem]:
-    """The items of a .jsonl or .csv file; EvalDataError names the file, line and field of a bad one."""
-    return [_item(path, number, record) for number, record in _records(path)]
+    """The items of a .jsonl or .csv file; EvalDataError names the file, line and field of a bad one, or says
+    that the file has no items."""
+    items = [_item(path, number, record) for number, record in _records(path)]
+    if not items:
+        raise EvalDataError(f"{path}: no items (the file is empty or holds only a header)")
+    return items
 
 
 def _question_text(item: ChoiceItem, style: str) -> str:

@@ -9,7 +9,6 @@ forward passes: a rank short of a batch repeats one and discards it.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from minigpt.data import records
+from minigpt.data.records import RecordError
 from minigpt.runtime import Runtime
 from minigpt.train.metrics import MetricSums, reduce_by_name
 
@@ -27,21 +28,12 @@ class EvalDataError(ValueError):
 
 
 def jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) of every non-blank line of a UTF-8 JSONL file (a byte-order mark is skipped);
-    EvalDataError names the file and line of a line that is not a JSON object."""
-    if not path.is_file():
-        raise EvalDataError(f"{path}: no such file")
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise EvalDataError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise EvalDataError(f"{path}:{number}: expected a JSON object")
-            yield number, record
+    """(line number, object) of every non-blank line of a UTF-8 JSONL file (`records.jsonl_objects`);
+    EvalDataError names the file, line and field of a line that cannot be used."""
+    try:
+        yield from records.jsonl_objects(path)
+    except RecordError as err:
+        raise EvalDataError(str(err)) from None
 
 
 @dataclass

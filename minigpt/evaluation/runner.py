@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from minigpt.evaluation.bpb import evaluate_bpb
-from minigpt.evaluation.choice import evaluate_choice
+from minigpt.evaluation.choice import evaluate_choice, load_items
 from minigpt.evaluation.context import EvalContext
 from minigpt.evaluation.spec import TaskSpec
-from minigpt.evaluation.verifiable import evaluate_tasks
+from minigpt.evaluation.verifiable import evaluate_tasks, load_tasks
 
 EVALUATORS: dict[str, Callable[[TaskSpec, EvalContext], dict[str, float]]] = {
     "bpb": evaluate_bpb,
@@ -16,6 +17,17 @@ EVALUATORS: dict[str, Callable[[TaskSpec, EvalContext], dict[str, float]]] = {
     "tasks": evaluate_tasks,
 }
 """Task kind -> the function that scores it (the kinds of `spec.KINDS`)."""
+
+
+def check_task_files(spec: TaskSpec) -> None:
+    """Read the item files of an mc or tasks entry now, so that one without usable items fails before a model is
+    loaded or a step trained (EvalDataError naming the file, line and field). bpb inputs, which may be large,
+    are read as they are scored."""
+    if spec.kind == "mc":
+        for path in [spec.path] + ([Path(spec.get("dev"))] if spec.get("dev") else []):
+            load_items(path)
+    elif spec.kind == "tasks":
+        load_tasks(spec.path)
 
 
 def run_task(spec: TaskSpec, ctx: EvalContext) -> dict[str, float]:

@@ -29,6 +29,8 @@ def load_tasks(path: Path) -> list[dict]:
                                 "'reference' field)")
         records.append({"prompt": prompt, "reference": reference,
                         "task": str(record.get("task") or prompt.split(" ", 1)[0].lower())})
+    if not records:
+        raise EvalDataError(f"{path}: no tasks (the file is empty)")
     return records
 
 

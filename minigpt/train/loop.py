@@ -205,7 +205,9 @@ def write_snapshot(cfg: TrainConfig, model_config: MiniGPTConfig, start: Startin
 
 
 def check_eval_tasks(cfg: TrainConfig) -> None:
-    """Fail before training when an --eval-task names a file that is not there (not at the first evaluation)."""
+    """Fail before training when an --eval-task names a file that is not there or holds no usable items (not at
+    the first evaluation)."""
+    from minigpt.evaluation.runner import check_task_files
     from minigpt.evaluation.spec import parse_task_spec
 
     for entry in cfg.eval_task:
@@ -213,6 +215,7 @@ def check_eval_tasks(cfg: TrainConfig) -> None:
         for path in [spec.path] + ([Path(spec.get("dev"))] if spec.get("dev") else []):
             if not path.exists():
                 raise ConfigError(f"--eval-task {entry}: {path} does not exist")
+        check_task_files(spec)
 
 
 class Trainer:
@@ -591,7 +594,8 @@ class Trainer:
                 due = cfg.save_interval and self.step % cfg.save_interval == 0 and self.step < cfg.max_steps
                 # A non-finite loss is never checkpointed (the engine skipped its update, but be safe).
                 if monitor.checkpoint_safe and (due or stop_now):
-                    self.save()
+                    with stop.saving():  # a second Ctrl-C waits for the checkpoint to be complete
+                        self.save()
                     last_saved = self.step
                 if stop_now:
                     monitor.write(f"stopped at step {self.step} ({stop.signal_name or 'signal on another rank'}); "
@@ -606,7 +610,8 @@ class Trainer:
                                   f"a budget this short pass --warmup-steps {max(1, self.step // 10)} or so")
             self.log_evaluation(monitor, self.step - 1)
             if last_saved != self.step:
-                self.save()
+                with stop.saving():
+                    self.save()
             final = self.consolidate()
             self.record_sample(monitor, self.step - 1)
             spent = f" in {self.budget.elapsed():.1f} s of {cfg.max_time_seconds:.0f} s" if self.budget else ""

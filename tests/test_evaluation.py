@@ -391,3 +391,32 @@ def test_zero3_training_runs_eval_tasks_in_lockstep_with_the_numbers_of_the_eval
     for task, metrics in zero3_run[1].items():
         for metric, value in metrics.items():
             assert zero3_run["logged"][f"{task}/{metric}"] == pytest.approx(value, rel=1e-5), (task, metric)
+
+
+def test_tasks_scores_sft_records_by_their_closing_answer_grouped_by_kind(tmp_path, model, data_tokenizer):
+    from minigpt.evaluation.verifiable import answer_budget, load_tasks
+
+    questions = ["床前？", "举头？", "Add 2+3"]
+    generator = TextGenerator(model, data_tokenizer)
+    answers = [generator.generate([q], GenerationConfig(max_new_tokens=8, do_sample=False), chat=True)[0].strip()
+               for q in questions]
+    records = [{"conversations": [{"role": "user", "content": questions[0]},
+                                  {"role": "assistant", "content": answers[0]}], "kind": "poem"},
+               {"conversations": [{"role": "system", "content": "诗"},
+                                  {"role": "user", "content": questions[1]},
+                                  {"role": "assistant", "content": answers[1] + "霜"}], "kind": "poem"},
+               {"conversations": [{"role": "user", "content": questions[2]},
+                                  {"role": "assistant", "content": "5"}]}]
+    path = write_jsonl(tmp_path / "poems.jsonl", records)
+    loaded = load_tasks(path)
+    assert [r["task"] for r in loaded] == ["poem", "poem", "add"]
+    assert loaded[1]["reference"] == answers[1] + "霜" and loaded[1]["context"][0]["role"] == "system"
+    # The answer budget: as given, else the longest reference's tokens and one for the end of the turn.
+    longest = max(len(data_tokenizer.encode(r["reference"])) for r in loaded)
+    assert answer_budget(parse_task_spec(f"tasks:{path}"), [r["reference"] for r in loaded], data_tokenizer) \
+        == longest + 1
+    result = evaluate_tasks(parse_task_spec(f"tasks:{path},max_new_tokens=8"),
+                            context(model, data_tokenizer, batch_size=2))
+    # The first reference is the model's own greedy answer; the second asks for one character more.
+    assert result["exact_match/poem"] == pytest.approx(0.5)
+    assert result["items"] == 3

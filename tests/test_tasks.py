@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from minigpt.cli import make_tasks
@@ -45,3 +47,26 @@ def test_task_files_build_into_every_kind_and_rlhf_records_check(tmp_path, data_
     for index in range(len(prompts)):
         record = prompts.record(index)
         assert check_answer(record, record["reference"]) and reward(record, "zzzzzz") == 0.0
+
+
+def test_chinese_prompts_ask_the_same_tasks_and_are_checked_alike():
+    from minigpt.data.tasks import phrase, solve, task_of
+
+    assert solve("计算 27+45") == "72" and solve("倒序写出 cabd") == "dbac" and solve("按字母排序 dbca") == "abcd"
+    assert [task_of(p) for p in ("计算 1+2", "Reverse ab", "按字母排序 ba", "床前明月光")] == ["add", "reverse",
+                                                                                              "sort", None]
+    english = generate_tasks(30, seed=4)
+    chinese = generate_tasks(30, seed=4, language="zh")
+    assert [phrase(r["prompt"], "zh") for r in english] == [r["prompt"] for r in chinese]
+    assert [r["reference"] for r in english] == [r["reference"] for r in chinese]
+    assert all(check_answer(r, r["reference"]) and not check_answer(r, r["wrong"]) for r in chinese)
+    with pytest.raises(ValueError, match="unknown language 'fr'"):
+        generate_tasks(1, language="fr")
+
+
+def test_make_tasks_writes_chinese_prompts_readably(tmp_path):
+    from minigpt.cli import make_tasks
+
+    assert make_tasks.main(["--out", str(tmp_path), "--count", "6", "--language", "zh"]) == 0
+    lines = (tmp_path / "rlhf.jsonl").read_text(encoding="utf-8").splitlines()
+    assert json.loads(lines[0])["prompt"].startswith("计算 ") and "计算" in lines[0]  # not \\u escapes

@@ -4,6 +4,8 @@
     # -> data/tasks/sft.jsonl, dpo.jsonl, rlhf.jsonl (the same tasks in each format)
     python data_tools/make_tasks.py --out data/heldout --count 300 --seed 987 --exclude-from data/tasks/sft.jsonl
     # -> a held-out set: no prompt of the training file, no prompt twice
+    python data_tools/make_tasks.py --out data/heldout_zh --count 300 --seed 987 --language zh
+    # -> the prompts in Chinese: 计算 27+45, 倒序写出 cabd, 按字母排序 dbca
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from minigpt.data.tasks import TASKS, read_prompts, write_task_files
+from minigpt.data.tasks import LANGUAGES, TASKS, read_prompts, write_task_files
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,13 +23,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--count", type=int, default=2000, help="tasks per file")
     parser.add_argument("--seed", type=int, default=0, help="seed (same seed, same tasks)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    parser.add_argument("--language", default="en", choices=LANGUAGES,
+                        help="how the prompts are phrased: en (Add 27+45) or zh (计算 27+45)")
     parser.add_argument("--exclude-from", action="append", default=[], metavar="JSONL",
                         help="training task file(s) whose prompts the new set must not contain (any task format; "
                              "repeatable); the set then also holds each prompt once")
     args = parser.parse_args(argv)
     try:
         exclude = read_prompts(args.exclude_from) if args.exclude_from else None
-        paths = write_task_files(args.out, args.count, args.seed, tuple(args.tasks.split(",")), exclude)
+        paths = write_task_files(args.out, args.count, args.seed, tuple(args.tasks.split(",")), exclude,
+                                 args.language)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

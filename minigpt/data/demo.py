@@ -16,11 +16,8 @@ from importlib import resources
 from pathlib import Path
 from pydoc_data.topics import topics
 
-from minigpt.data.tasks import generate_tasks
+from minigpt.data.tasks import generate_tasks, phrase
 from minigpt.fsutil import atomic_write_text
-
-CHINESE_VERBS = {"Add": "计算", "Reverse": "倒序写出", "Sort": "按字母排序"}
-"""The Chinese phrasing of each task verb ("计算 27+45" asks what "Add 27+45" asks)."""
 
 CONVERSATIONS = [
     ("你好", "你好！我是 MiniGPT，一个小型语言模型。有什么可以帮你？", "嗯。"),
@@ -78,17 +75,12 @@ def write_demo_corpus(path: str | Path, language: str = "en") -> Path:
     return path
 
 
-def _bilingual(prompt: str, chinese: bool) -> str:
-    verb, argument = prompt.split(" ", 1)
-    return f"{CHINESE_VERBS[verb]} {argument}" if chinese else prompt
-
-
 def demo_post_training_records(kind: str, count: int = 2000, seed: int = 0) -> list[dict]:
     """`count` tasks (every other one phrased in Chinese) as `kind` ("sft", "dpo" or "rlhf") records, with
     the identity conversations mixed in (not for rlhf: its rule reward needs a checkable answer)."""
     records = []
     for index, task in enumerate(generate_tasks(count, seed)):
-        prompt = _bilingual(task["prompt"], chinese=index % 2 == 1)
+        prompt = phrase(task["prompt"], "zh" if index % 2 == 1 else "en")
         if kind == "sft":
             records.append({"conversations": [{"role": "user", "content": prompt},
                                               {"role": "assistant", "content": task["reference"]}]})

@@ -3,9 +3,9 @@
 Three tasks whose answers are a few tokens and computable from the prompt alone, so a ~1M-parameter
 model can learn them and a rule reward can score any generation:
 
-    add       "Add 27+45"        -> "72"
-    reverse   "Reverse cabd"     -> "dbac"
-    sort      "Sort dbca"        -> "abcd"
+    add       "Add 27+45"        -> "72"       (in Chinese: "计算 27+45")
+    reverse   "Reverse cabd"     -> "dbac"     ("倒序写出 cabd")
+    sort      "Sort dbca"        -> "abcd"     ("按字母排序 dbca")
 
 Generation is deterministic given the seed.
 """
@@ -23,16 +23,37 @@ from minigpt.data.records import RecordError, json_lines
 from minigpt.fsutil import atomic_write_text
 
 TASKS = ("add", "reverse", "sort")
+LANGUAGES = ("en", "zh")
+VERBS = {"add": "Add", "reverse": "Reverse", "sort": "Sort"}
+CHINESE_VERBS = {"Add": "计算", "Reverse": "倒序写出", "Sort": "按字母排序"}
+"""The Chinese phrasing of each task verb ("计算 27+45" asks what "Add 27+45" asks)."""
+_ENGLISH_VERB = {chinese: english for english, chinese in CHINESE_VERBS.items()}
 _LETTERS = string.ascii_lowercase[:8]
-_PROMPT = re.compile(r"^(Add|Reverse|Sort) (\S+)$")
+_PROMPT = re.compile(r"^(Add|Reverse|Sort|计算|倒序写出|按字母排序) (\S+)$")
+
+
+def phrase(prompt: str, language: str) -> str:
+    """A task prompt in `language` ("en" as generated, "zh" with the Chinese verb)."""
+    if language == "en":
+        return prompt
+    verb, argument = prompt.split(" ", 1)
+    return f"{CHINESE_VERBS[verb]} {argument}"
+
+
+def task_of(prompt: str) -> str | None:
+    """The task type ("add", "reverse", "sort") a prompt in either language asks for, else None."""
+    match = _PROMPT.match(prompt.strip())
+    return _ENGLISH_VERB.get(match.group(1), match.group(1)).lower() if match else None
 
 
 def solve(prompt: str) -> str | None:
-    """The correct answer to a task prompt, or None when `prompt` is not a task of this module."""
+    """The correct answer to a task prompt (English or Chinese phrasing), or None when `prompt` is not a
+    task of this module."""
     match = _PROMPT.match(prompt.strip())
     if not match:
         return None
     verb, argument = match.groups()
+    verb = _ENGLISH_VERB.get(verb, verb)
     if verb == "Add":
         terms = argument.split("+")
         if len(terms) != 2 or not all(t.isdigit() for t in terms):
@@ -60,8 +81,9 @@ def _wrong_answer(prompt: str, answer: str, rng: random.Random) -> str:
 
 
 def generate_tasks(count: int, seed: int = 0, tasks: tuple[str, ...] = TASKS,
-                   exclude: Collection[str] | None = None) -> list[dict]:
-    """`count` task records {"task", "prompt", "reference", "wrong"} cycling through `tasks`.
+                   exclude: Collection[str] | None = None, language: str = "en") -> list[dict]:
+    """`count` task records {"task", "prompt", "reference", "wrong"} cycling through `tasks`, the prompts
+    phrased in `language` ("en": "Add 27+45", "zh": "计算 27+45"; the same draw either way).
 
     With `exclude` (prompts of training files) the records form a held-out set: no prompt of
     `exclude` and no prompt twice. Without it the draw is the plain seeded sequence (repeats allowed).
@@ -69,13 +91,16 @@ def generate_tasks(count: int, seed: int = 0, tasks: tuple[str, ...] = TASKS,
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
+    if language not in LANGUAGES:
+        raise ValueError(f"unknown language {language!r}; choose from {LANGUAGES}")
     rng = random.Random(seed)
     records = []
     taken = set(exclude) if exclude is not None else None
     attempts = 0
     while len(records) < count:
         task = tasks[len(records) % len(tasks)]
-        prompt = _question(task, rng)
+        question = _question(task, rng)
+        prompt = phrase(question, language)
         if taken is not None:
             attempts += 1
             if attempts > 100 * count + 10_000:
@@ -84,9 +109,9 @@ def generate_tasks(count: int, seed: int = 0, tasks: tuple[str, ...] = TASKS,
             if prompt in taken:
                 continue
             taken.add(prompt)
-        answer = solve(prompt)
+        answer = solve(question)
         records.append({"task": task, "prompt": prompt, "reference": answer,
-                        "wrong": _wrong_answer(prompt, answer, rng)})
+                        "wrong": _wrong_answer(question, answer, rng)})
     return records
 
 
@@ -108,16 +133,16 @@ FORMATS = {"sft": as_sft, "dpo": as_dpo, "rlhf": as_rlhf}
 
 
 def write_task_files(out_dir: str | Path, count: int, seed: int = 0, tasks: tuple[str, ...] = TASKS,
-                     exclude: Collection[str] | None = None) -> dict[str, Path]:
+                     exclude: Collection[str] | None = None, language: str = "en") -> dict[str, Path]:
     """Write sft.jsonl, dpo.jsonl and rlhf.jsonl of the same `count` tasks into `out_dir`
     (a held-out set disjoint from `exclude` when given; see `generate_tasks`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = generate_tasks(count, seed, tasks, exclude)
+    records = generate_tasks(count, seed, tasks, exclude, language)
     paths = {}
     for kind, convert in FORMATS.items():
         paths[kind] = out_dir / f"{kind}.jsonl"
-        atomic_write_text(paths[kind], "".join(json.dumps(convert(r)) + "\n" for r in records))
+        atomic_write_text(paths[kind], "".join(json.dumps(convert(r), ensure_ascii=False) + "\n" for r in records))
     return paths
 
 
@@ -154,10 +179,26 @@ def read_prompts(paths: Iterable[str | Path]) -> set[str]:
     return prompts
 
 
+def final_answer(record: dict) -> str | None:
+    """The content of a conversation's closing assistant turn (an SFT record's answer), else None."""
+    messages = record.get("messages") or record.get("conversations")
+    if not isinstance(messages, list) or len(messages) < 2:
+        return None
+    last = messages[-1]
+    if isinstance(last, dict) and last.get("role") == "assistant" and isinstance(last.get("content"), str):
+        return last["content"]
+    return None
+
+
 def expected_answer(task: dict | str) -> str | None:
-    """The correct answer of a task record (its "reference", else solved from its prompt) or prompt."""
-    if isinstance(task, dict) and isinstance(task.get("reference"), str):
-        return task["reference"]
+    """The correct answer of a task record or prompt: its "reference", else the closing assistant turn of
+    a conversation (SFT format), else solved from the prompt."""
+    if isinstance(task, dict):
+        if isinstance(task.get("reference"), str):
+            return task["reference"]
+        answer = final_answer(task)
+        if answer is not None:
+            return answer
     return solve(prompt_of(task))
 
 

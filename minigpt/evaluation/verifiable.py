@@ -1,7 +1,9 @@
-"""Exact match and reward on the verifiable tasks (`data_tools/make_tasks.py` files), greedy, chat template.
+"""Exact match and reward on verifiable tasks (`data_tools/make_tasks.py` files, or any records with a reference:
+a "reference" field or, in SFT format, the closing assistant turn), greedy, chat template.
 
-Each prompt is asked as one user turn of the chat template; the greedy answer (up to `max_new_tokens`,
-ended by <|im_end|> or EOS) is checked by `minigpt.data.tasks`: `exact_match` is the share of right
+Each prompt is asked as one user turn of the chat template (an SFT record: its turns before the answer); the
+greedy answer (up to `max_new_tokens`, by default the longest reference's tokens plus one, ended by
+<|im_end|> or EOS) is checked by `minigpt.data.tasks`: `exact_match` is the share of right
 answers, `reward` the mean task reward (partial credit for a same-length answer unless `partial=false`),
 both also per task type (`exact_match/sort`, ...). Prompts that occur in the training files given to
 `--exclude-from` are left out and counted (`excluded`).
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minigpt.data.tasks import expected_answer, prompt_of, reward
+from minigpt.data.tasks import expected_answer, final_answer, prompt_of, reward, task_of
 from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches, jsonl_objects
 from minigpt.evaluation.spec import TaskSpec
 from minigpt.generate import GenerationConfig, TextGenerator
@@ -19,19 +21,32 @@ from minigpt.train.metrics import MetricSums
 
 
 def load_tasks(path: Path) -> list[dict]:
-    """Records {"prompt", "reference", "task"} of a task file in any make_tasks format (sft, dpo, rlhf)."""
+    """Records {"prompt", "context", "reference", "task"} of a task file: make_tasks formats (sft, dpo, rlhf),
+    records with a "reference", or conversations (SFT format) whose closing assistant turn is the reference
+    and whose earlier turns are the context it answers. Grouped by a "task" or "kind" field, else by the
+    task type the prompt asks for ("other" when it is none of make_tasks')."""
     records = []
     for number, record in jsonl_objects(path):
         prompt = prompt_of(record).strip()
         reference = expected_answer(record) if prompt else None
         if reference is None:
-            raise EvalDataError(f"{path}:{number}: not a verifiable task (no prompt with a known answer or "
-                                "'reference' field)")
-        records.append({"prompt": prompt, "reference": reference,
-                        "task": str(record.get("task") or prompt.split(" ", 1)[0].lower())})
+            raise EvalDataError(f"{path}:{number}: not a verifiable task (no prompt with a known answer, "
+                                "'reference' field, or closing assistant turn)")
+        messages = record.get("messages") or record.get("conversations")
+        context = (messages[:-1] if final_answer(record) is not None and "reference" not in record
+                   else [{"role": "user", "content": prompt}])
+        group = record.get("task") or record.get("kind") or task_of(prompt) or "other"
+        records.append({"prompt": prompt, "context": context, "reference": reference, "task": str(group)})
     if not records:
         raise EvalDataError(f"{path}: no tasks (the file is empty)")
     return records
+
+
+def answer_budget(spec: TaskSpec, references: list[str], tokenizer) -> int:
+    """`max_new_tokens` as given, else room for the longest reference and the end-of-turn token."""
+    if spec.get("max_new_tokens") is not None:
+        return spec.get("max_new_tokens")
+    return max((len(tokenizer.encode(reference)) for reference in references), default=0) + 1
 
 
 def evaluate_tasks(spec: TaskSpec, ctx: EvalContext) -> dict[str, float]:
@@ -41,10 +56,9 @@ def evaluate_tasks(spec: TaskSpec, ctx: EvalContext) -> dict[str, float]:
     excluded = len(records) - len(kept)
     kept = kept[:spec.get("limit")] if spec.get("limit") else kept
     tokenizer = ctx.tokenizer
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": r["prompt"]}], add_generation_prompt=True).ids
-               for r in kept]
+    prompts = [tokenizer.encode_chat(r["context"], add_generation_prompt=True).ids for r in kept]
     longest = max((len(p) for p in prompts), default=0)
-    max_new = min(spec.get("max_new_tokens", 16), ctx.max_seq_len - longest)
+    max_new = min(answer_budget(spec, [r["reference"] for r in kept], tokenizer), ctx.max_seq_len - longest)
     if kept and max_new < 1:
         raise EvalDataError(f"{spec.text}: a prompt of {longest} tokens leaves no room to answer within the "
                             f"model's max_seq_len {ctx.max_seq_len}")

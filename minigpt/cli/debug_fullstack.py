@@ -12,13 +12,13 @@ import argparse
 import json
 import sys
 
-from minigpt.cli.args import add_dataclass_arguments, dataclass_from_args
+from minigpt.cli.args import FlagParser, add_dataclass_arguments, dataclass_from_args
 from minigpt.config import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/debug_fullstack.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="launch/debug_fullstack.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(parser, TrainConfig)
     parser.add_argument("--model-size", dest="config", default=argparse.SUPPRESS, help="alias of --config")
     parser.add_argument("--prompt", default="", help="prompt to generate from after the step (default: from the "

@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 
+from minigpt.cli.args import FlagParser
 from minigpt.data.demo import write_demo_corpus
 from minigpt.data.sources import InputError
 from minigpt.tokenizer import TokenizerError
@@ -21,8 +22,8 @@ from minigpt.tokenizer_training import train_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="data_tools/train_tokenizer.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="data_tools/train_tokenizer.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", default=[],
                         help=".txt / .jsonl / .jsonl.gz file or glob; repeatable")
     parser.add_argument("--demo", action="store_true", help="also train on the built-in demo corpus (pydoc_data)")

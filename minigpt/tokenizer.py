@@ -8,6 +8,7 @@ checksum so that data or weights built with another tokenizer are refused. Train
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import json
@@ -185,6 +186,14 @@ class Tokenizer:
             if self.sp.piece_to_id(char) == self.unk_id:
                 unseen.append(char)
         return "".join(unseen)
+
+    def character_counts(self, text: str) -> tuple[int, collections.Counter]:
+        """How many non-space characters `text` has, and of those the ones with no piece of their own (the
+        tokenizer can only spell them as UTF-8 bytes), counted by occurrence."""
+        counts = collections.Counter(char for char in text if not char.isspace())
+        uncovered = collections.Counter({char: n for char, n in counts.items()
+                                         if self.sp.piece_to_id(char) == self.unk_id})
+        return counts.total(), uncovered
 
     @functools.cached_property
     def byte_values(self) -> list[int]:

@@ -7,6 +7,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 from spm_fixture import _ENGLISH
 
@@ -96,3 +97,11 @@ def test_the_start_line_names_the_inherited_weights_and_tokenizer(small_tiny, da
     line = next(x for x in capsys.readouterr().out.splitlines() if "sft run checkpoints/sft_tiny:" in x)
     assert "weights from checkpoints/pretrain_tiny/final; tokenizer checkpoints/pretrain_tiny/final " \
            "(the starting weights'" in line and "% of the training data's characters" in line
+
+
+def test_coverage_counts_the_datas_text_not_the_chat_templates_role_names(english_tokenizer):
+    from minigpt.train.data import document_text
+
+    conversation = english_tokenizer.encode_chat([{"role": "user", "content": "天地"},
+                                                  {"role": "assistant", "content": "ok"}]).ids
+    assert document_text(english_tokenizer, np.array(conversation)).split() == ["天地", "ok"]

@@ -132,11 +132,21 @@ def character_coverage(tokenizer: Tokenizer, dataset_dirs: list[Path]) -> tuple[
         reader = open_shard(directory, "train")
         count = min(documents, reader.num_documents)
         for index in np.linspace(0, reader.num_documents - 1, count, dtype=np.int64) if count else []:
-            chars, lacking = tokenizer.character_counts(tokenizer.decode(reader.document(int(index))[:tokens]))
+            chars, lacking = tokenizer.character_counts(document_text(tokenizer, reader.document(int(index))[:tokens]))
             total += chars
             uncovered += lacking
     coverage = 1.0 - uncovered.total() / total if total else 1.0
     return coverage, "".join(char for char, _ in uncovered.most_common(8))
+
+
+def document_text(tokenizer: Tokenizer, ids: np.ndarray) -> str:
+    """The text of a document as the data gave it: a conversation's turns without the chat template's role
+    headers (`user`, `assistant`: the template's words, not the data's)."""
+    starts = np.flatnonzero(ids == tokenizer.im_start_id)
+    if not len(starts):
+        return tokenizer.decode(ids.tolist())
+    before, *turns = [tokenizer.decode(part.tolist()) for part in np.split(ids, starts)]
+    return "\n".join([before, *(turn.partition("\n")[2] for turn in turns)])
 
 
 def check_coverage(cfg: TrainConfig, run_data: RunData, inherited: bool) -> tuple[float, str | None]:

@@ -58,7 +58,8 @@ def measure(work: Path, dataset_dir: Path, tokenizer_dir: Path, prefetch: int, p
 def main(argv: list[str] | None = None) -> int:
     from shakespeare_data import prepare
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "out" / "data_wait")

@@ -99,7 +99,8 @@ def measure_all(work: Path, dataset_dir: Path, tokenizer_dir: Path, steps: int =
 def main(argv: list[str] | None = None) -> int:
     from shakespeare_data import prepare
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "ds_overhead")
     args = parser.parse_args(argv)

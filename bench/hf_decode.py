@@ -53,7 +53,8 @@ def random_model_dir(preset: str, work: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="run or consolidated directory (default: random --preset)")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -117,7 +117,8 @@ def measure(million_tokens: int, batches: int = 3000, batch_size: int = 16, seq_
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 200], help="shard sizes in millions of tokens")
     parser.add_argument("--batches", type=int, default=3000)
     args = parser.parse_args(argv)

@@ -54,7 +54,8 @@ def compare(path: Path, text_field: str, vocab_size: int, workers_list: list[int
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="a .jsonl corpus")
     parser.add_argument("--text-field", default="text")
     parser.add_argument("--vocab-size", type=int, default=8000)

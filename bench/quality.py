@@ -220,7 +220,8 @@ def run_quality(work: Path, recipe_path: Path = DEFAULT_RECIPE, overrides: dict 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", type=Path, default=DEFAULT_RECIPE)
     parser.add_argument("--work", type=Path, default=REPO / "bench" / "out" / "quality")
     parser.add_argument("--set", nargs="*", default=[], metavar="FLAG=VALUE",

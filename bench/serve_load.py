@@ -129,7 +129,7 @@ def run_load(url: str, model: str, clients: int, requests: int, sampling: str, m
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench/serve_load.py", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="bench/serve_load.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="", help="consolidated model directory to serve in this process")
     parser.add_argument("--url", default="", help="an already running server instead of --model")

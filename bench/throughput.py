@@ -150,7 +150,8 @@ def compare_with_reference(shape: str = "baseline", rounds: int = 8, steps: int 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to start)")
     parser.add_argument("--json", action="store_true", help="print fp32 eager tokens/s as one JSON line")

@@ -273,6 +273,22 @@ def _opt(help_text: str, **kwargs: Any) -> Any:
 
 
 COMPILE_CHOICES = ("auto", "on", "off")
+DATA_SUFFIXES = (".gz", ".jsonl", ".json", ".txt")
+
+
+def data_name(data: list[str]) -> str:
+    """A run-directory name for `--data`: the first entry's file or directory name without its data suffixes,
+    `+N` for N more (`zh_classics.jsonl a.txt` -> `zh_classics+1`)."""
+    name = Path(data[0].rstrip("/\\")).name
+    for suffix in DATA_SUFFIXES:
+        name = name.removesuffix(suffix)
+    name = re.sub(r"[^\w.+-]+", "-", name).strip("-.") or "data"
+    return name + (f"+{len(data) - 1}" if len(data) > 1 else "")
+
+
+def default_run_dir(mode: str, config: str, data: list[str]) -> Path:
+    """`checkpoints/<mode>_<config>` (the built-in demo data) or `checkpoints/<mode>_<config>_<data name>`."""
+    return Path("checkpoints") / (f"{mode}_{config}" + (f"_{data_name(data)}" if data else ""))
 
 
 @dataclass
@@ -289,8 +305,12 @@ class TrainConfig:
     tokenizer: str = _opt("tokenizer directory; default: <out>/tokenizer, trained on the data if missing",
                           default="")
     retrain_tokenizer: bool = _opt("train a new tokenizer even if one exists", default=False)
+    allow_low_coverage: bool = _opt("train even when the tokenizer has pieces for under 90 percent of the "
+                                    "training data's characters (the rest reach the model as UTF-8 bytes)",
+                                    default=False)
     vocab_size: int = _opt("vocabulary size when a tokenizer is trained (0: the preset's)", default=0)
-    out: str = _opt("run directory; default checkpoints/<mode>_<config>", default="")
+    out: str = _opt("run directory; default checkpoints/<mode>_<config>, with --data "
+                    "checkpoints/<mode>_<config>_<name of the first --data>", default="")
     overwrite: bool = _opt("a fresh run into a run directory that holds another run's checkpoints, final/ "
                            "weights or TensorBoard events deletes them first (without it, such a run is refused); "
                            "the directory's tokenizer/ is kept", default=False)
@@ -461,7 +481,9 @@ class TrainConfig:
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out or f"checkpoints/{self.mode}_{self.config}")
+        """--out, else `checkpoints/<mode>_<config>`, named after the data too when --data is given (a run on
+        one's own data never lands in the quick start's run directory)."""
+        return Path(self.out or default_run_dir(self.mode, self.config, self.data))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -7,7 +7,9 @@ consolidated model directory can be served anywhere torch runs:
     print(generator.generate(["Hello"], GenerationConfig(max_new_tokens=50), chat=True)[0])
 
 Logit filters are small pure functions (`apply_repetition_penalty`, `apply_temperature`,
-`apply_top_k`, `apply_top_p`) applied in that order by `filter_logits`.
+`apply_top_k`, `apply_top_p`) applied in that order by `filter_logits`. Before them, `Utf8Guard`
+(minigpt/utf8_guard.py) removes the byte-fallback pieces that would leave a broken character, so no
+output, streamed or not, shows a U+FFFD the prompt did not have.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from minigpt.config import ConfigError
 from minigpt.interop.hf_llama import is_hf_llama_dir, load_hf_llama
 from minigpt.model import KVCache, MiniGPT
 from minigpt.tokenizer import Tokenizer
+from minigpt.utf8_guard import Utf8Guard
 from minigpt.weights import load_consolidated
 
 
@@ -342,7 +345,6 @@ class TextGenerator:
         batch, width = len(prompts), max(len(ids) for ids in prompts)
         vocab = self.model.config.vocab_size
         pad = self.tokenizer.pad_id if self.tokenizer is not None else 0
-        usable_vocab = self.tokenizer.vocab_size if self.tokenizer is not None else vocab
         seq = torch.full((batch, width), pad, dtype=torch.long, device=self.device)
         mask = torch.zeros((batch, width), dtype=torch.long, device=self.device)
         for row, ids in enumerate(prompts):
@@ -363,13 +365,14 @@ class TextGenerator:
             cache = KVCache(self.model.config, batch, max_len=width + budget, device=self.device, dtype=dtype)
         rows = list(range(batch))
         generated: list[list[int]] = [[] for _ in prompts]
+        guard = Utf8Guard(self.tokenizer.byte_values, vocab, self.device) if self.tokenizer is not None else None
         step_input, step_positions = seq, positions
         for step in range(budget):
             logits = self.model(step_input, position_ids=step_positions,
                                 attention_mask=mask if padded else None, cache=cache)[:, -1].float()
             logprobs = logits.log_softmax(-1)  # the model's own distribution, before any filtering
-            if usable_vocab < vocab:
-                logits[:, usable_vocab:] = float("-inf")  # ids the tokenizer cannot decode
+            if guard is not None:  # ids the tokenizer cannot decode, pieces that would break a character
+                logits += guard.mask(rows, budget - step)
             scores = filter_logits(logits, seen, config)
             if config.greedy:
                 next_ids = scores.argmax(-1)
@@ -380,6 +383,8 @@ class TextGenerator:
             out = []
             for i, (row, token, logprob) in enumerate(zip(rows, next_ids.tolist(), chosen.tolist(), strict=True)):
                 generated[row].append(token)
+                if guard is not None:
+                    guard.advance(row, token)
                 reason = "stop" if finished[i] else None
                 if reason is None and config.stop_strings and self._hits_stop_string(prompts[row], generated[row],
                                                                                       config):

@@ -8,6 +8,8 @@ checksum so that data or weights built with another tokenizer are refused. Train
 
 from __future__ import annotations
 
+import collections
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -197,6 +199,19 @@ class Tokenizer:
             if self.sp.piece_to_id(char) == self.unk_id:
                 unseen.append(char)
         return "".join(unseen)
+
+    def character_counts(self, text: str) -> tuple[int, collections.Counter]:
+        """How many non-space characters `text` has, and of those the ones with no piece of their own (the
+        tokenizer can only spell them as UTF-8 bytes), counted by occurrence."""
+        counts = collections.Counter(char for char in text if not char.isspace())
+        uncovered = collections.Counter({char: n for char, n in counts.items()
+                                         if self.sp.piece_to_id(char) == self.unk_id})
+        return counts.total(), uncovered
+
+    @functools.cached_property
+    def byte_values(self) -> list[int]:
+        """Per id, the byte a byte-fallback piece (`<0xE5>`) stands for, or -1 for any other piece."""
+        return [int(self.sp.id_to_piece(i)[3:5], 16) if self.sp.is_byte(i) else -1 for i in range(self.vocab_size)]
 
     def id_to_piece(self, token_id: int) -> str:
         return self.sp.id_to_piece(int(token_id))

@@ -118,7 +118,7 @@ def write_hostfile(path: Path, hosts: list[str], slots: int) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--nodelist", default=os.environ.get("SLURM_JOB_NODELIST", ""),
                         help="compact nodelist (default: $SLURM_JOB_NODELIST)")
     parser.add_argument("--slots", type=int, default=1, help="ranks per node written as slots=N")

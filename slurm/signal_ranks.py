@@ -60,7 +60,7 @@ def find_ranks(script: Path, out: Path, proc: Path = Path("/proc")) -> list[int]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("signal", help="signal name without SIG: USR1, TERM, INT")
     parser.add_argument("--script", type=Path, required=True, help="the training script the ranks run")
     parser.add_argument("--out", type=Path, required=True, help="the run directory the ranks were given")

@@ -33,8 +33,8 @@ def guide(tmp_path_factory, shards, data_tokenizer) -> Path:
     patch.chdir(root)
     write_task_files(root / "tasks", 24, seed=0)
     cfg = TrainConfig(mode="pretrain", config="tiny", data=[str(shards)], tokenizer=str(data_tokenizer.directory),
-                      seq_len=48, batch_size=2, max_steps=2, warmup_steps=0, eval_interval=0, eval_batches=1,
-                      log_interval=100)
+                      out="checkpoints/pretrain_tiny", seq_len=48, batch_size=2, max_steps=2, warmup_steps=0,
+                      eval_interval=0, eval_batches=1, log_interval=100)
     assert Trainer(cfg).run() == EXIT_FINISHED
     yield root
     patch.undo()
@@ -211,9 +211,9 @@ def test_dpo_from_random_init_keeps_its_reference_across_a_resume(guide, tmp_pat
     command = ["--mode", "dpo", "--data", data, "--auto-resume", "--save-interval", "1", *QUICK]
     assert train_cli.main([*command, "--max-steps", "2"]) == 0
     assert "WARNING: --mode dpo found no previous stage" in capsys.readouterr().out
-    initial = (tmp_path / "checkpoints" / "dpo_tiny" / "initial" / "model.pt").read_bytes()
+    initial = (tmp_path / "checkpoints" / "dpo_tiny_dpo" / "initial" / "model.pt").read_bytes()
     assert train_cli.main([*command, "--max-steps", "3"]) == 0
-    assert (tmp_path / "checkpoints" / "dpo_tiny" / "initial" / "model.pt").read_bytes() == initial
+    assert (tmp_path / "checkpoints" / "dpo_tiny_dpo" / "initial" / "model.pt").read_bytes() == initial
 
 
 def test_data_lookup_order_is_cwd_then_data_dir_then_the_environment(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import TextIO
 
 from minigpt.chat import ChatSession
+from minigpt.cli.args import FlagParser
 from minigpt.cli.generate import add_sampling_arguments, load_generator
 from minigpt.config import ConfigError
 from minigpt.tokenizer import TokenizerError
@@ -28,8 +29,8 @@ from minigpt.weights import WeightsError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch/chat.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="launch/chat.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="consolidated model directory (a chat-tuned model)")
     parser.add_argument("--system", default="", help="system prompt at the start of the conversation")
     add_sampling_arguments(parser, max_new_tokens=256)

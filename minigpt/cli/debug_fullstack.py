@@ -1,24 +1,35 @@
 """Walk the whole stack once, loudly: config snapshot, first batch, one optimizer step, generation.
 
     python launch/debug_fullstack.py --mode pretrain --model-size tiny --prompt "The"
+    python launch/debug_fullstack.py --mode sft --model-size tiny --prompt "你好，MiniGPT！"
 
 Uses the real Trainer (same data resolution, engine, objective and loop step as training), so what it
-prints is what training sees. Any TrainConfig flag is accepted too (e.g. --data, --out).
+prints is what training sees. Any TrainConfig flag is accepted too (e.g. --data, --out). One batch, one
+step in every mode: DPO scores that batch with a frozen reference in memory (no precomputed reference
+over the whole data set). A post-training walk whose previous stage's tokenizer lacks characters of
+--prompt starts from random weights with a tokenizer of its own, trained on the built-in bilingual demo
+data (and raw --data files), instead; --init-from or --tokenizer choose otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from minigpt.cli.args import add_dataclass_arguments, dataclass_from_args
-from minigpt.config import TrainConfig
+from minigpt.cli.args import FlagParser, add_dataclass_arguments, dataclass_from_args
+from minigpt.config import TrainConfig, get_config
+
+if TYPE_CHECKING:
+    from minigpt.train.loop import StartingWeights
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="launch/debug_fullstack.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="launch/debug_fullstack.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(parser, TrainConfig)
     parser.add_argument("--model-size", dest="config", default=argparse.SUPPRESS, help="alias of --config")
     parser.add_argument("--prompt", default="", help="prompt to generate from after the step (default: from the "
@@ -31,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overwrite = True
     args.max_steps = 1
     args.warmup_steps = 0
+    args.dpo_reference_in_memory = True  # the reference scores this one batch, not every pair of the data
     cfg = dataclass_from_args(TrainConfig, args)
 
     from minigpt.train.loop import USER_ERRORS
@@ -47,6 +59,56 @@ def _first_ids_key(batch: dict) -> str:
     return next(name for name in ("input_ids", "chosen_input_ids", "prompt_ids") if name in batch)
 
 
+def _first_row(batch: dict, ids_key: str, count: int) -> list[int]:
+    """The first `count` real tokens of the batch's first row: left padding (prompts, rollouts) skipped."""
+    mask_key = {"input_ids": "attention_mask", "prompt_ids": "prompt_mask"}.get(ids_key)
+    row = batch[ids_key][0]
+    if mask_key in batch:
+        row = row[batch[mask_key][0].bool()]
+    return row[:count].tolist()
+
+
+def debug_start(cfg: TrainConfig, prompt: str) -> tuple[TrainConfig, StartingWeights | None]:
+    """Where a post-training walk starts: the previous stage as training would, unless that stage's tokenizer
+    lacks characters of `prompt`; then random weights and a tokenizer trained on bilingual data."""
+    from minigpt.tokenizer import Tokenizer
+    from minigpt.train.loop import StartingWeights, find_starting_weights
+
+    if cfg.mode == "pretrain" or cfg.init_from or cfg.tokenizer or not prompt:
+        return cfg, None
+    start = find_starting_weights(cfg)
+    if start.model_dir is None:
+        return dataclasses.replace(cfg, tokenizer=str(train_walk_tokenizer(cfg))), start
+    unseen = Tokenizer(start.model_dir).unseen_characters(prompt)
+    if not unseen:
+        return cfg, None
+    print(f"[minigpt] debug: {start.model_dir}'s tokenizer has no pieces for {unseen!r} of --prompt: walking from "
+          "random weights with a tokenizer trained on the bilingual demo data instead (--init-from "
+          f"{start.model_dir} to walk from those weights anyway)", flush=True)
+    return (dataclasses.replace(cfg, tokenizer=str(train_walk_tokenizer(cfg))),
+            StartingWeights("random init (debug: the previous stage's tokenizer lacks the prompt's characters)"))
+
+
+def train_walk_tokenizer(cfg: TrainConfig) -> Path:
+    """`<data-dir>/cache/debug_tokenizer` (scratch, never a run's own), trained anew on the built-in demo data of every mode (English and Chinese) and the raw
+    --data files, so the walk's prompt and data are spelled in pieces, not bytes."""
+    from minigpt.data.demo import write_demo_corpus, write_demo_post_training
+    from minigpt.tokenizer_training import train_tokenizer
+    from minigpt.train.data import find_input
+
+    demo = Path(cfg.data_dir) / "cache" / "demo"
+    demo.mkdir(parents=True, exist_ok=True)
+    files = [demo / name for name in ("corpus.txt", "sft.jsonl", "dpo.jsonl", "rlhf.jsonl")]
+    for path in files:
+        if not path.exists():
+            write_demo_corpus(path) if path.suffix == ".txt" else write_demo_post_training(path, path.stem)
+    files += [path for path in (find_input(name, cfg.data_dir) for name in cfg.data) if path.is_file()]
+    vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
+    print(f"[minigpt] debug: training a {vocab}-token tokenizer on {len(files)} file(s) into {demo.parent}/"
+          "debug_tokenizer", flush=True)
+    return train_tokenizer(files, demo.parent / "debug_tokenizer", vocab_size=vocab).directory
+
+
 def walk(cfg: TrainConfig, args: argparse.Namespace) -> int:
     """Build the real Trainer, show its first batch, take one optimizer step and generate."""
     import torch
@@ -55,7 +117,8 @@ def walk(cfg: TrainConfig, args: argparse.Namespace) -> int:
     from minigpt.data.datasets import IGNORE_INDEX
     from minigpt.train.loop import Trainer
 
-    trainer = Trainer(cfg)
+    cfg, start = debug_start(cfg, args.prompt)
+    trainer = Trainer(cfg, start=start)
     say = print if trainer.engine.is_main else (lambda *a, **k: None)
     say("== config snapshot ==")
     say(json.dumps(json.loads((cfg.run_dir / "training_config_snapshot.json").read_text()), indent=2))
@@ -67,7 +130,7 @@ def walk(cfg: TrainConfig, args: argparse.Namespace) -> int:
     first = {name: value for name, value in (batches[0] if isinstance(batches[0], dict) else vars(batches[0])).items()
              if isinstance(value, torch.Tensor)}
     ids_key = _first_ids_key(first)
-    ids = first[ids_key][0, :args.show_tokens].tolist()
+    ids = _first_row(first, ids_key, args.show_tokens)
     say("== first batch ==")
     for name, tensor in first.items():
         say(f"{name:<20} shape={tuple(tensor.shape)} dtype={tensor.dtype}")
@@ -78,9 +141,13 @@ def walk(cfg: TrainConfig, args: argparse.Namespace) -> int:
     if labels_key in first and labels_key != ids_key:
         mask = (first[labels_key][0, :args.show_tokens] != IGNORE_INDEX).int().tolist()
         say(f"loss mask    {mask}")
-    loss, result, tokens, _stats = trainer.train_step(batches)
+    loss, result, tokens, stats = trainer.train_step(batches)
     say("== one optimizer step ==")
     say(f"loss {loss:.4f}  grad-norm {result.grad_norm:.4f}  lr {result.lr:.2e}  tokens {tokens}")
+    if stats.get("reward_std") == 0.0:
+        say(f"note: every response of each prompt earned the same reward ({stats['reward']:.3f}), so GRPO's "
+            "advantages, and with them the policy loss and gradient, are 0; a policy that sometimes answers right "
+            "(start from an sft run) or --reward-model gives a non-zero loss")
     if args.prompt:
         trainer.sample_prompt = args.prompt
         unseen = trainer.tokenizer.unseen_characters(args.prompt)

@@ -23,12 +23,13 @@ import json
 import sys
 from pathlib import Path
 
+from minigpt.cli.args import FlagParser
 from minigpt.evaluation.spec import TaskSpecError, parse_task_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch/eval.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="launch/eval.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
                         help="consolidated weights directory, or a run directory (its final/ is used)")
     parser.add_argument("--task", action="append", required=True, metavar="KIND:PATH[,key=value...]",

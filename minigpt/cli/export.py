@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minigpt.cli.args import FlagParser
 from minigpt.config import ConfigError
 from minigpt.tokenizer import TokenizerError
 from minigpt.weights import WeightsError
@@ -25,8 +26,8 @@ PACKAGES = {"hf": "safetensors", "gguf": "gguf"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch/export.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="launch/export.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="run directory (uses its final/) or consolidated model directory")
     parser.add_argument("--format", required=True, choices=FORMATS,
                         help="hf: a Hugging Face directory (Llama; GraniteMoeShared for mixtures of experts); "

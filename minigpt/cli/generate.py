@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minigpt.cli.args import FlagParser
 from minigpt.config import ConfigError
 from minigpt.generate import GenerationConfig, TextGenerator
 from minigpt.tokenizer import TokenizerError
@@ -40,8 +41,8 @@ def generation_config(args: argparse.Namespace) -> GenerationConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch/generate.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="launch/generate.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
                         help="consolidated model directory (or a run directory: its final/), or a Hugging Face "
                              "Llama directory (docs/export.md)")

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minigpt.cli.args import FlagParser
 from minigpt.data.tasks import LANGUAGES, TASKS, read_prompts, write_task_files
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="data_tools/make_tasks.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="data_tools/make_tasks.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="directory for sft.jsonl, dpo.jsonl, rlhf.jsonl")
     parser.add_argument("--count", type=int, default=2000, help="tasks per file")
     parser.add_argument("--seed", type=int, default=0, help="seed (same seed, same tasks)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from minigpt.cli.args import FlagParser
 from minigpt.config import TrainConfig
 from minigpt.data.build import STATS_FILE, DatasetBuildError, build_dataset
 from minigpt.data.shards import KINDS
@@ -20,8 +21,8 @@ from minigpt.tokenizer import Tokenizer, TokenizerError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="data_tools/pretokenize.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="data_tools/pretokenize.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", required=True,
                         help=".txt / .jsonl / .jsonl.gz file or glob; repeatable")
     parser.add_argument("--tokenizer", required=True, help="tokenizer directory (data_tools/train_tokenizer.py)")

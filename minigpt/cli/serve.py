@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from minigpt.cli.args import FlagParser
 from minigpt.cli.generate import add_sampling_arguments, load_generator
 from minigpt.config import ConfigError
 from minigpt.tokenizer import TokenizerError
@@ -25,8 +26,8 @@ from minigpt.weights import WeightsError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch/serve.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="launch/serve.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="consolidated model directory")
     parser.add_argument("--model-name", default="",
                         help="the model id clients send and /v1/models lists (default: the directory's name)")

@@ -11,15 +11,15 @@ import argparse
 import faulthandler
 import sys
 
-from minigpt.cli.args import add_dataclass_arguments, dataclass_from_args
+from minigpt.cli.args import FlagParser, add_dataclass_arguments, dataclass_from_args
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.i18n import _
 from minigpt.signals import StopRequest, tolerate_lost_output, watch_launcher
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="launch/train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="launch/train.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(parser, TrainConfig)
     # The deepspeed launcher appends --local_rank=N; the rank is also in the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 
+from minigpt.cli.args import FlagParser
 from minigpt.data.demo import CORPORA, write_demo_corpus
 from minigpt.data.sources import InputError
 from minigpt.tokenizer import TokenizerError
@@ -22,8 +23,8 @@ from minigpt.tokenizer_training import train_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="data_tools/train_tokenizer.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = FlagParser(prog="data_tools/train_tokenizer.py", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", default=[],
                         help=".txt / .jsonl / .jsonl.gz file or glob; repeatable")
     parser.add_argument("--demo", nargs="?", const="en", choices=sorted(CORPORA),

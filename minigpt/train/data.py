@@ -11,13 +11,16 @@ process group exists); every rank passes the same barriers whichever branch it t
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from minigpt.config import ConfigError, TrainConfig, get_config
+import numpy as np
+
+from minigpt.config import ConfigError, TrainConfig, data_name, get_config
 from minigpt.data import build
 from minigpt.data.build import build_dataset
 from minigpt.data.demo import CORPORA, DEMO_PREFIX, demo_language, write_demo_corpus, write_demo_post_training
@@ -146,6 +149,62 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
         if reader.meta.get("kind", "pretrain") != kind:
             raise DataError(f"{path}: shards of kind {reader.meta.get('kind')!r}, --mode {cfg.mode} needs {kind!r}")
     return RunData(tokenizer, datasets)
+
+
+MIN_COVERAGE = 0.9
+"""Share of the training data's characters a tokenizer must have pieces for (--allow-low-coverage: any)."""
+COVERAGE_SAMPLE = (256, 512)
+"""Documents per dataset (evenly spaced over its train split) and tokens per document the coverage reads."""
+
+
+def character_coverage(tokenizer: Tokenizer, dataset_dirs: list[Path]) -> tuple[float, str]:
+    """The share of a sample of the training data's characters (by occurrence, spaces aside) that `tokenizer`
+    has pieces for, and the most frequent characters it lacks."""
+    total, uncovered = 0, collections.Counter()
+    documents, tokens = COVERAGE_SAMPLE
+    for directory in dataset_dirs:
+        reader = open_shard(directory, "train")
+        count = min(documents, reader.num_documents)
+        for index in np.linspace(0, reader.num_documents - 1, count, dtype=np.int64) if count else []:
+            chars, lacking = tokenizer.character_counts(document_text(tokenizer, reader.document(int(index))[:tokens]))
+            total += chars
+            uncovered += lacking
+    coverage = 1.0 - uncovered.total() / total if total else 1.0
+    return coverage, "".join(char for char, _ in uncovered.most_common(8))
+
+
+def document_text(tokenizer: Tokenizer, ids: np.ndarray) -> str:
+    """The text of a document as the data gave it: a conversation's turns without the chat template's role
+    headers (`user`, `assistant`: the template's words, not the data's)."""
+    starts = np.flatnonzero(ids == tokenizer.im_start_id)
+    if not len(starts):
+        return tokenizer.decode(ids.tolist())
+    before, *turns = [tokenizer.decode(part.tolist()) for part in np.split(ids, starts)]
+    return "\n".join([before, *(turn.partition("\n")[2] for turn in turns)])
+
+
+def check_coverage(cfg: TrainConfig, run_data: RunData, inherited: bool) -> tuple[float, str | None]:
+    """The tokenizer's `character_coverage` of the run's data, and a warning when it is below `MIN_COVERAGE` on
+    the built-in demo data and corpora (or with --allow-low-coverage). Below it on the user's own --data: a
+    `ConfigError` that says how to get a tokenizer that fits. `inherited`: the tokenizer came with the starting weights."""
+    coverage, lacking = character_coverage(run_data.tokenizer, run_data.dataset_dirs)
+    if coverage >= MIN_COVERAGE:
+        return coverage, None
+    data = " ".join(cfg.data) or "YOUR_FILES"
+    train = f"python data_tools/train_tokenizer.py --input {data} --out tokenizers/{data_name(cfg.data or ['mine'])}"
+    if inherited:  # weights and tokenizer go together: the fix is an earlier stage with a fitting tokenizer
+        fix = (f"{train}, pretrain with that --tokenizer on text in this language, then start --mode {cfg.mode} "
+               "from that run with --init-from")
+    else:
+        fix = f"{train} and pass --tokenizer, or --retrain-tokenizer to train <out>/tokenizer on --data"
+    source = " (from the starting weights)" if inherited else ""
+    problem = (f"tokenizer {run_data.tokenizer.directory}{source} has pieces for only {coverage:.1%} of the "
+               f"training data's characters (at least {MIN_COVERAGE:.0%} needed; missing e.g. {lacking!r}); the "
+               f"rest reach the model as UTF-8 bytes. Train one that covers it: {fix}")
+    own_data = [name for name in cfg.data if not name.startswith(DEMO_PREFIX)]
+    if own_data and not cfg.allow_low_coverage:
+        raise ConfigError(f"{problem}; or pass --allow-low-coverage to train anyway")
+    return coverage, problem
 
 
 def planned_vocab_size(cfg: TrainConfig) -> tuple[int, str]:

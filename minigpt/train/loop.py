@@ -30,7 +30,7 @@ from minigpt.checkpoint import (
     set_rng_state,
     sweep_temporary,
 )
-from minigpt.config import ConfigError, MiniGPTConfig, TrainConfig, get_config
+from minigpt.config import PRESETS, ConfigError, MiniGPTConfig, TrainConfig, default_run_dir, get_config
 from minigpt.data.build import DatasetBuildError
 from minigpt.data.prefetch import PrefetchingLoader, collate
 from minigpt.data.sampler import ResumableSampler, SamplerError
@@ -49,7 +49,14 @@ from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 from minigpt.tokenizer import Tokenizer, TokenizerError
 from minigpt.train.autocompile import compile_pays, compile_unavailable
 from minigpt.train.budget import WHOLE_EVAL_TIMED, TimeBudget
-from minigpt.train.data import DataError, RunData, planned_inputs, planned_vocab_size, resolve_run_data
+from minigpt.train.data import (
+    DataError,
+    RunData,
+    check_coverage,
+    planned_inputs,
+    planned_vocab_size,
+    resolve_run_data,
+)
 from minigpt.train.metrics import MetricSums, reduce_by_name
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.objectives import build_objective, dataset_kind
@@ -141,8 +148,8 @@ INITIAL = "initial"
 def no_previous_stage_warning(cfg: TrainConfig) -> str:
     """The loud warning of a post-training run that found no previous stage to start from."""
     stages = PREVIOUS_STAGES[cfg.mode]
-    return (f"WARNING: --mode {cfg.mode} found no previous stage (checkpoints/{{{','.join(stages)}}}_{cfg.config}/"
-            f"{FINAL}) and starts from RANDOM weights: it runs, but learns far less than it would from a "
+    return (f"WARNING: --mode {cfg.mode} found no previous stage (checkpoints/{{{','.join(stages)}}}_{cfg.config}"
+            f"[_DATA]/{FINAL}) and starts from RANDOM weights: it runs, but learns far less than it would from a "
             f"pretrained model. Better: python launch/train.py --mode {stages[-1]} --config {cfg.config} first "
             f"(or pass --init-from DIR)")
 
@@ -163,10 +170,37 @@ def find_starting_weights(cfg: TrainConfig) -> StartingWeights:
     if cfg.mode == "pretrain":
         return StartingWeights("random init")
     for stage in PREVIOUS_STAGES[cfg.mode]:
-        candidate = Path("checkpoints") / f"{stage}_{cfg.config}" / FINAL
-        if (candidate / "model.pt").is_file():
-            return StartingWeights(str(candidate), candidate)
+        for candidate in previous_stage_dirs(stage, cfg):
+            if (candidate / FINAL / "model.pt").is_file():
+                return StartingWeights(str(candidate / FINAL), candidate / FINAL)
     return StartingWeights(NO_PREVIOUS_STAGE)
+
+
+def previous_stage_dirs(stage: str, cfg: TrainConfig) -> list[Path]:
+    """Default run directories of `stage` with this preset, in the order a stage looks for its start: with
+    --data the one named after it, the newest other run on one's own data, the built-in demo data's; without
+    --data the demo data's first."""
+    demo = default_run_dir(stage, cfg.config, [])
+    own = [path for path in demo.parent.glob(f"{demo.name}_*/{FINAL}/model.pt")
+           if not any(path.parts[-3].startswith(f"{stage}_{other}") for other in PRESETS if other != cfg.config
+                      and other.startswith(f"{cfg.config}_"))]  # small_30m's runs are not small's
+    newest = [path.parents[1] for path in sorted(own, key=lambda path: path.stat().st_mtime, reverse=True)]
+    if not cfg.data:
+        return [demo, *newest]
+    return list(dict.fromkeys([default_run_dir(stage, cfg.config, cfg.data), *newest, demo]))
+
+
+def start_line(cfg: TrainConfig, start: StartingWeights, tokenizer: Tokenizer, coverage: float) -> str:
+    """What a run starts from: its weights and its tokenizer (paths), and how much of the data the tokenizer
+    covers, so a stage never inherits silently."""
+    if start.model_dir is not None:
+        origin = "the starting weights'"
+    elif cfg.tokenizer:
+        origin = "--tokenizer"
+    else:
+        origin = "this run's own, trained on its data"
+    return (f"{cfg.mode} run {cfg.run_dir}: weights from {start.source}; tokenizer {tokenizer.directory} ({origin}, "
+            f"{tokenizer.vocab_size} tokens, pieces for {coverage:.1%} of the training data's characters)")
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer, start: StartingWeights) -> MiniGPT:
@@ -221,9 +255,10 @@ def check_eval_tasks(cfg: TrainConfig) -> None:
 class Trainer:
     """Holds what the loop needs between steps; `run()` is the loop."""
 
-    def __init__(self, cfg: TrainConfig, started: float | None = None):
+    def __init__(self, cfg: TrainConfig, started: float | None = None, start: StartingWeights | None = None):
         """`started`: the `time.monotonic()` reading a --max-time budget counts from (default: now; the
-        command line passes the process's start)."""
+        command line passes the process's start). `start`: the starting weights if not `find_starting_weights`'
+        (launch/debug_fullstack.py's random init when the previous stage's tokenizer lacks its prompt)."""
         self.cfg = cfg
         started = time.monotonic() if started is None else started
         # First: who this process is, and the process group the data resolution's barriers need.
@@ -244,13 +279,18 @@ class Trainer:
         self.runtime.barrier()
         set_seed(cfg.seed)
         check_eval_tasks(cfg)
-        start = find_starting_weights(cfg)
+        start = start or find_starting_weights(cfg)
         if start.source == NO_PREVIOUS_STAGE and self.runtime.is_main:
             print(f"[minigpt] {no_previous_stage_warning(cfg)}", flush=True)
         self.run_data = resolve_run_data(cfg, self.runtime, start.model_dir, dataset_kind(cfg.mode))
         self.tokenizer = self.run_data.tokenizer
+        coverage, low_coverage = check_coverage(cfg, self.run_data, inherited=start.model_dir is not None)
+        if self.runtime.is_main:
+            print(f"[minigpt] {start_line(cfg, start, self.tokenizer, coverage)}", flush=True)
+            if low_coverage:
+                print(f"[minigpt] warning: {low_coverage}", flush=True)
         self.model = build_model(cfg, self.tokenizer, start)
-        if start.source == NO_PREVIOUS_STAGE:
+        if start.model_dir is None and cfg.mode != "pretrain":
             start = self._keep_initial_weights(start)
         self.objective: Objective = build_objective(cfg.mode, self.tokenizer, cfg)
         self.model = self.objective.wrap_model(self.model)  # e.g. the reward model's scalar head

@@ -1,0 +1,89 @@
+"""debug_fullstack is one batch and one step in every mode, on real prompts, with a tokenizer that spells the
+prompt's language (the guide's example prompt is Chinese)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from spm_fixture import _ENGLISH
+
+from minigpt.cli import debug_fullstack
+from minigpt.config import PRESETS, TrainConfig, get_config
+from minigpt.model import MiniGPT
+from minigpt.signals import EXIT_FINISHED
+from minigpt.tokenizer import Tokenizer
+from minigpt.tokenizer_training import train_tokenizer
+from minigpt.train.loop import Trainer
+from minigpt.weights import save_consolidated
+
+SMALL = dataclasses.replace(PRESETS["tiny"], hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                            ffn_hidden_size=64, max_seq_len=64)
+QUICK = ["--seq-len", "48", "--batch-size", "2", "--eval-interval", "0", "--log-interval", "100",
+         "--rl-group-size", "2", "--rl-max-new-tokens", "4", "--vocab-size", "1200"]
+PROMPT = "你好，MiniGPT！"
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setitem(PRESETS, "tiny", SMALL)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def english_pretrain(root: Path) -> Path:
+    """A quick start's `checkpoints/pretrain_tiny/final` whose tokenizer never saw Chinese."""
+    (root / "en.txt").write_text("\n".join(_ENGLISH * 40), encoding="utf-8")
+    tokenizer = train_tokenizer([root / "en.txt"], root / "en_tokenizer", vocab_size=400)
+    final = root / "checkpoints" / "pretrain_tiny" / "final"
+    model = MiniGPT(get_config("tiny", vocab_size=tokenizer.vocab_size))
+    save_consolidated(final, model.state_dict(), model.config, tokenizer.directory, extra={"mode": "pretrain"})
+    return final
+
+
+def walk(mode: str, capsys, *extra: str) -> str:
+    code = debug_fullstack.main(["--mode", mode, "--model-size", "tiny", "--prompt", PROMPT, *QUICK, *extra])
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    return out
+
+
+def test_sft_walk_does_not_inherit_a_tokenizer_that_lacks_the_prompts_characters(workdir, capsys):
+    english_pretrain(workdir)
+    out = walk("sft", capsys)
+    assert "debug: checkpoints/pretrain_tiny/final's tokenizer has no pieces for" in out and "--init-from" in out
+    tokenizer = Tokenizer(workdir / "data" / "cache" / "debug_tokenizer")
+    assert tokenizer.unseen_characters(PROMPT) == ""
+    assert "tokenizer data/cache/debug_tokenizer (--tokenizer" in out
+    assert f"[user] {PROMPT}" in out
+
+
+def test_dpo_walk_scores_only_its_batch_with_the_reference(workdir, capsys):
+    out = walk("dpo", capsys)
+    assert "reference log-probs of" not in out  # nothing precomputed over the data set's pairs
+    assert not list((workdir / "checkpoints" / "debug_dpo_tiny").glob("reference*"))
+    loss = float(out.split("== one optimizer step ==\nloss ", 1)[1].split()[0])
+    assert loss > 0
+
+
+def test_rlhf_walk_shows_a_real_prompt_and_takes_a_non_zero_step(workdir, capsys):
+    reward = TrainConfig(mode="reward", seq_len=48, batch_size=2, max_steps=2, warmup_steps=0, eval_interval=0,
+                         log_interval=100, vocab_size=1200, out="checkpoints/reward_tiny")
+    assert Trainer(reward).run() == EXIT_FINISHED
+    capsys.readouterr()
+    out = walk("rlhf", capsys, "--init-from", "checkpoints/reward_tiny/initial",
+               "--reward-model", "checkpoints/reward_tiny/final")
+    raw = out.split("raw text     ", 1)[1]
+    assert raw.startswith("'<|im_start|>user\\n") and not raw.startswith("'<pad>")
+    step = out.split("== one optimizer step ==\n", 1)[1].split()
+    assert float(step[1]) != 0.0 and float(step[3]) > 0.0  # loss, grad-norm
+
+
+def test_rlhf_walk_says_why_equal_rewards_give_a_zero_loss(workdir, capsys):
+    out = walk("rlhf", capsys)
+    step = out.split("== one optimizer step ==\n", 1)[1]
+    if step.startswith("loss 0.0000"):
+        assert "note: every response of each prompt earned the same reward" in step

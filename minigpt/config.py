@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt.fsutil import atomic_write_text
+from minigpt.i18n import _
 
 
 class ConfigError(ValueError):
@@ -244,7 +245,7 @@ def parse_duration(text: str, field: str = "--max-time") -> float:
     value = text.strip().lower()
     seconds: float | None = None
     if re.fullmatch(r"(\d+-)?\d+(:\d{1,2}){1,2}", value):  # [D-]H:MM:SS or MM:SS, as sbatch --time writes
-        days, _, clock = value.rpartition("-")
+        days, _dash, clock = value.rpartition("-")
         parts = [int(p) for p in clock.split(":")]
         while len(parts) < 3:
             parts.insert(0, 0)
@@ -254,16 +255,22 @@ def parse_duration(text: str, field: str = "--max-time") -> float:
         seconds = sum(float(number) * _DURATION_UNITS[unit]
                       for number, unit in re.findall(r"(\d+(?:\.\d+)?)([dhms])", value))
     elif re.fullmatch(r"\d+(\.\d+)?", value):
-        raise ConfigError(f"{field} {text!r}: give a unit (e.g. {text}s or {text}m) or H:MM:SS; a bare number "
-                          "is ambiguous")
+        raise ConfigError(_("{field} {text!r}: give a unit (e.g. {text}s or {text}m) or H:MM:SS; a bare number is "
+                            "ambiguous").format(field=field, text=text))
     if seconds is None or not math.isfinite(seconds):
-        raise ConfigError(f"{field} {text!r}: not a duration; write e.g. 90s, 2m, 1h30m or 1:30:00")
+        raise ConfigError(_("{field} {text!r}: not a duration; write e.g. 90s, 2m, 1h30m or 1:30:00").format(
+            field=field, text=text))
     if seconds <= 0:
-        raise ConfigError(f"{field} {text!r}: must be longer than zero")
+        raise ConfigError(_("{field} {text!r}: must be longer than zero").format(field=field, text=text))
     return float(seconds)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ADVANTAGE_SCALES = ("group", "batch", "none")
 """What GRPO divides each group's centred rewards by (`--rl-scale-rewards`, `rlhf.group_advantages`)."""
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field: `max_steps` -> `--max-steps`."""
+    return "--" + name.replace("_", "-")
 
 
 def _opt(help_text: str, **kwargs: Any) -> Any:
@@ -403,57 +410,45 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise `ConfigError` naming the first contradictory or out-of-range field."""
-        if self.mode not in MODES:
-            raise ConfigError(f"--mode must be one of {MODES}, got {self.mode!r}")
-        if self.config not in PRESETS:
-            raise ConfigError(f"--config must be one of {sorted(PRESETS)}, got {self.config!r}")
-        if isinstance(self.compile, bool):  # the library's earlier boolean field
+        """Raise `ConfigError` naming the first contradictory or out-of-range field (in the user's language)."""
+        for flag, value, choices in (("--mode", self.mode, MODES), ("--config", self.config, sorted(PRESETS)),
+                                     ("--precision", self.precision, PRECISIONS)):
+            if value not in choices:
+                raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(
+                    flag=flag, choices=", ".join(choices), value=value))
+        if isinstance(self.compile, bool):  # a programmatic caller's True/False
             self.compile = "on" if self.compile else "off"
         if self.compile not in COMPILE_CHOICES:
-            raise ConfigError(f"--compile must be one of {COMPILE_CHOICES}, got {self.compile!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
-        for name in ("batch_size", "grad_accum", "max_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_interval", "save_interval", "seq_len", "vocab_size",
-                     "eval_batches", "grad_clip", "weight_decay", "prefetch"):
+            raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(
+                flag="--compile", choices=", ".join(COMPILE_CHOICES), value=self.compile))
+        for name in ("batch_size", "grad_accum", "max_steps", "learning_rate", "dpo_beta", "rl_temperature",
+                     "rl_clip", "rl_max_new_tokens"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(_("{flag} must be positive, got {value}").format(
+                    flag=_flag(name), value=getattr(self, name)))
+        for name in ("warmup_steps", "eval_interval", "save_interval", "seq_len", "vocab_size", "eval_batches",
+                     "grad_clip", "weight_decay", "prefetch", "ep_size", "dpo_sft_coef", "kl_coef"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
-        if self.ep_size < 0:
-            raise ConfigError(f"--ep-size must not be negative, got {self.ep_size}")
-        if self.dist_timeout < 1:
-            raise ConfigError(f"--dist-timeout must be at least 1 second, got {self.dist_timeout}")
-        if self.keep_last < 1:
-            raise ConfigError(f"--keep-last must be at least 1, got {self.keep_last}")
-        if self.log_interval < 1:
-            raise ConfigError(f"--log-interval must be at least 1, got {self.log_interval}")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"--learning-rate must be positive, got {self.learning_rate}")
+                raise ConfigError(_("{flag} must not be negative, got {value}").format(
+                    flag=_flag(name), value=getattr(self, name)))
+        for name, least in (("dist_timeout", 1), ("keep_last", 1), ("log_interval", 1), ("rl_updates", 1),
+                            ("rl_group_size", 2)):
+            if getattr(self, name) < least:
+                raise ConfigError(_("{flag} must be at least {least}, got {value}").format(
+                    flag=_flag(name), least=least, value=getattr(self, name)))
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(_("{flag} must be in {interval}, got {value}").format(
+                flag="--min-lr-ratio", interval="[0, 1]", value=self.min_lr_ratio))
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
-        if self.dpo_beta <= 0 or self.rl_temperature <= 0 or self.rl_clip <= 0:
-            raise ConfigError("--dpo-beta, --rl-temperature and --rl-clip must be positive, got "
-                              f"{self.dpo_beta}, {self.rl_temperature}, {self.rl_clip}")
-        if self.rl_group_size < 2:
-            raise ConfigError(f"--rl-group-size must be at least 2 (advantages compare a group), "
-                              f"got {self.rl_group_size}")
-        if self.dpo_sft_coef < 0:
-            raise ConfigError(f"--dpo-sft-coef must not be negative, got {self.dpo_sft_coef}")
+            raise ConfigError(_("{flag} must be in {interval}, got {value}").format(
+                flag="--val-fraction", interval="[0, 1)", value=self.val_fraction))
         if self.rl_scale_rewards not in ADVANTAGE_SCALES:
-            raise ConfigError(f"--rl-scale-rewards must be group, batch or none, got {self.rl_scale_rewards!r}")
-        if self.rl_updates < 1:
-            raise ConfigError(f"--rl-updates must be at least 1, got {self.rl_updates}")
-        if self.rl_max_new_tokens < 1 or self.kl_coef < 0:
-            raise ConfigError(f"--rl-max-new-tokens must be positive and --kl-coef not negative, got "
-                              f"{self.rl_max_new_tokens}, {self.kl_coef}")
+            raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(
+                flag="--rl-scale-rewards", choices=", ".join(ADVANTAGE_SCALES), value=self.rl_scale_rewards))
         if self.max_time:
             parse_duration(self.max_time)
         if self.resume and self.auto_resume:
-            raise ConfigError("--resume and --auto-resume contradict each other: give one")
+            raise ConfigError(_("--resume and --auto-resume contradict each other: give one"))
         from minigpt.evaluation.spec import TaskSpecError, parse_task_spec
 
         for entry in self.eval_task:
@@ -462,16 +457,20 @@ class TrainConfig:
             except TaskSpecError as err:
                 raise ConfigError(str(err).replace("--task", "--eval-task", 1)) from None
         if self.document_mask and self.mode != "pretrain":
-            raise ConfigError(f"--document-mask applies to --mode pretrain (packed windows); --mode {self.mode} "
-                              "trains on one conversation or pair per sequence already")
+            raise ConfigError(_("--document-mask applies to --mode pretrain (packed windows); --mode {mode} trains "
+                                "on one conversation or pair per sequence already").format(mode=self.mode))
 
     def warnings(self) -> list[str]:
         """Settings that are valid but probably not meant: said at start-up, the run goes on."""
         found = []
-        if self.warmup_steps > self.max_steps // 2:
-            found.append(f"--warmup-steps {self.warmup_steps} is more than half of --max-steps {self.max_steps}: the "
-                         f"learning rate {'never reaches its peak' if self.warmup_steps >= self.max_steps else 'barely decays'}"
-                         f"; lower --warmup-steps (a few percent of the steps is usual)")
+        if self.warmup_steps >= self.max_steps:
+            found.append(_("--warmup-steps {warmup} is not below --max-steps {steps}: the learning rate never "
+                           "reaches its peak; lower --warmup-steps (a few percent of the steps is usual)").format(
+                warmup=self.warmup_steps, steps=self.max_steps))
+        elif self.warmup_steps > self.max_steps // 2:
+            found.append(_("--warmup-steps {warmup} is more than half of --max-steps {steps}: the learning rate "
+                           "barely decays; lower --warmup-steps (a few percent of the steps is usual)").format(
+                warmup=self.warmup_steps, steps=self.max_steps))
         return found
 
     @property

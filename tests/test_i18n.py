@@ -97,3 +97,36 @@ def test_train_help_speaks_the_users_language(lang, expected):
     result = subprocess.run([sys.executable, "launch/train.py", "--help"], cwd=REPO, capture_output=True,
                             text=True, env={**os.environ, "MINIGPT_LANG": lang, "COLUMNS": "400"})
     assert result.returncode == 0 and expected in result.stdout, result.stdout[-2000:]
+
+
+COMMON_MISTAKES = [
+    (["--max_steps", "5"], "unrecognized argument --max_steps (did you mean --max-steps?)",
+     "无法识别的参数 --max_steps（你是不是想用 --max-steps？）"),
+    (["--config", "tinyy"], "--config must be one of", "--config 必须是"),
+    (["--max-time", "90"], "give a unit (e.g. 90s or 90m)", "请带上单位（例如 90s 或 90m）"),
+    (["--learning-rate", "0"], "--learning-rate must be positive, got 0", "--learning-rate 必须是正数，实际是 0"),
+]
+
+
+@pytest.mark.parametrize("argv,english,chinese", COMMON_MISTAKES, ids=lambda v: v[0] if isinstance(v, list) else "")
+def test_common_mistakes_are_explained_in_the_users_language(argv, english, chinese):
+    for lang, expected in (("en", english), ("zh", chinese)):
+        result = subprocess.run([sys.executable, "launch/train.py", *argv, "--dry-run"], cwd=REPO, text=True,
+                                capture_output=True, env={**os.environ, "MINIGPT_LANG": lang})
+        assert result.returncode == 2 and expected in result.stderr, (lang, result.stderr[-1500:])
+        assert "Traceback" not in result.stderr
+
+
+def test_modules_that_translate_never_rebind_the_translation_function():
+    """`a, _, b = text.partition(...)` in a function of a module that imports `_` makes every `_()` call in
+    that function an UnboundLocalError, found only when the message is due."""
+    import ast
+    offenders = []
+    for path in sorted((REPO / "minigpt").rglob("*.py")):
+        source = path.read_text()
+        if "from minigpt.i18n import _" not in source:
+            continue
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Name) and node.id == "_" and isinstance(node.ctx, ast.Store):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not offenders, offenders

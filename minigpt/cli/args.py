@@ -70,9 +70,11 @@ def unknown_flags_message(flags: list[str], known: list[str]) -> str:
     parts = []
     for flag in flags:
         suggestion = suggest_flag(flag, known)
-        parts.append(f"{flag} (did you mean {suggestion}?)" if suggestion else flag)
-    noun = "argument" if len(flags) == 1 else "arguments"
-    return f"unrecognized {noun} {', '.join(parts)}; see --help for every flag"
+        parts.append(_("{flag} (did you mean {suggestion}?)").format(flag=flag, suggestion=suggestion)
+                     if suggestion else flag)
+    message = (_("unrecognized argument {flags}; see --help for every flag") if len(flags) == 1
+               else _("unrecognized arguments {flags}; see --help for every flag"))
+    return message.format(flags=", ".join(parts))
 
 
 

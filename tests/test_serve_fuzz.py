@@ -27,13 +27,14 @@ ROUTES = POSTS * 4 + [("GET", "/v1/models"),
 
 NASTY_TEXT = st.sampled_from(["", "Hi", "你好", "\ud800", "a\udfffb", "\x00", "\u202e", "speak " * 40, "\n\r"])
 NUMBERS = st.one_of(st.integers(), st.integers(min_value=-(2**300), max_value=2**300),
-                    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0, 1, -1, 1e-300, 1e300]))
+                    st.floats(allow_nan=False, allow_infinity=False),
+                    st.sampled_from([0, 1, -1, 1e-300, 1e300]))
 JSON = st.recursive(st.one_of(st.none(), st.booleans(), NUMBERS, st.text(max_size=20), NASTY_TEXT),
                     lambda inner: st.one_of(st.lists(inner, max_size=4),
                                             st.dictionaries(st.text(max_size=8), inner, max_size=4)),
                     max_leaves=12)
-MESSAGE = st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "system", "assistant", "developer",
-                                                                    "tool"]), JSON),
+ROLES = st.sampled_from(["user", "system", "assistant", "developer", "tool"])
+MESSAGE = st.fixed_dictionaries({"role": st.one_of(ROLES, JSON),
                                  "content": st.one_of(NASTY_TEXT, JSON,
                                                       st.lists(st.fixed_dictionaries({"type": st.just("text"),
                                                                                       "text": NASTY_TEXT})))})
@@ -46,7 +47,8 @@ FIELDS = {
     "temperature": st.one_of(st.floats(0, 2.5), NUMBERS, JSON), "top_p": st.one_of(st.floats(0, 1.2), JSON),
     "top_k": st.one_of(st.integers(-1, 400), NUMBERS), "seed": st.one_of(NUMBERS, JSON),
     "repetition_penalty": st.one_of(st.floats(0, 3), NUMBERS, JSON),
-    "stop": st.one_of(NASTY_TEXT, st.lists(NASTY_TEXT, max_size=6), JSON), "stream": st.one_of(st.booleans(), JSON),
+    "stop": st.one_of(NASTY_TEXT, st.lists(NASTY_TEXT, max_size=6), JSON),
+    "stream": st.one_of(st.booleans(), JSON),
     "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), JSON),
     "presence_penalty": st.one_of(st.just(0), NUMBERS), "logprobs": JSON, "user": JSON,
 }
@@ -60,7 +62,8 @@ BODY = st.one_of(FEW_FIELDS.map(lambda body: {**VALID, **body}),
 HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, exclude_characters="\x7f"),
                       max_size=30)
 HEADERS = st.fixed_dictionaries({}, optional={
-    "Host": st.one_of(st.sampled_from(["localhost", "127.0.0.1:1", "[::1]", "evil.example", ""]), HEADER_TEXT),
+    "Host": st.one_of(st.sampled_from(["localhost", "127.0.0.1:1", "[::1]", "evil.example", ""]),
+                      HEADER_TEXT),
     "Origin": st.one_of(st.sampled_from(["http://evil.example", "null", "http://app.example"]), HEADER_TEXT),
     "Authorization": st.one_of(st.sampled_from([f"Bearer {KEY}", "Bearer", "Basic x", "bearer  " + KEY]),
                                HEADER_TEXT),
@@ -73,13 +76,14 @@ HEADERS = st.fixed_dictionaries({}, optional={
 def server(tmp_path_factory):
     generator = TextGenerator.from_dir(shared_chat_model(tmp_path_factory))
     access = AccessPolicy.for_address("127.0.0.1", api_key=KEY, allowed_origins=("http://app.example",))
-    server = ModelServer(generator, MODEL, GenerationConfig(max_new_tokens=8), port=0, quiet=True, access=access,
-                         request_limits=RequestLimits(max_rows=4, max_tokens=48)).start()
+    server = ModelServer(generator, MODEL, GenerationConfig(max_new_tokens=8), port=0, quiet=True,
+                         access=access, request_limits=RequestLimits(max_rows=4, max_tokens=48)).start()
     yield server
     server.close()
 
 
-def exchange(server: ModelServer, method: str, path: str, body: bytes, headers: dict) -> tuple[int, bytes, dict]:
+def exchange(server: ModelServer, method: str, path: str, body: bytes,
+             headers: dict) -> tuple[int, bytes, dict]:
     connection = http.client.HTTPConnection(*server.httpd.server_address[:2], timeout=60)
     try:
         skip_host = "Host" in headers
@@ -101,6 +105,7 @@ def test_no_body_or_header_gets_a_5xx_or_a_dropped_connection(server, route, bod
     if keyed:
         headers = {"Authorization": f"Bearer {KEY}", **headers}
     status, raw, reply_headers = exchange(server, method, path, json.dumps(body).encode(), headers)
+    assert server.httpd.unexpected_errors == 0
     event(f"{method} {path}: {status}")  # shown by --hypothesis-show-statistics
     assert status < 500, raw[:300]
     if method == "HEAD" or status == 204:

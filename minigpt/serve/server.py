@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
@@ -135,6 +136,8 @@ class CappedHTTPServer(ThreadingHTTPServer):
         self._slots = threading.BoundedSemaphore(limits.max_connections)
         self._refusals: queue.Queue[socket.socket] = queue.Queue(maxsize=64)
         self._closed = threading.Event()
+        self.unexpected_errors = 0
+        """Handler threads that ended in an exception (printed by `handle_error`); 0 unless there is a bug."""
         super().__init__(address, handler)
         threading.Thread(target=self._refuse_loop, name="minigpt-refuser", daemon=True).start()
 
@@ -157,6 +160,10 @@ class CappedHTTPServer(ThreadingHTTPServer):
         finally:
             self._slots.release()
 
+    def handle_error(self, request, client_address) -> None:
+        self.unexpected_errors += 1
+        super().handle_error(request, client_address)
+
     def server_close(self) -> None:
         self._closed.set()
         super().server_close()
@@ -175,14 +182,15 @@ class CappedHTTPServer(ThreadingHTTPServer):
 def _raw_error(status: int, message: str, code: str) -> bytes:
     """A whole HTTP error response, for the refusing thread that has no request handler."""
     body = json.dumps(error_body(message, "server_error", code=code)).encode()
-    return (f"HTTP/1.1 {status} Service Unavailable\r\nContent-Type: application/json\r\n"
+    return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nRetry-After: {RETRY_AFTER_SECONDS}\r\nConnection: close\r\n\r\n"
             ).encode() + body
 
 
-def _answer_and_close(sock: socket.socket, answer: bytes) -> None:
-    """Read what the client sent (briefly), answer, and close after the client has seen the answer: closing
-    with unread input would reset the connection and could lose the answer."""
+def _answer_and_close(sock: socket.socket, answer: bytes, seconds: float = 1.0) -> None:
+    """Read what the client sent (briefly), answer, and close once the client has seen the answer (closing
+    with unread input would reset the connection and could lose the answer), all within `seconds`."""
+    deadline = time.monotonic() + seconds
     try:
         sock.settimeout(0.1)
         try:
@@ -191,7 +199,7 @@ def _answer_and_close(sock: socket.socket, answer: bytes) -> None:
             pass
         sock.sendall(answer)
         sock.shutdown(socket.SHUT_WR)
-        while sock.recv(65536):
+        while time.monotonic() < deadline and sock.recv(65536):
             pass
     except OSError:
         pass
@@ -246,24 +254,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(self.reader)
 
     def handle_one_request(self) -> None:
-        """Wait up to the idle timeout for a request, then give it the request timeout to arrive whole;
-        a request that does not is answered 408. Anything unexpected is a 500 JSON error, not a drop."""
+        """Wait up to the idle timeout for a request (then close without a word), then give it the request
+        timeout to arrive whole: a request that does not is answered 408. Anything unexpected is a 500
+        JSON error, not a dropped connection."""
         limits = self.model_server.connection_limits
+        if not self._next_request_started(limits.idle_timeout):
+            self.close_connection = True
+            return
         self._replied = False
-        self.reader.deadline = time.monotonic() + limits.idle_timeout
+        self.command, self.requestline, self.request_version = None, "", "HTTP/1.1"
+        self.reader.deadline = time.monotonic() + limits.request_timeout
         try:
-            if not self.rfile.peek(1):
-                self.close_connection = True
-                return
-            self.reader.deadline = time.monotonic() + limits.request_timeout
             super().handle_one_request()
         except _TooSlow:
             self.close_connection = True
-            if self._replied:
-                return
-            self.request_version = getattr(self, "request_version", None) or "HTTP/1.1"
-            self._send_error(APIError(f"the request did not arrive within {limits.request_timeout} s",
-                                      status=408, code="request_timeout"))
+            if not self._replied:
+                self._send_error(APIError(f"the request did not arrive within {limits.request_timeout} s",
+                                          status=408, code="request_timeout"))
         except (ConnectionError, TimeoutError):
             self.close_connection = True
         except Exception as err:  # noqa: BLE001  (a bug must not drop the connection without an answer)
@@ -271,6 +278,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.log_error("internal error: %r", err)
             if not self._replied:
                 self._send_json(500, error_body(f"internal error: {err!r}", "server_error"))
+
+    def _next_request_started(self, idle_timeout: float) -> bool:
+        """Whether the first byte of a request arrives within `idle_timeout` seconds."""
+        self.reader.deadline = time.monotonic() + idle_timeout
+        try:
+            return bool(self.rfile.peek(1))
+        except (_TooSlow, OSError):
+            return False
 
     def _request_read(self) -> None:
         """The request has arrived whole: from here on, only writes wait (for a client reading slowly)."""
@@ -388,8 +403,10 @@ class _Handler(BaseHTTPRequestHandler):
         except APIError as err:
             self._send_error(err)
             return
+        # The origin is allowed: so are the headers its client asks for (the openai JS client sends its own).
+        asked = self.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type"
         self._send(204, b"", "text/plain", {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-                                            "Access-Control-Allow-Headers": "Authorization, Content-Type",
+                                            "Access-Control-Allow-Headers": asked,
                                             "Access-Control-Max-Age": "600"})
 
     def do_HEAD(self) -> None:

@@ -14,8 +14,9 @@ import pytest
 from chat_model import shared_chat_model
 
 from minigpt.generate import GenerationConfig, TextGenerator
+from minigpt.serve.connections import ConnectionLimits
 from minigpt.serve.openai_api import RequestLimits
-from minigpt.serve.server import ConnectionLimits, ModelServer
+from minigpt.serve.server import ModelServer
 
 MODEL = "tiny-chat"
 # Seeded at a high temperature, the tiny model does not meet EOS in its 90 tokens (greedy, it stops at 8).

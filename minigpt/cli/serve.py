@@ -24,8 +24,9 @@ from pathlib import Path
 from minigpt.cli.generate import add_sampling_arguments, load_generator
 from minigpt.config import ConfigError
 from minigpt.serve.access import AccessPolicy, is_loopback
+from minigpt.serve.connections import ConnectionLimits
 from minigpt.serve.openai_api import RequestLimits
-from minigpt.serve.server import ConnectionLimits, ModelServer
+from minigpt.serve.server import ModelServer
 from minigpt.serve.worker import MAX_QUEUE
 from minigpt.tokenizer import TokenizerError
 from minigpt.weights import WeightsError
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --host {args.host} --port {args.port}: cannot listen there: {err.strerror or err}",
               file=sys.stderr)
         return 2
-    print(f"serving {args.model} as {name!r} on {server.url}  (web chat: {server.url}/, API: {server.url}/v1)",
-          file=sys.stderr, flush=True)
+    print(f"serving {args.model} as {name!r} on {server.url}  "
+          f"(web chat: {server.url}/, API: {server.url}/v1)", file=sys.stderr, flush=True)
     if server.access.api_key is None and not is_loopback(args.host):
         print(f"warning: --host {args.host} without --api-key: anyone who can reach this port can use the "
               "model", file=sys.stderr, flush=True)

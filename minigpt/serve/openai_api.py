@@ -160,7 +160,8 @@ def _prompts(body: dict, tokenizer: Tokenizer) -> list[list[int]]:
         elif isinstance(item, list) and item and all(_is_int(i) for i in item):
             ids.append(list(item))
         else:
-            raise APIError("'prompt' must be a string, a list of strings or a list of token ids", param="prompt")
+            raise APIError("'prompt' must be a string, a list of strings or a list of token ids",
+                           param="prompt")
     return ids
 
 
@@ -207,8 +208,8 @@ def parse_request(body: object, chat: bool, model_name: str, tokenizer: Tokenize
     if not isinstance(model, str) or not model:
         raise APIError(f"'model' is required: the id of the served model, {model_name!r}", param="model")
     if model != model_name:
-        raise APIError(f"the model {model!r} does not exist; this server serves {model_name!r}", param="model",
-                       code="model_not_found")
+        raise APIError(f"the model {model!r} does not exist; this server serves {model_name!r}",
+                       param="model", code="model_not_found")
     n = _field(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
         raise APIError(f"'n' must be between 1 and {MAX_N}, got {n}", param="n")
@@ -301,7 +302,8 @@ def response(request: GenerationRequest, model_name: str, texts: list[str], reas
     """The whole (non-streamed) answer: a `text_completion` or `chat.completion` object."""
     if request.chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
+                    "finish_reason": reason}
+                   for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
     else:
         choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
                    for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]

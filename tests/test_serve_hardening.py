@@ -91,7 +91,6 @@ def test_a_request_for_too_many_new_tokens_is_refused_naming_max_tokens(server):
      "'repetition_penalty' must be between"),
     ({"messages": [{"role": "user", "content": "Hi"}], "temperature": 1e-300}, "temperature",
      "'temperature' must be 0"),
-    ({"messages": [{"role": "user", "content": "Hi"}], "top_k": 2**70}, "top_k", "'top_k' must be between"),
 ])
 def test_values_the_model_cannot_use_are_400s_naming_the_field(server, body, param, message):
     status, reply, _ = post(server, {"model": MODEL, **body}, path="/v1/chat/completions")

@@ -27,7 +27,6 @@ REPETITION_PENALTY_RANGE = (1e-2, 100.0)
 """A penalty outside it scales logits to inf or to zero."""
 SEED_RANGE = (-(2**63), 2**64 - 1)
 """What torch.Generator.manual_seed accepts."""
-TOP_K_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,6 @@ def generation_config(body: dict, defaults: GenerationConfig) -> GenerationConfi
     repetition_penalty = float(_field(body, "repetition_penalty", (int, float), defaults.repetition_penalty))
     _check_range("repetition_penalty", repetition_penalty, *REPETITION_PENALTY_RANGE)
     top_k = _field(body, "top_k", int, defaults.top_k)
-    _check_range("top_k", top_k, 0, TOP_K_MAX)
     seed = _field(body, "seed", int, defaults.seed)
     if seed is not None:
         _check_range("seed", seed, *SEED_RANGE)

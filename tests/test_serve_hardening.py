@@ -214,3 +214,10 @@ def slowloris(sock: socket.socket, deadline: float) -> bytes:
             break
         answer += chunk
     return answer
+
+
+def test_a_client_asking_to_close_after_its_post_is_closed(server):
+    body = json.dumps({"model": MODEL, "prompt": "The", "max_tokens": 2, "temperature": 0}).encode()
+    answer = raw_exchange(server, b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n"
+                          + f"Content-Length: {len(body)}\r\n\r\n".encode() + body, timeout=5)
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"}")

@@ -227,17 +227,21 @@ class _Handler(BaseHTTPRequestHandler):
         return {"Access-Control-Allow-Origin": origin, "Vary": "Origin"} if origin else {}
 
     def _content_length(self) -> int:
-        """The body's length from its Content-Length header; 411, 400 or 413 (closing the connection)."""
+        """The body's length from its Content-Length header; 411, 400 or 413 (closing the connection, as
+        the body cannot be skipped)."""
         values = self.headers.get_all("Content-Length") or []
-        self.close_connection = True  # until the body is known to be readable
+        problem = None
         if not values:
-            raise APIError("the request needs a Content-Length header (chunked bodies are not supported)",
-                           status=411)
-        if len(set(values)) > 1 or not (values[0].isascii() and values[0].isdigit()) or len(values[0]) > 15:
-            raise APIError(f"the Content-Length header must be one decimal number, got {', '.join(values)!r}")
-        if int(values[0]) > MAX_BODY_BYTES:
-            raise APIError(f"the request body is over {MAX_BODY_BYTES} bytes", status=413)
-        self.close_connection = False
+            problem = APIError("the request needs a Content-Length header (chunked bodies are not supported)",
+                               status=411)
+        elif len(set(values)) > 1 or not (values[0].isascii() and values[0].isdigit()) or len(values[0]) > 15:
+            problem = APIError(f"the Content-Length header must be one decimal number, got "
+                               f"{', '.join(values)!r}")
+        elif int(values[0]) > MAX_BODY_BYTES:
+            problem = APIError(f"the request body is over {MAX_BODY_BYTES} bytes", status=413)
+        if problem is not None:
+            self.close_connection = True
+            raise problem
         return int(values[0])
 
     def _read_body(self, length: int, keep: bool = True) -> bytes:

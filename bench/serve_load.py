@@ -44,8 +44,12 @@ def request_body(index: int, model: str, sampling: str, max_tokens: int, stream:
 
 
 def post(url: str, body: dict, timeout: float) -> urllib.request.addinfourl:
+    """POST a chat request, with the server's key when MINIGPT_API_KEY holds one (a server run with it)."""
+    headers = {"Content-Type": "application/json"}
+    if os.environ.get("MINIGPT_API_KEY"):
+        headers["Authorization"] = "Bearer " + os.environ["MINIGPT_API_KEY"]
     request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
     return urllib.request.urlopen(request, timeout=timeout)
 
 

@@ -96,7 +96,7 @@ def test_n_choices_seed_and_stop(client):
 @pytest.mark.parametrize("request_fields, message", [
     ({"model": "gpt-4"}, "the model 'gpt-4' does not exist"),
     ({"messages": chat("speak " * 200)}, "the model's context is 96 tokens"),
-    ({"temperature": 5}, "'temperature' must be between 0 and 2"),
+    ({"temperature": 5}, "'temperature' must be 0 (greedy) or between 0.001 and 2"),
     ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role must be"),
     ({"n": 0}, "'n' must be between 1 and"),
 ])

@@ -104,3 +104,35 @@ def test_web_chat_streams_answers_into_the_page_and_keeps_the_conversation(serve
         assert browser.script("return document.getElementById('input').value") == ("speak " * 100).strip()
     finally:
         browser.close()
+
+
+def test_web_chat_asks_for_the_key_of_a_server_started_with_one(tmp_path_factory):
+    binaries = chromium_binaries()
+    if binaries is None:
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    model_dir = shared_chat_model(tmp_path_factory)
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "OMP_NUM_THREADS": "1",
+           "MINIGPT_API_KEY": "page-key"}
+    process = subprocess.Popen([sys.executable, "launch/serve.py", "--model", str(model_dir),
+                                "--port", str(port), "--model-name", "tiny-chat", "--greedy", "--quiet"],
+                               cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    browser = None
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_serving(url, process)
+        browser = Browser(*binaries, port=free_port())
+        browser.open(url + "/")
+        assert "needs an API key" in browser.wait_for("document.querySelector('.message.error')?.textContent")
+        browser.type("#api-key", "page-key\ue007")  # Enter commits the field
+        assert browser.wait_for("document.getElementById('model').textContent === 'tiny-chat'")
+        browser.type("#input", "Hi")
+        browser.click("#send")
+        browser.wait_for("document.querySelector('.message.assistant[data-state=done]')")
+        assert browser.script("return document.querySelector('.message.assistant').textContent") == \
+            "Hello there, how are you?"
+    finally:
+        if browser is not None:
+            browser.close()
+        process.terminate()
+        process.wait(timeout=30)

@@ -21,6 +21,23 @@ MAX_N = 16
 """Most choices one request may ask for (they decode as one batch)."""
 MAX_STOP = 4
 """Most stop strings per request, as OpenAI allows."""
+MIN_TEMPERATURE = 1e-3
+"""The lowest sampling temperature: below it the logits divided by it can overflow to inf (NaN sampling)."""
+REPETITION_PENALTY_RANGE = (1e-2, 100.0)
+"""A penalty outside it scales logits to inf or to zero."""
+SEED_RANGE = (-(2**63), 2**64 - 1)
+"""What torch.Generator.manual_seed accepts."""
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """How much work one request may ask for, so that one request cannot hold the worker for minutes or
+    grow the process without bound (the serve command's --max-rows-per-request, --max-tokens-per-request)."""
+
+    max_rows: int = 32
+    """Sequences decoded for one request: prompts × n."""
+    max_tokens: int = 8192
+    """New tokens one request may generate: each sequence's max_tokens (cut at the context) summed."""
 
 
 class APIError(Exception):
@@ -94,8 +111,9 @@ def generation_config(body: dict, defaults: GenerationConfig) -> GenerationConfi
     if len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise APIError(f"'stop' must be a string or a list of at most {MAX_STOP} non-empty strings",
                        param="stop")
-    if not 0 <= temperature <= 2:
-        raise APIError(f"'temperature' must be between 0 and 2, got {temperature}", param="temperature")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= 2):
+        raise APIError(f"'temperature' must be 0 (greedy) or between {MIN_TEMPERATURE} and 2, "
+                       f"got {temperature}", param="temperature")
     if not 0 < top_p <= 1:
         raise APIError(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
     if max_tokens < 1:
@@ -103,14 +121,25 @@ def generation_config(body: dict, defaults: GenerationConfig) -> GenerationConfi
     for name in ("presence_penalty", "frequency_penalty"):
         if _field(body, name, (int, float), 0) != 0:
             raise APIError(f"'{name}' is not supported by this server (use 'repetition_penalty')", param=name)
+    repetition_penalty = float(_field(body, "repetition_penalty", (int, float), defaults.repetition_penalty))
+    _check_range("repetition_penalty", repetition_penalty, *REPETITION_PENALTY_RANGE)
+    top_k = _field(body, "top_k", int, defaults.top_k)
+    seed = _field(body, "seed", int, defaults.seed)
+    if seed is not None:
+        _check_range("seed", seed, *SEED_RANGE)
     try:
         return GenerationConfig(
-            max_new_tokens=max_tokens, temperature=temperature, top_p=top_p,
-            top_k=_field(body, "top_k", int, defaults.top_k),
-            repetition_penalty=float(_field(body, "repetition_penalty", (int, float), defaults.repetition_penalty)),
-            do_sample=temperature > 0, stop_strings=tuple(stop), seed=_field(body, "seed", int, defaults.seed))
+            max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, do_sample=temperature > 0, stop_strings=tuple(stop),
+            seed=seed)
     except ConfigError as err:
         raise APIError(str(err)) from None
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        shown = value if abs(value) < 2**64 else f"a number of {len(str(abs(int(value))))} digits"
+        raise APIError(f"'{name}' must be between {low} and {high}, got {shown}", param=name)
 
 
 def _prompts(body: dict, tokenizer: Tokenizer) -> list[list[int]]:
@@ -129,7 +158,8 @@ def _prompts(body: dict, tokenizer: Tokenizer) -> list[list[int]]:
         elif isinstance(item, list) and item and all(_is_int(i) for i in item):
             ids.append(list(item))
         else:
-            raise APIError("'prompt' must be a string, a list of strings or a list of token ids", param="prompt")
+            raise APIError("'prompt' must be a string, a list of strings or a list of token ids",
+                           param="prompt")
     return ids
 
 
@@ -166,40 +196,98 @@ def _messages(body: dict) -> list[dict]:
     return checked
 
 
-def parse_request(body: object, chat: bool, model_name: str, tokenizer: Tokenizer,
-                  max_seq_len: int, defaults: GenerationConfig) -> GenerationRequest:
+def parse_request(body: object, chat: bool, model_name: str, tokenizer: Tokenizer, max_seq_len: int,
+                  defaults: GenerationConfig, limits: RequestLimits | None = None) -> GenerationRequest:
     """Check a request body (already parsed JSON) and build its job; APIError (400) naming what is wrong."""
+    limits = limits or RequestLimits()
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise APIError(f"'model' is required: the id of the served model, {model_name!r}", param="model")
     if model != model_name:
-        raise APIError(f"the model {model!r} does not exist; this server serves {model_name!r}", param="model",
-                       code="model_not_found")
+        raise APIError(f"the model {model!r} does not exist; this server serves {model_name!r}",
+                       param="model", code="model_not_found")
     n = _field(body, "n", int, 1)
     if not 1 <= n <= MAX_N:
         raise APIError(f"'n' must be between 1 and {MAX_N}, got {n}", param="n")
+    _check_rows(1 if chat else _prompt_count(body), n, limits.max_rows)
+    config = generation_config(body, defaults)
     if chat:
         prompts = [tokenizer.encode_chat(_messages(body), add_generation_prompt=True).ids]
     else:
         prompts = _prompts(body, tokenizer)
+    _check_prompts(prompts, chat, tokenizer.vocab_size, max_seq_len)
+    _check_new_tokens(prompts, n, config.max_new_tokens, max_seq_len, limits.max_tokens)
+    stream = _field(body, "stream", bool, False)
+    options = _field(body, "stream_options", dict, {})
+    return GenerationRequest(
+        chat=chat, prompt_ids=[ids for ids in prompts for _ in range(n)], config=config, stream=stream, n=n,
+        include_usage=bool(stream and options.get("include_usage")),
+        id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24])
+
+
+def _prompt_count(body: dict) -> int:
+    """How many prompts a completion request has, counted before any is tokenized."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not all(_is_int(i) for i in prompt):
+        return len(prompt)
+    return 1
+
+
+def _check_rows(prompts: int, n: int, max_rows: int) -> None:
+    if prompts * n > max_rows:
+        raise APIError(f"this request asks for {prompts} prompts × n={n} = {prompts * n} sequences; this "
+                       f"server decodes at most {max_rows} per request (--max-rows-per-request)",
+                       param="n" if n > 1 else "prompt")
+
+
+def _check_new_tokens(prompts: list[list[int]], n: int, max_tokens: int, max_seq_len: int, cap: int) -> None:
+    """Refuse a request whose sequences could generate more than `cap` tokens in all (each sequence's
+    max_tokens cut at the room its prompt leaves in the context, as the generator cuts it)."""
+    total = n * sum(min(max_tokens, max_seq_len - len(ids)) for ids in prompts)
+    if total > cap:
+        raise APIError(f"this request may generate up to {total} new tokens ({len(prompts) * n} sequences, "
+                       f"max_tokens {max_tokens}, cut at the context); this server allows at most {cap} per "
+                       "request (--max-tokens-per-request): lower 'max_tokens' or 'n'", param="max_tokens")
+
+
+def _check_prompts(prompts: list[list[int]], chat: bool, vocab_size: int, max_seq_len: int) -> None:
     for index, ids in enumerate(prompts):
-        if any(not 0 <= i < tokenizer.vocab_size for i in ids):
-            raise APIError(f"prompt {index} has token ids outside the vocabulary [0, {tokenizer.vocab_size})",
+        if any(not 0 <= i < vocab_size for i in ids):
+            raise APIError(f"prompt {index} has token ids outside the vocabulary [0, {vocab_size})",
                            param="prompt")
         if len(ids) >= max_seq_len:
             what = "the messages are" if chat else f"prompt {index} is"
             raise APIError(f"{what} {len(ids)} tokens; the model's context is {max_seq_len} tokens, which "
                            "leaves no room to generate", param="messages" if chat else "prompt",
                            code="context_length_exceeded")
-    stream = _field(body, "stream", bool, False)
-    options = _field(body, "stream_options", dict, {})
-    return GenerationRequest(
-        chat=chat, prompt_ids=[ids for ids in prompts for _ in range(n)],
-        config=generation_config(body, defaults), stream=stream, n=n,
-        include_usage=bool(stream and options.get("include_usage")),
-        id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24])
+
+
+def lone_surrogate_path(value: object) -> str | None:
+    """Where a parsed JSON body holds a string with a lone UTF-16 surrogate ("\\ud800" is valid JSON but
+    not text: nothing can encode it), as `messages[0].content`; None if nowhere."""
+    pending: list[tuple[object, str]] = [(value, "")]
+    while pending:
+        item, path = pending.pop()
+        if isinstance(item, str) and not _encodable(item):
+            return path or "the body"
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not _encodable(key):
+                    return f"a key in {path or 'the body'}"
+                pending.append((child, f"{path}.{key}" if path else key))
+        elif isinstance(item, list):
+            pending.extend((child, f"{path}[{index}]") for index, child in enumerate(item))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -212,7 +300,8 @@ def response(request: GenerationRequest, model_name: str, texts: list[str], reas
     """The whole (non-streamed) answer: a `text_completion` or `chat.completion` object."""
     if request.chat:
         choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
+                    "finish_reason": reason}
+                   for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
     else:
         choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
                    for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))]
@@ -246,5 +335,5 @@ def model_object(model_name: str, created: int) -> dict:
     return {"id": model_name, "object": "model", "created": created, "owned_by": "minigpt"}
 
 
-__all__ = ["APIError", "GenerationRequest", "chunk", "error_body", "generation_config", "model_object",
-           "models_list", "parse_request", "response", "usage"]
+__all__ = ["APIError", "GenerationRequest", "RequestLimits", "chunk", "error_body", "generation_config",
+           "lone_surrogate_path", "model_object", "models_list", "parse_request", "response", "usage"]

@@ -6,7 +6,9 @@ The source is `zh_classics.jsonl` (one {"text": ...} poem per line), built from 
 (https://github.com/chinese-poetry/chinese-poetry, MIT licence, copyright (c) 2016 JackeyGao; the texts
 themselves are public domain). The subset is deterministic: every record from the Book of Songs onwards
 (诗经, 楚辞, 唐诗三百首, 千家诗, 声律启蒙, 花间集: the texts a reader knows, 静夜思 among them) and every
-tenth Song ci before the Yuan dramas; the dramas themselves are left out (long prose-like passages).
+tenth Song ci before the Yuan dramas; the dramas themselves are left out (long prose-like passages), and so
+is any text with a `●` (the placeholder of a glyph the source could not show, as in the character
+dictionary 文字蒙求, where nearly every entry is one) or longer than 3,000 characters (prose, not poetry).
 """
 
 import json
@@ -19,6 +21,8 @@ CLASSICS_START = "甫田/"
 SONG_CI_END = 21400
 """Records before this index are Song ci; after it come the Yuan dramas."""
 SONG_CI_STRIDE = 10
+MISSING_GLYPH = "●"
+MAX_CHARS = 3000
 OUT = Path(__file__).resolve().parent.parent / "minigpt" / "data" / "zh_classics_demo.jsonl.xz"
 
 
@@ -27,7 +31,8 @@ def select(texts: list[str]) -> list[str]:
     starts = [i for i, text in enumerate(texts) if text.replace("\n", "/").startswith(CLASSICS_START)]
     if not starts:
         raise SystemExit(f"error: no record starts with {CLASSICS_START!r}; is this zh_classics.jsonl?")
-    return texts[:SONG_CI_END:SONG_CI_STRIDE] + texts[starts[0]:]
+    chosen = texts[:SONG_CI_END:SONG_CI_STRIDE] + texts[starts[0]:]
+    return [text for text in chosen if MISSING_GLYPH not in text and len(text) <= MAX_CHARS]
 
 
 def main(argv: list[str]) -> int:

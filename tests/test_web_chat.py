@@ -106,6 +106,25 @@ def test_web_chat_streams_answers_into_the_page_and_keeps_the_conversation(serve
         browser.close()
 
 
+@pytest.mark.parametrize("language,lang,send,placeholder", [
+    ("zh-CN", "zh-CN", "发送", "输入消息（Enter 发送，Shift+Enter 换行）"),
+    ("en-US", "en", "Send", "Message (Enter to send, Shift+Enter for a new line)")])
+def test_web_chat_speaks_the_browsers_language(served_url, language, lang, send, placeholder):
+    url, _ = served_url
+    binaries = chromium_binaries()
+    if binaries is None:
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    browser = Browser(*binaries, port=free_port(), language=language)
+    try:
+        browser.open(url + "/")
+        assert browser.wait_for("document.getElementById('model').textContent === 'tiny-chat'")
+        assert browser.script("return document.documentElement.lang") == lang
+        assert browser.script("return document.getElementById('send').textContent") == send
+        assert browser.script("return document.getElementById('input').placeholder") == placeholder
+    finally:
+        browser.close()
+
+
 def test_web_chat_asks_for_the_key_of_a_server_started_with_one(tmp_path_factory):
     binaries = chromium_binaries()
     if binaries is None:

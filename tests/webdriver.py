@@ -40,7 +40,8 @@ def _call(url: str, method: str = "GET", payload: dict | None = None, timeout: f
 class Browser:
     """One chromedriver process and one headless Chromium session."""
 
-    def __init__(self, chromium: str, driver: str, port: int, startup_timeout: float = 60):
+    def __init__(self, chromium: str, driver: str, port: int, startup_timeout: float = 60,
+                 language: str = "en-US"):
         self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
         self.driver = subprocess.Popen([driver, f"--port={port}"], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
@@ -56,7 +57,9 @@ class Browser:
                 self.driver.kill()
                 raise RuntimeError("chromedriver did not start")
             time.sleep(0.2)
-        options = {"binary": chromium, "args": CHROMIUM_FLAGS + [f"--user-data-dir={self.profile}"]}
+        # `language`: what the page sees in navigator.languages (and Accept-Language).
+        options = {"binary": chromium, "prefs": {"intl.accept_languages": language},
+                   "args": CHROMIUM_FLAGS + [f"--user-data-dir={self.profile}", f"--lang={language}"]}
         capabilities = {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": options}}
         try:
             session = _call(self.base + "/session", "POST", {"capabilities": capabilities}, timeout=120)

@@ -170,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'sampling':>8} {'clients':>7} {'requests':>8} {'tokens':>7} {'tok/s':>8} {'p50 s':>7} {'p95 s':>7} "
           f"{'ttft p50':>8} {'ttft p95':>8} {'lost':>4} {'mixed':>5}")
     for run in runs:
+        # Latencies are None when no request was answered (every one lost): printed as "-".
+        cell = {key: "-" if run[key] is None else run[key]
+                for key in ("latency_p50_s", "latency_p95_s", "ttft_p50_s", "ttft_p95_s")}
         print(f"{run['sampling']:>8} {run['clients']:>7} {run['requests']:>8} {run['completion_tokens']:>7} "
-              f"{run['tokens_per_s']:>8} {run['latency_p50_s']:>7} {run['latency_p95_s']:>7} "
-              f"{run['ttft_p50_s']:>8} {run['ttft_p95_s']:>8} {len(run['lost']):>4} {len(run['mixed_up']):>5}")
+              f"{run['tokens_per_s']:>8} {cell['latency_p50_s']:>7} {cell['latency_p95_s']:>7} "
+              f"{cell['ttft_p50_s']:>8} {cell['ttft_p95_s']:>8} {len(run['lost']):>4} {len(run['mixed_up']):>5}")
     if args.out:
         atomic_write_text(args.out, json.dumps({"url": url, "model": args.model or args.model_name, "runs": runs},
                                                indent=2, ensure_ascii=False) + "\n")

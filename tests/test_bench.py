@@ -202,3 +202,15 @@ def test_the_char_level_baseline_learns_a_repeated_poem():
                               context=32, warmup=1, lr=3e-3)
     uniform = math.log2(result.vocab_size) * len(poem[:400]) / len(poem[:400].encode())
     assert result.steps == 120 and result.val_bpb < 0.5 * uniform
+
+
+def test_serve_load_reports_every_request_lost_instead_of_crashing(capsys):
+    """No server answers: every request is lost, the table prints "-" for latencies, the exit code says so."""
+    import serve_load
+    from ports import free_port
+
+    code = serve_load.main(["--url", f"http://127.0.0.1:{free_port()}", "--requests", "2", "--clients", "1",
+                            "--sampling", "greedy", "--timeout", "5"])
+    out, err = capsys.readouterr()
+    assert code == 1 and "LOST (greedy)" in err
+    assert out.splitlines()[-1].split()[5:9] == ["-", "-", "-", "-"]

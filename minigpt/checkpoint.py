@@ -36,7 +36,7 @@ import torch
 
 from minigpt import strict_json
 from minigpt.engine.base import Engine
-from minigpt.fsutil import atomic_write_text, fsync_dir, fsync_tree
+from minigpt.fsutil import atomic_write_text, fsync_dir, fsync_tree, sweep_leftovers
 from minigpt.safe_load import UnsafeFileError, safe_torch_load, weights_only_loads
 
 CKPT_DIR = "ckpt"
@@ -424,18 +424,18 @@ def newest_file(directory: Path) -> Path:
 
 
 def sweep_temporary(run_dir: Path) -> list[Path]:
-    """Remove what interrupted writes left in a run directory (`ckpt/*.tmp`, `*.tmp` files); main rank,
-    before anything else is written, so a full disk cannot block its own recovery."""
+    """Clear what interrupted writes left in a run directory: `ckpt/*.tmp`, `*.tmp` files, and the hidden
+    leftovers of `minigpt.fsutil` (`sweep_leftovers`: an unfinished `final/` is removed, a put-aside one
+    removed or put back). Main rank, holding the run directory's lock, before anything else is written, so
+    a full disk cannot block its own recovery."""
     removed = []
-    # `.final.tmp-*`: an unfinished consolidation (never `.final.old-*`, which may hold the only copy)
-    for stale in [*(run_dir / CKPT_DIR).glob(f"*{TMP_SUFFIX}"), *run_dir.glob(f"*{TMP_SUFFIX}"),
-                  *run_dir.glob(f".*{TMP_SUFFIX}-*")]:
+    for stale in [*(run_dir / CKPT_DIR).glob(f"*{TMP_SUFFIX}"), *run_dir.glob(f"*{TMP_SUFFIX}")]:
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
         removed.append(stale)
-    return removed
+    return removed + sweep_leftovers(run_dir)
 
 
 class CheckpointManager:

@@ -2,16 +2,18 @@
 
 Layout of a run directory:
     ckpt/step_0000100/      engine-native state (DeepSpeed checkpoint files or the plain engine's
-                            engine.pt), trainer_state.json (step, tokens seen, sampler position, save
-                            time), rng_rank<r>.json for each rank, and manifest.json: the size and
+                            engine.pt), trainer_state.json (step, save index, tokens seen, sampler
+                            position), rng_rank<r>.json for each rank, and manifest.json: the size and
                             SHA-256 of every other file, written last
     latest                  name of the newest complete checkpoint (a hint for people and tools)
 A checkpoint is written to `step_N.tmp/`, flushed to disk, then renamed; `latest` changes only after
 the rename. A crash or a full disk mid-write leaves at most a `.tmp` directory, removed by the failed
 save itself or swept at the next start, and `latest` still names the previous complete checkpoint.
 
-Resuming picks the newest checkpoint (in save order) that verifies: its manifest matches the files,
-its trainer state parses. Newer damaged ones are skipped with the reason. Every torch file is loaded
+Checkpoints are ordered by save index, then step (`save_order_key`), never by a clock. Resuming picks
+the newest that verifies, and verifies before it parses: the manifest (size-capped, strict JSON, typed
+entries), every file's size, the trainer state's SHA-256, then the trainer state field by field, then
+the other files' digests. Newer damaged ones are skipped with the reason. Every torch file is loaded
 weights-only (`minigpt.safe_load`), so a checkpoint is data, never code.
 """
 

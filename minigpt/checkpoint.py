@@ -163,7 +163,8 @@ def read_manifest(checkpoint: Path) -> dict[str, tuple[int, str]]:
     for name, entry in files.items():
         parts = name.split("/")
         if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
-            raise CheckpointError(f"{path}: damaged manifest (file name {name[:80]!r} is not inside the folder)")
+            raise CheckpointError(f"{path}: damaged manifest (file name {name[:80]!r} is not inside the "
+                                  "folder)")
         size, digest = (entry.get("bytes"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
         if not _is_count(size) or not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
             raise CheckpointError(f"{path}: damaged manifest (entry {name[:80]!r} needs an integer 'bytes' "
@@ -175,7 +176,8 @@ def read_manifest(checkpoint: Path) -> dict[str, tuple[int, str]]:
 def check_listing(checkpoint: Path, expected: dict[str, tuple[int, str]]) -> None:
     """Every listed file present with its size, no unlisted file: stat calls only, before any hashing."""
     for name in sorted(set(checkpoint_files(checkpoint)) - set(expected)):
-        raise CheckpointError(f"{checkpoint / name}: not in {MANIFEST} (added after the checkpoint was saved)")
+        raise CheckpointError(f"{checkpoint / name}: not in {MANIFEST} (added after the checkpoint was "
+                              "saved)")
     for name, (size, _digest) in expected.items():
         path = checkpoint / name
         if not path.is_file():
@@ -444,8 +446,9 @@ class CheckpointManager:
     """Saves and restores the full training state of a run through its engine.
 
     Every step that one rank does alone (the main rank choosing, preparing or publishing a checkpoint) or
-    that each rank does for itself (writing its files, loading them) ends in `agree_on_failure`, so a
-    failure anywhere stops every rank at once with the reason, never a rank left waiting in a collective."""
+    that each rank does for itself (writing its files, loading them) goes through the runtime's
+    `main_rank_does` / `every_rank_does`, so a failure anywhere stops every rank at once with the reason,
+    never a rank left waiting in a collective."""
 
     def __init__(self, run_dir: str | Path, engine: Engine, keep_last: int = 3):
         self.run_dir = Path(run_dir)
@@ -455,35 +458,17 @@ class CheckpointManager:
         self.resumed_save_index = 0
         """The save index of the checkpoint this run resumed from: the next save counts on from it."""
 
-    def _on_main(self, work: Callable[[], Any], doing: str) -> Any:
-        """`work()` on the main rank; every rank learns whether it failed (and why)."""
-        result, error = None, None
-        if self.engine.is_main:
-            try:
-                result = work()
-            except Exception as err:
-                error = err
-        self.engine.runtime.agree_on_failure(error, doing)
-        return result
-
-    def _on_every_rank(self, work: Callable[[], Any], doing: str) -> Any:
-        result, error = None, None
-        try:
-            result = work()
-        except Exception as err:
-            error = err
-        self.engine.runtime.agree_on_failure(error, doing)
-        return result
-
     def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
         """Write checkpoint `step` collectively; every rank calls this with the same step."""
         final = self.root / f"step_{step:07d}"
         tmp = self.root / f"step_{step:07d}{TMP_SUFFIX}"
-        save_index = self._on_main(lambda: self._prepare(tmp), f"preparing {tmp}")
+        runtime = self.engine.runtime
+        save_index = runtime.main_rank_does(lambda: self._prepare(tmp), f"preparing {tmp}")
         try:
-            self._on_every_rank(lambda: self._write_rank_files(tmp, step, save_index, trainer_state),
-                                f"writing {tmp}")
-            self._on_main(lambda: (write_manifest(tmp), fsync_tree(tmp)), f"writing {tmp / MANIFEST}")
+            runtime.every_rank_does(lambda: self._write_rank_files(tmp, step, save_index, trainer_state),
+                                    f"writing {tmp}")
+            runtime.main_rank_does(lambda: (write_manifest(tmp), fsync_tree(tmp)),
+                                   f"writing {tmp / MANIFEST}")
         except Exception as err:
             culprit = newest_file(tmp) if tmp.is_dir() else tmp
             disk_full = is_disk_full(err, self.root)
@@ -494,7 +479,7 @@ class CheckpointManager:
                                       f"the previous checkpoint and {LATEST} are untouched. Free space, then "
                                       "rerun with --auto-resume") from None
             raise
-        self._on_main(lambda: self._publish(tmp, final), f"publishing {final}")
+        runtime.main_rank_does(lambda: self._publish(tmp, final), f"publishing {final}")
         return final
 
     def _prepare(self, tmp: Path) -> int:
@@ -510,8 +495,9 @@ class CheckpointManager:
         self.engine.save(tmp)
         (tmp / rng_file(self.engine.rank)).write_text(json.dumps(rng_state()) + "\n")
         if self.engine.is_main:
-            state = {**trainer_state, "step": step, "save_index": save_index, "world_size": self.engine.world_size,
-                     "engine": type(self.engine).__name__, "saved_at": time.time()}
+            state = {**trainer_state, "step": step, "save_index": save_index,
+                     "world_size": self.engine.world_size, "engine": type(self.engine).__name__,
+                     "saved_at": time.time()}
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
 
     def _publish(self, tmp: Path, final: Path) -> None:
@@ -538,18 +524,22 @@ class CheckpointManager:
         checkpoints are printed by the main rank."""
 
         def choose() -> str | None:
-            point = resolve_checkpoint(explicit) if explicit else find_resume_point(self.run_dir) if auto else None
+            if not (explicit or auto):
+                return None
+            point = resolve_checkpoint(explicit) if explicit else find_resume_point(self.run_dir)
             if point is None:
                 return None
             for note in point.skipped:
                 print(f"[minigpt] {note}", flush=True)
             chosen = json.dumps({"path": str(point.path), "state": point.state})
             if len(chosen.encode("utf-8")) > CHOICE_BYTES:
-                raise CheckpointError(f"{point.path}: path and trainer state longer than {CHOICE_BYTES} bytes")
+                raise CheckpointError(f"{point.path}: path and trainer state longer than {CHOICE_BYTES:,} "
+                                      "bytes")
             return chosen
 
-        chosen = self.engine.runtime.share_text(self._on_main(choose, "choosing the checkpoint to resume from"),
-                                                limit=CHOICE_BYTES)
+        runtime = self.engine.runtime
+        chosen = runtime.share_text(runtime.main_rank_does(choose, "choosing the checkpoint to resume from"),
+                                    limit=CHOICE_BYTES)
         if chosen is None:
             return None
         choice = json.loads(chosen)
@@ -567,6 +557,6 @@ class CheckpointManager:
                 raise CheckpointError(str(err)) from None
             restore_rng_file(checkpoint, self.engine.rank)
 
-        self._on_every_rank(load_here, f"loading {checkpoint}")
+        self.engine.runtime.every_rank_does(load_here, f"loading {checkpoint}")
         self.resumed_save_index = save_order_key(point.state)[0]
         return {**point.state, "checkpoint": str(checkpoint)}

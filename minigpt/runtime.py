@@ -10,7 +10,9 @@ launcher gets a world of one. This module imports nothing of the project, so eve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -90,3 +92,25 @@ class Runtime:
             raise error
         who = "the main rank" if first == 0 else f"rank {first}"
         raise RankFailed(f"{who} stopped while {doing}: {message}")
+
+    def main_rank_does(self, work: Callable[[], Any], doing: str) -> Any:
+        """`work()` on the main rank alone (its result there, None elsewhere); every rank learns whether it
+        failed and why (`agree_on_failure`)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = work()
+            except Exception as err:
+                error = err
+        self.agree_on_failure(error, doing)
+        return result
+
+    def every_rank_does(self, work: Callable[[], Any], doing: str) -> Any:
+        """`work()` on every rank; all stop together if it fails on any (`agree_on_failure`)."""
+        result, error = None, None
+        try:
+            result = work()
+        except Exception as err:
+            error = err
+        self.agree_on_failure(error, doing)
+        return result

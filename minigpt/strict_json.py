@@ -49,7 +49,8 @@ def read_json(path: str | Path, max_bytes: int) -> Any:
     except OSError as err:
         raise JSONFileError(f"{path}: cannot be read ({err.strerror or err})") from None
     if len(data) > max_bytes:
-        raise JSONFileError(f"{path}: larger than {max_bytes:,} bytes, too large to be a file this program wrote")
+        raise JSONFileError(f"{path}: larger than {max_bytes:,} bytes, too large to be a file this program "
+                            "wrote")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -202,8 +202,8 @@ def resign_state(checkpoint: Path, **changes) -> Path:
     return path
 
 
-def test_a_trainer_state_nested_too_deeply_falls_back_to_the_previous_checkpoint(plain_run, shards, data_tokenizer,
-                                                                                 tmp_path):
+def test_a_trainer_state_nested_too_deeply_falls_back_to_the_previous_checkpoint(plain_run, shards,
+                                                                                 data_tokenizer, tmp_path):
     out = copy_run(plain_run, tmp_path)
     (ckpt(out, 30) / "trainer_state.json").write_text("[" * 100_000 + "]" * 100_000)
     done = resume(out, shards, data_tokenizer)
@@ -218,8 +218,8 @@ def test_a_trainer_state_nested_too_deeply_falls_back_to_the_previous_checkpoint
     ("sampler.position", 1e30, "sampler.position must be a non-negative integer"),
     ("sampler.position", 10**12, "sampler.position must be an integer from 0 to"),
 ])
-def test_a_verified_sampler_state_out_of_range_stops_the_run_by_field(plain_run, shards, data_tokenizer, tmp_path,
-                                                                      field, value, says):
+def test_a_verified_sampler_state_out_of_range_stops_the_run_by_field(plain_run, shards, data_tokenizer,
+                                                                      tmp_path, field, value, says):
     out = copy_run(plain_run, tmp_path)
     path = resign_state(ckpt(out, 30), **{field: value})
     done = resume(out, shards, data_tokenizer)
@@ -243,6 +243,7 @@ def test_when_only_the_main_rank_fails_to_resume_every_rank_says_why_within_seco
     assert done.returncode != 0, done.stdout[-3000:] + done.stderr[-3000:]
     output = done.stdout + done.stderr
     assert f"error: {manifest}: not valid JSON" in output, output[-3000:]
-    assert (f"error: the main rank stopped while choosing the checkpoint to resume from: {manifest}: not valid JSON"
-            in output), output[-3000:]
+    told = ("error: the main rank stopped while choosing the checkpoint to resume from: "
+            f"{manifest}: not valid JSON")
+    assert told in output, output[-3000:]
     assert "Connection closed by peer" not in output and "Traceback" not in output, output[-3000:]

@@ -431,10 +431,12 @@ def test_an_export_sweeps_what_an_interrupted_export_left_and_nothing_else(tied_
     for path in crashed:  # a staging folder, and the previous export a --force run had put aside
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"half")
-    users = [tmp_path / f".{out.name}.tmp-notours", tmp_path / f"{out.name}.tmp-1a2b3c4d", tmp_path / "notes.txt"]
+    users = [tmp_path / f".{out.name}.tmp-notours", tmp_path / f"{out.name}.tmp-1a2b3c4d",
+             tmp_path / "notes.txt"]
     for path in users:
         path.write_text("the user's")
-    code = export_cli.main(["--model", str(tied_dir), "--format", export_format, "--out", str(out), "--force"])
+    args = ["--model", str(tied_dir), "--format", export_format, "--out", str(out)]
+    code = export_cli.main([*args, "--force"])
     assert code == 0
     assert not any(path.exists() for path in crashed)
     assert all(path.read_text() == "the user's" for path in users)

@@ -218,7 +218,8 @@ def test_a_config_json_with_a_field_out_of_bounds_is_refused_naming_file_and_fie
 
 
 @pytest.mark.parametrize("text", ['{"format": "minigpt-consolidated", "model": {"rope_theta": NaN}}',
-                                  "[" * 100_000 + "]" * 100_000, " " * (2 << 20)], ids=["NaN", "nested", "huge"])
+                                  "[" * 100_000 + "]" * 100_000, " " * (2 << 20)],
+                         ids=["NaN", "nested", "huge"])
 def test_a_damaged_config_json_is_one_error_naming_it(saved, text):
     model_dir, _model = saved
     (model_dir / CONFIG_FILE).write_text(text)

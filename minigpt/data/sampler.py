@@ -88,7 +88,7 @@ class ResumableSampler:
             raise SamplerError(f"sampler state is for a global batch of {state['global_batch']}, this run uses "
                              f"{self.global_batch}: keep micro-batch x accumulation x ranks equal to resume")
         if state["position"] > self.num_samples:
-            raise SamplerError(f"sampler.position must be an integer from 0 to {self.num_samples} (the dataset's "
-                               f"samples), got {state['position']}")
+            raise SamplerError(f"sampler.position must be an integer from 0 to {self.num_samples} (the "
+                               f"dataset's samples), got {state['position']}")
         self.seed = state["seed"]
         self.state = SamplerState(epoch=state["epoch"], position=state["position"])

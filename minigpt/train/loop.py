@@ -235,14 +235,8 @@ class Trainer:
         self.runtime = create_runtime(cfg)
         precision = run_precision(cfg, self.runtime.device, deepspeed=self.runtime.distributed)
         self.cfg = cfg = dataclasses.replace(cfg, precision=precision.precision)  # the engines, the snapshot
-        self.run_lock: RunDirLock | None = None
-        error = None
-        if self.runtime.is_main:
-            try:
-                self.run_lock = self._claim_run_dir(precision)
-            except Exception as err:
-                error = err
-        self.runtime.agree_on_failure(error, f"claiming the run directory {cfg.run_dir}")
+        self.run_lock: RunDirLock | None = self.runtime.main_rank_does(
+            lambda: self._claim_run_dir(precision), f"claiming the run directory {cfg.run_dir}")
         try:
             self._set_up(started)
         except BaseException:
@@ -252,7 +246,7 @@ class Trainer:
     def _claim_run_dir(self, precision: PrecisionChoice) -> RunDirLock:
         """Main rank, before anything is written: lock the run directory (refused while another process
         holds it), refuse another run's directory unless --overwrite, then clear what --overwrite deletes
-        and what interrupted writes left. Every rank learns the outcome (`agree_on_failure`)."""
+        and what interrupted writes left."""
         cfg = self.cfg
         lock = lock_run_dir(cfg.run_dir)
         try:
@@ -269,11 +263,12 @@ class Trainer:
             raise
         for warning in cfg.warnings():
             print(f"[minigpt] warning: {warning}", flush=True)
-        print(f"[minigpt] precision {precision.precision} ({precision.why}; override with --precision)", flush=True)
+        print(f"[minigpt] precision {precision.precision} ({precision.why}; override with --precision)",
+              flush=True)
         return lock
 
     def release_run_dir(self) -> None:
-        """End this process's hold on the run directory (at the end of `run`; the process's exit does it too)."""
+        """End this process's hold on the run directory (at the end of `run`; exiting does it too)."""
         if self.run_lock is not None:
             self.run_lock.release()
             self.run_lock = None

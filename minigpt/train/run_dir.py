@@ -99,12 +99,14 @@ def lock_run_dir(run_dir: Path) -> RunDirLock:
     except OSError as err:
         os.close(fd)
         if err.errno in UNSUPPORTED:
-            return RunDirLock(path, None, f"{run_dir}: the file system cannot lock {LOCK_FILE} ({err.strerror}); "
-                                          "nothing stops a second run from writing into this directory")
+            return RunDirLock(path, None, f"{run_dir}: the file system cannot lock {LOCK_FILE} "
+                                          f"({err.strerror}); nothing stops a second run from writing into "
+                                          "this directory")
         if err.errno not in (errno.EAGAIN, errno.EACCES):
             raise
         raise RunDirBusy(f"{run_dir}: another process ({lock_holder(path)}) is training into this directory; "
-                         "wait for it to end or stop it, or train into another directory with --out DIR") from None
+                         "wait for it to end or stop it, or train into another directory with --out DIR"
+                         ) from None
     os.ftruncate(fd, 0)
     holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
     os.write(fd, holder.encode("utf-8") + b"\n")

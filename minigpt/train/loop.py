@@ -235,6 +235,7 @@ class Trainer:
         self.runtime = create_runtime(cfg)
         precision = run_precision(cfg, self.runtime.device, deepspeed=self.runtime.distributed)
         self.cfg = cfg = dataclasses.replace(cfg, precision=precision.precision)  # the engines, the snapshot
+        check_eval_tasks(cfg)  # a mistyped path fails before the run directory is made
         self.run_lock: RunDirLock | None = self.runtime.main_rank_does(
             lambda: self._claim_run_dir(precision), f"claiming the run directory {cfg.run_dir}")
         try:
@@ -277,7 +278,6 @@ class Trainer:
         """Everything after the run directory is claimed: data, model, engine, sampler, checkpoints."""
         cfg = self.cfg
         set_seed(cfg.seed)
-        check_eval_tasks(cfg)
         start = find_starting_weights(cfg)
         if start.source == NO_PREVIOUS_STAGE and self.runtime.is_main:
             print(f"[minigpt] {no_previous_stage_warning(cfg)}", flush=True)

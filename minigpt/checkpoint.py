@@ -2,16 +2,18 @@
 
 Layout of a run directory:
     ckpt/step_0000100/      engine-native state (DeepSpeed checkpoint files or the plain engine's
-                            engine.pt), trainer_state.json (step, tokens seen, sampler position, save
-                            time), rng_rank<r>.json for each rank, and manifest.json: the size and
+                            engine.pt), trainer_state.json (step, save index, tokens seen, sampler
+                            position), rng_rank<r>.json for each rank, and manifest.json: the size and
                             SHA-256 of every other file, written last
     latest                  name of the newest complete checkpoint (a hint for people and tools)
 A checkpoint is written to `step_N.tmp/`, flushed to disk, then renamed; `latest` changes only after
 the rename. A crash or a full disk mid-write leaves at most a `.tmp` directory, removed by the failed
 save itself or swept at the next start, and `latest` still names the previous complete checkpoint.
 
-Resuming picks the newest checkpoint (in save order) that verifies: its manifest matches the files,
-its trainer state parses. Newer damaged ones are skipped with the reason. Every torch file is loaded
+Checkpoints are ordered by save index, then step (`save_order_key`), never by a clock. Resuming picks
+the newest that verifies, and verifies before it parses: the manifest (size-capped, strict JSON, typed
+entries), every file's size, the trainer state's SHA-256, then the trainer state field by field, then
+the other files' digests. Newer damaged ones are skipped with the reason. Every torch file is loaded
 weights-only (`minigpt.safe_load`), so a checkpoint is data, never code.
 """
 
@@ -20,11 +22,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +36,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from minigpt import strict_json
 from minigpt.engine.base import Engine
-from minigpt.fsutil import atomic_write_text, fsync_dir, fsync_tree
+from minigpt.fsutil import atomic_write_text, fsync_dir, fsync_tree, sweep_leftovers
 from minigpt.safe_load import UnsafeFileError, safe_torch_load, weights_only_loads
 
 CKPT_DIR = "ckpt"
@@ -43,7 +48,15 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 STEP_NAME = re.compile(r"step_(\d+)")
 TMP_SUFFIX = ".tmp"
-PATH_BYTES = 4096
+CHOICE_BYTES = 1 << 16
+MANIFEST_BYTES = 4 << 20
+STATE_BYTES = 1 << 20
+RNG_BYTES = 4 << 20
+LATEST_BYTES = 4096
+"""Caps on what is read of a checkpoint's JSON files: far above what a save writes, far below memory."""
+MAX_COUNT = 1 << 62
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class CheckpointError(RuntimeError):
@@ -88,21 +101,23 @@ def rng_file(rank: int) -> str:
     return f"rng_rank{rank}.json"
 
 
-def read_rng_file(checkpoint: Path, rank: int) -> dict[str, Any] | None:
-    """This rank's RNG state from `checkpoint` (JSON; `.pt` of earlier versions loaded weights-only)."""
+def restore_rng_file(checkpoint: Path, rank: int) -> None:
+    """Set this rank's RNG state from `checkpoint` (JSON; `.pt` of earlier versions loaded weights-only), if
+    it has one; a file of the wrong shape is a `CheckpointError` naming it."""
     path = checkpoint / rng_file(rank)
-    if path.is_file():
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise CheckpointError(f"{path}: damaged RNG state ({err})") from None
     legacy = checkpoint / f"rng_rank{rank}.pt"
-    if legacy.is_file():
-        try:
-            return safe_torch_load(legacy, numpy_arrays=True)
-        except UnsafeFileError as err:
-            raise CheckpointError(str(err)) from None
-    return None
+    try:
+        if path.is_file():
+            state = strict_json.read_json(path, RNG_BYTES)
+        elif legacy.is_file():
+            path, state = legacy, safe_torch_load(legacy, numpy_arrays=True)
+        else:
+            return
+        set_rng_state(state)
+    except (strict_json.JSONFileError, UnsafeFileError) as err:
+        raise CheckpointError(str(err)) from None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: damaged RNG state ({type(err).__name__}: {str(err)[:120]})") from None
 
 
 # --- manifest and verification ----------------------------------------------------------------------------
@@ -129,17 +144,114 @@ def write_manifest(directory: Path) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
-def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    path = checkpoint / TRAINER_STATE
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (the checkpoint is incomplete)")
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT
+
+
+def read_manifest(checkpoint: Path) -> dict[str, tuple[int, str]]:
+    """The manifest's {relative file name: (bytes, sha256)}, each entry checked for type and form."""
+    path = checkpoint / MANIFEST
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        manifest = strict_json.read_json(path, MANIFEST_BYTES)
+    except strict_json.JSONFileError as err:
+        raise CheckpointError(str(err)) from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or manifest.get("format_version") != MANIFEST_VERSION:
+        raise CheckpointError(f"{path}: damaged manifest (expected format_version {MANIFEST_VERSION} and an "
+                              "object of files)")
+    expected = {}
+    for name, entry in files.items():
+        parts = name.split("/")
+        if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
+            raise CheckpointError(f"{path}: damaged manifest (file name {name[:80]!r} is not inside the "
+                                  "folder)")
+        size, digest = (entry.get("bytes"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
+        if not _is_count(size) or not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
+            raise CheckpointError(f"{path}: damaged manifest (entry {name[:80]!r} needs an integer 'bytes' "
+                                  "and a 64-digit hex 'sha256')")
+        expected[name] = (size, digest)
+    return expected
+
+
+def check_listing(checkpoint: Path, expected: dict[str, tuple[int, str]]) -> None:
+    """Every listed file present with its size, no unlisted file: stat calls only, before any hashing."""
+    for name in sorted(set(checkpoint_files(checkpoint)) - set(expected)):
+        raise CheckpointError(f"{checkpoint / name}: not in {MANIFEST} (added after the checkpoint was "
+                              "saved)")
+    for name, (size, _digest) in expected.items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {size} (truncated?)")
+
+
+def check_digest(path: Path, digest: str) -> None:
+    if sha256_of(path) != digest:
+        raise CheckpointError(f"{path}: SHA-256 differs from {MANIFEST} (damaged or replaced)")
+
+
+def _non_negative_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
+
+
+STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "step": (_is_count, "a non-negative integer"),
+    "save_index": (_is_count, "a non-negative integer"),
+    "tokens_seen": (_is_count, "a non-negative integer"),
+    "sampler": (lambda v: isinstance(v, dict), "an object"),
+    "max_steps": (_is_count, "a non-negative integer"),
+    "warmup_steps": (_is_count, "a non-negative integer"),
+    "world_size": (lambda v: _is_count(v) and v > 0, "a positive integer"),
+    "precision": (lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"),
+    "elapsed_seconds": (_non_negative_number, "a non-negative number"),
+    "lr_warmup_end": (lambda v: v is None or _non_negative_number(v), "a non-negative number or null"),
+    "saved_at": (_non_negative_number, "a non-negative number"),
+    "compiled": (lambda v: isinstance(v, bool), "true or false"),
+    "tokenizer_checksum": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    **{name: (lambda v: isinstance(v, str), "a string") for name in ("mode", "weights_from", "engine")},
+}
+"""The trainer state's fields, each with its check and what the check wants (unknown fields pass)."""
+
+
+def check_trainer_state(state: Any, path: Path) -> dict[str, Any]:
+    """`state` if every known field has its type and range (`step` required), else a `CheckpointError`
+    naming the file and the first field that does not."""
+    if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path}: no integer 'step' field")
+    for name, (valid, wanted) in STATE_FIELDS.items():
+        if name in state and not valid(state[name]):
+            raise CheckpointError(f"{path}: {name} must be {wanted}, got {str(state[name])[:40]!r}")
     return state
+
+
+def read_candidate(checkpoint: Path) -> tuple[dict[str, Any], dict[str, tuple[int, str]] | None]:
+    """The trainer state of `checkpoint` and its manifest (None for a checkpoint of earlier versions that has
+    none), read without trusting either: the manifest is checked for form, every file's size against it,
+    and the trainer state's SHA-256 before the state is parsed; the state is then checked field by field."""
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"{checkpoint}: not a directory")
+    state_path = checkpoint / TRAINER_STATE
+    manifest = read_manifest(checkpoint) if (checkpoint / MANIFEST).is_file() else None
+    if manifest is not None:
+        check_listing(checkpoint, manifest)
+        if TRAINER_STATE in manifest:
+            check_digest(state_path, manifest[TRAINER_STATE][1])
+    if not state_path.is_file():
+        raise CheckpointError(f"{state_path}: missing (the checkpoint is incomplete)")
+    try:
+        state = check_trainer_state(strict_json.read_json(state_path, STATE_BYTES), state_path)
+    except strict_json.JSONFileError as err:
+        raise CheckpointError(str(err)) from None
+    match = STEP_NAME.fullmatch(checkpoint.name)
+    if match and int(match.group(1)) != state["step"]:
+        raise CheckpointError(f"{state_path}: step {state['step']} in a folder named {checkpoint.name}")
+    return state, manifest
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """The checked trainer state of `checkpoint` (its other files' digests not computed)."""
+    return read_candidate(checkpoint)[0]
 
 
 def verify_checkpoint(checkpoint: Path) -> dict[str, Any]:
@@ -147,30 +259,10 @@ def verify_checkpoint(checkpoint: Path) -> dict[str, Any]:
 
     With a manifest every listed file must exist with its size and SHA-256, and no unlisted file may be
     present; checkpoints of earlier versions (no manifest) get the structural checks only."""
-    if not checkpoint.is_dir():
-        raise CheckpointError(f"{checkpoint}: not a directory")
-    manifest_path = checkpoint / MANIFEST
-    if manifest_path.is_file():
-        try:
-            files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
-            expected = {str(name): (int(entry["bytes"]), str(entry["sha256"])) for name, entry in files.items()}
-        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise CheckpointError(f"{manifest_path}: damaged manifest ({err})") from None
-        present = checkpoint_files(checkpoint)
-        for name in sorted(set(present) - set(expected)):
-            raise CheckpointError(f"{checkpoint / name}: not in {MANIFEST} (added after the checkpoint was saved)")
-        for name, (size, digest) in expected.items():
-            path = checkpoint / name
-            if not path.is_file():
-                raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
-            if path.stat().st_size != size:
-                raise CheckpointError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {size} (truncated?)")
-            if sha256_of(path) != digest:
-                raise CheckpointError(f"{path}: SHA-256 differs from {MANIFEST} (damaged or replaced)")
-    state = read_trainer_state(checkpoint)
-    match = STEP_NAME.fullmatch(checkpoint.name)
-    if match and int(match.group(1)) != state["step"]:
-        raise CheckpointError(f"{checkpoint / TRAINER_STATE}: step {state['step']} in a folder named {checkpoint.name}")
+    state, manifest = read_candidate(checkpoint)
+    for name, (_size, digest) in (manifest or {}).items():
+        if name != TRAINER_STATE:
+            check_digest(checkpoint / name, digest)
     return state
 
 
@@ -183,21 +275,35 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [p for p in root.iterdir() if p.is_dir() and STEP_NAME.fullmatch(p.name)]
 
 
-def save_order_key(checkpoint: Path) -> tuple[float, int]:
-    """When a checkpoint was saved (trainer state's `saved_at`, else its file time), then its step.
+def save_order_key(state: dict[str, Any]) -> tuple[int, int]:
+    """Where a checkpoint stands in save order: its save index (one more than the highest in its run
+    directory when it was written, so it survives resumes and rollbacks), then its step. Never a clock: a
+    node whose clock is an hour off must not make new checkpoints look old."""
+    return state.get("save_index", 0), state["step"]
 
-    Save order, not step order: after rolling back to an earlier step the new saves are the newest."""
-    step = int(STEP_NAME.fullmatch(checkpoint.name).group(1))
-    try:
-        saved_at = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8")).get("saved_at")
-    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
-        saved_at = None
-    if not isinstance(saved_at, (int, float)):
+
+@dataclass
+class SavedCheckpoints:
+    """The checkpoints of a `ckpt/` folder whose manifest and trainer state read back, newest first in save
+    order, and one line for each that does not."""
+
+    readable: list[tuple[Path, dict[str, Any]]]
+    damaged: list[str]
+
+    @property
+    def next_save_index(self) -> int:
+        return 1 + max((save_order_key(state)[0] for _path, state in self.readable), default=0)
+
+
+def saved_checkpoints(root: Path) -> SavedCheckpoints:
+    readable, damaged = [], []
+    for checkpoint in sorted(complete_checkpoints(root), reverse=True):
         try:
-            saved_at = (checkpoint / TRAINER_STATE).stat().st_mtime
-        except OSError:
-            saved_at = checkpoint.stat().st_mtime
-    return float(saved_at), step
+            readable.append((checkpoint, read_candidate(checkpoint)[0]))
+        except CheckpointError as err:
+            damaged.append(f"skipped {checkpoint.name}: {err}")
+    readable.sort(key=lambda item: save_order_key(item[1]), reverse=True)
+    return SavedCheckpoints(readable, damaged)
 
 
 def read_latest(run_dir: Path) -> str | None:
@@ -205,6 +311,8 @@ def read_latest(run_dir: Path) -> str | None:
     path = run_dir / LATEST
     if not path.is_file():
         return None
+    if path.stat().st_size > LATEST_BYTES:
+        raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes, too large to hold a checkpoint name")
     try:
         name = path.read_bytes().decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -232,11 +340,12 @@ def find_resume_point(run_dir: Path) -> ResumePoint | None:
         latest = read_latest(run_dir)
     except CheckpointError as err:
         latest, notes = None, [f"{err}; ignored"]
-    candidates = sorted(complete_checkpoints(run_dir / CKPT_DIR), key=save_order_key, reverse=True)
-    if latest and latest not in {c.name for c in candidates}:
+    saved = saved_checkpoints(run_dir / CKPT_DIR)
+    notes += saved.damaged
+    names = [path.name for path, _state in saved.readable]
+    if latest and latest not in names and not any(note.startswith(f"skipped {latest}:") for note in notes):
         notes.append(f"{run_dir / LATEST} names {latest}, which does not exist")
-    names = [c.name for c in candidates]
-    for index, checkpoint in enumerate(candidates):
+    for index, (checkpoint, _state) in enumerate(saved.readable):
         try:
             state = verify_checkpoint(checkpoint)
         except CheckpointError as err:
@@ -245,8 +354,9 @@ def find_resume_point(run_dir: Path) -> ResumePoint | None:
         if latest in names and names.index(latest) > index:
             notes.append(f"{run_dir / LATEST} names {latest}, but {checkpoint.name} was saved after it")
         return ResumePoint(checkpoint, state, notes)
-    if candidates:
-        raise CheckpointError(f"{run_dir / CKPT_DIR}: {len(candidates)} checkpoint(s) and none is loadable: "
+    if names or saved.damaged:
+        count = len(names) + len(saved.damaged)
+        raise CheckpointError(f"{run_dir / CKPT_DIR}: {count} checkpoint(s) and none is loadable: "
                               + "; ".join(notes) + ". Move them away or pass --resume with a good one")
     return None
 
@@ -254,19 +364,18 @@ def find_resume_point(run_dir: Path) -> ResumePoint | None:
 def recorded_precision(path: str | Path) -> str | None:
     """The precision the checkpoint a resume would start from recorded (`path`: a checkpoint folder or a run
     directory), read before any engine exists so a resumed `--precision auto` run keeps its precision on
-    another machine. A cheap read, not a verification: None when there is nothing readable to follow."""
+    another machine. Manifest and trainer state are checked, the large files not: None when there is
+    nothing readable to follow."""
     path = Path(path)
-    candidates = [path] if is_checkpoint_folder(path) else sorted(
-        complete_checkpoints((path.parent if path.name == CKPT_DIR else path) / CKPT_DIR), key=save_order_key,
-        reverse=True)[:1]
-    for checkpoint in candidates:
+    if is_checkpoint_folder(path):
         try:
-            state = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
-        except (OSError, ValueError, UnicodeDecodeError):
+            states = [read_trainer_state(path)]
+        except CheckpointError:
             return None
-        precision = state.get("precision") if isinstance(state, dict) else None
-        return precision if precision in ("fp32", "bf16", "fp16") else None
-    return None
+    else:
+        root = (path.parent if path.name == CKPT_DIR else path) / CKPT_DIR
+        states = [state for _path, state in saved_checkpoints(root).readable[:1]]
+    return states[0].get("precision") if states else None
 
 
 def is_checkpoint_folder(path: Path) -> bool:
@@ -319,51 +428,48 @@ def newest_file(directory: Path) -> Path:
 
 
 def sweep_temporary(run_dir: Path) -> list[Path]:
-    """Remove what interrupted writes left in a run directory (`ckpt/*.tmp`, `*.tmp` files); main rank,
-    before anything else is written, so a full disk cannot block its own recovery."""
+    """Clear what interrupted writes left in a run directory: `ckpt/*.tmp`, `*.tmp` files, and the hidden
+    leftovers of `minigpt.fsutil` (`sweep_leftovers`: an unfinished `final/` is removed, a put-aside one
+    removed or put back). Main rank, holding the run directory's lock, before anything else is written, so
+    a full disk cannot block its own recovery."""
     removed = []
-    # `.final.tmp-*`: an unfinished consolidation (never `.final.old-*`, which may hold the only copy)
-    for stale in [*(run_dir / CKPT_DIR).glob(f"*{TMP_SUFFIX}"), *run_dir.glob(f"*{TMP_SUFFIX}"),
-                  *run_dir.glob(f".*{TMP_SUFFIX}-*")]:
+    for stale in [*(run_dir / CKPT_DIR).glob(f"*{TMP_SUFFIX}"), *run_dir.glob(f"*{TMP_SUFFIX}")]:
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
             stale.unlink(missing_ok=True)
         removed.append(stale)
-    return removed
+    return removed + sweep_leftovers(run_dir)
 
 
 class CheckpointManager:
-    """Saves and restores the full training state of a run through its engine."""
+    """Saves and restores the full training state of a run through its engine.
+
+    Every step that one rank does alone (the main rank choosing, preparing or publishing a checkpoint) or
+    that each rank does for itself (writing its files, loading them) goes through the runtime's
+    `main_rank_does` / `every_rank_does`, so a failure anywhere stops every rank at once with the reason,
+    never a rank left waiting in a collective."""
 
     def __init__(self, run_dir: str | Path, engine: Engine, keep_last: int = 3):
         self.run_dir = Path(run_dir)
         self.root = self.run_dir / CKPT_DIR
         self.engine = engine
         self.keep_last = keep_last
+        self.resumed_save_index = 0
+        """The save index of the checkpoint this run resumed from: the next save counts on from it."""
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
         """Write checkpoint `step` collectively; every rank calls this with the same step."""
         final = self.root / f"step_{step:07d}"
         tmp = self.root / f"step_{step:07d}{TMP_SUFFIX}"
-        if self.engine.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(f"*{TMP_SUFFIX}"):
-                shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir()
-        self.engine.barrier()
+        runtime = self.engine.runtime
+        save_index = runtime.main_rank_does(lambda: self._prepare(tmp), f"preparing {tmp}")
         try:
-            self.engine.save(tmp)
-            (tmp / rng_file(self.engine.rank)).write_text(json.dumps(rng_state()) + "\n")
-            if self.engine.is_main:
-                state = {**trainer_state, "step": step, "world_size": self.engine.world_size,
-                         "engine": type(self.engine).__name__, "saved_at": time.time()}
-                (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
-            self.engine.barrier()
-            if self.engine.is_main:
-                write_manifest(tmp)
-                fsync_tree(tmp)
-        except (OSError, RuntimeError) as err:
+            runtime.every_rank_does(lambda: self._write_rank_files(tmp, step, save_index, trainer_state),
+                                    f"writing {tmp}")
+            runtime.main_rank_does(lambda: (write_manifest(tmp), fsync_tree(tmp)),
+                                   f"writing {tmp / MANIFEST}")
+        except Exception as err:
             culprit = newest_file(tmp) if tmp.is_dir() else tmp
             disk_full = is_disk_full(err, self.root)
             if self.engine.is_main:
@@ -373,75 +479,84 @@ class CheckpointManager:
                                       f"the previous checkpoint and {LATEST} are untouched. Free space, then "
                                       "rerun with --auto-resume") from None
             raise
-        if self.engine.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            fsync_dir(self.root)
-            atomic_write_text(self.run_dir / LATEST, f"{final.name}\n")
-            self._prune(final)
-        self.engine.barrier()
+        runtime.main_rank_does(lambda: self._publish(tmp, final), f"publishing {final}")
         return final
 
+    def _prepare(self, tmp: Path) -> int:
+        """Main rank: an empty `tmp` (what an interrupted save of this run left is removed; the run
+        directory's lock keeps every other process out); returns the new checkpoint's save index."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for stale in self.root.glob(f"*{TMP_SUFFIX}"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        return max(saved_checkpoints(self.root).next_save_index, self.resumed_save_index + 1)
+
+    def _write_rank_files(self, tmp: Path, step: int, save_index: int | None, trainer_state: dict) -> None:
+        self.engine.save(tmp)
+        (tmp / rng_file(self.engine.rank)).write_text(json.dumps(rng_state()) + "\n")
+        if self.engine.is_main:
+            state = {**trainer_state, "step": step, "save_index": save_index,
+                     "world_size": self.engine.world_size, "engine": type(self.engine).__name__,
+                     "saved_at": time.time()}
+            (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Main rank: rename the complete `tmp` to `final`, then point `latest` at it and prune."""
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.root)
+        atomic_write_text(self.run_dir / LATEST, f"{final.name}\n")
+        self._prune(final)
+
     def _prune(self, just_written: Path) -> None:
-        """Keep the newest `keep_last` checkpoints in save order; never the one just written."""
-        ordered = sorted(complete_checkpoints(self.root), key=save_order_key, reverse=True)
+        """Keep the newest `keep_last` checkpoints in save order; never the one just written, and never one
+        whose manifest or trainer state does not read back (it is left for a person to look at)."""
+        ordered = [path for path, _state in saved_checkpoints(self.root).readable]
         keep = {just_written.name, *(c.name for c in ordered[:max(self.keep_last, 1)])}
         for old in ordered:
             if old.name not in keep:
                 shutil.rmtree(old, ignore_errors=True)
 
     def resume_point(self, explicit: str, auto: bool) -> ResumePoint | None:
-        """The checkpoint to resume from (`--resume PATH` or `--auto-resume`), chosen on the main rank and
-        agreed by all; None to start fresh. Reasons for skipped checkpoints are printed by the main rank."""
-        point, error = None, None
-        if self.engine.is_main:
-            try:
-                point = resolve_checkpoint(explicit) if explicit else \
-                    find_resume_point(self.run_dir) if auto else None
-            except CheckpointError as err:
-                error = err
-        chosen = self._agree_on(point, error is not None)
-        if error is not None:
-            raise error
+        """The checkpoint to resume from (`--resume PATH` or `--auto-resume`), chosen and verified on the main
+        rank, and sent with its trainer state to every rank; None to start fresh. Reasons for skipped
+        checkpoints are printed by the main rank."""
+
+        def choose() -> str | None:
+            if not (explicit or auto):
+                return None
+            point = resolve_checkpoint(explicit) if explicit else find_resume_point(self.run_dir)
+            if point is None:
+                return None
+            for note in point.skipped:
+                print(f"[minigpt] {note}", flush=True)
+            chosen = json.dumps({"path": str(point.path), "state": point.state})
+            if len(chosen.encode("utf-8")) > CHOICE_BYTES:
+                raise CheckpointError(f"{point.path}: path and trainer state longer than {CHOICE_BYTES:,} "
+                                      "bytes")
+            return chosen
+
+        runtime = self.engine.runtime
+        chosen = runtime.share_text(runtime.main_rank_does(choose, "choosing the checkpoint to resume from"),
+                                    limit=CHOICE_BYTES)
         if chosen is None:
             return None
-        if point is None:  # another rank: the main rank verified it
-            point = ResumePoint(chosen, read_trainer_state(chosen))
-        for note in point.skipped:
-            print(f"[minigpt] {note}", flush=True)
-        return point
-
-    def _agree_on(self, point: ResumePoint | None, failed: bool) -> Path | None:
-        """Share the main rank's choice with every rank: [code, path bytes...], code 1 chosen, -1 none,
-        -2 failed (all-reduced: the other ranks contribute zeros)."""
-        if self.engine.world_size == 1:
-            return point.path if point else None
-        payload = torch.zeros(1 + PATH_BYTES, dtype=torch.int64)
-        if self.engine.is_main:
-            payload[0] = -2 if failed else 1 if point else -1
-            if point is not None:
-                encoded = str(point.path).encode("utf-8")
-                if len(encoded) > PATH_BYTES:
-                    raise CheckpointError(f"{point.path}: path longer than {PATH_BYTES} bytes")
-                payload[1:1 + len(encoded)] = torch.tensor(list(encoded), dtype=torch.int64)
-        payload = self.engine.all_reduce_sum(payload.to(self.engine.device)).cpu()
-        code = int(payload[0])
-        if code == -2 and not self.engine.is_main:
-            raise CheckpointError("the main rank could not choose a checkpoint (its error is printed there)")
-        if code != 1:
-            return None
-        return Path(bytes(payload[1:].tolist()).rstrip(b"\0").decode("utf-8"))
+        choice = json.loads(chosen)
+        return ResumePoint(Path(choice["path"]), choice["state"])
 
     def load(self, point: ResumePoint) -> dict[str, Any]:
         """Restore engine state and this rank's RNG from a verified checkpoint; return the trainer state."""
         checkpoint = point.path
-        try:
-            with weights_only_loads():
-                self.engine.load(checkpoint)
-        except UnsafeFileError as err:
-            raise CheckpointError(str(err)) from None
-        rng = read_rng_file(checkpoint, self.engine.rank)
-        if rng is not None:
-            set_rng_state(rng)
+
+        def load_here() -> None:
+            try:
+                with weights_only_loads():
+                    self.engine.load(checkpoint)
+            except UnsafeFileError as err:
+                raise CheckpointError(str(err)) from None
+            restore_rng_file(checkpoint, self.engine.rank)
+
+        self.engine.runtime.every_rank_does(load_here, f"loading {checkpoint}")
+        self.resumed_save_index = save_order_key(point.state)[0]
         return {**point.state, "checkpoint": str(checkpoint)}

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 
 SIZE_LIMITS = {"vocab_size": 1 << 24, "hidden_size": 1 << 16, "num_layers": 1024, "num_heads": 1 << 12,
-               "num_kv_heads": 1 << 12, "ffn_hidden_size": 1 << 18, "max_seq_len": 1 << 20}
+               "num_kv_heads": 1 << 12, "ffn_hidden_size": 1 << 18, "max_seq_len": 1 << 16}
 """Largest value of each size field: far beyond a small GPT, small enough that a typo in a config.json
 (num_layers 1000000000) fails by name instead of hanging while the model is built."""
 

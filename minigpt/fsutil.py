@@ -4,13 +4,16 @@ Every on-disk artefact (shards, tokenizers, checkpoints, consolidated weights) i
 temporary name, flushed with these, then renamed, so a crash never leaves a complete-looking file: one
 file with `atomic_write` (and its text/torch forms); a directory of files built in `make_staging_dir`,
 each flushed with `fsync_file`, then moved into place with `replace_dir` (`staged_directory` does all
-three around the code that fills it).
+three around the code that fills it). While it is written, a staging directory or temporary file is
+held with an `flock`, so `sweep_leftovers` can tell what a dead writer left from what a live one writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -67,6 +70,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
     try:
         with open(tmp, "wb") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # in use: not a leftover for sweep_leftovers
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
@@ -88,6 +92,7 @@ def atomic_torch_save(obj: object, path: str | Path) -> None:
 
     atomic_write(path, lambda handle: torch.save(obj, handle))
 
+
 def replace_dir(staging: Path, target: Path) -> None:
     """Move a complete `staging` directory to `target` by rename, durably.
 
@@ -105,6 +110,17 @@ def replace_dir(staging: Path, target: Path) -> None:
 
 
 @contextlib.contextmanager
+def held(path: str | Path) -> Iterator[None]:
+    """An exclusive `flock` on the file or directory `path` for the block: marks it as being written."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def staged_directory(target: str | Path, label: str = "tmp") -> Iterator[Path]:
     """Build the directory `target` all at once: yields an empty staging directory beside it
     (`.<name>.<label>-<random>`); when the block ends normally every file in it is fsynced and it replaces
@@ -113,8 +129,52 @@ def staged_directory(target: str | Path, label: str = "tmp") -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(target.parent, f".{target.name}.{label}-")
     try:
-        yield staging
-        fsync_tree(staging)
-        replace_dir(staging, target)
+        with held(staging):
+            yield staging
+            fsync_tree(staging)
+            replace_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old)-[0-9a-f]{8}")
+"""The names this module gives what it writes beside a target: `.<name>.tmp-<8 hex>` (a file or staging
+directory being written) and `.<name>.old-<8 hex>` (a directory `replace_dir` put aside)."""
+
+
+def in_use(path: Path) -> bool:
+    """Whether a live writer holds `path` (see `held`)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def sweep_leftovers(parent: str | Path, name: str | None = None) -> list[Path]:
+    """Clear what interrupted writes left in `parent` (of `name` only, when given), by `LEFTOVER`'s names
+    alone, so no file of the user's is touched: a temporary file or staging directory no live writer holds
+    is removed; a put-aside `.old-` directory is removed once its target exists, and renamed back to the
+    target when it does not (a crash between `replace_dir`'s two renames left it as the only copy).
+    Returns what was removed or put back."""
+    parent = Path(parent)
+    swept = []
+    for path in sorted(parent.iterdir()) if parent.is_dir() else []:
+        match = LEFTOVER.fullmatch(path.name)
+        if match is None or name not in (None, match["name"]) or in_use(path):
+            continue
+        target = parent / match["name"]
+        if match["kind"] == "old" and not target.exists():
+            os.rename(path, target)
+        elif path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        swept.append(path)
+    return swept

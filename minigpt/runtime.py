@@ -10,9 +10,18 @@ launcher gets a world of one. This module imports nothing of the project, so eve
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+
+MESSAGE_BYTES = 2048
+"""How much of a failing rank's message the other ranks are told."""
+
+
+class RankFailed(RuntimeError):
+    """Raised on every other rank when one rank's part of a shared step failed: says which rank and why."""
 
 
 @dataclass
@@ -46,3 +55,62 @@ class Runtime:
         """True when `flag` is set on any rank (used to agree on stopping at a step boundary)."""
         return bool(self.all_reduce_sum(torch.tensor([float(flag)], device=self.device)).item() > 0)
 
+
+    def share_text(self, text: str | None, owner: int = 0, limit: int = MESSAGE_BYTES) -> str | None:
+        """`text` as the rank `owner` holds it, on every rank (all ranks call this; the others pass None).
+        Longer than `limit` UTF-8 bytes, it is cut there."""
+        if self.world_size == 1:
+            return text
+        payload = torch.zeros(1 + limit, dtype=torch.int32, device=self.device)
+        if self.rank == owner and text is not None:
+            encoded = text.encode("utf-8")[:limit]
+            payload[0] = 1
+            payload[1:1 + len(encoded)] = torch.tensor(list(encoded), dtype=torch.int32)
+        payload = self.all_reduce_sum(payload).cpu()
+        if not int(payload[0]):
+            return None
+        return bytes(payload[1:].tolist()).rstrip(b"\0").decode("utf-8", errors="ignore")
+
+    def agree_on_failure(self, error: BaseException | None, doing: str) -> None:
+        """After a step some ranks did alone (the main rank choosing a checkpoint, each rank writing its
+        files), every rank calls this: when no rank failed it returns; otherwise the failing rank raises its
+        own `error` and every other rank a `RankFailed` with the first failing rank's message, so no rank is
+        left waiting in a collective the others never reach."""
+        if self.world_size == 1:
+            if error is not None:
+                raise error
+            return
+        flags = torch.zeros(self.world_size, dtype=torch.int32, device=self.device)
+        flags[self.rank] = int(error is not None)
+        failed = self.all_reduce_sum(flags).cpu().nonzero().flatten().tolist()
+        if not failed:
+            return
+        first = failed[0]
+        mine = (str(error) or type(error).__name__) if self.rank == first else None
+        message = self.share_text(mine, first)
+        if error is not None:
+            raise error
+        who = "the main rank" if first == 0 else f"rank {first}"
+        raise RankFailed(f"{who} stopped while {doing}: {message}")
+
+    def main_rank_does(self, work: Callable[[], Any], doing: str) -> Any:
+        """`work()` on the main rank alone (its result there, None elsewhere); every rank learns whether it
+        failed and why (`agree_on_failure`)."""
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = work()
+            except Exception as err:
+                error = err
+        self.agree_on_failure(error, doing)
+        return result
+
+    def every_rank_does(self, work: Callable[[], Any], doing: str) -> Any:
+        """`work()` on every rank; all stop together if it fails on any (`agree_on_failure`)."""
+        result, error = None, None
+        try:
+            result = work()
+        except Exception as err:
+            error = err
+        self.agree_on_failure(error, doing)
+        return result

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from minigpt import strict_json
 from minigpt.config import ConfigError, MiniGPTConfig
 from minigpt.fsutil import staged_directory
 from minigpt.model import MiniGPT
@@ -32,6 +33,8 @@ WEIGHTS_FILE = "model.pt"
 CONFIG_FILE = "config.json"
 FORMAT_NAME = "minigpt-consolidated"
 FORMAT_VERSION = 1
+CONFIG_BYTES = 1 << 20
+"""The most of a config.json that is read (ours are a few hundred bytes)."""
 # Prefixes that wrappers (DDP / DeepSpeed, torch.compile) put in front of parameter names.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -157,15 +160,19 @@ def read_consolidated_meta(model_dir: str | Path) -> tuple[MiniGPTConfig, dict[s
         raise WeightsError(f"{path}: missing; a consolidated model directory needs {CONFIG_FILE}, "
                            f"{WEIGHTS_FILE} and the tokenizer files")
     try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise WeightsError(f"{path}: not valid JSON ({err})") from err
+        meta = strict_json.read_json(path, CONFIG_BYTES)
+    except strict_json.JSONFileError as err:
+        raise WeightsError(str(err)) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or "model" not in meta:
         raise WeightsError(f"{path}: not a MiniGPT consolidated config (expected \"format\": \"{FORMAT_NAME}\" "
                            f"and a \"model\" section)")
     if meta.get("format_version") != FORMAT_VERSION:
         raise WeightsError(f"{path}: format_version {meta.get('format_version')!r}; this MiniGPT reads "
                            f"version {FORMAT_VERSION}")
+    if not isinstance(meta.get("tokenizer_checksum"), (str, type(None))):
+        raise WeightsError(f"{path}: tokenizer_checksum must be a string or null")
+    if not isinstance(meta.get("extra", {}), dict):
+        raise WeightsError(f"{path}: extra must be an object")
     try:
         config = MiniGPTConfig.from_dict(meta["model"], source=str(path))
     except ConfigError as err:

@@ -234,9 +234,14 @@ def test_start_up_sweeps_what_interrupted_writes_left(run_dir):
     (run_dir / CKPT_DIR / "step_0000035.tmp").mkdir()
     (run_dir / CKPT_DIR / "step_0000035.tmp" / ENGINE_FILE).write_bytes(b"half")
     (run_dir / "latest.tmp").write_text("step_0000035\n")
-    (run_dir / ".final.tmp-x1y2").mkdir()
+    (run_dir / ".final.tmp-1a2b3c4d").mkdir()  # a consolidation that never finished
+    (run_dir / ".final.old-5e6f7a8b").mkdir()  # the final/ it was to replace, put aside: the only copy
+    (run_dir / ".final.old-5e6f7a8b" / "model.pt").write_bytes(b"weights")
+    (run_dir / ".notes.tmp-mine").write_text("the user's")
     removed = sweep_temporary(run_dir)
-    assert len(removed) == 3 and not list(run_dir.rglob("*.tmp*"))
+    assert len(removed) == 4 and not list(run_dir.rglob("*.tmp")) and not list(run_dir.glob(".final.*"))
+    assert (run_dir / "final" / "model.pt").read_bytes() == b"weights", "the only copy of final/ was lost"
+    assert (run_dir / ".notes.tmp-mine").read_text() == "the user's"
     assert find_resume_point(run_dir).path == ckpt(run_dir, 30)
 
 

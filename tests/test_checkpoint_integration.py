@@ -188,3 +188,62 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_run_resumes_once_there_is
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"resumed from {ckpt(out, 5)} at step 5" in done.stdout
     assert final_step(out) == 12
+
+
+def resign_state(checkpoint: Path, **changes) -> Path:
+    """Change trainer-state fields and rewrite the manifest, so the checkpoint verifies."""
+    path = checkpoint / "trainer_state.json"
+    state = json.loads(path.read_text())
+    for name, value in changes.items():
+        target = state["sampler"] if name.startswith("sampler.") else state
+        target[name.removeprefix("sampler.")] = value
+    path.write_text(json.dumps(state))
+    rewrite_manifest(checkpoint)
+    return path
+
+
+def test_a_trainer_state_nested_too_deeply_falls_back_to_the_previous_checkpoint(plain_run, shards,
+                                                                                 data_tokenizer, tmp_path):
+    out = copy_run(plain_run, tmp_path)
+    (ckpt(out, 30) / "trainer_state.json").write_text("[" * 100_000 + "]" * 100_000)
+    done = resume(out, shards, data_tokenizer)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "skipped step_0000030" in done.stdout and "trainer_state.json" in done.stdout
+    assert f"resumed from {ckpt(out, 25)} at step 25" in done.stdout
+    assert final_step(out) == 30
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("sampler.position", -3, "sampler.position must be a non-negative integer"),
+    ("sampler.position", 1e30, "sampler.position must be a non-negative integer"),
+    ("sampler.position", 10**12, "sampler.position must be an integer from 0 to"),
+])
+def test_a_verified_sampler_state_out_of_range_stops_the_run_by_field(plain_run, shards, data_tokenizer,
+                                                                      tmp_path, field, value, says):
+    out = copy_run(plain_run, tmp_path)
+    path = resign_state(ckpt(out, 30), **{field: value})
+    done = resume(out, shards, data_tokenizer)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        line for line in done.stderr.splitlines() if line.startswith(f"error: {path}: {says}")]
+    assert f"error: {path}: {says}" in done.stderr and "Traceback" not in done.stderr
+    assert final_step(out) == 30 and "step 31" not in done.stdout
+
+
+@pytest.mark.deepspeed
+def test_when_only_the_main_rank_fails_to_resume_every_rank_says_why_within_seconds(plain_run, shards,
+                                                                                    data_tokenizer, tmp_path):
+    pytest.importorskip("deepspeed", reason="a 2-rank run needs the deepspeed launcher")
+    out = copy_run(plain_run, tmp_path)
+    manifest = ckpt(out, 30) / MANIFEST
+    manifest.write_text(manifest.read_text().replace('"bytes": ', '"bytes": Infinity, "was": ', 1))
+    cmd = train_cmd(shards, data_tokenizer.directory, tmp_path / "resumed", *STEPS, "--resume",
+                    str(ckpt(out, 30)), deepspeed=True)
+    done = run(cmd)
+    assert done.returncode != 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output = done.stdout + done.stderr
+    assert f"error: {manifest}: not valid JSON" in output, output[-3000:]
+    told = ("error: the main rank stopped while choosing the checkpoint to resume from: "
+            f"{manifest}: not valid JSON")
+    assert told in output, output[-3000:]
+    assert "Connection closed by peer" not in output and "Traceback" not in output, output[-3000:]

@@ -4,6 +4,7 @@ no half-written output. The parity tests against transformers itself are in test
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import signal
@@ -406,3 +407,46 @@ def test_the_core_and_the_interop_modules_import_no_optional_package_until_used(
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_the_exported_weights_have_the_mode_of_their_sibling_files(tied_dir, tmp_path):
+    out = export_hf(tied_dir, tmp_path / "hf")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes[SAFETENSORS_FILE] == modes["config.json"] == 0o666 & ~current_umask(), modes
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("export_format", ["hf", "gguf"])
+def test_an_export_sweeps_what_an_interrupted_export_left_and_nothing_else(tied_dir, tmp_path, export_format):
+    if export_format == "gguf":
+        pytest.importorskip("gguf", reason="the GGUF export needs the gguf package")
+    out = tmp_path / ("model.gguf" if export_format == "gguf" else "hf")
+    export_cli.main(["--model", str(tied_dir), "--format", export_format, "--out", str(out)])
+    crashed = [tmp_path / f".{out.name}.tmp-1a2b3c4d", tmp_path / f".{out.name}.old-5e6f7a8b"]
+    for path in crashed:  # a staging folder, and the previous export a --force run had put aside
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"half")
+    users = [tmp_path / f".{out.name}.tmp-notours", tmp_path / f"{out.name}.tmp-1a2b3c4d",
+             tmp_path / "notes.txt"]
+    for path in users:
+        path.write_text("the user's")
+    args = ["--model", str(tied_dir), "--format", export_format, "--out", str(out)]
+    code = export_cli.main([*args, "--force"])
+    assert code == 0
+    assert not any(path.exists() for path in crashed)
+    assert all(path.read_text() == "the user's" for path in users)
+
+
+def test_a_previous_export_put_aside_by_a_crashed_run_is_put_back(tied_dir, tmp_path, capsys):
+    out = tmp_path / "hf"
+    export_hf(tied_dir, out)
+    aside = tmp_path / ".hf.old-0badc0de"
+    out.rename(aside)  # a --force export that died between its two renames
+    code = export_cli.main(["--model", str(tied_dir), "--format", "hf", "--out", str(out)])
+    assert code == 2 and "already exists" in capsys.readouterr().err
+    assert (out / SAFETENSORS_FILE).is_file() and not aside.exists()

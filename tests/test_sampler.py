@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from minigpt.data.sampler import ResumableSampler
+from minigpt.data.sampler import ResumableSampler, SamplerError
 
 
 def global_batches(num_samples, micro, accum, world, steps, seed=7):
@@ -66,4 +66,25 @@ def test_too_small_dataset_and_changed_batch_are_clear_errors():
     with pytest.raises(ValueError, match="global batch"):
         ResumableSampler(100, 8, 1).load_state_dict(state)
     with pytest.raises(ValueError, match="data changed"):
+        ResumableSampler(120, 4, 1).load_state_dict(state)
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("position", -3, "sampler.position must be a non-negative integer"),
+    ("position", 1e30, "sampler.position must be a non-negative integer"),
+    ("position", 10**30, "sampler.position must be an integer from 0 to 120"),
+    ("epoch", "2", "sampler.epoch must be a non-negative integer"),
+    ("seed", -1, "sampler.seed must be a non-negative integer"),
+    ("num_samples", None, "sampler.num_samples must be a non-negative integer"),
+])
+def test_a_sampler_state_of_the_wrong_type_or_range_is_refused_by_field(field, value, says):
+    state = {**ResumableSampler(120, 4, 1).state_dict(), field: value}
+    with pytest.raises(SamplerError, match=says):
+        ResumableSampler(120, 4, 1).load_state_dict(state)
+
+
+def test_a_sampler_state_missing_a_field_is_refused_by_field():
+    state = ResumableSampler(120, 4, 1).state_dict()
+    del state["position"]
+    with pytest.raises(SamplerError, match="sampler.position: missing"):
         ResumableSampler(120, 4, 1).load_state_dict(state)

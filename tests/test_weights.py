@@ -219,3 +219,26 @@ def test_a_pickled_model_file_is_refused_as_code_with_a_conversion_and_without_t
     assert f"{model_dir / WEIGHTS_FILE}: refused to load" in error and "could run code" in error
     assert "argparse.Namespace" in error and "add_safe_globals([argparse.Namespace])" in error
     assert "weights_only" not in error and "two options" not in error, error
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (lambda meta: meta["model"].update(max_seq_len=1 << 20), "max_seq_len must be at most 65,536"),
+    (lambda meta: meta["model"].update(num_layers="2"), "num_layers must be a positive integer"),
+    (lambda meta: meta.update(tokenizer_checksum=5), "tokenizer_checksum must be a string or null"),
+    (lambda meta: meta.update(extra=[]), "extra must be an object"),
+])
+def test_a_config_json_with_a_field_out_of_bounds_is_refused_naming_file_and_field(saved, edit, says):
+    model_dir, _model = saved
+    edit_config_json(model_dir, edit)
+    with pytest.raises((ConfigError, WeightsError), match=f"{model_dir / CONFIG_FILE}: .*{says}"):
+        load_consolidated(model_dir)
+
+
+@pytest.mark.parametrize("text", ['{"format": "minigpt-consolidated", "model": {"rope_theta": NaN}}',
+                                  "[" * 100_000 + "]" * 100_000, " " * (2 << 20)],
+                         ids=["NaN", "nested", "huge"])
+def test_a_damaged_config_json_is_one_error_naming_it(saved, text):
+    model_dir, _model = saved
+    (model_dir / CONFIG_FILE).write_text(text)
+    with pytest.raises(WeightsError, match=str(model_dir / CONFIG_FILE)):
+        load_consolidated(model_dir)

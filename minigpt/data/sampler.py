@@ -73,12 +73,22 @@ class ResumableSampler:
                 "global_batch": self.global_batch}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from `state`; the dataset and global batch must be the ones the state was taken with."""
+        """Resume from `state`; the dataset and global batch must be the ones the state was taken with.
+        A field of the wrong type or out of range is a `SamplerError` naming it (`sampler.position`)."""
+        for name in ("num_samples", "global_batch", "seed", "epoch", "position"):
+            if name not in state:
+                raise SamplerError(f"sampler.{name}: missing from the sampler state")
+            value = state[name]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SamplerError(f"sampler.{name} must be a non-negative integer, got {str(value)[:40]!r}")
         if state["num_samples"] != self.num_samples:
             raise SamplerError(f"sampler state is for a dataset of {state['num_samples']} samples, "
                              f"this one has {self.num_samples}: the data changed since the checkpoint")
         if state["global_batch"] != self.global_batch:
             raise SamplerError(f"sampler state is for a global batch of {state['global_batch']}, this run uses "
                              f"{self.global_batch}: keep micro-batch x accumulation x ranks equal to resume")
+        if state["position"] > self.num_samples:
+            raise SamplerError(f"sampler.position must be an integer from 0 to {self.num_samples} (the "
+                               f"dataset's samples), got {state['position']}")
         self.seed = state["seed"]
         self.state = SamplerState(epoch=state["epoch"], position=state["position"])

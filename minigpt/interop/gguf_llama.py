@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from minigpt.config import MiniGPTConfig
-from minigpt.fsutil import fsync_dir
+from minigpt.fsutil import fsync_dir, held
 from minigpt.interop.hf_llama import CHATML_JINJA, MODEL_FILE, InteropError, load_for_export, prepare_output
 from minigpt.tokenizer import Tokenizer
 
@@ -164,45 +164,47 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "fp32", for
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
     tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
     try:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
-        writer.add_name(metadata["general.name"])
-        writer.add_file_type(file_type)
-        writer.add_context_length(config.max_seq_len)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_layers)
-        writer.add_feed_forward_length(config.ffn_hidden_size)
-        writer.add_head_count(config.num_heads)
-        writer.add_head_count_kv(config.num_kv_heads)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.norm_eps)
-        writer.add_rope_dimension_count(config.head_dim)
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_tokenizer_model("llama")
-        writer.add_tokenizer_pre("default")
-        writer.add_token_list(tokens)
-        writer.add_token_scores(scores)
-        writer.add_token_types(types)
-        writer.add_bos_token_id(tokenizer.bos_id)
-        writer.add_eos_token_id(tokenizer.eos_id)
-        writer.add_unk_token_id(tokenizer.unk_id)
-        writer.add_pad_token_id(tokenizer.pad_id)
-        writer.add_eot_token_id(tokenizer.im_end_id)
-        writer.add_add_bos_token(False)
-        writer.add_add_eos_token(False)
-        writer.add_add_space_prefix(False)
-        writer.add_chat_template(CHATML_JINJA)
-        expected = {}
-        for name, tensor in tensors.items():
-            array, raw_dtype = _encode(tensor, dtype)
-            writer.add_tensor(name, array, raw_dtype=raw_dtype)
-            expected[name] = _decode_written(array, raw_dtype, tensor.shape)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        _verify(tmp, {**metadata, "tokenizer.ggml.tokens": [t.decode() for t in tokens]}, expected)
+        open(tmp, "xb").close()
+        with held(tmp):  # being written: not a leftover for another export's sweep
+            writer = gguf.GGUFWriter(str(tmp), "llama")
+            writer.add_name(metadata["general.name"])
+            writer.add_file_type(file_type)
+            writer.add_context_length(config.max_seq_len)
+            writer.add_embedding_length(config.hidden_size)
+            writer.add_block_count(config.num_layers)
+            writer.add_feed_forward_length(config.ffn_hidden_size)
+            writer.add_head_count(config.num_heads)
+            writer.add_head_count_kv(config.num_kv_heads)
+            writer.add_rope_freq_base(config.rope_theta)
+            writer.add_layer_norm_rms_eps(config.norm_eps)
+            writer.add_rope_dimension_count(config.head_dim)
+            writer.add_vocab_size(config.vocab_size)
+            writer.add_tokenizer_model("llama")
+            writer.add_tokenizer_pre("default")
+            writer.add_token_list(tokens)
+            writer.add_token_scores(scores)
+            writer.add_token_types(types)
+            writer.add_bos_token_id(tokenizer.bos_id)
+            writer.add_eos_token_id(tokenizer.eos_id)
+            writer.add_unk_token_id(tokenizer.unk_id)
+            writer.add_pad_token_id(tokenizer.pad_id)
+            writer.add_eot_token_id(tokenizer.im_end_id)
+            writer.add_add_bos_token(False)
+            writer.add_add_eos_token(False)
+            writer.add_add_space_prefix(False)
+            writer.add_chat_template(CHATML_JINJA)
+            expected = {}
+            for name, tensor in tensors.items():
+                array, raw_dtype = _encode(tensor, dtype)
+                writer.add_tensor(name, array, raw_dtype=raw_dtype)
+                expected[name] = _decode_written(array, raw_dtype, tensor.shape)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            _verify(tmp, {**metadata, "tokenizer.ggml.tokens": [t.decode() for t in tokens]}, expected)
         os.replace(tmp, out)
         fsync_dir(out.parent)
     except BaseException:

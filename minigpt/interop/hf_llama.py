@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from minigpt.config import ConfigError, MiniGPTConfig
-from minigpt.fsutil import make_staging_dir, staged_directory
+from minigpt.fsutil import make_staging_dir, staged_directory, sweep_leftovers
 from minigpt.interop.hf_granitemoe import (
     MOE_FIELDS,
     moe_hf_config,
@@ -347,7 +347,10 @@ def tokenizer_files(tokenizer: Tokenizer, max_len: int) -> dict[str, dict[str, A
 # --- export ------------------------------------------------------------------------------------------
 
 def prepare_output(out: Path, force: bool) -> None:
-    """Refuse an existing `out` unless `force`; make its parent."""
+    """Clear what an interrupted export to `out` left beside it (`minigpt.fsutil.sweep_leftovers`: a
+    put-aside previous export comes back as `out`), then refuse an existing `out` unless `force`; make its
+    parent."""
+    sweep_leftovers(out.parent, out.name)
     if out.exists() and not force:
         raise InteropError(f"{out}: already exists; choose another --out or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -393,6 +396,8 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "fp32", force
                  **tokenizer_files(tokenizer, config.max_seq_len)}
         for name, content in files.items():
             (staging / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+        # safetensors creates its file 0600: give it the mode (umask applied) of the files beside it
+        os.chmod(staging / SAFETENSORS_FILE, (staging / CONFIG_FILE).stat().st_mode & 0o777)
         shutil.copyfile(tokenizer.directory / MODEL_FILE, staging / MODEL_FILE)
     return out
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from minigpt.checkpoint import (
+    TRAINER_STATE,
     CheckpointError,
     CheckpointManager,
     recorded_precision,
@@ -45,6 +46,7 @@ from minigpt.generate import GenerationConfig, TextGenerator
 from minigpt.interop.hf_llama import imported_init_dir, is_hf_llama_dir
 from minigpt.model import MiniGPT
 from minigpt.monitor import TrainingMonitor
+from minigpt.runtime import RankFailed
 from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 from minigpt.tokenizer import Tokenizer, TokenizerError
 from minigpt.train.autocompile import compile_pays, compile_unavailable
@@ -60,11 +62,17 @@ from minigpt.train.data import (
 from minigpt.train.metrics import MetricSums, reduce_by_name
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.objectives import build_objective, dataset_kind
-from minigpt.train.run_dir import check_fresh_run_dir, previous_run_artefacts, remove_artefacts
+from minigpt.train.run_dir import (
+    RunDirLock,
+    check_fresh_run_dir,
+    lock_run_dir,
+    previous_run_artefacts,
+    remove_artefacts,
+)
 from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta, save_consolidated
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError,
-               DatasetBuildError, SamplerError, EvalDataError)
+               DatasetBuildError, SamplerError, EvalDataError, RankFailed)
 """Errors caused by the user's input: reported as one clear line, not a traceback."""
 SNAPSHOT = "training_config_snapshot.json"
 FINAL = "final"
@@ -265,20 +273,49 @@ class Trainer:
         self.runtime = create_runtime(cfg)
         precision = run_precision(cfg, self.runtime.device, deepspeed=self.runtime.distributed)
         self.cfg = cfg = dataclasses.replace(cfg, precision=precision.precision)  # the engines, the snapshot
-        earlier_run = check_fresh_run_dir(cfg)  # every rank refuses alike, before anything is written
-        if self.runtime.is_main:
+        check_eval_tasks(cfg)  # a mistyped path fails before the run directory is made
+        self.run_lock: RunDirLock | None = self.runtime.main_rank_does(
+            lambda: self._claim_run_dir(precision), f"claiming the run directory {cfg.run_dir}")
+        try:
+            self._set_up(started, start)
+        except BaseException:
+            self.release_run_dir()
+            raise
+
+    def _claim_run_dir(self, precision: PrecisionChoice) -> RunDirLock:
+        """Main rank, before anything is written: lock the run directory (refused while another process
+        holds it), refuse another run's directory unless --overwrite, then clear what --overwrite deletes
+        and what interrupted writes left."""
+        cfg = self.cfg
+        lock = lock_run_dir(cfg.run_dir)
+        try:
+            earlier_run = check_fresh_run_dir(cfg)
+            if lock.warning:
+                print(f"[minigpt] warning: {lock.warning}", flush=True)
             if earlier_run:
                 print(f"[minigpt] --overwrite: deleting {', '.join(map(str, earlier_run))}", flush=True)
                 remove_artefacts(earlier_run)
             for stale in sweep_temporary(cfg.run_dir):
                 print(f"[minigpt] removed {stale}, left by an interrupted write", flush=True)
-            for warning in cfg.warnings():
-                print(f"[minigpt] warning: {warning}", flush=True)
-            print(f"[minigpt] precision {precision.precision} ({precision.why}; override with --precision)",
-                  flush=True)
-        self.runtime.barrier()
+        except BaseException:
+            lock.release()
+            raise
+        for warning in cfg.warnings():
+            print(f"[minigpt] warning: {warning}", flush=True)
+        print(f"[minigpt] precision {precision.precision} ({precision.why}; override with --precision)",
+              flush=True)
+        return lock
+
+    def release_run_dir(self) -> None:
+        """End this process's hold on the run directory (at the end of `run`; exiting does it too)."""
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _set_up(self, started: float, start: StartingWeights | None) -> None:
+        """Everything after the run directory is claimed: data, model, engine, sampler, checkpoints."""
+        cfg = self.cfg
         set_seed(cfg.seed)
-        check_eval_tasks(cfg)
         start = start or find_starting_weights(cfg)
         if start.source == NO_PREVIOUS_STAGE and self.runtime.is_main:
             print(f"[minigpt] {no_previous_stage_warning(cfg)}", flush=True)
@@ -356,10 +393,17 @@ class Trainer:
             self.engine.barrier()
             return
         state = self.checkpoints.load(point)
+        state_file = Path(state["checkpoint"]) / TRAINER_STATE
+        for name in ("tokens_seen", "sampler"):
+            if name not in state:
+                raise CheckpointError(f"{state_file}: no '{name}' field; not a checkpoint of a training run")
         if state.get("tokenizer_checksum") not in (None, self.tokenizer.checksum):
             raise ConfigError(f"{state['checkpoint']}: trained with tokenizer {state['tokenizer_checksum'][:12]}, "
                               f"this run uses {self.tokenizer.checksum[:12]} ({self.tokenizer.directory})")
-        self.loader.load_state_dict(state["sampler"])
+        try:
+            self.loader.load_state_dict(state["sampler"])
+        except SamplerError as err:
+            raise SamplerError(f"{state_file}: {err}") from None
         self.compile_decided = state.get("compiled")
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.budget is not None:
@@ -662,6 +706,7 @@ class Trainer:
             self.loader.close()
             stop.uninstall()
             monitor.close()
+            self.release_run_dir()
 
 
 def run_precision(cfg: TrainConfig, device: torch.device, *, deepspeed: bool) -> PrecisionChoice:

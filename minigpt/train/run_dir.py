@@ -5,11 +5,24 @@ A run directory holds one run's `ckpt/`, `latest`, `final/`, `metrics.jsonl`, `s
 refused, naming it, unless `--overwrite` asks to delete them first; the run's `tokenizer/` is kept
 (`--retrain-tokenizer` replaces it). `--auto-resume` that finds no checkpoint clears the leftovers of the
 attempt that saved none, so plots and metrics never mix two runs.
+
+One process per run directory: the main rank holds an exclusive `flock` on `<run dir>/.run.lock` from
+before it writes or sweeps anything until the run ends, so a second run into the same directory (fresh or
+`--auto-resume`) is refused by name and never sweeps a live `step_N.tmp`. The kernel drops the lock when
+the process dies, however it dies: no stale lock is ever left. Only the main rank locks; the other ranks
+write only inside the checkpoint folders the main rank prepares. On NFS (v4, or v3 with lockd) a `flock`
+is a lock on the server, seen by every node; a file system without locks (Lustre mounted without
+`flock`) is warned about and the run goes on unprotected.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
 import shutil
+import socket
+import time
 from pathlib import Path
 
 from minigpt.checkpoint import CKPT_DIR, LATEST
@@ -53,3 +66,57 @@ def remove_artefacts(paths: list[Path]) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+LOCK_FILE = ".run.lock"
+UNSUPPORTED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
+"""What `flock` answers on a file system that has no locks."""
+
+
+class RunDirBusy(ConfigError):
+    """Another process holds the run directory's lock."""
+
+
+class RunDirLock:
+    """The main rank's hold on its run directory (see the module docstring); `release()` ends it."""
+
+    def __init__(self, path: Path, fd: int | None, warning: str | None = None):
+        self.path, self._fd, self.warning = path, fd, warning
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the only descriptor drops the flock
+            self._fd = None
+
+
+def lock_run_dir(run_dir: Path) -> RunDirLock:
+    """Take `run_dir`'s lock (making the directory), or raise `RunDirBusy` naming the process that has it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(fd)
+        if err.errno in UNSUPPORTED:
+            return RunDirLock(path, None, f"{run_dir}: the file system cannot lock {LOCK_FILE} "
+                                          f"({err.strerror}); nothing stops a second run from writing into "
+                                          "this directory")
+        if err.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise RunDirBusy(f"{run_dir}: another process ({lock_holder(path)}) is training into this directory; "
+                         "wait for it to end or stop it, or train into another directory with --out DIR"
+                         ) from None
+    os.ftruncate(fd, 0)
+    holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    os.write(fd, holder.encode("utf-8") + b"\n")
+    return RunDirLock(path, fd)
+
+
+def lock_holder(path: Path) -> str:
+    """Who holds the lock, as the holder wrote it into the lock file (it may not have written it yet)."""
+    try:
+        text = path.read_bytes()[:200].decode("utf-8", errors="replace").strip()
+    except OSError:
+        text = ""
+    return text or "pid not yet recorded"

@@ -463,14 +463,12 @@ class TrainConfig:
     def warnings(self) -> list[str]:
         """Settings that are valid but probably not meant: said at start-up, the run goes on."""
         found = []
-        if self.warmup_steps >= self.max_steps:
-            found.append(_("--warmup-steps {warmup} is not below --max-steps {steps}: the learning rate never "
-                           "reaches its peak; lower --warmup-steps (a few percent of the steps is usual)").format(
-                warmup=self.warmup_steps, steps=self.max_steps))
-        elif self.warmup_steps > self.max_steps // 2:
+        if self.warmup_steps > self.max_steps // 2:
+            consequence = (_("never reaches its peak") if self.warmup_steps >= self.max_steps
+                           else _("barely decays"))
             found.append(_("--warmup-steps {warmup} is more than half of --max-steps {steps}: the learning rate "
-                           "barely decays; lower --warmup-steps (a few percent of the steps is usual)").format(
-                warmup=self.warmup_steps, steps=self.max_steps))
+                           "{consequence}; lower --warmup-steps (a few percent of the steps is usual)").format(
+                warmup=self.warmup_steps, steps=self.max_steps, consequence=consequence))
         return found
 
     @property

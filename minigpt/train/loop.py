@@ -279,7 +279,7 @@ class Trainer:
         try:
             self._set_up(started, start)
         except BaseException:
-            self.release_run_dir()
+            self.release_run_dir(tidy=True)
             raise
 
     def _claim_run_dir(self, precision: PrecisionChoice) -> RunDirLock:
@@ -306,10 +306,11 @@ class Trainer:
               flush=True)
         return lock
 
-    def release_run_dir(self) -> None:
-        """End this process's hold on the run directory (at the end of `run`; exiting does it too)."""
+    def release_run_dir(self, tidy: bool = False) -> None:
+        """End this process's hold on the run directory (at the end of `run`; exiting does it too). `tidy`:
+        set-up failed, so the directories the lock made go too where nothing else was written."""
         if self.run_lock is not None:
-            self.run_lock.release()
+            self.run_lock.release(tidy)
             self.run_lock = None
 
     def _set_up(self, started: float, start: StartingWeights | None) -> None:

@@ -80,10 +80,22 @@ class RunDirBusy(ConfigError):
 class RunDirLock:
     """The main rank's hold on its run directory (see the module docstring); `release()` ends it."""
 
-    def __init__(self, path: Path, fd: int | None, warning: str | None = None):
+    def __init__(self, path: Path, fd: int | None, warning: str | None = None,
+                 created: list[Path] | None = None):
         self.path, self._fd, self.warning = path, fd, warning
+        self.created = created or []
+        """The directories `lock_run_dir` made, deepest first."""
 
-    def release(self) -> None:
+    def release(self, tidy: bool = False) -> None:
+        """Drop the lock. `tidy` (a run that stopped before writing anything): also remove the lock file and
+        the directories taking the lock made, where they are empty, so a refused run leaves nothing behind."""
+        if tidy and self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            for directory in self.created:
+                try:
+                    directory.rmdir()
+                except OSError:  # not empty: something was written after all
+                    break
         if self._fd is not None:
             os.close(self._fd)  # closing the only descriptor drops the flock
             self._fd = None
@@ -91,6 +103,7 @@ class RunDirLock:
 
 def lock_run_dir(run_dir: Path) -> RunDirLock:
     """Take `run_dir`'s lock (making the directory), or raise `RunDirBusy` naming the process that has it."""
+    created = [parent for parent in [run_dir, *run_dir.parents] if not parent.exists()]
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -110,7 +123,7 @@ def lock_run_dir(run_dir: Path) -> RunDirLock:
     os.ftruncate(fd, 0)
     holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
     os.write(fd, holder.encode("utf-8") + b"\n")
-    return RunDirLock(path, fd)
+    return RunDirLock(path, fd, created=created)
 
 
 def lock_holder(path: Path) -> str:

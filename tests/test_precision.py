@@ -91,10 +91,11 @@ def _choice_in_a_fresh_process(**env: str) -> dict:
 
 @pytest.mark.skipif(not THIS_CPU_NATIVE, reason="this CPU has no native bf16 to compare with its emulated path")
 def test_on_this_cpu_the_flags_agree_with_the_hardware_and_onednn_avx2_reproduces_the_slow_machine():
-    """With native bf16 a bf16 matmul beats fp32 by the probe's margin and auto picks bf16; capped at AVX2,
-    oneDNN emulates bf16 (~50x slower than fp32 here, as on an AVX2-only CPU) and auto picks fp32."""
+    """With native bf16 a bf16 matmul beats fp32 (2.3x here when quiet; the probe's margin is for CPUs without
+    flags, and a loaded machine measured 1.45x) and auto picks bf16; capped at AVX2, oneDNN emulates bf16 (~50x
+    slower than fp32 here, as on an AVX2-only CPU) and auto picks fp32."""
     native = _choice_in_a_fresh_process()
-    assert native["precision"] == "bf16" and native["speedup"] >= PROBE_MARGIN, native
+    assert native["precision"] == "bf16" and native["speedup"] > 1.0, native
     capped = _choice_in_a_fresh_process(ONEDNN_MAX_CPU_ISA="AVX2")
     assert capped["precision"] == "fp32" and "ONEDNN_MAX_CPU_ISA=AVX2" in capped["why"], capped
     assert capped["speedup"] < 0.5, capped

@@ -50,6 +50,9 @@ class GenerationConfig:
     """Ids that end a sequence (kept as its last token); None: the tokenizer's EOS and <|im_end|>."""
     seed: int | None = None
     """Seed of the sampling generator, for reproducible samples (None: torch's global RNG)."""
+    whole_characters: bool = True
+    """Emit a byte-fallback piece only where it builds a valid UTF-8 character (`Utf8Guard`); False takes the
+    model's own choice, as transformers and llama.cpp do (what a parity test against them compares)."""
 
     def __post_init__(self) -> None:
         self.stop_strings = tuple(self.stop_strings)
@@ -365,7 +368,9 @@ class TextGenerator:
             cache = KVCache(self.model.config, batch, max_len=width + budget, device=self.device, dtype=dtype)
         rows = list(range(batch))
         generated: list[list[int]] = [[] for _ in prompts]
-        guard = Utf8Guard(self.tokenizer.byte_values, vocab, self.device) if self.tokenizer is not None else None
+        guard = (Utf8Guard(self.tokenizer.byte_values, vocab, self.device)
+                 if self.tokenizer is not None and config.whole_characters else None)
+        usable_vocab = self.tokenizer.vocab_size if self.tokenizer is not None else vocab
         step_input, step_positions = seq, positions
         for step in range(budget):
             logits = self.model(step_input, position_ids=step_positions,
@@ -373,6 +378,8 @@ class TextGenerator:
             logprobs = logits.log_softmax(-1)  # the model's own distribution, before any filtering
             if guard is not None:  # ids the tokenizer cannot decode, pieces that would break a character
                 logits += guard.mask(rows, budget - step)
+            elif usable_vocab < vocab:
+                logits[:, usable_vocab:] = float("-inf")  # ids the tokenizer cannot decode
             scores = filter_logits(logits, seen, config)
             if config.greedy:
                 next_ids = scores.argmax(-1)

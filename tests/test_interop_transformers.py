@@ -124,7 +124,8 @@ def test_greedy_generate_gives_the_same_64_tokens_as_our_generator(random_pair, 
     ours, hf_model = random_pair
     prompts = [data_tokenizer.encode("First Citizen:"), data_tokenizer.encode("学而")]
     expected = TextGenerator(ours, data_tokenizer).generate_ids(
-        prompts, GenerationConfig(max_new_tokens=64, do_sample=False, stop_token_ids=()))
+        prompts, GenerationConfig(max_new_tokens=64, do_sample=False, stop_token_ids=(),
+                                  whole_characters=False))
     assert [len(row) for row in expected] == [64, 64]
     assert hf_greedy(hf_model, prompts, None) == expected
 
@@ -133,7 +134,8 @@ def test_greedy_generate_of_a_moe_model_gives_the_same_64_tokens_as_our_generato
     ours, hf_model = moe_pair
     prompts = [data_tokenizer.encode("First Citizen:"), data_tokenizer.encode("学而")]
     expected = TextGenerator(ours, data_tokenizer).generate_ids(
-        prompts, GenerationConfig(max_new_tokens=64, do_sample=False, stop_token_ids=()))
+        prompts, GenerationConfig(max_new_tokens=64, do_sample=False, stop_token_ids=(),
+                                  whole_characters=False))
     assert [len(row) for row in expected] == [64, 64]
     assert hf_greedy(hf_model, prompts, None) == expected
 
@@ -142,7 +144,8 @@ def test_greedy_generate_of_trained_weights_stops_where_ours_does(trained_export
     generator, hf_model, _ = trained_export
     prompts = [data_tokenizer.encode("First Citizen:"),
                data_tokenizer.encode_chat(CHAT[:2], add_generation_prompt=True).ids]
-    expected = generator.generate_ids(prompts, GenerationConfig(max_new_tokens=64, do_sample=False))
+    expected = generator.generate_ids(prompts, GenerationConfig(max_new_tokens=64, do_sample=False,
+                                                                whole_characters=False))
     assert expected[1][-1] == data_tokenizer.im_end_id  # the answer ends its turn
     assert hf_greedy(hf_model, prompts, hf_model.generation_config.eos_token_id) == expected
 

@@ -86,3 +86,22 @@ def test_untrained_model_emits_chinese_byte_sequences_whole(tokenizer):
     (ids,) = TextGenerator.generate_ids(untrained_generator(tokenizer, 1), [tokenizer.encode("床前明月光")], config)
     assert sum(tokenizer.byte_values[i] >= 0x80 for i in ids if i < tokenizer.vocab_size) >= 2
     assert REPLACEMENT not in tokenizer.decode(ids)
+
+
+def test_whole_characters_off_takes_the_models_own_greedy_choice(tokenizer):
+    """Off (as a parity test against transformers or llama.cpp needs): each greedy token is the argmax of the
+    model's logits over the tokenizer's ids, byte pieces that break a character included."""
+    generator = untrained_generator(tokenizer, seed=11)
+    prompt = tokenizer.encode("床前")
+    config = GenerationConfig(max_new_tokens=24, do_sample=False, stop_token_ids=(), whole_characters=False)
+    raw = generator.generate_ids([prompt], config)[0]
+    ids = list(prompt)
+    for token in raw:
+        with torch.no_grad():
+            logits = generator.model(torch.tensor([ids]))[0, -1, :tokenizer.vocab_size]
+        assert token == int(logits.argmax())
+        ids.append(token)
+    whole = generator.generate_ids([prompt], GenerationConfig(max_new_tokens=24, do_sample=False,
+                                                              stop_token_ids=()))[0]
+    assert REPLACEMENT not in tokenizer.decode(whole)
+    assert whole != raw and REPLACEMENT in tokenizer.decode(raw)  # this model does break characters

@@ -24,7 +24,7 @@ from minigpt.cli.args import FlagParser, add_dataclass_arguments, dataclass_from
 from minigpt.config import TrainConfig, get_config
 
 if TYPE_CHECKING:
-    from minigpt.train.loop import StartingWeights
+    from minigpt.train.loop import StartingWeights, Trainer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,14 +111,22 @@ def train_walk_tokenizer(cfg: TrainConfig) -> Path:
 
 def walk(cfg: TrainConfig, args: argparse.Namespace) -> int:
     """Build the real Trainer, show its first batch, take one optimizer step and generate."""
-    import torch
-
-    from minigpt.checkpoint import rng_state, set_rng_state
-    from minigpt.data.datasets import IGNORE_INDEX
     from minigpt.train.loop import Trainer
 
     cfg, start = debug_start(cfg, args.prompt)
     trainer = Trainer(cfg, start=start)
+    try:
+        return _walk(trainer, cfg, args)
+    finally:
+        trainer.release_run_dir()  # the walk never calls run(), which would; the next walk may use the directory
+
+
+def _walk(trainer: Trainer, cfg: TrainConfig, args: argparse.Namespace) -> int:
+    import torch
+
+    from minigpt.checkpoint import rng_state, set_rng_state
+    from minigpt.data.datasets import IGNORE_INDEX
+
     say = print if trainer.engine.is_main else (lambda *a, **k: None)
     say("== config snapshot ==")
     say(json.dumps(json.loads((cfg.run_dir / "training_config_snapshot.json").read_text()), indent=2))

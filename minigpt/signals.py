@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import psutil
@@ -56,6 +56,8 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
         self._saving = False
         self._exit_after_save = False
+        self.checks: list[Callable[[], str | None]] = []
+        """Conditions a watcher polls (the launcher's exit), asked again by `reason_now`."""
 
     @property
     def requested(self) -> bool:
@@ -79,6 +81,11 @@ class StopRequest:
         self.signal_name = reason
         say(f"{event}: saving a checkpoint at the next step boundary, then exiting with code {EXIT_PREEMPTED} "
             "(resume with --auto-resume)")
+
+    def reason_now(self) -> str | None:
+        """What a registered check finds at this moment: when another rank stopped first, this rank's own
+        watcher may not have polled yet, but the reason is the same."""
+        return next((found for check in self.checks if (found := check())), None)
 
     @contextlib.contextmanager
     def saving(self) -> Iterator[None]:
@@ -197,12 +204,17 @@ def watch_launcher(stop: StopRequest, interval: float = 0.5) -> threading.Thread
     if not chain:
         return None
 
+    def gone() -> str | None:
+        return "deepspeed launcher exited" if launcher_gone(chain) else None
+
     def watch() -> None:
         while not stop.requested:
-            if launcher_gone(chain):
+            if gone():
                 stop.request("deepspeed launcher exited", f"the deepspeed launcher (pid {chain[-1].pid}) exited")
                 return
             time.sleep(interval)
+
+    stop.checks.append(gone)
 
     thread = threading.Thread(target=watch, name="launcher-watch", daemon=True)
     thread.start()

@@ -683,7 +683,8 @@ class Trainer:
                         self.save()
                     last_saved = self.step
                 if stop_now:
-                    monitor.write(f"stopped at step {self.step} ({stop.signal_name or 'signal on another rank'}); "
+                    why = stop.signal_name or stop.reason_now() or "signal on another rank"
+                    monitor.write(f"stopped at step {self.step} ({why}); "
                                   f"checkpoint {'saved' if last_saved == self.step else 'NOT saved (non-finite loss)'}")
                     return EXIT_PREEMPTED
             if not in_time:

@@ -47,12 +47,12 @@ def test_ci_runs_both_quick_start_commands_in_a_fresh_virtual_environment():
     assert venv < ci.index('eval "$main_cmd"') < ci.index('eval "$test_cmd"')
 
 
+# The English main job is not repeated here: `.ci/run` runs it verbatim in a fresh environment first.
 @pytest.mark.integration
-@pytest.mark.parametrize("block,run_name,prompt", [("main", "pretrain_tiny", "The module"),
-                                                   ("main-zh", "pretrain_tiny_zh", "床前明月光")])
+@pytest.mark.parametrize("block,run_name,prompt", [("main-zh", "pretrain_tiny_zh", "床前明月光")])
 def test_quick_start_main_job_runs_end_to_end(tmp_path, block, run_name, prompt):
-    """The quick start as written (its install step excepted: this environment is installed already), in
-    English and in Chinese (README.zh-CN.md's main job)."""
+    """README.zh-CN.md's main job as written (its install step excepted: this environment is installed
+    already): Chinese demo corpus, tokenizer, shards, pretraining, and whole characters generated."""
     command = quickstart_command(block)
     install, _, job = command.partition(" && ")
     assert install.startswith("pip install")
@@ -70,7 +70,7 @@ def test_quick_start_main_job_runs_end_to_end(tmp_path, block, run_name, prompt)
     generated = result.stdout.rsplit("consolidated weights in", 1)[-1]
     assert prompt in generated, generated[-2000:]
     continuation = generated.split(prompt, 1)[1]
-    assert len(continuation.strip()) > (20 if block == "main" else 10), generated[-2000:]
+    assert len(continuation.strip()) > 10, generated[-2000:]
     assert "\ufffd" not in continuation, generated[-2000:]
 
 

@@ -188,7 +188,8 @@ def test_ctrl_c_through_tee_saves_and_exits_75_although_the_pipe_died(shards, da
 
 @pytest.mark.integration
 @pytest.mark.deepspeed
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+# SIGTERM only: SIGINT to the runner alone takes the same path (the runner dies, the ranks' watch notices).
+@pytest.mark.parametrize("sig", [signal.SIGTERM], ids=["SIGTERM"])
 def test_a_signal_to_the_deepspeed_runner_alone_makes_both_ranks_save_the_same_step(shards, data_tokenizer,
                                                                                   tmp_path, sig):
     """`kill RUNNER` (a scheduler or a container runtime signals only the process it started): DeepSpeed's

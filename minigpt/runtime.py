@@ -96,14 +96,7 @@ class Runtime:
     def main_rank_does(self, work: Callable[[], Any], doing: str) -> Any:
         """`work()` on the main rank alone (its result there, None elsewhere); every rank learns whether it
         failed and why (`agree_on_failure`)."""
-        result, error = None, None
-        if self.is_main:
-            try:
-                result = work()
-            except Exception as err:
-                error = err
-        self.agree_on_failure(error, doing)
-        return result
+        return self.every_rank_does(work if self.is_main else lambda: None, doing)
 
     def every_rank_does(self, work: Callable[[], Any], doing: str) -> Any:
         """`work()` on every rank; all stop together if it fails on any (`agree_on_failure`)."""

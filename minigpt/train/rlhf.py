@@ -190,8 +190,10 @@ class GRPO(Objective):
     # -- rollouts ------------------------------------------------------------------------------------
     def _decode_config(self, greedy: bool) -> GenerationConfig:
         # No stop ids while decoding: every rank runs max_new_tokens steps; responses are cut afterwards.
+        # Rollouts sample the policy's own distribution (whole_characters off): the loss scores each token by
+        # the policy's log-prob, so a guard that masked some tokens would make the samples off-policy.
         return GenerationConfig(max_new_tokens=self.max_new_tokens, temperature=self.cfg.rl_temperature,
-                                do_sample=not greedy, stop_token_ids=())
+                                do_sample=not greedy, stop_token_ids=(), whole_characters=False)
 
     def _cut_at_stop(self, ids: list[int]) -> list[int]:
         stops = set(self.tokenizer.stop_ids)

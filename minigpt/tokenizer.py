@@ -35,6 +35,16 @@ class TokenizerError(ValueError):
     """A tokenizer directory that is missing, corrupt, or not the one the data/weights were built with."""
 
 
+def is_utf8_text(text: str) -> bool:
+    """False when `text` holds lone surrogates (bytes that were not UTF-8, kept by `surrogateescape` or a
+    JSON `\\ud800` escape): no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def file_checksum(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 

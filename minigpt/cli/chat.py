@@ -24,7 +24,7 @@ from minigpt.chat import ChatSession
 from minigpt.cli.args import FlagParser
 from minigpt.cli.generate import add_sampling_arguments, load_generator
 from minigpt.config import ConfigError
-from minigpt.tokenizer import TokenizerError
+from minigpt.tokenizer import TokenizerError, is_utf8_text
 from minigpt.weights import WeightsError
 
 
@@ -69,19 +69,10 @@ def typed_lines() -> Iterator[str]:
         except EOFError:
             print(file=sys.stderr)
             return
-        if is_text(line):
+        if is_utf8_text(line):
             yield line
         else:
             print("[that line is not valid UTF-8 text (check the terminal's encoding); not sent]", file=sys.stderr)
-
-
-def is_text(line: str) -> bool:
-    """False when `line` holds lone surrogates: bytes that were not UTF-8, which no tokenizer can encode."""
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def run_command(session: ChatSession, line: str) -> bool:

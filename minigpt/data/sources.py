@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minigpt.tokenizer import CHAT_ROLES
+from minigpt.tokenizer import CHAT_ROLES, is_utf8_text
 
 KINDS = ("pretrain", "sft", "dpo", "rlhf")
 TEXT_SUFFIXES = (".txt",)
@@ -134,24 +134,16 @@ def lone_surrogate_field(value, name: str = "") -> str | None:
     be encoded as UTF-8, so the tokenizer and the shard writer would fail on it.
     """
     if isinstance(value, str):
-        return None if _encodes(value) else name or "value"
+        return None if is_utf8_text(value) else name or "value"
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
         label = f"{name}.{key}" if isinstance(key, str) else f"{name}[{key}]"
-        if isinstance(key, str) and not _encodes(key):  # the key itself: name it printably
+        if isinstance(key, str) and not is_utf8_text(key):  # the key itself: name it printably
             return label.encode("utf-8", "backslashreplace").decode().lstrip(".")
         found = lone_surrogate_field(item, label)
         if found:
             return found.lstrip(".")
     return None
-
-
-def _encodes(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 USED_FIELDS = {"sft": ("conversations", "instruction", "input", "output"), "dpo": ("prompt", "chosen", "rejected")}
@@ -311,7 +303,7 @@ def training_texts(fmt: str, raw: bytes, text_field: str = "text") -> list[str]:
         return []
     texts = [record[text_field]] if isinstance(record.get(text_field), str) else _chat_texts(record)
     if _may_hold_surrogate(text):  # a string with a lone surrogate cannot be trained on; the others can
-        texts = [t for t in texts if _encodes(t)]
+        texts = [t for t in texts if is_utf8_text(t)]
     return [t for t in texts if t.strip()]
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from minigpt.config import ConfigError
 from minigpt.generate import GenerationConfig
-from minigpt.tokenizer import Tokenizer
+from minigpt.tokenizer import Tokenizer, is_utf8_text
 
 MAX_N = 16
 """Most choices one request may ask for (they decode as one batch)."""
@@ -270,24 +270,16 @@ def lone_surrogate_path(value: object) -> str | None:
     pending: list[tuple[object, str]] = [(value, "")]
     while pending:
         item, path = pending.pop()
-        if isinstance(item, str) and not _encodable(item):
+        if isinstance(item, str) and not is_utf8_text(item):
             return path or "the body"
         if isinstance(item, dict):
             for key, child in item.items():
-                if not _encodable(key):
+                if not is_utf8_text(key):
                     return f"a key in {path or 'the body'}"
                 pending.append((child, f"{path}.{key}" if path else key))
         elif isinstance(item, list):
             pending.extend((child, f"{path}[{index}]") for index, child in enumerate(item))
     return None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

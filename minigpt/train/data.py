@@ -66,15 +66,20 @@ def find_input(name: str, data_dir: str) -> Path:
                     f"(set --data-dir or ${DATA_ENV} to where your data lives)")
 
 
+def _builtin_language(name: str) -> str:
+    """The language of a `--data demo:LANG` entry; a `DataError` naming the choices for an unknown one."""
+    try:
+        return demo_language(name)
+    except ValueError as err:
+        raise DataError(f"--data {err}") from None
+
+
 def planned_inputs(cfg: TrainConfig) -> list[Path | str]:
     """What `resolve_run_data` will read, found but not built: paths, and built-in corpora by name."""
     planned: list[Path | str] = []
     for name in cfg.data:
         if name.startswith(DEMO_PREFIX):
-            try:
-                planned.append(f"<built-in {DEMO_NAMES[demo_language(name)]} ({name})>")
-            except ValueError as err:
-                raise DataError(f"--data {err}") from None
+            planned.append(f"<built-in {DEMO_NAMES[_builtin_language(name)]} ({name})>")
         else:
             planned.append(find_input(name, cfg.data_dir))
     return planned or ["<built-in demo corpus>" if cfg.mode == "pretrain" else "<built-in bilingual demo data>"]
@@ -92,10 +97,7 @@ def _builtin_input(cfg: TrainConfig, runtime: Runtime, kind: str, name: str | No
             if not demo.exists():
                 write_demo_post_training(demo, kind)
     else:
-        try:
-            language = demo_language(name)
-        except ValueError as err:
-            raise DataError(f"--data {err}") from None
+        language = _builtin_language(name)
         if kind != "pretrain":
             raise DataError(f"--data {name} is a pretraining corpus; --mode {cfg.mode} needs {kind} records "
                             "(without --data it trains on the built-in bilingual demo data)")

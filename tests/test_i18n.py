@@ -130,3 +130,65 @@ def test_modules_that_translate_never_rebind_the_translation_function():
             if isinstance(node, ast.Name) and node.id == "_" and isinstance(node.ctx, ast.Store):
                 offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not offenders, offenders
+
+
+# Modules whose messages are English on purpose, and why.
+ENGLISH_BY_DESIGN = {
+    "minigpt/serve/openai_api.py": "HTTP error bodies of the OpenAI-compatible API: clients parse them, and "
+                                   "OpenAI's own are English",
+    "minigpt/i18n.py": "the catalog tool's own usage line",
+}
+PROGRAMMING_ERRORS = {"AssertionError", "NotImplementedError", "TypeError"}
+"""Exceptions that report a bug in the calling code, not a user's mistake: not translated."""
+
+
+def _is_message(node) -> bool:
+    """A literal message: a string with letters, an f-string, a concatenation or .format of them."""
+    import ast
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, str) and any(c.isalpha() for c in node.value)
+    if isinstance(node, ast.JoinedStr):
+        return True
+    if isinstance(node, ast.BinOp):
+        return _is_message(node.left) or _is_message(node.right)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "format":
+        return _is_message(node.func.value)
+    return False
+
+
+def untranslated_messages(path: Path) -> list[str]:
+    """Lines of `path` that raise, print, warn or log a literal message not passed through `_()`."""
+    import ast
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        message = None
+        if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
+            func = node.exc.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if name not in PROGRAMMING_ERRORS:
+                message = node.exc.args[0]
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if name in ("print", "warn", "warning", "error", "info"):
+                message = node.args[0]
+        if message is not None and _is_message(message):
+            found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def test_every_message_a_user_reads_is_translated():
+    """Errors, warnings, hints and progress lines go through `_()` (see ENGLISH_BY_DESIGN for the exceptions)."""
+    offenders = [line for path in sorted((REPO / "minigpt").rglob("*.py"))
+                 if str(path.relative_to(REPO)) not in ENGLISH_BY_DESIGN
+                 for line in untranslated_messages(path)]
+    assert not offenders, f"{len(offenders)} messages not marked with _(): {offenders[:20]}"
+
+
+def test_hints_link_the_docs_in_the_users_language():
+    """A message that points at a docs page says it through docs_page(), so Chinese users get docs/zh/."""
+    import re
+    offenders = [f"{path.relative_to(REPO)}:{n}" for path in sorted((REPO / "minigpt").rglob("*.py"))
+                 for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if re.search(r"[\"'][^\"']*\bdocs/[a-z_]+\.md", line)]
+    assert not offenders, offenders

@@ -61,3 +61,20 @@ def test_data_demo_zh_trains_a_tokenizer_on_chinese_and_tokenizes_the_poems(tmp_
     assert run.tokenizer.meta["training"]["coverage"]["char_coverage"] > 0.7
     assert run.tokenizer.decode(run.tokenizer.encode("床前明月光")) == "床前明月光"
     assert planned_inputs(cfg) == ["<built-in Chinese demo corpus (demo:zh)>"]
+
+
+@pytest.mark.parametrize("corpus,vocab", [("demo:zh", 8000), ("demo:en", 4096)])  # the READMEs' quick starts
+def test_a_demo_corpus_tokenizer_covers_the_built_in_post_training_data(tmp_path, corpus, vocab):
+    """The documented chain (pretrain on a built-in corpus, then sft/dpo/rlhf on the built-in bilingual data)
+    inherits the pretraining tokenizer: it must have pieces for the tasks' letters, digits and Chinese verbs,
+    or every later stage warns that it spells its data as bytes."""
+    from minigpt.data.demo import demo_post_training_records
+    cfg = TrainConfig(data=[corpus], data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), vocab_size=vocab)
+    tokenizer = resolve_run_data(cfg, Runtime(), None, "pretrain").tokenizer
+    def strings(value):
+        if isinstance(value, dict):
+            return [s for key, v in value.items() if key not in ("role", "task") for s in strings(v)]
+        return [s for v in value for s in strings(v)] if isinstance(value, list) else [value]
+    text = "\n".join(s for kind in ("sft", "dpo", "rlhf") for r in demo_post_training_records(kind) for s in strings(r))
+    total, uncovered = tokenizer.character_counts(text)
+    assert 1 - uncovered.total() / total >= 0.99, uncovered.most_common(10)

@@ -85,6 +85,10 @@ def planned_inputs(cfg: TrainConfig) -> list[Path | str]:
     return planned or ["<built-in demo corpus>" if cfg.mode == "pretrain" else "<built-in bilingual demo data>"]
 
 
+DEMO_POST_TRAINING = "<built-in post-training data>"
+"""`_builtin_input`'s name for the built-in SFT records, which a tokenizer for a built-in corpus also learns."""
+
+
 def _builtin_input(cfg: TrainConfig, runtime: Runtime, kind: str, name: str | None) -> Path:
     """The file of a built-in corpus (`demo:en`, `demo:zh`) or, with name None, of the built-in
     post-training data of `kind`, written into the data cache by the main rank while the others wait."""
@@ -96,6 +100,10 @@ def _builtin_input(cfg: TrainConfig, runtime: Runtime, kind: str, name: str | No
                   "tasks in Chinese and English, identity chats); see docs/data.md for your own", flush=True)
             if not demo.exists():
                 write_demo_post_training(demo, kind)
+    elif name == DEMO_POST_TRAINING:
+        demo = cache / "sft.jsonl"
+        if runtime.is_main and not demo.exists():
+            write_demo_post_training(demo, "sft")
     else:
         language = _builtin_language(name)
         if kind != "pretrain":
@@ -135,7 +143,11 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
         if path.is_dir():
             raise DataError(f"--data {path}: a directory without train/ shards; give files or a shard directory")
 
-    tokenizer = _resolve_tokenizer(cfg, runtime, tokenizer_dir, raw, datasets)
+    tokenizer_inputs = raw
+    if kind == "pretrain" and any(name.startswith(DEMO_PREFIX) for name in cfg.data or [DEMO_PREFIX]):
+        # The built-in chain continues on the built-in post-training data with this tokenizer: cover it too.
+        tokenizer_inputs = raw + [_builtin_input(cfg, runtime, kind, DEMO_POST_TRAINING)]
+    tokenizer = _resolve_tokenizer(cfg, runtime, tokenizer_dir, tokenizer_inputs, datasets)
     if raw:
         key = _content_key(raw, tokenizer.checksum, kind, str(cfg.val_fraction), str(cfg.seed),
                            f"encoding {build.ENCODING_VERSION}")

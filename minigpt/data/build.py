@@ -262,9 +262,10 @@ def _encode_all(files: list[Path], stats: list[FileStats], tokenizer: Tokenizer,
             file_stats = stats[encoded.file_index]
             if encoded.skips and strict:
                 skip = encoded.skips[0]
-                detail = f" ({skip.detail})" if skip.detail else ""
-                raise DatasetBuildError(_("{path}:{line}: {reason}{detail} (strict mode)").format(
-                    path=file_stats.path, line=skip.line, reason=skip.reason, detail=detail))
+                message = (_("{path}:{line}: {reason} ({detail}) (strict mode)") if skip.detail
+                           else _("{path}:{line}: {reason} (strict mode)"))
+                raise DatasetBuildError(message.format(path=file_stats.path, line=skip.line, reason=skip.reason,
+                                                       detail=skip.detail))
             for skip in encoded.skips:
                 file_stats.skip(skip.reason, skip.line)
             file_stats.documents_read += len(encoded.skips) + encoded.num_kept

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from minigpt.generate import GenerationConfig, TextGenerator
+from minigpt.i18n import _
 
 
 @dataclass
@@ -29,7 +30,7 @@ class ChatSession:
 
     def __init__(self, generator: TextGenerator, config: GenerationConfig, system_prompt: str = ""):
         if generator.tokenizer is None:
-            raise ValueError("chat needs a tokenizer; this TextGenerator was built without one")
+            raise ValueError(_("chat needs a tokenizer; this TextGenerator was built without one"))
         self.generator = generator
         self.config = config
         self.system_prompt = system_prompt
@@ -69,8 +70,9 @@ class ChatSession:
                 return ids, dropped
         if len(ids) < self.max_seq_len:
             return ids, len(self.turns)  # the message alone fits with a shorter answer
-        raise ValueError(f"the message is {len(ids)} tokens with the chat template and system prompt; the "
-                         f"model's context is {self.max_seq_len} tokens, which leaves no room to answer")
+        raise ValueError(_("the message is {tokens} tokens with the chat template and system prompt; the model's "
+                           "context is {max_seq_len} tokens, which leaves no room to answer").format(
+            tokens=len(ids), max_seq_len=self.max_seq_len))
 
     def reply(self, user: str) -> Iterator[str]:
         """Stream the answer to `user` as text pieces (whole characters); the turn joins the history

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from minigpt.config import ConfigError
+from minigpt.i18n import _
 from minigpt.interop.hf_llama import is_hf_llama_dir, load_hf_llama
 from minigpt.model import KVCache, MiniGPT
 from minigpt.tokenizer import Tokenizer
@@ -67,24 +68,25 @@ class GenerationConfig:
     def validate(self) -> None:
         """Raise `ConfigError` naming the first field out of range."""
         def fail(field: str, requirement: str) -> None:
-            raise ConfigError(f"GenerationConfig.{field} {requirement}, got {getattr(self, field)!r}")
+            raise ConfigError(_("GenerationConfig.{field} {requirement}, got {value!r}").format(
+                field=field, requirement=requirement, value=getattr(self, field)))
 
         if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
-            fail("max_new_tokens", "must be a positive integer")
+            fail("max_new_tokens", _("must be a positive integer"))
         if not self.temperature >= 0:
-            fail("temperature", "must be >= 0 (0 means greedy)")
+            fail("temperature", _("must be >= 0 (0 means greedy)"))
         if not _is_int(self.top_k) or self.top_k < 0:
-            fail("top_k", "must be an integer >= 0 (0 disables it)")
+            fail("top_k", _("must be an integer >= 0 (0 disables it)"))
         if not 0.0 < self.top_p <= 1.0:
-            fail("top_p", "must be in (0, 1]")
+            fail("top_p", _("must be in (0, 1]"))
         if not self.repetition_penalty > 0:
-            fail("repetition_penalty", "must be > 0 (1.0 disables it)")
+            fail("repetition_penalty", _("must be > 0 (1.0 disables it)"))
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
-            fail("stop_strings", "must be non-empty strings")
+            fail("stop_strings", _("must be non-empty strings"))
         if self.stop_token_ids is not None and any(not _is_int(i) or i < 0 for i in self.stop_token_ids):
-            fail("stop_token_ids", "must be non-negative integers")
+            fail("stop_token_ids", _("must be non-negative integers"))
         if self.seed is not None and not _is_int(self.seed):
-            fail("seed", "must be an integer or None")
+            fail("seed", _("must be an integer or None"))
 
 
 def _is_int(value: object) -> bool:
@@ -183,8 +185,8 @@ class TextGenerator:
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
         if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, the model only "
-                             f"{model.config.vocab_size}")
+            raise ValueError(_("tokenizer has {tokenizer_vocab} tokens, the model only {model_vocab}").format(
+                tokenizer_vocab=tokenizer.vocab_size, model_vocab=model.config.vocab_size))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, device: str | torch.device = "cpu") -> TextGenerator:
@@ -199,8 +201,8 @@ class TextGenerator:
     def generate_sequences(self, prompts: Sequence[Sequence[int]], config: GenerationConfig,
                            use_cache: bool = True) -> list[GeneratedSequence]:
         """Continue each prompt (token ids); prompts of different lengths are batched with left padding."""
-        tokens: list[list[int]] = [[] for _ in prompts]
-        logprobs: list[list[float]] = [[] for _ in prompts]
+        tokens: list[list[int]] = [[] for _prompt in prompts]
+        logprobs: list[list[float]] = [[] for _prompt in prompts]
         reasons = ["length"] * len(prompts)
         for step in self._steps(prompts, config, use_cache):
             for item in step:
@@ -247,7 +249,7 @@ class TextGenerator:
         prompt's last delta carries its `finish_reason` and any text still held back; a step lists
         only the prompts with new text or that just finished.
         """
-        generated: list[list[int]] = [[] for _ in prompts]
+        generated: list[list[int]] = [[] for _prompt in prompts]
         emitted = [0] * len(prompts)
         for step in self._steps(prompts, config, use_cache=True):
             deltas = []
@@ -266,7 +268,7 @@ class TextGenerator:
 
     def encode_prompt(self, prompt: str, chat: bool = False) -> list[int]:
         """Token ids of a text prompt (BOS first with `add_bos`; an empty prompt is the EOS boundary)."""
-        tokenizer = self._require_tokenizer("text prompts")
+        tokenizer = self._require_tokenizer(_("text prompts"))
         if chat:
             ids = tokenizer.encode_chat([{"role": "user", "content": prompt}], add_generation_prompt=True).ids
         else:
@@ -282,7 +284,7 @@ class TextGenerator:
         leading space that sentencepiece drops at the start of a decode (" cat" after "The"). A chat
         answer is decoded alone: it was encoded alone in training, so its leading space is not text.
         """
-        tokenizer = self._require_tokenizer("decoding")
+        tokenizer = self._require_tokenizer(_("decoding"))
         if not generated:
             return ""
         if chat or not prompt_ids:
@@ -294,7 +296,8 @@ class TextGenerator:
 
     def _require_tokenizer(self, purpose: str) -> Tokenizer:
         if self.tokenizer is None:
-            raise ValueError(f"{purpose} need a tokenizer; this TextGenerator was built without one")
+            raise ValueError(_("{purpose} need a tokenizer; this TextGenerator was built without one").format(
+                purpose=purpose))
         return self.tokenizer
 
     def _stop_ids(self, config: GenerationConfig) -> tuple[int, ...]:
@@ -308,18 +311,19 @@ class TextGenerator:
     def _check_prompts(self, prompts: Sequence[Sequence[int]]) -> int:
         """Validate prompt ids; return how many tokens can be generated for the batch."""
         if not prompts:
-            raise ValueError("no prompts given")
+            raise ValueError(_("no prompts given"))
         config = self.model.config
         for index, ids in enumerate(prompts):
             if len(ids) == 0:
-                raise ValueError(f"prompt {index} is empty; give at least one token (e.g. BOS)")
+                raise ValueError(_("prompt {index} is empty; give at least one token (e.g. BOS)").format(index=index))
             bad = [i for i in ids if not 0 <= int(i) < config.vocab_size]
             if bad:
-                raise ValueError(f"prompt {index} has token id(s) {bad[:5]} outside the vocabulary "
-                                 f"[0, {config.vocab_size})")
+                raise ValueError(_("prompt {index} has token id(s) {ids} outside the vocabulary [0, {vocab_size})")
+                                 .format(index=index, ids=bad[:5], vocab_size=config.vocab_size))
             if len(ids) >= config.max_seq_len:
-                raise ValueError(f"prompt {index} has {len(ids)} tokens; the model's max_seq_len is "
-                                 f"{config.max_seq_len}, which leaves no room to generate")
+                raise ValueError(_("prompt {index} has {tokens} tokens; the model's max_seq_len is {max_seq_len}, "
+                                   "which leaves no room to generate").format(index=index, tokens=len(ids),
+                                                                              max_seq_len=config.max_seq_len))
         return config.max_seq_len - max(len(ids) for ids in prompts)
 
     @torch.inference_mode()
@@ -367,7 +371,7 @@ class TextGenerator:
             dtype = next(self.model.parameters()).dtype
             cache = KVCache(self.model.config, batch, max_len=width + budget, device=self.device, dtype=dtype)
         rows = list(range(batch))
-        generated: list[list[int]] = [[] for _ in prompts]
+        generated: list[list[int]] = [[] for _prompt in prompts]
         guard = (Utf8Guard(self.tokenizer.byte_values, vocab, self.device)
                  if self.tokenizer is not None and config.whole_characters else None)
         usable_vocab = self.tokenizer.vocab_size if self.tokenizer is not None else vocab

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from minigpt.i18n import _
+
 MODEL_FILE = "tokenizer.model"
 META_FILE = "tokenizer.json"
 
@@ -65,16 +67,17 @@ class Tokenizer:
         model_path, meta_path = self.directory / MODEL_FILE, self.directory / META_FILE
         for path in (model_path, meta_path):
             if not path.is_file():
-                raise TokenizerError(f"tokenizer file missing: {path}")
+                raise TokenizerError(_("tokenizer file missing: {path}").format(path=path))
         try:
             self.meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as err:
-            raise TokenizerError(f"{meta_path}: not valid JSON ({err})") from err
+            raise TokenizerError(_("{path}: not valid JSON ({error})").format(path=meta_path, error=err)) from err
         self.checksum = file_checksum(model_path)
         if self.meta.get("checksum") != self.checksum:
-            raise TokenizerError(
-                f"{model_path}: checksum {self.checksum[:12]} does not match {meta_path} "
-                f"({str(self.meta.get('checksum'))[:12]}); the directory was modified after training")
+            raise TokenizerError(_(
+                "{path}: checksum {checksum} does not match {meta_path} ({recorded}); the directory was modified "
+                "after training").format(path=model_path, checksum=self.checksum[:12], meta_path=meta_path,
+                                         recorded=str(self.meta.get("checksum"))[:12]))
         self._load_model(model_path)
 
     @classmethod
@@ -83,7 +86,7 @@ class Tokenizer:
         tokenizer.json is not MiniGPT's); the special ids and chat symbols are checked all the same."""
         model_path = Path(model_path)
         if not model_path.is_file():
-            raise TokenizerError(f"tokenizer file missing: {model_path}")
+            raise TokenizerError(_("tokenizer file missing: {path}").format(path=model_path))
         tokenizer = cls.__new__(cls)
         tokenizer.directory = model_path.parent
         tokenizer.checksum = file_checksum(model_path)
@@ -109,11 +112,12 @@ class Tokenizer:
             self.sp = (spm.SentencePieceProcessor(model_proto=proto) if proto is not None
                        else spm.SentencePieceProcessor(model_file=str(model_path)))
         except (OSError, RuntimeError) as err:
-            raise TokenizerError(f"{model_path}: not a sentencepiece model ({err})") from err
+            raise TokenizerError(_("{path}: not a sentencepiece model ({error})").format(path=model_path,
+                                                                                        error=err)) from err
         for piece, expected in SPECIAL_IDS.items():
             if self.sp.piece_to_id(piece) != expected:
-                raise TokenizerError(f"{model_path}: special token {piece} has id "
-                                     f"{self.sp.piece_to_id(piece)}, MiniGPT expects {expected}")
+                raise TokenizerError(_("{path}: special token {piece} has id {id}, MiniGPT expects {expected}").format(
+                    path=model_path, piece=piece, id=self.sp.piece_to_id(piece), expected=expected))
         self.im_start_id = self._symbol_id(IM_START)
         self.im_end_id = self._symbol_id(IM_END)
         self._space_piece = self.sp.piece_to_id(SPACE_SYMBOL) != self.unk_id
@@ -129,7 +133,8 @@ class Tokenizer:
     def _symbol_id(self, piece: str) -> int:
         token_id = self.sp.piece_to_id(piece)
         if token_id == self.unk_id:
-            raise TokenizerError(f"{self.directory}: tokenizer lacks the chat symbol {piece}")
+            raise TokenizerError(_("{path}: tokenizer lacks the chat symbol {piece}").format(path=self.directory,
+                                                                                            piece=piece))
         return token_id
 
     @property
@@ -146,7 +151,8 @@ class Tokenizer:
     def _byte_ids(self, data: bytes) -> list[int]:
         ids = [self.sp.piece_to_id(f"<0x{byte:02X}>") for byte in data]
         if self.unk_id in ids:
-            raise TokenizerError(f"{self.directory}: tokenizer lacks byte-fallback pieces; MiniGPT needs them")
+            raise TokenizerError(_("{path}: tokenizer lacks byte-fallback pieces; MiniGPT needs them").format(
+                path=self.directory))
         return ids
 
     def _encode_exact(self, text: str) -> list[int]:
@@ -171,7 +177,7 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` of each text; texts sentencepiece takes as they are go through it in one call."""
         plain = [index for index, text in enumerate(texts) if self._escaped not in text]
-        result: list[list[int]] = [[] for _ in texts]
+        result: list[list[int]] = [[] for _text in texts]
         for index, ids in zip(plain, self.sp.encode([texts[i] for i in plain], num_threads=1), strict=True):
             result[index] = ids
         for index, text in enumerate(texts):
@@ -238,9 +244,11 @@ class Tokenizer:
         for index, message in enumerate(messages):
             role, content = message.get("role"), message.get("content")
             if role not in CHAT_ROLES:
-                raise ValueError(f"message {index}: role {role!r} is not one of {CHAT_ROLES}")
+                raise ValueError(_("message {index}: role {role!r} is not one of {roles}").format(
+                    index=index, role=role, roles=CHAT_ROLES))
             if not isinstance(content, str):
-                raise ValueError(f"message {index}: content must be a string, got {type(content).__name__}")
+                raise ValueError(_("message {index}: content must be a string, got {type}").format(
+                    index=index, type=type(content).__name__))
             header = [self.im_start_id] + self.encode(f"{role}\n")
             body = self.encode(content) + [self.im_end_id]
             trailer = self.encode("\n")

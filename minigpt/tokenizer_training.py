@@ -17,6 +17,7 @@ import sentencepiece as spm
 
 from minigpt.data.sources import expand_inputs, input_format, iter_raw_records, training_texts
 from minigpt.fsutil import staged_directory
+from minigpt.i18n import _
 from minigpt.tokenizer import (
     BOS,
     CHAT_SYMBOLS,
@@ -51,8 +52,8 @@ def coverage_report(model: spm.SentencePieceProcessor, sentences: list[str]) -> 
     missing = [(char, n) for char, n in counts.most_common()
                if model.piece_to_id(SPACE_SYMBOL if char == " " else char) == model.unk_id()]
     return {"distinct_chars": len(counts), "byte_fallback_chars": len(missing),
-            "char_coverage": round(1.0 - sum(n for _, n in missing) / total, 4),
-            "byte_fallback_examples": "".join(char for char, _ in missing[:20])}
+            "char_coverage": round(1.0 - sum(n for _char, n in missing) / total, 4),
+            "byte_fallback_examples": "".join(char for char, _count in missing[:20])}
 
 
 def _training_sentences(inputs: list[str | Path], text_field: str, input_sentence_size: int,
@@ -62,7 +63,7 @@ def _training_sentences(inputs: list[str | Path], text_field: str, input_sentenc
     sources = []
     for path in expand_inputs(inputs):
         fmt = input_format(path)
-        for _, raw in iter_raw_records(path):
+        for _line, raw in iter_raw_records(path):
             for text in training_texts(fmt, raw, text_field):
                 sentences += [line[:max_sentence_length] for line in text.split("\n") if line.strip()]
             if len(sentences) >= input_sentence_size:
@@ -81,7 +82,7 @@ def _keep_frequent_chars(sentences: list[str], max_chars: int) -> tuple[list[str
     counts = Counter(char for sentence in sentences for char in sentence)
     if len(counts) <= max_chars:
         return sentences, 0
-    keep = {char for char, _ in counts.most_common(max_chars)}
+    keep = {char for char, _count in counts.most_common(max_chars)}
     return ["".join(c for c in s if c in keep) for s in sentences], len(counts) - max_chars
 
 
@@ -106,16 +107,18 @@ def train_tokenizer(inputs: list[str | Path], out_dir: str | Path, vocab_size: i
     The directory appears complete or not at all; an existing tokenizer directory is replaced.
     """
     if vocab_size < MIN_VOCAB_SIZE:
-        raise TokenizerError(f"vocab_size {vocab_size} is too small; MiniGPT tokenizers need at least "
-                             f"{MIN_VOCAB_SIZE} (262 reserved special and byte pieces)")
+        raise TokenizerError(_("vocab_size {vocab_size} is too small; MiniGPT tokenizers need at least {minimum} "
+                               "(262 reserved special and byte pieces)").format(vocab_size=vocab_size,
+                                                                                minimum=MIN_VOCAB_SIZE))
     out_dir = Path(out_dir)
     if out_dir.exists() and any(p.name not in (MODEL_FILE, META_FILE) for p in out_dir.iterdir()):
-        raise TokenizerError(f"{out_dir}: exists and holds files other than a tokenizer; choose another --out")
+        raise TokenizerError(_("{path}: exists and holds files other than a tokenizer; choose another --out").format(
+            path=out_dir))
     started = time.monotonic()
     sentences, sources = _training_sentences(inputs, text_field, input_sentence_size, max_sentence_length)
     if not sentences:
-        raise TokenizerError(f"no text to train on in {', '.join(s['path'] for s in sources)} "
-                             f"(JSONL records need a string field {text_field!r} or chat fields)")
+        raise TokenizerError(_("no text to train on in {paths} (JSONL records need a string field {field!r} or chat "
+                               "fields)").format(paths=", ".join(s["path"] for s in sources), field=text_field))
     reserved = len(SPECIAL_IDS) + len(CHAT_SYMBOLS) + 256
     original_sentences = sentences
     sentences, dropped_chars = _keep_frequent_chars(sentences, (vocab_size - reserved) // 2)

@@ -192,3 +192,79 @@ def test_hints_link_the_docs_in_the_users_language():
                  for n, line in enumerate(path.read_text().splitlines(), 1)
                  if re.search(r"[\"'][^\"']*\bdocs/[a-z_]+\.md", line)]
     assert not offenders, offenders
+
+
+# data, tokenizer, evaluation, cli
+def run_in(lang: str, argv: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python argv...` in the repository with MINIGPT_LANG=`lang`; paths in `argv` are relative to the repository."""
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "MINIGPT_LANG": lang, "PYTHONPATH": str(REPO)})
+
+
+def test_a_malformed_sft_line_and_too_little_data_are_explained_in_the_users_language(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hey"}]}\n'
+                   '{"conversations": [{"role": "user", "content": "hi"\n', encoding="utf-8")
+    expected = {"en": ("skipped 1 of 2: malformed_json: 1 (lines 2)", "error: dataset has 1 samples but one optimizer "
+                       "step needs 16 (micro-batch 16 x accumulation 1 x 1 ranks)"),
+                "zh": ("2 条中跳过 1 条：malformed_json：1（行号 2）", "错误：数据集只有 1 个样本，而一个优化器步需要 16 个"
+                       "（微批 16 × 累积 1 × 1 个 rank）")}
+    for lang, (skipped, refused) in expected.items():
+        result = run_in(lang, [str(REPO / "launch/train.py"), "--mode", "sft", "--data", str(bad), "--max-steps", "1",
+                               "--out", str(tmp_path / f"run_{lang}"), "--data-dir", str(tmp_path / f"data_{lang}")],
+                        cwd=tmp_path)
+        assert result.returncode == 2 and skipped in result.stderr and refused in result.stderr, \
+            (lang, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr
+
+
+def test_pretokenizing_a_file_that_is_not_utf8_is_explained_in_the_users_language(tmp_path, data_tokenizer):
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café au lait\n\ncrème brûlée\n".encode("latin-1"))
+    expected = {"en": ("skipped 2 of 2: not_utf8: 2 (lines 1, 3)", "error: no usable pretrain examples in",
+                       "docs/data.md for the formats"),
+                "zh": ("2 条中跳过 2 条：not_utf8：2（行号 1, 3）", "中没有可用的 pretrain 样本", "格式说明见 docs/zh/data.md")}
+    for lang, lines in expected.items():
+        result = run_in(lang, ["data_tools/pretokenize.py", "--input", str(latin1), "--tokenizer",
+                               str(data_tokenizer.directory), "--out", str(tmp_path / f"shards_{lang}"), "--quiet"])
+        assert result.returncode == 2 and all(line in result.stderr for line in lines), (lang, result.stderr[-2000:])
+
+
+@pytest.mark.parametrize("argv,english,chinese", [
+    (["launch/eval.py", "--model", "m", "--task", "bogus:items.jsonl"],
+     "--task bogus:items.jsonl: expected KIND:PATH[,key=value...] with KIND one of bpb, mc, tasks",
+     "--task bogus:items.jsonl：格式应为 KIND:PATH[,key=value...]，KIND 取 bpb, mc, tasks 之一"),
+    (["launch/eval.py", "--model", "m", "--task", "mc:items.csv,shots=5"],
+     "--task mc:items.csv,shots=5: shots=5 needs dev=PATH", "--task mc:items.csv,shots=5：shots=5 需要 dev=PATH"),
+    (["data_tools/make_tasks.py", "--out", "unused", "--tasks", "add,multiply"],
+     "error: unknown task(s) ['multiply']; choose from", "错误：未知任务 ['multiply']；请从"),
+    (["data_tools/train_tokenizer.py", "--out", "unused", "--vocab-size", "400"],
+     "error: give --input FILE (repeatable) or --demo", "错误：请给出 --input FILE（可重复）或 --demo"),
+    (["data_tools/train_tokenizer.py", "--input", "missing.txt", "--out", "unused", "--vocab-size", "400"],
+     "error: input missing.txt: no such file", "错误：输入 missing.txt：文件不存在"),
+], ids=["eval-kind", "eval-shots", "make-tasks", "tokenizer-no-input", "tokenizer-missing-input"])
+def test_data_and_eval_mistakes_are_explained_in_the_users_language(argv, english, chinese):
+    for lang, expected in (("en", english), ("zh", chinese)):
+        result = run_in(lang, argv)
+        assert result.returncode == 2 and expected in result.stderr, (lang, result.stderr[-1500:])
+        assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("tool,english,chinese", [
+    ("data_tools/pretokenize.py", "fail on the first bad record instead of skipping", "遇到第一条坏记录就失败，而不是跳过"),
+    ("data_tools/train_tokenizer.py", "vocabulary size (at most; small corpora give less)", "词表大小（上限；语料小时会更少）"),
+    ("data_tools/make_tasks.py", "tasks per file", "每个文件的任务数"),
+    ("launch/debug_fullstack.py", "tokens of the first sample to print", "打印第一个样本的多少个 token"),
+])
+def test_data_tool_help_speaks_the_users_language(tool, english, chinese):
+    for lang, expected in (("en", english), ("zh", chinese)):
+        result = subprocess.run([sys.executable, tool, "--help"], cwd=REPO, capture_output=True, text=True,
+                                env={**os.environ, "MINIGPT_LANG": lang, "COLUMNS": "400"})
+        assert result.returncode == 0 and expected in result.stdout, (lang, result.stdout[-2000:])
+
+
+def test_the_pretokenize_docs_link_follows_the_language():
+    for lang, page in (("en", "docs/data.md"), ("zh", "docs/zh/data.md")):
+        result = subprocess.run([sys.executable, "data_tools/pretokenize.py", "--help"], cwd=REPO, capture_output=True,
+                                text=True, env={**os.environ, "MINIGPT_LANG": lang, "COLUMNS": "400"})
+        assert page in result.stdout and (REPO / page).is_file()

@@ -39,8 +39,14 @@ class FlagParser(argparse.ArgumentParser):
         argv = sys.argv[1:] if args is None else list(args)
         unknown = self.unknown_flags(argv)
         if unknown:  # before argparse's own checks: a mistyped --model is not reported as a missing one
-            self.exit(2, f"{self.prog}: error: {unknown_flags_message(unknown, self.known_flags())}\n")
+            self.exit(2, _("{prog}: error: {message}").format(
+                prog=self.prog, message=unknown_flags_message(unknown, self.known_flags())) + "\n")
         return super().parse_args(argv, namespace)
+
+    def error(self, message: str) -> typing.NoReturn:
+        """argparse's usage line and `PROG: error: MESSAGE`, exit code 2, the frame in the user's language."""
+        self.print_usage(sys.stderr)
+        self.exit(2, _("{prog}: error: {message}").format(prog=self.prog, message=message) + "\n")
 
     def unknown_flags(self, argv: list[str]) -> list[str]:
         """The flags in `argv` (before a `--`) that this parser does not define, exactly as written."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from minigpt.cli.args import FlagParser, add_dataclass_arguments, dataclass_from_args
 from minigpt.config import TrainConfig, get_config
+from minigpt.i18n import _
 
 if TYPE_CHECKING:
     from minigpt.train.loop import StartingWeights, Trainer
@@ -31,10 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = FlagParser(prog="launch/debug_fullstack.py", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_arguments(parser, TrainConfig)
-    parser.add_argument("--model-size", dest="config", default=argparse.SUPPRESS, help="alias of --config")
-    parser.add_argument("--prompt", default="", help="prompt to generate from after the step (default: from the "
-                        "data, as --sample-prompt; answered as a chat turn in sft, dpo and rlhf)")
-    parser.add_argument("--show-tokens", type=int, default=48, help="tokens of the first sample to print")
+    parser.add_argument("--model-size", dest="config", default=argparse.SUPPRESS, help=_("alias of --config"))
+    parser.add_argument("--prompt", default="", help=_("prompt to generate from after the step (default: from the "
+                                                       "data, as --sample-prompt; answered as a chat turn in sft, "
+                                                       "dpo and rlhf)"))
+    parser.add_argument("--show-tokens", type=int, default=48, help=_("tokens of the first sample to print"))
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.out == "":  # its own scratch directory, replaced on every walk
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return walk(cfg, args)
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(_("error: {error}").format(error=err), file=sys.stderr)
         return 2
 
 
@@ -82,9 +84,9 @@ def debug_start(cfg: TrainConfig, prompt: str) -> tuple[TrainConfig, StartingWei
     unseen = Tokenizer(start.model_dir).unseen_characters(prompt)
     if not unseen:
         return cfg, None
-    print(f"[minigpt] debug: {start.model_dir}'s tokenizer has no pieces for {unseen!r} of --prompt: walking from "
-          "random weights with a tokenizer trained on the bilingual demo data instead (--init-from "
-          f"{start.model_dir} to walk from those weights anyway)", flush=True)
+    print(_("[minigpt] debug: {model}'s tokenizer has no pieces for {unseen!r} of --prompt: walking from random "
+            "weights with a tokenizer trained on the bilingual demo data instead (--init-from {model} to walk from "
+            "those weights anyway)").format(model=start.model_dir, unseen=unseen), flush=True)
     return (dataclasses.replace(cfg, tokenizer=str(train_walk_tokenizer(cfg))),
             StartingWeights("random init (debug: the previous stage's tokenizer lacks the prompt's characters)"))
 
@@ -104,8 +106,8 @@ def train_walk_tokenizer(cfg: TrainConfig) -> Path:
             write_demo_corpus(path) if path.suffix == ".txt" else write_demo_post_training(path, path.stem)
     files += [path for path in (find_input(name, cfg.data_dir) for name in cfg.data) if path.is_file()]
     vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
-    print(f"[minigpt] debug: training a {vocab}-token tokenizer on {len(files)} file(s) into {demo.parent}/"
-          "debug_tokenizer", flush=True)
+    print(_("[minigpt] debug: training a {vocab_size}-token tokenizer on {count} file(s) into {path}").format(
+        vocab_size=vocab, count=len(files), path=demo.parent / "debug_tokenizer"), flush=True)
     return train_tokenizer(files, demo.parent / "debug_tokenizer", vocab_size=vocab).directory
 
 
@@ -128,7 +130,7 @@ def _walk(trainer: Trainer, cfg: TrainConfig, args: argparse.Namespace) -> int:
     from minigpt.data.datasets import IGNORE_INDEX
 
     say = print if trainer.engine.is_main else (lambda *a, **k: None)
-    say("== config snapshot ==")
+    say(_("== config snapshot =="))
     say(json.dumps(json.loads((cfg.run_dir / "training_config_snapshot.json").read_text()), indent=2))
     random_state = rng_state()
     trainer.objective.setup(trainer.setup_context())  # e.g. DPO's reference, RLHF's reward: as run() does
@@ -139,32 +141,33 @@ def _walk(trainer: Trainer, cfg: TrainConfig, args: argparse.Namespace) -> int:
              if isinstance(value, torch.Tensor)}
     ids_key = _first_ids_key(first)
     ids = _first_row(first, ids_key, args.show_tokens)
-    say("== first batch ==")
+    say(_("== first batch =="))
     for name, tensor in first.items():
         say(f"{name:<20} shape={tuple(tensor.shape)} dtype={tensor.dtype}")
-    say(f"raw text     {trainer.tokenizer.render(ids)!r}  ({ids_key}[0])")
-    say(f"token ids    {ids}")
-    say(f"pieces       {[trainer.tokenizer.id_to_piece(i) for i in ids]}")
+    say(_("raw text     {text!r}  ({key}[0])").format(text=trainer.tokenizer.render(ids), key=ids_key))
+    say(_("token ids    {ids}").format(ids=ids))
+    say(_("pieces       {pieces}").format(pieces=[trainer.tokenizer.id_to_piece(i) for i in ids]))
     labels_key = ids_key.replace("input_ids", "labels")
     if labels_key in first and labels_key != ids_key:
         mask = (first[labels_key][0, :args.show_tokens] != IGNORE_INDEX).int().tolist()
-        say(f"loss mask    {mask}")
+        say(_("loss mask    {mask}").format(mask=mask))
     loss, result, tokens, stats = trainer.train_step(batches)
-    say("== one optimizer step ==")
-    say(f"loss {loss:.4f}  grad-norm {result.grad_norm:.4f}  lr {result.lr:.2e}  tokens {tokens}")
+    say(_("== one optimizer step =="))
+    say(_("loss {loss:.4f}  grad-norm {grad_norm:.4f}  lr {lr:.2e}  tokens {tokens}").format(
+        loss=loss, grad_norm=result.grad_norm, lr=result.lr, tokens=tokens))
     if stats.get("reward_std") == 0.0:
-        say(f"note: every response of each prompt earned the same reward ({stats['reward']:.3f}), so GRPO's "
-            "advantages, and with them the policy loss and gradient, are 0; a policy that sometimes answers right "
-            "(start from an sft run) or --reward-model gives a non-zero loss")
+        say(_("note: every response of each prompt earned the same reward ({reward:.3f}), so GRPO's advantages, and "
+              "with them the policy loss and gradient, are 0; a policy that sometimes answers right (start from an "
+              "sft run) or --reward-model gives a non-zero loss").format(reward=stats["reward"]))
     if args.prompt:
         trainer.sample_prompt = args.prompt
         unseen = trainer.tokenizer.unseen_characters(args.prompt)
         if unseen:
-            say(f"hint: the tokenizer {trainer.tokenizer.directory} has not seen {unseen!r} (e.g. the demo "
-                "tokenizer is English-only): they go as bytes and the generation below looks garbled; train on "
-                "text that has them (--data FILES --retrain-tokenizer)")
+            say(_("hint: the tokenizer {path} has not seen {unseen!r} (e.g. the demo tokenizer is English-only): they "
+                  "go as bytes and the generation below looks garbled; train on text that has them (--data FILES "
+                  "--retrain-tokenizer)").format(path=trainer.tokenizer.directory, unseen=unseen))
     text = trainer.sample()
-    say("== generation ==")
+    say(_("== generation =="))
     say(text)
     return 0
 

@@ -15,30 +15,36 @@ import sys
 
 from minigpt.cli.args import FlagParser
 from minigpt.data.tasks import LANGUAGES, TASKS, read_prompts, write_task_files
+from minigpt.i18n import _
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = FlagParser(prog="data_tools/make_tasks.py", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="directory for sft.jsonl, dpo.jsonl, rlhf.jsonl")
-    parser.add_argument("--count", type=int, default=2000, help="tasks per file")
-    parser.add_argument("--seed", type=int, default=0, help="seed (same seed, same tasks)")
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    parser.add_argument("--out", required=True, help=_("directory for sft.jsonl, dpo.jsonl, rlhf.jsonl"))
+    parser.add_argument("--count", type=int, default=2000, help=_("tasks per file"))
+    parser.add_argument("--seed", type=int, default=0, help=_("seed (same seed, same tasks)"))
+    parser.add_argument("--tasks", default=",".join(TASKS),
+                        help=_("comma-separated subset of {tasks}").format(tasks=",".join(TASKS)))
     parser.add_argument("--language", default="en", choices=LANGUAGES,
-                        help="how the prompts are phrased: en (Add 27+45) or zh (计算 27+45)")
+                        help=_("how the prompts are phrased: en (Add 27+45) or zh (计算 27+45)"))
     parser.add_argument("--exclude-from", action="append", default=[], metavar="JSONL",
-                        help="training task file(s) whose prompts the new set must not contain (any task format; "
-                             "repeatable); the set then also holds each prompt once")
+                        help=_("training task file(s) whose prompts the new set must not contain (any task format; "
+                               "repeatable); the set then also holds each prompt once"))
     args = parser.parse_args(argv)
     try:
         exclude = read_prompts(args.exclude_from) if args.exclude_from else None
         paths = write_task_files(args.out, args.count, args.seed, tuple(args.tasks.split(",")), exclude,
                                  args.language)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(_("error: {error}").format(error=err), file=sys.stderr)
         return 2
-    print("wrote " + ", ".join(str(p) for p in paths.values())
-          + (f" (disjoint from the {len(exclude):,} prompts of {', '.join(args.exclude_from)})" if exclude else ""))
+    written = ", ".join(str(p) for p in paths.values())
+    if exclude:
+        print(_("wrote {paths} (disjoint from the {count:,} prompts of {sources})").format(
+            paths=written, count=len(exclude), sources=", ".join(args.exclude_from)))
+    else:
+        print(_("wrote {paths}").format(paths=written))
     return 0
 
 

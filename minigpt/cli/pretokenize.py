@@ -17,6 +17,7 @@ from minigpt.cli.args import FlagParser
 from minigpt.config import TrainConfig
 from minigpt.data.build import STATS_FILE, DatasetBuildError, build_dataset
 from minigpt.data.shards import KINDS
+from minigpt.i18n import _, docs_page
 from minigpt.tokenizer import Tokenizer, TokenizerError
 
 
@@ -24,20 +25,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(prog="data_tools/pretokenize.py", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", required=True,
-                        help=".txt / .jsonl / .jsonl.gz file or glob; repeatable")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (data_tools/train_tokenizer.py)")
-    parser.add_argument("--out", required=True, help="dataset directory to write")
-    parser.add_argument("--kind", choices=KINDS, default="pretrain", help="what the records are (docs/data.md)")
+                        help=_(".txt / .jsonl / .jsonl.gz file or glob; repeatable"))
+    parser.add_argument("--tokenizer", required=True, help=_("tokenizer directory (data_tools/train_tokenizer.py)"))
+    parser.add_argument("--out", required=True, help=_("dataset directory to write"))
+    parser.add_argument("--kind", choices=KINDS, default="pretrain",
+                        help=_("what the records are ({docs})").format(docs=docs_page("data.md")))
     parser.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
-                        help="share of documents for validation (the same default as train.py's raw-file path)")
-    parser.add_argument("--seed", type=int, default=1337, help="seed of the train/validation split")
-    parser.add_argument("--workers", type=int, default=1, help="encoding processes")
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the text (pretrain)")
+                        help=_("share of documents for validation (the same default as train.py's raw-file path)"))
+    parser.add_argument("--seed", type=int, default=1337, help=_("seed of the train/validation split"))
+    parser.add_argument("--workers", type=int, default=1, help=_("encoding processes"))
+    parser.add_argument("--text-field", default="text", help=_("JSONL field holding the text (pretrain)"))
     parser.add_argument("--max-prompt-tokens", type=int, default=None,
-                        help="skip DPO/RLHF records whose prompt is longer (tokens)")
-    parser.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+                        help=_("skip DPO/RLHF records whose prompt is longer (tokens)"))
+    parser.add_argument("--strict", action="store_true",
+                        help=_("fail on the first bad record instead of skipping"))
+    parser.add_argument("--overwrite", action="store_true", help=_("replace an existing --out"))
+    parser.add_argument("--quiet", action="store_true", help=_("no progress bar"))
     return parser
 
 
@@ -50,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
                             progress=not args.quiet, max_prompt_tokens=args.max_prompt_tokens,
                             overwrite=args.overwrite)
     except (DatasetBuildError, TokenizerError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(_("error: {error}").format(error=err), file=sys.stderr)
         return 2
-    print(f"dataset written to {out} (statistics in {out / STATS_FILE})")
+    print(_("dataset written to {path} (statistics in {stats})").format(path=out, stats=out / STATS_FILE))
     return 0
 
 

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dry_run(cfg) if cfg.dry_run else train(cfg, stop, started=process_started())
     except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(_("error: {error}").format(error=err), file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as err:
         from minigpt.checkpoint import is_disk_full
@@ -70,8 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         if not is_disk_full(err, cfg.run_dir):
             raise
         where = getattr(err, "filename", None) or cfg.run_dir
-        print("error: " + _("disk full while writing {path}: free space, then rerun with --auto-resume (the last "
-                            "complete checkpoint is untouched)").format(path=where), file=sys.stderr)
+        problem = _("disk full while writing {path}: free space, then rerun with --auto-resume (the last complete "
+                    "checkpoint is untouched)").format(path=where)
+        print(_("error: {error}").format(error=problem), file=sys.stderr)
         return 2
 
 

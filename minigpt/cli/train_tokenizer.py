@@ -18,6 +18,7 @@ import tempfile
 from minigpt.cli.args import FlagParser
 from minigpt.data.demo import CORPORA, write_demo_corpus
 from minigpt.data.sources import InputError
+from minigpt.i18n import _, docs_page
 from minigpt.tokenizer import TokenizerError
 from minigpt.tokenizer_training import train_tokenizer
 
@@ -26,28 +27,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(prog="data_tools/train_tokenizer.py", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", default=[],
-                        help=".txt / .jsonl / .jsonl.gz file or glob; repeatable")
+                        help=_(".txt / .jsonl / .jsonl.gz file or glob; repeatable"))
     parser.add_argument("--demo", nargs="?", const="en", choices=sorted(CORPORA),
-                        help="also train on a built-in demo corpus: en (the default: CPython's documentation) "
-                             "or zh (classical Chinese poetry)")
-    parser.add_argument("--out", required=True, help="tokenizer directory to write (replaced if it is one)")
-    parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size (at most; small corpora give less)")
-    parser.add_argument("--text-field", default="text", help="JSONL field holding the text")
+                        help=_("also train on a built-in demo corpus: en (the default: CPython's documentation) "
+                               "or zh (classical Chinese poetry)"))
+    parser.add_argument("--out", required=True, help=_("tokenizer directory to write (replaced if it is one)"))
+    parser.add_argument("--vocab-size", type=int, required=True,
+                        help=_("vocabulary size (at most; small corpora give less)"))
+    parser.add_argument("--text-field", default="text", help=_("JSONL field holding the text"))
     parser.add_argument("--max-sentence-length", type=int, default=4096,
-                        help="lines longer than this many characters are cut for training")
-    parser.add_argument("--input-sentence-size", type=int, default=2_000_000, help="most lines to train on")
+                        help=_("lines longer than this many characters are cut for training"))
+    parser.add_argument("--input-sentence-size", type=int, default=2_000_000, help=_("most lines to train on"))
     return parser
 
 
 def coverage_line(coverage: dict) -> str:
     """One line on how the vocabulary covers the corpus's characters, with advice when it is thin."""
-    line = (f"character coverage {coverage['char_coverage']:.1%} of the training text; "
-            f"{coverage['byte_fallback_chars']} of {coverage['distinct_chars']} distinct characters fall back "
-            "to UTF-8 bytes")
+    line = _("character coverage {coverage:.1%} of the training text; {fallback} of {distinct} distinct characters "
+             "fall back to UTF-8 bytes").format(coverage=coverage["char_coverage"],
+                                                fallback=coverage["byte_fallback_chars"],
+                                                distinct=coverage["distinct_chars"])
     if coverage["byte_fallback_chars"]:
-        line += f" (most frequent: {coverage['byte_fallback_examples']})"
+        line += _(" (most frequent: {examples})").format(examples=coverage["byte_fallback_examples"])
     if coverage["char_coverage"] < 0.98:
-        line += "; a larger --vocab-size covers more (see docs/data.md: choosing a vocabulary size)"
+        line += _("; a larger --vocab-size covers more (see {docs}: choosing a vocabulary size)").format(
+            docs=docs_page("data.md"))
     return line
 
 
@@ -55,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     inputs = list(args.input)
     if not inputs and not args.demo:
-        print("error: give --input FILE (repeatable) or --demo", file=sys.stderr)
+        print(_("error: give --input FILE (repeatable) or --demo"), file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as scratch:
         if args.demo:
@@ -66,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
                                         max_sentence_length=args.max_sentence_length,
                                         input_sentence_size=args.input_sentence_size)
         except (InputError, TokenizerError) as err:
-            print(f"error: {err}", file=sys.stderr)
+            print(_("error: {error}").format(error=err), file=sys.stderr)
             return 2
-    print(f"tokenizer with {tokenizer.vocab_size} tokens written to {args.out} "
-          f"(checksum {tokenizer.checksum[:12]})")
+    print(_("tokenizer with {vocab_size} tokens written to {path} (checksum {checksum})").format(
+        vocab_size=tokenizer.vocab_size, path=args.out, checksum=tokenizer.checksum[:12]))
     print(coverage_line(tokenizer.meta["training"]["coverage"]))
     return 0
 

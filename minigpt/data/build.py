@@ -39,6 +39,7 @@ from minigpt.data.sources import (
     parse_record,
 )
 from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
+from minigpt.i18n import _, docs_page
 from minigpt.tokenizer import Tokenizer
 
 STATS_FILE = "dataset_stats.json"
@@ -82,10 +83,13 @@ class FileStats:
             lines.append(line)
 
     def summary(self) -> str:
-        parts = [f"{reason}: {count} (lines {', '.join(map(str, self.first_skipped_lines[reason]))}"
-                 f"{', ...' if count > len(self.first_skipped_lines[reason]) else ''})"
+        parts = [_("{reason}: {count} (lines {lines})").format(
+                     reason=reason, count=count,
+                     lines=", ".join(map(str, self.first_skipped_lines[reason]))
+                     + (", ..." if count > len(self.first_skipped_lines[reason]) else ""))
                  for reason, count in sorted(self.skipped.items())]
-        return f"{self.path}: skipped {sum(self.skipped.values())} of {self.documents_read}: {'; '.join(parts)}"
+        return _("{path}: skipped {skipped} of {read}: {reasons}").format(
+            path=self.path, skipped=sum(self.skipped.values()), read=self.documents_read, reasons="; ".join(parts))
 
 
 @dataclass
@@ -138,7 +142,7 @@ def _encode_post_training(tokenizer: Tokenizer, job: _Job, example: Example) -> 
     generation = job.kind == "rlhf"
     prompt = tokenizer.encode_chat(example.prompt_messages, add_generation_prompt=generation)
     if job.max_prompt_tokens is not None and len(prompt.ids) > job.max_prompt_tokens:
-        return Skip(example.line, "prompt_too_long", f"{len(prompt.ids)} tokens")
+        return Skip(example.line, "prompt_too_long", _("{count} tokens").format(count=len(prompt.ids)))
     if generation:
         return [(prompt.ids, None, {"messages": example.prompt_messages, **example.extra})]
     documents = []
@@ -170,15 +174,15 @@ def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChu
                 num_examples += 1
         num_kept = num_examples
     skips.sort(key=lambda skip: skip.line)
-    lengths = np.array([len(ids) for ids, _, _ in documents], dtype=np.int64)
+    lengths = np.array([len(ids) for ids, _mask, _record in documents], dtype=np.int64)
     # chain.from_iterable flattens in C: ~30% faster than a nested generator over millions of ids.
-    tokens = np.fromiter(chain.from_iterable(ids for ids, _, _ in documents), dtype=np.int64,
+    tokens = np.fromiter(chain.from_iterable(ids for ids, _mask, _record in documents), dtype=np.int64,
                          count=int(lengths.sum()))
     mask = None
     if job.kind in ("sft", "dpo"):
-        mask = np.fromiter(chain.from_iterable(doc_mask for _, doc_mask, _ in documents), dtype=np.uint8,
+        mask = np.fromiter(chain.from_iterable(doc_mask for _ids, doc_mask, _record in documents), dtype=np.uint8,
                            count=int(lengths.sum()))
-    records = [record for _, _, record in documents] if job.kind == "rlhf" else None
+    records = [record for _ids, _mask, record in documents] if job.kind == "rlhf" else None
     return _EncodedChunk(chunk.file_index, chunk.nbytes, skips, num_kept, num_cut, num_examples, tokens, lengths,
                          mask, records)
 
@@ -211,15 +215,15 @@ def _chunks(files: list[Path], stats: list[FileStats], strict: bool) -> Iterator
                     records, nbytes = [], 0
         except InputError as err:
             if strict:
-                raise DatasetBuildError(f"{err} (strict mode)") from err
-            print(f"[minigpt] warning: {err}; kept what was read before", file=sys.stderr)
+                raise DatasetBuildError(_("{error} (strict mode)").format(error=err)) from err
+            print(_("[minigpt] warning: {error}; kept what was read before").format(error=err), file=sys.stderr)
             stats[index].skip("unreadable_file", seen + 1)
             stats[index].documents_read += 1  # the record cut off (and whatever followed it) is lost
         if records:
             yield _Chunk(index, stats[index].format, records, nbytes)
         if seen == 0 and not stats[index].skipped:
             if strict:
-                raise DatasetBuildError(f"{path}: empty file (strict mode)")
+                raise DatasetBuildError(_("{path}: empty file (strict mode)").format(path=path))
             stats[index].skip("empty_file", 0)
 
 
@@ -243,7 +247,7 @@ def _encode_all(files: list[Path], stats: list[FileStats], tokenizer: Tokenizer,
                 strict: bool, progress: bool) -> Iterator[_EncodedChunk]:
     """Encoded chunks of every file, in input order; skipped records counted in `stats` (or raised)."""
     total = None if any(s.path.endswith(".gz") for s in stats) else sum(s.bytes for s in stats)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="pretokenize", disable=not progress)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=_("pretokenize"), disable=not progress)
     chunks = _chunks(files, stats, strict)
     pool = None
     if workers > 1:
@@ -258,8 +262,10 @@ def _encode_all(files: list[Path], stats: list[FileStats], tokenizer: Tokenizer,
             file_stats = stats[encoded.file_index]
             if encoded.skips and strict:
                 skip = encoded.skips[0]
-                detail = f" ({skip.detail})" if skip.detail else ""
-                raise DatasetBuildError(f"{file_stats.path}:{skip.line}: {skip.reason}{detail} (strict mode)")
+                message = (_("{path}:{line}: {reason} ({detail}) (strict mode)") if skip.detail
+                           else _("{path}:{line}: {reason} (strict mode)"))
+                raise DatasetBuildError(message.format(path=file_stats.path, line=skip.line, reason=skip.reason,
+                                                       detail=skip.detail))
             for skip in encoded.skips:
                 file_stats.skip(skip.reason, skip.line)
             file_stats.documents_read += len(encoded.skips) + encoded.num_kept
@@ -279,7 +285,7 @@ def split_examples(num_examples: int, val_fraction: float, seed: int) -> np.ndar
     are two or more examples.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise ValueError(_("val_fraction must be in [0, 1), got {value}").format(value=val_fraction))
     is_val = np.zeros(num_examples, dtype=bool)
     count = round(val_fraction * num_examples)
     if val_fraction > 0 and num_examples >= 2:
@@ -315,11 +321,12 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
     number of workers. See docs/data.md for the input schemas and the files written.
     """
     if kind not in KINDS:
-        raise DatasetBuildError(f"kind {kind!r} is not one of {KINDS}")
+        raise DatasetBuildError(_("kind {kind!r} is not one of {kinds}").format(kind=kind, kinds=KINDS))
     split_examples(0, val_fraction, seed)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
-        raise DatasetBuildError(f"{out_dir}: already exists; remove it or pass overwrite (--overwrite)")
+        raise DatasetBuildError(_("{path}: already exists; remove it or pass overwrite (--overwrite)").format(
+            path=out_dir))
     try:
         files = expand_inputs(inputs)
     except InputError as err:
@@ -341,10 +348,11 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
         staged_writer.close()
         for file_stats in stats:
             if file_stats.skipped:
-                print(f"[minigpt] {file_stats.summary()}", file=sys.stderr)
+                print(_("[minigpt] {message}").format(message=file_stats.summary()), file=sys.stderr)
         if not example_files:
-            raise DatasetBuildError(f"no usable {kind} examples in {', '.join(s.path for s in stats)} "
-                                    "(see the skip reasons above and docs/data.md for the formats)")
+            raise DatasetBuildError(_("no usable {kind} examples in {paths} (see the skip reasons above and {docs} "
+                                      "for the formats)").format(kind=kind, paths=", ".join(s.path for s in stats),
+                                                                 docs=docs_page("data.md")))
         staged = ShardReader(staging / "all")
         is_val = split_examples(len(example_files), val_fraction, seed)
         split_meta = {"seed": seed, "val_fraction": val_fraction}

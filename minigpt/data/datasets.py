@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from minigpt.data.shards import ShardError, ShardReader
+from minigpt.i18n import _
 
 IGNORE_INDEX = -100
 """Label of a position that takes no loss (prompt, padding); the one definition every loss imports."""
@@ -18,14 +19,14 @@ IGNORE_INDEX = -100
 def _check_index(index: int, length: int) -> int:
     index = int(index)
     if not 0 <= index < length:
-        raise IndexError(f"index {index} out of range for {length} samples")
+        raise IndexError(_("index {index} out of range for {length} samples").format(index=index, length=length))
     return index
 
 
 def _require_kind(reader: ShardReader, kind: str, user: str) -> None:
     if reader.kind != kind:
-        raise ShardError(f"{reader.directory / 'meta.json'}: {user} needs {kind} shards, "
-                         f"this shard is of kind {reader.kind!r}")
+        raise ShardError(_("{path}: {user} needs {kind} shards, this shard is of kind {shard_kind!r}").format(
+            path=reader.directory / "meta.json", user=user, kind=kind, shard_kind=reader.kind))
 
 
 class PretrainWindows:
@@ -37,7 +38,7 @@ class PretrainWindows:
 
     def __init__(self, reader: ShardReader, seq_len: int, segment_ids: bool = False):
         if seq_len < 1:
-            raise ValueError(f"seq_len must be positive, got {seq_len}")
+            raise ValueError(_("seq_len must be positive, got {value}").format(value=seq_len))
         self.reader, self.seq_len, self.segment_ids = reader, seq_len, segment_ids
 
     def __len__(self) -> int:

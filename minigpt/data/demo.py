@@ -18,6 +18,7 @@ from pydoc_data.topics import topics
 
 from minigpt.data.tasks import generate_tasks, phrase
 from minigpt.fsutil import atomic_write_text
+from minigpt.i18n import _
 
 CONVERSATIONS = [
     ("你好", "你好！我是 MiniGPT，一个小型语言模型。有什么可以帮你？", "嗯。"),
@@ -61,8 +62,8 @@ def demo_language(name: str) -> str | None:
         return None
     language = name[len(DEMO_PREFIX):]
     if language not in CORPORA:
-        raise ValueError(f"{name}: no such built-in corpus; choose "
-                         f"{' or '.join(DEMO_PREFIX + known for known in CORPORA)}")
+        raise ValueError(_("{name}: no such built-in corpus; choose {choices}").format(
+            name=name, choices=_(" or ").join(DEMO_PREFIX + known for known in CORPORA)))
     return language
 
 
@@ -89,9 +90,9 @@ def demo_post_training_records(kind: str, count: int = 2000, seed: int = 0) -> l
         elif kind == "rlhf":
             records.append({"prompt": prompt, "reference": task["reference"], "task": task["task"]})
         else:
-            raise ValueError(f"no demo data for kind {kind!r}; choose sft, dpo or rlhf")
+            raise ValueError(_("no demo data for kind {kind!r}; choose sft, dpo or rlhf").format(kind=kind))
     if kind != "rlhf":
-        for _ in range(max(1, count // 100)):  # often enough to be learned
+        for _repeat in range(max(1, count // 100)):  # often enough to be learned
             for user, good, poor in CONVERSATIONS:
                 records.append({"conversations": [{"role": "user", "content": user},
                                                   {"role": "assistant", "content": good}]} if kind == "sft"

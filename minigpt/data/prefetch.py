@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from minigpt.data.sampler import ResumableSampler
+from minigpt.i18n import _
 
 
 def stack(samples: Sequence[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
@@ -47,7 +48,7 @@ class PrefetchingLoader:
 
     def __init__(self, dataset, sampler: ResumableSampler, device: torch.device, depth: int = 2):
         if depth < 0:
-            raise ValueError(f"prefetch depth must be >= 0, got {depth}")
+            raise ValueError(_("prefetch depth must be >= 0, got {depth}").format(depth=depth))
         self.dataset, self.sampler, self.device, self.depth = dataset, sampler, device, depth
         self.pin = device.type == "cuda"
         self.wait_seconds = 0.0

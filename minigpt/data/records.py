@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt.data.sources import lone_surrogate_field
+from minigpt.i18n import _
 
 MAX_CSV_FIELD_CHARS = 131_072
 """The csv module's default field limit: a longer field is most likely an unclosed quote swallowing lines."""
@@ -29,7 +30,7 @@ def decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of each line of a UTF-8 file, a byte-order mark skipped. Bytes that are not UTF-8
     become lone surrogates (`surrogateescape`), so the caller can name the field that holds them."""
     if not path.is_file():
-        raise RecordError(f"{path}: no such file")
+        raise RecordError(_("{path}: no such file").format(path=path))
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             if number == 1:
@@ -41,7 +42,7 @@ def _bad_byte(text: str) -> str | None:
     """'byte 0xff at column 17' for the first byte of `text` that was not UTF-8, else None."""
     for column, char in enumerate(text, start=1):
         if "\udc80" <= char <= "\udcff":
-            return f"byte 0x{ord(char) - 0xDC00:02x} at column {column}"
+            return _("byte 0x{byte:02x} at column {column}").format(byte=ord(char) - 0xDC00, column=column)
     return None
 
 
@@ -51,9 +52,9 @@ def check_text_fields(where: str, record: Any) -> None:
     try:
         field = lone_surrogate_field(record)
     except RecursionError:
-        raise RecordError(f"{where}: nested too deeply to read") from None
+        raise RecordError(_("{where}: nested too deeply to read").format(where=where)) from None
     if field:
-        raise RecordError(f"{where}: field {field!r} is not valid UTF-8 text")
+        raise RecordError(_("{where}: field {field!r} is not valid UTF-8 text").format(where=where, field=field))
 
 
 def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
@@ -65,10 +66,12 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
             value = json.loads(line)
         except json.JSONDecodeError as err:
             problem = _bad_byte(line)
-            raise RecordError(f"{path}:{number}: " + (f"not valid UTF-8 ({problem})" if problem
-                                                       else f"not valid JSON ({err.msg})")) from None
+            message = (_("{path}:{line}: not valid UTF-8 ({problem})") if problem
+                       else _("{path}:{line}: not valid JSON ({problem})"))
+            raise RecordError(message.format(path=path, line=number, problem=problem or err.msg)) from None
         except RecursionError:
-            raise RecordError(f"{path}:{number}: JSON nested too deeply to read") from None
+            raise RecordError(_("{path}:{line}: JSON nested too deeply to read").format(path=path, line=number)) \
+                from None
         if "\\u" in line or _bad_byte(line):
             check_text_fields(f"{path}:{number}", value)
         yield number, value
@@ -79,7 +82,7 @@ def jsonl_objects(path: Path) -> Iterator[tuple[int, dict]]:
     is a RecordError naming the file and line."""
     for number, value in json_lines(path):
         if not isinstance(value, dict):
-            raise RecordError(f"{path}:{number}: expected a JSON object")
+            raise RecordError(_("{path}:{line}: expected a JSON object").format(path=path, line=number))
         yield number, value
 
 
@@ -101,7 +104,8 @@ def csv_records(path: Path) -> list[tuple[int, dict]]:
             _check_row(f"{path}:{start}", row)
             rows.append((start, row))
     except csv.Error as err:
-        raise RecordError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
+        raise RecordError(_("{path}:{line}: not valid CSV ({error})").format(path=path, line=reader.line_num,
+                                                                              error=err)) from None
     finally:
         csv.field_size_limit(previous_limit)
 
@@ -109,6 +113,7 @@ def csv_records(path: Path) -> list[tuple[int, dict]]:
 def _check_row(where: str, row: dict) -> None:
     for name, value in row.items():
         if isinstance(value, str) and len(value) > MAX_CSV_FIELD_CHARS:
-            raise RecordError(f"{where}: field {name!r} is {len(value):,} characters long (at most "
-                              f"{MAX_CSV_FIELD_CHARS:,}; an unclosed quote makes one field of the lines after it)")
+            raise RecordError(_("{where}: field {name!r} is {length:,} characters long (at most {limit:,}; an "
+                                "unclosed quote makes one field of the lines after it)").format(
+                where=where, name=name, length=len(value), limit=MAX_CSV_FIELD_CHARS))
     check_text_fields(where, {str(name): value for name, value in row.items()})

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from minigpt.i18n import _
+
 
 @dataclass
 class SamplerState:
@@ -33,10 +35,12 @@ class ResumableSampler:
                  world_size: int = 1, seed: int = 0, shuffle: bool = True):
         self.global_batch = micro_batch_size * grad_accum * world_size
         if num_samples < self.global_batch:
-            raise SamplerError(
-                f"dataset has {num_samples} samples but one optimizer step needs {self.global_batch} "
-                f"(micro-batch {micro_batch_size} x accumulation {grad_accum} x {world_size} ranks): "
-                "use more data, a shorter --seq-len or a smaller batch")
+            raise SamplerError(_(
+                "dataset has {samples} samples but one optimizer step needs {global_batch} (micro-batch "
+                "{micro_batch} x accumulation {grad_accum} x {world_size} ranks): use more data, a shorter --seq-len "
+                "or a smaller batch").format(samples=num_samples, global_batch=self.global_batch,
+                                             micro_batch=micro_batch_size, grad_accum=grad_accum,
+                                             world_size=world_size))
         self.num_samples, self.micro_batch_size = num_samples, micro_batch_size
         self.grad_accum, self.rank, self.world_size = grad_accum, rank, world_size
         self.seed, self.shuffle = seed, shuffle
@@ -77,18 +81,21 @@ class ResumableSampler:
         A field of the wrong type or out of range is a `SamplerError` naming it (`sampler.position`)."""
         for name in ("num_samples", "global_batch", "seed", "epoch", "position"):
             if name not in state:
-                raise SamplerError(f"sampler.{name}: missing from the sampler state")
+                raise SamplerError(_("sampler.{name}: missing from the sampler state").format(name=name))
             value = state[name]
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise SamplerError(f"sampler.{name} must be a non-negative integer, got {str(value)[:40]!r}")
+                raise SamplerError(_("sampler.{name} must be a non-negative integer, got {value!r}").format(
+                    name=name, value=str(value)[:40]))
         if state["num_samples"] != self.num_samples:
-            raise SamplerError(f"sampler state is for a dataset of {state['num_samples']} samples, "
-                             f"this one has {self.num_samples}: the data changed since the checkpoint")
+            raise SamplerError(_("sampler state is for a dataset of {saved} samples, this one has {samples}: the "
+                                 "data changed since the checkpoint").format(saved=state["num_samples"],
+                                                                             samples=self.num_samples))
         if state["global_batch"] != self.global_batch:
-            raise SamplerError(f"sampler state is for a global batch of {state['global_batch']}, this run uses "
-                             f"{self.global_batch}: keep micro-batch x accumulation x ranks equal to resume")
+            raise SamplerError(_("sampler state is for a global batch of {saved}, this run uses {global_batch}: "
+                                 "keep micro-batch x accumulation x ranks equal to resume").format(
+                saved=state["global_batch"], global_batch=self.global_batch))
         if state["position"] > self.num_samples:
-            raise SamplerError(f"sampler.position must be an integer from 0 to {self.num_samples} (the "
-                               f"dataset's samples), got {state['position']}")
+            raise SamplerError(_("sampler.position must be an integer from 0 to {samples} (the dataset's samples), "
+                                 "got {position}").format(samples=self.num_samples, position=state["position"]))
         self.seed = state["seed"]
         self.state = SamplerState(epoch=state["epoch"], position=state["position"])

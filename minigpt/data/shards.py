@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from minigpt.fsutil import fsync_file
+from minigpt.i18n import _
 
 __all__ = ["FORMAT_VERSION", "ShardError", "ShardReader", "ShardWriter", "open_shard", "token_dtype"]
 
@@ -49,7 +50,7 @@ class ShardWriter:
     def __init__(self, directory: str | Path, vocab_size: int, kind: str, tokenizer_checksum: str,
                  sources: list[str] | None = None):
         if kind not in KINDS:
-            raise ValueError(f"kind {kind!r} is not one of {KINDS}")
+            raise ValueError(_("kind {kind!r} is not one of {kinds}").format(kind=kind, kinds=KINDS))
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=False)
         self.vocab_size, self.kind, self.checksum = vocab_size, kind, tokenizer_checksum
@@ -71,19 +72,21 @@ class ShardWriter:
         """Append consecutive documents given as one token array and their lengths (same for the mask)."""
         tokens = np.asarray(tokens)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ShardError(f"{self.directory}: token ids outside the vocabulary of {self.vocab_size} "
-                             f"(min {int(tokens.min())}, max {int(tokens.max())})")
+            raise ShardError(_("{path}: token ids outside the vocabulary of {vocab_size} (min {low}, max {high})")
+                             .format(path=self.directory, vocab_size=self.vocab_size, low=int(tokens.min()),
+                                     high=int(tokens.max())))
         if int(np.sum(lengths)) != len(tokens):
-            raise ShardError(f"{self.directory}: document lengths add up to {int(np.sum(lengths))}, "
-                             f"not the {len(tokens)} tokens given")
+            raise ShardError(_("{path}: document lengths add up to {total}, not the {tokens} tokens given").format(
+                path=self.directory, total=int(np.sum(lengths)), tokens=len(tokens)))
         self._tokens.write(tokens.astype(self.dtype, copy=False).tobytes())
         if self._mask is not None:
             if loss_mask is None or len(loss_mask) != len(tokens):
-                raise ShardError(f"{self.directory}: {self.kind} documents need a loss mask as long as their ids")
+                raise ShardError(_("{path}: {kind} documents need a loss mask as long as their ids").format(
+                    path=self.directory, kind=self.kind))
             self._mask.write(np.asarray(loss_mask, dtype=np.uint8).tobytes())
         if self._records is not None:
             if records is None or len(records) != len(lengths):
-                raise ShardError(f"{self.directory}: rlhf documents need one record each")
+                raise ShardError(_("{path}: rlhf documents need one record each").format(path=self.directory))
             self._records.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         self.offsets.extend((self.offsets[-1] + np.cumsum(lengths, dtype=np.int64)).tolist())
 
@@ -108,12 +111,13 @@ class ShardWriter:
 def _map(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
     """Read-only memmap of `count` items; refuses a file of another size (truncated or padded)."""
     if not path.is_file():
-        raise ShardError(f"{path}: missing (the shard is incomplete)")
+        raise ShardError(_("{path}: missing (the shard is incomplete)").format(path=path))
     expected = count * dtype.itemsize
     actual = path.stat().st_size
     if actual != expected:
-        raise ShardError(f"{path}: {actual} bytes, meta.json promises {expected} ({count} x {dtype.name}); "
-                         "the shard is truncated or corrupt, rebuild it")
+        raise ShardError(_("{path}: {actual} bytes, meta.json promises {expected} ({count} x {dtype}); the shard is "
+                           "truncated or corrupt, rebuild it").format(path=path, actual=actual, expected=expected,
+                                                                       count=count, dtype=dtype.name))
     if count == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
@@ -126,33 +130,35 @@ class ShardReader:
         self.directory = Path(directory)
         meta_path = self.directory / META
         if not meta_path.is_file():
-            raise ShardError(f"{meta_path}: missing; {self.directory} is not a complete shard "
-                             "(build it with data_tools/pretokenize.py)")
+            raise ShardError(_("{path}: missing; {directory} is not a complete shard (build it with "
+                               "data_tools/pretokenize.py)").format(path=meta_path, directory=self.directory))
         try:
             self.meta = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ShardError(f"{meta_path}: not valid JSON ({err})") from err
+            raise ShardError(_("{path}: not valid JSON ({error})").format(path=meta_path, error=err)) from err
         version = self.meta.get("format_version")
         if version != FORMAT_VERSION:
-            raise ShardError(f"{meta_path}: shard format version {version!r}, this MiniGPT reads version "
-                             f"{FORMAT_VERSION}; rebuild the shards with this version's pretokenize")
+            raise ShardError(_("{path}: shard format version {version!r}, this MiniGPT reads version {supported}; "
+                               "rebuild the shards with this version's pretokenize").format(
+                path=meta_path, version=version, supported=FORMAT_VERSION))
         for key in ("kind", "dtype", "vocab_size", "tokenizer_checksum", "num_documents", "num_tokens"):
             if key not in self.meta:
-                raise ShardError(f"{meta_path}: field {key!r} missing")
+                raise ShardError(_("{path}: field {field!r} missing").format(path=meta_path, field=key))
         self.kind = self.meta["kind"]
         if self.kind not in KINDS:
-            raise ShardError(f"{meta_path}: kind {self.kind!r} is not one of {KINDS}")
+            raise ShardError(_("{path}: kind {kind!r} is not one of {kinds}").format(path=meta_path, kind=self.kind,
+                                                                                      kinds=KINDS))
         self.num_documents, self.num_tokens = int(self.meta["num_documents"]), int(self.meta["num_tokens"])
         self.vocab_size = int(self.meta["vocab_size"])
         expected_dtype = token_dtype(self.vocab_size)
         if self.meta["dtype"] != expected_dtype.name:
-            raise ShardError(f"{meta_path}: dtype {self.meta['dtype']!r}, a vocabulary of {self.vocab_size} "
-                             f"is stored as {expected_dtype.name}")
+            raise ShardError(_("{path}: dtype {dtype!r}, a vocabulary of {vocab_size} is stored as {expected}").format(
+                path=meta_path, dtype=self.meta["dtype"], vocab_size=self.vocab_size, expected=expected_dtype.name))
         self.tokens = _map(self.directory / TOKENS, expected_dtype, self.num_tokens)
         self.offsets = _map(self.directory / OFFSETS, np.dtype(np.int64), self.num_documents + 1)
         if self.offsets[0] != 0 or self.offsets[-1] != self.num_tokens or np.any(np.diff(self.offsets) < 0):
-            raise ShardError(f"{self.directory / OFFSETS}: offsets do not index {self.num_tokens} tokens; "
-                             "the shard is corrupt, rebuild it")
+            raise ShardError(_("{path}: offsets do not index {tokens} tokens; the shard is corrupt, rebuild it").format(
+                path=self.directory / OFFSETS, tokens=self.num_tokens))
         self.loss_mask = None
         if self.kind in MASKED_KINDS:
             self.loss_mask = _map(self.directory / LOSS_MASK, np.dtype(np.uint8), self.num_tokens)
@@ -163,10 +169,11 @@ class ShardReader:
     def _read_records(self) -> list[dict]:
         path = self.directory / RECORDS
         if not path.is_file():
-            raise ShardError(f"{path}: missing (the shard is incomplete)")
+            raise ShardError(_("{path}: missing (the shard is incomplete)").format(path=path))
         lines = path.read_text(encoding="utf-8").splitlines()
         if len(lines) != self.num_documents:
-            raise ShardError(f"{path}: {len(lines)} records for {self.num_documents} documents; rebuild the shard")
+            raise ShardError(_("{path}: {records} records for {documents} documents; rebuild the shard").format(
+                path=path, records=len(lines), documents=self.num_documents))
         return [json.loads(line) for line in lines]
 
     @property
@@ -180,7 +187,7 @@ class ShardReader:
     def document_mask(self, index: int) -> np.ndarray:
         """Loss mask of document `index` (sft/dpo shards)."""
         if self.loss_mask is None:
-            raise ShardError(f"{self.directory}: a {self.kind} shard has no loss mask")
+            raise ShardError(_("{path}: a {kind} shard has no loss mask").format(path=self.directory, kind=self.kind))
         return self.loss_mask[self.offsets[index]:self.offsets[index + 1]]
 
     def document_lengths(self) -> np.ndarray:
@@ -189,7 +196,8 @@ class ShardReader:
     def window(self, start: int, length: int) -> np.ndarray:
         """`length` tokens of the flat stream from `start` (documents separated by EOS)."""
         if start < 0 or start + length > self.num_tokens:
-            raise IndexError(f"window [{start}, {start + length}) outside {self.num_tokens} tokens")
+            raise IndexError(_("window [{start}, {end}) outside {tokens} tokens").format(
+                start=start, end=start + length, tokens=self.num_tokens))
         return self.tokens[start:start + length]
 
 
@@ -198,15 +206,18 @@ def open_shard(dataset_dir: str | Path, split: str = "train", tokenizer_checksum
     """Open `dataset_dir/split` read-only, refusing a shard of another tokenizer, vocabulary or kind."""
     directory = Path(dataset_dir) / split
     if not directory.is_dir():
-        raise ShardError(f"{directory}: no such shard directory (is {dataset_dir} a dataset built by pretokenize?)")
+        raise ShardError(_("{path}: no such shard directory (is {dataset} a dataset built by pretokenize?)").format(
+            path=directory, dataset=dataset_dir))
     reader = ShardReader(directory)
     meta_path = directory / META
     if tokenizer_checksum is not None and reader.checksum != tokenizer_checksum:
-        raise ShardError(f"{meta_path}: built with tokenizer {reader.checksum[:12]}, this run uses "
-                         f"{tokenizer_checksum[:12]}; re-run pretokenize with this run's tokenizer")
+        raise ShardError(_("{path}: built with tokenizer {built}, this run uses {used}; re-run pretokenize with this "
+                           "run's tokenizer").format(path=meta_path, built=reader.checksum[:12],
+                                                     used=tokenizer_checksum[:12]))
     if vocab_size is not None and reader.vocab_size != vocab_size:
-        raise ShardError(f"{meta_path}: vocabulary of {reader.vocab_size} tokens, this run uses {vocab_size}")
+        raise ShardError(_("{path}: vocabulary of {built} tokens, this run uses {used}").format(
+            path=meta_path, built=reader.vocab_size, used=vocab_size))
     if kind is not None and reader.kind != kind:
-        raise ShardError(f"{meta_path}: shards of kind {reader.kind!r}, this run needs {kind!r} "
-                         f"(pretokenize --kind {kind})")
+        raise ShardError(_("{path}: shards of kind {built!r}, this run needs {kind!r} (pretokenize --kind {kind})")
+                         .format(path=meta_path, built=reader.kind, kind=kind))
     return reader

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minigpt.i18n import _
 from minigpt.tokenizer import CHAT_ROLES, is_utf8_text
 
 KINDS = ("pretrain", "sft", "dpo", "rlhf")
@@ -63,7 +64,7 @@ def input_format(path: Path) -> str:
         return "txt"
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
-    raise InputError(f"{path}: unsupported input suffix; use .txt, .jsonl or .jsonl.gz")
+    raise InputError(_("{path}: unsupported input suffix; use .txt, .jsonl or .jsonl.gz").format(path=path))
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -74,17 +75,17 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
         if glob.has_magic(text):
             matches = sorted(Path(m) for m in glob.glob(text, recursive=True) if Path(m).is_file())
             if not matches:
-                raise InputError(f"input pattern {text!r} matches no file")
+                raise InputError(_("input pattern {pattern!r} matches no file").format(pattern=text))
         else:
             if not Path(text).is_file():
-                raise InputError(f"input {text}: no such file")
+                raise InputError(_("input {path}: no such file").format(path=text))
             matches = [Path(text)]
         for match in matches:
             input_format(match)
             if match.resolve() not in {f.resolve() for f in files}:
                 files.append(match)
     if not files:
-        raise InputError("no input files given")
+        raise InputError(_("no input files given"))
     return files
 
 
@@ -124,7 +125,7 @@ def iter_raw_records(path: Path) -> Iterator[tuple[int, bytes]]:
             if paragraph:
                 yield start, b"".join(paragraph)
     except (EOFError, OSError, zlib.error) as err:
-        raise InputError(f"{path}: cannot be read to the end ({err})") from err
+        raise InputError(_("{path}: cannot be read to the end ({error})").format(path=path, error=err)) from err
 
 
 def lone_surrogate_field(value, name: str = "") -> str | None:
@@ -206,11 +207,11 @@ def parse_record(kind: str, fmt: str, line: int, raw: bytes, text_field: str = "
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        return Skip(line, "not_utf8", f"byte {err.start}")
+        return Skip(line, "not_utf8", _("byte {offset}").format(offset=err.start))
     if fmt == "txt":
         text = text.rstrip("\r\n")
         if kind != "pretrain":
-            return Skip(line, "not_jsonl", f"{kind} data must be JSONL")
+            return Skip(line, "not_jsonl", _("{kind} data must be JSONL").format(kind=kind))
         return Example(line, text=text) if text.strip() else Skip(line, "empty_document")
     if not text.strip():
         return Skip(line, "empty_line")
@@ -219,12 +220,12 @@ def parse_record(kind: str, fmt: str, line: int, raw: bytes, text_field: str = "
     except json.JSONDecodeError as err:
         return Skip(line, "malformed_json", err.msg)
     except RecursionError:
-        return Skip(line, "malformed_json", "nested too deeply")
+        return Skip(line, "malformed_json", _("nested too deeply"))
     if not isinstance(record, dict):
         return Skip(line, "not_an_object")
     bad_field = _may_hold_surrogate(text) and _used_lone_surrogate(kind, record, text_field)
     if bad_field:
-        return Skip(line, "lone_surrogate", f"field {bad_field}")
+        return Skip(line, "lone_surrogate", _("field {name}").format(name=bad_field))
     if kind == "pretrain":
         return _parse_pretrain(line, record, text_field)
     if kind == "sft":

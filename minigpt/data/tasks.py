@@ -21,6 +21,7 @@ from pathlib import Path
 
 from minigpt.data.records import RecordError, json_lines
 from minigpt.fsutil import atomic_write_text
+from minigpt.i18n import _
 
 TASKS = ("add", "reverse", "sort")
 LANGUAGES = ("en", "zh")
@@ -67,7 +68,7 @@ def solve(prompt: str) -> str | None:
 def _question(task: str, rng: random.Random) -> str:
     if task == "add":
         return f"Add {rng.randint(0, 99)}+{rng.randint(0, 99)}"
-    letters = "".join(rng.choice(_LETTERS) for _ in range(rng.randint(3, 5)))
+    letters = "".join(rng.choice(_LETTERS) for _letter in range(rng.randint(3, 5)))
     return f"{'Reverse' if task == 'reverse' else 'Sort'} {letters}"
 
 
@@ -90,9 +91,11 @@ def generate_tasks(count: int, seed: int = 0, tasks: tuple[str, ...] = TASKS,
     """
     unknown = set(tasks) - set(TASKS)
     if unknown:
-        raise ValueError(f"unknown task(s) {sorted(unknown)}; choose from {TASKS}")
+        raise ValueError(_("unknown task(s) {tasks}; choose from {choices}").format(tasks=sorted(unknown),
+                                                                                    choices=TASKS))
     if language not in LANGUAGES:
-        raise ValueError(f"unknown language {language!r}; choose from {LANGUAGES}")
+        raise ValueError(_("unknown language {language!r}; choose from {choices}").format(language=language,
+                                                                                          choices=LANGUAGES))
     rng = random.Random(seed)
     records = []
     taken = set(exclude) if exclude is not None else None
@@ -104,8 +107,9 @@ def generate_tasks(count: int, seed: int = 0, tasks: tuple[str, ...] = TASKS,
         if taken is not None:
             attempts += 1
             if attempts > 100 * count + 10_000:
-                raise ValueError(f"only {len(records)} of {count} {task} prompts found outside the excluded "
-                                 f"prompts: the task space is nearly used up; ask for fewer")
+                raise ValueError(_("only {found} of {count} {task} prompts found outside the excluded prompts: the "
+                                   "task space is nearly used up; ask for fewer").format(found=len(records),
+                                                                                         count=count, task=task))
             if prompt in taken:
                 continue
             taken.add(prompt)
@@ -171,7 +175,7 @@ def read_prompts(paths: Iterable[str | Path]) -> set[str]:
     for path in paths:
         path = Path(path)
         if not path.is_file():
-            raise RecordError(f"{path}: no such file (given as a training file to exclude)")
+            raise RecordError(_("{path}: no such file (given as a training file to exclude)").format(path=path))
         for _number, record in json_lines(path):
             prompt = prompt_of(record) if isinstance(record, (dict, str)) else ""
             if prompt.strip():
@@ -209,7 +213,7 @@ def check_answer(task: dict | str, answer: str) -> bool:
     """
     expected = expected_answer(task)
     if expected is None:
-        raise ValueError(f"not a verifiable task: {prompt_of(task)!r}")
+        raise ValueError(_("not a verifiable task: {prompt!r}").format(prompt=prompt_of(task)))
     return answer.strip() == expected
 
 

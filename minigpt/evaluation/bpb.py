@@ -22,6 +22,7 @@ from minigpt.data.shards import META, ShardError, ShardReader, open_shard
 from minigpt.data.sources import InputError, cut_long_text, input_format, iter_raw_records, training_texts
 from minigpt.evaluation.context import EvalContext, EvalDataError
 from minigpt.evaluation.spec import TaskSpec
+from minigpt.i18n import _
 from minigpt.train.metrics import MetricSums
 from minigpt.train.objectives import token_byte_lengths
 
@@ -43,8 +44,9 @@ def _open_shard(spec: TaskSpec, tokenizer) -> ShardReader:
     else:
         reader = open_shard(path, spec.get("split", "val"))
     if tokenizer is not None and reader.checksum != tokenizer.checksum:
-        raise ShardError(f"{reader.directory / META}: built with tokenizer {reader.checksum[:12]}, the model uses "
-                         f"{tokenizer.checksum[:12]}; pre-tokenize the data with the model's tokenizer")
+        raise ShardError(_("{path}: built with tokenizer {built}, the model uses {used}; pre-tokenize the data with "
+                           "the model's tokenizer").format(path=reader.directory / META, built=reader.checksum[:12],
+                                                           used=tokenizer.checksum[:12]))
     return reader
 
 
@@ -60,11 +62,12 @@ def token_chunks(spec: TaskSpec, tokenizer) -> tuple[Iterator[np.ndarray], int |
                 yield np.asarray(reader.tokens[start:start + _CHUNK], dtype=np.int64)
         return from_shard(), reader.num_tokens + 1
     if not path.is_file():
-        raise EvalDataError(f"{spec.text}: {path} is neither a file nor a shard directory")
+        raise EvalDataError(_("{task}: {path} is neither a file nor a shard directory").format(task=spec.text,
+                                                                                               path=path))
     try:
         input_format(path)
     except InputError as err:
-        raise EvalDataError(f"{spec.text}: {err}") from None
+        raise EvalDataError(_("{task}: {error}").format(task=spec.text, error=err)) from None
 
     def from_text() -> Iterator[np.ndarray]:
         yield np.array([tokenizer.eos_id], dtype=np.int64)
@@ -142,11 +145,11 @@ def evaluate_bpb(spec: TaskSpec, ctx: EvalContext) -> dict[str, float]:
                 _score(ctx, batch, seq_len, byte_lengths, sums)
                 computed += 1
             index, last = index + 1, batch
-    for _ in range(ctx.owed_batches(index, computed)):
+    for _owed in range(ctx.owed_batches(index, computed)):
         _score(ctx, last, seq_len, byte_lengths, None)
     reduced = ctx.reduce(sums)
     if reduced["tokens"] == 0:
-        raise EvalDataError(f"{spec.text}: no text to evaluate in {spec.path}")
+        raise EvalDataError(_("{task}: no text to evaluate in {path}").format(task=spec.text, path=spec.path))
     nats = reduced["loss_sum"] / reduced["tokens"]
     return {"bpb": reduced["loss_sum"] / math.log(2) / max(reduced["bytes"], 1.0), "nats_per_token": nats,
             "perplexity": math.exp(min(nats, 700.0)), "tokens": int(reduced["tokens"]),

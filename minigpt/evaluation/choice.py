@@ -26,6 +26,7 @@ import torch
 from minigpt.data.records import RecordError, csv_records, jsonl_objects
 from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches
 from minigpt.evaluation.spec import TaskSpec
+from minigpt.i18n import _
 from minigpt.train.metrics import MetricSums
 
 SUMS = ("correct", "correct_norm", "items", "gold_logprob")
@@ -43,10 +44,10 @@ class ChoiceItem:
 
 def _records(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
-        raise EvalDataError(f"{path}: no such file")
+        raise EvalDataError(_("{path}: no such file").format(path=path))
     name = path.name.lower()
     if not name.endswith((".csv", ".jsonl")):
-        raise EvalDataError(f"{path}: multiple-choice items must be .jsonl or .csv")
+        raise EvalDataError(_("{path}: multiple-choice items must be .jsonl or .csv").format(path=path))
     try:
         return csv_records(path) if name.endswith(".csv") else list(jsonl_objects(path))
     except RecordError as err:
@@ -58,7 +59,7 @@ def _item(path: Path, number: int, record: dict) -> ChoiceItem:
     where = f"{path}:{number}"
     question = fields.get("question")
     if not isinstance(question, str) or not question.strip():
-        raise EvalDataError(f"{where}: field 'question' missing or empty")
+        raise EvalDataError(_("{where}: field 'question' missing or empty").format(where=where))
     choices = []
     for letter in string.ascii_lowercase:
         value = fields.get(letter)
@@ -68,13 +69,15 @@ def _item(path: Path, number: int, record: dict) -> ChoiceItem:
     if not choices and isinstance(fields.get("choices"), list):  # MMLU's Hub layout: "choices": [...]
         choices = [str(c) for c in fields["choices"]]
     if len(choices) < 2:
-        raise EvalDataError(f"{where}: needs choice fields A and B at least (found {len(choices)} choice(s))")
+        raise EvalDataError(_("{where}: needs choice fields A and B at least (found {count} choice(s))").format(
+            where=where, count=len(choices)))
     answer = str(fields.get("answer", "")).strip().upper()
     if isinstance(fields.get("answer"), int) and 0 <= fields["answer"] < len(choices):  # MMLU on the Hub: 0..3
         answer = string.ascii_uppercase[fields["answer"]]
     if len(answer) != 1 or not "A" <= answer < chr(ord("A") + len(choices)):
-        raise EvalDataError(f"{where}: field 'answer' must be one of the choice letters "
-                            f"{string.ascii_uppercase[:len(choices)]}, got {fields.get('answer')!r}")
+        raise EvalDataError(_("{where}: field 'answer' must be one of the choice letters {letters}, got {answer!r}")
+                            .format(where=where, letters=string.ascii_uppercase[:len(choices)],
+                                    answer=fields.get("answer")))
     return ChoiceItem(question.strip(), tuple(choices), ord(answer) - ord("A"))
 
 
@@ -83,7 +86,7 @@ def load_items(path: Path) -> list[ChoiceItem]:
     that the file has no items."""
     items = [_item(path, number, record) for number, record in _records(path)]
     if not items:
-        raise EvalDataError(f"{path}: no items (the file is empty or holds only a header)")
+        raise EvalDataError(_("{path}: no items (the file is empty or holds only a header)").format(path=path))
     return items
 
 
@@ -123,7 +126,7 @@ def encode_pair(tokenizer, context: str, continuation: str, max_len: int) -> tup
 @torch.no_grad()
 def continuation_logprobs(ctx: EvalContext, sequences: list[tuple[list[int], int]]) -> list[float]:
     """Summed log-probability of each sequence's last `n` tokens given the tokens before them."""
-    width = max(len(ids) for ids, _ in sequences)
+    width = max(len(ids) for ids, _count in sequences)
     inputs = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, (ids, _n) in enumerate(sequences):
         inputs[row, :len(ids)] = torch.tensor(ids)
@@ -168,7 +171,7 @@ def evaluate_choice(spec: TaskSpec, ctx: EvalContext) -> dict[str, float]:
         batch = kept[:ctx.batch_size]
         last = [encode_pair(ctx.tokenizer, context_text(item, shots, style), cont, ctx.max_seq_len)
                 for item in batch for cont in continuations(item, style)]
-    for _ in range(owed):
+    for _owed in range(owed):
         continuation_logprobs(ctx, last)
     reduced = ctx.reduce(sums)
     count = max(reduced["items"], 1.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from minigpt.evaluation.choice import evaluate_choice, load_items
 from minigpt.evaluation.context import EvalContext
 from minigpt.evaluation.spec import TaskSpec
 from minigpt.evaluation.verifiable import evaluate_tasks, load_tasks
+from minigpt.i18n import _
 
 EVALUATORS: dict[str, Callable[[TaskSpec, EvalContext], dict[str, float]]] = {
     "bpb": evaluate_bpb,
@@ -54,12 +56,18 @@ def _cell(value: float) -> str:
     return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
 
 
+def _width(text: str) -> int:
+    """Console columns of `text`: a wide (CJK) character takes two."""
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+
+
 def format_table(results: dict[str, dict[str, float]]) -> str:
-    """One row per task and metric, aligned for the console."""
-    rows = [("task", "metric", "value")]
+    """One row per task and metric, aligned for the console (headers in the user's language)."""
+    rows = [(_("task"), _("metric"), _("value"))]
     for task, metrics in results.items():
         rows += [(task, name, _cell(value)) for name, value in metrics.items()]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows]
-    lines.insert(1, "-" * len(lines[0]))
+    widths = [max(_width(row[i]) for row in rows) for i in range(3)]
+    lines = [a + " " * (widths[0] - _width(a) + 2) + b + " " * (widths[1] - _width(b) + 2)
+             + " " * (widths[2] - _width(c)) + c for a, b, c in rows]
+    lines.insert(1, "-" * _width(lines[0]))
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from minigpt.data.tasks import expected_answer, final_answer, prompt_of, reward,
 from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches, jsonl_objects
 from minigpt.evaluation.spec import TaskSpec
 from minigpt.generate import GenerationConfig, TextGenerator
+from minigpt.i18n import _
 from minigpt.train.metrics import MetricSums
 
 
@@ -30,15 +31,15 @@ def load_tasks(path: Path) -> list[dict]:
         prompt = prompt_of(record).strip()
         reference = expected_answer(record) if prompt else None
         if reference is None:
-            raise EvalDataError(f"{path}:{number}: not a verifiable task (no prompt with a known answer, "
-                                "'reference' field, or closing assistant turn)")
+            raise EvalDataError(_("{path}:{line}: not a verifiable task (no prompt with a known answer, 'reference' "
+                                  "field, or closing assistant turn)").format(path=path, line=number))
         messages = record.get("messages") or record.get("conversations")
         context = (messages[:-1] if final_answer(record) is not None and "reference" not in record
                    else [{"role": "user", "content": prompt}])
         group = record.get("task") or record.get("kind") or task_of(prompt) or "other"
         records.append({"prompt": prompt, "context": context, "reference": reference, "task": str(group)})
     if not records:
-        raise EvalDataError(f"{path}: no tasks (the file is empty)")
+        raise EvalDataError(_("{path}: no tasks (the file is empty)").format(path=path))
     return records
 
 
@@ -60,8 +61,9 @@ def evaluate_tasks(spec: TaskSpec, ctx: EvalContext) -> dict[str, float]:
     longest = max((len(p) for p in prompts), default=0)
     max_new = min(answer_budget(spec, [r["reference"] for r in kept], tokenizer), ctx.max_seq_len - longest)
     if kept and max_new < 1:
-        raise EvalDataError(f"{spec.text}: a prompt of {longest} tokens leaves no room to answer within the "
-                            f"model's max_seq_len {ctx.max_seq_len}")
+        raise EvalDataError(_("{task}: a prompt of {tokens} tokens leaves no room to answer within the model's "
+                              "max_seq_len {max_seq_len}").format(task=spec.text, tokens=longest,
+                                                                  max_seq_len=ctx.max_seq_len))
     kinds = sorted({r["task"] for r in kept})
     sums = MetricSums(["correct", "reward", "items"] + [f"{m}/{k}" for k in kinds for m in ("correct", "reward",
                                                                                                 "items")])
@@ -89,7 +91,7 @@ def evaluate_tasks(spec: TaskSpec, ctx: EvalContext) -> dict[str, float]:
                         sums.add("reward" + suffix, score)
                         sums.add("items" + suffix, 1)
             bar.update(len(rows))
-    for _ in range(ctx.owed_batches(total, computed)):
+    for _owed in range(ctx.owed_batches(total, computed)):
         generator.generate_sequences([prompts[i] for i in batches[-1][1]], config)
     reduced = ctx.reduce(sums)
     results = {"exact_match": reduced["correct"] / max(reduced["items"], 1.0),

@@ -189,7 +189,7 @@ class Engine(ABC):
     def load(self, directory: Path) -> None:
         """Restore model, optimizer, scheduler and scaler from a checkpoint `directory` (every rank calls).
 
-        Either engine reads the other's checkpoints (see docs/distributed.md, cross-engine resume)."""
+        Either engine reads checkpoints of the other (see docs/distributed.md, cross-engine resume)."""
 
     @abstractmethod
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:

@@ -35,7 +35,8 @@ def loads(text: str, source: str) -> Any:
     try:
         return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
-        raise JSONFileError(_("{source}: nested too deeply to be a file this program wrote").format(source=source)) from None
+        raise JSONFileError(_("{source}: nested too deeply to be a file this program wrote").format(
+            source=source)) from None
     except (ValueError, OverflowError) as err:
         raise JSONFileError(_("{path}: not valid JSON ({error})").format(path=source, error=str(err)[:200])) from None
 
@@ -49,7 +50,8 @@ def read_json(path: str | Path, max_bytes: int) -> Any:
     except FileNotFoundError:
         raise JSONFileError(_("{path}: missing").format(path=path)) from None
     except OSError as err:
-        raise JSONFileError(_("{path}: cannot be read ({error})").format(path=path, error=err.strerror or err)) from None
+        raise JSONFileError(_("{path}: cannot be read ({error})").format(
+            path=path, error=err.strerror or err)) from None
     if len(data) > max_bytes:
         raise JSONFileError(_("{path}: larger than {limit:,} bytes, too large to be a file this program wrote").format(
             path=path, limit=max_bytes))

@@ -104,15 +104,18 @@ def check_state_dict(state_dict: Mapping[str, torch.Tensor], config: MiniGPTConf
     for name, shape in shapes.items():
         tensor = tensors[name]
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-            raise WeightsError(_("{source}: tensor {name} is not a floating-point tensor").format(source=source, name=name))
+            raise WeightsError(_("{source}: tensor {name} is not a floating-point tensor").format(
+                source=source, name=name))
         if tuple(tensor.shape) != shape:
             hint = _(" (another vocabulary size?)") if name in ("embed.weight", "lm_head.weight") else ""
-            raise WeightsError(_("{source}: tensor {name} has shape {shape}, the config expects {expected}{hint}").format(
+            raise WeightsError(_("{source}: tensor {name} has shape {shape}, the config expects "
+                                 "{expected}{hint}").format(
                 source=source, name=name, shape=tuple(tensor.shape), expected=shape, hint=hint))
     converted = {name: tensors[name].detach().to("cpu", torch.float32).contiguous() for name in shapes}
     if config.tie_embeddings:
         if not torch.equal(converted["lm_head.weight"], converted["embed.weight"]):
-            raise WeightsError(_("{source}: config ties embeddings but lm_head.weight differs from embed.weight").format(
+            raise WeightsError(_("{source}: config ties embeddings but lm_head.weight differs from "
+                                 "embed.weight").format(
                 source=source))
         converted["lm_head.weight"] = converted["embed.weight"]  # one storage, saved once
     return converted

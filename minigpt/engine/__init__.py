@@ -63,7 +63,8 @@ def rank_placement(engine: Engine) -> str:
     local = getattr(engine, "num_local_experts", 0)
     experts = _(", experts {first}-{last} of each MoE layer (expert-parallel size {ep_size})").format(
         first=engine.ep_rank * local, last=engine.ep_rank * local + local - 1, ep_size=engine.ep_size) if local else ""
-    return _("[minigpt] rank {rank}/{world_size} on host {host} (local rank {local_rank}, master {master}){experts}").format(
+    return _("[minigpt] rank {rank}/{world_size} on host {host} (local rank {local_rank}, master "
+             "{master}){experts}").format(
         rank=engine.rank, world_size=engine.world_size, host=socket.gethostname(),
         local_rank=os.environ.get("LOCAL_RANK", "0"),
         master=f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}", experts=experts)
@@ -113,7 +114,8 @@ def validate_engine_config(cfg: TrainConfig, world_size: int, device: torch.devi
         experts = get_config(cfg.config).num_experts if not cfg.init_from else 0  # the engine checks --init-from's
         ep = _(", experts over {ranks} expert-parallel rank(s)").format(
             ranks=resolve_ep_size(cfg.ep_size, world_size, experts, zero_stage_of(raw))) if experts else ""
-        return _("DeepSpeed ZeRO-{stage} ({config}), {world_size} rank(s), {precision} on {accelerator}{experts}").format(
+        return _("DeepSpeed ZeRO-{stage} ({config}), {world_size} rank(s), {precision} on "
+                 "{accelerator}{experts}").format(
             stage=zero_stage_of(raw), config=cfg.ds_config or _("default config"), world_size=world_size,
             precision=precision, accelerator=accelerator, experts=ep)
     device = device or detect_device(cfg.device)

@@ -195,7 +195,8 @@ class DeepSpeedEngine(Engine):
 
             found = groups._get_expert_parallel_rank(f"ep_size_{self.ep_size}")
             if found != self.ep_rank:
-                raise RuntimeError(_("DeepSpeed placed this rank at expert-parallel rank {found}, expected {expected}").format(
+                raise RuntimeError(_("DeepSpeed placed this rank at expert-parallel rank {found}, expected "
+                                     "{expected}").format(
                     found=found, expected=self.ep_rank))
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -301,7 +302,8 @@ class DeepSpeedEngine(Engine):
             self._load_portable(read_engine_file(directory / ENGINE_FILE), str(directory / ENGINE_FILE))
             return
         if meta is None:
-            raise ConfigError(_("{path}: neither {engine_file} (plain engine) nor {meta_file} (DeepSpeed engine)").format(
+            raise ConfigError(_("{path}: neither {engine_file} (plain engine) nor {meta_file} (DeepSpeed "
+                                "engine)").format(
                 path=directory, engine_file=ENGINE_FILE, meta_file=META_FILE))
         if (meta["world_size"], meta["zero_stage"], meta.get("ep_size", 1)) != (
                 self.world_size, self.zero_stage, self.ep_size):
@@ -317,7 +319,8 @@ class DeepSpeedEngine(Engine):
             load_path, _client_state = self.ds.load_checkpoint(str(directory.parent), tag=directory.name,
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
-            raise ConfigError(_("{path}: DeepSpeed could not load this checkpoint (see the log above)").format(path=directory))
+            raise ConfigError(_("{path}: DeepSpeed could not load this checkpoint (see the log above)").format(
+                path=directory))
 
     def _check_deepspeed_shapes(self, directory: Path) -> None:
         """Refuse a DeepSpeed checkpoint of another model shape with a message naming the tensor."""
@@ -348,7 +351,8 @@ class DeepSpeedEngine(Engine):
         check_shapes_fit(self._param_shapes(), weights, source)
         moments = {name: state["optimizer"][plain] for name, plain in names.items() if plain in state["optimizer"]}
         if not moments:
-            log.warning(_("{source}: checkpoint has no optimizer moments; AdamW restarts from zero moments").format(source=source))
+            log.warning(_("{source}: checkpoint has no optimizer moments; AdamW restarts from zero moments").format(
+                source=source))
         if self.zero_stage == 0:
             with torch.no_grad():
                 for name, param in self.module.named_parameters():

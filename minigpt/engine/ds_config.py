@@ -48,7 +48,8 @@ def load_ds_json(path: str | Path) -> dict[str, Any]:
     """Read a DeepSpeed JSON config, naming the file on a missing file or a syntax error."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(_("--ds-config {path}: no such file (see ds_configs/ for the shipped ones)").format(path=path))
+        raise ConfigError(_("--ds-config {path}: no such file (see ds_configs/ for the shipped ones)").format(
+            path=path))
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -111,16 +112,19 @@ def build_ds_config(raw: dict, cfg: TrainConfig, world_size: int, source: str, *
     for section in ("optimizer", "scheduler"):
         if section in ds:
             raise ConfigError(_("{source}: has a {section!r} section, but MiniGPT builds the {section} from the "
-                                "training config (--learning-rate, --warmup-steps, ...); remove it from the JSON").format(
+                                "training config (--learning-rate, --warmup-steps, ...); remove it from the "
+                                "JSON").format(
                 source=source, section=section))
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
-        raise ConfigError(_("{source}: zero_optimization must be an object, got {value!r}").format(source=source, value=zero))
+        raise ConfigError(_("{source}: zero_optimization must be an object, got {value!r}").format(
+            source=source, value=zero))
     if zero.get("stage", 0) not in ZERO_STAGES:
         raise ConfigError(_("{source}: zero_optimization.stage={stage!r}; choose one of {stages}").format(
             source=source, stage=zero.get("stage"), stages=ZERO_STAGES))
     if offloads_optimizer(ds) and zero.get("stage", 0) == 0:
-        raise ConfigError(_("{source}: offload_optimizer needs zero_optimization.stage 1, 2 or 3, got 0").format(source=source))
+        raise ConfigError(_("{source}: offload_optimizer needs zero_optimization.stage 1, 2 or 3, got 0").format(
+            source=source))
 
     micro, accum = cfg.batch_size, cfg.grad_accum
     _agree(ds, "train_micro_batch_size_per_gpu", micro, source, "--batch-size")

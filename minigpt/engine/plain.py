@@ -88,7 +88,8 @@ class PlainEngine(Engine):
         lr = self.lr
         skipped = not torch.isfinite(torch.tensor(grad_norm)).item()
         if skipped:
-            log.warning(_("non-finite gradient norm ({norm}): update skipped, weights unchanged").format(norm=grad_norm))
+            log.warning(_("non-finite gradient norm ({norm}): update skipped, weights unchanged").format(
+                norm=grad_norm))
         else:
             # Gradients are already unscaled and finite here, so the scaler applies the update.
             self.scaler.step(self.optimizer)

@@ -198,7 +198,8 @@ def read_deepspeed_moe_checkpoint(directory: Path) -> dict[str, Any]:
     if not ranks or ranks[0].get("zero_stage") not in (1, 2):
         found = ranks[0].get("zero_stage") if ranks else _("no optimizer files")
         raise ConfigError(_("{path}: mixture-of-experts checkpoints convert from ZeRO-1/2 only (found {found}); "
-                            "resume it with the same DeepSpeed config and world size").format(path=directory, found=found))
+                            "resume it with the same DeepSpeed config and world size").format(
+            path=directory, found=found))
     world_size = len(ranks)
     groups = ranks[0]["base_optimizer_state"]["param_groups"]
     shapes = model_states["param_shapes"]

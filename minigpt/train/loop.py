@@ -644,13 +644,15 @@ class Trainer:
             monitor.write(_("--compile auto: eager ({why})").format(why=why_not))
             return
         if self.compile_decided is not None:
-            monitor.write(_("--compile auto: compiled, as the run decided before its checkpoint") if self.compile_decided
-                          else _("--compile auto: eager, as the run decided before its checkpoint"))
+            monitor.write(_("--compile auto: compiled, as the run decided before its checkpoint")
+                          if self.compile_decided else
+                          _("--compile auto: eager, as the run decided before its checkpoint"))
         else:
             budget_left = None if self.budget is None else self.budget.seconds - self.budget.elapsed()
             self.compile_decided, why = compile_pays(self.engine.device, self.engine.precision,
                                                      self.cfg.max_steps - self.step, budget_left)
-            decision = _("--compile auto: compiled ({why})") if self.compile_decided else _("--compile auto: eager ({why})")
+            decision = (_("--compile auto: compiled ({why})") if self.compile_decided
+                        else _("--compile auto: eager ({why})"))
             monitor.write(decision.format(why=why))
         self.engine.set_compiled(self.compile_decided)
 

@@ -39,6 +39,7 @@ import torch
 from minigpt import strict_json
 from minigpt.engine.base import Engine
 from minigpt.fsutil import atomic_write_text, fsync_dir, fsync_tree, sweep_leftovers
+from minigpt.i18n import _
 from minigpt.safe_load import UnsafeFileError, safe_torch_load, weights_only_loads
 
 CKPT_DIR = "ckpt"
@@ -117,7 +118,8 @@ def restore_rng_file(checkpoint: Path, rank: int) -> None:
     except (strict_json.JSONFileError, UnsafeFileError) as err:
         raise CheckpointError(str(err)) from None
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: damaged RNG state ({type(err).__name__}: {str(err)[:120]})") from None
+        raise CheckpointError(_("{path}: damaged RNG state ({kind}: {error})").format(
+            path=path, kind=type(err).__name__, error=str(err)[:120])) from None
 
 
 # --- manifest and verification ----------------------------------------------------------------------------
@@ -157,18 +159,18 @@ def read_manifest(checkpoint: Path) -> dict[str, tuple[int, str]]:
         raise CheckpointError(str(err)) from None
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or manifest.get("format_version") != MANIFEST_VERSION:
-        raise CheckpointError(f"{path}: damaged manifest (expected format_version {MANIFEST_VERSION} and an "
-                              "object of files)")
+        raise CheckpointError(_("{path}: damaged manifest (expected format_version {version} and an object of "
+                                "files)").format(path=path, version=MANIFEST_VERSION))
     expected = {}
     for name, entry in files.items():
         parts = name.split("/")
         if name.startswith("/") or any(part in ("", ".", "..") for part in parts):
-            raise CheckpointError(f"{path}: damaged manifest (file name {name[:80]!r} is not inside the "
-                                  "folder)")
+            raise CheckpointError(_("{path}: damaged manifest (file name {name!r} is not inside the folder)").format(
+                path=path, name=name[:80]))
         size, digest = (entry.get("bytes"), entry.get("sha256")) if isinstance(entry, dict) else (None, None)
         if not _is_count(size) or not (isinstance(digest, str) and SHA256_HEX.fullmatch(digest)):
-            raise CheckpointError(f"{path}: damaged manifest (entry {name[:80]!r} needs an integer 'bytes' "
-                                  "and a 64-digit hex 'sha256')")
+            raise CheckpointError(_("{path}: damaged manifest (entry {name!r} needs an integer 'bytes' and a "
+                                    "64-digit hex 'sha256')").format(path=path, name=name[:80]))
         expected[name] = (size, digest)
     return expected
 
@@ -176,19 +178,21 @@ def read_manifest(checkpoint: Path) -> dict[str, tuple[int, str]]:
 def check_listing(checkpoint: Path, expected: dict[str, tuple[int, str]]) -> None:
     """Every listed file present with its size, no unlisted file: stat calls only, before any hashing."""
     for name in sorted(set(checkpoint_files(checkpoint)) - set(expected)):
-        raise CheckpointError(f"{checkpoint / name}: not in {MANIFEST} (added after the checkpoint was "
-                              "saved)")
+        raise CheckpointError(_("{path}: not in {manifest} (added after the checkpoint was saved)").format(
+            path=checkpoint / name, manifest=MANIFEST))
     for name, (size, _digest) in expected.items():
         path = checkpoint / name
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing (listed in {MANIFEST})")
+            raise CheckpointError(_("{path}: missing (listed in {manifest})").format(path=path, manifest=MANIFEST))
         if path.stat().st_size != size:
-            raise CheckpointError(f"{path}: {path.stat().st_size} bytes, {MANIFEST} says {size} (truncated?)")
+            raise CheckpointError(_("{path}: {size} bytes, {manifest} says {expected} (truncated?)").format(
+                path=path, size=path.stat().st_size, manifest=MANIFEST, expected=size))
 
 
 def check_digest(path: Path, digest: str) -> None:
     if sha256_of(path) != digest:
-        raise CheckpointError(f"{path}: SHA-256 differs from {MANIFEST} (damaged or replaced)")
+        raise CheckpointError(_("{path}: SHA-256 differs from {manifest} (damaged or replaced)").format(
+            path=path, manifest=MANIFEST))
 
 
 def _non_negative_number(value: Any) -> bool:
@@ -203,7 +207,7 @@ STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_steps": (_is_count, "a non-negative integer"),
     "warmup_steps": (_is_count, "a non-negative integer"),
     "world_size": (lambda v: _is_count(v) and v > 0, "a positive integer"),
-    "precision": (lambda v: v in PRECISIONS, f"one of {list(PRECISIONS)}"),
+    "precision": (lambda v: v in PRECISIONS, "one of {choices}"),
     "elapsed_seconds": (_non_negative_number, "a non-negative number"),
     "lr_warmup_end": (lambda v: v is None or _non_negative_number(v), "a non-negative number or null"),
     "saved_at": (_non_negative_number, "a non-negative number"),
@@ -211,17 +215,19 @@ STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tokenizer_checksum": (lambda v: v is None or isinstance(v, str), "a string or null"),
     **{name: (lambda v: isinstance(v, str), "a string") for name in ("mode", "weights_from", "engine")},
 }
-"""The trainer state's fields, each with its check and what the check wants (unknown fields pass)."""
+"""The trainer state's fields, each with its check and what the check wants (unknown fields pass; the wants are
+messages, translated where they are said)."""
 
 
 def check_trainer_state(state: Any, path: Path) -> dict[str, Any]:
     """`state` if every known field has its type and range (`step` required), else a `CheckpointError`
     naming the file and the first field that does not."""
     if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{path}: no integer 'step' field")
+        raise CheckpointError(_("{path}: no integer 'step' field").format(path=path))
     for name, (valid, wanted) in STATE_FIELDS.items():
         if name in state and not valid(state[name]):
-            raise CheckpointError(f"{path}: {name} must be {wanted}, got {str(state[name])[:40]!r}")
+            raise CheckpointError(_("{path}: {name} must be {wanted}, got {value!r}").format(
+                path=path, name=name, wanted=_(wanted).format(choices=list(PRECISIONS)), value=str(state[name])[:40]))
     return state
 
 
@@ -230,7 +236,7 @@ def read_candidate(checkpoint: Path) -> tuple[dict[str, Any], dict[str, tuple[in
     none), read without trusting either: the manifest is checked for form, every file's size against it,
     and the trainer state's SHA-256 before the state is parsed; the state is then checked field by field."""
     if not checkpoint.is_dir():
-        raise CheckpointError(f"{checkpoint}: not a directory")
+        raise CheckpointError(_("{path}: not a directory").format(path=checkpoint))
     state_path = checkpoint / TRAINER_STATE
     manifest = read_manifest(checkpoint) if (checkpoint / MANIFEST).is_file() else None
     if manifest is not None:
@@ -238,14 +244,15 @@ def read_candidate(checkpoint: Path) -> tuple[dict[str, Any], dict[str, tuple[in
         if TRAINER_STATE in manifest:
             check_digest(state_path, manifest[TRAINER_STATE][1])
     if not state_path.is_file():
-        raise CheckpointError(f"{state_path}: missing (the checkpoint is incomplete)")
+        raise CheckpointError(_("{path}: missing (the checkpoint is incomplete)").format(path=state_path))
     try:
         state = check_trainer_state(strict_json.read_json(state_path, STATE_BYTES), state_path)
     except strict_json.JSONFileError as err:
         raise CheckpointError(str(err)) from None
     match = STEP_NAME.fullmatch(checkpoint.name)
     if match and int(match.group(1)) != state["step"]:
-        raise CheckpointError(f"{state_path}: step {state['step']} in a folder named {checkpoint.name}")
+        raise CheckpointError(_("{path}: step {step} in a folder named {folder}").format(
+            path=state_path, step=state["step"], folder=checkpoint.name))
     return state, manifest
 
 
@@ -301,7 +308,7 @@ def saved_checkpoints(root: Path) -> SavedCheckpoints:
         try:
             readable.append((checkpoint, read_candidate(checkpoint)[0]))
         except CheckpointError as err:
-            damaged.append(f"skipped {checkpoint.name}: {err}")
+            damaged.append(_("skipped {name}: {error}").format(name=checkpoint.name, error=err))
     readable.sort(key=lambda item: save_order_key(item[1]), reverse=True)
     return SavedCheckpoints(readable, damaged)
 
@@ -312,13 +319,15 @@ def read_latest(run_dir: Path) -> str | None:
     if not path.is_file():
         return None
     if path.stat().st_size > LATEST_BYTES:
-        raise CheckpointError(f"{path}: {path.stat().st_size:,} bytes, too large to hold a checkpoint name")
+        raise CheckpointError(_("{path}: {size:,} bytes, too large to hold a checkpoint name").format(
+            path=path, size=path.stat().st_size))
     try:
         name = path.read_bytes().decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise CheckpointError(f"{path}: not UTF-8 text") from None
+        raise CheckpointError(_("{path}: not UTF-8 text").format(path=path)) from None
     if not STEP_NAME.fullmatch(name):
-        raise CheckpointError(f"{path}: holds {name[:80]!r}, not the name of a checkpoint folder in {CKPT_DIR}/")
+        raise CheckpointError(_("{path}: holds {name!r}, not the name of a checkpoint folder in {folder}/").format(
+            path=path, name=name[:80], folder=CKPT_DIR))
     return name
 
 
@@ -339,25 +348,27 @@ def find_resume_point(run_dir: Path) -> ResumePoint | None:
     try:
         latest = read_latest(run_dir)
     except CheckpointError as err:
-        latest, notes = None, [f"{err}; ignored"]
+        latest, notes = None, [_("{error}; ignored").format(error=err)]
     saved = saved_checkpoints(run_dir / CKPT_DIR)
     notes += saved.damaged
     names = [path.name for path, _state in saved.readable]
-    if latest and latest not in names and not any(note.startswith(f"skipped {latest}:") for note in notes):
-        notes.append(f"{run_dir / LATEST} names {latest}, which does not exist")
+    if latest and not (run_dir / CKPT_DIR / latest).is_dir():
+        notes.append(_("{path} names {name}, which does not exist").format(path=run_dir / LATEST, name=latest))
     for index, (checkpoint, _state) in enumerate(saved.readable):
         try:
             state = verify_checkpoint(checkpoint)
         except CheckpointError as err:
-            notes.append(f"skipped {checkpoint.name}: {err}")
+            notes.append(_("skipped {name}: {error}").format(name=checkpoint.name, error=err))
             continue
         if latest in names and names.index(latest) > index:
-            notes.append(f"{run_dir / LATEST} names {latest}, but {checkpoint.name} was saved after it")
+            notes.append(_("{path} names {name}, but {newer} was saved after it").format(
+                path=run_dir / LATEST, name=latest, newer=checkpoint.name))
         return ResumePoint(checkpoint, state, notes)
     if names or saved.damaged:
         count = len(names) + len(saved.damaged)
-        raise CheckpointError(f"{run_dir / CKPT_DIR}: {count} checkpoint(s) and none is loadable: "
-                              + "; ".join(notes) + ". Move them away or pass --resume with a good one")
+        raise CheckpointError(_("{path}: {count} checkpoint(s) and none is loadable: {reasons}. Move them away or "
+                                "pass --resume with a good one").format(
+            path=run_dir / CKPT_DIR, count=count, reasons="; ".join(notes)))
     return None
 
 
@@ -389,14 +400,14 @@ def resolve_checkpoint(path: str | Path) -> ResumePoint:
     directory / its `ckpt/` folder (the newest checkpoint that verifies)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+        raise CheckpointError(_("{path}: no such checkpoint or run directory").format(path=path))
     if is_checkpoint_folder(path):
         return ResumePoint(path, verify_checkpoint(path))
     run_dir = path.parent if path.name == CKPT_DIR else path
     point = find_resume_point(run_dir)
     if point is None:
-        raise CheckpointError(f"no checkpoint at {path}: expected a checkpoint folder, or a run directory "
-                              f"with {CKPT_DIR}/step_N folders")
+        raise CheckpointError(_("no checkpoint at {path}: expected a checkpoint folder, or a run directory with "
+                                "{folder}/step_N folders").format(path=path, folder=CKPT_DIR))
     return point
 
 
@@ -463,23 +474,23 @@ class CheckpointManager:
         final = self.root / f"step_{step:07d}"
         tmp = self.root / f"step_{step:07d}{TMP_SUFFIX}"
         runtime = self.engine.runtime
-        save_index = runtime.main_rank_does(lambda: self._prepare(tmp), f"preparing {tmp}")
+        save_index = runtime.main_rank_does(lambda: self._prepare(tmp), _("preparing {path}").format(path=tmp))
         try:
             runtime.every_rank_does(lambda: self._write_rank_files(tmp, step, save_index, trainer_state),
-                                    f"writing {tmp}")
+                                    _("writing {path}").format(path=tmp))
             runtime.main_rank_does(lambda: (write_manifest(tmp), fsync_tree(tmp)),
-                                   f"writing {tmp / MANIFEST}")
+                                   _("writing {path}").format(path=tmp / MANIFEST))
         except Exception as err:
             culprit = newest_file(tmp) if tmp.is_dir() else tmp
             disk_full = is_disk_full(err, self.root)
             if self.engine.is_main:
                 shutil.rmtree(tmp, ignore_errors=True)
             if disk_full:
-                raise CheckpointError(f"disk full while writing {culprit}: checkpoint step {step} not saved; "
-                                      f"the previous checkpoint and {LATEST} are untouched. Free space, then "
-                                      "rerun with --auto-resume") from None
+                raise CheckpointError(_("disk full while writing {path}: checkpoint step {step} not saved; the "
+                                        "previous checkpoint and {latest} are untouched. Free space, then rerun "
+                                        "with --auto-resume").format(path=culprit, step=step, latest=LATEST)) from None
             raise
-        runtime.main_rank_does(lambda: self._publish(tmp, final), f"publishing {final}")
+        runtime.main_rank_does(lambda: self._publish(tmp, final), _("publishing {path}").format(path=final))
         return final
 
     def _prepare(self, tmp: Path) -> int:
@@ -530,15 +541,15 @@ class CheckpointManager:
             if point is None:
                 return None
             for note in point.skipped:
-                print(f"[minigpt] {note}", flush=True)
+                print(_("[minigpt] {note}").format(note=note), flush=True)
             chosen = json.dumps({"path": str(point.path), "state": point.state})
             if len(chosen.encode("utf-8")) > CHOICE_BYTES:
-                raise CheckpointError(f"{point.path}: path and trainer state longer than {CHOICE_BYTES:,} "
-                                      "bytes")
+                raise CheckpointError(_("{path}: path and trainer state longer than {limit:,} bytes").format(
+                    path=point.path, limit=CHOICE_BYTES))
             return chosen
 
         runtime = self.engine.runtime
-        chosen = runtime.share_text(runtime.main_rank_does(choose, "choosing the checkpoint to resume from"),
+        chosen = runtime.share_text(runtime.main_rank_does(choose, _("choosing the checkpoint to resume from")),
                                     limit=CHOICE_BYTES)
         if chosen is None:
             return None
@@ -557,6 +568,6 @@ class CheckpointManager:
                 raise CheckpointError(str(err)) from None
             restore_rng_file(checkpoint, self.engine.rank)
 
-        self.engine.runtime.every_rank_does(load_here, f"loading {checkpoint}")
+        self.engine.runtime.every_rank_does(load_here, _("loading {path}").format(path=checkpoint))
         self.resumed_save_index = save_order_key(point.state)[0]
         return {**point.state, "checkpoint": str(checkpoint)}

@@ -82,46 +82,52 @@ class MiniGPTConfig:
         for name, limit in SIZE_LIMITS.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"MiniGPTConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(_("MiniGPTConfig.{name} must be a positive integer, got {value!r}").format(
+                    name=name, value=value))
             if value > limit:
-                raise ConfigError(f"MiniGPTConfig.{name} must be at most {limit:,}, got {value:,}")
+                raise ConfigError(_("MiniGPTConfig.{name} must be at most {limit:,}, got {value:,}").format(
+                    name=name, limit=limit, value=value))
         if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"MiniGPTConfig.num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}")
+            raise ConfigError(_("MiniGPTConfig.num_heads={heads} does not divide hidden_size={hidden}").format(
+                heads=self.num_heads, hidden=self.hidden_size))
         if self.num_heads % self.num_kv_heads:
-            raise ConfigError(
-                f"MiniGPTConfig.num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}")
+            raise ConfigError(_("MiniGPTConfig.num_kv_heads={kv_heads} does not divide num_heads={heads}").format(
+                kv_heads=self.num_kv_heads, heads=self.num_heads))
         if self.head_dim % 2:
-            raise ConfigError(
-                f"head dimension hidden_size/num_heads={self.head_dim} must be even for rotary embeddings")
+            raise ConfigError(_("head dimension hidden_size/num_heads={head_dim} must be even for rotary "
+                                "embeddings").format(head_dim=self.head_dim))
         if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
-            raise ConfigError(f"MiniGPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(_("MiniGPTConfig.dropout must be in [0, 1), got {value!r}").format(value=self.dropout))
         for name in ("rope_theta", "norm_eps"):
             value = getattr(self, name)
             if not (_is_number(value) and 0 < value < math.inf):
-                raise ConfigError(f"MiniGPTConfig.{name} must be a positive number, got {value!r}")
+                raise ConfigError(_("MiniGPTConfig.{name} must be a positive number, got {value!r}").format(
+                    name=name, value=value))
         if not isinstance(self.tie_embeddings, bool):
-            raise ConfigError(f"MiniGPTConfig.tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+            raise ConfigError(_("MiniGPTConfig.tie_embeddings must be true or false, got {value!r}").format(
+                value=self.tie_embeddings))
         self._validate_moe()
 
     def _validate_moe(self) -> None:
         for name in ("num_experts", "experts_per_token", "num_shared_experts"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 1024:
-                raise ConfigError(f"MiniGPTConfig.{name} must be an integer from 0 to 1024, got {value!r}")
+                raise ConfigError(_("MiniGPTConfig.{name} must be an integer from 0 to 1024, got {value!r}").format(
+                    name=name, value=value))
         for name in ("moe_aux_loss_weight", "moe_z_loss_weight", "moe_capacity_factor"):
             value = getattr(self, name)
             if not (_is_number(value) and 0 <= value < math.inf):
-                raise ConfigError(f"MiniGPTConfig.{name} must be a number >= 0, got {value!r}")
+                raise ConfigError(_("MiniGPTConfig.{name} must be a number >= 0, got {value!r}").format(
+                    name=name, value=value))
         if not self.num_experts:
             return
         if not 1 <= self.experts_per_token <= self.num_experts:
-            raise ConfigError(f"MiniGPTConfig.experts_per_token={self.experts_per_token} must be from 1 to "
-                              f"num_experts={self.num_experts}")
+            raise ConfigError(_("MiniGPTConfig.experts_per_token={top_k} must be from 1 to "
+                                "num_experts={experts}").format(top_k=self.experts_per_token, experts=self.num_experts))
         if self.moe_capacity_factor and self.experts_per_token == 1:
-            raise ConfigError("MiniGPTConfig.moe_capacity_factor > 0 needs experts_per_token >= 2 (with top-1, "
-                              "DeepSpeed picks the dropped tokens in an order the plain model cannot reproduce); "
-                              "use 0 (no dropping)")
+            raise ConfigError(_("MiniGPTConfig.moe_capacity_factor > 0 needs experts_per_token >= 2 (with top-1, "
+                                "DeepSpeed picks the dropped tokens in an order the plain model cannot reproduce); "
+                                "use 0 (no dropping)"))
 
     @property
     def is_moe(self) -> bool:
@@ -136,7 +142,8 @@ class MiniGPTConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ConfigError(f"{source}: unknown model config field(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(_("{source}: unknown model config field(s) {unknown}; known: {known}").format(
+                source=source, unknown=unknown, known=sorted(known)))
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -150,7 +157,7 @@ class MiniGPTConfig:
         except FileNotFoundError:
             raise
         except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from err
+            raise ConfigError(_("{path}: not valid JSON ({error})").format(path=path, error=err)) from err
         return cls.from_dict(data, source=str(path))
 
     def num_params(self) -> int:
@@ -218,7 +225,8 @@ PRESETS: dict[str, MiniGPTConfig] = {
 def get_config(name: str, **overrides: Any) -> MiniGPTConfig:
     """A fresh copy of preset `name`, with field overrides applied and validated."""
     if name not in PRESETS:
-        raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(_("unknown model preset {name!r}; choose one of {presets}").format(
+            name=name, presets=sorted(PRESETS)))
     return dataclasses.replace(PRESETS[name], **overrides)
 
 

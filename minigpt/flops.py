@@ -16,6 +16,8 @@ from typing import NamedTuple
 
 import torch
 
+from minigpt.i18n import _
+
 PEAK_FLOPS_ENV = "MINIGPT_PEAK_FLOPS"
 
 PRECISION_DTYPES: dict[str, torch.dtype] = {
@@ -97,7 +99,8 @@ def peak_flops(device: torch.device | str, precision: str) -> tuple[float, str]:
         except ValueError:
             value = math.nan
         if not math.isfinite(value) or value <= 0:
-            raise ValueError(f"${PEAK_FLOPS_ENV} must be a positive number of FLOP/s, got {override!r}")
+            raise ValueError(_("${name} must be a positive number of FLOP/s, got {value!r}").format(
+                name=PEAK_FLOPS_ENV, value=override))
         return value, f"env {PEAK_FLOPS_ENV}"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -122,7 +125,8 @@ def model_flops_utilization(achieved_flops: float, peak_flops_per_device: float)
     A peak measured with one matmul can fall below what a workload reaches (see `peak_flops`); a ratio above
     1 then says the peak is wrong, not that the device did more than it can, so every MFU is capped here."""
     if not peak_flops_per_device > 0:
-        raise ValueError(f"the peak must be a positive number of FLOP/s, got {peak_flops_per_device!r}")
+        raise ValueError(_("the peak must be a positive number of FLOP/s, got {value!r}").format(
+            value=peak_flops_per_device))
     return min(achieved_flops / peak_flops_per_device, 1.0)
 
 
@@ -137,14 +141,15 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, *, size: int 
         b = torch.randn(size, size, device=device, generator=generator).to(dtype)
         out = torch.mm(a, b)
     except RuntimeError as err:
-        raise ValueError(f"cannot run a {dtype} matmul on {device} to measure its peak FLOP/s: {err}") from err
+        raise ValueError(_("cannot run a {dtype} matmul on {device} to measure its peak FLOP/s: {error}").format(
+            dtype=dtype, device=device, error=err)) from err
     batch = 1 if device.type == "cpu" else 10  # accelerators: amortise the synchronisation
     best = 0.0
-    for _ in range(repeats):
+    for _repeat in range(repeats):
         _synchronize(device)
         done, start = 0, time.perf_counter()
         while True:
-            for _ in range(batch):
+            for _matmul in range(batch):
                 torch.mm(a, b, out=out)
             _synchronize(device)
             done += batch
@@ -164,5 +169,5 @@ def _synchronize(device: torch.device) -> None:
 
 def _check_precision(precision: str) -> None:
     if precision not in PRECISION_DTYPES:
-        raise ValueError(f"precision must be one of {tuple(PRECISION_DTYPES)} (resolve 'auto' first), "
-                         f"got {precision!r}")
+        raise ValueError(_("precision must be one of {choices} (resolve 'auto' first), got {value!r}").format(
+            choices=tuple(PRECISION_DTYPES), value=precision))

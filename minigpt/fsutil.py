@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from minigpt.i18n import _
+
 
 def make_staging_dir(parent: str | Path, prefix: str) -> Path:
     """A new, uniquely named directory `parent/prefix<random>` with the permissions of a plain mkdir
@@ -28,14 +30,15 @@ def make_staging_dir(parent: str | Path, prefix: str) -> Path:
     For a directory that is renamed into place once complete: `tempfile.mkdtemp` would make it 0700,
     and the published dataset or tokenizer would then be private to its builder.
     """
-    for _ in range(100):
+    for _attempt in range(100):
         path = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
         try:
             path.mkdir()
         except FileExistsError:
             continue
         return path
-    raise FileExistsError(f"{parent}: no free name for a staging directory {prefix}*")
+    raise FileExistsError(_("{parent}: no free name for a staging directory {prefix}*").format(
+        parent=parent, prefix=prefix))
 
 
 def fsync_file(path: str | Path) -> None:

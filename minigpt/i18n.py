@@ -50,9 +50,10 @@ def _(message: str) -> str:
     return translations(choose_language()).gettext(message)
 
 
-def docs_page(page: str) -> str:
-    """The documentation page `page` (e.g. "training.md#resuming") in this process's language."""
-    return f"docs/zh/{page}" if choose_language() == "zh" else f"docs/{page}"
+def docs_page(page: str, zh: str | None = None) -> str:
+    """The documentation page `page` (e.g. "training.md#resuming") in this process's language. `zh`: the
+    Chinese page and anchor where its heading's anchor differs (e.g. "training.md#恢复训练")."""
+    return f"docs/zh/{zh or page}" if choose_language() == "zh" else f"docs/{page}"
 
 
 def compile_catalogs() -> list[Path]:

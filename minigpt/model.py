@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minigpt.config import MiniGPTConfig
+from minigpt.i18n import _
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -98,7 +99,8 @@ class KVCache:
         """Store this step's k/v (B, Hkv, T, D) for `layer`; return all keys/values so far."""
         end = self.length + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; this step needs {end}")
+            raise ValueError(_("KV cache holds {positions} positions; this step needs {needed}").format(
+                positions=self.max_len, needed=end))
         self.keys[layer, :, :, self.length:end] = k
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
@@ -124,7 +126,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None) -> torch.Tensor:
-        b, t, _ = x.shape
+        b, t, _width = x.shape
         heads = self.qkv_proj(x).view(b, t, self.num_heads + 2 * self.num_kv_heads, self.head_dim).transpose(1, 2)
         # Queries and keys are rotated together, in one pass over their heads.
         qk, v = heads.split([self.num_heads + self.num_kv_heads, self.num_kv_heads], dim=1)
@@ -240,7 +242,7 @@ def route(logits: torch.Tensor, k: int, capacity_factor: float = 0.0) -> Routing
     aux = (gates.mean(0) * mask.float().mean(0)).mean() * num_experts * num_experts / k
     if capacity:
         chosen = torch.zeros_like(gates).scatter(1, top_index, top_gate)
-        _, keep = torch.topk(chosen, k=min(capacity, num_tokens), dim=0, sorted=False)
+        keep = torch.topk(chosen, k=min(capacity, num_tokens), dim=0, sorted=False).indices
         mask &= torch.zeros_like(mask).scatter_(0, keep, True)
     masked = gates * mask
     weights = masked / masked.sum(-1, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
@@ -274,8 +276,8 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.k, self.capacity_factor = config.experts_per_token, config.moe_capacity_factor
         self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
-        self.experts = nn.ModuleList(FeedForward(config) for _ in range(config.num_experts))
-        self.shared = nn.ModuleList(FeedForward(config) for _ in range(config.num_shared_experts))
+        self.experts = nn.ModuleList(FeedForward(config) for _expert in range(config.num_experts))
+        self.shared = nn.ModuleList(FeedForward(config) for _expert in range(config.num_shared_experts))
         self.stats: MoEStats | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -369,7 +371,8 @@ class MiniGPT(nn.Module):
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
         if past + t > self.config.max_seq_len:
-            raise ValueError(f"sequence of {past + t} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            raise ValueError(_("sequence of {tokens} tokens exceeds max_seq_len={limit}").format(
+                tokens=past + t, limit=self.config.max_seq_len))
         if position_ids is None:  # consecutive positions: a slice of the tables, shared by the batch
             cos, sin = self.rope_cos[None, None, past:past + t], self.rope_sin[None, None, past:past + t]
         else:
@@ -396,7 +399,7 @@ class MiniGPT(nn.Module):
             mask = mask & attention_mask[:, None, None, :s].bool()
         if segment_ids is not None:
             if past:
-                raise ValueError("segment_ids are for packed training sequences, not cached decoding")
+                raise ValueError(_("segment_ids are for packed training sequences, not cached decoding"))
             mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         # A padded query row would mask every key (NaN softmax): let every query see itself.
         return mask | (torch.arange(s, device=device).unsqueeze(0) == query_pos)

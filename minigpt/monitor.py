@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from minigpt.flops import PEAK_FLOPS_ENV, model_flops_utilization, peak_flops
 from minigpt.fsutil import atomic_write_text
+from minigpt.i18n import _
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -72,8 +73,9 @@ class AnomalyDetector:
 
     def __post_init__(self) -> None:
         if self.window < 2 or not 1 <= self.min_history <= self.window:
-            raise ValueError(f"AnomalyDetector needs window >= 2 and 1 <= min_history <= window, "
-                             f"got window={self.window}, min_history={self.min_history}")
+            raise ValueError(_("AnomalyDetector needs window >= 2 and 1 <= min_history <= window, got "
+                               "window={window}, min_history={min_history}").format(
+                window=self.window, min_history=self.min_history))
         self._losses = deque(maxlen=self.window)
         self._grad_norms = deque(maxlen=self.window)
 
@@ -83,30 +85,34 @@ class AnomalyDetector:
 
     def _check_loss(self, loss: float) -> list[Anomaly]:
         if not is_finite(loss):
-            return [Anomaly("nonfinite_loss", f"loss is {loss}")]
+            return [Anomaly("nonfinite_loss", _("loss is {loss}").format(loss=loss))]
         found = []
         if len(self._losses) >= self.min_history:
             mean = statistics.fmean(self._losses)
             std = max(statistics.pstdev(self._losses, mean), self.spike_min_rel_std * abs(mean))
             if loss > mean + self.spike_z * std:
-                found.append(Anomaly("loss_spike", f"loss {loss:.4g} is {(loss - mean) / std:.1f} std above "
-                                                   f"the mean {mean:.4g} of the last {len(self._losses)} steps"))
+                found.append(Anomaly("loss_spike", _("loss {loss:.4g} is {sigmas:.1f} std above the mean {mean:.4g} "
+                                                     "of the last {steps} steps").format(
+                    loss=loss, sigmas=(loss - mean) / std, mean=mean, steps=len(self._losses))))
         self._losses.append(loss)
         return found
 
     def _check_grad_norm(self, grad_norm: float) -> list[Anomaly]:
         if not is_finite(grad_norm):
-            return [Anomaly("nonfinite_grad", f"grad norm is {grad_norm}")]
+            return [Anomaly("nonfinite_grad", _("grad norm is {grad_norm}").format(grad_norm=grad_norm))]
         found = []
         if grad_norm > self.explosion_abs:
-            found.append(Anomaly("grad_explosion", f"grad norm {grad_norm:.4g} > {self.explosion_abs:g}"))
+            found.append(Anomaly("grad_explosion", _("grad norm {grad_norm:.4g} > {limit:g}").format(
+                grad_norm=grad_norm, limit=self.explosion_abs)))
         elif len(self._grad_norms) >= self.min_history:
             median = statistics.median(self._grad_norms)
             if grad_norm > self.explosion_factor * median:
-                found.append(Anomaly("grad_explosion", f"grad norm {grad_norm:.4g} > {self.explosion_factor:g} "
-                                                       f"x median {median:.4g} of the last steps"))
+                found.append(Anomaly("grad_explosion", _("grad norm {grad_norm:.4g} > {factor:g} x median "
+                                                         "{median:.4g} of the last steps").format(
+                    grad_norm=grad_norm, factor=self.explosion_factor, median=median)))
         if grad_norm < self.vanishing_abs:
-            found.append(Anomaly("grad_vanishing", f"grad norm {grad_norm:.3g} < {self.vanishing_abs:g}"))
+            found.append(Anomaly("grad_vanishing", _("grad norm {grad_norm:.3g} < {limit:g}").format(
+                grad_norm=grad_norm, limit=self.vanishing_abs)))
         self._grad_norms.append(grad_norm)
         return found
 
@@ -162,11 +168,12 @@ class TrainingMonitor:
         (useful in batch logs).
         """
         if not 0 <= start_step <= total_steps:
-            raise ValueError(f"TrainingMonitor needs 0 <= start_step <= total_steps, "
-                             f"got start_step={start_step}, total_steps={total_steps}")
+            raise ValueError(_("TrainingMonitor needs 0 <= start_step <= total_steps, got start_step={start}, "
+                               "total_steps={total}").format(start=start_step, total=total_steps))
         if world_size < 1 or flops_per_token < 0 or print_interval < 0:
-            raise ValueError(f"TrainingMonitor: bad world_size={world_size}, flops_per_token={flops_per_token} "
-                             f"or print_interval={print_interval}")
+            raise ValueError(_("TrainingMonitor: bad world_size={world_size}, flops_per_token={flops_per_token} or "
+                               "print_interval={print_interval}").format(
+                world_size=world_size, flops_per_token=flops_per_token, print_interval=print_interval))
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.flops_per_token = flops_per_token
@@ -201,15 +208,15 @@ class TrainingMonitor:
                                          purge_step=start_step if start_step > 0 else None)
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
-        self.write(f"MFU against a peak of {self.peak_flops_per_device / 1e9:,.1f} GFLOP/s per device "
-                   f"x {world_size} ({self.peak_source})")
+        self.write(_("MFU against a peak of {gflops:,.1f} GFLOP/s per device x {world_size} ({source})").format(
+            gflops=self.peak_flops_per_device / 1e9, world_size=world_size, source=self.peak_source))
 
     def log_step(self, step: int, *, loss: float, lr: float, grad_norm: float, tokens: int,
                  seconds: float, extra: dict[str, float] | None = None) -> StepMetrics:
         """Record optimizer step `step` (0-based) and return its metrics; warns about anomalies."""
         if seconds <= 0 or tokens < 0:
-            raise ValueError(f"log_step(step={step}) needs seconds > 0 and tokens >= 0, "
-                             f"got seconds={seconds}, tokens={tokens}")
+            raise ValueError(_("log_step(step={step}) needs seconds > 0 and tokens >= 0, got seconds={seconds}, "
+                               "tokens={tokens}").format(step=step, seconds=seconds, tokens=tokens))
         loss, grad_norm = float(loss), float(grad_norm)
         tokens_per_sec = tokens / seconds
         found = self.detector.check(loss, grad_norm)
@@ -221,7 +228,8 @@ class TrainingMonitor:
         self.checkpoint_safe = metrics.loss_is_finite
         for anomaly in found:
             self.anomaly_counts[anomaly.kind] = self.anomaly_counts.get(anomaly.kind, 0) + 1
-            self.write(f"warning: step {step + 1}: {anomaly.kind}: {anomaly.message}")
+            self.write(_("warning: step {step}: {kind}: {message}").format(
+                step=step + 1, kind=anomaly.kind, message=anomaly.message))
         if not self.enabled:
             return metrics
         self._append(metrics.to_record())
@@ -249,12 +257,14 @@ class TrainingMonitor:
         if not self._peak_warned:
             self._peak_warned = True
             if measured:
-                self.write(f"note: a step reached {achieved / 1e9:,.1f} GFLOP/s per device, above the peak "
-                           f"measured at start-up ({self.peak_flops_per_device / 1e9:,.1f}); the peak follows the "
-                           f"best step from now on (set ${PEAK_FLOPS_ENV} for a fixed one)")
+                self.write(_("note: a step reached {achieved:,.1f} GFLOP/s per device, above the peak measured at "
+                             "start-up ({peak:,.1f}); the peak follows the best step from now on (set ${name} for a "
+                             "fixed one)").format(achieved=achieved / 1e9, peak=self.peak_flops_per_device / 1e9,
+                                                  name=PEAK_FLOPS_ENV))
             else:
-                self.write(f"warning: a step reached {achieved / 1e9:,.1f} GFLOP/s per device, above the peak of "
-                           f"{self.peak_flops_per_device / 1e9:,.1f} ({self.peak_source}); MFU is capped at 100%")
+                self.write(_("warning: a step reached {achieved:,.1f} GFLOP/s per device, above the peak of "
+                             "{peak:,.1f} ({source}); MFU is capped at 100%").format(
+                    achieved=achieved / 1e9, peak=self.peak_flops_per_device / 1e9, source=self.peak_source))
         if measured:
             self.peak_flops_per_device = achieved
 
@@ -265,7 +275,8 @@ class TrainingMonitor:
         self._append(_json_safe({"step": step, "split": split, **metrics}))
         if self._writer is not None:
             self._add_scalars({f"{split}/{k}": v for k, v in metrics.items()}, step)
-        self.write(f"step {step + 1} {split}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        self.write(_("step {step} {split}: {metrics}").format(
+            step=step + 1, split=split, metrics=", ".join(f"{k} {v:.4g}" for k, v in metrics.items())))
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         """Record a text (e.g. a generated sample) in TensorBoard and print it."""
@@ -273,7 +284,7 @@ class TrainingMonitor:
             return
         if self._writer is not None:
             self._writer.add_text(tag, text, step)
-        self.write(f"step {step + 1} {tag}: {text}")
+        self.write(_("step {step} {tag}: {text}").format(step=step + 1, tag=tag, text=text))
 
     def write(self, message: str) -> None:
         """Print a line on the main rank without breaking the progress bar."""
@@ -326,8 +337,10 @@ class TrainingMonitor:
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(max(0, metrics.step + 1 - self._bar.n))
         elif self.print_interval and (metrics.step + 1) % self.print_interval == 0:
-            self.write(f"step {metrics.step + 1}: loss {metrics.loss:.4f} lr {metrics.lr:.2e} grad_norm "
-                       f"{metrics.grad_norm:.3g} tok/s {metrics.tokens_per_sec:,.0f} mfu {metrics.mfu:.1%}")
+            self.write(_("step {step}: loss {loss:.4f} lr {lr:.2e} grad_norm {grad_norm:.3g} tok/s "
+                         "{tokens_per_sec:,.0f} mfu {mfu:.1%}").format(
+                step=metrics.step + 1, loss=metrics.loss, lr=metrics.lr, grad_norm=metrics.grad_norm,
+                tokens_per_sec=metrics.tokens_per_sec, mfu=metrics.mfu))
 
 
 def truncate_metrics(path: Path, start_step: int) -> list[str]:
@@ -344,14 +357,16 @@ def truncate_metrics(path: Path, start_step: int) -> list[str]:
         try:
             step = int(json.loads(line)["step"])
         except (ValueError, KeyError, TypeError):
-            warnings.append(f"warning: {path}:{number}: unreadable metrics line dropped: {line[:80]!r}")
+            warnings.append(_("warning: {path}:{number}: unreadable metrics line dropped: {line!r}").format(
+                path=path, number=number, line=line[:80]))
             continue
         if step < start_step:
             kept.append(line)
         else:
             dropped += 1
     if dropped:
-        warnings.append(f"{path}: dropped {dropped} records at step >= {start_step} (redone by this run)")
+        warnings.append(_("{path}: dropped {dropped} records at step >= {start} (redone by this run)").format(
+            path=path, dropped=dropped, start=start_step))
     if dropped or warnings:
         atomic_write_text(path, "".join(line + "\n" for line in kept))
     return warnings

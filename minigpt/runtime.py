@@ -5,7 +5,8 @@ collectives the project needs (barrier, sum all-reduce, any-rank flag).
 a distributed launcher (deepspeed, torchrun, srun) it starts the process group — the single place where
 that happens is `minigpt.engine.deepspeed.init_distributed` (gloo on CPU; its timeout is set there) — so
 everything after it can use a barrier instead of polling the filesystem. One process without a
-launcher gets a world of one. This module imports nothing of the project, so every layer may use it.
+launcher gets a world of one. This module imports nothing of the project but `minigpt.i18n` (which imports
+nothing of it), so every layer may use it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from minigpt.i18n import _
 
 MESSAGE_BYTES = 2048
 """How much of a failing rank's message the other ranks are told."""
@@ -90,8 +93,8 @@ class Runtime:
         message = self.share_text(mine, first)
         if error is not None:
             raise error
-        who = "the main rank" if first == 0 else f"rank {first}"
-        raise RankFailed(f"{who} stopped while {doing}: {message}")
+        who = _("the main rank") if first == 0 else _("rank {rank}").format(rank=first)
+        raise RankFailed(_("{who} stopped while {doing}: {message}").format(who=who, doing=doing, message=message))
 
     def main_rank_does(self, work: Callable[[], Any], doing: str) -> Any:
         """`work()` on the main rank alone (its result there, None elsewhere); every rank learns whether it

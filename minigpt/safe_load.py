@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from minigpt.i18n import _
+
 # module, class: what DeepSpeed 0.14-0.19 checkpoints hold besides tensors and containers
 # (found with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 files, fp32/bf16, offload).
 DEEPSPEED_GLOBALS = (
@@ -56,11 +58,12 @@ def _unpickling_error(path: str | Path, err: Exception) -> UnsafeFileError:
     found = re.search(r"GLOBAL ([\w.]+)", text)
     if found:
         blocked = "is blocked" in text  # torch refuses os.system and the like even when allowed
-        return UnsafeFileError(f"{path}: refused to load: unpickling it could run code (it names {found.group(1)}); "
-                               "only tensors and plain containers are loaded", None if blocked else found.group(1))
+        return UnsafeFileError(_("{path}: refused to load: unpickling it could run code (it names {name}); only "
+                                 "tensors and plain containers are loaded").format(path=path, name=found.group(1)),
+                               None if blocked else found.group(1))
     detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
-    return UnsafeFileError(f"{path}: damaged or not a torch file "
-                           f"({detail.group(1).strip()[:200] if detail else 'not a pickle torch can read'})")
+    return UnsafeFileError(_("{path}: damaged or not a torch file ({reason})").format(
+        path=path, reason=detail.group(1).strip()[:200] if detail else _("not a pickle torch can read")))
 
 
 def conversion_hint(path: str | Path, refused_global: str) -> str:
@@ -68,10 +71,11 @@ def conversion_hint(path: str | Path, refused_global: str) -> str:
     single load, keep the tensors, save them beside it."""
     module = refused_global.rsplit(".", 1)[0]
     converted = Path(path).with_name(Path(path).stem + ".converted.pt")
-    return (f"if you made the file or trust its source, convert it once: python -c \"import torch, {module}; "
-            f"torch.serialization.add_safe_globals([{refused_global}]); sd = torch.load('{path}'); "
-            f"torch.save({{k: v for k, v in sd.items() if torch.is_tensor(v)}}, '{converted}')\", then check "
-            f"{converted.name} and put it in place of {Path(path).name}")
+    command = (f"python -c \"import torch, {module}; torch.serialization.add_safe_globals([{refused_global}]); "
+               f"sd = torch.load('{path}'); torch.save({{k: v for k, v in sd.items() if torch.is_tensor(v)}}, "
+               f"'{converted}')\"")
+    return _("if you made the file or trust its source, convert it once: {command}, then check {converted} and put "
+             "it in place of {original}").format(command=command, converted=converted.name, original=Path(path).name)
 
 
 def _resolve(module: str, name: str) -> Any | None:
@@ -109,7 +113,8 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", numpy_arrays: b
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         if isinstance(err, OSError) and not Path(str(path)).exists():
             raise
-        raise UnsafeFileError(f"{path}: damaged or not a torch file ({_first_line(err)[:200]})") from None
+        raise UnsafeFileError(_("{path}: damaged or not a torch file ({reason})").format(
+            path=path, reason=_first_line(err)[:200])) from None
 
 
 @contextlib.contextmanager

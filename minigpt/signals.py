@@ -30,6 +30,8 @@ from typing import Any, TextIO
 
 import psutil
 
+from minigpt.i18n import _
+
 EXIT_FINISHED = 0
 EXIT_PREEMPTED = 75
 EXIT_ABORTED = 130
@@ -79,8 +81,8 @@ class StopRequest:
         if self.requested:
             return
         self.signal_name = reason
-        say(f"{event}: saving a checkpoint at the next step boundary, then exiting with code {EXIT_PREEMPTED} "
-            "(resume with --auto-resume)")
+        say(_("{event}: saving a checkpoint at the next step boundary, then exiting with code {code} (resume "
+              "with --auto-resume)").format(event=event, code=EXIT_PREEMPTED))
 
     def reason_now(self) -> str | None:
         """What a registered check finds at this moment: when another rank stopped first, this rank's own
@@ -96,7 +98,7 @@ class StopRequest:
         finally:
             self._saving = False
         if self._exit_after_save:
-            say(f"checkpoint complete; exiting now (code {EXIT_PREEMPTED})")
+            say(_("checkpoint complete; exiting now (code {code})").format(code=EXIT_PREEMPTED))
             with contextlib.suppress(OSError, RuntimeError, ValueError):
                 sys.stdout.flush()
             os._exit(EXIT_PREEMPTED)
@@ -105,12 +107,12 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             if self._saving:
                 self._exit_after_save = True
-                say("second SIGINT: a checkpoint is being written; exiting as soon as it is complete")
+                say(_("second SIGINT: a checkpoint is being written; exiting as soon as it is complete"))
                 return
-            say(f"second SIGINT: exiting now without saving (code {EXIT_ABORTED})")
+            say(_("second SIGINT: exiting now without saving (code {code})").format(code=EXIT_ABORTED))
             os._exit(EXIT_ABORTED)
         name = signal.Signals(signum).name
-        self.request(name, f"{name} received")
+        self.request(name, _("{signal} received").format(signal=name))
 
 
 class LostOutputTolerant:
@@ -205,12 +207,13 @@ def watch_launcher(stop: StopRequest, interval: float = 0.5) -> threading.Thread
         return None
 
     def gone() -> str | None:
-        return "deepspeed launcher exited" if launcher_gone(chain) else None
+        return _("deepspeed launcher exited") if launcher_gone(chain) else None
 
     def watch() -> None:
         while not stop.requested:
             if gone():
-                stop.request("deepspeed launcher exited", f"the deepspeed launcher (pid {chain[-1].pid}) exited")
+                stop.request(_("deepspeed launcher exited"),
+                             _("the deepspeed launcher (pid {pid}) exited").format(pid=chain[-1].pid))
                 return
             time.sleep(interval)
 

@@ -12,19 +12,21 @@ import math
 from pathlib import Path
 from typing import Any
 
+from minigpt.i18n import _
+
 
 class JSONFileError(ValueError):
     """A JSON file that is missing, too large, not UTF-8, not JSON, or holds a non-finite number."""
 
 
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
+    raise ValueError(_("{name} is not a JSON number").format(name=name))
 
 
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise ValueError(f"{text[:40]} overflows to {value}")
+        raise ValueError(_("{text} overflows to {value}").format(text=text[:40], value=value))
     return value
 
 
@@ -33,9 +35,10 @@ def loads(text: str, source: str) -> Any:
     try:
         return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
-        raise JSONFileError(f"{source}: nested too deeply to be a file this program wrote") from None
+        raise JSONFileError(_("{source}: nested too deeply to be a file this program wrote").format(
+            source=source)) from None
     except (ValueError, OverflowError) as err:
-        raise JSONFileError(f"{source}: not valid JSON ({str(err)[:200]})") from None
+        raise JSONFileError(_("{path}: not valid JSON ({error})").format(path=source, error=str(err)[:200])) from None
 
 
 def read_json(path: str | Path, max_bytes: int) -> Any:
@@ -45,14 +48,15 @@ def read_json(path: str | Path, max_bytes: int) -> Any:
         with open(path, "rb") as handle:
             data = handle.read(max_bytes + 1)
     except FileNotFoundError:
-        raise JSONFileError(f"{path}: missing") from None
+        raise JSONFileError(_("{path}: missing").format(path=path)) from None
     except OSError as err:
-        raise JSONFileError(f"{path}: cannot be read ({err.strerror or err})") from None
+        raise JSONFileError(_("{path}: cannot be read ({error})").format(
+            path=path, error=err.strerror or err)) from None
     if len(data) > max_bytes:
-        raise JSONFileError(f"{path}: larger than {max_bytes:,} bytes, too large to be a file this program "
-                            "wrote")
+        raise JSONFileError(_("{path}: larger than {limit:,} bytes, too large to be a file this program wrote").format(
+            path=path, limit=max_bytes))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise JSONFileError(f"{path}: not UTF-8 text") from None
+        raise JSONFileError(_("{path}: not UTF-8 text").format(path=path)) from None
     return loads(text, str(path))

@@ -268,3 +268,71 @@ def test_the_pretokenize_docs_link_follows_the_language():
         result = subprocess.run([sys.executable, "data_tools/pretokenize.py", "--help"], cwd=REPO, capture_output=True,
                                 text=True, env={**os.environ, "MINIGPT_LANG": lang, "COLUMNS": "400"})
         assert page in result.stdout and (REPO / page).is_file()
+# core modules
+
+def markdown_anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the headings of `page`: lower case, punctuation dropped, spaces as hyphens."""
+    import re
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in page.read_text().splitlines() if line.startswith("#")}
+
+
+def test_docs_links_take_the_chinese_pages_own_anchor(monkeypatch):
+    monkeypatch.setenv("MINIGPT_LANG", "zh")
+    assert docs_page("data.md#input-files", zh="data.md#输入文件") == "docs/zh/data.md#输入文件"
+    monkeypatch.setenv("MINIGPT_LANG", "en")
+    assert docs_page("data.md#input-files", zh="data.md#输入文件") == "docs/data.md#input-files"
+
+
+def test_every_docs_link_in_the_code_reaches_a_heading_in_both_languages():
+    """docs_page("page.md#anchor", zh="page.md#锚点") in the code: each anchor is a heading of its page."""
+    import ast
+    links = []
+    for path in sorted((REPO / "minigpt").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "docs_page" and node.args and \
+                    isinstance(node.args[0], ast.Constant):
+                zh = next((k.value.value for k in node.keywords if k.arg == "zh"), node.args[0].value)
+                links += [(REPO / "docs", node.args[0].value), (REPO / "docs" / "zh", zh)]
+    assert links, "no docs_page() call found"
+    broken = [f"{root.relative_to(REPO)}/{link}" for root, link in links
+              if not (root / link.partition("#")[0]).is_file()
+              or ("#" in link and link.partition("#")[2] not in markdown_anchors(root / link.partition("#")[0]))]
+    assert not broken, broken
+
+
+@pytest.fixture(scope="module")
+def resume_workspace(tmp_path_factory) -> Path:
+    """A run directory and data cache shared by the resume mistakes (the tokenizer is trained once)."""
+    return tmp_path_factory.mktemp("resume_mistakes")
+
+
+def damaged_checkpoint(root: Path) -> Path:
+    checkpoint = root / "damaged" / "ckpt" / "step_0000005"
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    (checkpoint / "trainer_state.json").write_text('{"step": 5, ')
+    return checkpoint
+
+
+def not_a_checkpoint(root: Path) -> Path:
+    (root / "notes").mkdir(exist_ok=True)
+    return root / "notes"
+
+
+@pytest.mark.parametrize("make,english,chinese", [
+    (not_a_checkpoint, "no checkpoint at {path}: expected a checkpoint folder, or a run directory with ckpt/step_N "
+                       "folders", "{path} 处没有检查点：应为一个检查点目录，或一个含有 ckpt/step_N 目录的运行目录"),
+    (damaged_checkpoint, "{path}/trainer_state.json: not valid JSON (", "{path}/trainer_state.json：不是合法的 JSON（"),
+], ids=["not a checkpoint", "damaged checkpoint"])
+def test_resuming_from_a_wrong_checkpoint_is_explained_in_the_users_language(resume_workspace, make, english,
+                                                                              chinese):
+    resume = make(resume_workspace)
+    for lang, expected in (("en", english), ("zh", chinese)):
+        result = subprocess.run(
+            [sys.executable, "launch/train.py", "--config", "tiny", "--max-steps", "2", "--warmup-steps", "1",
+             "--out", str(resume_workspace / "run"), "--data-dir", str(resume_workspace / "data"),
+             "--resume", str(resume)],
+            cwd=REPO, text=True, capture_output=True, env={**os.environ, "MINIGPT_LANG": lang}, timeout=600)
+        assert result.returncode == 2 and expected.format(path=resume) in result.stderr, (lang, result.stderr[-1500:])
+        assert "Traceback" not in result.stderr
+    assert "[minigpt] 精度" in result.stdout and "权重来自" in result.stdout, result.stdout[-1500:]

@@ -17,6 +17,7 @@ from torch import nn
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, warmup_cosine
 from minigpt.engine.device import detect_device, resolve_precision
+from minigpt.i18n import _
 from minigpt.runtime import Runtime
 
 
@@ -47,8 +48,9 @@ def launched_distributed() -> bool:
             return False
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
         if missing:
-            raise ConfigError(f"started by srun with {os.environ['SLURM_NTASKS']} tasks but {missing} not set; "
-                              "export MASTER_ADDR (first node of the allocation) and MASTER_PORT in the batch script")
+            raise ConfigError(_("started by srun with {tasks} tasks but {missing} not set; export MASTER_ADDR (first "
+                                "node of the allocation) and MASTER_PORT in the batch script").format(
+                tasks=os.environ["SLURM_NTASKS"], missing=missing))
         os.environ.setdefault("RANK", os.environ["SLURM_PROCID"])
         os.environ.setdefault("WORLD_SIZE", os.environ["SLURM_NTASKS"])
         os.environ.setdefault("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0"))
@@ -59,11 +61,13 @@ def launched_distributed() -> bool:
 def rank_placement(engine: Engine) -> str:
     """One line per rank saying where it runs, so a multi-node log shows how ranks were placed."""
     local = getattr(engine, "num_local_experts", 0)
-    experts = (f", experts {engine.ep_rank * local}-{engine.ep_rank * local + local - 1} of each MoE layer "
-               f"(expert-parallel size {engine.ep_size})") if local else ""
-    return (f"[minigpt] rank {engine.rank}/{engine.world_size} on host {socket.gethostname()} "
-            f"(local rank {os.environ.get('LOCAL_RANK', '0')}, master {os.environ.get('MASTER_ADDR', '?')}:"
-            f"{os.environ.get('MASTER_PORT', '?')}){experts}")
+    experts = _(", experts {first}-{last} of each MoE layer (expert-parallel size {ep_size})").format(
+        first=engine.ep_rank * local, last=engine.ep_rank * local + local - 1, ep_size=engine.ep_size) if local else ""
+    return _("[minigpt] rank {rank}/{world_size} on host {host} (local rank {local_rank}, master "
+             "{master}){experts}").format(
+        rank=engine.rank, world_size=engine.world_size, host=socket.gethostname(),
+        local_rank=os.environ.get("LOCAL_RANK", "0"),
+        master=f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}", experts=experts)
 
 
 def create_runtime(cfg: TrainConfig) -> Runtime:
@@ -105,13 +109,16 @@ def validate_engine_config(cfg: TrainConfig, world_size: int, device: torch.devi
         accelerator = "cuda" if device.type == "cuda" else "cpu"
         precision = resolve_precision(cfg.precision, device, deepspeed=True)
         raw = load_ds_json(cfg.ds_config) if cfg.ds_config else {}
-        build_ds_config(raw, cfg, world_size, cfg.ds_config or "<default ZeRO-0 config>",
+        build_ds_config(raw, cfg, world_size, cfg.ds_config or _("<default ZeRO-0 config>"),
                         precision=precision, accelerator=accelerator)
         experts = get_config(cfg.config).num_experts if not cfg.init_from else 0  # the engine checks --init-from's
-        ep = (f", experts over {resolve_ep_size(cfg.ep_size, world_size, experts, zero_stage_of(raw))} "
-              "expert-parallel rank(s)") if experts else ""
-        return (f"DeepSpeed ZeRO-{zero_stage_of(raw)} ({cfg.ds_config or 'default config'}), {world_size} rank(s), "
-                f"{precision} on {accelerator}{ep}")
+        ep = _(", experts over {ranks} expert-parallel rank(s)").format(
+            ranks=resolve_ep_size(cfg.ep_size, world_size, experts, zero_stage_of(raw))) if experts else ""
+        return _("DeepSpeed ZeRO-{stage} ({config}), {world_size} rank(s), {precision} on "
+                 "{accelerator}{experts}").format(
+            stage=zero_stage_of(raw), config=cfg.ds_config or _("default config"), world_size=world_size,
+            precision=precision, accelerator=accelerator, experts=ep)
     device = device or detect_device(cfg.device)
-    compiled = {"on": ", compiled", "auto": ", compile auto"}.get(cfg.compile, "")
-    return f"plain on {device}, {resolve_precision(cfg.precision, device)}{compiled}"
+    compiled = {"on": _(", compiled"), "auto": _(", compile auto")}.get(cfg.compile, "")
+    return _("plain on {device}, {precision}{compiled}").format(
+        device=device, precision=resolve_precision(cfg.precision, device), compiled=compiled)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError, TrainConfig
+from minigpt.i18n import _
 from minigpt.runtime import Runtime
 
 
@@ -118,13 +119,13 @@ def enable_activation_checkpointing(model: nn.Module, checkpoint_fn: Callable, *
         if reentrant and getattr(module.config, "is_moe", False):
             # The router's balance loss is read from the blocks after forward; a reentrant recompute would
             # leave it without gradients.
-            raise ConfigError("--activation-checkpointing is not supported for mixture-of-experts models on the "
-                              "DeepSpeed engine (its reentrant recompute leaves the router's balance loss without "
-                              "gradients); use the plain engine, or lower --batch-size and raise --grad-accum")
+            raise ConfigError(_("--activation-checkpointing is not supported for mixture-of-experts models on the "
+                                "DeepSpeed engine (its reentrant recompute leaves the router's balance loss without "
+                                "gradients); use the plain engine, or lower --batch-size and raise --grad-accum"))
         module.checkpoint_fn = checkpoint_fn
         found += 1
     if not found:
-        raise ConfigError("--activation-checkpointing: the model has no blocks that support it")
+        raise ConfigError(_("--activation-checkpointing: the model has no blocks that support it"))
     return found
 
 
@@ -133,12 +134,14 @@ def check_shapes_fit(expected: Mapping[str, torch.Size], found: Mapping[str, tor
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
-        raise ConfigError(f"{source}: checkpoint does not fit the model: missing tensors {missing[:5]}, "
-                          f"unexpected tensors {unexpected[:5]} (was it saved from another model config?)")
+        raise ConfigError(_("{source}: checkpoint does not fit the model: missing tensors {missing}, unexpected "
+                            "tensors {unexpected} (was it saved from another model config?)").format(
+            source=source, missing=missing[:5], unexpected=unexpected[:5]))
     for name, shape in expected.items():
         if tuple(found[name].shape) != tuple(shape):
-            raise ConfigError(f"{source}: tensor {name!r} has shape {tuple(found[name].shape)} in the checkpoint "
-                              f"but {tuple(shape)} in the model (was it saved from another model config?)")
+            raise ConfigError(_("{source}: tensor {name!r} has shape {found} in the checkpoint but {expected} in the "
+                                "model (was it saved from another model config?)").format(
+                source=source, name=name, found=tuple(found[name].shape), expected=tuple(shape)))
 
 
 class Engine(ABC):
@@ -186,7 +189,7 @@ class Engine(ABC):
     def load(self, directory: Path) -> None:
         """Restore model, optimizer, scheduler and scaler from a checkpoint `directory` (every rank calls).
 
-        Either engine reads the other's checkpoints (see docs/distributed.md, cross-engine resume)."""
+        Either engine reads checkpoints of the other (see docs/distributed.md, cross-engine resume)."""
 
     @abstractmethod
     def consolidated_state_dict(self) -> dict[str, torch.Tensor] | None:

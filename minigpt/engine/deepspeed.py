@@ -61,6 +61,7 @@ from minigpt.engine.portable import (
     read_engine_file,
     sync_group_lrs,
 )
+from minigpt.i18n import _
 from minigpt.runtime import Runtime
 from minigpt.safe_load import safe_torch_load, weights_only_loads
 
@@ -181,7 +182,7 @@ class DeepSpeedEngine(Engine):
                                                 eps=1e-8, adamw_mode=True)
         self.schedule_clock = ScheduleClock()
         scheduler = build_scheduler(client_optimizer, cfg, self.schedule_clock)
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+        self.ds, self.optimizer, _dataloader, self.scheduler = deepspeed.initialize(
             model=model, optimizer=client_optimizer, lr_scheduler=scheduler, config=config)
         self.module = self.ds.module
         if cfg.activation_checkpointing:
@@ -194,7 +195,9 @@ class DeepSpeedEngine(Engine):
 
             found = groups._get_expert_parallel_rank(f"ep_size_{self.ep_size}")
             if found != self.ep_rank:
-                raise RuntimeError(f"DeepSpeed placed this rank at expert-parallel rank {found}, expected {self.ep_rank}")
+                raise RuntimeError(_("DeepSpeed placed this rank at expert-parallel rank {found}, expected "
+                                     "{expected}").format(
+                    found=found, expected=self.ep_rank))
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.ds(*args, **kwargs)
@@ -208,11 +211,12 @@ class DeepSpeedEngine(Engine):
         saw ZeRO-3 on CPU skip a step for non-finite gradients; DeepSpeed's own counting is the path every
         other run has used)."""
         if micro_batches != self._ds_grad_accum:
-            raise ValueError(f"backward over {micro_batches} micro-batches per step, but DeepSpeed was configured "
-                             f"for gradient_accumulation_steps={self._ds_grad_accum}")
+            raise ValueError(_("backward over {micro_batches} micro-batches per step, but DeepSpeed was configured "
+                               "for gradient_accumulation_steps={accum}").format(
+                micro_batches=micro_batches, accum=self._ds_grad_accum))
         if self.ds.is_gradient_accumulation_boundary() != last:
-            raise RuntimeError(f"the loop's last micro-batch ({last}) disagrees with DeepSpeed's accumulation "
-                               "boundary: micro-batches were skipped or repeated")
+            raise RuntimeError(_("the loop's last micro-batch ({last}) disagrees with DeepSpeed's accumulation "
+                                 "boundary: micro-batches were skipped or repeated").format(last=last))
         self.ds.backward(loss)
         if last:
             self._boundary_pending = True
@@ -221,7 +225,7 @@ class DeepSpeedEngine(Engine):
 
     def step(self) -> StepResult:
         if not self._boundary_pending:
-            raise RuntimeError("step() before the backward marked last=True of this optimizer step")
+            raise RuntimeError(_("step() before the backward marked last=True of this optimizer step"))
         self._boundary_pending = False
         lr = self.lr
         fallback_norm = self._local_grad_norm() if self.zero_stage == 0 else None
@@ -232,7 +236,7 @@ class DeepSpeedEngine(Engine):
         grad_norm = float(grad_norm if grad_norm is not None else fallback_norm or 0.0)
         skipped = not self.ds.was_step_applied()
         if skipped:
-            log.warning("non-finite gradients (norm %s): DeepSpeed skipped the update", grad_norm)
+            log.warning(_("non-finite gradients (norm {norm}): DeepSpeed skipped the update").format(norm=grad_norm))
         return StepResult(grad_norm=grad_norm, lr=lr, skipped=skipped)
 
     def _skip_zero0_step(self, grad_norm: float, lr: float) -> StepResult:
@@ -250,7 +254,7 @@ class DeepSpeedEngine(Engine):
             del optimizer.step
         self.scheduler.load_state_dict(schedule_position)
         sync_group_lrs(self.optimizer, self.scheduler)
-        log.warning("non-finite gradients (norm %s): update skipped, weights unchanged", grad_norm)
+        log.warning(_("non-finite gradients (norm {norm}): update skipped, weights unchanged").format(norm=grad_norm))
         return StepResult(grad_norm=grad_norm, lr=lr, skipped=True)
 
     def _local_grad_norm(self) -> float:
@@ -298,28 +302,32 @@ class DeepSpeedEngine(Engine):
             self._load_portable(read_engine_file(directory / ENGINE_FILE), str(directory / ENGINE_FILE))
             return
         if meta is None:
-            raise ConfigError(f"{directory}: neither {ENGINE_FILE} (plain engine) nor {META_FILE} (DeepSpeed engine)")
+            raise ConfigError(_("{path}: neither {engine_file} (plain engine) nor {meta_file} (DeepSpeed "
+                                "engine)").format(
+                path=directory, engine_file=ENGINE_FILE, meta_file=META_FILE))
         if (meta["world_size"], meta["zero_stage"], meta.get("ep_size", 1)) != (
                 self.world_size, self.zero_stage, self.ep_size):
-            log.warning("%s: saved by ZeRO-%s on %s ranks (expert parallel %s), this run is ZeRO-%s on %s ranks "
-                        "(expert parallel %s): converting through full fp32 weights and optimizer moments", directory,
-                        meta["zero_stage"], meta["world_size"], meta.get("ep_size", 1), self.zero_stage,
-                        self.world_size, self.ep_size)
+            log.warning(_("{path}: saved by ZeRO-{saved_stage} on {saved_ranks} ranks (expert parallel {saved_ep}), "
+                          "this run is ZeRO-{stage} on {ranks} ranks (expert parallel {ep}): converting through full "
+                          "fp32 weights and optimizer moments").format(
+                path=directory, saved_stage=meta["zero_stage"], saved_ranks=meta["world_size"],
+                saved_ep=meta.get("ep_size", 1), stage=self.zero_stage, ranks=self.world_size, ep=self.ep_size))
             self._load_portable(read_deepspeed_checkpoint(directory), str(directory))
             return
         self._check_deepspeed_shapes(directory)
         with weights_only_loads():  # DeepSpeed's own loader asks for weights_only=False; never granted
-            load_path, _ = self.ds.load_checkpoint(str(directory.parent), tag=directory.name,
+            load_path, _client_state = self.ds.load_checkpoint(str(directory.parent), tag=directory.name,
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
-            raise ConfigError(f"{directory}: DeepSpeed could not load this checkpoint (see the log above)")
+            raise ConfigError(_("{path}: DeepSpeed could not load this checkpoint (see the log above)").format(
+                path=directory))
 
     def _check_deepspeed_shapes(self, directory: Path) -> None:
         """Refuse a DeepSpeed checkpoint of another model shape with a message naming the tensor."""
         # Not DeepSpeed's per-expert files (layer_L_expert_E_mp_rank_00_model_states.pt)
         files = sorted(path for path in directory.glob("*model_states.pt") if not path.name.startswith("layer_"))
         if not files:
-            raise ConfigError(f"{directory}: no DeepSpeed *_model_states.pt files")
+            raise ConfigError(_("{path}: no DeepSpeed *_model_states.pt files").format(path=directory))
         saved = safe_torch_load(files[0])
         if saved.get("param_shapes"):
             found = {name: torch.empty(shape, device="meta")
@@ -343,7 +351,8 @@ class DeepSpeedEngine(Engine):
         check_shapes_fit(self._param_shapes(), weights, source)
         moments = {name: state["optimizer"][plain] for name, plain in names.items() if plain in state["optimizer"]}
         if not moments:
-            log.warning("%s: checkpoint has no optimizer moments; AdamW restarts from zero moments", source)
+            log.warning(_("{source}: checkpoint has no optimizer moments; AdamW restarts from zero moments").format(
+                source=source))
         if self.zero_stage == 0:
             with torch.no_grad():
                 for name, param in self.module.named_parameters():
@@ -403,7 +412,7 @@ class DeepSpeedEngine(Engine):
             else:
                 value = tensor.detach().cpu().clone()
             if self.num_local_experts and is_expert_name(name):
-                pieces = [torch.empty_like(value) for _ in range(self.world_size)]
+                pieces = [torch.empty_like(value) for _rank in range(self.world_size)]
                 torch.distributed.all_gather(pieces, value.to(self.device))
                 if self.is_main:
                     for rank in range(self.ep_size):

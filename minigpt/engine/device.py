@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from minigpt.config import ConfigError
+from minigpt.i18n import _
 
 Precision = str
 """One of "fp32", "bf16", "fp16" (after `resolve_precision`)."""
@@ -22,13 +23,16 @@ def check_device(requested: str) -> torch.device:
     try:
         device = torch.device(requested)
     except RuntimeError as err:
-        raise ConfigError(f"--device {requested!r} is not a device name (cpu, cuda, cuda:N, mps)") from err
+        raise ConfigError(_("--device {device!r} is not a device name (cpu, cuda, cuda:N, mps)").format(
+            device=requested)) from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {requested}: CUDA is not available on this machine (use cpu or mps)")
+        raise ConfigError(_("--device {device}: CUDA is not available on this machine (use cpu or mps)").format(
+            device=requested))
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s) visible")
+        raise ConfigError(_("--device {device}: only {count} CUDA device(s) visible").format(
+            device=requested, count=torch.cuda.device_count()))
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {requested}: Apple MPS is not available on this machine")
+        raise ConfigError(_("--device {device}: Apple MPS is not available on this machine").format(device=requested))
     return device
 
 
@@ -46,15 +50,16 @@ def detect_device(requested: str = "") -> torch.device:
     say = print if is_first_rank() else (lambda *a, **k: None)
     if requested and requested != "auto":
         device = check_device(requested)
-        say(f"[minigpt] device {device} (requested with --device)", flush=True)
+        say(_("[minigpt] device {device} (requested with --device)").format(device=device), flush=True)
         return device
     if torch.cuda.is_available():
-        device, why = torch.device("cuda"), f"CUDA available ({torch.cuda.get_device_name(0)})"
+        device, why = torch.device("cuda"), _("CUDA available ({name})").format(name=torch.cuda.get_device_name(0))
     elif torch.backends.mps.is_available():
-        device, why = torch.device("mps"), "Apple MPS available, no CUDA"
+        device, why = torch.device("mps"), _("Apple MPS available, no CUDA")
     else:
-        device, why = torch.device("cpu"), "no CUDA or MPS device found"
-    say(f"[minigpt] device {device} (auto-detected: {why}; override with --device)", flush=True)
+        device, why = torch.device("cpu"), _("no CUDA or MPS device found")
+    say(_("[minigpt] device {device} (auto-detected: {why}; override with --device)").format(device=device, why=why),
+        flush=True)
     return device
 
 
@@ -81,7 +86,7 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
             for line in handle:
-                key, _, value = line.partition(":")
+                key, _colon, value = line.partition(":")
                 if key.strip().lower() in ("flags", "features"):
                     return set(value.split())
     except OSError:
@@ -93,21 +98,22 @@ def native_cpu_bf16(flags: set[str] | None, machine: str) -> tuple[bool | None, 
     """Whether this CPU runs bf16 matmuls in hardware, from facts that don't change with load: the CPU's
     flags and the oneDNN ISA cap. None when the flags don't settle it (no flags, an unknown architecture)."""
     if flags is None:
-        return None, "no CPU flags to read (no /proc/cpuinfo)"
+        return None, _("no CPU flags to read (no /proc/cpuinfo)")
     if machine in ("x86_64", "amd64", "i386", "i686"):
         native = sorted(flags & {"avx512_bf16", "amx_bf16"})
         if not native:
-            return False, ("this CPU has no avx512_bf16 or amx_bf16, so bf16 is emulated (8-10x slower than "
-                           "fp32 here)")
+            return False, _("this CPU has no avx512_bf16 or amx_bf16, so bf16 is emulated (8-10x slower than fp32 "
+                            "here)")
         limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
         if limit and limit not in BF16_ISA_LIMITS:
-            return False, f"ONEDNN_MAX_CPU_ISA={limit} keeps oneDNN off the CPU's {'/'.join(native)} instructions"
-        return True, f"this CPU has {' and '.join(native)}"
+            return False, _("ONEDNN_MAX_CPU_ISA={limit} keeps oneDNN off the CPU's {isa} instructions").format(
+                limit=limit, isa="/".join(native))
+        return True, _("this CPU has {isa}").format(isa=_(" and ").join(native))
     if machine in ("aarch64", "arm64"):
         if "bf16" in flags:
-            return True, "this CPU has the Arm bf16 extension"
-        return False, "this CPU lacks the Arm bf16 extension, so bf16 is emulated"
-    return None, f"no known bf16 flag for a {machine} CPU"
+            return True, _("this CPU has the Arm bf16 extension")
+        return False, _("this CPU lacks the Arm bf16 extension, so bf16 is emulated")
+    return None, _("no known bf16 flag for a {machine} CPU").format(machine=machine)
 
 
 def bf16_matmul_speedup(size: int = 512, repeats: int = 5) -> float:
@@ -115,7 +121,7 @@ def bf16_matmul_speedup(size: int = 512, repeats: int = 5) -> float:
     `repeats` each, on constant inputs: it draws no random numbers and touches no model."""
     a = torch.linspace(-1, 1, size * size).reshape(size, size)
     timings: dict[torch.dtype, float] = {}
-    for _ in range(repeats):
+    for _repeat in range(repeats):
         for dtype in (torch.float32, torch.bfloat16):
             x = a.to(dtype)
             started = time.perf_counter()
@@ -132,8 +138,10 @@ def choose_cpu_precision() -> PrecisionChoice:
     if native is None:
         speedup = bf16_matmul_speedup()
         native = speedup >= PROBE_MARGIN
-        why = (f"{why}; a bf16 matmul probe ran {speedup:.2f}x the speed of fp32 "
-               f"({'at least' if native else 'under'} the {PROBE_MARGIN}x that bf16 must win by)")
+        why = (_("{why}; a bf16 matmul probe ran {speedup:.2f}x the speed of fp32 (at least the {margin}x that bf16 "
+                 "must win by)") if native else
+               _("{why}; a bf16 matmul probe ran {speedup:.2f}x the speed of fp32 (under the {margin}x that bf16 must "
+                 "win by)")).format(why=why, speedup=speedup, margin=PROBE_MARGIN)
     return PrecisionChoice("bf16" if native else "fp32", why)
 
 
@@ -149,22 +157,23 @@ def choose_precision(precision: str, device: torch.device, *, deepspeed: bool = 
     if precision == "auto":
         if device.type == "cuda":
             if torch.cuda.get_device_capability(device)[0] >= 8:
-                return PrecisionChoice("bf16", f"auto: {torch.cuda.get_device_name(device)} has native bf16")
-            return PrecisionChoice("fp32", f"auto: {torch.cuda.get_device_name(device)} has no native bf16 "
-                                           "(--precision fp16 uses its tensor cores with loss scaling)")
+                return PrecisionChoice("bf16", _("auto: {gpu} has native bf16").format(
+                    gpu=torch.cuda.get_device_name(device)))
+            return PrecisionChoice("fp32", _("auto: {gpu} has no native bf16 (--precision fp16 uses its tensor cores "
+                                             "with loss scaling)").format(gpu=torch.cuda.get_device_name(device)))
         if device.type == "cpu" and deepspeed:
-            return PrecisionChoice("fp32", "auto: DeepSpeed on the CPU runs fp32 (its bf16 mode stores the "
-                                           "weights in bf16; pass --precision bf16 to use it)")
+            return PrecisionChoice("fp32", _("auto: DeepSpeed on the CPU runs fp32 (its bf16 mode stores the "
+                                             "weights in bf16; pass --precision bf16 to use it)"))
         if device.type == "cpu":
             choice = choose_cpu_precision()
-            return PrecisionChoice(choice.precision, f"auto: {choice.why}")
-        return PrecisionChoice("fp32", f"auto: fp32 on {device.type}")
+            return PrecisionChoice(choice.precision, _("auto: {why}").format(why=choice.why))
+        return PrecisionChoice("fp32", _("auto: fp32 on {device}").format(device=device.type))
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"--precision bf16: {torch.cuda.get_device_name(device)} does not support bf16; "
-                          "use --precision fp16 or fp32")
+        raise ConfigError(_("--precision bf16: {gpu} does not support bf16; use --precision fp16 or fp32").format(
+            gpu=torch.cuda.get_device_name(device)))
     if precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
-    return PrecisionChoice(precision, "requested with --precision")
+        raise ConfigError(_("--precision must be auto, fp32, bf16 or fp16, got {value!r}").format(value=precision))
+    return PrecisionChoice(precision, _("requested with --precision"))
 
 
 def resolve_precision(precision: str, device: torch.device, *, deepspeed: bool = False) -> Precision:

@@ -23,6 +23,7 @@ import torch
 
 from minigpt.config import ConfigError, TrainConfig
 from minigpt.engine.device import resolve_precision
+from minigpt.i18n import _
 
 ZERO_STAGES = (0, 1, 2, 3)
 DEEPSPEED_TOP_LEVEL_KEYS = (
@@ -47,16 +48,19 @@ def load_ds_json(path: str | Path) -> dict[str, Any]:
     """Read a DeepSpeed JSON config, naming the file on a missing file or a syntax error."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"--ds-config {path}: no such file (see ds_configs/ for the shipped ones)")
+        raise ConfigError(_("--ds-config {path}: no such file (see ds_configs/ for the shipped ones)").format(
+            path=path))
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from err
+        raise ConfigError(_("{path}:{line}:{column}: not valid JSON ({error})").format(
+            path=path, line=err.lineno, column=err.colno, error=err.msg)) from err
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a DeepSpeed config must be a JSON object, got {type(raw).__name__}")
+        raise ConfigError(_("{path}: a DeepSpeed config must be a JSON object, got {kind}").format(
+            path=path, kind=type(raw).__name__))
     if os.environ.get("RANK", "0") == "0":  # once per run, not once per rank
         for warning in unknown_key_warnings(raw, str(path)):
-            print(f"[minigpt] warning: {warning}", file=sys.stderr, flush=True)
+            print(_("[minigpt] warning: {warning}").format(warning=warning), file=sys.stderr, flush=True)
     return raw
 
 
@@ -65,8 +69,9 @@ def unknown_key_warnings(raw: dict[str, Any], source: str) -> list[str]:
     warnings = []
     for key in sorted(set(raw) - set(DEEPSPEED_TOP_LEVEL_KEYS)):
         close = difflib.get_close_matches(key, DEEPSPEED_TOP_LEVEL_KEYS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        warnings.append(f"{source}: unknown top-level key {key!r}{hint}; DeepSpeed does not read it")
+        hint = _(" (did you mean {key!r}?)").format(key=close[0]) if close else ""
+        warnings.append(_("{source}: unknown top-level key {key!r}{hint}; DeepSpeed does not read it").format(
+            source=source, key=key, hint=hint))
     return warnings
 
 
@@ -83,9 +88,10 @@ def offloads_optimizer(raw: dict[str, Any]) -> bool:
 
 def _agree(raw: dict[str, Any], field: str, expected: Any, source: str, flag: str) -> None:
     if field in raw and raw[field] != expected:
-        raise ConfigError(f"{source}: {field}={raw[field]!r} contradicts the training config ({flag} gives "
-                          f"{expected!r}); remove {field!r} from the JSON (it is filled from the training config) "
-                          f"or change {flag}")
+        raise ConfigError(_("{source}: {field}={value!r} contradicts the training config ({flag} gives "
+                            "{expected!r}); remove {field!r} from the JSON (it is filled from the training config) "
+                            "or change {flag}").format(source=source, field=field, value=raw[field], flag=flag,
+                                                       expected=expected))
 
 
 def build_ds_config(raw: dict, cfg: TrainConfig, world_size: int, source: str, *,
@@ -97,29 +103,35 @@ def build_ds_config(raw: dict, cfg: TrainConfig, world_size: int, source: str, *
     if precision is None:
         precision = resolve_precision(cfg.precision, torch.device(accelerator), deepspeed=True)
     if world_size < 1:
-        raise ConfigError(f"world size must be at least 1, got {world_size}")
+        raise ConfigError(_("world size must be at least 1, got {value}").format(value=world_size))
     if cfg.compile == "on":
-        raise ConfigError("--compile on: the DeepSpeed engine runs eager (torch.compile is applied by the plain "
-                          "engine only); pass --compile auto (it says it stays eager) or off, or train on one "
-                          "device without a launcher and --ds-config to compile")
+        raise ConfigError(_("--compile on: the DeepSpeed engine runs eager (torch.compile is applied by the plain "
+                            "engine only); pass --compile auto (it says it stays eager) or off, or train on one "
+                            "device without a launcher and --ds-config to compile"))
     ds = copy.deepcopy(raw)
     for section in ("optimizer", "scheduler"):
         if section in ds:
-            raise ConfigError(f"{source}: has a {section!r} section, but MiniGPT builds the {section} from the "
-                              f"training config (--learning-rate, --warmup-steps, ...); remove it from the JSON")
+            raise ConfigError(_("{source}: has a {section!r} section, but MiniGPT builds the {section} from the "
+                                "training config (--learning-rate, --warmup-steps, ...); remove it from the "
+                                "JSON").format(
+                source=source, section=section))
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, dict):
-        raise ConfigError(f"{source}: zero_optimization must be an object, got {zero!r}")
+        raise ConfigError(_("{source}: zero_optimization must be an object, got {value!r}").format(
+            source=source, value=zero))
     if zero.get("stage", 0) not in ZERO_STAGES:
-        raise ConfigError(f"{source}: zero_optimization.stage={zero.get('stage')!r}; choose one of {ZERO_STAGES}")
+        raise ConfigError(_("{source}: zero_optimization.stage={stage!r}; choose one of {stages}").format(
+            source=source, stage=zero.get("stage"), stages=ZERO_STAGES))
     if offloads_optimizer(ds) and zero.get("stage", 0) == 0:
-        raise ConfigError(f"{source}: offload_optimizer needs zero_optimization.stage 1, 2 or 3, got 0")
+        raise ConfigError(_("{source}: offload_optimizer needs zero_optimization.stage 1, 2 or 3, got 0").format(
+            source=source))
 
     micro, accum = cfg.batch_size, cfg.grad_accum
     _agree(ds, "train_micro_batch_size_per_gpu", micro, source, "--batch-size")
     _agree(ds, "gradient_accumulation_steps", accum, source, "--grad-accum")
     _agree(ds, "train_batch_size", micro * accum * world_size, source,
-           f"--batch-size {micro} x --grad-accum {accum} x world size {world_size}")
+           _("--batch-size {micro} x --grad-accum {accum} x world size {world_size}").format(
+               micro=micro, accum=accum, world_size=world_size))
     _agree(ds, "gradient_clipping", float(cfg.grad_clip), source, "--grad-clip")
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = accum
@@ -127,17 +139,20 @@ def build_ds_config(raw: dict, cfg: TrainConfig, world_size: int, source: str, *
     ds["gradient_clipping"] = float(cfg.grad_clip)
 
     if precision == "fp16" and accelerator == "cpu":
-        raise ConfigError(f"{source}: fp16 requested but DeepSpeed runs on its CPU accelerator, which does not "
-                          "support fp16; use --precision bf16 or fp32")
+        raise ConfigError(_("{source}: fp16 requested but DeepSpeed runs on its CPU accelerator, which does not "
+                            "support fp16; use --precision bf16 or fp32").format(source=source))
     for name in ("bf16", "fp16"):
         section = ds.get(name, {})
         if not isinstance(section, dict):
-            raise ConfigError(f"{source}: {name} must be an object like {{\"enabled\": true}}, got {section!r}")
+            raise ConfigError(_("{source}: {name} must be an object like {{\"enabled\": true}}, got {value!r}").format(
+                source=source, name=name, value=section))
         wanted = precision == name
         if "enabled" in section and bool(section["enabled"]) != wanted:
-            raise ConfigError(f"{source}: {name}.enabled={section['enabled']!r} contradicts the training config "
-                              f"(--precision {cfg.precision} resolves to {precision}); remove {name!r} from the "
-                              f"JSON or pass --precision {name if section['enabled'] else precision}")
+            raise ConfigError(_("{source}: {name}.enabled={enabled!r} contradicts the training config (--precision "
+                                "{requested} resolves to {precision}); remove {name!r} from the JSON or pass "
+                                "--precision {suggested}").format(
+                source=source, name=name, enabled=section["enabled"], requested=cfg.precision, precision=precision,
+                suggested=name if section["enabled"] else precision))
         ds[name] = {**section, "enabled": wanted}
     # A torch AdamW client optimizer is not on DeepSpeed's list of ZeRO-tested optimizers.
     ds.setdefault("zero_allow_untested_optimizer", True)
@@ -149,12 +164,13 @@ def build_ds_config(raw: dict, cfg: TrainConfig, world_size: int, source: str, *
 def resolve_ep_size(requested: int, world_size: int, num_experts: int, zero_stage: int) -> int:
     """The expert-parallel size: `requested` (--ep-size) checked, or the largest divisor of both (0)."""
     if zero_stage == 3:
-        raise ConfigError("mixture-of-experts models train with ZeRO stage 0, 1 or 2: DeepSpeed refuses its MoE layer "
-                          "under ZeRO-3 (\"Native DeepSpeed MoE is not supported with ZeRO Stage 3\"); use "
-                          "ds_configs/zero2.json")
+        raise ConfigError(_("mixture-of-experts models train with ZeRO stage 0, 1 or 2: DeepSpeed refuses its MoE "
+                            "layer under ZeRO-3 (\"Native DeepSpeed MoE is not supported with ZeRO Stage 3\"); use "
+                            "ds_configs/zero2.json"))
     if requested == 0:
         return math.gcd(world_size, num_experts)
     if world_size % requested or num_experts % requested:
-        raise ConfigError(f"--ep-size {requested} must divide the world size ({world_size}) and the expert count "
-                          f"(num_experts={num_experts})")
+        raise ConfigError(_("--ep-size {requested} must divide the world size ({world_size}) and the expert count "
+                            "(num_experts={experts})").format(
+            requested=requested, world_size=world_size, experts=num_experts))
     return requested

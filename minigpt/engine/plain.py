@@ -36,6 +36,7 @@ from minigpt.engine.portable import (
     read_portable_state,
     sync_group_lrs,
 )
+from minigpt.i18n import _
 from minigpt.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ class PlainEngine(Engine):
         lr = self.lr
         skipped = not torch.isfinite(torch.tensor(grad_norm)).item()
         if skipped:
-            log.warning("non-finite gradient norm (%s): update skipped, weights unchanged", grad_norm)
+            log.warning(_("non-finite gradient norm ({norm}): update skipped, weights unchanged").format(
+                norm=grad_norm))
         else:
             # Gradients are already unscaled and finite here, so the scaler applies the update.
             self.scaler.step(self.optimizer)
@@ -119,7 +121,8 @@ class PlainEngine(Engine):
         check_shapes_fit(expected, state["model"], str(directory))
         self.module.load_state_dict(state["model"])
         if not state["optimizer"]:
-            log.warning("%s: checkpoint has no optimizer moments; AdamW restarts from zero moments", directory)
+            log.warning(_("{source}: checkpoint has no optimizer moments; AdamW restarts from zero moments").format(
+                source=directory))
         load_named_optimizer_state(self.optimizer, self.module, state["optimizer"], str(directory))
         self.scheduler.load_state_dict(fit_scheduler_state(state["scheduler"], len(self.optimizer.param_groups)))
         sync_group_lrs(self.optimizer, self.scheduler)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from minigpt.config import ConfigError
+from minigpt.i18n import _
 from minigpt.safe_load import safe_torch_load, weights_only_loads
 
 ENGINE_FILE = "engine.pt"
@@ -71,8 +72,10 @@ def load_named_optimizer_state(optimizer: torch.optim.Optimizer, module: nn.Modu
             state = named_state[name]
             for key in ADAM_KEYS:
                 if key in state and state[key].shape != param.shape:
-                    raise ConfigError(f"{source}: optimizer state {key} of {name!r} has shape "
-                                      f"{tuple(state[key].shape)}, parameter has {tuple(param.shape)}")
+                    raise ConfigError(_("{source}: optimizer state {key} of {name!r} has shape {found}, parameter "
+                                        "has {expected}").format(source=source, key=key, name=name,
+                                                                 found=tuple(state[key].shape),
+                                                                 expected=tuple(param.shape)))
             optimizer.state[param] = {
                 key: (value.to(param.device, torch.float32) if key in ADAM_KEYS else
                       value.detach().clone().float() if torch.is_tensor(value) else torch.tensor(float(value)))
@@ -104,8 +107,8 @@ def read_engine_file(path: Path) -> dict[str, Any]:
     state = safe_torch_load(path)
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
         found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
-        raise ConfigError(f"{path}: engine checkpoint format {found!r}, "
-                          f"this version reads {FORMAT_VERSION}")
+        raise ConfigError(_("{path}: engine checkpoint format {found!r}, this version reads {version}").format(
+            path=path, found=found, version=FORMAT_VERSION))
     return state
 
 
@@ -115,7 +118,8 @@ def read_portable_state(directory: Path) -> dict[str, Any]:
         return read_engine_file(directory / ENGINE_FILE)
     if any(directory.glob("*model_states.pt")):
         return read_deepspeed_checkpoint(directory)
-    raise ConfigError(f"{directory}: no engine state found (neither {ENGINE_FILE} nor DeepSpeed *_model_states.pt)")
+    raise ConfigError(_("{path}: no engine state found (neither {engine_file} nor DeepSpeed *_model_states.pt)").format(
+        path=directory, engine_file=ENGINE_FILE))
 
 
 
@@ -137,8 +141,8 @@ def read_deepspeed_checkpoint(directory: Path) -> dict[str, Any]:
     ranks = [safe_torch_load(path)["optimizer_state_dict"] for path in optim_files]
     stage, world_size = ranks[0]["zero_stage"], len(ranks)
     if stage not in (1, 2, 3):
-        raise ConfigError(f"{directory}: ZeRO stage {stage} checkpoints are not converted; resume it with "
-                          "the same DeepSpeed config")
+        raise ConfigError(_("{path}: ZeRO stage {stage} checkpoints are not converted; resume it with the same "
+                            "DeepSpeed config").format(path=directory, stage=stage))
     paddings = ranks[0].get("param_alignment_paddings")
 
     def merge(flat_by_rank: list) -> dict[str, torch.Tensor]:
@@ -184,16 +188,18 @@ def read_deepspeed_moe_checkpoint(directory: Path) -> dict[str, Any]:
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     ep_size = int(meta.get("ep_size", 0))
     if not ep_size:
-        raise ConfigError(f"{directory}: a DeepSpeed mixture-of-experts checkpoint without engine_meta.json's ep_size "
-                          "cannot be converted; resume it with the same DeepSpeed config and world size")
+        raise ConfigError(_("{path}: a DeepSpeed mixture-of-experts checkpoint without engine_meta.json's ep_size "
+                            "cannot be converted; resume it with the same DeepSpeed config and world size").format(
+            path=directory))
     model_states = safe_torch_load(directory / "mp_rank_00_model_states.pt")
     optim_files = sorted(directory.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
                          key=lambda path: int(path.name.split("_")[3]))
     ranks = [safe_torch_load(path)["optimizer_state_dict"] for path in optim_files]
     if not ranks or ranks[0].get("zero_stage") not in (1, 2):
-        found = ranks[0].get("zero_stage") if ranks else "no optimizer files"
-        raise ConfigError(f"{directory}: mixture-of-experts checkpoints convert from ZeRO-1/2 only (found {found}); "
-                          "resume it with the same DeepSpeed config and world size")
+        found = ranks[0].get("zero_stage") if ranks else _("no optimizer files")
+        raise ConfigError(_("{path}: mixture-of-experts checkpoints convert from ZeRO-1/2 only (found {found}); "
+                            "resume it with the same DeepSpeed config and world size").format(
+            path=directory, found=found))
     world_size = len(ranks)
     groups = ranks[0]["base_optimizer_state"]["param_groups"]
     shapes = model_states["param_shapes"]

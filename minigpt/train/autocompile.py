@@ -1,8 +1,8 @@
 """`--compile auto`: use torch.compile where it works and pays, decided from facts that don't change with load.
 
 Compilation costs tens of seconds up front (11-110 s on a CPU, more on a busy one) and pays back a fraction
-of every later step: 1.15-1.4x in fp32 on the small shapes this project trains on a CPU, 0.97x (the quality
-recipe's shape) to 1.31x (the baseline shape) in bf16 there (docs/performance.md). Timing eager and compiled steps
+of every later step: 1.15-1.4x in fp32 on the small shapes this project trains on a CPU, 0.97x (the shape of
+the quality recipe) to 1.31x (the baseline shape) in bf16 there (docs/performance.md). Timing eager and compiled steps
 inside the run would let a busy machine decide differently from a quiet one, and since compiled and eager
 steps agree only to float rounding, the run's numbers would depend on how busy the machine was. So the
 decision reads only facts fixed before the first step:
@@ -28,6 +28,8 @@ import sys
 
 import torch
 
+from minigpt.i18n import _
+
 MIN_STEPS = 2000
 """A run asking for fewer optimizer steps stays eager: at the 10-50 ms steps of the small shapes where a
 compilation gains most, 2000 steps are 20-100 s of work, about what the compilation itself costs."""
@@ -40,22 +42,22 @@ def compile_unavailable(device: torch.device, *, plain_engine: bool, moe: bool, 
                         mode: str) -> str | None:
     """Why torch.compile cannot work or is not used for this run (None: it can be tried)."""
     if not plain_engine:
-        return "the DeepSpeed engine runs eager"
+        return _("the DeepSpeed engine runs eager")
     if sys.platform == "win32":
-        return "torch.compile's C++/triton toolchain is not set up on Windows"
+        return _("torch.compile's C++/triton toolchain is not set up on Windows")
     if device.type == "mps":
-        return "torch.compile on MPS is experimental"
+        return _("torch.compile on MPS is experimental")
     if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++")
                                         if c):
-        return "no C++ compiler on PATH (inductor compiles C++ for the CPU)"
+        return _("no C++ compiler on PATH (inductor compiles C++ for the CPU)")
     if device.type == "cuda" and importlib.util.find_spec("triton") is None:
-        return "triton is not installed"
+        return _("triton is not installed")
     if moe:
-        return "mixture-of-experts routing has data-dependent shapes"
+        return _("mixture-of-experts routing has data-dependent shapes")
     if activation_checkpointing:
-        return "--activation-checkpointing recomputes blocks outside the compiled graph"
+        return _("--activation-checkpointing recomputes blocks outside the compiled graph")
     if mode in VARYING_SHAPE_MODES:
-        return f"--mode {mode} batches change shape from step to step"
+        return _("--mode {mode} batches change shape from step to step").format(mode=mode)
     return None
 
 
@@ -64,11 +66,14 @@ def compile_pays(device: torch.device, precision: str, steps_left: int,
     """Whether a compilation is worth it for the rest of this run, and why, from facts only: the device, the
     precision, the optimizer steps left and the --max-time budget (None: no budget)."""
     if device.type == "cpu" and precision == "bf16":
-        return False, "bf16 steps on the CPU gain too little from compilation to rely on (0.97-1.31x measured)"
+        return False, _("bf16 steps on the CPU gain too little from compilation to rely on (0.97-1.31x measured)")
     if steps_left < MIN_STEPS:
-        return False, f"{steps_left:,} steps are too few to pay back a compilation (it needs {MIN_STEPS:,} or more)"
+        return False, _("{steps:,} steps are too few to pay back a compilation (it needs {needed:,} or more)").format(
+            steps=steps_left, needed=MIN_STEPS)
     if budget_seconds is not None and budget_seconds < MIN_SECONDS:
-        return False, (f"a {budget_seconds:.0f} s budget is too short to pay back a compilation (it needs "
-                       f"{MIN_SECONDS:.0f} s or more)")
-    budget = "" if budget_seconds is None else f" and a {budget_seconds:.0f} s budget"
-    return True, f"{steps_left:,} steps{budget} pay back a compilation"
+        return False, _("a {budget:.0f} s budget is too short to pay back a compilation (it needs {needed:.0f} s or "
+                        "more)").format(budget=budget_seconds, needed=MIN_SECONDS)
+    if budget_seconds is None:
+        return True, _("{steps:,} steps pay back a compilation").format(steps=steps_left)
+    return True, _("{steps:,} steps and a {budget:.0f} s budget pay back a compilation").format(
+        steps=steps_left, budget=budget_seconds)

@@ -25,12 +25,14 @@ from minigpt.data import build
 from minigpt.data.build import build_dataset
 from minigpt.data.demo import CORPORA, DEMO_PREFIX, demo_language, write_demo_corpus, write_demo_post_training
 from minigpt.data.shards import open_shard
+from minigpt.i18n import _, docs_page
 from minigpt.runtime import Runtime
 from minigpt.tokenizer import Tokenizer
 from minigpt.tokenizer_training import train_tokenizer
 
 DATA_ENV = "MINIGPT_DATA_DIR"
 DEMO_NAMES = {"en": "English demo corpus", "zh": "Chinese demo corpus"}
+"""Said through `_()` where used (the language is the one at use, not at import)."""
 CACHE = "cache"
 
 
@@ -55,15 +57,15 @@ def find_input(name: str, data_dir: str) -> Path:
     if candidate.is_absolute():
         if candidate.exists():
             return candidate
-        raise DataError(f"--data {name}: no such file or directory")
+        raise DataError(_("--data {name}: no such file or directory").format(name=name))
     searched = [Path.cwd(), Path(data_dir)]
     if os.environ.get(DATA_ENV):
         searched.append(Path(os.environ[DATA_ENV]))
     for root in searched:
         if (root / candidate).exists():
             return root / candidate
-    raise DataError(f"--data {name}: not found in {', '.join(str(r) for r in searched)} "
-                    f"(set --data-dir or ${DATA_ENV} to where your data lives)")
+    raise DataError(_("--data {name}: not found in {searched} (set --data-dir or ${env} to where your data "
+                      "lives)").format(name=name, searched=", ".join(str(r) for r in searched), env=DATA_ENV))
 
 
 def _builtin_language(name: str) -> str:
@@ -71,7 +73,7 @@ def _builtin_language(name: str) -> str:
     try:
         return demo_language(name)
     except ValueError as err:
-        raise DataError(f"--data {err}") from None
+        raise DataError(_("--data {error}").format(error=err)) from None
 
 
 def planned_inputs(cfg: TrainConfig) -> list[Path | str]:
@@ -79,10 +81,11 @@ def planned_inputs(cfg: TrainConfig) -> list[Path | str]:
     planned: list[Path | str] = []
     for name in cfg.data:
         if name.startswith(DEMO_PREFIX):
-            planned.append(f"<built-in {DEMO_NAMES[_builtin_language(name)]} ({name})>")
+            planned.append(_("<built-in {corpus} ({name})>").format(corpus=_(DEMO_NAMES[_builtin_language(name)]),
+                                                                    name=name))
         else:
             planned.append(find_input(name, cfg.data_dir))
-    return planned or ["<built-in demo corpus>" if cfg.mode == "pretrain" else "<built-in bilingual demo data>"]
+    return planned or [_("<built-in demo corpus>") if cfg.mode == "pretrain" else _("<built-in bilingual demo data>")]
 
 
 DEMO_POST_TRAINING = "<built-in post-training data>"
@@ -96,8 +99,9 @@ def _builtin_input(cfg: TrainConfig, runtime: Runtime, kind: str, name: str | No
     if name is None:
         demo = cache / f"{kind}.jsonl"
         if runtime.is_main:
-            print(f"[minigpt] no --data: --mode {cfg.mode} trains on the built-in bilingual demo data ({demo}: "
-                  "tasks in Chinese and English, identity chats); see docs/data.md for your own", flush=True)
+            print(_("[minigpt] no --data: --mode {mode} trains on the built-in bilingual demo data ({path}: tasks in "
+                    "Chinese and English, identity chats); see {docs} for your own").format(
+                mode=cfg.mode, path=demo, docs=docs_page("data.md#input-files", zh="data.md#输入文件")), flush=True)
             if not demo.exists():
                 write_demo_post_training(demo, kind)
     elif name == DEMO_POST_TRAINING:
@@ -107,8 +111,9 @@ def _builtin_input(cfg: TrainConfig, runtime: Runtime, kind: str, name: str | No
     else:
         language = _builtin_language(name)
         if kind != "pretrain":
-            raise DataError(f"--data {name} is a pretraining corpus; --mode {cfg.mode} needs {kind} records "
-                            "(without --data it trains on the built-in bilingual demo data)")
+            raise DataError(_("--data {name} is a pretraining corpus; --mode {mode} needs {kind} records (without "
+                              "--data it trains on the built-in bilingual demo data)").format(
+                name=name, mode=cfg.mode, kind=kind))
         demo = cache / CORPORA[language]
         if runtime.is_main and not demo.exists():
             write_demo_corpus(demo, language)
@@ -141,7 +146,8 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
     raw = [p for p in inputs if not _is_dataset_dir(p)]
     for path in raw:
         if path.is_dir():
-            raise DataError(f"--data {path}: a directory without train/ shards; give files or a shard directory")
+            raise DataError(_("--data {path}: a directory without train/ shards; give files or a shard "
+                              "directory").format(path=path))
 
     tokenizer_inputs = raw
     if kind == "pretrain" and any(name.startswith(DEMO_PREFIX) for name in cfg.data or [DEMO_PREFIX]):
@@ -153,7 +159,8 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
                            f"encoding {build.ENCODING_VERSION}")
         cached = Path(cfg.data_dir) / CACHE / f"{kind}-{key}"
         if is_main and not cached.exists():
-            print(f"[minigpt] pre-tokenizing {len(raw)} file(s) into {cached}", flush=True)
+            print(_("[minigpt] pre-tokenizing {count} file(s) into {path}").format(count=len(raw), path=cached),
+                  flush=True)
             build_dataset([str(p) for p in raw], cached, tokenizer, kind=kind, val_fraction=cfg.val_fraction,
                           seed=cfg.seed, workers=min(4, os.cpu_count() or 1))
         runtime.barrier()
@@ -161,7 +168,8 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
     for path in datasets:  # fail before training on a shard of another tokenizer or kind
         reader = open_shard(path, "train", tokenizer_checksum=tokenizer.checksum, vocab_size=tokenizer.vocab_size)
         if reader.meta.get("kind", "pretrain") != kind:
-            raise DataError(f"{path}: shards of kind {reader.meta.get('kind')!r}, --mode {cfg.mode} needs {kind!r}")
+            raise DataError(_("{path}: shards of kind {found!r}, --mode {mode} needs {kind!r}").format(
+                path=path, found=reader.meta.get("kind"), mode=cfg.mode, kind=kind))
     return RunData(tokenizer, datasets)
 
 
@@ -184,7 +192,7 @@ def character_coverage(tokenizer: Tokenizer, dataset_dirs: list[Path]) -> tuple[
             total += chars
             uncovered += lacking
     coverage = 1.0 - uncovered.total() / total if total else 1.0
-    return coverage, "".join(char for char, _ in uncovered.most_common(8))
+    return coverage, "".join(char for char, _count in uncovered.most_common(8))
 
 
 def document_text(tokenizer: Tokenizer, ids: np.ndarray) -> str:
@@ -207,29 +215,32 @@ def check_coverage(cfg: TrainConfig, run_data: RunData, inherited: bool) -> tupl
     data = " ".join(cfg.data) or "YOUR_FILES"
     train = f"python data_tools/train_tokenizer.py --input {data} --out tokenizers/{data_name(cfg.data or ['mine'])}"
     if inherited:  # weights and tokenizer go together: the fix is an earlier stage with a fitting tokenizer
-        fix = (f"{train}, pretrain with that --tokenizer on text in this language, then start --mode {cfg.mode} "
-               "from that run with --init-from")
+        fix = _("{train}, pretrain with that --tokenizer on text in this language, then start --mode {mode} from "
+                "that run with --init-from").format(train=train, mode=cfg.mode)
     else:
-        fix = f"{train} and pass --tokenizer, or --retrain-tokenizer to train <out>/tokenizer on --data"
-    source = " (from the starting weights)" if inherited else ""
-    problem = (f"tokenizer {run_data.tokenizer.directory}{source} has pieces for only {coverage:.1%} of the "
-               f"training data's characters (at least {MIN_COVERAGE:.0%} needed; missing e.g. {lacking!r}); the "
-               f"rest reach the model as UTF-8 bytes. Train one that covers it: {fix}")
+        fix = _("{train} and pass --tokenizer, or --retrain-tokenizer to train <out>/tokenizer on --data").format(
+            train=train)
+    source = _(" (from the starting weights)") if inherited else ""
+    problem = _("tokenizer {tokenizer}{source} has pieces for only {coverage:.1%} of the training data's characters "
+                "(at least {needed:.0%} needed; missing e.g. {lacking!r}); the rest reach the model as UTF-8 bytes. "
+                "Train one that covers it: {fix}").format(
+        tokenizer=run_data.tokenizer.directory, source=source, coverage=coverage, needed=MIN_COVERAGE,
+        lacking=lacking, fix=fix)
     own_data = [name for name in cfg.data if not name.startswith(DEMO_PREFIX)]
     if own_data and not cfg.allow_low_coverage:
-        raise ConfigError(f"{problem}; or pass --allow-low-coverage to train anyway")
+        raise ConfigError(_("{problem}; or pass --allow-low-coverage to train anyway").format(problem=problem))
     return coverage, problem
 
 
 def planned_vocab_size(cfg: TrainConfig) -> tuple[int, str]:
     """The vocabulary the run will have, without building anything, and where that figure comes from."""
     if cfg.tokenizer:
-        return Tokenizer(cfg.tokenizer).vocab_size, f"tokenizer {cfg.tokenizer}"
+        return Tokenizer(cfg.tokenizer).vocab_size, _("tokenizer {path}").format(path=cfg.tokenizer)
     run_tokenizer = cfg.run_dir / "tokenizer"
     if run_tokenizer.exists() and not cfg.retrain_tokenizer:
-        return Tokenizer(run_tokenizer).vocab_size, f"tokenizer {run_tokenizer}"
+        return Tokenizer(run_tokenizer).vocab_size, _("tokenizer {path}").format(path=run_tokenizer)
     vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
-    return vocab, "at most: a tokenizer is trained on the data (a small corpus gives fewer)"
+    return vocab, _("at most: a tokenizer is trained on the data (a small corpus gives fewer)")
 
 
 def _resolve_tokenizer(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | None, raw: list[Path],
@@ -238,8 +249,9 @@ def _resolve_tokenizer(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path |
         weights_tokenizer = Tokenizer(tokenizer_dir)
         # Compared by content: a copy of the same tokenizer elsewhere is the same tokenizer.
         if cfg.tokenizer and Tokenizer(cfg.tokenizer).checksum != weights_tokenizer.checksum:
-            raise ConfigError(f"--tokenizer {cfg.tokenizer} differs from the tokenizer of the starting "
-                              f"weights ({tokenizer_dir}); post-training keeps the tokenizer of its weights")
+            raise ConfigError(_("--tokenizer {path} differs from the tokenizer of the starting weights ({weights}); "
+                                "post-training keeps the tokenizer of its weights").format(
+                path=cfg.tokenizer, weights=tokenizer_dir))
         return weights_tokenizer
     if cfg.tokenizer:
         return Tokenizer(cfg.tokenizer)
@@ -250,12 +262,12 @@ def _resolve_tokenizer(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path |
         return Tokenizer(run_tokenizer)
     if not raw:
         checksums = {json.loads((d / "train" / "meta.json").read_text()).get("tokenizer_checksum") for d in datasets}
-        raise ConfigError(f"shards {', '.join(map(str, datasets))} were built with tokenizer {checksums}; "
-                          "pass that tokenizer directory with --tokenizer")
+        raise ConfigError(_("shards {paths} were built with tokenizer {checksums}; pass that tokenizer directory with "
+                            "--tokenizer").format(paths=", ".join(map(str, datasets)), checksums=checksums))
     if runtime.is_main:
         vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
-        print(f"[minigpt] training a {vocab}-token tokenizer on {len(raw)} file(s) into {run_tokenizer}",
-              flush=True)
+        print(_("[minigpt] training a {vocab}-token tokenizer on {count} file(s) into {path}").format(
+            vocab=vocab, count=len(raw), path=run_tokenizer), flush=True)
         train_tokenizer([str(p) for p in raw], run_tokenizer, vocab_size=vocab)
     runtime.barrier()
     return Tokenizer(run_tokenizer)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from minigpt.config import ConfigError
 from minigpt.data.datasets import IGNORE_INDEX, DPOPairs
 from minigpt.fsutil import atomic_torch_save
+from minigpt.i18n import _
 from minigpt.train.metrics import MetricSums
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.sequences import (
@@ -130,8 +131,9 @@ class DPO(Objective):
         engine = context.engine
         truncated = sum(d.num_truncated for d in self.datasets)
         if engine.is_main and truncated:
-            print(f"[minigpt] dpo: {truncated} pair(s) cut at --seq-len {context.seq_len}; pairs left without "
-                  "response tokens are counted as empty_pairs and take no loss", flush=True)
+            print(_("[minigpt] dpo: {count} pair(s) cut at --seq-len {seq_len}; pairs left without response tokens "
+                    "are counted as empty_pairs and take no loss").format(count=truncated, seq_len=context.seq_len),
+                  flush=True)
         if self.reference_in_memory:
             self.reference_model = load_frozen_model(context.start_dir, engine.device, context.mode,
                                                      engine.precision)
@@ -143,22 +145,23 @@ class DPO(Objective):
         stored = torch.load(path, weights_only=True) if path.is_file() else None
         if stored is not None and stored.get("fingerprint") == fingerprint:
             references = [t.numpy() for t in stored["reference"]]
-            source = f"loaded from {path}"
+            source = _("loaded from {path}").format(path=path)
         else:
             if stored is not None and context.step > 0:
-                raise ConfigError(f"{path}: reference log-probs of another run ({stored.get('fingerprint')}); "
-                                  f"this run is {fingerprint}. Remove the file to recompute them")
+                raise ConfigError(_("{path}: reference log-probs of another run ({stored}); this run is {current}. "
+                                    "Remove the file to recompute them").format(
+                    path=path, stored=stored.get("fingerprint"), current=fingerprint))
             references = self._compute_references(context)
             if engine.is_main:
                 atomic_torch_save({"fingerprint": fingerprint,
                                   "reference": [torch.from_numpy(r) for r in references]}, path)
             engine.barrier()
-            source = f"precomputed into {path}"
+            source = _("precomputed into {path}").format(path=path)
         for pairs, reference in zip(self.datasets, references, strict=True):
             pairs.reference = reference
         if engine.is_main:
-            print(f"[minigpt] dpo: reference log-probs of {sum(len(d) for d in self.datasets)} pairs {source}",
-                  flush=True)
+            print(_("[minigpt] dpo: reference log-probs of {pairs} pairs {source}").format(
+                pairs=sum(len(d) for d in self.datasets), source=source), flush=True)
 
     def _compute_references(self, context: SetupContext) -> list[np.ndarray]:
         engine = context.engine
@@ -181,7 +184,7 @@ class DPO(Objective):
             reference = batch["reference_logps"].float()
             return reference[:, 0], reference[:, 1]
         if self.reference_model is None:
-            raise RuntimeError("DPO has no reference: setup() was not called before training")
+            raise RuntimeError(_("DPO has no reference: setup() was not called before training"))
         with torch.no_grad():
             return pair_logprobs(self.reference_model, batch)
 

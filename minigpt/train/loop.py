@@ -43,6 +43,7 @@ from minigpt.engine.plain import PlainEngine
 from minigpt.evaluation.context import EvalDataError
 from minigpt.fsutil import atomic_write_text
 from minigpt.generate import GenerationConfig, TextGenerator
+from minigpt.i18n import _
 from minigpt.interop.hf_llama import imported_init_dir, is_hf_llama_dir
 from minigpt.model import MiniGPT
 from minigpt.monitor import TrainingMonitor
@@ -127,7 +128,7 @@ def default_sample_prompt(tokenizer: Tokenizer, dataset_dirs: list[Path], chat: 
             if chat:
                 for start in (i + 1 for i, token in enumerate(ids) if token == tokenizer.im_start_id):
                     end = ids.index(tokenizer.im_end_id, start) if tokenizer.im_end_id in ids[start:] else len(ids)
-                    role, _, content = tokenizer.decode(ids[start:end]).partition("\n")
+                    role, _newline, content = tokenizer.decode(ids[start:end]).partition("\n")
                     if role == "user" and content.strip():
                         return content.strip()
                 continue
@@ -148,18 +149,25 @@ class StartingWeights:
     model_dir: Path | None = None
 
 
+RANDOM_INIT = "random init"
 NO_PREVIOUS_STAGE = "random init (no previous stage)"
 INITIAL = "initial"
 """Where a post-training run from random init keeps its starting weights (its DPO/RLHF reference)."""
 
 
+def said_source(source: str) -> str:
+    """Where starting weights come from as the user reads it: the recorded English of a random init (kept
+    in snapshots and checkpoints as written) in the user's language, a directory as it is."""
+    return _(source) if source in (RANDOM_INIT, NO_PREVIOUS_STAGE) else source
+
+
 def no_previous_stage_warning(cfg: TrainConfig) -> str:
     """The loud warning of a post-training run that found no previous stage to start from."""
     stages = PREVIOUS_STAGES[cfg.mode]
-    return (f"WARNING: --mode {cfg.mode} found no previous stage (checkpoints/{{{','.join(stages)}}}_{cfg.config}"
-            f"[_DATA]/{FINAL}) and starts from RANDOM weights: it runs, but learns far less than it would from a "
-            f"pretrained model. Better: python launch/train.py --mode {stages[-1]} --config {cfg.config} first "
-            f"(or pass --init-from DIR)")
+    return _("WARNING: --mode {mode} found no previous stage (checkpoints/{{{stages}}}_{config}[_DATA]/{final}) and "
+             "starts from RANDOM weights: it runs, but learns far less than it would from a pretrained model. Better: "
+             "python launch/train.py --mode {previous} --config {config} first (or pass --init-from DIR)").format(
+        mode=cfg.mode, stages=",".join(stages), config=cfg.config, final=FINAL, previous=stages[-1])
 
 
 def find_starting_weights(cfg: TrainConfig) -> StartingWeights:
@@ -172,11 +180,11 @@ def find_starting_weights(cfg: TrainConfig) -> StartingWeights:
         if (path / FINAL / "model.pt").is_file():
             path = path / FINAL
         if not (path / "model.pt").is_file():
-            raise ConfigError(f"--init-from {cfg.init_from}: no consolidated weights (model.pt) there or in "
-                              f"{path / FINAL}")
+            raise ConfigError(_("--init-from {path}: no consolidated weights (model.pt) there or in {final}").format(
+                path=cfg.init_from, final=path / FINAL))
         return StartingWeights(str(path), path)
     if cfg.mode == "pretrain":
-        return StartingWeights("random init")
+        return StartingWeights(RANDOM_INIT)
     for stage in PREVIOUS_STAGES[cfg.mode]:
         for candidate in previous_stage_dirs(stage, cfg):
             if (candidate / FINAL / "model.pt").is_file():
@@ -202,13 +210,15 @@ def start_line(cfg: TrainConfig, start: StartingWeights, tokenizer: Tokenizer, c
     """What a run starts from: its weights and its tokenizer (paths), and how much of the data the tokenizer
     covers, so a stage never inherits silently."""
     if start.model_dir is not None:
-        origin = "the starting weights'"
+        origin = _("the starting weights'")
     elif cfg.tokenizer:
         origin = "--tokenizer"
     else:
-        origin = "this run's own, trained on its data"
-    return (f"{cfg.mode} run {cfg.run_dir}: weights from {start.source}; tokenizer {tokenizer.directory} ({origin}, "
-            f"{tokenizer.vocab_size} tokens, pieces for {coverage:.1%} of the training data's characters)")
+        origin = _("this run's own, trained on its data")
+    return _("{mode} run {run_dir}: weights from {source}; tokenizer {tokenizer} ({origin}, {vocab} tokens, pieces "
+             "for {coverage:.1%} of the training data's characters)").format(
+        mode=cfg.mode, run_dir=cfg.run_dir, source=said_source(start.source), tokenizer=tokenizer.directory,
+        origin=origin, vocab=tokenizer.vocab_size, coverage=coverage)
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer, start: StartingWeights) -> MiniGPT:
@@ -216,7 +226,8 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, start: StartingWeights) 
     if start.model_dir is not None:
         model, weights_tokenizer = load_consolidated(start.model_dir)
         if weights_tokenizer is not None and weights_tokenizer.checksum != tokenizer.checksum:
-            raise ConfigError(f"{start.model_dir}: weights were trained with another tokenizer than {tokenizer.directory}")
+            raise ConfigError(_("{path}: weights were trained with another tokenizer than {tokenizer}").format(
+                path=start.model_dir, tokenizer=tokenizer.directory))
         if cfg.dropout:
             model.set_dropout(cfg.dropout)
         return model
@@ -229,7 +240,8 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, start: StartingWeights) 
 def seq_len_of(cfg: TrainConfig, model_config: MiniGPTConfig) -> int:
     seq_len = cfg.seq_len or model_config.max_seq_len
     if seq_len > model_config.max_seq_len:
-        raise ConfigError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model_config.max_seq_len}")
+        raise ConfigError(_("--seq-len {seq_len} exceeds the model's max_seq_len {limit}").format(
+            seq_len=seq_len, limit=model_config.max_seq_len))
     return seq_len
 
 
@@ -256,7 +268,7 @@ def check_eval_tasks(cfg: TrainConfig) -> None:
         spec = parse_task_spec(entry)
         for path in [spec.path] + ([Path(spec.get("dev"))] if spec.get("dev") else []):
             if not path.exists():
-                raise ConfigError(f"--eval-task {entry}: {path} does not exist")
+                raise ConfigError(_("--eval-task {entry}: {path} does not exist").format(entry=entry, path=path))
         check_task_files(spec)
 
 
@@ -275,7 +287,7 @@ class Trainer:
         self.cfg = cfg = dataclasses.replace(cfg, precision=precision.precision)  # the engines, the snapshot
         check_eval_tasks(cfg)  # a mistyped path fails before the run directory is made
         self.run_lock: RunDirLock | None = self.runtime.main_rank_does(
-            lambda: self._claim_run_dir(precision), f"claiming the run directory {cfg.run_dir}")
+            lambda: self._claim_run_dir(precision), _("claiming the run directory {path}").format(path=cfg.run_dir))
         try:
             self._set_up(started, start)
         except BaseException:
@@ -291,19 +303,20 @@ class Trainer:
         try:
             earlier_run = check_fresh_run_dir(cfg)
             if lock.warning:
-                print(f"[minigpt] warning: {lock.warning}", flush=True)
+                print(_("[minigpt] warning: {warning}").format(warning=lock.warning), flush=True)
             if earlier_run:
-                print(f"[minigpt] --overwrite: deleting {', '.join(map(str, earlier_run))}", flush=True)
+                print(_("[minigpt] --overwrite: deleting {paths}").format(paths=", ".join(map(str, earlier_run))),
+                      flush=True)
                 remove_artefacts(earlier_run)
             for stale in sweep_temporary(cfg.run_dir):
-                print(f"[minigpt] removed {stale}, left by an interrupted write", flush=True)
+                print(_("[minigpt] removed {path}, left by an interrupted write").format(path=stale), flush=True)
         except BaseException:
             lock.release()
             raise
         for warning in cfg.warnings():
-            print(f"[minigpt] warning: {warning}", flush=True)
-        print(f"[minigpt] precision {precision.precision} ({precision.why}; override with --precision)",
-              flush=True)
+            print(_("[minigpt] warning: {warning}").format(warning=warning), flush=True)
+        print(_("[minigpt] precision {precision} ({why}; override with --precision)").format(
+            precision=precision.precision, why=precision.why), flush=True)
         return lock
 
     def release_run_dir(self, tidy: bool = False) -> None:
@@ -319,14 +332,14 @@ class Trainer:
         set_seed(cfg.seed)
         start = start or find_starting_weights(cfg)
         if start.source == NO_PREVIOUS_STAGE and self.runtime.is_main:
-            print(f"[minigpt] {no_previous_stage_warning(cfg)}", flush=True)
+            print(_("[minigpt] {note}").format(note=no_previous_stage_warning(cfg)), flush=True)
         self.run_data = resolve_run_data(cfg, self.runtime, start.model_dir, dataset_kind(cfg.mode))
         self.tokenizer = self.run_data.tokenizer
         coverage, low_coverage = check_coverage(cfg, self.run_data, inherited=start.model_dir is not None)
         if self.runtime.is_main:
-            print(f"[minigpt] {start_line(cfg, start, self.tokenizer, coverage)}", flush=True)
+            print(_("[minigpt] {note}").format(note=start_line(cfg, start, self.tokenizer, coverage)), flush=True)
             if low_coverage:
-                print(f"[minigpt] warning: {low_coverage}", flush=True)
+                print(_("[minigpt] warning: {warning}").format(warning=low_coverage), flush=True)
         self.model = build_model(cfg, self.tokenizer, start)
         if start.model_dir is None and cfg.mode != "pretrain":
             start = self._keep_initial_weights(start)
@@ -360,9 +373,10 @@ class Trainer:
             self.tokenizer, self.run_data.dataset_dirs, self.chat_samples)
         unseen = self.tokenizer.unseen_characters(self.sample_prompt)
         if unseen and self.runtime.is_main:
-            print(f"[minigpt] hint: the tokenizer {self.tokenizer.directory} never saw {unseen!r} of the sample "
-                  f"prompt (they go as bytes, so samples from them look garbled); train a tokenizer on text "
-                  f"that has them (--data YOUR_FILES --retrain-tokenizer)", flush=True)
+            print(_("[minigpt] hint: the tokenizer {tokenizer} never saw {unseen!r} of the sample prompt (they go as "
+                    "bytes, so samples from them look garbled); train a tokenizer on text that has them (--data "
+                    "YOUR_FILES --retrain-tokenizer)").format(tokenizer=self.tokenizer.directory, unseen=unseen),
+                  flush=True)
         if self.engine.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             write_snapshot(cfg, self.model_config, start, self.run_data, self.engine, self.seq_len)
@@ -387,9 +401,11 @@ class Trainer:
         if point is None:
             leftovers = previous_run_artefacts(self.cfg.run_dir) if self.cfg.auto_resume else []
             if self.cfg.auto_resume and self.engine.is_main:
-                print(f"[minigpt] --auto-resume: no checkpoint in {self.cfg.run_dir}, starting fresh", flush=True)
+                print(_("[minigpt] --auto-resume: no checkpoint in {path}, starting fresh").format(
+                    path=self.cfg.run_dir), flush=True)
                 if leftovers:  # an attempt that saved no checkpoint: its plots and metrics must not mix with ours
-                    print(f"[minigpt] removing that attempt's {', '.join(p.name for p in leftovers)}", flush=True)
+                    print(_("[minigpt] removing that attempt's {names}").format(
+                        names=", ".join(p.name for p in leftovers)), flush=True)
                     remove_artefacts(leftovers)
             self.engine.barrier()
             return
@@ -397,14 +413,16 @@ class Trainer:
         state_file = Path(state["checkpoint"]) / TRAINER_STATE
         for name in ("tokens_seen", "sampler"):
             if name not in state:
-                raise CheckpointError(f"{state_file}: no '{name}' field; not a checkpoint of a training run")
+                raise CheckpointError(_("{path}: no '{name}' field; not a checkpoint of a training run").format(
+                    path=state_file, name=name))
         if state.get("tokenizer_checksum") not in (None, self.tokenizer.checksum):
-            raise ConfigError(f"{state['checkpoint']}: trained with tokenizer {state['tokenizer_checksum'][:12]}, "
-                              f"this run uses {self.tokenizer.checksum[:12]} ({self.tokenizer.directory})")
+            raise ConfigError(_("{path}: trained with tokenizer {saved}, this run uses {current} ({tokenizer})").format(
+                path=state["checkpoint"], saved=state["tokenizer_checksum"][:12], current=self.tokenizer.checksum[:12],
+                tokenizer=self.tokenizer.directory))
         try:
             self.loader.load_state_dict(state["sampler"])
         except SamplerError as err:
-            raise SamplerError(f"{state_file}: {err}") from None
+            raise SamplerError(_("{path}: {error}").format(path=state_file, error=err)) from None
         self.compile_decided = state.get("compiled")
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         if self.budget is not None:
@@ -415,15 +433,16 @@ class Trainer:
             elif self.step >= self.cfg.warmup_steps:  # saved before it was recorded: decay over the whole budget
                 clock.warmup_end = 0.0
         if self.engine.is_main:
-            print(f"[minigpt] resumed from {state['checkpoint']} at step {self.step}", flush=True)
+            print(_("[minigpt] resumed from {path} at step {step}").format(path=state["checkpoint"], step=self.step),
+                  flush=True)
             for name in ("max_steps", "warmup_steps"):
                 before, now = state.get(name), getattr(self.cfg, name)
                 if before is not None and before != now:
                     flag = "--" + name.replace("_", "-")
-                    print(f"[minigpt] warning: resuming with {flag} {now}, the checkpoint's run had {before}: the "
-                          f"learning-rate schedule (warmup, then cosine decay to step {self.cfg.max_steps}) is "
-                          f"reshaped from step {self.step} on; pass {flag} {before} to continue the same "
-                          "schedule", flush=True)
+                    print(_("[minigpt] warning: resuming with {flag} {now}, the checkpoint's run had {before}: the "
+                            "learning-rate schedule (warmup, then cosine decay to step {max_steps}) is reshaped from "
+                            "step {step} on; pass {flag} {before} to continue the same schedule").format(
+                        flag=flag, now=now, before=before, max_steps=self.cfg.max_steps, step=self.step), flush=True)
 
     def trainer_state(self) -> dict:
         state = {"tokens_seen": self.tokens_seen, "sampler": self.loader.state_dict(),
@@ -622,16 +641,19 @@ class Trainer:
                                       activation_checkpointing=self.cfg.activation_checkpointing,
                                       mode=self.cfg.mode)
         if why_not:
-            monitor.write(f"--compile auto: eager ({why_not})")
+            monitor.write(_("--compile auto: eager ({why})").format(why=why_not))
             return
         if self.compile_decided is not None:
-            monitor.write(f"--compile auto: {'compiled' if self.compile_decided else 'eager'}, as the run decided "
-                          "before its checkpoint")
+            monitor.write(_("--compile auto: compiled, as the run decided before its checkpoint")
+                          if self.compile_decided else
+                          _("--compile auto: eager, as the run decided before its checkpoint"))
         else:
             budget_left = None if self.budget is None else self.budget.seconds - self.budget.elapsed()
             self.compile_decided, why = compile_pays(self.engine.device, self.engine.precision,
                                                      self.cfg.max_steps - self.step, budget_left)
-            monitor.write(f"--compile auto: {'compiled' if self.compile_decided else 'eager'} ({why})")
+            decision = (_("--compile auto: compiled ({why})") if self.compile_decided
+                        else _("--compile auto: eager ({why})"))
+            monitor.write(decision.format(why=why))
         self.engine.set_compiled(self.compile_decided)
 
     def run(self, stop: StopRequest | None = None) -> int:
@@ -683,26 +705,30 @@ class Trainer:
                         self.save()
                     last_saved = self.step
                 if stop_now:
-                    why = stop.signal_name or stop.reason_now() or "signal on another rank"
-                    monitor.write(f"stopped at step {self.step} ({why}); "
-                                  f"checkpoint {'saved' if last_saved == self.step else 'NOT saved (non-finite loss)'}")
+                    why = stop.signal_name or stop.reason_now() or _("signal on another rank")
+                    stopped = (_("stopped at step {step} ({why}); checkpoint saved") if last_saved == self.step
+                               else _("stopped at step {step} ({why}); checkpoint NOT saved (non-finite loss)"))
+                    monitor.write(stopped.format(step=self.step, why=why))
                     return EXIT_PREEMPTED
             if not in_time:
-                monitor.write(f"--max-time {cfg.max_time}: stopping at step {self.step} of {cfg.max_steps} after "
-                              f"{self.budget.elapsed():.0f} s, leaving time to evaluate, save and consolidate")
+                monitor.write(_("--max-time {max_time}: stopping at step {step} of {max_steps} after {elapsed:.0f} s, "
+                                "leaving time to evaluate, save and consolidate").format(
+                    max_time=cfg.max_time, step=self.step, max_steps=cfg.max_steps, elapsed=self.budget.elapsed()))
                 if self.step < 2 * cfg.warmup_steps:
-                    monitor.write(f"warning: the warmup (--warmup-steps {cfg.warmup_steps}) took most of the "
-                                  f"{self.step} steps this budget allowed, so the learning rate barely left it: for "
-                                  f"a budget this short pass --warmup-steps {max(1, self.step // 10)} or so")
+                    monitor.write(_("warning: the warmup (--warmup-steps {warmup}) took most of the {steps} steps this "
+                                    "budget allowed, so the learning rate barely left it: for a budget this short pass "
+                                    "--warmup-steps {suggested} or so").format(
+                        warmup=cfg.warmup_steps, steps=self.step, suggested=max(1, self.step // 10)))
             self.log_evaluation(monitor, self.step - 1)
             if last_saved != self.step:
                 with stop.saving():
                     self.save()
             final = self.consolidate()
             self.record_sample(monitor, self.step - 1)
-            spent = f" in {self.budget.elapsed():.1f} s of {cfg.max_time_seconds:.0f} s" if self.budget else ""
-            monitor.write(f"done: {self.step} steps, {self.tokens_seen:,} tokens{spent}; consolidated weights in "
-                          f"{final}")
+            spent = _(" in {elapsed:.1f} s of {budget:.0f} s").format(
+                elapsed=self.budget.elapsed(), budget=cfg.max_time_seconds) if self.budget else ""
+            monitor.write(_("done: {steps} steps, {tokens:,} tokens{spent}; consolidated weights in {final}").format(
+                steps=self.step, tokens=self.tokens_seen, spent=spent, final=final))
             return EXIT_FINISHED
         finally:
             self.loader.close()
@@ -718,7 +744,7 @@ def run_precision(cfg: TrainConfig, device: torch.device, *, deepspeed: bool) ->
     if cfg.precision == "auto" and (cfg.resume or cfg.auto_resume):
         recorded = recorded_precision(cfg.resume or cfg.run_dir)
         if recorded:
-            return PrecisionChoice(recorded, "auto: as the run resumed decided when it started")
+            return PrecisionChoice(recorded, _("auto: as the run resumed decided when it started"))
     return choose_precision(cfg.precision, device, deepspeed=deepspeed)
 
 
@@ -743,31 +769,35 @@ def dry_run(cfg: TrainConfig) -> int:
     engine_plan = validate_engine_config(dataclasses.replace(cfg, precision=precision.precision), world_size, device)
     if start.model_dir is not None:
         model_config, _meta = read_consolidated_meta(start.model_dir)
-        vocab_source = f"weights {start.model_dir}"
+        vocab_source = _("weights {path}").format(path=start.model_dir)
     else:
         shard_dirs = [p for p in inputs if isinstance(p, Path) and (p / "train" / "meta.json").is_file()]
         if shard_dirs and not cfg.tokenizer:  # shards fix the vocabulary they were built with
             vocab = json.loads((shard_dirs[0] / "train" / "meta.json").read_text())["vocab_size"]
-            vocab_source = f"shards {shard_dirs[0]}"
+            vocab_source = _("shards {path}").format(path=shard_dirs[0])
         else:
             vocab, vocab_source = planned_vocab_size(cfg)
         model_config = get_config(cfg.config, vocab_size=vocab)
     seq_len = seq_len_of(cfg, model_config) if cfg.seq_len <= model_config.max_seq_len else cfg.seq_len
     tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * seq_len
+    overwrite = _(" (--overwrite deletes {names})").format(
+        names=", ".join(p.name for p in earlier_run)) if earlier_run else ""
+    warnings = [*cfg.warnings(), *([no_previous_stage_warning(cfg)] if start.source == NO_PREVIOUS_STAGE else [])]
     print("\n".join([
-        f"mode            {cfg.mode} (weights: {start.source})",
-        f"model           {cfg.config}: {model_config.num_params():,} parameters, vocab {model_config.vocab_size} "
-        f"({vocab_source})",
-        f"data            {', '.join(map(str, inputs))}",
-        f"engine          {engine_plan}",
-        f"precision       {precision.precision} ({precision.why})",
-        f"batch           {cfg.batch_size} x {cfg.grad_accum} accumulation x {world_size} rank(s) x {seq_len} tokens"
-        f" = {tokens_per_step:,} tokens/step",
-        f"steps           {cfg.max_steps:,} ({cfg.max_steps * tokens_per_step:,} tokens), warmup {cfg.warmup_steps}",
-        f"output          {cfg.run_dir}" + (f" (--overwrite deletes {', '.join(p.name for p in earlier_run)})"
-                                                if earlier_run else ""),
-        *(f"warning         {warning}" for warning in cfg.warnings()),
-        *([f"warning         {no_previous_stage_warning(cfg)}"] if start.source == NO_PREVIOUS_STAGE else []),
-        "dry run: configuration is valid; nothing was trained",
+        _("mode            {mode} (weights: {source})").format(mode=cfg.mode, source=said_source(start.source)),
+        _("model           {config}: {params:,} parameters, vocab {vocab} ({vocab_source})").format(
+            config=cfg.config, params=model_config.num_params(), vocab=model_config.vocab_size,
+            vocab_source=vocab_source),
+        _("data            {inputs}").format(inputs=", ".join(map(str, inputs))),
+        _("engine          {plan}").format(plan=engine_plan),
+        _("precision       {precision} ({why})").format(precision=precision.precision, why=precision.why),
+        _("batch           {batch} x {accum} accumulation x {world_size} rank(s) x {seq_len} tokens = {tokens:,} "
+          "tokens/step").format(batch=cfg.batch_size, accum=cfg.grad_accum, world_size=world_size, seq_len=seq_len,
+                                tokens=tokens_per_step),
+        _("steps           {steps:,} ({tokens:,} tokens), warmup {warmup}").format(
+            steps=cfg.max_steps, tokens=cfg.max_steps * tokens_per_step, warmup=cfg.warmup_steps),
+        _("output          {path}{overwrite}").format(path=cfg.run_dir, overwrite=overwrite),
+        *(_("warning         {warning}").format(warning=warning) for warning in warnings),
+        _("dry run: configuration is valid; nothing was trained"),
     ]))
     return EXIT_FINISHED

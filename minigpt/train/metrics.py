@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
+from minigpt.i18n import _
+
 
 class MetricSums(dict):
     """Sums over batches, keyed by name; only the names declared at construction may be added to.
@@ -23,7 +25,8 @@ class MetricSums(dict):
 
     def add(self, name: str, value: float | torch.Tensor) -> None:
         if name not in self:
-            raise KeyError(f"metric sum {name!r} is not declared (declared: {sorted(self)})")
+            raise KeyError(_("metric sum {name!r} is not declared (declared: {declared})").format(
+                name=name, declared=sorted(self)))
         self[name] += float(value)
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from minigpt.config import ConfigError, MiniGPTConfig
 from minigpt.data.datasets import IGNORE_INDEX, DPOPairs
 from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
+from minigpt.i18n import _
 from minigpt.model import MiniGPT
 from minigpt.train.metrics import MetricSums
 from minigpt.train.objective import Objective
@@ -135,7 +136,7 @@ def save_reward_model(out_dir: str | Path, state_dict: dict[str, torch.Tensor], 
     backbone = {k[len("backbone."):]: v for k, v in state_dict.items() if k.startswith("backbone.")}
     head = {k[len("head."):]: v.detach().cpu().float() for k, v in state_dict.items() if k.startswith("head.")}
     if set(head) != {"weight", "bias"}:
-        raise ConfigError(f"{out_dir}: state dict has no reward head (keys head.weight, head.bias)")
+        raise ConfigError(_("{path}: state dict has no reward head (keys head.weight, head.bias)").format(path=out_dir))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(out_dir.parent, f".{out_dir.name}.reward-")
     try:
@@ -155,20 +156,21 @@ def load_reward_model(model_dir: str | Path, tokenizer=None, device: str | torch
     on another tokenizer/vocab."""
     model_dir = model_directory(model_dir)
     if not (model_dir / HEAD_FILE).is_file():
-        raise ConfigError(f"--reward-model {model_dir}: not a reward model (no {HEAD_FILE}); train one with "
-                          "--mode reward")
+        raise ConfigError(_("--reward-model {path}: not a reward model (no {head}); train one with --mode "
+                            "reward").format(path=model_dir, head=HEAD_FILE))
     backbone, reward_tokenizer = load_consolidated(model_dir, device=device)
     if tokenizer is not None:
         if backbone.config.vocab_size != tokenizer.vocab_size and \
                 (reward_tokenizer is None or reward_tokenizer.vocab_size != tokenizer.vocab_size):
-            raise ConfigError(f"--reward-model {model_dir}: vocabulary of {backbone.config.vocab_size} tokens, the "
-                              f"policy's tokenizer {tokenizer.directory} has {tokenizer.vocab_size}; a reward model "
-                              "must be trained with the policy's tokenizer")
+            raise ConfigError(_("--reward-model {path}: vocabulary of {vocab} tokens, the policy's tokenizer "
+                                "{tokenizer} has {policy_vocab}; a reward model must be trained with the policy's "
+                                "tokenizer").format(path=model_dir, vocab=backbone.config.vocab_size,
+                                                    tokenizer=tokenizer.directory, policy_vocab=tokenizer.vocab_size))
         if reward_tokenizer is None or reward_tokenizer.checksum != tokenizer.checksum:
-            found = reward_tokenizer.checksum[:12] if reward_tokenizer is not None else "none recorded"
-            raise ConfigError(f"--reward-model {model_dir}: tokenizer {found} differs from the policy's "
-                              f"{tokenizer.checksum[:12]} ({tokenizer.directory}); a reward model must be "
-                              "trained with the policy's tokenizer")
+            found = reward_tokenizer.checksum[:12] if reward_tokenizer is not None else _("none recorded")
+            raise ConfigError(_("--reward-model {path}: tokenizer {found} differs from the policy's {policy} "
+                                "({tokenizer}); a reward model must be trained with the policy's tokenizer").format(
+                path=model_dir, found=found, policy=tokenizer.checksum[:12], tokenizer=tokenizer.directory))
     model = RewardModel(backbone)
     head = torch.load(model_dir / HEAD_FILE, map_location="cpu", weights_only=True)
     model.head.load_state_dict(head)

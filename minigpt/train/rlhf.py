@@ -35,6 +35,7 @@ from minigpt.data.tasks import expected_answer
 from minigpt.data.tasks import reward as task_reward
 from minigpt.engine.device import autocast_context
 from minigpt.generate import GenerationConfig, TextGenerator
+from minigpt.i18n import _
 from minigpt.train.metrics import MetricSums
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.reward import load_reward_model, score_sequences
@@ -57,7 +58,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     elif scale == "batch":
         centred = centred / (centred.std(correction=0) + eps)
     elif scale not in ADVANTAGE_SCALES:
-        raise ValueError(f"advantage scale must be one of {ADVANTAGE_SCALES}, got {scale!r}")
+        raise ValueError(_("advantage scale must be one of {choices}, got {value!r}").format(
+            choices=ADVANTAGE_SCALES, value=scale))
     return centred.view(-1)
 
 
@@ -152,13 +154,14 @@ class GRPO(Objective):
     def dataset(self, reader, seq_len: int, tokenizer) -> PaddedPrompts:
         max_prompt_len = seq_len - self.max_new_tokens
         if max_prompt_len < 2:
-            raise ConfigError(f"--seq-len {seq_len} leaves no room for prompts after --rl-max-new-tokens "
-                              f"{self.max_new_tokens}")
+            raise ConfigError(_("--seq-len {seq_len} leaves no room for prompts after --rl-max-new-tokens "
+                                "{new_tokens}").format(seq_len=seq_len, new_tokens=self.max_new_tokens))
         prompts = PaddedPrompts(RLHFPrompts(reader), len(self.datasets), max_prompt_len, tokenizer.pad_id)
         if reader.num_documents and not len(prompts):
-            raise ConfigError(f"{reader.directory}: all {reader.num_documents} prompts are longer than "
-                              f"{max_prompt_len} tokens (--seq-len {seq_len} - --rl-max-new-tokens "
-                              f"{self.max_new_tokens}); raise --seq-len or shorten the prompts")
+            raise ConfigError(_("{path}: all {count} prompts are longer than {limit} tokens (--seq-len {seq_len} - "
+                                "--rl-max-new-tokens {new_tokens}); raise --seq-len or shorten the prompts").format(
+                path=reader.directory, count=reader.num_documents, limit=max_prompt_len, seq_len=seq_len,
+                new_tokens=self.max_new_tokens))
         self.datasets.append(prompts)
         return prompts
 
@@ -173,19 +176,22 @@ class GRPO(Objective):
                                                  context.engine.precision)
         if self.cfg.reward_model:
             self.reward_model = load_reward_model(self.cfg.reward_model, self.tokenizer, context.engine.device)
-            source = f"reward model {self.cfg.reward_model}"
+            source = _("reward model {path}").format(path=self.cfg.reward_model)
         else:
             first = next((d for d in self.datasets if len(d)), None)
             record = first.record(int(first.kept[0])) if first is not None else {}
             if expected_answer(record) is None:
-                raise ConfigError(f"--mode rlhf without --reward-model scores answers with the verifiable-task "
-                                  f"checker, but prompt {record.get('messages', record)!r} has no reference "
-                                  "answer and is no known task; give --reward-model DIR (from --mode reward)")
-            source = "rule-based task checker"
+                raise ConfigError(_("--mode rlhf without --reward-model scores answers with the verifiable-task "
+                                    "checker, but prompt {prompt!r} has no reference answer and is no known task; "
+                                    "give --reward-model DIR (from --mode reward)").format(
+                    prompt=record.get("messages", record)))
+            source = _("rule-based task checker")
         too_long = sum(d.num_too_long for d in self.datasets)
         if context.engine.is_main:
-            print(f"[minigpt] rlhf: GRPO, {self.group_size} responses per prompt, reward from {source}"
-                  + (f"; {too_long} prompt(s) longer than the context left out" if too_long else ""), flush=True)
+            left_out = _("; {count} prompt(s) longer than the context left out").format(
+                count=too_long) if too_long else ""
+            print(_("[minigpt] rlhf: GRPO, {group} responses per prompt, reward from {source}{left_out}").format(
+                group=self.group_size, source=source, left_out=left_out), flush=True)
 
     # -- rollouts ------------------------------------------------------------------------------------
     def _decode_config(self, greedy: bool) -> GenerationConfig:
@@ -222,7 +228,7 @@ class GRPO(Objective):
         device = batch["prompt_ids"].device
         prompts = [ids[mask.bool()].tolist() for ids, mask in zip(batch["prompt_ids"], batch["prompt_mask"],
                                                                   strict=True)]
-        prompts = [p for p in prompts for _ in range(repeat)]
+        prompts = [p for p in prompts for _copy in range(repeat)]
         generator = TextGenerator(model, self.tokenizer, device)
         sequences = generator.generate_sequences(prompts, self._decode_config(greedy))
         responses = [self._cut_at_stop(s.token_ids) for s in sequences]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from minigpt.checkpoint import CKPT_DIR, LATEST
 from minigpt.config import ConfigError, TrainConfig
+from minigpt.i18n import _
 from minigpt.monitor import METRICS_FILE, TENSORBOARD_DIR
 from minigpt.train.dpo import REFERENCE_FILE
 from minigpt.weights import FINAL_DIR
@@ -55,8 +56,9 @@ def check_fresh_run_dir(cfg: TrainConfig) -> list[Path]:
     found = previous_run_artefacts(cfg.run_dir)
     if found and not cfg.overwrite:
         names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
-        raise ConfigError(f"{cfg.run_dir} holds another run ({names}); continue it with --auto-resume, train "
-                          f"into another directory with --out DIR, or pass --overwrite to delete them and start clean")
+        raise ConfigError(_("{path} holds another run ({names}); continue it with --auto-resume, train into another "
+                            "directory with --out DIR, or pass --overwrite to delete them and start clean").format(
+            path=cfg.run_dir, names=names))
     return found
 
 
@@ -112,14 +114,14 @@ def lock_run_dir(run_dir: Path) -> RunDirLock:
     except OSError as err:
         os.close(fd)
         if err.errno in UNSUPPORTED:
-            return RunDirLock(path, None, f"{run_dir}: the file system cannot lock {LOCK_FILE} "
-                                          f"({err.strerror}); nothing stops a second run from writing into "
-                                          "this directory")
+            return RunDirLock(path, None, _("{path}: the file system cannot lock {lock} ({error}); nothing stops a "
+                                            "second run from writing into this directory").format(
+                path=run_dir, lock=LOCK_FILE, error=err.strerror))
         if err.errno not in (errno.EAGAIN, errno.EACCES):
             raise
-        raise RunDirBusy(f"{run_dir}: another process ({lock_holder(path)}) is training into this directory; "
-                         "wait for it to end or stop it, or train into another directory with --out DIR"
-                         ) from None
+        raise RunDirBusy(_("{path}: another process ({holder}) is training into this directory; wait for it to end "
+                           "or stop it, or train into another directory with --out DIR").format(
+            path=run_dir, holder=lock_holder(path))) from None
     os.ftruncate(fd, 0)
     holder = f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
     os.write(fd, holder.encode("utf-8") + b"\n")
@@ -132,4 +134,4 @@ def lock_holder(path: Path) -> str:
         text = path.read_bytes()[:200].decode("utf-8", errors="replace").strip()
     except OSError:
         text = ""
-    return text or "pid not yet recorded"
+    return text or _("pid not yet recorded")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from minigpt.config import ConfigError
 from minigpt.data.datasets import IGNORE_INDEX
 from minigpt.engine.device import autocast_context
+from minigpt.i18n import _
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -55,8 +56,9 @@ def load_frozen_model(model_dir: Path | None, device: torch.device, mode: str,
     from minigpt.weights import load_consolidated
 
     if model_dir is None:
-        raise ConfigError(f"--mode {mode} needs starting weights for its reference; pass --init-from")
-    model, _ = load_consolidated(model_dir, device=device)
+        raise ConfigError(_("--mode {mode} needs starting weights for its reference; pass --init-from").format(
+            mode=mode))
+    model = load_consolidated(model_dir, device=device)[0]
     model.eval()
     model.requires_grad_(False)
     return FrozenReference(model, device, precision).eval()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minigpt.train.metrics import MetricSums, reduce_by_name
+from minigpt.metrics import MetricSums, reduce_by_name
 from minigpt.train.objective import Objective
 from minigpt.train.objectives import OBJECTIVES, dataset_kind
 

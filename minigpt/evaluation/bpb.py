@@ -22,8 +22,7 @@ from minigpt.data.shards import META, ShardError, ShardReader, open_shard
 from minigpt.data.sources import InputError, cut_long_text, input_format, iter_raw_records, training_texts
 from minigpt.evaluation.context import EvalContext, EvalDataError
 from minigpt.evaluation.spec import TaskSpec
-from minigpt.train.metrics import MetricSums
-from minigpt.train.objectives import token_byte_lengths
+from minigpt.metrics import MetricSums, token_byte_lengths
 
 SUMS = ("loss_sum", "tokens", "bytes")
 _CHUNK = 1 << 20

@@ -26,7 +26,7 @@ import torch
 from minigpt.data.records import RecordError, csv_records, jsonl_objects
 from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches
 from minigpt.evaluation.spec import TaskSpec
-from minigpt.train.metrics import MetricSums
+from minigpt.metrics import MetricSums
 
 SUMS = ("correct", "correct_norm", "items", "gold_logprob")
 DELIMITER = " "

@@ -17,7 +17,7 @@ from minigpt.data.tasks import expected_answer, final_answer, prompt_of, reward,
 from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches, jsonl_objects
 from minigpt.evaluation.spec import TaskSpec
 from minigpt.generate import GenerationConfig, TextGenerator
-from minigpt.train.metrics import MetricSums
+from minigpt.metrics import MetricSums
 
 
 def load_tasks(path: Path) -> list[dict]:

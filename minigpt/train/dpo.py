@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from minigpt.config import ConfigError
 from minigpt.data.datasets import IGNORE_INDEX, DPOPairs
 from minigpt.fsutil import atomic_torch_save
-from minigpt.train.metrics import MetricSums
+from minigpt.metrics import MetricSums
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.sequences import (
     has_response,

@@ -44,6 +44,7 @@ from minigpt.evaluation.context import EvalDataError
 from minigpt.fsutil import atomic_write_text
 from minigpt.generate import GenerationConfig, TextGenerator
 from minigpt.interop.hf_llama import imported_init_dir, is_hf_llama_dir
+from minigpt.metrics import MetricSums, reduce_by_name
 from minigpt.model import MiniGPT
 from minigpt.monitor import TrainingMonitor
 from minigpt.runtime import RankFailed
@@ -59,7 +60,6 @@ from minigpt.train.data import (
     planned_vocab_size,
     resolve_run_data,
 )
-from minigpt.train.metrics import MetricSums, reduce_by_name
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.objectives import build_objective, dataset_kind
 from minigpt.train.run_dir import (

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minigpt.train.metrics import MetricSums
+from minigpt.metrics import MetricSums
 
 
 @dataclass(frozen=True)

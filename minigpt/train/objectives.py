@@ -13,27 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.data.datasets import IGNORE_INDEX, PretrainWindows, SFTExamples
+from minigpt.metrics import MetricSums, token_byte_lengths
 from minigpt.train.dpo import DPO
-from minigpt.train.metrics import MetricSums
 from minigpt.train.objective import Objective
 from minigpt.train.reward import RewardModeling
 from minigpt.train.rlhf import GRPO
-
-
-def token_byte_lengths(tokenizer) -> torch.Tensor:
-    """UTF-8 bytes each token id stands for (0 for special tokens): the bits-per-byte denominator."""
-    lengths = []
-    for token_id in range(tokenizer.vocab_size):
-        piece = tokenizer.id_to_piece(token_id)
-        if tokenizer.sp.is_control(token_id) or tokenizer.sp.is_unknown(token_id):
-            lengths.append(0)
-        elif tokenizer.sp.is_byte(token_id):
-            lengths.append(1)
-        elif piece in ("<|im_start|>", "<|im_end|>"):
-            lengths.append(0)
-        else:
-            lengths.append(len(piece.replace("\u2581", " ").encode("utf-8")))
-    return torch.tensor(lengths, dtype=torch.float64)
 
 
 class LanguageModeling(Objective):

@@ -24,8 +24,8 @@ from torch import nn
 from minigpt.config import ConfigError, MiniGPTConfig
 from minigpt.data.datasets import IGNORE_INDEX, DPOPairs
 from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
+from minigpt.metrics import MetricSums
 from minigpt.model import MiniGPT
-from minigpt.train.metrics import MetricSums
 from minigpt.train.objective import Objective
 from minigpt.train.sequences import has_response, preference_accuracy
 from minigpt.weights import load_consolidated, model_directory, save_consolidated

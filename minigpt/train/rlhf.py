@@ -35,7 +35,7 @@ from minigpt.data.tasks import expected_answer
 from minigpt.data.tasks import reward as task_reward
 from minigpt.engine.device import autocast_context
 from minigpt.generate import GenerationConfig, TextGenerator
-from minigpt.train.metrics import MetricSums
+from minigpt.metrics import MetricSums
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.reward import load_reward_model, score_sequences
 from minigpt.train.sequences import load_frozen_model

@@ -25,6 +25,7 @@ from minigpt.data import build
 from minigpt.data.build import build_dataset
 from minigpt.data.demo import CORPORA, DEMO_PREFIX, demo_language, write_demo_corpus, write_demo_post_training
 from minigpt.data.shards import open_shard
+from minigpt.modes import objective_class
 from minigpt.runtime import Runtime
 from minigpt.tokenizer import Tokenizer
 from minigpt.tokenizer_training import train_tokenizer
@@ -82,7 +83,8 @@ def planned_inputs(cfg: TrainConfig) -> list[Path | str]:
             planned.append(f"<built-in {DEMO_NAMES[_builtin_language(name)]} ({name})>")
         else:
             planned.append(find_input(name, cfg.data_dir))
-    return planned or ["<built-in demo corpus>" if cfg.mode == "pretrain" else "<built-in bilingual demo data>"]
+    pretraining = objective_class(cfg.mode).dataset_kind == "pretrain"
+    return planned or ["<built-in demo corpus>" if pretraining else "<built-in bilingual demo data>"]
 
 
 def _builtin_input(cfg: TrainConfig, runtime: Runtime, kind: str, name: str | None) -> Path:

@@ -106,6 +106,9 @@ class DPO(Objective):
     plain DPO only widens the margin, and can do so by lowering the chosen answer's likelihood too."""
 
     dataset_kind = "dpo"
+    previous_stages = ("sft",)
+    chat_samples = True
+    varying_shapes = True
     eval_sums = ("loss_sum", "pairs", "chosen_reward", "rejected_reward", "margin", "accuracy")
 
     def __init__(self, beta: float, reference_in_memory: bool = False, sft_coef: float = 0.0):

@@ -85,6 +85,8 @@ class RewardModeling(Objective):
     """The `--mode reward` objective: Bradley–Terry loss; logs pairwise accuracy and score margin."""
 
     dataset_kind = "dpo"  # preference pairs, the same shards as DPO
+    previous_stages = ("sft", "pretrain")
+    varying_shapes = True
     STATS = ("accuracy", "chosen_score", "margin", "rejected_score")
     eval_sums = ("loss_sum", "pairs", *STATS)
 

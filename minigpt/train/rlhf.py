@@ -138,6 +138,9 @@ class GRPO(Objective):
     """The `--mode rlhf` objective (see the module docstring); its training micro-batches are `Rollout`s."""
 
     dataset_kind = "rlhf"
+    previous_stages = ("dpo", "sft")
+    chat_samples = True
+    varying_shapes = True
     eval_sums = ("reward_sum", "prompts", "exact", "response_length")
 
     def __init__(self, cfg, tokenizer):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,3 +178,12 @@ def test_a_mode_whose_dataset_kind_no_shard_has_is_refused():
     with pytest.raises(ValueError, match="dataset_kind 'audio' is not one of"):
         register_objective("toy-audio", Unknown)
     assert "toy-audio" not in mode_names()
+
+
+def test_the_mode_help_names_every_built_in_mode_and_listing_modes_imports_no_torch():
+    help_text = next(f for f in dataclasses.fields(TrainConfig) if f.name == "mode").metadata["help"]
+    assert [mode for mode in mode_names() if mode not in help_text] == []
+    probe = ("import sys; from minigpt.config import TrainConfig; from minigpt.modes import mode_names; "
+             "TrainConfig(mode='rlhf'); print(len(mode_names()), 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["5", "False"]

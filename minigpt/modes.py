@@ -15,6 +15,8 @@ import importlib
 from collections.abc import Iterator
 from typing import Any
 
+from minigpt.i18n import _
+
 OBJECTIVES: dict[str, str | type] = {
     "pretrain": "minigpt.train.language_modeling:Pretraining",
     "sft": "minigpt.train.language_modeling:SupervisedFineTuning",
@@ -51,12 +53,14 @@ def register_objective(mode: str, objective: type | str) -> None:
 
     A name already taken is refused, and so is a class whose `dataset_kind` no shard can have."""
     if mode in OBJECTIVES:
-        raise ValueError(f"--mode {mode} is already registered ({OBJECTIVES[mode]})")
+        raise ValueError(_("--mode {mode} is already registered ({objective})").format(
+            mode=mode, objective=OBJECTIVES[mode]))
     if not isinstance(objective, str):
         from minigpt.data.shards import KINDS
 
         if objective.dataset_kind not in KINDS:
-            raise ValueError(f"{objective.__name__}.dataset_kind {objective.dataset_kind!r} is not one of {KINDS}")
+            raise ValueError(_("{name}.dataset_kind {kind!r} is not one of {kinds}").format(
+                name=objective.__name__, kind=objective.dataset_kind, kinds=KINDS))
     OBJECTIVES[mode] = objective
 
 

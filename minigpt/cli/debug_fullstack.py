@@ -94,7 +94,7 @@ def train_walk_tokenizer(cfg: TrainConfig) -> Path:
     --data files, so the walk's prompt and data are spelled in pieces, not bytes."""
     from minigpt.data.demo import write_demo_corpus, write_demo_post_training
     from minigpt.tokenizer_training import train_tokenizer
-    from minigpt.train.data import find_input
+    from minigpt.train.run_data import find_input
 
     demo = Path(cfg.data_dir) / "cache" / "demo"
     demo.mkdir(parents=True, exist_ok=True)

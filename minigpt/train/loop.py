@@ -53,7 +53,8 @@ from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 from minigpt.tokenizer import Tokenizer, TokenizerError
 from minigpt.train.autocompile import compile_pays, compile_unavailable
 from minigpt.train.budget import WHOLE_EVAL_TIMED, TimeBudget
-from minigpt.train.data import (
+from minigpt.train.objective import Objective, SetupContext
+from minigpt.train.run_data import (
     DataError,
     RunData,
     check_coverage,
@@ -61,7 +62,6 @@ from minigpt.train.data import (
     planned_vocab_size,
     resolve_run_data,
 )
-from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.run_dir import (
     RunDirLock,
     check_fresh_run_dir,

@@ -39,9 +39,9 @@ import torch.nn.functional as F  # noqa: E402
 from minigpt.config import MiniGPTConfig  # noqa: E402
 from minigpt.data.datasets import PretrainWindows  # noqa: E402
 from minigpt.data.shards import open_shard  # noqa: E402
+from minigpt.metrics import token_byte_lengths  # noqa: E402
 from minigpt.model import MiniGPT  # noqa: E402
 from minigpt.tokenizer import Tokenizer  # noqa: E402
-from minigpt.train.objectives import token_byte_lengths  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "bench" / "recipes" / "shakespeare.json"

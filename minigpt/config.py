@@ -16,6 +16,7 @@ from typing import Any
 
 from minigpt.fsutil import atomic_write_text
 from minigpt.i18n import _
+from minigpt.modes import mode_names
 
 
 class ConfigError(ValueError):
@@ -241,8 +242,6 @@ def preset_table() -> str:
     return "\n".join(rows)
 
 
-MODES = ("pretrain", "sft", "dpo", "reward", "rlhf")
-
 _DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 
 
@@ -419,7 +418,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first contradictory or out-of-range field (in the user's language)."""
-        for flag, value, choices in (("--mode", self.mode, MODES), ("--config", self.config, sorted(PRESETS)),
+        for flag, value, choices in (("--mode", self.mode, mode_names()), ("--config", self.config, sorted(PRESETS)),
                                      ("--precision", self.precision, PRECISIONS)):
             if value not in choices:
                 raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(

@@ -34,8 +34,8 @@ from shakespeare_data import prepare  # noqa: E402
 
 from minigpt.data.shards import open_shard  # noqa: E402
 from minigpt.flops import PEAK_FLOPS_ENV, model_flops_utilization  # noqa: E402
+from minigpt.metrics import token_byte_lengths  # noqa: E402
 from minigpt.tokenizer import Tokenizer  # noqa: E402
-from minigpt.train.objectives import token_byte_lengths  # noqa: E402
 
 
 def read_png(path: Path) -> tuple[int, int, bytes]:

@@ -8,7 +8,7 @@ import pytest
 from minigpt.config import TrainConfig
 from minigpt.data.demo import CORPORA, chinese_demo_jsonl, demo_language, write_demo_corpus
 from minigpt.runtime import Runtime
-from minigpt.train.data import DataError, planned_inputs, resolve_run_data
+from minigpt.train.run_data import DataError, planned_inputs, resolve_run_data
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -311,7 +311,7 @@ def test_activation_checkpointing_of_a_mixture_of_experts_keeps_the_loss_and_the
     """torch.utils.checkpoint (non-reentrant) records the first forward's graph, so the balance loss read from
     the blocks after forward still trains the router; the recompute in backward changes nothing."""
     from minigpt.config import get_config
-    from minigpt.train.objectives import Pretraining
+    from minigpt.train.language_modeling import Pretraining
 
     runs = {}
     for enabled in (False, True):

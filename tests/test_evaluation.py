@@ -24,7 +24,7 @@ from minigpt.evaluation.context import EvalContext, EvalDataError
 from minigpt.evaluation.spec import TaskSpecError, parse_task_spec
 from minigpt.evaluation.verifiable import evaluate_tasks
 from minigpt.generate import GenerationConfig, TextGenerator
-from minigpt.train.objectives import token_byte_lengths
+from minigpt.metrics import token_byte_lengths
 from minigpt.weights import save_consolidated
 
 DOCUMENTS = ["The module defines a class.", "It returns a list of names.", "学而时习之，不亦说乎？"]

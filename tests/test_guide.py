@@ -219,7 +219,7 @@ def test_dpo_from_random_init_keeps_its_reference_across_a_resume(guide, tmp_pat
 def test_data_lookup_order_is_cwd_then_data_dir_then_the_environment(tmp_path, monkeypatch):
     """The order `--data-dir`'s help states: working directory, then --data-dir, then $MINIGPT_DATA_DIR."""
     from minigpt.cli.train import build_parser
-    from minigpt.train.data import DATA_ENV, DataError, find_input
+    from minigpt.train.run_data import DATA_ENV, DataError, find_input
 
     cwd, data_dir, env = (tmp_path / name for name in ("cwd", "data", "env"))
     for root in (cwd, data_dir, env):
@@ -251,7 +251,7 @@ def test_raw_files_are_pre_tokenized_again_after_the_encoding_changes(tmp_path, 
     tokenizer: after an upgrade that changes the encoding, a run does not train on the old tokens."""
     from minigpt.data import build
     from minigpt.runtime import Runtime
-    from minigpt.train.data import resolve_run_data
+    from minigpt.train.run_data import resolve_run_data
 
     cfg = TrainConfig(mode="pretrain", data=[str(demo_corpus)], data_dir=str(tmp_path),
                       tokenizer=str(data_tokenizer.directory))

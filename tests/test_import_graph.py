@@ -1,4 +1,4 @@
-"""The `minigpt` package's import graph has no cycles.
+"""The `minigpt` package's import graph has no cycles, and its rooms depend on each other one way.
 
 Every import counts: module level, inside functions, and under `if TYPE_CHECKING:`. A lazy import inside a
 function hides a circle from the interpreter but not from a reader, and it is how the circles this test
@@ -79,6 +79,32 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_minigpt_import_graph_has_no_cycles():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def in_room(module: str, *rooms: str) -> bool:
+    return any(module == room or module.startswith(room + ".") for room in rooms)
+
+
+def test_only_the_training_room_and_the_clis_import_train():
+    """evaluation/, config.py, metrics.py, modes.py and the rest never import minigpt.train: what training and
+    evaluation share (metric sums, bytes per token) lives below both (docs/architecture.md, rules)."""
+    upward = sorted(f"{module} -> {target}" for module, targets in import_graph().items() for target in targets
+                    if in_room(target, "minigpt.train") and not in_room(module, "minigpt.train", "minigpt.cli"))
+    assert upward == []
+
+
+def test_evaluation_is_used_by_training_and_the_clis_and_config_reads_only_its_task_syntax():
+    """The dependency between train/ and evaluation/ runs one way: the loop runs --eval-task tasks; evaluation
+    needs a model, a tokenizer and a runtime, never the loop or an objective. TrainConfig validates --eval-task
+    with evaluation/spec.py, which imports nothing of minigpt."""
+    graph = import_graph()
+    users = {module: sorted(t for t in targets if in_room(t, "minigpt.evaluation"))
+             for module, targets in graph.items() if not in_room(module, "minigpt.evaluation")}
+    outside = sorted(module for module, targets in users.items() if targets
+                     and not in_room(module, "minigpt.train", "minigpt.cli", "minigpt.config"))
+    assert outside == []
+    assert users["minigpt.config"] == ["minigpt.evaluation.spec"]
+    assert not any(in_room(t, "minigpt") for t in graph["minigpt.evaluation.spec"])
 
 
 def test_cycle_finder_reports_a_two_way_import_and_resolves_relative_and_lazy_imports(tmp_path):

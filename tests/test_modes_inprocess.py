@@ -91,7 +91,7 @@ def test_document_mask_keeps_attention_inside_documents_of_packed_windows(tmp_pa
                                                                           monkeypatch):
     from minigpt.data.shards import open_shard
     from minigpt.model import MiniGPT
-    from minigpt.train.objectives import build_objective
+    from minigpt.modes import build_objective
 
     monkeypatch.setitem(PRESETS, "tiny", SMALL)
     cfg = TrainConfig(mode="pretrain", document_mask=True)

@@ -13,7 +13,7 @@ from model_factory import seeded_model, small_test_config
 from minigpt.config import PRESETS, ConfigError, MiniGPTConfig, TrainConfig, get_config
 from minigpt.engine.plain import PlainEngine
 from minigpt.model import MiniGPT, MoEFeedForward, route
-from minigpt.train.objectives import Pretraining
+from minigpt.train.language_modeling import Pretraining
 
 # Three tokens, three experts, router probabilities chosen so every number below is checked by hand.
 PROBS = torch.tensor([[0.50, 0.30, 0.20],    # first choice e0, second e1

@@ -5,21 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from minigpt.train.metrics import MetricSums, reduce_by_name
+from minigpt.metrics import MetricSums, reduce_by_name
+from minigpt.modes import mode_names, objective_class
 from minigpt.train.objective import Objective
-from minigpt.train.objectives import OBJECTIVES, dataset_kind
 
 
 def test_every_mode_is_an_objective_with_declared_evaluation_sums():
-    assert set(OBJECTIVES) == {"pretrain", "sft", "dpo", "reward", "rlhf"}
-    for mode, cls in OBJECTIVES.items():
+    assert mode_names() == ("pretrain", "sft", "dpo", "reward", "rlhf")
+    for mode in mode_names():
+        cls = objective_class(mode)
         assert issubclass(cls, Objective), mode
         assert cls.eval_sums and len(set(cls.eval_sums)) == len(cls.eval_sums), mode
 
 
-def test_modes_read_the_shard_kinds_they_always_did():
-    assert {mode: dataset_kind(mode) for mode in OBJECTIVES} == {
-        "pretrain": "pretrain", "sft": "sft", "dpo": "dpo", "reward": "dpo", "rlhf": "rlhf"}
+def test_modes_keep_the_facts_the_loop_had_in_tables():
+    """Shard kinds, previous stages, chat samples and varying shapes, as the loop, config and autocompile
+    kept them before each objective class declared its own."""
+    facts = {mode: (cls.dataset_kind, cls.previous_stages, cls.chat_samples, cls.varying_shapes)
+             for mode, cls in ((mode, objective_class(mode)) for mode in mode_names())}
+    assert facts == {"pretrain": ("pretrain", (), False, False),
+                     "sft": ("sft", ("pretrain",), True, False),
+                     "dpo": ("dpo", ("sft",), True, True),
+                     "reward": ("dpo", ("sft", "pretrain"), False, True),
+                     "rlhf": ("rlhf", ("dpo", "sft"), True, True)}
 
 
 def test_an_undeclared_metric_sum_is_refused_by_name():

@@ -13,8 +13,8 @@ from spm_fixture import _ENGLISH
 
 from minigpt.config import PRESETS, ConfigError, TrainConfig
 from minigpt.tokenizer_training import train_tokenizer
-from minigpt.train.data import MIN_COVERAGE, character_coverage
 from minigpt.train.loop import Trainer, find_starting_weights
+from minigpt.train.run_data import MIN_COVERAGE, character_coverage
 
 SMALL = dataclasses.replace(PRESETS["tiny"], hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                             ffn_hidden_size=64, max_seq_len=64)
@@ -100,7 +100,7 @@ def test_the_start_line_names_the_inherited_weights_and_tokenizer(small_tiny, da
 
 
 def test_coverage_counts_the_datas_text_not_the_chat_templates_role_names(english_tokenizer):
-    from minigpt.train.data import document_text
+    from minigpt.train.run_data import document_text
 
     conversation = english_tokenizer.encode_chat([{"role": "user", "content": "天地"},
                                                   {"role": "assistant", "content": "ok"}]).ids

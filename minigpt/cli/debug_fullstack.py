@@ -73,10 +73,11 @@ def _first_row(batch: dict, ids_key: str, count: int) -> list[int]:
 def debug_start(cfg: TrainConfig, prompt: str) -> tuple[TrainConfig, StartingWeights | None]:
     """Where a post-training walk starts: the previous stage as training would, unless that stage's tokenizer
     lacks characters of `prompt`; then random weights and a tokenizer trained on bilingual data."""
+    from minigpt.modes import objective_class
     from minigpt.tokenizer import Tokenizer
     from minigpt.train.loop import StartingWeights, find_starting_weights
 
-    if cfg.mode == "pretrain" or cfg.init_from or cfg.tokenizer or not prompt:
+    if not objective_class(cfg.mode).previous_stages or cfg.init_from or cfg.tokenizer or not prompt:
         return cfg, None
     start = find_starting_weights(cfg)
     if start.model_dir is None:
@@ -96,7 +97,7 @@ def train_walk_tokenizer(cfg: TrainConfig) -> Path:
     --data files, so the walk's prompt and data are spelled in pieces, not bytes."""
     from minigpt.data.demo import write_demo_corpus, write_demo_post_training
     from minigpt.tokenizer_training import train_tokenizer
-    from minigpt.train.data import find_input
+    from minigpt.train.run_data import find_input
 
     demo = Path(cfg.data_dir) / "cache" / "demo"
     demo.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ __all__ = ["FORMAT_VERSION", "ShardError", "ShardReader", "ShardWriter", "open_s
 FORMAT_VERSION = 1
 TOKENS, OFFSETS, LOSS_MASK, RECORDS, META = "tokens.bin", "offsets.bin", "loss_mask.bin", "records.jsonl", "meta.json"
 KINDS = ("pretrain", "sft", "dpo", "rlhf")
+"""What a dataset holds (`meta.json` "kind"): each mode trains on one (`Objective.dataset_kind`)."""
 MASKED_KINDS = ("sft", "dpo")
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from minigpt.i18n import _
 from minigpt.tokenizer import CHAT_ROLES, is_utf8_text
 
-KINDS = ("pretrain", "sft", "dpo", "rlhf")
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
 MAX_DOCUMENT_CHARS = 1 << 16

@@ -23,8 +23,7 @@ from minigpt.data.sources import InputError, cut_long_text, input_format, iter_r
 from minigpt.evaluation.context import EvalContext, EvalDataError
 from minigpt.evaluation.spec import TaskSpec
 from minigpt.i18n import _
-from minigpt.train.metrics import MetricSums
-from minigpt.train.objectives import token_byte_lengths
+from minigpt.metrics import MetricSums, token_byte_lengths
 
 SUMS = ("loss_sum", "tokens", "bytes")
 _CHUNK = 1 << 20

@@ -27,7 +27,7 @@ from minigpt.data.records import RecordError, csv_records, jsonl_objects
 from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches
 from minigpt.evaluation.spec import TaskSpec
 from minigpt.i18n import _
-from minigpt.train.metrics import MetricSums
+from minigpt.metrics import MetricSums
 
 SUMS = ("correct", "correct_norm", "items", "gold_logprob")
 DELIMITER = " "

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from minigpt.data import records
 from minigpt.data.records import RecordError
+from minigpt.metrics import MetricSums, reduce_by_name
 from minigpt.runtime import Runtime
-from minigpt.train.metrics import MetricSums, reduce_by_name
 
 
 class EvalDataError(ValueError):

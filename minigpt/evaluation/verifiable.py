@@ -18,7 +18,7 @@ from minigpt.evaluation.context import EvalContext, EvalDataError, global_batche
 from minigpt.evaluation.spec import TaskSpec
 from minigpt.generate import GenerationConfig, TextGenerator
 from minigpt.i18n import _
-from minigpt.train.metrics import MetricSums
+from minigpt.metrics import MetricSums
 
 
 def load_tasks(path: Path) -> list[dict]:

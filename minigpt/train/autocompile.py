@@ -9,7 +9,7 @@ decision reads only facts fixed before the first step:
 
 1. Skipped where it cannot work: not the plain engine, Windows, MPS, a CPU without a C++ compiler (inductor
    generates C++), CUDA without triton, mixture-of-experts layers (routing has data-dependent shapes),
-   activation checkpointing, modes whose batch shapes vary (dpo, reward, rlhf).
+   activation checkpointing, modes whose batch shapes vary (`Objective.varying_shapes`: dpo, reward, rlhf).
 2. Skipped where it does not reliably pay: bf16 on the CPU.
 3. Skipped where the run is too short to pay back a compilation: fewer than `MIN_STEPS` optimizer steps
    asked for, or a --max-time budget under `MIN_SECONDS`.
@@ -29,13 +29,13 @@ import sys
 import torch
 
 from minigpt.i18n import _
+from minigpt.modes import objective_class
 
 MIN_STEPS = 2000
 """A run asking for fewer optimizer steps stays eager: at the 10-50 ms steps of the small shapes where a
 compilation gains most, 2000 steps are 20-100 s of work, about what the compilation itself costs."""
 MIN_SECONDS = 600.0
 """A --max-time budget under this stays eager: a compilation would take a large share of it."""
-VARYING_SHAPE_MODES = ("dpo", "reward", "rlhf")
 
 
 def compile_unavailable(device: torch.device, *, plain_engine: bool, moe: bool, activation_checkpointing: bool,
@@ -56,7 +56,7 @@ def compile_unavailable(device: torch.device, *, plain_engine: bool, moe: bool, 
         return _("mixture-of-experts routing has data-dependent shapes")
     if activation_checkpointing:
         return _("--activation-checkpointing recomputes blocks outside the compiled graph")
-    if mode in VARYING_SHAPE_MODES:
+    if objective_class(mode).varying_shapes:
         return _("--mode {mode} batches change shape from step to step").format(mode=mode)
     return None
 

@@ -22,7 +22,7 @@ from minigpt.config import ConfigError
 from minigpt.data.datasets import IGNORE_INDEX, DPOPairs
 from minigpt.fsutil import atomic_torch_save
 from minigpt.i18n import _
-from minigpt.train.metrics import MetricSums
+from minigpt.metrics import MetricSums
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.sequences import (
     has_response,
@@ -107,6 +107,9 @@ class DPO(Objective):
     plain DPO only widens the margin, and can do so by lowering the chosen answer's likelihood too."""
 
     dataset_kind = "dpo"
+    previous_stages = ("sft",)
+    chat_samples = True
+    varying_shapes = True
     eval_sums = ("loss_sum", "pairs", "chosen_reward", "rejected_reward", "margin", "accuracy")
 
     def __init__(self, beta: float, reference_in_memory: bool = False, sft_coef: float = 0.0):

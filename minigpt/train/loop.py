@@ -5,7 +5,7 @@
     finish: final checkpoint, consolidated weights, a sample
 
 Mode-specific maths lives behind the `Objective` contract (`minigpt.train.objective`, registry in
-`minigpt.train.objectives`); engine specifics behind `minigpt.engine`.
+`minigpt.modes`); engine specifics behind `minigpt.engine`.
 """
 
 from __future__ import annotations
@@ -45,14 +45,17 @@ from minigpt.fsutil import atomic_write_text
 from minigpt.generate import GenerationConfig, TextGenerator
 from minigpt.i18n import _
 from minigpt.interop.hf_llama import imported_init_dir, is_hf_llama_dir
+from minigpt.metrics import MetricSums, reduce_by_name
 from minigpt.model import MiniGPT
+from minigpt.modes import build_objective, objective_class
 from minigpt.monitor import TrainingMonitor
 from minigpt.runtime import RankFailed
 from minigpt.signals import EXIT_FINISHED, EXIT_PREEMPTED, StopRequest
 from minigpt.tokenizer import Tokenizer, TokenizerError
 from minigpt.train.autocompile import compile_pays, compile_unavailable
 from minigpt.train.budget import WHOLE_EVAL_TIMED, TimeBudget
-from minigpt.train.data import (
+from minigpt.train.objective import Objective, SetupContext
+from minigpt.train.run_data import (
     DataError,
     RunData,
     check_coverage,
@@ -60,9 +63,6 @@ from minigpt.train.data import (
     planned_vocab_size,
     resolve_run_data,
 )
-from minigpt.train.metrics import MetricSums, reduce_by_name
-from minigpt.train.objective import Objective, SetupContext
-from minigpt.train.objectives import build_objective, dataset_kind
 from minigpt.train.run_dir import (
     RunDirLock,
     check_fresh_run_dir,
@@ -77,8 +77,6 @@ USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardErr
 """Errors caused by the user's input: reported as one clear line, not a traceback."""
 SNAPSHOT = "training_config_snapshot.json"
 FINAL = "final"
-# Post-training stages start from the previous stage's final weights of the same preset.
-PREVIOUS_STAGES = {"sft": ("pretrain",), "dpo": ("sft",), "reward": ("sft", "pretrain"), "rlhf": ("dpo", "sft")}
 
 
 def set_seed(seed: int) -> None:
@@ -110,10 +108,6 @@ def open_datasets(run_data: RunData, objective, split: str, seq_len: int) -> Con
                             vocab_size=run_data.tokenizer.vocab_size)
         parts.append(objective.dataset(reader, seq_len, run_data.tokenizer))
     return ConcatWindows(parts)
-
-
-CHAT_MODES = ("sft", "dpo", "rlhf")
-"""Modes whose model answers chat turns: their samples go through the chat template."""
 
 
 def default_sample_prompt(tokenizer: Tokenizer, dataset_dirs: list[Path], chat: bool) -> str:
@@ -163,7 +157,7 @@ def said_source(source: str) -> str:
 
 def no_previous_stage_warning(cfg: TrainConfig) -> str:
     """The loud warning of a post-training run that found no previous stage to start from."""
-    stages = PREVIOUS_STAGES[cfg.mode]
+    stages = objective_class(cfg.mode).previous_stages
     return _("WARNING: --mode {mode} found no previous stage (checkpoints/{{{stages}}}_{config}[_DATA]/{final}) and "
              "starts from RANDOM weights: it runs, but learns far less than it would from a pretrained model. Better: "
              "python launch/train.py --mode {previous} --config {config} first (or pass --init-from DIR)").format(
@@ -183,9 +177,10 @@ def find_starting_weights(cfg: TrainConfig) -> StartingWeights:
             raise ConfigError(_("--init-from {path}: no consolidated weights (model.pt) there or in {final}").format(
                 path=cfg.init_from, final=path / FINAL))
         return StartingWeights(str(path), path)
-    if cfg.mode == "pretrain":
+    stages = objective_class(cfg.mode).previous_stages  # post-training stages: the previous stage's final/
+    if not stages:
         return StartingWeights(RANDOM_INIT)
-    for stage in PREVIOUS_STAGES[cfg.mode]:
+    for stage in stages:
         for candidate in previous_stage_dirs(stage, cfg):
             if (candidate / FINAL / "model.pt").is_file():
                 return StartingWeights(str(candidate / FINAL), candidate / FINAL)
@@ -333,7 +328,7 @@ class Trainer:
         start = start or find_starting_weights(cfg)
         if start.source == NO_PREVIOUS_STAGE and self.runtime.is_main:
             print(_("[minigpt] {note}").format(note=no_previous_stage_warning(cfg)), flush=True)
-        self.run_data = resolve_run_data(cfg, self.runtime, start.model_dir, dataset_kind(cfg.mode))
+        self.run_data = resolve_run_data(cfg, self.runtime, start.model_dir, objective_class(cfg.mode).dataset_kind)
         self.tokenizer = self.run_data.tokenizer
         coverage, low_coverage = check_coverage(cfg, self.run_data, inherited=start.model_dir is not None)
         if self.runtime.is_main:
@@ -341,7 +336,7 @@ class Trainer:
             if low_coverage:
                 print(_("[minigpt] warning: {warning}").format(warning=low_coverage), flush=True)
         self.model = build_model(cfg, self.tokenizer, start)
-        if start.model_dir is None and cfg.mode != "pretrain":
+        if start.model_dir is None and objective_class(cfg.mode).previous_stages:
             start = self._keep_initial_weights(start)
         self.objective: Objective = build_objective(cfg.mode, self.tokenizer, cfg)
         self.model = self.objective.wrap_model(self.model)  # e.g. the reward model's scalar head
@@ -368,7 +363,7 @@ class Trainer:
         """--compile auto's decision once made (or read from the checkpoint resumed): saved with each checkpoint."""
         self.data_wait = 0.0
         """Seconds the last step waited for its batches (0 when they were ready): logged as data_wait_s."""
-        self.chat_samples = cfg.mode in CHAT_MODES
+        self.chat_samples = self.objective.chat_samples
         self.sample_prompt = cfg.sample_prompt or default_sample_prompt(
             self.tokenizer, self.run_data.dataset_dirs, self.chat_samples)
         unseen = self.tokenizer.unseen_characters(self.sample_prompt)

@@ -15,9 +15,10 @@ The loop (`minigpt.train.loop`) calls, in this order:
     evaluation: eval_batch(model, batch, sums) per validation batch, then metrics(sums reduced by name)
     end of run: save_consolidated(...)    the final weights directory
 
-Objectives get what they need through these arguments and `SetupContext`, never the Trainer.
-Adding a mode is one new file with an `Objective` subclass plus one line in `objectives.OBJECTIVES`
-(and its name in `config.MODES`, which validates `--mode` before anything is imported).
+Objectives get what they need through these arguments and `SetupContext`, never the Trainer, and
+tell the loop what it needs to know about their mode through class attributes (`previous_stages`,
+`dataset_kind`, `chat_samples`, `varying_shapes`), never a table elsewhere. Adding a mode is one new
+file with an `Objective` subclass plus one line in `minigpt.modes.OBJECTIVES`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minigpt.train.metrics import MetricSums
+from minigpt.metrics import MetricSums
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,15 @@ class Objective:
     """Base of every mode's objective; each hook has a default so a mode overrides only what it changes."""
 
     dataset_kind: str = "pretrain"
-    """The shard kind (`meta.json` "kind") the mode trains on."""
+    """The shard kind (`meta.json` "kind", one of `minigpt.data.shards.KINDS`) the mode trains on."""
+    previous_stages: tuple[str, ...] = ()
+    """Modes whose `final/` weights of the same preset a run starts from, the first found in this order;
+    empty: the mode starts from random init (pretraining). A post-training mode that finds none starts
+    from random init with a loud warning."""
+    chat_samples: bool = False
+    """Whether the model answers chat turns: the sample at each evaluation goes through the chat template."""
+    varying_shapes: bool = False
+    """Whether batch shapes change from step to step (pairs, rollouts): `--compile auto` then stays eager."""
     eval_sums: tuple[str, ...] = ()
     """Names of the sums `eval_batch` adds to; declared so every rank reduces the same keys."""
     updates_per_batch: int = 1

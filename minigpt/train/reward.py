@@ -25,8 +25,8 @@ from minigpt.config import ConfigError, MiniGPTConfig
 from minigpt.data.datasets import IGNORE_INDEX, DPOPairs
 from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
 from minigpt.i18n import _
+from minigpt.metrics import MetricSums
 from minigpt.model import MiniGPT
-from minigpt.train.metrics import MetricSums
 from minigpt.train.objective import Objective
 from minigpt.train.sequences import has_response, preference_accuracy
 from minigpt.weights import load_consolidated, model_directory, save_consolidated
@@ -86,6 +86,8 @@ class RewardModeling(Objective):
     """The `--mode reward` objective: Bradley–Terry loss; logs pairwise accuracy and score margin."""
 
     dataset_kind = "dpo"  # preference pairs, the same shards as DPO
+    previous_stages = ("sft", "pretrain")
+    varying_shapes = True
     STATS = ("accuracy", "chosen_score", "margin", "rejected_score")
     eval_sums = ("loss_sum", "pairs", *STATS)
 

@@ -36,7 +36,7 @@ from minigpt.data.tasks import reward as task_reward
 from minigpt.engine.device import autocast_context
 from minigpt.generate import GenerationConfig, TextGenerator
 from minigpt.i18n import _
-from minigpt.train.metrics import MetricSums
+from minigpt.metrics import MetricSums
 from minigpt.train.objective import Objective, SetupContext
 from minigpt.train.reward import load_reward_model, score_sequences
 from minigpt.train.sequences import load_frozen_model
@@ -140,6 +140,9 @@ class GRPO(Objective):
     """The `--mode rlhf` objective (see the module docstring); its training micro-batches are `Rollout`s."""
 
     dataset_kind = "rlhf"
+    previous_stages = ("dpo", "sft")
+    chat_samples = True
+    varying_shapes = True
     eval_sums = ("reward_sum", "prompts", "exact", "response_length")
 
     def __init__(self, cfg, tokenizer):

@@ -26,6 +26,7 @@ from minigpt.data.build import build_dataset
 from minigpt.data.demo import CORPORA, DEMO_PREFIX, demo_language, write_demo_corpus, write_demo_post_training
 from minigpt.data.shards import open_shard
 from minigpt.i18n import _, docs_page
+from minigpt.modes import objective_class
 from minigpt.runtime import Runtime
 from minigpt.tokenizer import Tokenizer
 from minigpt.tokenizer_training import train_tokenizer
@@ -85,7 +86,8 @@ def planned_inputs(cfg: TrainConfig) -> list[Path | str]:
                                                                     name=name))
         else:
             planned.append(find_input(name, cfg.data_dir))
-    return planned or [_("<built-in demo corpus>") if cfg.mode == "pretrain" else _("<built-in bilingual demo data>")]
+    pretraining = objective_class(cfg.mode).dataset_kind == "pretrain"
+    return planned or [_("<built-in demo corpus>") if pretraining else _("<built-in bilingual demo data>")]
 
 
 DEMO_POST_TRAINING = "<built-in post-training data>"

@@ -1,8 +1,8 @@
-"""The registry of training objectives (mode -> class) and the language-modelling objectives.
+"""The language-modelling objectives: pretraining and SFT share the next-token loss defined here.
 
-Each mode's maths is one `Objective` subclass (contract in `minigpt.train.objective`); pretraining and
-SFT share the next-token loss defined here, DPO, the reward model and GRPO live in their own files.
-The loop looks the mode up in `OBJECTIVES` and never branches on it.
+Each mode's maths is one `Objective` subclass (contract in `minigpt.train.objective`); DPO, the reward
+model and GRPO live in their own files. The loop looks the mode up in `minigpt.modes.OBJECTIVES` and
+never branches on it.
 """
 
 from __future__ import annotations
@@ -13,27 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.data.datasets import IGNORE_INDEX, PretrainWindows, SFTExamples
-from minigpt.train.dpo import DPO
-from minigpt.train.metrics import MetricSums
+from minigpt.metrics import MetricSums, token_byte_lengths
 from minigpt.train.objective import Objective
-from minigpt.train.reward import RewardModeling
-from minigpt.train.rlhf import GRPO
-
-
-def token_byte_lengths(tokenizer) -> torch.Tensor:
-    """UTF-8 bytes each token id stands for (0 for special tokens): the bits-per-byte denominator."""
-    lengths = []
-    for token_id in range(tokenizer.vocab_size):
-        piece = tokenizer.id_to_piece(token_id)
-        if tokenizer.sp.is_control(token_id) or tokenizer.sp.is_unknown(token_id):
-            lengths.append(0)
-        elif tokenizer.sp.is_byte(token_id):
-            lengths.append(1)
-        elif piece in ("<|im_start|>", "<|im_end|>"):
-            lengths.append(0)
-        else:
-            lengths.append(len(piece.replace("\u2581", " ").encode("utf-8")))
-    return torch.tensor(lengths, dtype=torch.float64)
 
 
 class LanguageModeling(Objective):
@@ -92,29 +73,5 @@ class SupervisedFineTuning(LanguageModeling):
     """`--mode sft`: next-token loss on the assistant tokens of chat conversations only."""
 
     dataset_kind = "sft"
-
-
-OBJECTIVES: dict[str, type[Objective]] = {
-    "pretrain": Pretraining,
-    "sft": SupervisedFineTuning,
-    "dpo": DPO,
-    "reward": RewardModeling,
-    "rlhf": GRPO,
-}
-"""Mode name -> its objective class. A new mode is one file with an `Objective` subclass and one line here."""
-
-
-def objective_class(mode: str) -> type[Objective]:
-    if mode not in OBJECTIVES:
-        raise NotImplementedError(f"--mode {mode} is not implemented")
-    return OBJECTIVES[mode]
-
-
-def dataset_kind(mode: str) -> str:
-    """The shard kind (`meta.json` "kind") a mode trains on (a reward model learns from preference pairs)."""
-    return objective_class(mode).dataset_kind
-
-
-def build_objective(mode: str, tokenizer, cfg) -> Objective:
-    """The objective for `mode`."""
-    return objective_class(mode).from_config(cfg, tokenizer)
+    previous_stages = ("pretrain",)
+    chat_samples = True

@@ -1,4 +1,5 @@
-"""Named sums reduced across ranks by name: adding a metric can never shift another one.
+"""Metrics training and evaluation share: named sums reduced across ranks by name (adding a metric can never
+shift another one), and the bytes each token stands for (the bits-per-byte denominator).
 
 Every rank adds into sums with the same names (the objective declares its evaluation sums up front;
 a training step's statistics carry the same keys on every call), and `reduce_by_name` all-reduces
@@ -38,3 +39,19 @@ def reduce_by_name(sums: Mapping[str, float], all_reduce_sum: Callable[[torch.Te
         return {}
     values = torch.tensor([float(sums[n]) for n in names], dtype=torch.float64, device=device)
     return dict(zip(names, all_reduce_sum(values).cpu().tolist(), strict=True))
+
+
+def token_byte_lengths(tokenizer) -> torch.Tensor:
+    """UTF-8 bytes each token id stands for (0 for special tokens): the bits-per-byte denominator."""
+    lengths = []
+    for token_id in range(tokenizer.vocab_size):
+        piece = tokenizer.id_to_piece(token_id)
+        if tokenizer.sp.is_control(token_id) or tokenizer.sp.is_unknown(token_id):
+            lengths.append(0)
+        elif tokenizer.sp.is_byte(token_id):
+            lengths.append(1)
+        elif piece in ("<|im_start|>", "<|im_end|>"):
+            lengths.append(0)
+        else:
+            lengths.append(len(piece.replace("\u2581", " ").encode("utf-8")))
+    return torch.tensor(lengths, dtype=torch.float64)

@@ -322,7 +322,7 @@ def not_a_checkpoint(root: Path) -> Path:
 @pytest.mark.parametrize("make,english,chinese", [
     (not_a_checkpoint, "no checkpoint at {path}: expected a checkpoint folder, or a run directory with ckpt/step_N "
                        "folders", "{path} 处没有检查点：应为一个检查点目录，或一个含有 ckpt/step_N 目录的运行目录"),
-    (damaged_checkpoint, "{path}/trainer_state.json: not valid JSON (", "{path}/trainer_state.json：不是合法的 JSON（"),
+    (damaged_checkpoint, "{path}/trainer_state.json: not valid JSON (", "{path}/trainer_state.json：不是有效的 JSON（"),
 ], ids=["not a checkpoint", "damaged checkpoint"])
 def test_resuming_from_a_wrong_checkpoint_is_explained_in_the_users_language(resume_workspace, make, english,
                                                                               chinese):

@@ -194,7 +194,8 @@ def run_quality(work: Path, recipe_path: Path = DEFAULT_RECIPE, overrides: dict 
     log("quality: " + " ".join(command[1:]))
     # The recipe's environment (OMP_WAIT_POLICY=PASSIVE: idle OpenMP threads sleep instead of spinning,
     # which keeps a shared 2-core machine from collapsing when another process holds a core).
-    process_env = {**os.environ, "PYTHONUNBUFFERED": "1", **recipe.get("env", {}), **(env or {})}
+    # MINIGPT_LANG=en: the log lines read back below are matched in English, whatever the user's locale.
+    process_env = {**os.environ, "PYTHONUNBUFFERED": "1", "MINIGPT_LANG": "en", **recipe.get("env", {}), **(env or {})}
     started_unix, started = time.time(), time.perf_counter()
     with open(work / "train.log", "w") as handle:
         code = subprocess.call(command, stdout=handle, stderr=subprocess.STDOUT, env=process_env, cwd=REPO)

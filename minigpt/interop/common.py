@@ -63,7 +63,7 @@ def register_export_format(export_format: ExportFormat) -> ExportFormat:
     """Make `export_format` a choice of `launch/export.py --format` (a name is registered once)."""
     known = EXPORT_FORMATS.get(export_format.name)
     if known is not None and known != export_format:
-        raise ValueError(f"export format {export_format.name!r} is already registered")
+        raise ValueError(_("export format {name!r} is already registered").format(name=export_format.name))
     EXPORT_FORMATS[export_format.name] = export_format
     return export_format
 

@@ -69,13 +69,13 @@ from minigpt.train.run_dir import (
     previous_run_artefacts,
     remove_artefacts,
 )
+from minigpt.weights import FINAL_DIR as FINAL
 from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta, save_consolidated
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError,
                DatasetBuildError, SamplerError, EvalDataError, RankFailed)
 """Errors caused by the user's input: reported as one clear line, not a traceback."""
 SNAPSHOT = "training_config_snapshot.json"
-FINAL = "final"
 # Post-training stages start from the previous stage's final weights of the same preset.
 PREVIOUS_STAGES = {"sft": ("pretrain",), "dpo": ("sft",), "reward": ("sft", "pretrain"), "rlhf": ("dpo", "sft")}
 

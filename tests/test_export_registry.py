@@ -66,3 +66,12 @@ def test_loading_the_export_cli_and_its_formats_imports_no_optional_package():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_export_errors_speak_the_users_language(toy_format, data_tokenizer, tmp_path, capsys, monkeypatch):
+    model = save_model(tmp_path / "final", random_model(data_tokenizer.vocab_size, seed=4), data_tokenizer)
+    out = tmp_path / "model.json"
+    out.write_text("{}")
+    monkeypatch.setenv("MINIGPT_LANG", "zh")
+    assert export_cli.main(["--model", str(model), "--format", "toy-json", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.startswith(f"错误：{out}：已存在；请换一个 --out，或加 --force 替换它")

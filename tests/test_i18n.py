@@ -140,6 +140,9 @@ ENGLISH_BY_DESIGN = {
 }
 PROGRAMMING_ERRORS = {"AssertionError", "NotImplementedError", "TypeError"}
 """Exceptions that report a bug in the calling code, not a user's mistake: not translated."""
+WIRE_FORMAT_ERRORS = {"APIError"}
+"""Exceptions whose message is an HTTP error body of the OpenAI-compatible API, wherever the server raises
+them (`minigpt/serve/`): English, as for openai_api.py in ENGLISH_BY_DESIGN."""
 
 
 def _is_message(node) -> bool:
@@ -165,7 +168,7 @@ def untranslated_messages(path: Path) -> list[str]:
         if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and node.exc.args:
             func = node.exc.func
             name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
-            if name not in PROGRAMMING_ERRORS:
+            if name not in PROGRAMMING_ERRORS | WIRE_FORMAT_ERRORS:
                 message = node.exc.args[0]
         elif isinstance(node, ast.Call) and node.args:
             func = node.func

@@ -139,6 +139,7 @@ def test_a_full_queue_answers_429_with_retry_after(generator):
         status, body, headers = post(server, ENDLESS)
         assert status == 429 and int(headers["Retry-After"]) >= 1
         assert body["error"]["type"] == "rate_limit_error" and "--max-queue" in body["error"]["message"]
+        assert "1 requests are already waiting for the model" in body["error"]["message"]
         busy.join()
         waiting.join()
     finally:

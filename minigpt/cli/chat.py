@@ -22,10 +22,9 @@ from typing import TextIO
 
 from minigpt.chat import ChatSession
 from minigpt.cli.args import FlagParser
-from minigpt.cli.generate import add_sampling_arguments, load_generator
-from minigpt.config import ConfigError
-from minigpt.tokenizer import TokenizerError, is_utf8_text
-from minigpt.weights import WeightsError
+from minigpt.cli.generate import add_sampling_arguments, load_generator_or_report
+from minigpt.i18n import _
+from minigpt.tokenizer import is_utf8_text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,8 +49,9 @@ def piped_lines(stream: TextIO) -> Iterator[str]:
             try:
                 line = line.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise ChatInputError(f"stdin line {number}: not valid UTF-8 (byte 0x{line[err.start]:02x} at "
-                                     f"column {err.start + 1}); the message was not sent") from None
+                raise ChatInputError(_("stdin line {number}: not valid UTF-8 (byte 0x{byte:02x} at column "
+                                       "{column}); the message was not sent")
+                                     .format(number=number, byte=line[err.start], column=err.start + 1)) from None
         yield (line.removeprefix("\ufeff") if number == 1 else line).rstrip("\r\n")
 
 
@@ -72,22 +72,22 @@ def typed_lines() -> Iterator[str]:
         if is_utf8_text(line):
             yield line
         else:
-            print("[that line is not valid UTF-8 text (check the terminal's encoding); not sent]", file=sys.stderr)
+            print(_("[that line is not valid UTF-8 text (check the terminal's encoding); not sent]"), file=sys.stderr)
 
 
 def run_command(session: ChatSession, line: str) -> bool:
     """Carry out a /command; False when it asks to leave."""
-    name, _, argument = line.partition(" ")
+    name, _space, argument = line.partition(" ")
     if name in ("/exit", "/quit"):
         return False
     if name == "/reset":
         session.reset()
-        print("[conversation reset]", file=sys.stderr)
+        print(_("[conversation reset]"), file=sys.stderr)
     elif name == "/system":
         session.system_prompt = argument.strip()
-        print(f"[system prompt {'set' if session.system_prompt else 'removed'}]", file=sys.stderr)
+        print(_("[system prompt set]") if session.system_prompt else _("[system prompt removed]"), file=sys.stderr)
     else:
-        print(f"[unknown command {name}; use /reset, /system TEXT or /exit]", file=sys.stderr)
+        print(_("[unknown command {name}; use /reset, /system TEXT or /exit]").format(name=name), file=sys.stderr)
     return True
 
 
@@ -104,33 +104,33 @@ def converse(session: ChatSession, lines: Iterable[str]) -> None:
             for piece in session.reply(line):
                 print(piece, end="", flush=True)
         except ValueError as err:  # the message alone does not fit the context
-            print(f"[{err}]", file=sys.stderr)
+            print(_("[{err}]").format(err=err), file=sys.stderr)
             continue
         except KeyboardInterrupt:
-            print("\n[answer interrupted; not kept in the conversation]", file=sys.stderr)
+            print("\n" + _("[answer interrupted; not kept in the conversation]"), file=sys.stderr)
             continue
         print(flush=True)
         if session.dropped_turns:
-            print(f"[context full: dropped the oldest {session.dropped_turns} turn(s)]", file=sys.stderr)
+            print(_("[context full: dropped the oldest {turns} turn(s)]").format(turns=session.dropped_turns),
+                  file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        generator, config = load_generator(args)
-    except (ConfigError, WeightsError, TokenizerError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    loaded = load_generator_or_report(args)
+    if loaded is None:
         return 2
+    generator, config = loaded
     session = ChatSession(generator, config, system_prompt=args.system)
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"[chatting with {args.model}; /reset, /system TEXT, /exit]", file=sys.stderr)
+        print(_("[chatting with {model}; /reset, /system TEXT, /exit]").format(model=args.model), file=sys.stderr)
     try:
         converse(session, typed_lines() if interactive else piped_lines(sys.stdin))
     except KeyboardInterrupt:
         print(file=sys.stderr)
     except ChatInputError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(_("error: {err}").format(err=err), file=sys.stderr)
         return 2
     return 0
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from minigpt.cli.args import FlagParser
 from minigpt.evaluation.spec import TaskSpecError, parse_task_spec
+from minigpt.i18n import _
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,14 +49,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def model_dir(path: str) -> Path:
-    """`path` itself when it holds weights, else its final/ (a run directory)."""
-    candidate = Path(path)
-    if not (candidate / "config.json").is_file() and (candidate / "final" / "config.json").is_file():
-        return candidate / "final"
-    return candidate
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -64,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     except TaskSpecError as err:
         parser.error(str(err))
     if args.batch_size < 1:
-        parser.error(f"--batch-size must be positive, got {args.batch_size}")
+        parser.error(_("--batch-size must be positive, got {value}").format(value=args.batch_size))
     names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
-        parser.error(f"two tasks share the name {next(n for n in names if names.count(n) > 1)!r}; add name=... "
-                     "to one of them")
+        parser.error(_("two tasks share the name {name!r}; add name=... to one of them")
+                     .format(name=next(n for n in names if names.count(n) > 1)))
 
     from minigpt.config import ConfigError, TrainConfig
     from minigpt.data.shards import ShardError
@@ -79,29 +72,32 @@ def main(argv: list[str] | None = None) -> int:
     from minigpt.evaluation.runner import check_task_files, format_table, run_tasks
     from minigpt.fsutil import atomic_write_text
     from minigpt.tokenizer import TokenizerError
-    from minigpt.weights import WeightsError, load_consolidated
+    from minigpt.weights import WeightsError, load_consolidated, model_directory
 
     try:
         for spec in specs:
             for path in [spec.path] + ([Path(spec.get("dev"))] if spec.get("dev") else []):
                 if not path.exists():
-                    raise EvalDataError(f"--task {spec.text}: {path} does not exist")
+                    raise EvalDataError(_("--task {task}: {path} does not exist").format(task=spec.text, path=path))
             check_task_files(spec)  # before the model is loaded
         exclude = frozenset(read_prompts(args.exclude_from)) if args.exclude_from else frozenset()
         runtime = create_runtime(TrainConfig(device=args.device, dist_timeout=args.dist_timeout))
-        directory = model_dir(args.model)
+        directory = model_directory(args.model)
         model, tokenizer = load_consolidated(directory, device=runtime.device)
         if tokenizer is None:
-            raise WeightsError(f"{directory}: no tokenizer files beside the weights; evaluation needs them")
+            raise WeightsError(_("{path}: no tokenizer files beside the weights; evaluation needs them")
+                               .format(path=directory))
         ctx = EvalContext(model, tokenizer, runtime, batch_size=args.batch_size, progress=not args.no_progress,
                           exclude=exclude)
         results = run_tasks(specs, ctx)
     except (ConfigError, WeightsError, TokenizerError, ShardError, InputError, EvalDataError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(_("error: {err}").format(err=err), file=sys.stderr)
         return 2
     if runtime.is_main:
-        print(f"model {directory} ({model.num_params():,} parameters), {runtime.world_size} rank(s)"
-              + (f", {len(exclude):,} training prompts excluded" if args.exclude_from else ""))
+        excluded = (_(", {count:,} training prompts excluded").format(count=len(exclude))
+                    if args.exclude_from else "")
+        print(_("model {path} ({params:,} parameters), {ranks} rank(s)")
+              .format(path=directory, params=model.num_params(), ranks=runtime.world_size) + excluded)
         print(format_table(results))
         if args.out:
             document = {"model": str(directory), "world_size": runtime.world_size,
@@ -110,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "metrics": results[spec.name]} for spec in specs}}
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(args.out, json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-            print(f"results written to {args.out}")
+            print(_("results written to {path}").format(path=args.out))
     return 0
 
 

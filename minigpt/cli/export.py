@@ -18,51 +18,53 @@ import sys
 
 from minigpt.cli.args import FlagParser
 from minigpt.config import ConfigError
+from minigpt.i18n import _
+from minigpt.interop.common import ExportFormat, export_formats
 from minigpt.tokenizer import TokenizerError
 from minigpt.weights import WeightsError
 
-FORMATS = ("hf", "gguf")
-PACKAGES = {"hf": "safetensors", "gguf": "gguf"}
 
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(formats: dict[str, ExportFormat] | None = None) -> argparse.ArgumentParser:
+    """The flags; --format's choices and help come from the registered formats (`minigpt.interop.common`)."""
+    formats = export_formats() if formats is None else formats
+    outputs = list(dict.fromkeys(f.output for f in formats.values()))
+    dtypes = list(dict.fromkeys(dtype for f in formats.values() for dtype in f.dtypes))
     parser = FlagParser(prog="launch/export.py", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="run directory (uses its final/) or consolidated model directory")
-    parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="hf: a Hugging Face directory (Llama; GraniteMoeShared for mixtures of experts); "
-                             "gguf: one llama.cpp GGUF file (dense models)")
-    parser.add_argument("--out", required=True, help="output directory (hf) or file (gguf)")
-    parser.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+    parser.add_argument("--format", required=True, choices=list(formats),
+                        help="; ".join(f"{f.name}: {f.description}" for f in formats.values()))
+    parser.add_argument("--out", required=True,
+                        help="output " + " or ".join(
+                            f"{output} ({', '.join(f.name for f in formats.values() if f.output == output)})"
+                            for output in outputs))
+    parser.add_argument("--dtype", default="fp32", choices=dtypes,
                         help="weight precision of the export (fp32 is exact; default: fp32)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    formats = export_formats()
+    args = build_parser(formats).parse_args(argv)
+    chosen = formats[args.format]
+    if chosen.package:
+        try:
+            __import__(chosen.package)
+        except ImportError:
+            print(_("error: --format {format} needs the {package} package (pip install -e \".[{extra}]\")")
+                  .format(format=chosen.name, package=chosen.package, extra=chosen.extra), file=sys.stderr)
+            return 2
     try:
-        __import__(PACKAGES[args.format])
-    except ImportError:
-        print(f"error: --format {args.format} needs the {PACKAGES[args.format]} package "
-              f"(pip install -e \".[hf]\")", file=sys.stderr)
-        return 2
-    try:
-        if args.format == "hf":
-            from minigpt.interop.hf_llama import export_hf
-
-            out = export_hf(args.model, args.out, dtype=args.dtype, force=args.force)
-        else:
-            from minigpt.interop.gguf_llama import export_gguf
-
-            out = export_gguf(args.model, args.out, dtype=args.dtype, force=args.force)
+        out = chosen.export(args.model, args.out, dtype=args.dtype, force=args.force)
     except (ConfigError, WeightsError, TokenizerError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(_("error: {err}").format(err=err), file=sys.stderr)
         return 2
     except OSError as err:  # e.g. a full disk: nothing is left at --out
-        print(f"error: writing {args.out}: {err}", file=sys.stderr)
+        print(_("error: writing {out}: {err}").format(out=args.out, err=err), file=sys.stderr)
         return 2
-    print(f"[minigpt] exported {args.model} as {args.format} ({args.dtype}) to {out}")
+    print(_("[minigpt] exported {model} as {format} ({dtype}) to {out}")
+          .format(model=args.model, format=args.format, dtype=args.dtype, out=out))
     return 0
 
 

@@ -15,8 +15,12 @@ import sys
 from minigpt.cli.args import FlagParser
 from minigpt.config import ConfigError
 from minigpt.generate import GenerationConfig, TextGenerator
+from minigpt.i18n import _, docs_page
 from minigpt.tokenizer import TokenizerError
 from minigpt.weights import WeightsError
+
+LOAD_ERRORS = (ConfigError, WeightsError, TokenizerError)
+"""What loading `--model` raises for a user's mistake (a wrong path, a damaged or foreign directory)."""
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
@@ -45,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
                         help="consolidated model directory (or a run directory: its final/), or a Hugging Face "
-                             "Llama directory (docs/export.md)")
+                             f"Llama directory ({docs_page('export.md')})")
     parser.add_argument("--prompt", action="append", required=True,
                         help="prompt text; repeat the flag for several prompts (generated as one batch)")
     parser.add_argument("--chat", action="store_true",
@@ -72,17 +76,26 @@ def load_generator(args: argparse.Namespace) -> tuple[TextGenerator, GenerationC
     config = generation_config(args)
     generator = TextGenerator.from_dir(args.model, device=resolve_device(args.device))
     if generator.tokenizer is None:
-        raise TokenizerError(f"{args.model} has no tokenizer files; text generation needs them")
+        raise TokenizerError(_("{model} has no tokenizer files; text generation needs them").format(model=args.model))
     return generator, config
+
+
+def load_generator_or_report(args: argparse.Namespace) -> tuple[TextGenerator, GenerationConfig] | None:
+    """`load_generator`, with a model that cannot be loaded reported as one `error:` line on stderr
+    (then None: the CLI exits with 2). Shared by generate, chat and serve."""
+    try:
+        return load_generator(args)
+    except LOAD_ERRORS as err:
+        print(_("error: {err}").format(err=err), file=sys.stderr)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        generator, config = load_generator(args)
-    except (ConfigError, WeightsError, TokenizerError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    loaded = load_generator_or_report(args)
+    if loaded is None:
         return 2
+    generator, config = loaded
     try:
         if args.stream:
             for index, prompt in enumerate(args.prompt):
@@ -99,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     print("-" * 40)
                 print(f"[user] {prompt}\n[assistant] {output}" if args.chat else prompt + output)
     except ValueError as err:  # e.g. a prompt longer than the model's max_seq_len
-        print(f"error: {err}", file=sys.stderr)
+        print(_("error: {err}").format(err=err), file=sys.stderr)
         return 2
     return 0
 

@@ -22,15 +22,14 @@ import sys
 from pathlib import Path
 
 from minigpt.cli.args import FlagParser
-from minigpt.cli.generate import add_sampling_arguments, load_generator
-from minigpt.config import ConfigError
+from minigpt.cli.generate import add_sampling_arguments, load_generator_or_report
+from minigpt.i18n import _, docs_page
 from minigpt.serve.access import AccessPolicy, is_loopback
 from minigpt.serve.connections import ConnectionLimits
 from minigpt.serve.openai_api import RequestLimits
 from minigpt.serve.server import ModelServer
 from minigpt.serve.worker import MAX_QUEUE
-from minigpt.tokenizer import TokenizerError
-from minigpt.weights import WeightsError
+from minigpt.weights import FINAL_DIR
 
 API_KEY_ENV = "MINIGPT_API_KEY"
 
@@ -38,7 +37,9 @@ API_KEY_ENV = "MINIGPT_API_KEY"
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(prog="launch/serve.py", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="consolidated model directory")
+    parser.add_argument("--model", required=True,
+                        help="consolidated model directory (or a run directory: its final/), or a Hugging Face "
+                             "Llama directory")
     parser.add_argument("--model-name", default="",
                         help="the model id clients send and /v1/models lists (default: the directory's name)")
     parser.add_argument("--host", default="127.0.0.1",
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_access_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("access (see docs/serving.md, security model)")
+    group = parser.add_argument_group(f"access (see {docs_page('serving.md')}, security model)")
     group.add_argument("--api-key", default=None,
                        help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV}, "
                             "which keeps the key out of the process list; unset: no key)")
@@ -92,14 +93,14 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(_("must be at least 1, got {value}").format(value=value))
     return value
 
 
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+        raise argparse.ArgumentTypeError(_("must be a positive number of seconds, got {text}").format(text=text))
     return value
 
 
@@ -111,7 +112,7 @@ def api_key(args: argparse.Namespace) -> str | None:
 def model_name(model_dir: str) -> str:
     """The default model id: the directory's name, or its parent's when it is a run's `final/`."""
     path = Path(model_dir).resolve()
-    return path.parent.name if path.name == "final" and path.parent.name else path.name
+    return path.parent.name if path.name == FINAL_DIR and path.parent.name else path.name
 
 
 def server_options(args: argparse.Namespace) -> dict:
@@ -128,28 +129,27 @@ def server_options(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        generator, defaults = load_generator(args)
-    except (ConfigError, WeightsError, TokenizerError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    loaded = load_generator_or_report(args)
+    if loaded is None:
         return 2
+    generator, defaults = loaded
     name = args.model_name or model_name(args.model)
     try:
         server = ModelServer(generator, name, defaults, host=args.host, port=args.port, quiet=args.quiet,
                              **server_options(args))
     except OSError as err:
-        print(f"error: --host {args.host} --port {args.port}: cannot listen there: {err.strerror or err}",
-              file=sys.stderr)
+        print(_("error: --host {host} --port {port}: cannot listen there: {reason}")
+              .format(host=args.host, port=args.port, reason=err.strerror or err), file=sys.stderr)
         return 2
-    print(f"serving {args.model} as {name!r} on {server.url}  "
-          f"(web chat: {server.url}/, API: {server.url}/v1)", file=sys.stderr, flush=True)
+    print(_("serving {model} as {name!r} on {url}  (web chat: {url}/, API: {url}/v1)")
+          .format(model=args.model, name=name, url=server.url), file=sys.stderr, flush=True)
     if server.access.api_key is None and not is_loopback(args.host):
-        print(f"warning: --host {args.host} without --api-key: anyone who can reach this port can use the "
-              "model", file=sys.stderr, flush=True)
+        print(_("warning: --host {host} without --api-key: anyone who can reach this port can use the model")
+              .format(host=args.host), file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        print("\nstopped", file=sys.stderr)
+        print("\n" + _("stopped"), file=sys.stderr)
     finally:
         server.httpd.server_close()
     return 0

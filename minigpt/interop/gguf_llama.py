@@ -22,8 +22,17 @@ import torch
 
 from minigpt.config import MiniGPTConfig
 from minigpt.fsutil import fsync_dir, held
-from minigpt.interop.hf_llama import CHATML_JINJA, MODEL_FILE, InteropError, load_for_export, prepare_output
-from minigpt.tokenizer import Tokenizer
+from minigpt.i18n import _
+from minigpt.interop.common import (
+    CHATML_JINJA,
+    ExportFormat,
+    InteropError,
+    load_for_export,
+    prepare_output,
+    register_export_format,
+)
+from minigpt.tokenizer import MODEL_FILE, Tokenizer
+from minigpt.weights import FINAL_DIR
 
 GGUF_DTYPES = ("fp32", "fp16", "bf16")
 
@@ -137,12 +146,14 @@ def _verify(path: Path, metadata: dict[str, Any], expected: dict[str, np.ndarray
         got = read_meta.get(key)
         same = np.allclose(got, value, rtol=1e-6) if isinstance(value, float) else got == value
         if not same:
-            raise InteropError(f"{path}: metadata {key} read back as {got!r}, written {value!r}")
+            raise InteropError(_("{path}: metadata {key} read back as {got!r}, written {value!r}")
+                               .format(path=path, key=key, got=got, value=value))
     if list(read_tensors) != list(expected):
-        raise InteropError(f"{path}: tensors read back as {list(read_tensors)[:5]}..., written {list(expected)[:5]}...")
+        raise InteropError(_("{path}: tensors read back as {read}..., written {written}...")
+                           .format(path=path, read=list(read_tensors)[:5], written=list(expected)[:5]))
     for name, array in expected.items():
         if read_tensors[name].shape != array.shape or not np.array_equal(read_tensors[name], array):
-            raise InteropError(f"{path}: tensor {name} differs when read back")
+            raise InteropError(_("{path}: tensor {name} differs when read back").format(path=path, name=name))
 
 
 def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False) -> Path:
@@ -151,14 +162,14 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "fp32", for
     import gguf
 
     if dtype not in GGUF_DTYPES:
-        raise InteropError(f"--dtype {dtype!r}: choose one of {list(GGUF_DTYPES)}")
+        raise InteropError(_("--dtype {dtype!r}: choose one of {choices}").format(dtype=dtype, choices=list(GGUF_DTYPES)))
     out = Path(out)
     prepare_output(out, force)
     model, tokenizer, source = load_for_export(model_dir)
     config = model.config
     tensors = gguf_tensors(model.state_dict(), config)
     tokens, scores, types = _vocabulary(tokenizer, config.vocab_size)
-    run_name = source.resolve().parent.name if source.name == "final" else source.resolve().name
+    run_name = source.resolve().parent.name if source.name == FINAL_DIR else source.resolve().name
     metadata = _metadata(config, tokenizer, run_name)
     file_type = {"fp32": gguf.LlamaFileType.ALL_F32, "fp16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype]
@@ -220,3 +231,8 @@ def _decode_written(array: np.ndarray, raw_dtype, shape: torch.Size) -> np.ndarr
     if raw_dtype is None:
         return array.astype(np.float32).reshape(tuple(shape))
     return gguf.quants.dequantize(array, raw_dtype).astype(np.float32).reshape(tuple(shape))
+
+
+register_export_format(ExportFormat(
+    name="gguf", export=export_gguf, output="file", dtypes=GGUF_DTYPES, package="gguf",
+    description="one llama.cpp GGUF file (dense models)"))

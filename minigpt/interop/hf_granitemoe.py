@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from minigpt.config import MiniGPTConfig
+from minigpt.i18n import _
 
 MOE_FIELDS = ("num_experts", "experts_per_token", "num_shared_experts", "moe_aux_loss_weight",
               "moe_z_loss_weight", "moe_capacity_factor")
@@ -36,12 +37,13 @@ SHARED_DOWN = "model.layers.{i}.shared_mlp.output_linear.weight"  # (H, S F): do
 def moe_problem(config: MiniGPTConfig) -> str | None:
     """Why `config`'s MoE cannot be written as GraniteMoeShared exactly (naming the field), or None."""
     if config.experts_per_token < 2:
-        return (f"model config field experts_per_token={config.experts_per_token} has no GraniteMoeShared "
-                "equivalent (top-1 routing weights the expert by its gate probability; transformers by 1)")
+        return _("model config field experts_per_token={value} has no GraniteMoeShared equivalent (top-1 "
+                 "routing weights the expert by its gate probability; transformers by 1)"
+                 ).format(value=config.experts_per_token)
     if config.moe_capacity_factor:
-        return (f"model config field moe_capacity_factor={config.moe_capacity_factor!r} has no "
-                "GraniteMoeShared equivalent (it drops tokens over an expert's capacity; transformers never "
-                "does); export a model trained with moe_capacity_factor 0")
+        return _("model config field moe_capacity_factor={value!r} has no GraniteMoeShared equivalent (it drops "
+                 "tokens over an expert's capacity; transformers never does); export a model trained with "
+                 "moe_capacity_factor 0").format(value=config.moe_capacity_factor)
     return None
 
 

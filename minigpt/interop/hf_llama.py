@@ -15,7 +15,7 @@ plus `tokenizer_config.json` (special tokens, no prefix space, the ChatML `chat_
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +27,18 @@ from typing import Any
 import torch
 
 from minigpt.config import ConfigError, MiniGPTConfig
-from minigpt.fsutil import make_staging_dir, staged_directory, sweep_leftovers
+from minigpt.fsutil import make_staging_dir, staged_directory
+from minigpt.i18n import _
+from minigpt.interop.common import (
+    CHATML_JINJA,
+    ExportFormat,
+    InteropError,
+    check_llama_shaped,
+    is_hf_llama_dir,  # noqa: F401  (train.loop finds a Hugging Face --init-from through this module)
+    load_for_export,
+    prepare_output,
+    register_export_format,
+)
 from minigpt.interop.hf_granitemoe import (
     MOE_FIELDS,
     moe_hf_config,
@@ -44,7 +55,6 @@ from minigpt.model import MiniGPT
 from minigpt.tokenizer import (
     BOS,
     CHAT_SYMBOLS,
-    CHAT_TEMPLATE,
     EOS,
     IM_END,
     IM_START,
@@ -56,30 +66,16 @@ from minigpt.tokenizer import (
     Tokenizer,
     TokenizerError,
 )
-from minigpt.weights import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    WeightsError,
-    check_state_dict,
-    load_consolidated,
-    save_consolidated,
-)
+from minigpt.weights import CONFIG_FILE, WEIGHTS_FILE, check_state_dict, save_consolidated
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
-FINAL_DIR = "final"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-CHATML_JINJA = ("{% for message in messages %}"
-                "{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '" + IM_END + "' + '\\n' }}"
-                "{% endfor %}"
-                "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}")
-"""Our ChatML template (`Tokenizer.encode_chat`) as transformers' `apply_chat_template` renders it."""
 
 # Our tensor → the Hugging Face tensors it is split into along dim 0 (in order). Export splits,
 # import concatenates: the one name mapping for both directions.
@@ -100,11 +96,6 @@ MODEL_TENSORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("lm_head.weight", ("lm_head.weight",)),
 )
 
-EXPORTED_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-                   "max_seq_len", "rope_theta", "norm_eps", "dropout", "tie_embeddings")
-"""MiniGPTConfig fields the Llama config represents. Any other field (a newer feature such as experts)
-must still have its default, else the model has no exact Llama equivalent and export is refused."""
-
 # Hugging Face config fields that say nothing about the weights' maths (token ids, bookkeeping).
 _IGNORED_HF_FIELDS = frozenset({
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "bos_token_id",
@@ -119,18 +110,6 @@ _REQUIRED_HF_VALUES: dict[str, tuple[Any, ...]] = {
     "hidden_act": ("silu",), "attention_bias": (False,), "mlp_bias": (False,), "rope_scaling": (None,),
     "pretraining_tp": (1,),
 }
-
-
-class InteropError(WeightsError):
-    """A model or directory that cannot be converted exactly; the message names the file and field."""
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A run directory's `final/`, or `path` itself (a consolidated or Hugging Face directory)."""
-    path = Path(path)
-    if (path / FINAL_DIR / CONFIG_FILE).is_file():
-        return path / FINAL_DIR
-    return path
 
 
 # --- weights -----------------------------------------------------------------------------------------
@@ -159,9 +138,10 @@ def to_hf_tensors(state_dict: Mapping[str, torch.Tensor], config: MiniGPTConfig,
     GraniteMoeShared tensors (minigpt/interop/hf_granitemoe.py)."""
     table = tensor_table(config)
     moe_names = moe_tensor_names(config) if config.is_moe else set()
-    unmapped = sorted(set(state_dict) - {ours for ours, _ in table} - moe_names - {"lm_head.weight"})
+    unmapped = sorted(set(state_dict) - {ours for ours, _theirs in table} - moe_names - {"lm_head.weight"})
     if unmapped:
-        raise InteropError(f"tensor(s) {unmapped[:5]} have no Llama equivalent; this model cannot be exported")
+        raise InteropError(_("tensor(s) {names} have no Llama equivalent; this model cannot be exported")
+                           .format(names=unmapped[:5]))
 
     def convert(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().to("cpu", dtype).contiguous().clone()
@@ -180,21 +160,23 @@ def to_hf_tensors(state_dict: Mapping[str, torch.Tensor], config: MiniGPTConfig,
 def from_hf_tensors(tensors: Mapping[str, torch.Tensor], config: MiniGPTConfig, source: str) -> dict[str, torch.Tensor]:
     """Hugging Face Llama tensors as our fp32 state dict for `config` (checked by `check_state_dict`)."""
     table = tensor_table(config)
-    known = {name for _, theirs in table for name in theirs} | {"lm_head.weight"}
+    known = {name for _ours, theirs in table for name in theirs} | {"lm_head.weight"}
     unexpected = sorted(set(tensors) - known)
     if unexpected:
-        hint = " (biases are not supported)" if any(n.endswith(".bias") for n in unexpected) else ""
-        raise InteropError(f"{source}: tensor(s) {unexpected[:5]} have no MiniGPT equivalent{hint}")
+        hint = _(" (biases are not supported)") if any(n.endswith(".bias") for n in unexpected) else ""
+        raise InteropError(_("{source}: tensor(s) {names} have no MiniGPT equivalent{hint}")
+                           .format(source=source, names=unexpected[:5], hint=hint))
     state: dict[str, torch.Tensor] = {}
     for ours, theirs in table:
         missing = [name for name in theirs if name not in tensors]
         if missing:
-            raise InteropError(f"{source}: missing tensor(s) {missing[:5]}")
+            raise InteropError(_("{source}: missing tensor(s) {names}").format(source=source, names=missing[:5]))
         parts = [tensors[name].to(torch.float32) for name in theirs]
         try:
             state[ours] = torch.cat(parts, dim=0) if len(parts) > 1 else parts[0]
         except RuntimeError as err:
-            raise InteropError(f"{source}: tensors {list(theirs)} do not fit together ({err})") from err
+            raise InteropError(_("{source}: tensors {names} do not fit together ({err})")
+                               .format(source=source, names=list(theirs), err=err)) from err
     if config.tie_embeddings and "lm_head.weight" in tensors:
         state["lm_head.weight"] = tensors["lm_head.weight"].to(torch.float32)
     return check_state_dict(state, config, source=source)
@@ -210,13 +192,7 @@ def check_exportable(config: MiniGPTConfig, moe: bool = False) -> None:
     moe = moe and config.is_moe
     if moe and (problem := moe_problem(config)):
         raise InteropError(problem)
-    for field in dataclasses.fields(config):
-        if field.name in EXPORTED_FIELDS or (moe and field.name in MOE_FIELDS):
-            continue
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        if getattr(config, field.name) != default:
-            raise InteropError(f"model config field {field.name}={getattr(config, field.name)!r} has no "
-                               f"Llama equivalent; only dense Llama-shaped models can be exported")
+    check_llama_shaped(config, also_exported=MOE_FIELDS if moe else ())
 
 
 def hf_config(config: MiniGPTConfig, tokenizer: Tokenizer, dtype: str = "fp32") -> dict[str, Any]:
@@ -241,13 +217,13 @@ def hf_config(config: MiniGPTConfig, tokenizer: Tokenizer, dtype: str = "fp32") 
 def config_from_hf(hf: Mapping[str, Any], source: str) -> MiniGPTConfig:
     """Our config for a Hugging Face Llama config.json; refuses, by field, what we cannot run exactly."""
     if not isinstance(hf, Mapping):
-        raise InteropError(f"{source}: not a JSON object")
+        raise InteropError(_("{source}: not a JSON object").format(source=source))
     if hf.get("model_type") != "llama":
-        raise InteropError(f"{source}: model_type {hf.get('model_type')!r} is not supported; MiniGPT imports "
-                           "\"llama\" models only")
+        raise InteropError(_("{source}: model_type {value!r} is not supported; MiniGPT imports \"llama\" models only")
+                           .format(source=source, value=hf.get("model_type")))
     if hf.get("architectures") not in (None, ["LlamaForCausalLM"]):
-        raise InteropError(f"{source}: architectures {hf.get('architectures')!r} is not supported; "
-                           "expected [\"LlamaForCausalLM\"]")
+        raise InteropError(_("{source}: architectures {value!r} is not supported; expected [\"LlamaForCausalLM\"]")
+                           .format(source=source, value=hf.get("architectures")))
     mapped = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta",
               "rope_parameters", "tie_word_embeddings", "attention_dropout"}
@@ -255,29 +231,31 @@ def config_from_hf(hf: Mapping[str, Any], source: str) -> MiniGPTConfig:
         if name in _IGNORED_HF_FIELDS or name in mapped:
             continue
         if name not in _REQUIRED_HF_VALUES:
-            raise InteropError(f"{source}: field {name!r} is not supported by MiniGPT's Llama import")
+            raise InteropError(_("{source}: field {name!r} is not supported by MiniGPT's Llama import")
+                               .format(source=source, name=name))
         if hf[name] not in _REQUIRED_HF_VALUES[name]:
-            raise InteropError(f"{source}: field {name}={hf[name]!r} is not supported; MiniGPT needs "
-                               f"{_REQUIRED_HF_VALUES[name][0]!r}")
+            raise InteropError(_("{source}: field {name}={value!r} is not supported; MiniGPT needs {needed!r}")
+                               .format(source=source, name=name, value=hf[name],
+                                       needed=_REQUIRED_HF_VALUES[name][0]))
     theta = hf.get("rope_theta")
     rope = hf.get("rope_parameters")
     if rope is not None:
         if not isinstance(rope, Mapping) or set(rope) - {"rope_type", "rope_theta"} \
                 or rope.get("rope_type", "default") != "default":
-            raise InteropError(f"{source}: field rope_parameters={rope!r} is not supported; MiniGPT runs "
-                               "plain (\"default\") rotary embeddings only")
+            raise InteropError(_("{source}: field rope_parameters={rope!r} is not supported; MiniGPT runs "
+                                 "plain (\"default\") rotary embeddings only").format(source=source, rope=rope))
         if theta is not None and rope.get("rope_theta", theta) != theta:
-            raise InteropError(f"{source}: rope_parameters.rope_theta {rope.get('rope_theta')} differs from "
-                               f"rope_theta {theta}")
+            raise InteropError(_("{source}: rope_parameters.rope_theta {rope_theta} differs from rope_theta {theta}")
+                               .format(source=source, rope_theta=rope.get("rope_theta"), theta=theta))
         theta = rope.get("rope_theta", theta)
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
         if name not in hf:
-            raise InteropError(f"{source}: field {name!r} is missing")
+            raise InteropError(_("{source}: field {name!r} is missing").format(source=source, name=name))
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
     if head_dim is not None and isinstance(heads, int) and heads and head_dim * heads != hf["hidden_size"]:
-        raise InteropError(f"{source}: field head_dim={head_dim} is not hidden_size/num_attention_heads; "
-                           "MiniGPT derives the head size from the width")
+        raise InteropError(_("{source}: field head_dim={head_dim} is not hidden_size/num_attention_heads; "
+                             "MiniGPT derives the head size from the width").format(source=source, head_dim=head_dim))
     try:
         return MiniGPTConfig(
             vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
@@ -286,44 +264,10 @@ def config_from_hf(hf: Mapping[str, Any], source: str) -> MiniGPTConfig:
             rope_theta=float(theta if theta is not None else 10000.0), norm_eps=hf.get("rms_norm_eps", 1e-6),
             dropout=hf.get("attention_dropout", 0.0), tie_embeddings=hf.get("tie_word_embeddings", False))
     except ConfigError as err:
-        raise InteropError(f"{source}: {err}") from err
+        raise InteropError(_("{source}: {err}").format(source=source, err=err)) from err
 
 
 # --- tokenizer ---------------------------------------------------------------------------------------
-
-def check_exportable_tokenizer(tokenizer: Tokenizer) -> None:
-    """Refuse a sentencepiece model whose ids transformers' LlamaTokenizer would not reproduce exactly.
-
-    MiniGPT's trainer writes byte-fallback BPE with identity normalization and no dummy prefix; the
-    chat encoding (each segment encoded on its own) equals the rendered template's ids because no
-    piece spans a newline (the newline is a piece of its own)."""
-    from sentencepiece import sentencepiece_model_pb2
-
-    model_path = tokenizer.directory / MODEL_FILE
-    proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(model_path.read_bytes())
-    trainer, normalizer = proto.trainer_spec, proto.normalizer_spec
-    problems = []
-    if trainer.model_type != trainer.BPE:
-        problems.append(f"model_type is {trainer.ModelType.Name(trainer.model_type)}, not BPE")
-    if not trainer.byte_fallback:
-        problems.append("byte_fallback is off")
-    if normalizer.name not in ("identity", "") or normalizer.precompiled_charsmap:
-        problems.append(f"normalization rule {normalizer.name!r} is not identity")
-    if normalizer.add_dummy_prefix:
-        problems.append("add_dummy_prefix is on")
-    if normalizer.remove_extra_whitespaces:
-        problems.append("remove_extra_whitespaces is on")
-    # The newline piece itself is fine (the trainer always gives "\n" one of its own); a longer piece
-    # holding a newline could merge across the chat template's line breaks.
-    if any("\n" in piece.piece and len(piece.piece) > 1 for piece in proto.pieces):
-        problems.append("a piece spans a newline (the chat template could merge across it)")
-    if tokenizer.meta.get("chat_template", CHAT_TEMPLATE) != CHAT_TEMPLATE:
-        problems.append(f"chat template {tokenizer.meta.get('chat_template')!r} is not {CHAT_TEMPLATE}")
-    if problems:
-        raise InteropError(f"{model_path}: {problems[0]}; transformers would not reproduce its token ids "
-                           "exactly (tokenizers from minigpt-train-tokenizer export)")
-
 
 def tokenizer_files(tokenizer: Tokenizer, max_len: int) -> dict[str, dict[str, Any]]:
     """`tokenizer_config.json` and `special_tokens_map.json` for transformers' LlamaTokenizer."""
@@ -346,30 +290,6 @@ def tokenizer_files(tokenizer: Tokenizer, max_len: int) -> dict[str, dict[str, A
 
 # --- export ------------------------------------------------------------------------------------------
 
-def prepare_output(out: Path, force: bool) -> None:
-    """Clear what an interrupted export to `out` left beside it (`minigpt.fsutil.sweep_leftovers`: a
-    put-aside previous export comes back as `out`), then refuse an existing `out` unless `force`; make its
-    parent."""
-    sweep_leftovers(out.parent, out.name)
-    if out.exists() and not force:
-        raise InteropError(f"{out}: already exists; choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-
-def load_for_export(model_dir: str | Path, moe: bool = False) -> tuple[MiniGPT, Tokenizer, Path]:
-    """The model and tokenizer of a run directory / `final/` / consolidated directory, checked for export
-    (`moe`: a mixture-of-experts model may be exported, as GraniteMoeShared)."""
-    source = resolve_model_dir(model_dir)
-    if not (source / WEIGHTS_FILE).is_file() and (source / CONFIG_FILE).is_file() and is_hf_llama_dir(source):
-        raise InteropError(f"{source}: is already a Hugging Face Llama directory")
-    model, tokenizer = load_consolidated(source)
-    if tokenizer is None:
-        raise InteropError(f"{source}: has no tokenizer files; an export needs {MODEL_FILE} and {META_FILE}")
-    check_exportable(model.config, moe=moe)
-    check_exportable_tokenizer(tokenizer)
-    return model, tokenizer, source
-
-
 def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "fp32", force: bool = False) -> Path:
     """Write the Hugging Face Llama directory `out` for the model in `model_dir`; return `out`.
 
@@ -379,17 +299,18 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "fp32", force
     from safetensors.torch import save_file
 
     if dtype not in DTYPES:
-        raise InteropError(f"--dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+        raise InteropError(_("--dtype {dtype!r}: choose one of {choices}").format(dtype=dtype, choices=sorted(DTYPES)))
     out = Path(out)
     prepare_output(out, force)
-    model, tokenizer, _source = load_for_export(model_dir, moe=True)
+    model, tokenizer, _source = load_for_export(model_dir, functools.partial(check_exportable, moe=True))
     config = model.config
     tensors = to_hf_tensors(model.state_dict(), config, DTYPES[dtype])
     with staged_directory(out) as staging:
         try:
             save_file(tensors, str(staging / SAFETENSORS_FILE), metadata={"format": "pt"})
         except SafetensorError as err:  # its I/O errors (a full disk) are not OSErrors
-            raise InteropError(f"{out}: writing {SAFETENSORS_FILE} failed ({err})") from err
+            raise InteropError(_("{out}: writing {file} failed ({err})")
+                               .format(out=out, file=SAFETENSORS_FILE, err=err)) from err
         files = {CONFIG_FILE: hf_config(config, tokenizer, dtype),
                  GENERATION_CONFIG_FILE: {"bos_token_id": tokenizer.bos_id, "eos_token_id": list(tokenizer.stop_ids),
                                           "pad_token_id": tokenizer.pad_id},
@@ -404,25 +325,13 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str = "fp32", force
 
 # --- import ------------------------------------------------------------------------------------------
 
-def is_hf_llama_dir(path: str | Path) -> bool:
-    """Whether `path` looks like a Hugging Face model directory (config.json with a model_type)."""
-    config_path = Path(path) / CONFIG_FILE
-    if not config_path.is_file():
-        return False
-    try:
-        meta = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return isinstance(meta, dict) and "model_type" in meta and "format" not in meta
-
-
 def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     try:
         from safetensors import SafetensorError
         from safetensors.torch import load_file
     except ImportError as err:
-        raise InteropError(f"{hf_dir}: a Hugging Face directory needs the safetensors package "
-                           "(pip install -e \".[hf]\")") from err
+        raise InteropError(_("{path}: a Hugging Face directory needs the safetensors package "
+                             "(pip install -e \".[hf]\")").format(path=hf_dir)) from err
 
     index_path = hf_dir / SAFETENSORS_INDEX_FILE
     if (hf_dir / SAFETENSORS_FILE).is_file():
@@ -431,16 +340,17 @@ def _read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
         try:
             files = [hf_dir / name for name in sorted(set(json.loads(index_path.read_text())["weight_map"].values()))]
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
-            raise InteropError(f"{index_path}: not a safetensors index ({err})") from err
+            raise InteropError(_("{path}: not a safetensors index ({err})").format(path=index_path, err=err)) from err
     else:
-        raise InteropError(f"{hf_dir / SAFETENSORS_FILE}: missing; MiniGPT imports safetensors weights only "
-                           "(convert pytorch_model.bin with transformers' save_pretrained)")
+        raise InteropError(_("{path}: missing; MiniGPT imports safetensors weights only "
+                             "(convert pytorch_model.bin with transformers' save_pretrained)")
+                           .format(path=hf_dir / SAFETENSORS_FILE))
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
         try:
             tensors.update(load_file(str(path)))
         except (SafetensorError, OSError, ValueError) as err:
-            raise InteropError(f"{path}: cannot be read as safetensors ({err})") from err
+            raise InteropError(_("{path}: cannot be read as safetensors ({err})").format(path=path, err=err)) from err
     return tensors
 
 
@@ -454,9 +364,9 @@ def hf_dir_tokenizer(hf_dir: Path) -> Tokenizer:
         if json_path.is_file():
             return Tokenizer.from_model_proto(sentencepiece_model_from_tokenizer_json(json_path), json_path)
     except (TokenizerError, TokenizerJsonError) as err:
-        raise InteropError(f"{err} (not a MiniGPT-compatible tokenizer)") from err
-    raise InteropError(f"{hf_dir}: no {MODEL_FILE} or {HF_TOKENIZER_FILE}; MiniGPT imports sentencepiece "
-                       "byte-fallback BPE tokenizers")
+        raise InteropError(_("{err} (not a MiniGPT-compatible tokenizer)").format(err=err)) from err
+    raise InteropError(_("{path}: no {model_file} or {json_file}; MiniGPT imports sentencepiece byte-fallback BPE "
+                         "tokenizers").format(path=hf_dir, model_file=MODEL_FILE, json_file=HF_TOKENIZER_FILE))
 
 
 def load_hf_llama(hf_dir: str | Path, device: str | torch.device = "cpu") -> tuple[MiniGPT, Tokenizer]:
@@ -466,12 +376,13 @@ def load_hf_llama(hf_dir: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         hf = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise InteropError(f"{config_path}: cannot be read ({err})") from err
+        raise InteropError(_("{path}: cannot be read ({err})").format(path=config_path, err=err)) from err
     config = config_from_hf(hf, str(config_path))
     tokenizer = hf_dir_tokenizer(hf_dir)
     if tokenizer.vocab_size > config.vocab_size:
-        raise InteropError(f"{hf_dir}: its tokenizer has {tokenizer.vocab_size} tokens, more than vocab_size "
-                           f"{config.vocab_size} in {config_path}")
+        raise InteropError(_("{path}: its tokenizer has {tokens} tokens, more than vocab_size {vocab_size} in "
+                             "{config_path}").format(path=hf_dir, tokens=tokenizer.vocab_size,
+                                                     vocab_size=config.vocab_size, config_path=config_path))
     state = from_hf_tensors(_read_safetensors(hf_dir), config, source=str(hf_dir))
     model = MiniGPT(config)
     model.load_state_dict(state, strict=True)
@@ -526,3 +437,8 @@ def imported_init_dir(hf_dir: str | Path, cache_root: str | Path) -> Path:
     finally:
         shutil.rmtree(own, ignore_errors=True)
     return target
+
+
+register_export_format(ExportFormat(
+    name="hf", export=export_hf, output="directory", dtypes=tuple(DTYPES), package="safetensors",
+    description="a Hugging Face directory (Llama; GraniteMoeShared for mixtures of experts)"))

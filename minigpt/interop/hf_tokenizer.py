@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from minigpt.i18n import _
 from minigpt.tokenizer import BOS, CHAT_SYMBOLS, EOS, PAD, SPACE_SYMBOL, SPECIAL_IDS, UNK
 
 HF_TOKENIZER_FILE = "tokenizer.json"
@@ -27,8 +28,9 @@ class TokenizerJsonError(ValueError):
 
 
 def _field(path: Path, where: str, value: Any, accepted: str) -> TokenizerJsonError:
-    return TokenizerJsonError(f"{path}: {where} is {json.dumps(value)[:120]}; MiniGPT needs {accepted} "
-                              "(a sentencepiece byte-fallback BPE without a prefix space)")
+    return TokenizerJsonError(_("{path}: {where} is {value}; MiniGPT needs {accepted} (a sentencepiece "
+                                "byte-fallback BPE without a prefix space)")
+                              .format(path=path, where=where, value=json.dumps(value)[:120], accepted=accepted))
 
 
 def _check_whitespace_handling(path: Path, spec: dict) -> None:
@@ -36,27 +38,29 @@ def _check_whitespace_handling(path: Path, spec: dict) -> None:
     normalizer, pre = spec.get("normalizer"), spec.get("pre_tokenizer")
     replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE_SYMBOL}
     if normalizer is not None and normalizer != replace:
-        raise _field(path, "normalizer", normalizer, "none, or Replace(' ' -> '▁')")
+        raise _field(path, "normalizer", normalizer, _("none, or Replace(' ' -> '▁')"))
     if pre is not None and not (pre.get("type") == "Metaspace" and pre.get("replacement") == SPACE_SYMBOL
                                 and pre.get("prepend_scheme") == "never" and not pre.get("split")):
-        raise _field(path, "pre_tokenizer", pre, "none, or Metaspace('▁', prepend_scheme 'never', no split)")
+        raise _field(path, "pre_tokenizer", pre, _("none, or Metaspace('▁', prepend_scheme 'never', no split)"))
     if normalizer is None and pre is None:
-        raise _field(path, "normalizer and pre_tokenizer", None, "spaces mapped to '▁'")
+        raise _field(path, _("normalizer and pre_tokenizer"), None, _("spaces mapped to '▁'"))
 
 
 def _pieces(path: Path, model: dict) -> list[str]:
     vocab = model.get("vocab")
     if not isinstance(vocab, dict) or not vocab:
-        raise _field(path, "model.vocab", type(vocab).__name__, "a piece -> id mapping")
+        raise _field(path, "model.vocab", type(vocab).__name__, _("a piece -> id mapping"))
     by_id = {token_id: piece for piece, token_id in vocab.items() if isinstance(token_id, int)}
     if sorted(by_id) != list(range(len(vocab))):
-        raise TokenizerJsonError(f"{path}: model.vocab ids are not 0..{len(vocab) - 1}")
+        raise TokenizerJsonError(_("{path}: model.vocab ids are not 0..{last}").format(path=path, last=len(vocab) - 1))
     pieces = [by_id[i] for i in range(len(vocab))]
     for piece, expected in SPECIAL_IDS.items():
         if vocab.get(piece) != expected:
-            raise _field(path, f"the id of {piece}", vocab.get(piece), f"id {expected}")
+            raise _field(path, _("the id of {piece}").format(piece=piece), vocab.get(piece),
+                         _("id {expected}").format(expected=expected))
     if sum(bool(BYTE_PIECE.fullmatch(piece)) for piece in pieces) != 256:
-        raise TokenizerJsonError(f"{path}: model.vocab lacks the 256 byte pieces <0x00>..<0xFF> of byte fallback")
+        raise TokenizerJsonError(_("{path}: model.vocab lacks the 256 byte pieces <0x00>..<0xFF> of byte fallback")
+                                 .format(path=path))
     return pieces
 
 
@@ -67,10 +71,12 @@ def _check_merge_order(path: Path, model: dict, vocab: dict[str, int]) -> None:
         left, right = merge if isinstance(merge, list) else str(merge).split(" ", 1)
         merged = vocab.get(left + right)
         if merged is None:
-            raise TokenizerJsonError(f"{path}: merge {rank} ({left!r}, {right!r}) makes no vocabulary piece")
+            raise TokenizerJsonError(_("{path}: merge {rank} ({left!r}, {right!r}) makes no vocabulary piece")
+                                     .format(path=path, rank=rank, left=left, right=right))
         if merged < last:
-            raise TokenizerJsonError(f"{path}: merge {rank} makes piece {merged} after piece {last}; merges out "
-                                     "of vocabulary order do not come from sentencepiece")
+            raise TokenizerJsonError(_("{path}: merge {rank} makes piece {merged} after piece {last}; merges out "
+                                       "of vocabulary order do not come from sentencepiece")
+                                     .format(path=path, rank=rank, merged=merged, last=last))
         last = merged
 
 
@@ -82,7 +88,7 @@ def sentencepiece_model_from_tokenizer_json(path: str | Path) -> bytes:
     try:
         spec = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise TokenizerJsonError(f"{path}: cannot be read as JSON ({err})") from err
+        raise TokenizerJsonError(_("{path}: cannot be read as JSON ({err})").format(path=path, err=err)) from err
     model = spec.get("model") if isinstance(spec, dict) else None
     if not isinstance(model, dict) or model.get("type") != "BPE":
         raise _field(path, "model.type", (model or {}).get("type"), "BPE")

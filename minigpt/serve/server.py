@@ -22,6 +22,7 @@ from http.server import BaseHTTPRequestHandler
 from importlib import resources
 
 from minigpt.generate import GenerationConfig, TextGenerator
+from minigpt.i18n import _
 from minigpt.serve.access import AccessPolicy
 from minigpt.serve.connections import (
     RETRY_AFTER_SECONDS,
@@ -62,7 +63,7 @@ class ModelServer:
                  connection_limits: ConnectionLimits | None = None, access: AccessPolicy | None = None,
                  max_queue: int = MAX_QUEUE):
         if generator.tokenizer is None:
-            raise ValueError("serving needs a tokenizer; this TextGenerator was built without one")
+            raise ValueError(_("serving needs a tokenizer; this TextGenerator was built without one"))
         self.generator = generator
         self.model_name = model_name
         self.defaults = defaults or GenerationConfig(max_new_tokens=256)
@@ -105,9 +106,9 @@ class ModelServer:
         try:
             return self.worker.submit(request.prompt_ids, request.config, request.chat)
         except QueueFull as err:
-            raise APIError(f"the server is busy: {err} (--max-queue {self.worker.max_queue}); retry after "
-                           f"{RETRY_AFTER_SECONDS} s", status=429, kind="rate_limit_error",
-                           code="queue_full") from None
+            raise APIError(f"the server is busy: {err.waiting} requests are already waiting for the model "
+                           f"(--max-queue {self.worker.max_queue}); retry after {RETRY_AFTER_SECONDS} s",
+                           status=429, kind="rate_limit_error", code="queue_full") from None
 
 
 def _handler_class(server: ModelServer) -> type[BaseHTTPRequestHandler]:
@@ -408,7 +409,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
+    raise APIError(f"the request body is not valid JSON: {name} is not a JSON number")
 
 
 __all__ = ["ModelServer", "web_page"]

@@ -28,7 +28,11 @@ _NOTHING = object()
 
 
 class QueueFull(Exception):
-    """The worker already has `max_queue` requests waiting; the server answers 429."""
+    """The worker already has `max_queue` requests waiting; the server answers 429 (the message is the API's)."""
+
+    def __init__(self, waiting: int):
+        super().__init__(waiting)
+        self.waiting = waiting
 
 
 class ClientGone(Exception):
@@ -103,7 +107,7 @@ class GenerationWorker:
         with self._changed:
             self._waiting = [j for j in self._waiting if not j.cancelled.is_set()]
             if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting for the model")
+                raise QueueFull(len(self._waiting))
             self._waiting.append(job)
             self._changed.notify()
         return job

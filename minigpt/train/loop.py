@@ -70,13 +70,13 @@ from minigpt.train.run_dir import (
     previous_run_artefacts,
     remove_artefacts,
 )
+from minigpt.weights import FINAL_DIR as FINAL
 from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta, save_consolidated
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError,
                DatasetBuildError, SamplerError, EvalDataError, RankFailed)
 """Errors caused by the user's input: reported as one clear line, not a traceback."""
 SNAPSHOT = "training_config_snapshot.json"
-FINAL = "final"
 
 
 def set_seed(seed: int) -> None:

@@ -7,7 +7,6 @@ This keeps docs/architecture.md's "where to add a mode" recipe literally true: i
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import subprocess
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from stop_request import StopAtStep
 
 from minigpt.config import PRESETS, ConfigError, TrainConfig
 from minigpt.data.datasets import PretrainWindows
@@ -88,25 +88,6 @@ def rows(run_dir: Path, split: str) -> list[dict]:
     return [r for r in map(json.loads, filter(None, lines)) if r.get("split") == split]
 
 
-class _StopAtStep:
-    """A stop request that arrives while the loop finishes step `at` (as a signal would)."""
-
-    signal_name = "SIGTERM"
-
-    def __init__(self, trainer: Trainer, at: int):
-        self.trainer, self.at = trainer, at
-
-    @property
-    def requested(self) -> bool:
-        return self.trainer.step >= self.at
-
-    def saving(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def uninstall(self) -> None:
-        pass
-
-
 def toy_config(out: Path, shards: Path, data_tokenizer, **options) -> TrainConfig:
     return TrainConfig(mode="toy", config="tiny", data=[str(shards)], data_dir=str(out.parent), out=str(out),
                        tokenizer=str(data_tokenizer.directory), seq_len=48, batch_size=4, max_steps=STEPS,
@@ -121,7 +102,7 @@ def test_a_mode_registered_from_a_test_file_trains_resumes_bitwise_and_consolida
 
     interrupted = tmp_path / "interrupted"
     trainer = Trainer(toy_config(interrupted, shards, data_tokenizer))
-    assert trainer.run(_StopAtStep(trainer, STOP_AT)) == EXIT_PREEMPTED
+    assert trainer.run(StopAtStep(trainer, STOP_AT)) == EXIT_PREEMPTED
     assert (interrupted / "ckpt" / f"step_{STOP_AT:07d}" / "manifest.json").is_file()
     assert not (interrupted / "final").exists()
     assert Trainer(toy_config(interrupted, shards, data_tokenizer, auto_resume=True)).run() == EXIT_FINISHED

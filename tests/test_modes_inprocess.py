@@ -7,13 +7,13 @@ engine). Post-training modes start from the previous stage's weights, as users c
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from stop_request import StopAtStep
 
 from minigpt.config import PRESETS, TrainConfig
 from minigpt.data.tasks import write_task_files
@@ -116,25 +116,6 @@ def test_document_mask_keeps_attention_inside_documents_of_packed_windows(tmp_pa
         TrainConfig(mode="sft", document_mask=True).validate()
 
 
-class _StopAtStep:
-    """A stop request that arrives while the loop finishes step `at` (as a signal would)."""
-
-    signal_name = "SIGTERM"
-
-    def __init__(self, trainer: Trainer, at: int):
-        self.trainer, self.at = trainer, at
-
-    @property
-    def requested(self) -> bool:
-        return self.trainer.step >= self.at
-
-    def saving(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-    def uninstall(self) -> None:
-        pass
-
-
 def test_a_signal_during_the_last_step_saves_that_step_and_resume_finishes_without_retraining(
         tmp_path, shards, data_tokenizer, monkeypatch, capsys):
     monkeypatch.setitem(PRESETS, "tiny", SMALL)
@@ -143,7 +124,7 @@ def test_a_signal_during_the_last_step_saves_that_step_and_resume_finishes_witho
     cfg = TrainConfig(mode="pretrain", config="tiny", data=[str(shards)], data_dir=str(tmp_path),
                       out=str(tmp_path / "run"), **settings)
     trainer = Trainer(cfg)
-    assert trainer.run(_StopAtStep(trainer, STEPS)) == EXIT_PREEMPTED
+    assert trainer.run(StopAtStep(trainer, STEPS)) == EXIT_PREEMPTED
     assert "checkpoint saved" in capsys.readouterr().out
     assert (tmp_path / "run" / "ckpt" / f"step_{STEPS:07d}" / "manifest.json").is_file()  # no work lost
 

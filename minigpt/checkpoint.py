@@ -4,7 +4,8 @@ Layout of a run directory:
     ckpt/step_0000100/      engine-native state (DeepSpeed checkpoint files or the plain engine's
                             engine.pt), trainer_state.json (step, save index, tokens seen, sampler
                             position), rng_rank<r>.json for each rank, and manifest.json: the size and
-                            SHA-256 of every other file, written last
+                            SHA-256 of every other file and the checkpoint's format version
+                            (FORMAT_VERSION), written last
     latest                  name of the newest complete checkpoint (a hint for people and tools)
 A checkpoint is written to `step_N.tmp/`, flushed to disk, then renamed; `latest` changes only after
 the rename. A crash or a full disk mid-write leaves at most a `.tmp` directory, removed by the failed
@@ -13,8 +14,9 @@ save itself or swept at the next start, and `latest` still names the previous co
 Checkpoints are ordered by save index, then step (`save_order_key`), never by a clock. Resuming picks
 the newest that verifies, and verifies before it parses: the manifest (size-capped, strict JSON, typed
 entries), every file's size, the trainer state's SHA-256, then the trainer state field by field, then
-the other files' digests. Newer damaged ones are skipped with the reason. Every torch file is loaded
-weights-only (`minigpt.safe_load`), so a checkpoint is data, never code.
+the other files' digests. Newer damaged ones are skipped with the reason; a checkpoint of another format
+version (or without a manifest) is refused by name. Every torch file is loaded weights-only
+(`minigpt.safe_load`), so a checkpoint is data, never code.
 """
 
 from __future__ import annotations
@@ -40,13 +42,14 @@ from minigpt import strict_json
 from minigpt.engine.base import Engine
 from minigpt.fsutil import atomic_write_text, fsync_dir, fsync_tree, sweep_leftovers
 from minigpt.i18n import _
-from minigpt.safe_load import UnsafeFileError, safe_torch_load, weights_only_loads
+from minigpt.safe_load import UnsafeFileError, weights_only_loads
 
 CKPT_DIR = "ckpt"
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
+FORMAT_VERSION = 1
+"""The checkpoint layout this MiniGPT writes and reads, recorded in each checkpoint's manifest."""
 STEP_NAME = re.compile(r"step_(\d+)")
 TMP_SUFFIX = ".tmp"
 CHOICE_BYTES = 1 << 16
@@ -81,19 +84,13 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` returned (or a legacy pickled state of earlier versions)."""
+    """Restore what `rng_state` returned."""
     py, npy = state["python"], state["numpy"]
-    if isinstance(py, dict):
-        random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
-        np.random.set_state((npy["kind"], np.asarray(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"],
-                             npy["cached_gaussian"]))
-        torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-        cuda = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]] if state.get("cuda") else None
-    else:  # legacy pickle: the tuples themselves
-        random.setstate(py)
-        np.random.set_state(npy)
-        torch.set_rng_state(state["torch"])
-        cuda = state.get("cuda")
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    np.random.set_state((npy["kind"], np.asarray(npy["keys"], dtype=np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    cuda = [torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]] if state.get("cuda") else None
     if cuda is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
 
@@ -103,19 +100,14 @@ def rng_file(rank: int) -> str:
 
 
 def restore_rng_file(checkpoint: Path, rank: int) -> None:
-    """Set this rank's RNG state from `checkpoint` (JSON; `.pt` of earlier versions loaded weights-only), if
-    it has one; a file of the wrong shape is a `CheckpointError` naming it."""
+    """Set this rank's RNG state from `checkpoint`'s `rng_rank<rank>.json`, if it has one (a run saved on fewer
+    ranks has none for the others); a file of the wrong shape is a `CheckpointError` naming it."""
     path = checkpoint / rng_file(rank)
-    legacy = checkpoint / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        return
     try:
-        if path.is_file():
-            state = strict_json.read_json(path, RNG_BYTES)
-        elif legacy.is_file():
-            path, state = legacy, safe_torch_load(legacy, numpy_arrays=True)
-        else:
-            return
-        set_rng_state(state)
-    except (strict_json.JSONFileError, UnsafeFileError) as err:
+        set_rng_state(strict_json.read_json(path, RNG_BYTES))
+    except strict_json.JSONFileError as err:
         raise CheckpointError(str(err)) from None
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as err:
         raise CheckpointError(_("{path}: damaged RNG state ({kind}: {error})").format(
@@ -142,7 +134,7 @@ def write_manifest(directory: Path) -> None:
     """Record the size and SHA-256 of every file of a checkpoint being written (the main rank, last)."""
     files = {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_of(directory / name)}
              for name in checkpoint_files(directory)}
-    manifest = {"format_version": MANIFEST_VERSION, "files": files}
+    manifest = {"format_version": FORMAT_VERSION, "files": files}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
@@ -151,16 +143,23 @@ def _is_count(value: Any) -> bool:
 
 
 def read_manifest(checkpoint: Path) -> dict[str, tuple[int, str]]:
-    """The manifest's {relative file name: (bytes, sha256)}, each entry checked for type and form."""
+    """The manifest's {relative file name: (bytes, sha256)}, each entry checked for type and form; a
+    checkpoint without one, or of another format version, is refused by name."""
     path = checkpoint / MANIFEST
+    if not path.is_file():
+        raise CheckpointError(_("{path}: missing, so the checkpoint has no format version; this MiniGPT reads "
+                                "checkpoint format version {version}").format(path=path, version=FORMAT_VERSION))
     try:
         manifest = strict_json.read_json(path, MANIFEST_BYTES)
     except strict_json.JSONFileError as err:
         raise CheckpointError(str(err)) from None
+    if isinstance(manifest, dict) and manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(_("{path}: checkpoint format version {found!r}; this MiniGPT reads version "
+                                "{version}").format(path=path, found=manifest.get("format_version"),
+                                                    version=FORMAT_VERSION))
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or manifest.get("format_version") != MANIFEST_VERSION:
-        raise CheckpointError(_("{path}: damaged manifest (expected format_version {version} and an object of "
-                                "files)").format(path=path, version=MANIFEST_VERSION))
+    if not isinstance(files, dict):
+        raise CheckpointError(_("{path}: damaged manifest (expected an object of files)").format(path=path))
     expected = {}
     for name, entry in files.items():
         parts = name.split("/")
@@ -231,18 +230,17 @@ def check_trainer_state(state: Any, path: Path) -> dict[str, Any]:
     return state
 
 
-def read_candidate(checkpoint: Path) -> tuple[dict[str, Any], dict[str, tuple[int, str]] | None]:
-    """The trainer state of `checkpoint` and its manifest (None for a checkpoint of earlier versions that has
-    none), read without trusting either: the manifest is checked for form, every file's size against it,
-    and the trainer state's SHA-256 before the state is parsed; the state is then checked field by field."""
+def read_candidate(checkpoint: Path) -> tuple[dict[str, Any], dict[str, tuple[int, str]]]:
+    """The trainer state of `checkpoint` and its manifest, read without trusting either: the manifest is
+    checked for version and form, every file's size against it, and the trainer state's SHA-256 before the
+    state is parsed; the state is then checked field by field."""
     if not checkpoint.is_dir():
         raise CheckpointError(_("{path}: not a directory").format(path=checkpoint))
     state_path = checkpoint / TRAINER_STATE
-    manifest = read_manifest(checkpoint) if (checkpoint / MANIFEST).is_file() else None
-    if manifest is not None:
-        check_listing(checkpoint, manifest)
-        if TRAINER_STATE in manifest:
-            check_digest(state_path, manifest[TRAINER_STATE][1])
+    manifest = read_manifest(checkpoint)
+    check_listing(checkpoint, manifest)
+    if TRAINER_STATE in manifest:
+        check_digest(state_path, manifest[TRAINER_STATE][1])
     if not state_path.is_file():
         raise CheckpointError(_("{path}: missing (the checkpoint is incomplete)").format(path=state_path))
     try:
@@ -264,10 +262,10 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
 def verify_checkpoint(checkpoint: Path) -> dict[str, Any]:
     """Check that `checkpoint` is complete and undamaged; return its trainer state.
 
-    With a manifest every listed file must exist with its size and SHA-256, and no unlisted file may be
-    present; checkpoints of earlier versions (no manifest) get the structural checks only."""
+    Its manifest must be of this format version, every listed file must exist with its size and SHA-256,
+    and no unlisted file may be present."""
     state, manifest = read_candidate(checkpoint)
-    for name, (_size, digest) in (manifest or {}).items():
+    for name, (_size, digest) in manifest.items():
         if name != TRAINER_STATE:
             check_digest(checkpoint / name, digest)
     return state

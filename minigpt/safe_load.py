@@ -32,10 +32,7 @@ DEEPSPEED_GLOBALS = (
     ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
     ("deepspeed.utils.tensor_fragment", "fragment_address"),
 )
-# Checkpoints of earlier MiniGPT versions pickled numpy's RNG state (an ndarray of uint32).
 _TORCH_LOAD = torch.load  # the real one, also while `weights_only_loads()` has replaced it
-NUMPY_GLOBALS = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
-                 "numpy.dtype", "numpy.dtypes.UInt32DType")
 
 
 class UnsafeFileError(RuntimeError):
@@ -90,23 +87,22 @@ def _resolve(module: str, name: str) -> Any | None:
     return obj
 
 
-def allowed_globals(numpy_arrays: bool = False) -> list[Any]:
+def allowed_globals() -> list[Any]:
     """The classes a weights-only load may construct besides torch's own: DeepSpeed's when this process
     has imported deepspeed (only DeepSpeed's files hold them, and importing it costs seconds and must never
-    happen in a plain run or the generator) and, for legacy RNG files, numpy arrays."""
-    found = [_resolve(module, name) for module, name in DEEPSPEED_GLOBALS] if "deepspeed" in sys.modules else []
-    if numpy_arrays:
-        found += [_resolve(*qualified.rsplit(".", 1)) for qualified in NUMPY_GLOBALS]
+    happen in a plain run or the generator)."""
+    if "deepspeed" not in sys.modules:
+        return []
+    found = [_resolve(module, name) for module, name in DEEPSPEED_GLOBALS]
     return [obj for obj in found if obj is not None]
 
 
-def safe_torch_load(path: str | Path, map_location: Any = "cpu", numpy_arrays: bool = False,
-                    **kwargs: Any) -> Any:
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", **kwargs: Any) -> Any:
     """`torch.load(path, weights_only=True)` with the allow-list; a refused or damaged file is an
     `UnsafeFileError` naming it (never a half-read object, never code run)."""
     kwargs.pop("weights_only", None)
     try:
-        with torch.serialization.safe_globals(allowed_globals(numpy_arrays)):
+        with torch.serialization.safe_globals(allowed_globals()):
             return _TORCH_LOAD(path, map_location=map_location, weights_only=True, **kwargs)
     except pickle.UnpicklingError as err:
         raise _unpickling_error(path, err) from None

@@ -22,6 +22,7 @@ from engine_driver import fresh_model, run_steps, train_config
 
 from minigpt.checkpoint import (
     CKPT_DIR,
+    FORMAT_VERSION,
     LATEST,
     MANIFEST,
     TRAINER_STATE,
@@ -161,12 +162,10 @@ def test_a_run_without_checkpoints_starts_fresh(tmp_path):
     assert find_resume_point(tmp_path) is None
 
 
-@pytest.mark.parametrize("victim", [ENGINE_FILE, "rng_rank0.pt"])
-def test_a_pickle_payload_in_a_checkpoint_never_runs(run_dir, tmp_path, victim):
+def test_a_pickle_payload_in_a_checkpoint_never_runs(run_dir, tmp_path):
     marker = tmp_path / "code_ran"
     target = ckpt(run_dir, 30)
-    if victim == "rng_rank0.pt":  # the pickled RNG file of earlier versions
-        (target / "rng_rank0.json").unlink()
+    victim = ENGINE_FILE
     plant_payload(target / victim, marker)
     # Replaced behind the manifest's back: the digest no longer matches, the checkpoint is skipped.
     assert find_resume_point(run_dir).path == ckpt(run_dir, 25)
@@ -245,18 +244,56 @@ def test_start_up_sweeps_what_interrupted_writes_left(run_dir):
     assert find_resume_point(run_dir).path == ckpt(run_dir, 30)
 
 
-def test_a_pickled_rng_file_of_earlier_versions_still_restores_weights_only(run_dir):
+def test_a_pickle_beside_the_json_rng_file_is_never_read(run_dir, tmp_path):
+    """RNG state is read from rng_rank<r>.json only; a listed pickle of any other name is never unpickled."""
+    marker = tmp_path / "code_ran"
     target = ckpt(run_dir, 30)
-    (target / "rng_rank0.json").unlink()
-    random.seed(4), np.random.seed(5), torch.manual_seed(6)
-    legacy = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-              "cuda": None}
-    torch.save(legacy, target / "rng_rank0.pt")
-    expected = (random.random(), np.random.rand(), torch.rand(1).item())
-    (target / MANIFEST).unlink()  # earlier versions wrote no manifest
-    manager = new_manager(run_dir)
-    manager.load(find_resume_point(run_dir))
-    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    plant_payload(target / "rng_rank0.pt", marker)
+    (target / MANIFEST).unlink()
+    write_manifest(target)
+    new_manager(run_dir).load(find_resume_point(run_dir))
+    assert not marker.exists(), "unpickling a checkpoint ran code"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("version", [2, None, "1"])
+def test_a_checkpoint_of_another_format_version_is_refused_by_name_and_kept(run_dir, version):
+    target = ckpt(run_dir, 30)
+    path = target / MANIFEST
+    manifest = json.loads(path.read_text())
+    if version is None:
+        del manifest["format_version"]
+    else:
+        manifest["format_version"] = version
+    path.write_text(json.dumps(manifest))
+    before = snapshot(target)
+    says = f"{path}: checkpoint format version {version!r}; this MiniGPT reads version {FORMAT_VERSION}"
+    with pytest.raises(CheckpointError) as refused:
+        resolve_checkpoint(target)
+    assert str(refused.value) == says
+    point = find_resume_point(run_dir)
+    assert point.path == ckpt(run_dir, 25)
+    assert any(says in note for note in point.skipped), point.skipped
+    manager = new_manager(run_dir, keep_last=1)
+    manager.load(point)
+    save_steps(manager, [26])  # a save prunes the checkpoints it can read, never the refused one
+    assert snapshot(target) == before
+    assert not ckpt(run_dir, 20).exists()
+
+
+def test_a_checkpoint_without_a_manifest_is_refused_naming_the_version_it_lacks(run_dir):
+    target = ckpt(run_dir, 30)
+    (target / MANIFEST).unlink()
+    before = snapshot(target)
+    with pytest.raises(CheckpointError, match=f"{target / MANIFEST}: missing, so the checkpoint has no format "
+                                              f"version; this MiniGPT reads checkpoint format version "
+                                              f"{FORMAT_VERSION}"):
+        resolve_checkpoint(target)
+    assert find_resume_point(run_dir).path == ckpt(run_dir, 25)
+    assert snapshot(target) == before
 
 
 def test_resuming_a_plain_checkpoint_never_imports_deepspeed(run_dir):

@@ -3,7 +3,9 @@ plus device detection and engine selection."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from minigpt.config import ConfigError, MiniGPTConfig  # noqa: E402
 from minigpt.engine import create_engine, detect_device, launched_distributed, resolve_precision  # noqa: E402
 from minigpt.engine.base import warmup_cosine  # noqa: E402
 from minigpt.engine.plain import PlainEngine
-from minigpt.engine.portable import ENGINE_FILE  # noqa: E402
+from minigpt.engine.portable import ENGINE_FILE, META_FILE, read_engine_meta  # noqa: E402
 from minigpt.model import MiniGPT  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -132,6 +134,23 @@ def test_load_refuses_a_checkpoint_of_another_model_shape(tmp_path):
     with pytest.raises(ConfigError, match=r"tensor 'embed.weight' has shape \(96, 32\) in the checkpoint "
                                           r"but \(96, 64\) in the model"):
         other.load(tmp_path)
+
+
+@pytest.mark.parametrize("version", [2, None])
+def test_engine_files_of_another_format_version_are_refused_by_name(tmp_path, version):
+    eng = engine()
+    eng.save(tmp_path)
+    state = torch.load(tmp_path / ENGINE_FILE, weights_only=True)
+    state["format_version"] = version
+    torch.save(state, tmp_path / ENGINE_FILE)
+    says = f"{tmp_path / ENGINE_FILE}: engine checkpoint format version {version!r}; this MiniGPT reads version 1"
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        eng.load(tmp_path)
+    meta = tmp_path / META_FILE  # what the DeepSpeed engine writes beside DeepSpeed's files
+    meta.write_text(json.dumps({"format_version": version, "zero_stage": 2, "world_size": 2, "ep_size": 1}))
+    with pytest.raises(ConfigError, match=re.escape(f"{meta}: engine checkpoint format version {version!r}; this "
+                                                    "MiniGPT reads version 1")):
+        read_engine_meta(meta)
 
 
 def test_load_of_an_empty_directory_names_it(tmp_path):

@@ -311,9 +311,18 @@ def resume_workspace(tmp_path_factory) -> Path:
 
 
 def damaged_checkpoint(root: Path) -> Path:
+    from minigpt.checkpoint import write_manifest
+
     checkpoint = root / "damaged" / "ckpt" / "step_0000005"
     checkpoint.mkdir(parents=True, exist_ok=True)
     (checkpoint / "trainer_state.json").write_text('{"step": 5, ')
+    write_manifest(checkpoint)
+    return checkpoint
+
+
+def checkpoint_of_another_version(root: Path) -> Path:
+    checkpoint = damaged_checkpoint(root / "other_version")
+    (checkpoint / "manifest.json").write_text('{"format_version": 2, "files": {}}')
     return checkpoint
 
 
@@ -326,7 +335,9 @@ def not_a_checkpoint(root: Path) -> Path:
     (not_a_checkpoint, "no checkpoint at {path}: expected a checkpoint folder, or a run directory with ckpt/step_N "
                        "folders", "{path} 处没有检查点：应为一个检查点目录，或一个含有 ckpt/step_N 目录的运行目录"),
     (damaged_checkpoint, "{path}/trainer_state.json: not valid JSON (", "{path}/trainer_state.json：不是有效的 JSON（"),
-], ids=["not a checkpoint", "damaged checkpoint"])
+    (checkpoint_of_another_version, "{path}/manifest.json: checkpoint format version 2; this MiniGPT reads version 1",
+     "{path}/manifest.json：检查点格式版本为 2；这个版本的 MiniGPT 读取的是版本 1"),
+], ids=["not a checkpoint", "damaged checkpoint", "another format version"])
 def test_resuming_from_a_wrong_checkpoint_is_explained_in_the_users_language(resume_workspace, make, english,
                                                                               chinese):
     resume = make(resume_workspace)

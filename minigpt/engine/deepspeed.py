@@ -52,6 +52,7 @@ from minigpt.engine.portable import (
     ADAM_KEYS,
     ENGINE_FILE,
     FORMAT_VERSION,
+    META_FILE,
     fit_scheduler_state,
     is_expert_name,
     load_named_optimizer_state,
@@ -59,6 +60,7 @@ from minigpt.engine.portable import (
     plain_name,
     read_deepspeed_checkpoint,
     read_engine_file,
+    read_engine_meta,
     sync_group_lrs,
 )
 from minigpt.i18n import _
@@ -70,8 +72,6 @@ log = logging.getLogger(__name__)
 # for our users, and each rank repeats it.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning)
-
-META_FILE = "engine_meta.json"
 
 
 def init_distributed(timeout_s: int = 600) -> torch.device:
@@ -297,7 +297,7 @@ class DeepSpeedEngine(Engine):
 
     def load(self, directory: Path) -> None:
         directory = Path(directory)
-        meta = json.loads((directory / META_FILE).read_text()) if (directory / META_FILE).is_file() else None
+        meta = read_engine_meta(directory / META_FILE) if (directory / META_FILE).is_file() else None
         if (directory / ENGINE_FILE).is_file():
             self._load_portable(read_engine_file(directory / ENGINE_FILE), str(directory / ENGINE_FILE))
             return
@@ -305,13 +305,13 @@ class DeepSpeedEngine(Engine):
             raise ConfigError(_("{path}: neither {engine_file} (plain engine) nor {meta_file} (DeepSpeed "
                                 "engine)").format(
                 path=directory, engine_file=ENGINE_FILE, meta_file=META_FILE))
-        if (meta["world_size"], meta["zero_stage"], meta.get("ep_size", 1)) != (
+        if (meta["world_size"], meta["zero_stage"], meta["ep_size"]) != (
                 self.world_size, self.zero_stage, self.ep_size):
             log.warning(_("{path}: saved by ZeRO-{saved_stage} on {saved_ranks} ranks (expert parallel {saved_ep}), "
                           "this run is ZeRO-{stage} on {ranks} ranks (expert parallel {ep}): converting through full "
                           "fp32 weights and optimizer moments").format(
                 path=directory, saved_stage=meta["zero_stage"], saved_ranks=meta["world_size"],
-                saved_ep=meta.get("ep_size", 1), stage=self.zero_stage, ranks=self.world_size, ep=self.ep_size))
+                saved_ep=meta["ep_size"], stage=self.zero_stage, ranks=self.world_size, ep=self.ep_size))
             self._load_portable(read_deepspeed_checkpoint(directory), str(directory))
             return
         self._check_deepspeed_shapes(directory)

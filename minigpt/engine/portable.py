@@ -21,7 +21,10 @@ from minigpt.i18n import _
 from minigpt.safe_load import safe_torch_load, weights_only_loads
 
 ENGINE_FILE = "engine.pt"
+META_FILE = "engine_meta.json"
+"""What the DeepSpeed engine writes beside DeepSpeed's own files: stage, world size, precision, ep_size."""
 FORMAT_VERSION = 1
+"""The format version `engine.pt` and `engine_meta.json` carry; files of another version are refused by name."""
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 _DS_EXPERT = re.compile(r"^(?P<prefix>.*)\.moe\.deepspeed_moe\.experts\.deepspeed_experts\.(?P<local>\d+)\.(?P<rest>.*)$")
 _DS_GATE = re.compile(r"^(?P<prefix>.*)\.moe\.deepspeed_moe\.gate\.wg\.weight$")
@@ -104,11 +107,20 @@ def fit_scheduler_state(state: dict[str, Any], num_groups: int) -> dict[str, Any
 
 def read_engine_file(path: Path) -> dict[str, Any]:
     """Load an `engine.pt` and check its format version."""
-    state = safe_torch_load(path)
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
-        raise ConfigError(_("{path}: engine checkpoint format {found!r}, this version reads {version}").format(
-            path=path, found=found, version=FORMAT_VERSION))
+    return check_format_version(safe_torch_load(path), path)
+
+
+def read_engine_meta(path: Path) -> dict[str, Any]:
+    """A DeepSpeed checkpoint's `engine_meta.json`, its format version checked."""
+    return check_format_version(json.loads(path.read_text()), path)
+
+
+def check_format_version(state: Any, path: Path) -> dict[str, Any]:
+    """`state` if it is a dict of this `FORMAT_VERSION`, else a `ConfigError` naming the file and both versions."""
+    found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
+    if not isinstance(state, dict) or found != FORMAT_VERSION:
+        raise ConfigError(_("{path}: engine checkpoint format version {found!r}; this MiniGPT reads version "
+                            "{version}").format(path=path, found=found, version=FORMAT_VERSION))
     return state
 
 
@@ -184,8 +196,8 @@ def read_deepspeed_moe_checkpoint(directory: Path) -> dict[str, Any]:
     (padding only at the end) and cut into `partition_count` equal pieces: the dense groups over all
     ranks, DeepSpeed's expert group over the expert-data-parallel ranks (those with the same rank modulo
     ep_size), whose concatenation is the flat of one expert-parallel rank's local experts."""
-    meta_file = directory / "engine_meta.json"
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    meta_file = directory / META_FILE
+    meta = read_engine_meta(meta_file) if meta_file.is_file() else {}
     ep_size = int(meta.get("ep_size", 0))
     if not ep_size:
         raise ConfigError(_("{path}: a DeepSpeed mixture-of-experts checkpoint without engine_meta.json's ep_size "

@@ -423,8 +423,6 @@ class TrainConfig:
             if value not in choices:
                 raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(
                     flag=flag, choices=", ".join(choices), value=value))
-        if isinstance(self.compile, bool):  # a programmatic caller's True/False
-            self.compile = "on" if self.compile else "off"
         if self.compile not in COMPILE_CHOICES:
             raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(
                 flag="--compile", choices=", ".join(COMPILE_CHOICES), value=self.compile))

@@ -62,7 +62,6 @@ def test_flag_forms():
     assert parser.parse_args(["--compile"]).compile == "on"
     assert parser.parse_args(["--compile", "off"]).compile == "off"
     assert parser.parse_args(["--compile", "--batch-size", "4"]).compile == "on"
-    assert TrainConfig(compile=True).compile == "on"  # the library's earlier boolean
     with pytest.raises(ConfigError, match="--compile must be one of"):
         TrainConfig(compile="sometimes")
 

@@ -279,7 +279,7 @@ def test_srun_environment_maps_to_rank_variables(monkeypatch):
 
 @pytest.mark.integration
 def test_compiled_engine_keeps_clean_state_dict_keys(tmp_path):
-    eng = engine(compile=True, batch_size=8, grad_accum=1)
+    eng = engine(compile="on", batch_size=8, grad_accum=1)
     result = train_on(eng, [global_batch(0)])
     assert not result.skipped
     eng.save(tmp_path)

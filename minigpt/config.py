@@ -204,8 +204,8 @@ PRESETS: dict[str, MiniGPTConfig] = {
     # ~1.4M parameters: the tinyshakespeare quality recipe (bench/recipes/shakespeare.json, 1024-token BPE).
     "shakespeare": MiniGPTConfig(vocab_size=1024, hidden_size=160, num_layers=4, num_heads=4, num_kv_heads=4,
                                  ffn_hidden_size=432, max_seq_len=256),
-    # The quick-start guide's presets (its MoE preset has its own issue); a 6400-token vocabulary keeps
-    # small_30m at the ~30M parameters of its name (the vocabulary follows the tokenizer anyway).
+    # The quick-start guide's dense presets; a 6400-token vocabulary keeps small_30m at the ~30M parameters
+    # of its name (the vocabulary follows the tokenizer anyway).
     "small_30m": MiniGPTConfig(vocab_size=6400, hidden_size=384, num_layers=13, num_heads=12, num_kv_heads=3,
                                ffn_hidden_size=1408, max_seq_len=2048),
     "foundation": MiniGPTConfig(vocab_size=6400, hidden_size=768, num_layers=24, num_heads=16, num_kv_heads=4,

@@ -44,9 +44,9 @@ from minigpt.tokenizer import Tokenizer
 
 STATS_FILE = "dataset_stats.json"
 ENCODING_VERSION = 2
-"""What `build_dataset` writes for the same input and tokenizer model. Bump it when that changes (2: a typed
-`▁` is escaped, tab and newline have pieces of their own), so that train.py's cache of pre-tokenized raw
-files is rebuilt rather than reused."""
+"""The encoding `build_dataset` writes for an input and a tokenizer model (a typed `▁` is escaped; tab and
+newline have pieces of their own). It is part of train.py's cache key for pre-tokenized raw files: bump it
+whenever that output changes, so the cache is rebuilt rather than reused."""
 CHUNK_RECORDS = 256
 CHUNK_BYTES = 1 << 20
 FIRST_LINES = 5

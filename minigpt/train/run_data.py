@@ -169,9 +169,9 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
         datasets.append(cached)
     for path in datasets:  # fail before training on a shard of another tokenizer or kind
         reader = open_shard(path, "train", tokenizer_checksum=tokenizer.checksum, vocab_size=tokenizer.vocab_size)
-        if reader.meta.get("kind", "pretrain") != kind:
+        if reader.kind != kind:
             raise DataError(_("{path}: shards of kind {found!r}, --mode {mode} needs {kind!r}").format(
-                path=path, found=reader.meta.get("kind"), mode=cfg.mode, kind=kind))
+                path=path, found=reader.kind, mode=cfg.mode, kind=kind))
     return RunData(tokenizer, datasets)
 
 

@@ -142,7 +142,10 @@ def _edit_meta(dataset, **changes):
     (lambda d: (d / "train" / "offsets.bin").write_bytes(b"\0" * 8), r"train/offsets.bin: 8 bytes"),
     (lambda d: (d / "train" / "meta.json").unlink(), r"train/meta.json: missing"),
     (lambda d: (d / "train" / "meta.json").write_text("{not json"), r"train/meta.json: not valid JSON"),
-    (lambda d: _edit_meta(d, format_version=99), r"train/meta.json: shard format version 99"),
+    (lambda d: _edit_meta(d, format_version=99), r"train/meta.json: shard format version 99, this MiniGPT reads "
+                                                  r"version 1"),
+    (lambda d: _edit_meta(d, format_version=None), r"train/meta.json: shard format version None, this MiniGPT "
+                                                    r"reads version 1"),
     (lambda d: _edit_meta(d, dtype="uint32"), r"train/meta.json: dtype 'uint32'"),
     (lambda d: _edit_meta(d, tokenizer_checksum="0" * 64), r"train/meta.json: built with tokenizer 000000000000"),
     (lambda d: _edit_meta(d, vocab_size=601), r"train/meta.json: vocabulary of 601 tokens"),

@@ -194,6 +194,19 @@ def test_a_foreign_config_json_or_corrupt_weights_are_named(saved):
         load_consolidated(model_dir)
 
 
+@pytest.mark.parametrize("version", [2, None, "1"])
+def test_weights_of_another_format_version_are_refused_by_name_and_kept(saved, version):
+    model_dir, _ = saved
+    edit_config_json(model_dir, lambda meta: meta.update(format_version=version) if version is not None
+                     else meta.pop("format_version"))
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    with pytest.raises(WeightsError) as refused:
+        load_consolidated(model_dir.parent / "model")
+    assert str(refused.value) == (f"{model_dir / CONFIG_FILE}: format_version {version!r}; this MiniGPT reads "
+                                  f"version {weights.FORMAT_VERSION}")
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+
+
 def test_consolidated_directory_gets_the_permissions_of_an_ordinary_mkdir(tmp_path, tokenizer_dir):
     model = make_model()
     old = os.umask(0o027)

@@ -219,10 +219,13 @@ messages, translated where they are said)."""
 
 
 def check_trainer_state(state: Any, path: Path) -> dict[str, Any]:
-    """`state` if every known field has its type and range (`step` required), else a `CheckpointError`
-    naming the file and the first field that does not."""
+    """`state` if every known field has its type and range (`step` and `save_index` required), else a
+    `CheckpointError` naming the file and the first field that does not."""
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(_("{path}: no integer 'step' field").format(path=path))
+    if "save_index" not in state:
+        raise CheckpointError(_("{path}: no '{name}' field; not a checkpoint of a training run").format(
+            path=path, name="save_index"))
     for name, (valid, wanted) in STATE_FIELDS.items():
         if name in state and not valid(state[name]):
             raise CheckpointError(_("{path}: {name} must be {wanted}, got {value!r}").format(
@@ -284,7 +287,7 @@ def save_order_key(state: dict[str, Any]) -> tuple[int, int]:
     """Where a checkpoint stands in save order: its save index (one more than the highest in its run
     directory when it was written, so it survives resumes and rollbacks), then its step. Never a clock: a
     node whose clock is an hour off must not make new checkpoints look old."""
-    return state.get("save_index", 0), state["step"]
+    return state["save_index"], state["step"]
 
 
 @dataclass

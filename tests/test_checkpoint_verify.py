@@ -158,6 +158,18 @@ def test_a_verified_trainer_state_of_the_wrong_shape_is_refused_by_field(run_dir
     assert any(f"{path}: {says}" in note for note in point.skipped), point.skipped
 
 
+def test_a_trainer_state_without_its_save_index_is_refused_by_name(run_dir):
+    path = rewrite_state(ckpt(run_dir, 30))
+    state = json.loads(path.read_text())
+    del state["save_index"]
+    path.write_text(json.dumps(state))
+    (ckpt(run_dir, 30) / MANIFEST).unlink()
+    write_manifest(ckpt(run_dir, 30))
+    with pytest.raises(CheckpointError, match=f"{path}: no 'save_index' field"):
+        resolve_checkpoint(ckpt(run_dir, 30))
+    assert find_resume_point(run_dir).path == ckpt(run_dir, 25)
+
+
 def test_a_verified_rng_file_of_the_wrong_shape_is_refused_by_name(run_dir, tmp_path):
     checkpoint = ckpt(run_dir, 30)
     (checkpoint / "rng_rank0.json").write_text('{"python": {"version": 3}, "numpy": null}')

@@ -425,7 +425,7 @@ class Trainer:
             clock = self.engine.schedule_clock
             if "lr_warmup_end" in state:
                 clock.warmup_end = state["lr_warmup_end"]
-            elif self.step >= self.cfg.warmup_steps:  # saved before it was recorded: decay over the whole budget
+            elif self.step >= self.cfg.warmup_steps:  # saved without --max-time: decay over the whole budget
                 clock.warmup_end = 0.0
         if self.engine.is_main:
             print(_("[minigpt] resumed from {path} at step {step}").format(path=state["checkpoint"], step=self.step),

@@ -9,7 +9,7 @@ Writes `bench/out/results.json` (every figure, the machine, the load average bef
 and `bench/out/quality_curve.png` (val bits/byte against wall time; drawn without matplotlib by
 `bench/pngplot.py`). Ratios compare with a baseline measured in the same run where one can be
 (reference_gpt.py for throughput, the plain engine for DeepSpeed, no-cache for decoding), because this
-machine is shared and noisy; the quality baseline (2.72 bpb in 125 s) is the issue's quoted figure.
+machine is shared and noisy; the quality baseline is a fixed figure (`quality.BASELINE_BPB`, 2.72 bpb in 125 s).
 
 CPUs come in two classes for training precision: with native bf16 (avx512_bf16 / amx_bf16, Arm bf16) and
 without (AVX2-only), where bf16 autocast is emulated and ~8x slower than fp32. The run prints the CPU flags

@@ -59,7 +59,7 @@ def measure(precision: str = "fp32", compiled: bool = False, steps: int = 60, wa
     """Median-step tokens/s of full training steps through PlainEngine."""
     torch.manual_seed(0)
     seq_len = config.max_seq_len
-    cfg = TrainConfig(batch_size=batch_size, precision=precision, compile=compiled, max_steps=10 * steps,
+    cfg = TrainConfig(batch_size=batch_size, precision=precision, compile="on" if compiled else "off", max_steps=10 * steps,
                       warmup_steps=warmup)
     engine = PlainEngine(MiniGPT(config), cfg, torch.device("cpu"))
     batches = torch.randint(4, config.vocab_size, (8, batch_size, seq_len + 1))

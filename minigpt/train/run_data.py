@@ -90,8 +90,12 @@ def planned_inputs(cfg: TrainConfig) -> list[Path | str]:
     return planned or [_("<built-in demo corpus>") if pretraining else _("<built-in bilingual demo data>")]
 
 
-DEMO_POST_TRAINING = "<built-in post-training data>"
-"""`_builtin_input`'s name for the built-in SFT records, which a tokenizer for a built-in corpus also learns."""
+def _demo_post_training_file(cfg: TrainConfig, kind: str) -> Path:
+    """`<data-dir>/cache/demo/<kind>.jsonl`: the built-in post-training data of `kind`, written if missing."""
+    demo = Path(cfg.data_dir) / CACHE / "demo" / f"{kind}.jsonl"
+    if not demo.exists():
+        write_demo_post_training(demo, kind)
+    return demo
 
 
 def _builtin_input(cfg: TrainConfig, runtime: Runtime, kind: str, name: str | None) -> Path:
@@ -104,12 +108,7 @@ def _builtin_input(cfg: TrainConfig, runtime: Runtime, kind: str, name: str | No
             print(_("[minigpt] no --data: --mode {mode} trains on the built-in bilingual demo data ({path}: tasks in "
                     "Chinese and English, identity chats); see {docs} for your own").format(
                 mode=cfg.mode, path=demo, docs=docs_page("data.md#input-files", zh="data.md#输入文件")), flush=True)
-            if not demo.exists():
-                write_demo_post_training(demo, kind)
-    elif name == DEMO_POST_TRAINING:
-        demo = cache / "sft.jsonl"
-        if runtime.is_main and not demo.exists():
-            write_demo_post_training(demo, "sft")
+            _demo_post_training_file(cfg, kind)
     else:
         language = _builtin_language(name)
         if kind != "pretrain":
@@ -151,11 +150,10 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
             raise DataError(_("--data {path}: a directory without train/ shards; give files or a shard "
                               "directory").format(path=path))
 
-    tokenizer_inputs = raw
-    if kind == "pretrain" and any(name.startswith(DEMO_PREFIX) for name in cfg.data or [DEMO_PREFIX]):
-        # The built-in chain continues on the built-in post-training data with this tokenizer: cover it too.
-        tokenizer_inputs = raw + [_builtin_input(cfg, runtime, kind, DEMO_POST_TRAINING)]
-    tokenizer = _resolve_tokenizer(cfg, runtime, tokenizer_dir, tokenizer_inputs, datasets)
+    # The built-in chain continues on the built-in post-training data with this tokenizer: a tokenizer trained
+    # for a built-in corpus learns those records too.
+    builtin_corpus = kind == "pretrain" and (not cfg.data or any(name.startswith(DEMO_PREFIX) for name in cfg.data))
+    tokenizer = _resolve_tokenizer(cfg, runtime, tokenizer_dir, raw, datasets, learn_post_training=builtin_corpus)
     if raw:
         key = _content_key(raw, tokenizer.checksum, kind, str(cfg.val_fraction), str(cfg.seed),
                            f"encoding {build.ENCODING_VERSION}")
@@ -246,7 +244,9 @@ def planned_vocab_size(cfg: TrainConfig) -> tuple[int, str]:
 
 
 def _resolve_tokenizer(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | None, raw: list[Path],
-                       datasets: list[Path]) -> Tokenizer:
+                       datasets: list[Path], learn_post_training: bool = False) -> Tokenizer:
+    """The tokenizer of the starting weights, --tokenizer, <run>/tokenizer, or one trained on `raw` (and, with
+    `learn_post_training`, on the built-in SFT records as well)."""
     if tokenizer_dir is not None:
         weights_tokenizer = Tokenizer(tokenizer_dir)
         # Compared by content: a copy of the same tokenizer elsewhere is the same tokenizer.
@@ -267,9 +267,10 @@ def _resolve_tokenizer(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path |
         raise ConfigError(_("shards {paths} were built with tokenizer {checksums}; pass that tokenizer directory with "
                             "--tokenizer").format(paths=", ".join(map(str, datasets)), checksums=checksums))
     if runtime.is_main:
+        files = raw + ([_demo_post_training_file(cfg, "sft")] if learn_post_training else [])
         vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
         print(_("[minigpt] training a {vocab}-token tokenizer on {count} file(s) into {path}").format(
-            vocab=vocab, count=len(raw), path=run_tokenizer), flush=True)
-        train_tokenizer([str(p) for p in raw], run_tokenizer, vocab_size=vocab)
+            vocab=vocab, count=len(files), path=run_tokenizer), flush=True)
+        train_tokenizer([str(p) for p in files], run_tokenizer, vocab_size=vocab)
     runtime.barrier()
     return Tokenizer(run_tokenizer)

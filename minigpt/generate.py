@@ -22,7 +22,8 @@ import torch
 
 from minigpt.config import ConfigError
 from minigpt.i18n import _
-from minigpt.interop.hf_llama import is_hf_llama_dir, load_hf_llama
+from minigpt.interop.common import is_hf_llama_dir
+from minigpt.interop.hf_llama import load_hf_llama
 from minigpt.model import KVCache, MiniGPT
 from minigpt.tokenizer import Tokenizer
 from minigpt.utf8_guard import Utf8Guard

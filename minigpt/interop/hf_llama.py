@@ -34,7 +34,6 @@ from minigpt.interop.common import (
     ExportFormat,
     InteropError,
     check_llama_shaped,
-    is_hf_llama_dir,  # noqa: F401  (train.loop finds a Hugging Face --init-from through this module)
     load_for_export,
     prepare_output,
     register_export_format,

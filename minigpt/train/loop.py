@@ -44,7 +44,8 @@ from minigpt.evaluation.context import EvalDataError
 from minigpt.fsutil import atomic_write_text
 from minigpt.generate import GenerationConfig, TextGenerator
 from minigpt.i18n import _
-from minigpt.interop.hf_llama import imported_init_dir, is_hf_llama_dir
+from minigpt.interop.common import is_hf_llama_dir
+from minigpt.interop.hf_llama import imported_init_dir
 from minigpt.metrics import MetricSums, reduce_by_name
 from minigpt.model import MiniGPT
 from minigpt.modes import build_objective, objective_class

@@ -16,6 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 PO = LOCALE_DIR / "zh" / "LC_MESSAGES" / "minigpt.po"
 
 
+def run_in(lang: str, argv: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`python argv...` in the repository with MINIGPT_LANG=`lang` (and help text unwrapped: COLUMNS=400); paths
+    in `argv` are relative to the repository."""
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MINIGPT_LANG": lang, "PYTHONPATH": str(REPO), "COLUMNS": "400"})
+
+
 @pytest.mark.parametrize("environ,language", [
     ({}, "en"),
     ({"LANG": "zh_CN.UTF-8"}, "zh"),
@@ -94,8 +101,7 @@ def test_no_message_is_formatted_before_it_is_translated():
 @pytest.mark.parametrize("lang,expected", [("zh", "要训练的优化器步数（默认：1000）"),
                                            ("en", "optimizer steps to train (default: 1000)")])
 def test_train_help_speaks_the_users_language(lang, expected):
-    result = subprocess.run([sys.executable, "launch/train.py", "--help"], cwd=REPO, capture_output=True,
-                            text=True, env={**os.environ, "MINIGPT_LANG": lang, "COLUMNS": "400"})
+    result = run_in(lang, ["launch/train.py", "--help"])
     assert result.returncode == 0 and expected in result.stdout, result.stdout[-2000:]
 
 
@@ -111,8 +117,7 @@ COMMON_MISTAKES = [
 @pytest.mark.parametrize("argv,english,chinese", COMMON_MISTAKES, ids=lambda v: v[0] if isinstance(v, list) else "")
 def test_common_mistakes_are_explained_in_the_users_language(argv, english, chinese):
     for lang, expected in (("en", english), ("zh", chinese)):
-        result = subprocess.run([sys.executable, "launch/train.py", *argv, "--dry-run"], cwd=REPO, text=True,
-                                capture_output=True, env={**os.environ, "MINIGPT_LANG": lang})
+        result = run_in(lang, ["launch/train.py", *argv, "--dry-run"])
         assert result.returncode == 2 and expected in result.stderr, (lang, result.stderr[-1500:])
         assert "Traceback" not in result.stderr
 
@@ -198,10 +203,6 @@ def test_hints_link_the_docs_in_the_users_language():
 
 
 # data, tokenizer, evaluation, cli
-def run_in(lang: str, argv: list[str], cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """`python argv...` in the repository with MINIGPT_LANG=`lang`; paths in `argv` are relative to the repository."""
-    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, "MINIGPT_LANG": lang, "PYTHONPATH": str(REPO)})
 
 
 def test_a_malformed_sft_line_and_too_little_data_are_explained_in_the_users_language(tmp_path):
@@ -261,15 +262,13 @@ def test_data_and_eval_mistakes_are_explained_in_the_users_language(argv, englis
 ])
 def test_data_tool_help_speaks_the_users_language(tool, english, chinese):
     for lang, expected in (("en", english), ("zh", chinese)):
-        result = subprocess.run([sys.executable, tool, "--help"], cwd=REPO, capture_output=True, text=True,
-                                env={**os.environ, "MINIGPT_LANG": lang, "COLUMNS": "400"})
+        result = run_in(lang, [tool, "--help"])
         assert result.returncode == 0 and expected in result.stdout, (lang, result.stdout[-2000:])
 
 
 def test_the_pretokenize_docs_link_follows_the_language():
     for lang, page in (("en", "docs/data.md"), ("zh", "docs/zh/data.md")):
-        result = subprocess.run([sys.executable, "data_tools/pretokenize.py", "--help"], cwd=REPO, capture_output=True,
-                                text=True, env={**os.environ, "MINIGPT_LANG": lang, "COLUMNS": "400"})
+        result = run_in(lang, ["data_tools/pretokenize.py", "--help"])
         assert page in result.stdout and (REPO / page).is_file()
 # core modules
 
@@ -342,11 +341,9 @@ def test_resuming_from_a_wrong_checkpoint_is_explained_in_the_users_language(res
                                                                               chinese):
     resume = make(resume_workspace)
     for lang, expected in (("en", english), ("zh", chinese)):
-        result = subprocess.run(
-            [sys.executable, "launch/train.py", "--config", "tiny", "--max-steps", "2", "--warmup-steps", "1",
-             "--out", str(resume_workspace / "run"), "--data-dir", str(resume_workspace / "data"),
-             "--resume", str(resume)],
-            cwd=REPO, text=True, capture_output=True, env={**os.environ, "MINIGPT_LANG": lang}, timeout=600)
+        result = run_in(lang, ["launch/train.py", "--config", "tiny", "--max-steps", "2", "--warmup-steps", "1",
+                               "--out", str(resume_workspace / "run"), "--data-dir", str(resume_workspace / "data"),
+                               "--resume", str(resume)])
         assert result.returncode == 2 and expected.format(path=resume) in result.stderr, (lang, result.stderr[-1500:])
         assert "Traceback" not in result.stderr
     assert "[minigpt] 精度" in result.stdout and "权重来自" in result.stdout, result.stdout[-1500:]

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
     except ChatInputError as err:
-        print(_("error: {err}").format(err=err), file=sys.stderr)
+        print(_("error: {error}").format(error=err), file=sys.stderr)
         return 2
     return 0
 

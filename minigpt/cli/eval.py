@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                           exclude=exclude)
         results = run_tasks(specs, ctx)
     except (ConfigError, WeightsError, TokenizerError, ShardError, InputError, EvalDataError, ValueError) as err:
-        print(_("error: {err}").format(err=err), file=sys.stderr)
+        print(_("error: {error}").format(error=err), file=sys.stderr)
         return 2
     if runtime.is_main:
         excluded = (_(", {count:,} training prompts excluded").format(count=len(exclude))

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = chosen.export(args.model, args.out, dtype=args.dtype, force=args.force)
     except (ConfigError, WeightsError, TokenizerError) as err:
-        print(_("error: {err}").format(err=err), file=sys.stderr)
+        print(_("error: {error}").format(error=err), file=sys.stderr)
         return 2
     except OSError as err:  # e.g. a full disk: nothing is left at --out
         print(_("error: writing {out}: {err}").format(out=args.out, err=err), file=sys.stderr)

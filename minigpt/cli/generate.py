@@ -86,7 +86,7 @@ def load_generator_or_report(args: argparse.Namespace) -> tuple[TextGenerator, G
     try:
         return load_generator(args)
     except LOAD_ERRORS as err:
-        print(_("error: {err}").format(err=err), file=sys.stderr)
+        print(_("error: {error}").format(error=err), file=sys.stderr)
         return None
 
 
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                     print("-" * 40)
                 print(f"[user] {prompt}\n[assistant] {output}" if args.chat else prompt + output)
     except ValueError as err:  # e.g. a prompt longer than the model's max_seq_len
-        print(_("error: {err}").format(err=err), file=sys.stderr)
+        print(_("error: {error}").format(error=err), file=sys.stderr)
         return 2
     return 0
 

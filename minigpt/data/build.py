@@ -348,7 +348,7 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
         staged_writer.close()
         for file_stats in stats:
             if file_stats.skipped:
-                print(_("[minigpt] {message}").format(message=file_stats.summary()), file=sys.stderr)
+                print(_("[minigpt] {note}").format(note=file_stats.summary()), file=sys.stderr)
         if not example_files:
             raise DatasetBuildError(_("no usable {kind} examples in {paths} (see the skip reasons above and {docs} "
                                       "for the formats)").format(kind=kind, paths=", ".join(s.path for s in stats),

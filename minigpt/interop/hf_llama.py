@@ -375,7 +375,7 @@ def load_hf_llama(hf_dir: str | Path, device: str | torch.device = "cpu") -> tup
     try:
         hf = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise InteropError(_("{path}: cannot be read ({err})").format(path=config_path, err=err)) from err
+        raise InteropError(_("{path}: cannot be read ({error})").format(path=config_path, error=err)) from err
     config = config_from_hf(hf, str(config_path))
     tokenizer = hf_dir_tokenizer(hf_dir)
     if tokenizer.vocab_size > config.vocab_size:

@@ -359,7 +359,8 @@ class MiniGPT(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
+                cache: KVCache | None = None, return_hidden: bool = False,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for `input_ids` (B, T), or the final normed hidden states with `return_hidden`.
 
         position_ids:   (B, T) rotary positions; default continues from the cache (0.. without one).
@@ -367,6 +368,8 @@ class MiniGPT(nn.Module):
                         (cached + new); padding is never attended to.
         segment_ids:    (B, T) document ids of packed sequences; attention stays inside a document.
         cache:          KVCache to read past keys/values from and append this step's to.
+        logits_at:      (B, T) bool; logits only at these positions, as (N, vocab) in row-major order. The
+                        LM head is most of a small model's FLOPs, and SFT trains on a minority of positions.
         """
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -384,6 +387,8 @@ class MiniGPT(nn.Module):
             x = self.checkpoint_fn(block, x, cos, sin, mask, None) if recompute else block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += t
+        if logits_at is not None:
+            x = x[logits_at]  # the norm is per position, so it too runs on the selected rows only
         x = self.norm(x)
         return x if return_hidden else self.lm_head(x)
 

@@ -17,7 +17,8 @@ from model_factory import seeded_model, small_test_config
 
 from minigpt.cli import eval as eval_cli
 from minigpt.cli import make_tasks
-from minigpt.data.tasks import generate_tasks, read_prompts
+from minigpt.data.demo import demo_post_training_records
+from minigpt.data.tasks import generate_tasks, phrase, read_prompts, same_task_key
 from minigpt.evaluation.bpb import evaluate_bpb
 from minigpt.evaluation.choice import context_text, continuations, encode_pair, evaluate_choice, load_items
 from minigpt.evaluation.context import EvalContext, EvalDataError
@@ -155,7 +156,8 @@ def test_tasks_exact_match_counts_the_models_greedy_answers_and_leaves_out_train
     tasks = write_jsonl(tmp_path / "heldout.jsonl", records)
     training = write_jsonl(tmp_path / "train.jsonl", [{"conversations": [{"role": "user", "content": prompts[0]},
                                                                          {"role": "assistant", "content": "x"}]},
-                                                      {"prompt": prompts[7], "chosen": "a", "rejected": "b"}])
+                                                      {"prompt": phrase(prompts[7], "zh"), "chosen": "a",  # 倒序写出 ..
+                                                       "rejected": "b"}])
     spec = parse_task_spec(f"tasks:{tasks},max_new_tokens=6")
     for lockstep in (False, True):  # lockstep decodes the whole budget; the answers are the same
         result = evaluate_tasks(spec, context(model, data_tokenizer, batch_size=5, lockstep=lockstep,
@@ -177,6 +179,21 @@ def test_make_tasks_exclude_from_writes_a_held_out_set_disjoint_from_training(tm
                             "--tasks", "sort,reverse", "--exclude-from", str(train / "sft.jsonl")]) == 0
     heldout = [json.loads(line)["prompt"] for line in (tmp_path / "heldout" / "rlhf.jsonl").read_text().splitlines()]
     assert len(heldout) == len(set(heldout)) == 300 and not set(heldout) & seen
+
+
+def test_a_held_out_set_is_disjoint_from_training_in_both_languages(tmp_path):
+    """`计算 27+45` asks what `Add 27+45` asks: a Chinese held-out set drawn against bilingual training data
+    contains no training question in either phrasing, and eval's --exclude-from leaves such a prompt out."""
+    training = write_jsonl(tmp_path / "sft.jsonl", demo_post_training_records("sft", count=3000))
+    seen = read_prompts([training])
+    assert any(key.startswith("Add ") for key in seen) and not any(key.startswith("计算") for key in seen)
+    assert make_tasks.main(["--out", str(tmp_path / "heldout"), "--count", "300", "--seed", "987",
+                            "--language", "zh", "--exclude-from", str(training)]) == 0
+    heldout = [json.loads(line)["prompt"] for line in (tmp_path / "heldout" / "rlhf.jsonl").read_text().splitlines()]
+    assert all(prompt.split(" ")[0] in ("计算", "倒序写出", "按字母排序") for prompt in heldout)
+    assert len({same_task_key(p) for p in heldout}) == 300 and not {same_task_key(p) for p in heldout} & seen
+    assert same_task_key(" 计算 27+45 ") == same_task_key("Add 27+45") == "Add 27+45"
+    assert same_task_key(" 你好 ") == "你好"
 
 
 def test_eval_command_prints_a_table_writes_json_and_refuses_bad_input(tmp_path, model_dir, capsys):

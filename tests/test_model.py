@@ -129,6 +129,34 @@ def test_token_logprobs_match_log_softmax_gather():
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_sft_loss_from_labelled_positions_only_equals_the_full_logits_loss(tie):
+    """SFT computes the LM head only where a label is trained (a minority of positions); the loss and every
+    gradient are those of the full (B, T, vocab) logits with -100 ignored, and an all-prompt batch gives 0."""
+    from minigpt.train.language_modeling import SupervisedFineTuning
+
+    ids = torch.randint(0, 256, (3, 17), generator=torch.Generator().manual_seed(4))
+    labels = ids[:, 1:].clone()
+    labels[:, :9] = -100  # the prompt
+    labels[1, 12:] = -100  # padding after a shorter answer
+    batch = {"input_ids": ids[:, :-1], "labels": labels}
+    results = []
+    for selected in (False, True):
+        model = model_for(tie_embeddings=tie).train()
+        if selected:
+            loss, _stats = SupervisedFineTuning().loss(model, batch)
+        else:
+            loss = F.cross_entropy(model(batch["input_ids"]).flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (full, full_grads), (selected, selected_grads) = results
+    torch.testing.assert_close(selected, full)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(selected_grads[name], grad, msg=name)
+    empty = {"input_ids": batch["input_ids"], "labels": torch.full_like(labels, -100)}
+    assert SupervisedFineTuning().loss(model_for(), empty)[0].item() == 0.0
+
+
 def test_sequences_longer_than_max_seq_len_are_refused():
     model = model_for()
     with pytest.raises(ValueError, match="65 tokens exceeds max_seq_len=64"):

@@ -95,17 +95,14 @@ def debug_start(cfg: TrainConfig, prompt: str) -> tuple[TrainConfig, StartingWei
 def train_walk_tokenizer(cfg: TrainConfig) -> Path:
     """`<data-dir>/cache/debug_tokenizer` (scratch, never a run's own), trained anew on the built-in demo data of every mode (English and Chinese) and the raw
     --data files, so the walk's prompt and data are spelled in pieces, not bytes."""
-    from minigpt.data.demo import write_demo_corpus, write_demo_post_training
+    from minigpt.data.demo import TOKENIZER_SAMPLE
     from minigpt.tokenizer_training import train_tokenizer
-    from minigpt.train.run_data import find_input
+    from minigpt.train.run_data import builtin_corpus_file, demo_post_training_file, find_input
 
-    demo = Path(cfg.data_dir) / "cache" / "demo"
-    demo.mkdir(parents=True, exist_ok=True)
-    files = [demo / name for name in ("corpus.txt", "sft.jsonl", "dpo.jsonl", "rlhf.jsonl")]
-    for path in files:
-        if not path.exists():
-            write_demo_corpus(path) if path.suffix == ".txt" else write_demo_post_training(path, path.stem)
+    files = [builtin_corpus_file(cfg.data_dir, "en")] + [demo_post_training_file(cfg.data_dir, kind, TOKENIZER_SAMPLE)
+                                                          for kind in ("sft", "dpo", "rlhf")]
     files += [path for path in (find_input(name, cfg.data_dir) for name in cfg.data) if path.is_file()]
+    demo = files[0].parent
     vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
     print(_("[minigpt] debug: training a {vocab_size}-token tokenizer on {count} file(s) into {path}").format(
         vocab_size=vocab, count=len(files), path=demo.parent / "debug_tokenizer"), flush=True)

@@ -41,6 +41,17 @@ def phrase(prompt: str, language: str) -> str:
     return f"{CHINESE_VERBS[verb]} {argument}"
 
 
+def same_task_key(prompt: str) -> str:
+    """What makes two prompts the same question: a task prompt in its English phrasing ("计算 27+45" and
+    "Add 27+45" are one question), any other prompt with its surrounding whitespace removed. Held-out sets
+    and `--exclude-from` compare these, so a Chinese test prompt is never a training prompt in English."""
+    match = _PROMPT.match(prompt.strip())
+    if not match:
+        return prompt.strip()
+    verb, argument = match.groups()
+    return f"{_ENGLISH_VERB.get(verb, verb)} {argument}"
+
+
 def task_of(prompt: str) -> str | None:
     """The task type ("add", "reverse", "sort") a prompt in either language asks for, else None."""
     match = _PROMPT.match(prompt.strip())
@@ -86,8 +97,8 @@ def generate_tasks(count: int, seed: int = 0, tasks: tuple[str, ...] = TASKS,
     """`count` task records {"task", "prompt", "reference", "wrong"} cycling through `tasks`, the prompts
     phrased in `language` ("en": "Add 27+45", "zh": "计算 27+45"; the same draw either way).
 
-    With `exclude` (prompts of training files) the records form a held-out set: no prompt of
-    `exclude` and no prompt twice. Without it the draw is the plain seeded sequence (repeats allowed).
+    With `exclude` (`same_task_key`s of training prompts, as `read_prompts` returns them) the records form a
+    held-out set: no question of `exclude` in either language and no question twice. Without it the draw is the plain seeded sequence (repeats allowed).
     """
     unknown = set(tasks) - set(TASKS)
     if unknown:
@@ -110,9 +121,9 @@ def generate_tasks(count: int, seed: int = 0, tasks: tuple[str, ...] = TASKS,
                 raise ValueError(_("only {found} of {count} {task} prompts found outside the excluded prompts: the "
                                    "task space is nearly used up; ask for fewer").format(found=len(records),
                                                                                          count=count, task=task))
-            if prompt in taken:
+            if question in taken:  # the English phrasing: same_task_key(prompt)
                 continue
-            taken.add(prompt)
+            taken.add(question)
         answer = solve(question)
         records.append({"task": task, "prompt": prompt, "reference": answer,
                         "wrong": _wrong_answer(question, answer, rng)})
@@ -169,8 +180,8 @@ def prompt_of(task: dict | str) -> str:
 
 
 def read_prompts(paths: Iterable[str | Path]) -> set[str]:
-    """Every prompt (surrounding whitespace removed) in JSONL files of any task format: what a
-    held-out set must not contain. Raises RecordError (a ValueError) naming the file and line of a bad record."""
+    """The `same_task_key` of every prompt in JSONL files of any task format: what a held-out set must not
+    contain, in either language. Raises RecordError (a ValueError) naming the file and line of a bad record."""
     prompts: set[str] = set()
     for path in paths:
         path = Path(path)
@@ -179,7 +190,7 @@ def read_prompts(paths: Iterable[str | Path]) -> set[str]:
         for _number, record in json_lines(path):
             prompt = prompt_of(record) if isinstance(record, (dict, str)) else ""
             if prompt.strip():
-                prompts.add(prompt.strip())
+                prompts.add(same_task_key(prompt))
     return prompts
 
 

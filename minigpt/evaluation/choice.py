@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from minigpt.data.records import RecordError, csv_records, jsonl_objects
+from minigpt.data.tasks import same_task_key
 from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches
 from minigpt.evaluation.spec import TaskSpec
 from minigpt.i18n import _
@@ -139,7 +140,7 @@ def evaluate_choice(spec: TaskSpec, ctx: EvalContext) -> dict[str, float]:
     style = spec.get("style", "text")
     items = load_items(spec.path)
     shots = load_items(Path(spec.get("dev")))[:spec.get("shots", 0)] if spec.get("dev") else []
-    kept = [item for item in items if item.question not in ctx.exclude]
+    kept = [item for item in items if same_task_key(item.question) not in ctx.exclude]
     excluded = len(items) - len(kept)
     kept = kept[:spec.get("limit")] if spec.get("limit") else kept
     sums = MetricSums(SUMS)

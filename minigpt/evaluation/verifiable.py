@@ -6,14 +6,14 @@ greedy answer (up to `max_new_tokens`, by default the longest reference's tokens
 <|im_end|> or EOS) is checked by `minigpt.data.tasks`: `exact_match` is the share of right
 answers, `reward` the mean task reward (partial credit for a same-length answer unless `partial=false`),
 both also per task type (`exact_match/sort`, ...). Prompts that occur in the training files given to
-`--exclude-from` are left out and counted (`excluded`).
+`--exclude-from`, in either language (`计算 27+45` is `Add 27+45`), are left out and counted (`excluded`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from minigpt.data.tasks import expected_answer, final_answer, prompt_of, reward, task_of
+from minigpt.data.tasks import expected_answer, final_answer, prompt_of, reward, same_task_key, task_of
 from minigpt.evaluation.context import EvalContext, EvalDataError, global_batches, jsonl_objects
 from minigpt.evaluation.spec import TaskSpec
 from minigpt.generate import GenerationConfig, TextGenerator
@@ -53,7 +53,7 @@ def answer_budget(spec: TaskSpec, references: list[str], tokenizer) -> int:
 def evaluate_tasks(spec: TaskSpec, ctx: EvalContext) -> dict[str, float]:
     """exact_match and reward overall and per task type, items scored and items excluded."""
     records = load_tasks(spec.path)
-    kept = [r for r in records if r["prompt"] not in ctx.exclude]
+    kept = [r for r in records if same_task_key(r["prompt"]) not in ctx.exclude]
     excluded = len(records) - len(kept)
     kept = kept[:spec.get("limit")] if spec.get("limit") else kept
     tokenizer = ctx.tokenizer

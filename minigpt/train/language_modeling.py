@@ -37,19 +37,31 @@ class LanguageModeling(Objective):
             return PretrainWindows(reader, seq_len, segment_ids=self.document_mask)
         return SFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
 
+    logits_where_labelled = False
+    """Compute logits only at labelled positions (`MiniGPT.forward(logits_at=...)`): for SFT, where most
+    positions are the prompt or padding. Pretraining labels every position, and selecting would only add a
+    copy and a data-dependent shape."""
+
+    def _logits_and_labels(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, vocab) logits and (N,) labels; N counts every position, or only the labelled ones."""
+        labels = batch["labels"]
+        if not self.logits_where_labelled:
+            logits = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))
+            return logits.flatten(0, 1), labels.flatten()
+        kept = labels != IGNORE_INDEX
+        return model(batch["input_ids"], segment_ids=batch.get("segment_ids"), logits_at=kept), labels[kept]
+
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = engine(batch["input_ids"], segment_ids=batch.get("segment_ids"))
-        labels = batch["labels"].flatten()
+        logits, labels = self._logits_and_labels(engine, batch)
         # Sum / count rather than mean: a micro-batch with no trained token (all -100) gives 0, not NaN.
-        total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
         lm_loss = total / (labels != IGNORE_INDEX).sum().clamp(min=1)
         return self.add_model_losses(engine, lm_loss, {}, "lm_loss")  # a mixture of experts' load balancing
 
     @torch.no_grad()
     def eval_batch(self, model, batch: dict[str, torch.Tensor], sums: MetricSums) -> None:
-        logits = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))
-        labels = batch["labels"].flatten()
-        losses = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        logits, labels = self._logits_and_labels(model, batch)
+        losses = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
         kept = labels != IGNORE_INDEX
         sums.add("loss_sum", losses[kept].double().sum().item())
         sums.add("tokens", kept.sum().item())
@@ -75,3 +87,4 @@ class SupervisedFineTuning(LanguageModeling):
     dataset_kind = "sft"
     previous_stages = ("pretrain",)
     chat_samples = True
+    logits_where_labelled = True

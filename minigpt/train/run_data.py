@@ -23,7 +23,8 @@ import numpy as np
 from minigpt.config import ConfigError, TrainConfig, data_name, get_config
 from minigpt.data import build
 from minigpt.data.build import build_dataset
-from minigpt.data.demo import CORPORA, DEMO_PREFIX, demo_language, write_demo_corpus, write_demo_post_training
+from minigpt.data.demo import (CORPORA, DEMO_PREFIX, DEMO_TASKS, TOKENIZER_SAMPLE, demo_language, write_demo_corpus,
+                               write_demo_post_training)
 from minigpt.data.shards import open_shard
 from minigpt.i18n import _, docs_page
 from minigpt.modes import objective_class
@@ -90,34 +91,45 @@ def planned_inputs(cfg: TrainConfig) -> list[Path | str]:
     return planned or [_("<built-in demo corpus>") if pretraining else _("<built-in bilingual demo data>")]
 
 
-def _demo_post_training_file(cfg: TrainConfig, kind: str) -> Path:
-    """`<data-dir>/cache/demo/<kind>.jsonl`: the built-in post-training data of `kind`, written if missing."""
-    demo = Path(cfg.data_dir) / CACHE / "demo" / f"{kind}.jsonl"
+def demo_post_training_file(data_dir: str | Path, kind: str, tasks: int | None = None) -> Path:
+    """`<data-dir>/cache/demo/<kind>-<tasks>.jsonl`: the built-in post-training data of `kind` with `tasks` tasks
+    (default `DEMO_TASKS[kind]`), written if missing. The count is in the name, so a cache written by a release
+    with other counts is never read as today's data."""
+    tasks = DEMO_TASKS[kind] if tasks is None else tasks
+    demo = Path(data_dir) / CACHE / "demo" / f"{kind}-{tasks}.jsonl"
     if not demo.exists():
-        write_demo_post_training(demo, kind)
+        write_demo_post_training(demo, kind, tasks)
+    return demo
+
+
+def builtin_corpus_file(data_dir: str | Path, language: str) -> Path:
+    """`<data-dir>/cache/demo/corpus.txt` or `zh_classics.jsonl`: the built-in corpus of `language`, written if
+    missing."""
+    demo = Path(data_dir) / CACHE / "demo" / CORPORA[language]
+    if not demo.exists():
+        write_demo_corpus(demo, language)
     return demo
 
 
 def _builtin_input(cfg: TrainConfig, runtime: Runtime, kind: str, name: str | None) -> Path:
     """The file of a built-in corpus (`demo:en`, `demo:zh`) or, with name None, of the built-in
     post-training data of `kind`, written into the data cache by the main rank while the others wait."""
-    cache = Path(cfg.data_dir) / CACHE / "demo"
     if name is None:
-        demo = cache / f"{kind}.jsonl"
+        demo = Path(cfg.data_dir) / CACHE / "demo" / f"{kind}-{DEMO_TASKS[kind]}.jsonl"
         if runtime.is_main:
             print(_("[minigpt] no --data: --mode {mode} trains on the built-in bilingual demo data ({path}: tasks in "
                     "Chinese and English, identity chats); see {docs} for your own").format(
                 mode=cfg.mode, path=demo, docs=docs_page("data.md#input-files", zh="data.md#输入文件")), flush=True)
-            _demo_post_training_file(cfg, kind)
+            demo = demo_post_training_file(cfg.data_dir, kind)
     else:
         language = _builtin_language(name)
         if kind != "pretrain":
             raise DataError(_("--data {name} is a pretraining corpus; --mode {mode} needs {kind} records (without "
                               "--data it trains on the built-in bilingual demo data)").format(
                 name=name, mode=cfg.mode, kind=kind))
-        demo = cache / CORPORA[language]
-        if runtime.is_main and not demo.exists():
-            write_demo_corpus(demo, language)
+        demo = Path(cfg.data_dir) / CACHE / "demo" / CORPORA[language]
+        if runtime.is_main:
+            builtin_corpus_file(cfg.data_dir, language)
     runtime.barrier()
     return demo
 
@@ -267,7 +279,7 @@ def _resolve_tokenizer(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path |
         raise ConfigError(_("shards {paths} were built with tokenizer {checksums}; pass that tokenizer directory with "
                             "--tokenizer").format(paths=", ".join(map(str, datasets)), checksums=checksums))
     if runtime.is_main:
-        files = raw + ([_demo_post_training_file(cfg, "sft")] if learn_post_training else [])
+        files = raw + ([demo_post_training_file(cfg.data_dir, "sft", TOKENIZER_SAMPLE)] if learn_post_training else [])
         vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
         print(_("[minigpt] training a {vocab}-token tokenizer on {count} file(s) into {path}").format(
             vocab=vocab, count=len(files), path=run_tokenizer), flush=True)

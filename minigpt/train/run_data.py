@@ -23,8 +23,15 @@ import numpy as np
 from minigpt.config import ConfigError, TrainConfig, data_name, get_config
 from minigpt.data import build
 from minigpt.data.build import build_dataset
-from minigpt.data.demo import (CORPORA, DEMO_PREFIX, DEMO_TASKS, TOKENIZER_SAMPLE, demo_language, write_demo_corpus,
-                               write_demo_post_training)
+from minigpt.data.demo import (
+    CORPORA,
+    DEMO_PREFIX,
+    DEMO_TASKS,
+    TOKENIZER_SAMPLE,
+    demo_language,
+    write_demo_corpus,
+    write_demo_post_training,
+)
 from minigpt.data.shards import open_shard
 from minigpt.i18n import _, docs_page
 from minigpt.modes import objective_class

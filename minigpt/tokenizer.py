@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from minigpt.i18n import _
@@ -31,6 +32,8 @@ CHAT_ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE = "chatml"
 SPACE_SYMBOL = "\u2581"
 """sentencepiece's whitespace meta symbol `▁`: spaces become it before pieces are matched."""
+_ARRAY_ENCODE = hasattr(spm.SentencePieceProcessor, "EncodeAsNumpy")
+"""sentencepiece 0.2.1 and later return ids as arrays (`out_type="numpy"`)."""
 
 
 class TokenizerError(ValueError):
@@ -57,6 +60,14 @@ class ChatEncoding:
 
     ids: list[int]
     assistant_mask: list[int]
+
+
+def _spread(items: list, indices: list[int], length: int) -> list:
+    """A list of `length` with `items` at `indices` and None elsewhere."""
+    spread = [None] * length
+    for index, item in zip(indices, items, strict=True):
+        spread[index] = item
+    return spread
 
 
 class Tokenizer:
@@ -184,6 +195,32 @@ class Tokenizer:
             if self._escaped in text:
                 result[index] = self._encode_exact(text)
         return result
+
+    def encode_documents(self, texts: list[str], num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """`encode(text, eos=True)` of every text back to back as one int32 array, and each one's length.
+
+        sentencepiece hands the ids back as arrays (no Python int per token) and encodes on
+        `num_threads` threads of its own; a sentencepiece too old for arrays goes through lists.
+        """
+        plain = [index for index, text in enumerate(texts) if self._escaped not in text]
+        if len(plain) == len(texts) and _ARRAY_ENCODE and self.sp.eos_id() == self.eos_id and texts:
+            arrays = self.sp.encode(texts, out_type="numpy", add_eos=True, num_threads=num_threads)
+            return np.concatenate(arrays), np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        batch = texts if len(plain) == len(texts) else [texts[i] for i in plain]
+        if _ARRAY_ENCODE:
+            encoded = self.sp.encode(batch, out_type="numpy", num_threads=num_threads)
+        else:
+            encoded = [np.asarray(ids, dtype=np.int32) for ids in self.sp.encode(batch, num_threads=num_threads)]
+        if len(plain) == len(texts):
+            arrays = encoded
+        else:  # texts holding a typed `▁` (see `_encode_exact`)
+            arrays = [ids if self._escaped not in text else np.asarray(self._encode_exact(text), dtype=np.int32)
+                      for text, ids in zip(texts, _spread(encoded, plain, len(texts)), strict=True)]
+        eos = np.array([self.eos_id], dtype=np.int32)
+        lengths = np.fromiter((len(ids) + 1 for ids in arrays), dtype=np.int64, count=len(arrays))
+        if not arrays:
+            return np.zeros(0, dtype=np.int32), lengths
+        return np.concatenate([part for ids in arrays for part in (ids, eos)]), lengths
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; special tokens (pad, bos, eos, chat markers) are dropped.

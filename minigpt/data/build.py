@@ -1,10 +1,21 @@
-"""Build a dataset directory (train/ and val/ shards + dataset_stats.json) from raw files.
+"""Build a dataset directory (train/ and val/ shards + dataset_stats.json) from raw files, streaming.
 
-    raw files -> records (paragraphs or JSONL lines) -> parse + encode in worker processes
+    raw files -> blocks of whole records (~1 MB, read in order)            `_read`
+              -> parse + encode each block, in worker processes or here   `_encode_chunk`
+                 (a per-document filter fits there, on the parsed texts, before the encode)
               -> one staging shard of every kept document, in input order (long pretraining documents
-                 cut into pieces, see `cut_long_text`)
-              -> deterministic split by document (seeded) -> train/ and val/ shards
-              -> dataset_stats.json -> rename the staging directory into place
+                 cut into pieces, see `cut_long_text`), written as blocks come back, with a progress
+                 record saved every CHECKPOINT_SECONDS                  `_encode_into`
+              -> deterministic split by document (seeded), streamed from the staging shard in bounded
+                 blocks -> train/ and val/ shards                        `_write_splits`
+              -> dataset_stats.json -> rename into place
+
+Memory does not grow with the input: a few blocks are in flight, the shards are written as they
+come, and the split reads the staging shard block by block (what grows is ~9 bytes per document for
+the seeded choice of validation documents). The staging directory `.NAME.partial` beside `NAME`
+keeps the staging shard and `progress.json` (input position, shard sizes, stats so far), so a run
+that is interrupted (Ctrl-C, a kill, a crash) continues where its last progress record was when
+the same command is run again; other inputs or options start over (see `_build_key`).
 
 Bad records are counted per file with their first line numbers and skipped (or fail the run with
 `strict=True`). Nothing appears at `out_dir` until the whole dataset is written.
@@ -12,14 +23,15 @@ Bad records are counted per file with their first line numbers and skipped (or f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing
 import shutil
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -27,28 +39,40 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from minigpt.data.shards import KINDS, ShardReader, ShardWriter
+from minigpt.data.shards import KINDS, LOSS_MASK, OFFSETS, RECORDS, TOKENS, ShardError, ShardWriter, token_dtype
 from minigpt.data.sources import (
+    MAX_DOCUMENT_CHARS,
+    Block,
     Example,
     InputError,
     Skip,
+    block_records,
     cut_long_text,
     expand_inputs,
     input_format,
-    iter_raw_records,
+    iter_blocks,
     parse_record,
+    pretrain_texts,
 )
-from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
+from minigpt.fsutil import atomic_write_text, fsync_dir, fsync_file, held, in_use, replace_dir
 from minigpt.i18n import _, docs_page
 from minigpt.tokenizer import Tokenizer
 
 STATS_FILE = "dataset_stats.json"
+PROGRESS_FILE = "progress.json"
 ENCODING_VERSION = 2
 """The encoding `build_dataset` writes for an input and a tokenizer model (a typed `▁` is escaped; tab and
 newline have pieces of their own). It is part of train.py's cache key for pre-tokenized raw files: bump it
 whenever that output changes, so the cache is rebuilt rather than reused."""
-CHUNK_RECORDS = 256
 CHUNK_BYTES = 1 << 20
+"""Input per worker task (whole records: a longer record makes a longer chunk)."""
+IN_PROCESS_BYTES = 64 << 20
+"""Inputs smaller than this are encoded in the main process whatever `workers` says (sentencepiece's own
+threads still use them): starting a worker costs more than it saves on them."""
+CHECKPOINT_SECONDS = 30.0
+"""How often the progress record of a build is saved (an interrupted build loses at most this much)."""
+SPLIT_BLOCK_TOKENS = 1 << 22
+"""The split copies the staging shard to train/ and val/ this many tokens at a time (bounded memory)."""
 FIRST_LINES = 5
 """How many line numbers of each skip reason the stats keep per file."""
 
@@ -94,10 +118,20 @@ class FileStats:
 
 @dataclass
 class _Chunk:
+    """Whole records of one file, for one worker task."""
+
     file_index: int
     fmt: str
-    records: list[tuple[int, bytes]]
-    nbytes: int
+    block: Block
+
+
+@dataclass
+class _FileEnd:
+    """The end of a file's records in the stream of chunks, and the error that cut it short, if any."""
+
+    file_index: int
+    end_line: int
+    error: InputError | None = None
 
 
 @dataclass
@@ -105,10 +139,12 @@ class _EncodedChunk:
     """A chunk's kept examples as one block of documents, and its skipped records.
 
     `num_kept` records were kept; they became `num_examples` examples (more when long documents were
-    cut, `num_cut` of them).
+    cut, `num_cut` of them). `end`/`end_line`: where the chunk ended in its file (the resume position).
     """
 
     file_index: int
+    end: int
+    end_line: int
     nbytes: int
     skips: list[Skip]
     num_kept: int
@@ -125,13 +161,20 @@ class _Job:
     kind: str
     text_field: str
     max_prompt_tokens: int | None
+    dtype: str = "uint16"
+    """The shards' token dtype: workers send tokens back in it (half the bytes of int32)."""
+    threads: int = 1
+    """sentencepiece threads per encode call (the in-process path gives it the workers asked for)."""
 
 
-def _encode_pretrain(tokenizer: Tokenizer, examples: list[Example]) -> tuple[list[list[int]], int]:
-    """Token ids + EOS of each piece of each text, and how many texts were long enough to be cut."""
-    pieces = [cut_long_text(e.text) for e in examples]
-    encoded = tokenizer.encode_batch([piece for cut in pieces for piece in cut])
-    return [ids + [tokenizer.eos_id] for ids in encoded], sum(len(cut) > 1 for cut in pieces)
+def _encode_pretrain(tokenizer: Tokenizer, job: _Job, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Tokens (ids + EOS of each piece of each text, back to back) and lengths, and how many texts were cut."""
+    pieces, num_cut = texts, 0
+    if max(map(len, texts), default=0) > MAX_DOCUMENT_CHARS:
+        cut = [cut_long_text(text) for text in texts]
+        pieces, num_cut = [piece for parts in cut for piece in parts], sum(len(parts) > 1 for parts in cut)
+    tokens, lengths = tokenizer.encode_documents(pieces, job.threads)
+    return tokens, lengths, num_cut
 
 
 def _encode_post_training(tokenizer: Tokenizer, job: _Job, example: Example) -> list[tuple] | Skip:
@@ -155,17 +198,17 @@ def _encode_post_training(tokenizer: Tokenizer, job: _Job, example: Example) -> 
 
 
 def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChunk:
-    parsed = [parse_record(job.kind, chunk.fmt, line, raw, job.text_field) for line, raw in chunk.records]
-    skips = [p for p in parsed if isinstance(p, Skip)]
-    examples = [p for p in parsed if isinstance(p, Example)]
-    num_cut = 0
+    records = block_records(chunk.fmt, chunk.block)
+    mask, kept_records = None, None
     if job.kind == "pretrain":
-        encoded, num_cut = _encode_pretrain(tokenizer, examples)
-        documents = [(ids, None, None) for ids in encoded]
-        num_kept, num_examples = len(examples), len(documents)
+        _lines, texts, skips = pretrain_texts(chunk.fmt, records, job.text_field)
+        tokens, lengths, num_cut = _encode_pretrain(tokenizer, job, texts)
+        num_kept, num_examples = len(texts), len(lengths)
     else:
-        documents, num_examples = [], 0
-        for example in examples:
+        parsed = [parse_record(job.kind, chunk.fmt, line, raw, job.text_field) for line, raw in records]
+        skips = [p for p in parsed if isinstance(p, Skip)]
+        documents, num_examples, num_cut = [], 0, 0
+        for example in (p for p in parsed if isinstance(p, Example)):
             result = _encode_post_training(tokenizer, job, example)
             if isinstance(result, Skip):
                 skips.append(result)
@@ -173,18 +216,17 @@ def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChu
                 documents += result
                 num_examples += 1
         num_kept = num_examples
-    skips.sort(key=lambda skip: skip.line)
-    lengths = np.array([len(ids) for ids, _mask, _record in documents], dtype=np.int64)
-    # chain.from_iterable flattens in C: ~30% faster than a nested generator over millions of ids.
-    tokens = np.fromiter(chain.from_iterable(ids for ids, _mask, _record in documents), dtype=np.int64,
-                         count=int(lengths.sum()))
-    mask = None
-    if job.kind in ("sft", "dpo"):
-        mask = np.fromiter(chain.from_iterable(doc_mask for _ids, doc_mask, _record in documents), dtype=np.uint8,
-                           count=int(lengths.sum()))
-    records = [record for _ids, _mask, record in documents] if job.kind == "rlhf" else None
-    return _EncodedChunk(chunk.file_index, chunk.nbytes, skips, num_kept, num_cut, num_examples, tokens, lengths,
-                         mask, records)
+        skips.sort(key=lambda skip: skip.line)
+        lengths = np.array([len(ids) for ids, _mask, _record in documents], dtype=np.int64)
+        # chain.from_iterable flattens in C: ~30% faster than a nested generator over millions of ids.
+        tokens = np.fromiter(chain.from_iterable(ids for ids, _mask, _record in documents), dtype=np.int64,
+                             count=int(lengths.sum()))
+        if job.kind in ("sft", "dpo"):
+            mask = np.fromiter(chain.from_iterable(doc_mask for _ids, doc_mask, _record in documents),
+                               dtype=np.uint8, count=int(lengths.sum()))
+        kept_records = [record for _ids, _mask, record in documents] if job.kind == "rlhf" else None
+    return _EncodedChunk(chunk.file_index, chunk.block.end, chunk.block.end_line, len(chunk.block.data), skips,
+                         num_kept, num_cut, num_examples, tokens.astype(job.dtype), lengths, mask, kept_records)
 
 
 _WORKER: tuple[Tokenizer, _Job] | None = None
@@ -200,82 +242,169 @@ def _encode_in_worker(chunk: _Chunk) -> _EncodedChunk:
     return _encode_chunk(tokenizer, job, chunk)
 
 
-def _chunks(files: list[Path], stats: list[FileStats], strict: bool) -> Iterator[_Chunk]:
-    """Records of every file in order, in chunks; file-level problems go into `stats` (or raise)."""
-    for index, path in enumerate(files):
-        records: list[tuple[int, bytes]] = []
-        nbytes, seen = 0, 0
+@dataclass
+class _Position:
+    """Where reading stands: file `file`, byte `offset` (a record boundary), line `line`."""
+
+    file: int = 0
+    offset: int = 0
+    line: int = 1
+
+
+def _read(files: list[Path], fmts: list[str], start: _Position) -> Iterator[_Chunk | _FileEnd]:
+    """Chunks of every file from `start` on, in order, each file's followed by its `_FileEnd`."""
+    for index in range(start.file, len(files)):
+        offset, line = (start.offset, start.line) if index == start.file else (0, 1)
         try:
-            for line, raw in iter_raw_records(path):
-                records.append((line, raw))
-                nbytes += len(raw)
-                seen += 1
-                if len(records) >= CHUNK_RECORDS or nbytes >= CHUNK_BYTES:
-                    yield _Chunk(index, stats[index].format, records, nbytes)
-                    records, nbytes = [], 0
+            for block in iter_blocks(files[index], offset, line, CHUNK_BYTES):
+                yield _Chunk(index, fmts[index], block)
+                line = block.end_line
         except InputError as err:
-            if strict:
-                raise DatasetBuildError(_("{error} (strict mode)").format(error=err)) from err
-            print(_("[minigpt] warning: {error}; kept what was read before").format(error=err), file=sys.stderr)
-            stats[index].skip("unreadable_file", seen + 1)
-            stats[index].documents_read += 1  # the record cut off (and whatever followed it) is lost
-        if records:
-            yield _Chunk(index, stats[index].format, records, nbytes)
-        if seen == 0 and not stats[index].skipped:
-            if strict:
-                raise DatasetBuildError(_("{path}: empty file (strict mode)").format(path=path))
-            stats[index].skip("empty_file", 0)
+            yield _FileEnd(index, line, err)
+            continue
+        yield _FileEnd(index, line)
 
 
-def _bounded_ordered_map(pool: ProcessPoolExecutor, chunks: Iterator[_Chunk],
-                         window: int) -> Iterator[_EncodedChunk]:
-    """Results of `_encode_in_worker` over `chunks` in order, with at most `window` chunks in flight.
+def _bounded_ordered_map(pool: ProcessPoolExecutor, items: Iterator[_Chunk | _FileEnd],
+                         window: int) -> Iterator[_EncodedChunk | _FileEnd]:
+    """`_encode_in_worker` of each chunk (file ends passed through) in order, at most `window` in flight.
 
     (Pool.imap would read the whole input ahead into its queue; a dead worker raises here
     instead of hanging.)
     """
     pending: deque = deque()
-    for chunk in chunks:
-        pending.append(pool.submit(_encode_in_worker, chunk))
-        if len(pending) >= window:
-            yield pending.popleft().result()
+    for item in items:
+        pending.append(pool.submit(_encode_in_worker, item) if isinstance(item, _Chunk) else item)
+        while len(pending) >= window or (pending and not isinstance(pending[0], Future)):
+            head = pending.popleft()
+            yield head.result() if isinstance(head, Future) else head
     while pending:
-        yield pending.popleft().result()
+        head = pending.popleft()
+        yield head.result() if isinstance(head, Future) else head
 
 
-def _encode_all(files: list[Path], stats: list[FileStats], tokenizer: Tokenizer, job: _Job, workers: int,
-                strict: bool, progress: bool) -> Iterator[_EncodedChunk]:
-    """Encoded chunks of every file, in input order; skipped records counted in `stats` (or raised)."""
-    total = None if any(s.path.endswith(".gz") for s in stats) else sum(s.bytes for s in stats)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=_("pretokenize"), disable=not progress)
-    chunks = _chunks(files, stats, strict)
-    pool = None
-    if workers > 1:
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),  # fork is unsafe
-                                   initializer=_init_worker, initargs=(str(tokenizer.directory), job))
-        results = _bounded_ordered_map(pool, chunks, window=4 * workers)
-    else:
-        results = (_encode_chunk(tokenizer, job, chunk) for chunk in chunks)
+def _encoded(files: list[Path], stats: list[FileStats], tokenizer: Tokenizer, job: _Job, workers: int,
+             start: _Position) -> Iterator[_EncodedChunk | _FileEnd]:
+    """Encoded chunks and file ends from `start` on, in input order: in `workers` processes when the input
+    is large enough to pay for starting them (`IN_PROCESS_BYTES`), else here."""
+    items = _read(files, [s.format for s in stats], start)
+    remaining = sum(s.bytes for s in stats[start.file:]) - start.offset
+    if workers <= 1 or remaining < IN_PROCESS_BYTES:
+        local = _Job(**{**asdict(job), "threads": max(1, workers)})
+        yield from (_encode_chunk(tokenizer, local, item) if isinstance(item, _Chunk) else item for item in items)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),  # fork is unsafe
+                               initializer=_init_worker, initargs=(str(tokenizer.directory), job))
     try:
-        for encoded in results:
-            bar.update(encoded.nbytes)
-            file_stats = stats[encoded.file_index]
-            if encoded.skips and strict:
-                skip = encoded.skips[0]
-                message = (_("{path}:{line}: {reason} ({detail}) (strict mode)") if skip.detail
-                           else _("{path}:{line}: {reason} (strict mode)"))
-                raise DatasetBuildError(message.format(path=file_stats.path, line=skip.line, reason=skip.reason,
-                                                       detail=skip.detail))
-            for skip in encoded.skips:
-                file_stats.skip(skip.reason, skip.line)
-            file_stats.documents_read += len(encoded.skips) + encoded.num_kept
-            file_stats.documents_kept += encoded.num_kept
-            file_stats.documents_cut += encoded.num_cut
-            yield encoded
+        yield from _bounded_ordered_map(pool, items, window=4 * workers)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Progress:
+    """What the staging directory holds so far: saved as progress.json, the resume point of a build."""
+
+    key: str
+    position: _Position = field(default_factory=_Position)
+    shard: dict | None = None
+    """The staging shard's `ShardWriter.sync()` position."""
+    examples: list[int] = field(default_factory=list)
+    """Examples of each file in the staging shard (a file's examples are consecutive, in file order)."""
+    stats: list[dict] = field(default_factory=list)
+    done: bool = False
+    """Every input was read: what is left is the split."""
+
+    def save(self, directory: Path) -> None:
+        atomic_write_text(directory / PROGRESS_FILE, json.dumps(asdict(self), ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> _Progress | None:
+        try:
+            data = json.loads((directory / PROGRESS_FILE).read_text(encoding="utf-8"))
+            return cls(**{**data, "position": _Position(**data["position"])})
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+
+
+def _build_key(files: list[Path], tokenizer: Tokenizer, job: _Job, strict: bool) -> str:
+    """What the staging shard depends on: each input's path, size and modification time, the tokenizer, the
+    kind and its options, strict mode and the encoding version (the split's seed and share do not count:
+    the split is redone from the staging shard)."""
+    inputs = []
+    for path in files:
+        info = path.stat()
+        inputs.append([str(path.resolve()), info.st_size, info.st_mtime_ns])
+    key = {"inputs": inputs, "tokenizer": tokenizer.checksum, "kind": job.kind, "text_field": job.text_field,
+           "max_prompt_tokens": job.max_prompt_tokens, "strict": strict, "encoding": ENCODING_VERSION}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _check(encoded: _EncodedChunk | _FileEnd, stats: list[FileStats], strict: bool) -> None:
+    """Count a chunk's skipped records or a file's end in `stats`; under strict mode, raise on the first."""
+    file_stats = stats[encoded.file_index]
+    if isinstance(encoded, _FileEnd):
+        if encoded.error is not None:
+            if strict:
+                raise DatasetBuildError(_("{error} (strict mode)").format(error=encoded.error)) from encoded.error
+            print(_("[minigpt] warning: {error}; kept what was read before").format(error=encoded.error),
+                  file=sys.stderr)
+            file_stats.skip("unreadable_file", encoded.end_line)
+            file_stats.documents_read += 1  # the record cut off (and whatever followed it) is lost
+        if file_stats.documents_read == 0 and not file_stats.skipped:
+            if strict:
+                raise DatasetBuildError(_("{path}: empty file (strict mode)").format(path=file_stats.path))
+            file_stats.skip("empty_file", 0)
+        return
+    if encoded.skips and strict:
+        skip = encoded.skips[0]
+        message = (_("{path}:{line}: {reason} ({detail}) (strict mode)") if skip.detail
+                   else _("{path}:{line}: {reason} (strict mode)"))
+        raise DatasetBuildError(message.format(path=file_stats.path, line=skip.line, reason=skip.reason,
+                                               detail=skip.detail))
+    for skip in encoded.skips:
+        file_stats.skip(skip.reason, skip.line)
+    file_stats.documents_read += len(encoded.skips) + encoded.num_kept
+    file_stats.documents_kept += encoded.num_kept
+    file_stats.documents_cut += encoded.num_cut
+
+
+def _encode_into(writer: ShardWriter, progress: _Progress, partial: Path, files: list[Path],
+                 stats: list[FileStats], tokenizer: Tokenizer, job: _Job, workers: int, strict: bool,
+                 show_progress: bool, checkpoint_seconds: float, on_checkpoint: Callable[[_Progress], None] | None
+                 ) -> None:
+    """Encode the inputs from `progress.position` on into the staging shard `writer`, saving `progress`
+    every `checkpoint_seconds` (after syncing the shard, so the record never runs ahead of the files)."""
+    total = None if any(s.path.endswith(".gz") for s in stats) else sum(s.bytes for s in stats)
+    done_bytes = sum(s.bytes for s in stats[:progress.position.file]) + progress.position.offset
+    bar = tqdm(total=total, initial=done_bytes if total else 0, unit="B", unit_scale=True,
+               desc=_("pretokenize"), disable=not show_progress)
+    last = time.monotonic()
+
+    def checkpoint() -> None:
+        progress.shard = writer.sync()
+        progress.stats = [asdict(s) for s in stats]
+        progress.save(partial)
+        if on_checkpoint is not None:
+            on_checkpoint(progress)
+
+    try:
+        for encoded in _encoded(files, stats, tokenizer, job, workers, progress.position):
+            _check(encoded, stats, strict)
+            if isinstance(encoded, _FileEnd):
+                progress.position = _Position(encoded.file_index + 1)
+            else:
+                bar.update(encoded.nbytes)
+                writer.add_many(encoded.tokens, encoded.lengths, encoded.loss_mask, encoded.records)
+                progress.examples[encoded.file_index] += encoded.num_examples
+                progress.position = _Position(encoded.file_index, encoded.end, encoded.end_line)
+            if time.monotonic() - last >= checkpoint_seconds:
+                checkpoint()
+                last = time.monotonic()
+        progress.done = True
+        checkpoint()
     finally:
         bar.close()
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def split_examples(num_examples: int, val_fraction: float, seed: int) -> np.ndarray:
@@ -296,29 +425,18 @@ def split_examples(num_examples: int, val_fraction: float, seed: int) -> np.ndar
     return is_val
 
 
-def _write_split(staged: ShardReader, docs_per_example: int, select: np.ndarray, writer: ShardWriter,
-                 extra_meta: dict) -> None:
-    """Copy the selected examples of the staging shard into `writer`, keeping their order."""
-    documents = np.repeat(select, docs_per_example)
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], documents.astype(np.int8), [0]])))
-    for first, end in zip(edges[::2], edges[1::2], strict=True):  # runs of consecutive selected documents
-        start, stop = int(staged.offsets[first]), int(staged.offsets[end])
-        writer.add_many(staged.tokens[start:stop], np.diff(staged.offsets[first:end + 1]),
-                        None if staged.loss_mask is None else staged.loss_mask[start:stop],
-                        None if staged.records is None else staged.records[first:end])
-    writer.close({**extra_meta, "num_examples": int(select.sum())})
-
-
 def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Tokenizer, kind: str = "pretrain",
                   val_fraction: float = 0.01, seed: int = 1337, workers: int = 1, text_field: str = "text",
                   strict: bool = False, progress: bool = True, max_prompt_tokens: int | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, checkpoint_seconds: float = CHECKPOINT_SECONDS,
+                  on_checkpoint: Callable[[_Progress], None] | None = None) -> Path:
     """Pre-tokenize `inputs` (files or globs) into the dataset directory `out_dir` and return it.
 
     kind: 'pretrain' (text, EOS after each document), 'sft' (conversations with an assistant loss
     mask), 'dpo' (chosen/rejected pairs, mask on the responses) or 'rlhf' (prompts + references).
     The split is by example, seeded: the same inputs and seed give the same shards for any
-    number of workers. See docs/data.md for the input schemas and the files written.
+    number of workers, and for a run interrupted and run again. `on_checkpoint` is called after each
+    progress record is saved. See docs/data.md for the input schemas and the files written.
     """
     if kind not in KINDS:
         raise DatasetBuildError(_("kind {kind!r} is not one of {kinds}").format(kind=kind, kinds=KINDS))
@@ -333,54 +451,138 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
         raise DatasetBuildError(str(err)) from err
     started = time.monotonic()
     stats = [FileStats(str(path), input_format(path), path.stat().st_size) for path in files]
-    job = _Job(kind, text_field, max_prompt_tokens)
-    docs_per_example = 2 if kind == "dpo" else 1
+    job = _Job(kind, text_field, max_prompt_tokens, token_dtype(tokenizer.vocab_size).name)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.building-")
-    try:
-        common = {"vocab_size": tokenizer.vocab_size, "kind": kind, "tokenizer_checksum": tokenizer.checksum,
-                  "sources": [s.path for s in stats]}
-        staged_writer = ShardWriter(staging / "all", **common)
-        example_files = []
-        for encoded in _encode_all(files, stats, tokenizer, job, max(1, workers), strict, progress):
-            staged_writer.add_many(encoded.tokens, encoded.lengths, encoded.loss_mask, encoded.records)
-            example_files += [encoded.file_index] * encoded.num_examples
-        staged_writer.close()
-        for file_stats in stats:
-            if file_stats.skipped:
-                print(_("[minigpt] {note}").format(note=file_stats.summary()), file=sys.stderr)
-        if not example_files:
-            raise DatasetBuildError(_("no usable {kind} examples in {paths} (see the skip reasons above and {docs} "
-                                      "for the formats)").format(kind=kind, paths=", ".join(s.path for s in stats),
-                                                                 docs=docs_page("data.md")))
-        staged = ShardReader(staging / "all")
-        is_val = split_examples(len(example_files), val_fraction, seed)
-        split_meta = {"seed": seed, "val_fraction": val_fraction}
-        _write_split(staged, docs_per_example, ~is_val, ShardWriter(staging / "train", **common),
-                     {**split_meta, "split": "train"})
-        _write_split(staged, docs_per_example, is_val, ShardWriter(staging / "val", **common),
-                     {**split_meta, "split": "val"})
-        example_tokens = staged.document_lengths().reshape(-1, docs_per_example).sum(axis=1)
-        _fill_split_stats(stats, np.array(example_files), example_tokens, is_val)
-        del staged
-        shutil.rmtree(staging / "all")
-        _write_stats(staging / STATS_FILE, stats, common, split_meta, text_field, time.monotonic() - started)
-        fsync_dir(staging)
-        replace_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    partial = out_dir.parent / f".{out_dir.name}.partial"
+    if in_use(partial):
+        raise DatasetBuildError(_("{path}: another pretokenize is writing {out} now").format(path=partial,
+                                                                                             out=out_dir))
+    common = {"vocab_size": tokenizer.vocab_size, "kind": kind, "tokenizer_checksum": tokenizer.checksum,
+              "sources": [s.path for s in stats]}
+    state, writer = _resume_or_start(partial, _build_key(files, tokenizer, job, strict), len(files), common)
+    if state.stats:  # continue an interrupted build
+        stats = [FileStats(**s) for s in state.stats]
+    with held(partial):
+        try:
+            if not state.done:
+                _encode_into(writer, state, partial, files, stats, tokenizer, job, workers, strict, progress,
+                             checkpoint_seconds, on_checkpoint)
+        except DatasetBuildError:  # the input must change: nothing to resume
+            writer.abandon()
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        except BaseException:
+            writer.abandon()  # kept, with the progress record, for the next run of the same command
+            raise
+        writer.abandon()
+        try:
+            _finish(partial, out_dir, state, stats, common, kind, val_fraction, seed, text_field, started)
+        except DatasetBuildError:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    shutil.rmtree(partial, ignore_errors=True)
     return out_dir
 
 
-def _fill_split_stats(stats: list[FileStats], example_files: np.ndarray, example_tokens: np.ndarray,
+def _resume_or_start(partial: Path, key: str, num_files: int, common: dict) -> tuple[_Progress, ShardWriter]:
+    """The progress of an interrupted build of the same inputs and options in `partial` and its staging shard
+    reopened there, or a fresh start (a staging directory of other inputs or options, or one whose files do
+    not match its progress record, is removed, with a message)."""
+    if partial.exists():
+        found = _Progress.load(partial)
+        if found is not None and found.key == key and found.shard is not None:
+            try:
+                writer = ShardWriter(partial / "all", **common, resume=found.shard)
+            except (OSError, ShardError):
+                pass
+            else:
+                position = found.position
+                print(_("[minigpt] resuming the interrupted build in {path} (file {file} of {files}, line {line})")
+                      .format(path=partial, file=min(position.file + 1, num_files), files=num_files,
+                              line=position.line), file=sys.stderr)
+                return found, writer
+        print(_("[minigpt] {path}: left by an interrupted build of other inputs or options; starting over").format(
+            path=partial), file=sys.stderr)
+        shutil.rmtree(partial)
+    partial.mkdir()
+    progress, writer = _Progress(key, examples=[0] * num_files), ShardWriter(partial / "all", **common)
+    progress.shard = writer.sync()
+    progress.save(partial)  # from the start: a run stopped before its first checkpoint resumes too
+    return progress, writer
+
+
+def _finish(partial: Path, out_dir: Path, state: _Progress, stats: list[FileStats], common: dict, kind: str,
+            val_fraction: float, seed: int, text_field: str, started: float) -> None:
+    """Split the staging shard into train/ and val/, write the stats and move the dataset into place."""
+    for file_stats in stats:
+        if file_stats.skipped:
+            print(_("[minigpt] {note}").format(note=file_stats.summary()), file=sys.stderr)
+    num_examples = sum(state.examples)
+    if not num_examples:
+        raise DatasetBuildError(_("no usable {kind} examples in {paths} (see the skip reasons above and {docs} "
+                                  "for the formats)").format(kind=kind, paths=", ".join(s.path for s in stats),
+                                                             docs=docs_page("data.md")))
+    final = partial / "dataset"
+    shutil.rmtree(final, ignore_errors=True)  # a split an earlier run did not finish
+    final.mkdir()
+    is_val = split_examples(num_examples, val_fraction, seed)
+    split_meta = {"seed": seed, "val_fraction": val_fraction}
+    writers = {split: ShardWriter(final / split, **common) for split in ("train", "val")}
+    example_tokens = _write_splits(partial / "all", common, 2 if kind == "dpo" else 1, is_val, writers)
+    for split, select in (("train", ~is_val), ("val", is_val)):
+        writers[split].close({**split_meta, "split": split, "num_examples": int(select.sum())})
+    _fill_split_stats(stats, np.array(state.examples), example_tokens, is_val)
+    _write_stats(final / STATS_FILE, stats, common, split_meta, text_field, time.monotonic() - started)
+    fsync_dir(final)
+    replace_dir(final, out_dir)
+
+
+def _write_splits(staging: Path, common: dict, docs_per_example: int, is_val: np.ndarray,
+                  writers: dict[str, ShardWriter]) -> np.ndarray:
+    """Copy the staging shard's examples to the train or val writer (`is_val`), keeping their order, reading
+    it in blocks of about SPLIT_BLOCK_TOKENS (plain reads: a memory map would count its pages as the
+    process's memory); returns each example's token count."""
+    dtype = token_dtype(common["vocab_size"])
+    num_documents = len(is_val) * docs_per_example
+    offsets = np.fromfile(staging / OFFSETS, dtype=np.int64)  # 8 bytes a document
+    handles = {name: open(staging / name, "rb") for name in (TOKENS, LOSS_MASK, RECORDS)
+               if (staging / name).exists()}
+    try:
+        first = 0
+        while first < num_documents:
+            # documents [first, end): whole examples, about SPLIT_BLOCK_TOKENS tokens (one example at least)
+            end = int(np.searchsorted(offsets, offsets[first] + SPLIT_BLOCK_TOKENS, side="right")) - 1
+            end = min(num_documents, max(end - end % docs_per_example, first + docs_per_example))
+            count = int(offsets[end] - offsets[first])
+            tokens = np.fromfile(handles[TOKENS], dtype=dtype, count=count)
+            mask = np.fromfile(handles[LOSS_MASK], dtype=np.uint8, count=count) if LOSS_MASK in handles else None
+            records = ([json.loads(handles[RECORDS].readline()) for _doc in range(end - first)]
+                       if RECORDS in handles else None)
+            lengths = np.diff(offsets[first:end + 1])
+            val = np.repeat(is_val[first // docs_per_example:end // docs_per_example], docs_per_example)
+            for name, select in (("train", ~val), ("val", val)):
+                if select.any():
+                    keep = np.repeat(select, lengths)
+                    writers[name].add_many(tokens[keep], lengths[select], None if mask is None else mask[keep],
+                                           None if records is None else [r for r, s in zip(records, select, strict=True) if s])
+            first = end
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return np.diff(offsets[::docs_per_example])
+
+
+def _fill_split_stats(stats: list[FileStats], examples_per_file: np.ndarray, example_tokens: np.ndarray,
                       is_val: np.ndarray) -> None:
+    ends = np.cumsum(examples_per_file)
     for index, file_stats in enumerate(stats):
-        mine = example_files == index
+        mine = slice(int(ends[index] - examples_per_file[index]), int(ends[index]))
+        val = is_val[mine]
         file_stats.tokens = int(example_tokens[mine].sum())
-        file_stats.val_documents = int((mine & is_val).sum())
-        file_stats.train_documents = int(mine.sum()) - file_stats.val_documents
-        file_stats.val_tokens = int(example_tokens[mine & is_val].sum())
-        examples = int(mine.sum())
+        file_stats.val_documents = int(val.sum())
+        file_stats.train_documents = int(examples_per_file[index]) - file_stats.val_documents
+        file_stats.val_tokens = int(example_tokens[mine][val].sum())
+        examples = int(examples_per_file[index])
         file_stats.validation_share = round(file_stats.val_documents / examples, 6) if examples else 0.0
 
 

@@ -15,7 +15,7 @@ files read-only and refuses, with a `ShardError` naming the file, anything that 
 from __future__ import annotations
 
 import json
-from array import array
+import os
 from pathlib import Path
 
 import numpy as np
@@ -45,22 +45,45 @@ class ShardWriter:
     """Append documents to a new shard directory; `close()` writes meta.json last.
 
     Used inside a staging directory that the builder renames into place, so a shard is never
-    seen half-written.
+    seen half-written. Every file is written as documents come (memory does not grow with the
+    shard); `sync()` makes what was added durable and returns the position a later writer can
+    `resume` from (the files cut back to it), which is how an interrupted build continues.
     """
 
     def __init__(self, directory: str | Path, vocab_size: int, kind: str, tokenizer_checksum: str,
-                 sources: list[str] | None = None):
+                 sources: list[str] | None = None, resume: dict | None = None):
         if kind not in KINDS:
             raise ValueError(_("kind {kind!r} is not one of {kinds}").format(kind=kind, kinds=KINDS))
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=False)
+        if resume is None:
+            self.directory.mkdir(parents=True, exist_ok=False)
         self.vocab_size, self.kind, self.checksum = vocab_size, kind, tokenizer_checksum
         self.sources = list(sources or [])
         self.dtype = token_dtype(vocab_size)
-        self.offsets = array("q", [0])
-        self._tokens = open(self.directory / TOKENS, "wb", buffering=1 << 22)
-        self._mask = open(self.directory / LOSS_MASK, "wb", buffering=1 << 20) if kind in MASKED_KINDS else None
-        self._records = open(self.directory / RECORDS, "w", encoding="utf-8") if kind == "rlhf" else None
+        position = resume or {"documents": 0, "tokens": 0, "records_bytes": 0}
+        self.num_documents, self.num_tokens = int(position["documents"]), int(position["tokens"])
+        self.records_bytes = int(position["records_bytes"])
+        sizes = {TOKENS: self.num_tokens * self.dtype.itemsize, OFFSETS: (self.num_documents + 1) * 8,
+                 LOSS_MASK: self.num_tokens, RECORDS: self.records_bytes}
+        self._tokens = self._open(TOKENS, sizes, resume, 1 << 22)
+        self._offsets = self._open(OFFSETS, sizes, resume, 1 << 20)
+        self._mask = self._open(LOSS_MASK, sizes, resume, 1 << 20) if kind in MASKED_KINDS else None
+        self._records = self._open(RECORDS, sizes, resume, 1 << 16) if kind == "rlhf" else None
+        if resume is None:
+            self._offsets.write(np.zeros(1, dtype=np.int64).tobytes())
+
+    def _open(self, name: str, sizes: dict, resume: dict | None, buffering: int):
+        """A new file, or (resuming) the file cut back to the size the position gives."""
+        path = self.directory / name
+        if resume is None:
+            return open(path, "wb", buffering=buffering)
+        if not path.is_file() or path.stat().st_size < sizes[name]:
+            raise ShardError(_("{path}: shorter than the {size} bytes an earlier run recorded").format(
+                path=path, size=sizes[name]))
+        handle = open(path, "r+b", buffering=buffering)
+        handle.truncate(sizes[name])
+        handle.seek(sizes[name])
+        return handle
 
     def add(self, ids, loss_mask=None, record: dict | None = None) -> None:
         """Append one document (its token ids; its 0/1 loss mask for sft/dpo; its record for rlhf)."""
@@ -79,30 +102,46 @@ class ShardWriter:
         if int(np.sum(lengths)) != len(tokens):
             raise ShardError(_("{path}: document lengths add up to {total}, not the {tokens} tokens given").format(
                 path=self.directory, total=int(np.sum(lengths)), tokens=len(tokens)))
+        if self._mask is not None and (loss_mask is None or len(loss_mask) != len(tokens)):
+            raise ShardError(_("{path}: {kind} documents need a loss mask as long as their ids").format(
+                path=self.directory, kind=self.kind))
+        if self._records is not None and (records is None or len(records) != len(lengths)):
+            raise ShardError(_("{path}: rlhf documents need one record each").format(path=self.directory))
         self._tokens.write(tokens.astype(self.dtype, copy=False).tobytes())
         if self._mask is not None:
-            if loss_mask is None or len(loss_mask) != len(tokens):
-                raise ShardError(_("{path}: {kind} documents need a loss mask as long as their ids").format(
-                    path=self.directory, kind=self.kind))
             self._mask.write(np.asarray(loss_mask, dtype=np.uint8).tobytes())
         if self._records is not None:
-            if records is None or len(records) != len(lengths):
-                raise ShardError(_("{path}: rlhf documents need one record each").format(path=self.directory))
-            self._records.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        self.offsets.extend((self.offsets[-1] + np.cumsum(lengths, dtype=np.int64)).tolist())
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+            self._records.write(text)
+            self.records_bytes += len(text)
+        self._offsets.write((self.num_tokens + np.cumsum(lengths, dtype=np.int64)).tobytes())
+        self.num_documents += len(lengths)
+        self.num_tokens += len(tokens)
+
+    def _handles(self) -> list:
+        return [h for h in (self._tokens, self._offsets, self._mask, self._records) if h is not None]
+
+    def sync(self) -> dict:
+        """Flush and fsync what was added; returns the position to `resume` from."""
+        for handle in self._handles():
+            handle.flush()
+            os.fsync(handle.fileno())
+        return {"documents": self.num_documents, "tokens": self.num_tokens, "records_bytes": self.records_bytes}
+
+    def abandon(self) -> None:
+        """Close the files without meta.json (an interrupted build keeps them to resume from)."""
+        for handle in self._handles():
+            handle.close()
 
     def close(self, extra_meta: dict | None = None) -> Path:
         """Flush and fsync the data files, then write meta.json; returns the shard directory."""
-        for handle in (self._tokens, self._mask, self._records):
-            if handle is not None:
-                handle.close()
-        np.frombuffer(self.offsets, dtype=np.int64).tofile(self.directory / OFFSETS)
+        self.abandon()
         files = [TOKENS, OFFSETS] + ([LOSS_MASK] if self._mask else []) + ([RECORDS] if self._records else [])
         for name in files:
             fsync_file(self.directory / name)
         meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "dtype": self.dtype.name,
                 "vocab_size": self.vocab_size, "tokenizer_checksum": self.checksum,
-                "num_documents": len(self.offsets) - 1, "num_tokens": self.offsets[-1],
+                "num_documents": self.num_documents, "num_tokens": self.num_tokens,
                 "files": files, "sources": self.sources, **(extra_meta or {})}
         (self.directory / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
         fsync_file(self.directory / META)

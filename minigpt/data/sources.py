@@ -4,6 +4,10 @@ A `.txt` file is a sequence of documents separated by blank lines (paragraphs); 
 `.jsonl.gz` file holds one JSON object per line. Parsing never raises on bad input: it returns a
 `Skip` with a reason, which the builder counts per file (see docs/data.md for the reasons).
 A UTF-8 byte order mark at the start of a file is dropped.
+
+`iter_raw_records` reads a file record by record; `iter_blocks` reads it in blocks of whole records
+(for the builder, which hands each block to a worker and can resume after the last block written),
+which `block_records` cuts into the same records.
 """
 
 from __future__ import annotations
@@ -12,10 +16,14 @@ import codecs
 import glob
 import gzip
 import json
+import re
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import orjson
 
 from minigpt.i18n import _
 from minigpt.tokenizer import CHAT_ROLES, is_utf8_text
@@ -127,6 +135,98 @@ def iter_raw_records(path: Path) -> Iterator[tuple[int, bytes]]:
         raise InputError(_("{path}: cannot be read to the end ({error})").format(path=path, error=err)) from err
 
 
+BLOCK_BYTES = 1 << 20
+"""How much of a file `iter_blocks` reads at a time (a block holds whole records, so it can be longer)."""
+_BLANK_LINE = re.compile(rb"\n[ \t\r\x0b\x0c]*\n")
+"""The end of a line followed by a blank one (whitespace only, as `bytes.strip` sees it): a paragraph ends."""
+
+
+@dataclass
+class Block:
+    """Whole records of a file: `data` starts at line `first_line` and ends at byte `end` of the
+    (decompressed) file, before line `end_line`."""
+
+    data: bytes
+    first_line: int
+    end: int
+    end_line: int
+
+
+def _record_end(fmt: str, data: bytes) -> int:
+    """Length of the longest prefix of `data` that holds only whole records (0: none yet)."""
+    if fmt == "jsonl":
+        return data.rfind(b"\n") + 1
+    last = deque(_BLANK_LINE.finditer(data, max(0, len(data) - (1 << 16))), maxlen=1)
+    if not last:  # a long paragraph: look at the whole block
+        last = deque(_BLANK_LINE.finditer(data), maxlen=1)
+    return last[0].end() if last else 0
+
+
+def iter_blocks(path: Path, start: int = 0, first_line: int = 1, size: int | None = None) -> Iterator[Block]:
+    """The file from byte `start` (a record boundary a previous block ended at) in blocks of whole records,
+    about `size` (default BLOCK_BYTES) bytes each; a record longer than that comes whole in a longer block.
+
+    Raises InputError (naming the file) when a compressed file is corrupt or truncated, after yielding
+    the whole records read before the damage.
+    """
+    fmt = input_format(path)
+    with _open_binary(path) as handle:
+        size = max(size or BLOCK_BYTES, 64)  # the byte order mark comes in the first read
+        pending, offset, line, want, eof = b"", start, first_line, size, False
+        try:
+            if start:
+                handle.seek(start)
+            while True:
+                parts = [pending]
+                have = len(pending)
+                while not eof and have < want:
+                    data = handle.read1(want - have)
+                    eof = not data
+                    parts.append(data)
+                    have += len(data)
+                pending = b"".join(parts)
+                if offset == 0 and pending.startswith(codecs.BOM_UTF8):  # the file's first bytes
+                    pending, offset = pending[len(codecs.BOM_UTF8):], len(codecs.BOM_UTF8)
+                if not pending:
+                    return
+                cut = len(pending) if eof else _record_end(fmt, pending)
+                if cut == 0:  # a record longer than `size`: read on
+                    want = len(pending) * 2
+                    continue
+                block, pending, want = pending[:cut], pending[cut:], size
+                lines = block.count(b"\n")
+                yield Block(block, line, offset + cut, line + lines)
+                offset, line = offset + cut, line + lines
+        except (EOFError, OSError, zlib.error) as err:
+            pending = b"".join(parts)
+            cut = _record_end(fmt, pending)
+            if cut:
+                yield Block(pending[:cut], line, offset + cut, line + pending[:cut].count(b"\n"))
+            raise InputError(_("{path}: cannot be read to the end ({error})").format(path=path, error=err)) from err
+
+
+def block_records(fmt: str, block: Block) -> list[tuple[int, bytes]]:
+    """(first line number, raw bytes) of each record of `block`, as `iter_raw_records` gives them."""
+    lines = block.data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    if fmt == "jsonl":
+        return list(enumerate(lines, start=block.first_line))
+    records, paragraph, start = [], [], 0
+    for number, line in enumerate(lines, start=block.first_line):
+        if line.strip():
+            if not paragraph:
+                start = number
+            paragraph.append(line)
+        elif paragraph:
+            records.append((start, b"\n".join(paragraph) + b"\n"))
+            paragraph = []
+    if paragraph:
+        end = b"\n" if block.data.endswith(b"\n") else b""
+        records.append((start, b"\n".join(paragraph) + end))
+    return records
+
+
 def lone_surrogate_field(value, name: str = "") -> str | None:
     """The name of the first string in a parsed JSON value holding a lone surrogate ("\\ud800"), else None.
 
@@ -236,6 +336,36 @@ def parse_record(kind: str, fmt: str, line: int, raw: bytes, text_field: str = "
     if kind == "dpo":
         return _parse_dpo(line, record)
     return _parse_rlhf(line, record)
+
+
+def pretrain_texts(fmt: str, records: list[tuple[int, bytes]], text_field: str = "text"
+                   ) -> tuple[list[int], list[str], list[Skip]]:
+    """`parse_record` of each pretraining record, as (lines, texts) of the usable ones and the Skips.
+
+    The common JSONL record (an object whose text field is a non-empty string) is parsed with orjson,
+    ~3x faster than json; anything else goes through `parse_record`, so the outcome is the same record
+    for record. (orjson refuses every lone surrogate, which `parse_record` then finds and names.)
+    """
+    lines, texts, skips = [], [], []
+    for line, raw in records:
+        if fmt == "jsonl":
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                record = None
+            if type(record) is dict:
+                value = record.get(text_field)
+                if type(value) is str and value.strip():
+                    lines.append(line)
+                    texts.append(value)
+                    continue
+        parsed = parse_record("pretrain", fmt, line, raw, text_field)
+        if isinstance(parsed, Skip):
+            skips.append(parsed)
+        else:
+            lines.append(line)
+            texts.append(parsed.text)
+    return lines, texts, skips
 
 
 def _parse_pretrain(line: int, record: dict, text_field: str) -> Example | Skip:

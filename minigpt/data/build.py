@@ -39,7 +39,16 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from minigpt.data.shards import KINDS, LOSS_MASK, OFFSETS, RECORDS, TOKENS, ShardError, ShardWriter, token_dtype
+from minigpt.data.shards import (
+    KINDS,
+    LOSS_MASK,
+    OFFSETS,
+    RECORDS,
+    TOKENS,
+    ShardError,
+    ShardWriter,
+    token_dtype,
+)
 from minigpt.data.sources import (
     MAX_DOCUMENT_CHARS,
     Block,
@@ -71,8 +80,9 @@ IN_PROCESS_BYTES = 64 << 20
 threads still use them): starting a worker costs more than it saves on them."""
 CHECKPOINT_SECONDS = 30.0
 """How often the progress record of a build is saved (an interrupted build loses at most this much)."""
-SPLIT_BLOCK_TOKENS = 1 << 22
-"""The split copies the staging shard to train/ and val/ this many tokens at a time (bounded memory)."""
+SPLIT_BLOCK_TOKENS, SPLIT_BLOCK_DOCUMENTS = 1 << 20, 1 << 16
+"""The split copies the staging shard to train/ and val/ about this many tokens at a time, looking at most
+this many documents ahead (bounded memory)."""
 FIRST_LINES = 5
 """How many line numbers of each skip reason the stats keep per file."""
 
@@ -528,61 +538,73 @@ def _finish(partial: Path, out_dir: Path, state: _Progress, stats: list[FileStat
     is_val = split_examples(num_examples, val_fraction, seed)
     split_meta = {"seed": seed, "val_fraction": val_fraction}
     writers = {split: ShardWriter(final / split, **common) for split in ("train", "val")}
-    example_tokens = _write_splits(partial / "all", common, 2 if kind == "dpo" else 1, is_val, writers)
+    per_file = _write_splits(partial / "all", common, 2 if kind == "dpo" else 1, is_val, writers, state.examples)
     for split, select in (("train", ~is_val), ("val", is_val)):
         writers[split].close({**split_meta, "split": split, "num_examples": int(select.sum())})
-    _fill_split_stats(stats, np.array(state.examples), example_tokens, is_val)
+    _fill_split_stats(stats, state.examples, is_val, *per_file)
     _write_stats(final / STATS_FILE, stats, common, split_meta, text_field, time.monotonic() - started)
     fsync_dir(final)
     replace_dir(final, out_dir)
 
 
 def _write_splits(staging: Path, common: dict, docs_per_example: int, is_val: np.ndarray,
-                  writers: dict[str, ShardWriter]) -> np.ndarray:
+                  writers: dict[str, ShardWriter], examples_per_file: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """Copy the staging shard's examples to the train or val writer (`is_val`), keeping their order, reading
-    it in blocks of about SPLIT_BLOCK_TOKENS (plain reads: a memory map would count its pages as the
-    process's memory); returns each example's token count."""
+    it in blocks of about SPLIT_BLOCK_TOKENS tokens (plain reads: a memory map would count its pages as the
+    process's memory); returns the tokens of each file's examples, and of its validation examples."""
     dtype = token_dtype(common["vocab_size"])
     num_documents = len(is_val) * docs_per_example
-    offsets = np.fromfile(staging / OFFSETS, dtype=np.int64)  # 8 bytes a document
-    handles = {name: open(staging / name, "rb") for name in (TOKENS, LOSS_MASK, RECORDS)
+    file_ends = np.cumsum(examples_per_file)
+    tokens_per_file, val_per_file = np.zeros(len(file_ends), np.int64), np.zeros(len(file_ends), np.int64)
+    handles = {name: open(staging / name, "rb") for name in (OFFSETS, TOKENS, LOSS_MASK, RECORDS)
                if (staging / name).exists()}
     try:
-        first = 0
+        first, window = 0, np.fromfile(handles[OFFSETS], dtype=np.int64, count=SPLIT_BLOCK_DOCUMENTS + 1)
         while first < num_documents:
             # documents [first, end): whole examples, about SPLIT_BLOCK_TOKENS tokens (one example at least)
-            end = int(np.searchsorted(offsets, offsets[first] + SPLIT_BLOCK_TOKENS, side="right")) - 1
+            end = first + int(np.searchsorted(window, window[0] + SPLIT_BLOCK_TOKENS, side="right")) - 1
             end = min(num_documents, max(end - end % docs_per_example, first + docs_per_example))
-            count = int(offsets[end] - offsets[first])
+            offsets = window[:end - first + 1]
+            count = int(offsets[-1] - offsets[0])
             tokens = np.fromfile(handles[TOKENS], dtype=dtype, count=count)
             mask = np.fromfile(handles[LOSS_MASK], dtype=np.uint8, count=count) if LOSS_MASK in handles else None
             records = ([json.loads(handles[RECORDS].readline()) for _doc in range(end - first)]
                        if RECORDS in handles else None)
-            lengths = np.diff(offsets[first:end + 1])
-            val = np.repeat(is_val[first // docs_per_example:end // docs_per_example], docs_per_example)
+            lengths = np.diff(offsets)
+            examples = slice(first // docs_per_example, end // docs_per_example)
+            val = np.repeat(is_val[examples], docs_per_example)
             for name, select in (("train", ~val), ("val", val)):
                 if select.any():
                     keep = np.repeat(select, lengths)
                     writers[name].add_many(tokens[keep], lengths[select], None if mask is None else mask[keep],
-                                           None if records is None else [r for r, s in zip(records, select, strict=True) if s])
+                                           None if records is None else [r for r, s in zip(records, select,
+                                                                                           strict=True) if s])
+            example_tokens = np.diff(offsets[::docs_per_example])
+            files = np.searchsorted(file_ends, np.arange(examples.start, examples.stop), side="right")
+            np.add.at(tokens_per_file, files, example_tokens)
+            np.add.at(val_per_file, files, np.where(is_val[examples], example_tokens, 0))
+            window = _next_window(window, end - first, handles[OFFSETS])
             first = end
     finally:
         for handle in handles.values():
             handle.close()
-    return np.diff(offsets[::docs_per_example])
+    return tokens_per_file, val_per_file
 
 
-def _fill_split_stats(stats: list[FileStats], examples_per_file: np.ndarray, example_tokens: np.ndarray,
-                      is_val: np.ndarray) -> None:
+def _next_window(window: np.ndarray, used: int, handle) -> np.ndarray:
+    """The offsets window moved on by `used` documents, topped up from the offsets file."""
+    return np.concatenate([window[used:], np.fromfile(handle, dtype=np.int64, count=used)])
+
+
+def _fill_split_stats(stats: list[FileStats], examples_per_file: list[int], is_val: np.ndarray,
+                      tokens_per_file: np.ndarray, val_per_file: np.ndarray) -> None:
     ends = np.cumsum(examples_per_file)
     for index, file_stats in enumerate(stats):
-        mine = slice(int(ends[index] - examples_per_file[index]), int(ends[index]))
-        val = is_val[mine]
-        file_stats.tokens = int(example_tokens[mine].sum())
-        file_stats.val_documents = int(val.sum())
-        file_stats.train_documents = int(examples_per_file[index]) - file_stats.val_documents
-        file_stats.val_tokens = int(example_tokens[mine][val].sum())
         examples = int(examples_per_file[index])
+        file_stats.tokens = int(tokens_per_file[index])
+        file_stats.val_documents = int(is_val[int(ends[index]) - examples:int(ends[index])].sum())
+        file_stats.train_documents = examples - file_stats.val_documents
+        file_stats.val_tokens = int(val_per_file[index])
         file_stats.validation_share = round(file_stats.val_documents / examples, 6) if examples else 0.0
 
 

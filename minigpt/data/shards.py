@@ -107,14 +107,14 @@ class ShardWriter:
                 path=self.directory, kind=self.kind))
         if self._records is not None and (records is None or len(records) != len(lengths)):
             raise ShardError(_("{path}: rlhf documents need one record each").format(path=self.directory))
-        self._tokens.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._tokens.write(np.ascontiguousarray(tokens, dtype=self.dtype))  # no bytes copy
         if self._mask is not None:
-            self._mask.write(np.asarray(loss_mask, dtype=np.uint8).tobytes())
+            self._mask.write(np.ascontiguousarray(loss_mask, dtype=np.uint8))
         if self._records is not None:
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
             self._records.write(text)
             self.records_bytes += len(text)
-        self._offsets.write((self.num_tokens + np.cumsum(lengths, dtype=np.int64)).tobytes())
+        self._offsets.write(self.num_tokens + np.cumsum(lengths, dtype=np.int64))
         self.num_documents += len(lengths)
         self.num_tokens += len(tokens)
 

@@ -5,6 +5,8 @@
     python data_tools/pretokenize.py --input prefs.jsonl --tokenizer tok --out shards/dpo --kind dpo --strict
 
 Bad records are skipped and reported per file (see dataset_stats.json); --strict fails on the first.
+Memory does not grow with the input. An interrupted run (Ctrl-C, a kill) leaves .OUT.partial beside
+--out: run the same command again and it continues where it stopped.
 Exit codes: 0 done, 2 bad usage or unusable input (the message names the file and line).
 """
 
@@ -33,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
                         help=_("share of documents for validation (the same default as train.py's raw-file path)"))
     parser.add_argument("--seed", type=int, default=1337, help=_("seed of the train/validation split"))
-    parser.add_argument("--workers", type=int, default=1, help=_("encoding processes"))
+    parser.add_argument("--workers", type=int, default=1,
+                        help=_("encoding processes (an input under 64 MB is encoded in this process, on as many "
+                               "threads)"))
     parser.add_argument("--text-field", default="text", help=_("JSONL field holding the text (pretrain)"))
     parser.add_argument("--max-prompt-tokens", type=int, default=None,
                         help=_("skip DPO/RLHF records whose prompt is longer (tokens)"))

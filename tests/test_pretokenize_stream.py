@@ -253,3 +253,13 @@ def test_memory_does_not_grow_with_the_input(tmp_path, data_tokenizer, demo_corp
     growth = peaks[80] - peaks[8]
     assert tokens * 2 > 30 * 2**20  # the larger build's tokens alone would be far more than the bound
     assert growth < 10 * 2**20, f"peak RSS {peaks[8] / 2**20:.0f} MB -> {peaks[80] / 2**20:.0f} MB"
+
+
+def test_a_second_build_of_the_same_output_at_the_same_time_is_refused(tmp_path, data_tokenizer, demo_corpus):
+    from minigpt.fsutil import held
+
+    partial = tmp_path / ".ds.partial"
+    partial.mkdir()
+    with held(partial), pytest.raises(build.DatasetBuildError, match="another pretokenize is writing"):
+        build_dataset([demo_corpus], tmp_path / "ds", data_tokenizer, progress=False)
+    assert partial.exists()  # the running build's directory is left alone

@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetBuildError, TokenizerError, ValueError) as err:
         print(_("error: {error}").format(error=err), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_("[minigpt] interrupted: run the same command again to continue where it stopped"), file=sys.stderr)
+        return 130
     print(_("dataset written to {path} (statistics in {stats})").format(path=out, stats=out / STATS_FILE))
     return 0
 

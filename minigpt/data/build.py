@@ -27,6 +27,7 @@ import hashlib
 import json
 import multiprocessing
 import shutil
+import signal
 import sys
 import time
 from collections import deque
@@ -244,6 +245,9 @@ _WORKER: tuple[Tokenizer, _Job] | None = None
 
 def _init_worker(tokenizer_dir: str, job: _Job) -> None:
     global _WORKER
+    # Ctrl-C reaches the whole process group: the main process stops the build (keeping what it wrote) and
+    # shuts the workers down; a worker of its own would die mid-task and leave the pool broken.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER = (Tokenizer(tokenizer_dir), job)
 
 

@@ -263,3 +263,29 @@ def test_a_second_build_of_the_same_output_at_the_same_time_is_refused(tmp_path,
     with held(partial), pytest.raises(build.DatasetBuildError, match="another pretokenize is writing"):
         build_dataset([demo_corpus], tmp_path / "ds", data_tokenizer, progress=False)
     assert partial.exists()  # the running build's directory is left alone
+
+
+def test_ctrl_c_saves_the_progress_of_every_block_written_then_stops(tmp_path, data_tokenizer, demo_corpus,
+                                                                     monkeypatch):
+    files = corpus_files(tmp_path, demo_corpus)
+    monkeypatch.setattr(build, "CHUNK_BYTES", 8192)
+    whole = build_dataset(files, tmp_path / "whole", data_tokenizer, val_fraction=0.1, progress=False)
+    blocks, check = [], build._check
+
+    def check_then_ctrl_c(encoded, stats, strict):  # Ctrl-C while the 5th block is being written
+        blocks.append(encoded)
+        if len(blocks) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return check(encoded, stats, strict)
+
+    monkeypatch.setattr(build, "_check", check_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(files, tmp_path / "ds", data_tokenizer, val_fraction=0.1, progress=False,
+                      checkpoint_seconds=3600)
+    assert len(blocks) == 5  # it stopped after the block in hand
+    progress = json.loads((tmp_path / ".ds.partial" / PROGRESS_FILE).read_text())
+    assert progress["shard"]["documents"] == sum(len(b.lengths) for b in blocks)  # saved by the stop, not a timer
+    assert progress["position"]["offset"] == blocks[-1].end
+    monkeypatch.setattr(build, "_check", check)
+    resumed = build_dataset(files, tmp_path / "ds", data_tokenizer, val_fraction=0.1, progress=False)
+    assert shard_bytes(resumed) == shard_bytes(whole)

@@ -23,12 +23,14 @@ Bad records are counted per file with their first line numbers and skipped (or f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import shutil
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -213,6 +215,7 @@ def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChu
     mask, kept_records = None, None
     if job.kind == "pretrain":
         _lines, texts, skips = pretrain_texts(chunk.fmt, records, job.text_field)
+        # A per-document filter (cleaning) fits here: drop texts (reporting their `_lines`) before the encode.
         tokens, lengths, num_cut = _encode_pretrain(tokenizer, job, texts)
         num_kept, num_examples = len(texts), len(lengths)
     else:
@@ -402,23 +405,48 @@ def _encode_into(writer: ShardWriter, progress: _Progress, partial: Path, files:
         if on_checkpoint is not None:
             on_checkpoint(progress)
 
+    with _ctrl_c_between_blocks() as stop:
+        try:
+            for encoded in _encoded(files, stats, tokenizer, job, workers, progress.position):
+                _check(encoded, stats, strict)
+                if isinstance(encoded, _FileEnd):
+                    progress.position = _Position(encoded.file_index + 1)
+                else:
+                    bar.update(encoded.nbytes)
+                    writer.add_many(encoded.tokens, encoded.lengths, encoded.loss_mask, encoded.records)
+                    progress.examples[encoded.file_index] += encoded.num_examples
+                    progress.position = _Position(encoded.file_index, encoded.end, encoded.end_line)
+                if stop or time.monotonic() - last >= checkpoint_seconds:
+                    checkpoint()
+                    last = time.monotonic()
+                if stop:
+                    raise KeyboardInterrupt
+            progress.done = True
+            checkpoint()
+        finally:
+            bar.close()
+
+
+@contextlib.contextmanager
+def _ctrl_c_between_blocks() -> Iterator[list]:
+    """While the block runs, a first Ctrl-C only fills the yielded list (the encode loop then saves its
+    progress after the block in hand and stops, so a rerun continues from exactly there); a second one
+    interrupts at once. Outside the main thread, or where SIGINT is not Python's default, nothing changes."""
+    stop: list = []
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield stop
+        return
+
+    def first_then_default(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        stop.append(signum)
+
+    signal.signal(signal.SIGINT, first_then_default)
     try:
-        for encoded in _encoded(files, stats, tokenizer, job, workers, progress.position):
-            _check(encoded, stats, strict)
-            if isinstance(encoded, _FileEnd):
-                progress.position = _Position(encoded.file_index + 1)
-            else:
-                bar.update(encoded.nbytes)
-                writer.add_many(encoded.tokens, encoded.lengths, encoded.loss_mask, encoded.records)
-                progress.examples[encoded.file_index] += encoded.num_examples
-                progress.position = _Position(encoded.file_index, encoded.end, encoded.end_line)
-            if time.monotonic() - last >= checkpoint_seconds:
-                checkpoint()
-                last = time.monotonic()
-        progress.done = True
-        checkpoint()
+        yield stop
     finally:
-        bar.close()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def split_examples(num_examples: int, val_fraction: float, seed: int) -> np.ndarray:

@@ -289,3 +289,22 @@ def test_ctrl_c_saves_the_progress_of_every_block_written_then_stops(tmp_path, d
     monkeypatch.setattr(build, "_check", check)
     resumed = build_dataset(files, tmp_path / "ds", data_tokenizer, val_fraction=0.1, progress=False)
     assert shard_bytes(resumed) == shard_bytes(whole)
+
+
+def test_a_build_stopped_before_its_split_only_splits_when_run_again(tmp_path, data_tokenizer, demo_corpus):
+    files = corpus_files(tmp_path, demo_corpus)
+    whole = build_dataset(files, tmp_path / "whole", data_tokenizer, val_fraction=0.1, progress=False)
+
+    def stop_when_read(progress):
+        if progress.done:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(files, tmp_path / "ds", data_tokenizer, val_fraction=0.1, progress=False,
+                      on_checkpoint=stop_when_read)
+    encoded_again = []
+    resumed = build_dataset(files, tmp_path / "ds", data_tokenizer, val_fraction=0.1, progress=False,
+                            on_checkpoint=encoded_again.append)
+    assert encoded_again == []  # nothing was read again
+    assert shard_bytes(resumed) == shard_bytes(whole)
+    assert stats_without_time(resumed) == stats_without_time(whole)

@@ -311,8 +311,9 @@ class Trainer:
             raise
         for warning in cfg.warnings():
             print(_("[minigpt] warning: {warning}").format(warning=warning), flush=True)
-        print(_("[minigpt] precision {precision} ({why}; override with --precision)").format(
-            precision=precision.precision, why=precision.why), flush=True)
+        line = (_("[minigpt] precision {precision} ({why}; override with --precision)") if cfg.precision == "auto"
+                else _("[minigpt] precision {precision} ({why})"))
+        print(line.format(precision=precision.precision, why=precision.why), flush=True)
         return lock
 
     def release_run_dir(self, tidy: bool = False) -> None:

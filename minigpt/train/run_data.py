@@ -31,6 +31,7 @@ from minigpt.data.demo import (
     demo_language,
     write_demo_corpus,
     write_demo_post_training,
+    write_tokenizer_text,
 )
 from minigpt.data.shards import open_shard
 from minigpt.i18n import _, docs_page
@@ -107,6 +108,15 @@ def demo_post_training_file(data_dir: str | Path, kind: str, tasks: int | None =
     if not demo.exists():
         write_demo_post_training(demo, kind, tasks)
     return demo
+
+
+def tokenizer_text_file(data_dir: str | Path) -> Path:
+    """`<data-dir>/cache/demo/sft-tokenizer-<tasks>.txt`: what a tokenizer for a built-in corpus learns of the
+    built-in SFT data (`minigpt.data.demo.tokenizer_text`), written if missing."""
+    path = Path(data_dir) / CACHE / "demo" / f"sft-tokenizer-{TOKENIZER_SAMPLE}.txt"
+    if not path.exists():
+        write_tokenizer_text(path, TOKENIZER_SAMPLE)
+    return path
 
 
 def builtin_corpus_file(data_dir: str | Path, language: str) -> Path:
@@ -286,7 +296,7 @@ def _resolve_tokenizer(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path |
         raise ConfigError(_("shards {paths} were built with tokenizer {checksums}; pass that tokenizer directory with "
                             "--tokenizer").format(paths=", ".join(map(str, datasets)), checksums=checksums))
     if runtime.is_main:
-        files = raw + ([demo_post_training_file(cfg.data_dir, "sft", TOKENIZER_SAMPLE)] if learn_post_training else [])
+        files = raw + ([tokenizer_text_file(cfg.data_dir)] if learn_post_training else [])
         vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
         print(_("[minigpt] training a {vocab}-token tokenizer on {count} file(s) into {path}").format(
             vocab=vocab, count=len(files), path=run_tokenizer), flush=True)

@@ -454,16 +454,22 @@ class TrainConfig:
             parse_duration(self.max_time)
         if self.resume and self.auto_resume:
             raise ConfigError(_("--resume and --auto-resume contradict each other: give one"))
-        from minigpt.evaluation.spec import TaskSpecError, parse_task_spec
-
-        for entry in self.eval_task:
-            try:
-                parse_task_spec(entry)
-            except TaskSpecError as err:
-                raise ConfigError(str(err).replace("--task", "--eval-task", 1)) from None
+        self.eval_task_specs()
         if self.document_mask and self.mode != "pretrain":
             raise ConfigError(_("--document-mask applies to --mode pretrain (packed windows); --mode {mode} trains "
                                 "on one conversation or pair per sequence already").format(mode=self.mode))
+
+    def eval_task_specs(self) -> list:
+        """The --eval-task entries parsed (`minigpt.evaluation.spec.TaskSpec`s); ConfigError names a bad one."""
+        from minigpt.evaluation.spec import TaskSpecError, parse_task_spec
+
+        specs = []
+        for entry in self.eval_task:
+            try:
+                specs.append(parse_task_spec(entry))
+            except TaskSpecError as err:
+                raise ConfigError(str(err).replace("--task", "--eval-task", 1)) from None
+        return specs
 
     def warnings(self) -> list[str]:
         """Settings that are valid but probably not meant: said at start-up, the run goes on."""

@@ -254,18 +254,18 @@ def write_snapshot(cfg: TrainConfig, model_config: MiniGPTConfig, start: Startin
     atomic_write_text(cfg.run_dir / "dataset_stats.json", json.dumps(stats, indent=2) + "\n")
 
 
-def check_eval_tasks(cfg: TrainConfig) -> None:
-    """Fail before training when an --eval-task names a file that is not there or holds no usable items (not at
-    the first evaluation)."""
+def check_eval_tasks(cfg: TrainConfig) -> list:
+    """The --eval-task specs, after failing when one names a file that is not there or holds no usable items
+    (before training, not at the first evaluation)."""
     from minigpt.evaluation.runner import check_task_files
-    from minigpt.evaluation.spec import parse_task_spec
 
-    for entry in cfg.eval_task:
-        spec = parse_task_spec(entry)
+    specs = cfg.eval_task_specs()
+    for entry, spec in zip(cfg.eval_task, specs, strict=True):
         for path in [spec.path] + ([Path(spec.get("dev"))] if spec.get("dev") else []):
             if not path.exists():
                 raise ConfigError(_("--eval-task {entry}: {path} does not exist").format(entry=entry, path=path))
         check_task_files(spec)
+    return specs
 
 
 class Trainer:
@@ -281,7 +281,7 @@ class Trainer:
         self.runtime = create_runtime(cfg)
         precision = run_precision(cfg, self.runtime.device, deepspeed=self.runtime.distributed)
         self.cfg = cfg = dataclasses.replace(cfg, precision=precision.precision)  # the engines, the snapshot
-        check_eval_tasks(cfg)  # a mistyped path fails before the run directory is made
+        self.eval_specs = check_eval_tasks(cfg)  # a mistyped path fails before the run directory is made
         self.run_lock: RunDirLock | None = self.runtime.main_rank_does(
             lambda: self._claim_run_dir(precision), _("claiming the run directory {path}").format(path=cfg.run_dir))
         try:
@@ -556,23 +556,22 @@ class Trainer:
     def evaluate_tasks(self) -> dict[str, float]:
         """The `--eval-task` metrics as {"task/metric": value}; every rank runs them in lockstep (the
         same forward passes on each, as ZeRO-3 gathers weights collectively)."""
-        if not self.cfg.eval_task:
+        if not self.eval_specs:
             return {}
         from minigpt.evaluation.context import EvalContext
         from minigpt.evaluation.runner import flat_metrics, run_tasks
-        from minigpt.evaluation.spec import parse_task_spec
 
         self.engine.eval()
         ctx = EvalContext(self.engine.module, self.tokenizer, self.runtime, batch_size=self.cfg.batch_size,
                           lockstep=self.runtime.distributed, progress=False)
-        results = run_tasks([parse_task_spec(entry) for entry in self.cfg.eval_task], ctx)
+        results = run_tasks(self.eval_specs, ctx)
         self.engine.train()
         return flat_metrics(results)
 
     def log_evaluation(self, monitor: TrainingMonitor, index: int) -> None:
         """Validation metrics under val/, then the --eval-task metrics under eval/."""
         monitor.log_eval(index, self.evaluate())
-        if self.cfg.eval_task:
+        if self.eval_specs:
             monitor.log_eval(index, self.evaluate_tasks(), split="eval")
 
     @torch.no_grad()

@@ -26,6 +26,7 @@ from minigpt.checkpoint import (
     TRAINER_STATE,
     CheckpointError,
     CheckpointManager,
+    TrainerState,
     recorded_precision,
     rng_state,
     set_rng_state,
@@ -407,33 +408,24 @@ class Trainer:
             self.engine.barrier()
             return
         state = self.checkpoints.load(point)
-        state_file = Path(state["checkpoint"]) / TRAINER_STATE
-        for name in ("tokens_seen", "sampler"):
-            if name not in state:
-                raise CheckpointError(_("{path}: no '{name}' field; not a checkpoint of a training run").format(
-                    path=state_file, name=name))
-        if state.get("tokenizer_checksum") not in (None, self.tokenizer.checksum):
+        if state.tokenizer_checksum not in (None, self.tokenizer.checksum):
             raise ConfigError(_("{path}: trained with tokenizer {saved}, this run uses {current} ({tokenizer})").format(
-                path=state["checkpoint"], saved=state["tokenizer_checksum"][:12], current=self.tokenizer.checksum[:12],
+                path=state.checkpoint, saved=state.tokenizer_checksum[:12], current=self.tokenizer.checksum[:12],
                 tokenizer=self.tokenizer.directory))
         try:
-            self.loader.load_state_dict(state["sampler"])
+            self.loader.load_state_dict(state.sampler)
         except SamplerError as err:
-            raise SamplerError(_("{path}: {error}").format(path=state_file, error=err)) from None
-        self.compile_decided = state.get("compiled")
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            raise SamplerError(_("{path}: {error}").format(path=Path(state.checkpoint) / TRAINER_STATE,
+                                                           error=err)) from None
+        self.compile_decided = state.compiled
+        self.step, self.tokens_seen = state.step, state.tokens_seen
         if self.budget is not None:
-            self.budget.spent_before = float(state.get("elapsed_seconds", 0.0))
-            clock = self.engine.schedule_clock
-            if "lr_warmup_end" in state:
-                clock.warmup_end = state["lr_warmup_end"]
-            elif self.step >= self.cfg.warmup_steps:  # saved without --max-time: decay over the whole budget
-                clock.warmup_end = 0.0
+            self.budget.resume(state.budget, self.engine.schedule_clock, self.step >= self.cfg.warmup_steps)
         if self.engine.is_main:
-            print(_("[minigpt] resumed from {path} at step {step}").format(path=state["checkpoint"], step=self.step),
+            print(_("[minigpt] resumed from {path} at step {step}").format(path=state.checkpoint, step=self.step),
                   flush=True)
             for name in ("max_steps", "warmup_steps"):
-                before, now = state.get(name), getattr(self.cfg, name)
+                before, now = getattr(state, name), getattr(self.cfg, name)
                 if before is not None and before != now:
                     flag = "--" + name.replace("_", "-")
                     print(_("[minigpt] warning: resuming with {flag} {now}, the checkpoint's run had {before}: the "
@@ -441,17 +433,12 @@ class Trainer:
                             "step {step} on; pass {flag} {before} to continue the same schedule").format(
                         flag=flag, now=now, before=before, max_steps=self.cfg.max_steps, step=self.step), flush=True)
 
-    def trainer_state(self) -> dict:
-        state = {"tokens_seen": self.tokens_seen, "sampler": self.loader.state_dict(),
-                 "tokenizer_checksum": self.tokenizer.checksum, "mode": self.cfg.mode,
-                 "weights_from": self.start.source, "max_steps": self.cfg.max_steps,
-                 "warmup_steps": self.cfg.warmup_steps, "precision": self.engine.precision}
-        if self.budget is not None:
-            state["elapsed_seconds"] = self.budget.elapsed()
-            state["lr_warmup_end"] = self.engine.schedule_clock.warmup_end  # None while still warming up
-        if self.compile_decided is not None:
-            state["compiled"] = self.compile_decided
-        return state
+    def trainer_state(self) -> TrainerState:
+        budget = None if self.budget is None else (self.budget.elapsed(), self.engine.schedule_clock.warmup_end)
+        return TrainerState(step=self.step, tokens_seen=self.tokens_seen, sampler=self.loader.state_dict(),
+                            mode=self.cfg.mode, weights_from=self.start.source, precision=self.engine.precision,
+                            max_steps=self.cfg.max_steps, warmup_steps=self.cfg.warmup_steps,
+                            tokenizer_checksum=self.tokenizer.checksum, budget=budget, compiled=self.compile_decided)
 
     def setup_context(self) -> SetupContext:
         """What the objective may know about this run (never the Trainer itself)."""
@@ -598,7 +585,7 @@ class Trainer:
 
     def save(self) -> Path:
         started = time.perf_counter()
-        path = self.checkpoints.save(self.step, self.trainer_state())
+        path = self.checkpoints.save(self.step, self.trainer_state().to_json())
         if self.budget is not None:
             self.budget.note_save(time.perf_counter() - started)
         return path

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minigpt.data.datasets import IGNORE_INDEX, PretrainWindows, SFTExamples
+from minigpt.data.datasets import IGNORE_INDEX, PackedSFTExamples, PretrainWindows, SFTExamples
 from minigpt.metrics import MetricSums, token_byte_lengths
 from minigpt.train.objective import Objective
 
@@ -22,19 +22,22 @@ class LanguageModeling(Objective):
 
     eval_sums = ("loss_sum", "tokens", "bytes")
 
-    def __init__(self, byte_lengths: torch.Tensor | None = None, document_mask: bool = False):
+    def __init__(self, byte_lengths: torch.Tensor | None = None, document_mask: bool = False, pack: bool = False):
         self.byte_lengths = byte_lengths
-        self.document_mask = document_mask
+        self.document_mask, self.pack = document_mask, pack
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> LanguageModeling:
-        return cls(token_byte_lengths(tokenizer), document_mask=cfg.document_mask)
+        return cls(token_byte_lengths(tokenizer), document_mask=cfg.document_mask, pack=cfg.pack)
 
     def dataset(self, reader, seq_len: int, tokenizer):
         """The map-style dataset this objective trains on, over one shard; with `--document-mask` the
-        pretraining windows carry each token's document index and attention stays inside documents."""
+        pretraining windows carry each token's document index and attention stays inside documents; with
+        `--pack` several SFT conversations share a sequence, each with its own attention and positions."""
         if self.dataset_kind == "pretrain":
             return PretrainWindows(reader, seq_len, segment_ids=self.document_mask)
+        if self.pack:
+            return PackedSFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
         return SFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
 
     logits_where_labelled = False
@@ -45,11 +48,13 @@ class LanguageModeling(Objective):
     def _logits_and_labels(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, vocab) logits and (N,) labels; N counts every position, or only the labelled ones."""
         labels = batch["labels"]
+        # packed samples (--document-mask, --pack) carry segment ids; packed conversations also their positions
+        packing = {"segment_ids": batch.get("segment_ids"), "position_ids": batch.get("position_ids")}
         if not self.logits_where_labelled:
-            logits = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))
+            logits = model(batch["input_ids"], **packing)
             return logits.flatten(0, 1), labels.flatten()
         kept = labels != IGNORE_INDEX
-        return model(batch["input_ids"], segment_ids=batch.get("segment_ids"), logits_at=kept), labels[kept]
+        return model(batch["input_ids"], logits_at=kept, **packing), labels[kept]
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         logits, labels = self._logits_and_labels(engine, batch)

@@ -128,7 +128,7 @@ class PackedSFTExamples:
     `position_ids` that restart at 0 for every conversation, so each one is trained exactly as if it were
     alone in its sequence. Labels stay on assistant tokens only; the tail is padding (its own segment).
     A conversation longer than `seq_len + 1` tokens is cut and fills a sample alone; `num_truncated`
-    counts them, `num_conversations` the conversations placed.
+    counts them, `num_conversations` the conversations placed, `padding_share` the positions left as padding.
     """
 
     def __init__(self, reader: ShardReader, seq_len: int, pad_id: int):
@@ -141,6 +141,8 @@ class PackedSFTExamples:
         members, self.offsets = pack_best_fit(positions[placed], seq_len)
         self.members = placed[members]
         self.num_conversations = len(self.members)
+        filled = int(positions[placed].sum())
+        self.padding_share = 1 - filled / (len(self) * seq_len) if len(self) else 0.0
 
     def __len__(self) -> int:
         return len(self.offsets) - 1

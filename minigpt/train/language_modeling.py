@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.data.datasets import IGNORE_INDEX, PackedSFTExamples, PretrainWindows, SFTExamples
+from minigpt.i18n import _
 from minigpt.metrics import MetricSums, token_byte_lengths
-from minigpt.train.objective import Objective
+from minigpt.train.objective import Objective, SetupContext
 
 
 class LanguageModeling(Objective):
@@ -25,6 +26,7 @@ class LanguageModeling(Objective):
     def __init__(self, byte_lengths: torch.Tensor | None = None, document_mask: bool = False, pack: bool = False):
         self.byte_lengths = byte_lengths
         self.document_mask, self.pack = document_mask, pack
+        self.packed: list[PackedSFTExamples] = []
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> LanguageModeling:
@@ -37,8 +39,22 @@ class LanguageModeling(Objective):
         if self.dataset_kind == "pretrain":
             return PretrainWindows(reader, seq_len, segment_ids=self.document_mask)
         if self.pack:
-            return PackedSFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
+            packed = PackedSFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
+            self.packed.append(packed)
+            return packed
         return SFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
+
+    def setup(self, context: SetupContext) -> None:
+        """Say once how the conversations were packed (train and validation together)."""
+        if not self.packed or not context.engine.is_main:
+            return
+        sequences = sum(len(d) for d in self.packed)
+        padding = sum(d.padding_share * len(d) for d in self.packed) / max(sequences, 1)
+        print(_("[minigpt] sft --pack: {conversations:,} conversations in {sequences:,} sequences of {seq_len} "
+                "positions ({padding:.1%} padding); {truncated:,} cut at --seq-len").format(
+            conversations=sum(d.num_conversations for d in self.packed), sequences=sequences,
+            seq_len=context.seq_len, padding=padding, truncated=sum(d.num_truncated for d in self.packed)),
+            flush=True)
 
     logits_where_labelled = False
     """Compute logits only at labelled positions (`MiniGPT.forward(logits_at=...)`): for SFT, where most

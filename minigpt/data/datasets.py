@@ -7,6 +7,8 @@ Labels are the next tokens, -100 where no loss is taken.
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from minigpt.data.shards import ShardError, ShardReader
@@ -95,28 +97,30 @@ def pack_best_fit(sizes: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndar
 
     Returns (members, offsets): bin b holds items `members[offsets[b]:offsets[b + 1]]`, largest first.
     Deterministic (a stable sort, ties by index); best-fit decreasing needs at most 11/9 of the fewest bins
-    possible, plus one."""
-    order = np.argsort(-np.asarray(sizes, dtype=np.int64), kind="stable")
-    open_by_room = [[] for _room in range(capacity + 1)]  # open bins by how many positions they have left
-    open_count = np.zeros(capacity + 1, dtype=np.int64)
-    bin_of = np.empty(len(order), dtype=np.int64)
+    possible, plus one. Open bins are kept by the room they have left: seconds for a million items."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    order = np.argsort(-sizes, kind="stable")
+    open_by_room: list[list[int]] = [[] for _room in range(capacity + 1)]
+    rooms: list[int] = []  # sorted, the rooms at least one open bin has left
+    bin_of = [0] * len(order)
     bins = 0
-    for item in order:
-        need = int(sizes[item])
-        fits = open_count[need:] > 0
-        if fits.any():  # the fullest bin it fits in
-            room = need + int(fits.argmax())
+    for item, need in zip(order.tolist(), sizes[order].tolist(), strict=True):
+        at = bisect.bisect_left(rooms, need)
+        if at < len(rooms):  # the fullest open bin it fits in
+            room = rooms[at]
             target = open_by_room[room].pop()
-            open_count[room] -= 1
+            if not open_by_room[room]:
+                del rooms[at]
         else:
             room, target, bins = capacity, bins, bins + 1
         bin_of[item] = target
         if room > need:
+            if not open_by_room[room - need]:
+                bisect.insort(rooms, room - need)
             open_by_room[room - need].append(target)
-            open_count[room - need] += 1
-    members = order[np.argsort(bin_of[order], kind="stable")]  # by bin, each bin's items in the order placed
-    offsets = np.searchsorted(bin_of[members], np.arange(bins + 1))
-    return members, offsets
+    placed = np.asarray(bin_of, dtype=np.int64)[order]
+    by_bin = np.argsort(placed, kind="stable")  # each bin's items stay in the order they were placed
+    return order[by_bin], np.searchsorted(placed[by_bin], np.arange(bins + 1))
 
 
 class PackedSFTExamples:

@@ -389,6 +389,10 @@ class TrainConfig:
     document_mask: bool = _opt("pretrain: attention stays inside each document of a packed window (no attending "
                                "across an EOS into the previous text); off: windows attend across documents, "
                                "as GPT-2 trained. Costs speed: attention gets an explicit mask", default=False)
+    pack: bool = _opt("sft: pack several whole conversations into each sequence (best-fit, fixed once per dataset) "
+                      "instead of one conversation padded to --seq-len; attention and rotary positions restart "
+                      "at each conversation, the loss stays on assistant tokens. Far fewer padding tokens on "
+                      "mixed-length data; a batch then holds more conversations", default=False)
     dpo_beta: float = _opt("DPO: strength of the implicit KL constraint (beta of the sigmoid loss)", default=0.1)
     dpo_sft_coef: float = _opt("DPO: weight of the chosen response's per-token NLL added to the loss (RPO); "
                                "keeps chosen answers likely while the margin grows", default=0.0)
@@ -458,6 +462,10 @@ class TrainConfig:
         if self.document_mask and self.mode != "pretrain":
             raise ConfigError(_("--document-mask applies to --mode pretrain (packed windows); --mode {mode} trains "
                                 "on one conversation or pair per sequence already").format(mode=self.mode))
+        if self.pack and self.mode != "sft":
+            raise ConfigError(_("--pack applies to --mode sft (chat conversations); --mode {mode} does not pack "
+                                "(pretrain windows are packed already; --document-mask keeps their attention "
+                                "inside documents)").format(mode=self.mode))
 
     def eval_task_specs(self) -> list:
         """The --eval-task entries parsed (`minigpt.evaluation.spec.TaskSpec`s); ConfigError names a bad one."""

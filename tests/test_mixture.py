@@ -48,6 +48,12 @@ def test_bad_mixture_entries_are_refused_naming_the_entry(entries, message):
         TrainConfig(data=entries)
 
 
+def test_dry_run_shows_each_sources_share(tmp_path, capsys):
+    cfg = TrainConfig(data=["web=demo:en:7", "classics=demo:zh:3"], out=str(tmp_path / "run"), dry_run=True)
+    assert dry_run(cfg) == EXIT_FINISHED
+    assert "mixture         web 70.0%, classics 30.0% of the tokens" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("mode", ["dpo", "reward", "rlhf"])
 def test_modes_without_fixed_length_samples_refuse_a_mixture_by_name(mode, tmp_path):
     cfg = TrainConfig(mode=mode, data=["a=demo:en:1", "b=demo:zh:1"], out=str(tmp_path / "run"))

@@ -33,6 +33,7 @@ from minigpt.checkpoint import (
 )
 from minigpt.config import PRESETS, ConfigError, MiniGPTConfig, TrainConfig, default_run_dir, get_config
 from minigpt.data.build import DatasetBuildError
+from minigpt.data.mixture import parse_mixture
 from minigpt.data.prefetch import PrefetchingLoader, collate
 from minigpt.data.sampler import MixtureSampler, ResumableSampler, SamplerError
 from minigpt.data.shards import ShardError, open_shard
@@ -832,6 +833,7 @@ def dry_run(cfg: TrainConfig) -> int:
     start = find_starting_weights(cfg)
     earlier_run = check_fresh_run_dir(cfg)
     inputs = planned_inputs(cfg)
+    mixture = parse_mixture(cfg.data)
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     device = detect_device(cfg.device)
     precision = run_precision(cfg, device, deepspeed=launched_distributed() or bool(cfg.ds_config))
@@ -859,6 +861,9 @@ def dry_run(cfg: TrainConfig) -> int:
             config=cfg.config, params=model_config.num_params(), vocab=model_config.vocab_size,
             vocab_source=vocab_source),
         _("data            {inputs}").format(inputs=", ".join(map(str, inputs))),
+        *([_("mixture         {shares} of the tokens").format(shares=", ".join(
+            f"{source.name} {source.weight / sum(s.weight for s in mixture):.1%}" for source in mixture))]
+          if mixture else []),
         _("engine          {plan}").format(plan=engine_plan),
         _("precision       {precision} ({why})").format(precision=precision.precision, why=precision.why),
         _("batch           {batch} x {accum} accumulation x {world_size} rank(s) x {seq_len} tokens = {tokens:,} "

@@ -541,9 +541,10 @@ class Trainer:
         set (of each source's, in a mixture), or all of it when smaller, rounded down to a multiple of the
         world size (every rank runs as many)."""
         world = self.engine.world_size
-        parts = self.val_set.parts if self.run_data.mixture else [self.val_set]
+        mixture = self.run_data.mixture
+        parts = zip(self.val_set.offsets[:-1], self.val_set.parts, strict=True) if mixture else [(0, self.val_set)]
         ranges = []
-        for start, part in zip(self.val_set.offsets if self.run_data.mixture else [0], parts, strict=False):
+        for start, part in parts:
             count = min(len(part), self.cfg.eval_batches * self.cfg.batch_size * world)
             ranges.append(range(int(start), int(start) + count - count % world))
         return ranges
@@ -588,9 +589,11 @@ class Trainer:
         self.engine.train()
         if not self.eval_samples():
             return {}, {}
+        if not self.run_data.mixture:
+            return self.objective.metrics(per_part[0]), {}
         total = {name: sum(part[name] for part in per_part) for name in per_part[0]}
         by_source = {f"val_loss/{source.name}": self.objective.metrics(part)["val_loss"]
-                     for source, part, indices in zip(self.run_data.mixture, per_part, self.eval_ranges(), strict=False)
+                     for source, part, indices in zip(self.run_data.mixture, per_part, self.eval_ranges(), strict=True)
                      if len(indices)}
         return self.objective.metrics(total), by_source
 

@@ -87,6 +87,20 @@ def test_sources_get_their_share_of_tokens_within_one_sample_at_every_step():
     assert np.mean(everything >= 1000) == pytest.approx(0.3, abs=1 / 1600)
 
 
+def test_each_slot_goes_to_the_most_overdue_source():
+    """The batch-at-once schedule is the rule the docs state: slot after slot, the smallest (drawn + 1) / weight,
+    ties to the earlier source."""
+    weights, drawn, expected = [0.5, 0.2, 0.3], [0, 0, 0], []
+    for _slot in range(8 * 40):
+        source = min(range(3), key=lambda k: ((drawn[k] + 1) / weights[k], k))
+        expected.append(source)
+        drawn[source] += 1
+    mix = MixtureSampler(["a", "b", "c"], [100, 7, 1000], weights, micro_batch_size=4, grad_accum=2)
+    batches = np.concatenate(global_batches(mix, 40))
+    assert (np.searchsorted([100, 107], batches, side="right")).tolist() == expected
+    assert mix.drawn == drawn
+
+
 def test_weights_are_shares_of_their_sum():
     mix = sampler(weights=(7, 3))
     global_batches(mix, 50)

@@ -155,13 +155,29 @@ class MixtureSampler:
 
     def next_global_batch(self) -> np.ndarray:
         """The next step's global batch of indices (every rank computes the same)."""
-        window = np.empty(self.global_batch, dtype=np.int64)
-        for slot in range(self.global_batch):
-            source = min(range(len(self.names)), key=lambda k: ((self.drawn[k] + 1) / self.weights[k], k))
-            epoch, position = divmod(self.drawn[source], self.num_samples[source])
-            window[slot] = self.offsets[source] + self._order(source, epoch)[position]
-            self.drawn[source] += 1
+        slots = self.global_batch
+        # Each source's next `slots` due times, (drawn + j) / weight; the batch takes the `slots` earliest of all
+        # (ties to the earlier source): the same as picking the most overdue source slot after slot.
+        due = (np.asarray(self.drawn, dtype=np.float64)[:, None] + np.arange(1, slots + 1)) / \
+            np.asarray(self.weights, dtype=np.float64)[:, None]
+        sources = np.repeat(np.arange(len(self.names)), slots)
+        chosen = sources[np.lexsort((sources, due.ravel()))[:slots]]
+        window = np.empty(slots, dtype=np.int64)
+        for source in range(len(self.names)):
+            where = np.flatnonzero(chosen == source)
+            window[where] = self.offsets[source] + self._take(source, len(where))
         return window
+
+    def _take(self, source: int, count: int) -> np.ndarray:
+        """Source `source`'s next `count` samples, epoch after epoch of its permutations."""
+        taken = []
+        while count:
+            epoch, position = divmod(self.drawn[source], self.num_samples[source])
+            part = self._order(source, epoch)[position:position + count]
+            taken.append(part)
+            self.drawn[source] += len(part)
+            count -= len(part)
+        return np.concatenate(taken) if taken else np.empty(0, dtype=np.int64)
 
     def next_step(self) -> list[np.ndarray]:
         """This rank's `grad_accum` micro-batches of indices for the next optimizer step."""

@@ -190,9 +190,11 @@ def mixture_runs(tmp_path_factory, shards, data_tokenizer):
         with contextlib.redirect_stdout(said):
             assert Trainer(TrainConfig(out=str(straight), **settings)).run() == EXIT_FINISHED
         (straight / "said.txt").write_text(said.getvalue())
-        resumed = root / "resumed"
-        assert Trainer(TrainConfig(out=str(resumed), resume=str(straight / "ckpt" / f"step_{SAVE_AT:07d}"),
-                                   **settings)).run() == EXIT_FINISHED
+        resumed, said = root / "resumed", io.StringIO()
+        with contextlib.redirect_stdout(said):
+            assert Trainer(TrainConfig(out=str(resumed), resume=str(straight / "ckpt" / f"step_{SAVE_AT:07d}"),
+                                       **settings)).run() == EXIT_FINISHED
+        (resumed / "said.txt").write_text(said.getvalue())
     return straight, resumed
 
 
@@ -226,7 +228,7 @@ def test_mixture_run_logs_tokens_epochs_and_validation_loss_per_source(mixture_r
 
 
 def test_mixture_run_says_when_a_source_begins_another_epoch(mixture_runs):
-    straight, _resumed = mixture_runs
+    straight, resumed = mixture_runs
     zh_size = json.loads((straight / "dataset_stats.json").read_text())["mixture"]["zh"]["train_samples"]
     # 3 zh samples a step: epoch e (from 2) begins at the step whose draws pass (e - 1) x zh_size.
     expected = [f"source zh begins epoch {epoch} at step {-(-((epoch - 1) * zh_size + 1) // 3)}: its {zh_size:,} "
@@ -234,6 +236,10 @@ def test_mixture_run_says_when_a_source_begins_another_epoch(mixture_runs):
                 for epoch in range(2, 3 * STEPS // zh_size + 1 + (3 * STEPS % zh_size > 0))]
     said = [line for line in (straight / "said.txt").read_text().splitlines() if line.startswith("source ")]
     assert expected and [line.split(", in a new order")[0] for line in said] == expected
+    # The resumed run says the epochs that begin after its checkpoint, and only those.
+    again = [line for line in (resumed / "said.txt").read_text().splitlines() if line.startswith("source ")]
+    assert again == [line for line in said if int(line.split(" at step ")[1].split(":")[0]) > SAVE_AT]
+    assert again
 
 
 def test_mixture_run_resumes_bitwise(mixture_runs):
@@ -261,3 +267,49 @@ def test_sft_trains_on_a_mixture_of_chat_files(tmp_path, data_tokenizer):
     train = rows(tmp_path / "run", "train")
     assert [(r["tokens/tasks"], r["tokens/chats"]) for r in train] == [(3 * 48, 48), (6 * 48, 2 * 48)]
     assert {"val_loss/tasks", "val_loss/chats"} <= set(rows(tmp_path / "run", "val")[-1])
+
+
+@pytest.mark.integration
+@pytest.mark.deepspeed
+def test_a_two_rank_mixture_run_continues_on_one_rank_with_the_same_draws(tmp_path, shards, data_tokenizer):
+    """2 DeepSpeed ranks (gloo) evaluate every source and save; the plain engine on one rank resumes with the same
+    global batch and draws exactly the samples the 2-rank run drew (same tokens per source, same losses to
+    the engines' summation order)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from ports import free_port
+
+    pytest.importorskip("deepspeed")
+    if shutil.which("deepspeed") is None:
+        pytest.skip("the deepspeed launcher is not on PATH")
+    repo = Path(__file__).resolve().parents[1]
+    classics = tmp_path / "classics.jsonl"
+    classics.write_text("".join(json.dumps({"text": line}, ensure_ascii=False) + "\n"
+                                for line in CHINESE_LINES * 5), encoding="utf-8")
+    common = ["--config", "tiny", "--seq-len", "32", "--warmup-steps", "1", "--max-steps", "8", "--eval-interval", "4",
+              "--eval-batches", "1", "--save-interval", "4", "--log-interval", "100", "--sample-prompt", "a",
+              "--data", f"en={shards}:0.7", "--data", f"zh={classics}:0.3", "--val-fraction", "0.2",
+              "--data-dir", str(tmp_path / "data"), "--tokenizer", str(data_tokenizer.directory),
+              "--allow-low-coverage", "--precision", "fp32"]
+
+    def run(cmd: list[str]) -> None:
+        done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=900,
+                              env={**os.environ, "PYTHONPATH": str(repo)})
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+
+    two = tmp_path / "two"
+    run(["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(repo / "launch" / "train.py"),
+         *common, "--batch-size", "5", "--ds-config", str(repo / "ds_configs" / "zero1.json"), "--out", str(two)])
+    one = tmp_path / "one"
+    run([sys.executable, str(repo / "launch" / "train.py"), *common, "--batch-size", "10", "--out", str(one),
+         "--resume", str(two / "ckpt" / "step_0000004")])
+    ranks2, rank1 = rows(two, "train"), rows(one, "train")
+    assert [r["step"] for r in rank1] == list(range(4, 8))
+    assert [(r["tokens/en"], r["tokens/zh"]) for r in rank1] == [(r["tokens/en"], r["tokens/zh"]) for r in ranks2[4:]]
+    for a, b in zip(rank1, ranks2[4:], strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-3, (a["step"], a["loss"], b["loss"])
+    assert {"val_loss/en", "val_loss/zh"} <= set(rows(two, "val")[0])
+    assert rows(one, "val")[-1]["val_loss/zh"] == pytest.approx(rows(two, "val")[-1]["val_loss/zh"], abs=1e-3)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from minigpt.data.mixture import MixtureError, parse_mixture
 from minigpt.fsutil import atomic_write_text
 from minigpt.i18n import _
 from minigpt.modes import mode_names
@@ -292,7 +293,14 @@ DATA_SUFFIXES = (".gz", ".jsonl", ".json", ".txt")
 
 def data_name(data: list[str]) -> str:
     """A run-directory name for `--data`: the first entry's file or directory name without its data suffixes,
-    `+N` for N more (`zh_classics.jsonl a.txt` -> `zh_classics+1`)."""
+    `+N` for N more (`zh_classics.jsonl a.txt` -> `zh_classics+1`); a mixture's source names joined by `+`
+    (`web=...:0.7 books=...:0.3` -> `web+books`)."""
+    try:
+        mixture = parse_mixture(data)
+    except MixtureError:
+        mixture = []
+    if mixture:
+        return "+".join(source.name for source in mixture)
     name = Path(data[0].rstrip("/\\")).name
     for suffix in DATA_SUFFIXES:
         name = name.removesuffix(suffix)
@@ -312,7 +320,9 @@ class TrainConfig:
     mode: str = _opt("training stage: pretrain, sft, dpo, reward (a reward model) or rlhf", default="pretrain")
     config: str = _opt(f"model preset ({', '.join(PRESETS)})", default="tiny")
     data: list[str] = _opt("shard directories, raw .txt/.jsonl files, or a built-in corpus: demo:en (the "
-                           "default), demo:zh", default_factory=list)
+                           "default), demo:zh; a weighted mixture gives each source as NAME=PATH:WEIGHT "
+                           "(--data web=shards/web:0.7 --data books=books.jsonl:0.3: shares of the tokens)",
+                           default_factory=list)
     data_dir: str = _opt("where relative --data names are looked up when the working directory has no such "
                          "name (then $MINIGPT_DATA_DIR); also holds the cache of tokenized raw files",
                          default="data")
@@ -456,6 +466,10 @@ class TrainConfig:
                 flag="--rl-scale-rewards", choices=", ".join(ADVANTAGE_SCALES), value=self.rl_scale_rewards))
         if self.max_time:
             parse_duration(self.max_time)
+        try:
+            parse_mixture(self.data)
+        except MixtureError as err:
+            raise ConfigError(str(err)) from None
         if self.resume and self.auto_resume:
             raise ConfigError(_("--resume and --auto-resume contradict each other: give one"))
         self.eval_task_specs()

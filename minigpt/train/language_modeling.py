@@ -22,6 +22,7 @@ class LanguageModeling(Objective):
     """Next-token cross-entropy on positions whose label is not -100 (pretrain windows, SFT answers)."""
 
     eval_sums = ("loss_sum", "tokens", "bytes")
+    mixes_sources = True
 
     def __init__(self, byte_lengths: torch.Tensor | None = None, document_mask: bool = False, pack: bool = False):
         self.byte_lengths = byte_lengths

@@ -474,8 +474,9 @@ class TrainConfig:
             raise ConfigError(_("--resume and --auto-resume contradict each other: give one"))
         self.eval_task_specs()
         if self.document_mask and self.mode != "pretrain":
-            raise ConfigError(_("--document-mask applies to --mode pretrain (packed windows); --mode {mode} trains "
-                                "on one conversation or pair per sequence already").format(mode=self.mode))
+            raise ConfigError(_("--document-mask applies to --mode pretrain (packed windows); --mode sft packs "
+                                "conversations with --pack, and dpo, reward and rlhf train on one pair or prompt per "
+                                "sequence (got --mode {mode})").format(mode=self.mode))
         if self.pack and self.mode != "sft":
             raise ConfigError(_("--pack applies to --mode sft (chat conversations); --mode {mode} does not pack "
                                 "(pretrain windows are packed already; --document-mask keeps their attention "

@@ -21,7 +21,7 @@ def test_cleaning_is_off_by_default_and_keeps_every_document(tmp_path, data_toke
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "same"}, {"text": "same"}, {"text": "x"}])
     dataset = build_dataset([corpus], tmp_path / "ds", data_tokenizer, val_fraction=0, progress=False)
     stats = stats_of(dataset)
-    assert stats["cleaning"] == {"dedup": False, "min_chars": 0, "max_repeated_lines": None}
+    assert stats["cleaning"] == {"dedup": False, "min_chars": 0, "max_repeated_lines": 1.0}
     assert stats["totals"]["documents_kept"] == 3 and stats["totals"]["documents_dropped"] == 0
 
 
@@ -29,14 +29,14 @@ def test_dedup_keeps_the_first_copy_across_files_and_counts_the_others_where_the
     first = write_jsonl(tmp_path / "a.jsonl", [{"text": "Hello   World"}, {"text": "unique one"},
                                                {"text": "hello world"}])  # line 3: the same once normalised
     second = write_jsonl(tmp_path / "b.jsonl", [{"text": "HELLO\tWORLD\n"}, {"text": "unique two"},
-                                                {"text": "Ｕｎｉｑｕｅ ｏｎｅ"}])  # full-width: NFKC makes it "unique one"
+                                                {"text": "Unique\u0301 one"}, {"text": "Uniqué one"}])
     dataset = build_dataset([first, second], tmp_path / "ds", data_tokenizer, val_fraction=0, progress=False,
                             cleaning=Cleaning(dedup=True))
-    assert documents(dataset, data_tokenizer) == ["Hello   World", "unique one", "unique two"]
+    assert documents(dataset, data_tokenizer) == ["Hello   World", "unique one", "unique two", "Unique\u0301 one"]
     a, b = stats_of(dataset)["files"]
     assert a["dropped"] == {"duplicate": 1} and a["first_dropped_lines"] == {"duplicate": [3]}
-    assert b["dropped"] == {"duplicate": 2} and b["first_dropped_lines"] == {"duplicate": [1, 3]}
-    assert (a["documents_read"], a["documents_kept"], b["documents_kept"]) == (3, 2, 1)
+    assert b["dropped"] == {"duplicate": 2} and b["first_dropped_lines"] == {"duplicate": [1, 4]}  # NFC: é
+    assert (a["documents_read"], a["documents_kept"], b["documents_kept"]) == (3, 2, 2)
     totals = stats_of(dataset)["totals"]
     assert totals["dropped"] == {"duplicate": 3, "too_short": 0, "repetitive": 0}
     assert totals["documents_dropped"] == 3 and totals["documents_skipped"] == 0
@@ -111,14 +111,15 @@ def test_document_filters_are_refused_for_chat_data_and_out_of_range_values(tmp_
     with pytest.raises(DatasetBuildError, match="dpo data takes --dedup only"):
         build_dataset([corpus], tmp_path / "ds", data_tokenizer, kind="dpo", progress=False,
                       cleaning=Cleaning(min_chars=5))
-    with pytest.raises(ValueError, match=r"max_repeated_lines must be in \[0, 1\)"):
-        Cleaning(max_repeated_lines=1.0)
+    with pytest.raises(ValueError, match=r"max_repeated_lines must be in \[0, 1\]"):
+        Cleaning(max_repeated_lines=1.5)
     with pytest.raises(ValueError, match="min_chars must be 0 or more"):
         Cleaning(min_chars=-1)
 
 
 def test_normalisation_and_repeated_line_share():
-    assert normalise(" Ｆｕｌｌ\u3000Width\n\tTEXT ") == "full width text"
+    assert normalise(" Cafe\u0301\u3000Width\n\tTEXT ") == "café width text"
+    assert normalise("Ｆｕｌｌ") == "ｆｕｌｌ"  # NFC keeps full-width letters (NFKC would cost as much as tokenizing)
     assert repeated_line_share("a\nb\n\na\n a \nc") == pytest.approx(2 / 5)
     assert repeated_line_share("") == 0.0
 
@@ -150,3 +151,23 @@ def test_pretokenize_cli_cleaning_flags(tmp_path, data_tokenizer):
     assert stats["totals"]["dropped"] == {"duplicate": 1, "too_short": 1, "repetitive": 0}
     assert pretokenize.main(["--input", str(corpus), "--tokenizer", str(data_tokenizer.directory), "--out",
                              str(tmp_path / "bad"), "--max-repeated-lines", "2"]) == 2
+
+
+def test_training_on_raw_files_cleans_them_as_the_config_asks_into_a_cache_of_its_own(tmp_path, data_tokenizer):
+    from minigpt.config import ConfigError, TrainConfig
+    from minigpt.runtime import Runtime
+    from minigpt.train.run_data import resolve_run_data
+
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": f"document {i}"} for i in range(20)] * 2)
+    built = {}
+    for dedup in (False, True):
+        cfg = TrainConfig(data=[str(corpus)], data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
+                          tokenizer=str(data_tokenizer.directory), dedup=dedup)
+        built[dedup] = resolve_run_data(cfg, Runtime(), None, "pretrain").dataset_dirs[-1]
+    assert built[False] != built[True]
+    assert stats_of(built[False])["totals"]["documents_kept"] == 40
+    assert stats_of(built[True])["totals"]["dropped"]["duplicate"] == 20
+    with pytest.raises(ConfigError, match="sft data takes --dedup only"):
+        TrainConfig(mode="sft", min_chars=10).validate()
+    with pytest.raises(ConfigError, match=r"--max-repeated-lines must be in \[0, 1\]"):
+        TrainConfig(max_repeated_lines=2.0).validate()

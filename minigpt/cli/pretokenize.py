@@ -43,9 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=_("drop records whose normalised text an earlier record already had (off by default)"))
     parser.add_argument("--min-chars", type=int, default=0,
                         help=_("pretrain: drop documents shorter than this many characters (0: off)"))
-    parser.add_argument("--max-repeated-lines", type=float, default=None, metavar="SHARE",
+    parser.add_argument("--max-repeated-lines", type=float, default=1.0, metavar="SHARE",
                         help=_("pretrain: drop documents whose share of lines repeating an earlier line is above "
-                               "this, in [0, 1) (default: off)"))
+                               "this (1: off)"))
     parser.add_argument("--strict", action="store_true",
                         help=_("fail on the first bad record instead of skipping"))
     parser.add_argument("--overwrite", action="store_true", help=_("replace an existing --out"))

@@ -151,3 +151,15 @@ def test_pretokenize_cli_reads_parquet_globs(tmp_path, data_tokenizer):
                              "--out", str(out), "--quiet"]) == 0
     stats = json.loads((out / "dataset_stats.json").read_text())
     assert [f["documents_kept"] for f in stats["files"]] == [20, 20]
+
+
+def test_a_messages_column_is_a_conversation_in_parquet_and_jsonl_alike(tmp_path, data_tokenizer):
+    chats = [{"messages": [{"role": "user", "content": f"Hi {i}?"}, {"role": "assistant", "content": f"Hello {i}."}]}
+             for i in range(10)]
+    renamed = [{"conversations": chat["messages"]} for chat in chats]
+    built = [build_dataset([write(tmp_path / name, records)], tmp_path / name.replace(".", "-"), data_tokenizer,
+                           kind="sft", val_fraction=0, progress=False)
+             for write, name, records in ((write_parquet, "m.parquet", chats), (write_jsonl, "m.jsonl", chats),
+                                          (write_jsonl, "c.jsonl", renamed))]
+    assert shard_bytes(built[0]) == shard_bytes(built[1]) == shard_bytes(built[2])
+    assert stats_of(built[0])["totals"]["documents_kept"] == 10

@@ -188,9 +188,11 @@ def lone_surrogate_field(value, name: str = "") -> str | None:
     return None
 
 
-USED_FIELDS = {"sft": ("conversations", "instruction", "input", "output"), "dpo": ("prompt", "chosen", "rejected")}
+USED_FIELDS = {"sft": ("conversations", "messages", "instruction", "input", "output"),
+               "dpo": ("prompt", "chosen", "rejected")}
 """The record fields each kind reads (pretrain: the text field; rlhf keeps every field)."""
-CHAT_FIELDS = ("conversations", "instruction", "input", "output", "prompt", "chosen", "rejected", "reference")
+CHAT_FIELDS = ("conversations", "messages", "instruction", "input", "output", "prompt", "chosen", "rejected",
+               "reference")
 """Every field whose strings a tokenizer learns from when a record has no text field."""
 
 
@@ -223,9 +225,10 @@ def _as_messages(value, default_role: str) -> list[dict] | None:
 
 
 def _sft_messages(record: dict) -> list[dict] | str:
-    if "conversations" in record:
-        messages = _as_messages(record["conversations"], "user")
-        return messages if messages is not None and isinstance(record["conversations"], list) \
+    key = "conversations" if "conversations" in record else "messages"  # `messages`: Hugging Face chat sets
+    if key in record:
+        messages = _as_messages(record[key], "user")
+        return messages if messages is not None and isinstance(record[key], list) \
             else "malformed_conversation"
     if "instruction" in record and "output" in record:
         parts = [record["instruction"], record.get("input", "")]
@@ -340,7 +343,7 @@ def training_texts(fmt: str, raw: bytes | dict, text_field: str = "text") -> lis
     """The strings a tokenizer should learn from in one raw record (any kind); [] when unusable.
 
     JSONL records and Parquet rows give `text_field` when present, otherwise every string of the chat
-    fields (conversations, instruction/input/output, prompt/chosen/rejected/reference).
+    fields (conversations or messages, instruction/input/output, prompt/chosen/rejected/reference).
     """
     if isinstance(raw, dict):
         texts = [raw[text_field]] if isinstance(raw.get(text_field), str) else _chat_texts(raw)

@@ -163,3 +163,27 @@ def test_a_messages_column_is_a_conversation_in_parquet_and_jsonl_alike(tmp_path
                                           (write_jsonl, "c.jsonl", renamed))]
     assert shard_bytes(built[0]) == shard_bytes(built[1]) == shard_bytes(built[2])
     assert stats_of(built[0])["totals"]["documents_kept"] == 10
+
+
+@pytest.mark.integration
+def test_reading_parquet_streams_row_groups_so_memory_does_not_grow_with_the_file(tmp_path):
+    """Peak RSS of reading every row of a file 10x larger stays within a few MiB of the smaller one's."""
+    text = "床前明月光，疑是地上霜。" * 40 + "The quick brown fox. " * 20
+    peaks = {}
+    for row_groups in (4, 40):
+        path = tmp_path / f"g{row_groups}.parquet"
+        with pq.ParquetWriter(path, pa.schema([("text", pa.string()), ("id", pa.int64())])) as writer:
+            for group in range(row_groups):
+                writer.write_table(pa.table({"text": [f"{group} {i} {text}" for i in range(4096)],
+                                             "id": list(range(4096))}))
+        code = ("import resource; from pathlib import Path; from minigpt.data.sources import iter_raw_records; "
+                f"rows = sum(1 for _ in iter_raw_records(Path({str(path)!r}), ['text'])); "
+                "print(rows, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        rows, peak_kib = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                        check=True).stdout.split()
+        assert int(rows) == row_groups * 4096
+        peaks[row_groups] = int(peak_kib) / 1024
+    metadata = pq.ParquetFile(path).metadata
+    decoded = sum(metadata.row_group(g).total_byte_size for g in range(metadata.num_row_groups))
+    assert decoded > 200 * 2**20  # the larger file's text is far more than the bound below
+    assert peaks[40] < peaks[4] + 16, peaks

@@ -23,6 +23,7 @@ import numpy as np
 from minigpt.i18n import _
 
 DROP_REASONS = ("duplicate", "too_short", "repetitive")
+REHASH_BATCH = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,8 @@ class DuplicateFilter:
         old = self._table[self._table != 0]
         self._table = np.zeros(capacity, dtype=np.uint64)
         self.count = 0
-        self._insert(old)
+        for start in range(0, len(old), REHASH_BATCH):  # in slices: the probing arrays stay small
+            self._insert(old[start:start + REHASH_BATCH])
 
     def _insert(self, keys: np.ndarray) -> np.ndarray:
         """Insert distinct `keys`, probing linearly; True for each that was not in the table."""

@@ -78,3 +78,10 @@ def test_a_demo_corpus_tokenizer_covers_the_built_in_post_training_data(tmp_path
     text = "\n".join(s for kind in ("sft", "dpo", "rlhf") for r in demo_post_training_records(kind) for s in strings(r))
     total, uncovered = tokenizer.character_counts(text)
     assert 1 - uncovered.total() / total >= 0.99, uncovered.most_common(10)
+    # The tasks' letters stay single pieces in the Chinese tokenizer (no "bh" learned from random letter strings),
+    # so reversing and sorting are over the tokens the model sees; the verbs are one piece each.
+    if corpus == "demo:zh":
+        for prompt in ("倒序写出 ebhdg", "按字母排序 hhcag", "计算 ebhdg"):
+            verb, letters = prompt.split(" ")
+            pieces = [tokenizer.sp.id_to_piece(i) for i in tokenizer.encode(prompt)]
+            assert pieces == [verb, "▁" + letters[0], *letters[1:]], pieces

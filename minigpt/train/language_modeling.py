@@ -28,6 +28,7 @@ class LanguageModeling(Objective):
         self.byte_lengths = byte_lengths
         self.document_mask, self.pack = document_mask, pack
         self.packed: list[PackedSFTExamples] = []
+        self.unpacked: list[SFTExamples] = []
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> LanguageModeling:
@@ -43,11 +44,23 @@ class LanguageModeling(Objective):
             packed = PackedSFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
             self.packed.append(packed)
             return packed
-        return SFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
+        examples = SFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
+        self.unpacked.append(examples)
+        return examples
 
     def setup(self, context: SetupContext) -> None:
-        """Say once how the conversations were packed (train and validation together)."""
-        if not self.packed or not context.engine.is_main:
+        """Say once how many conversations are cut at --seq-len, and how they were packed (train and validation
+        together)."""
+        if not context.engine.is_main:
+            return
+        cut = sum(d.num_truncated for d in self.unpacked)
+        if cut:
+            total = sum(len(d) for d in self.unpacked)
+            longest = max(int(d.reader.document_lengths().max()) for d in self.unpacked if len(d))
+            print(_("[minigpt] sft: {cut:,} of {total:,} conversations are longer than --seq-len {seq_len} + 1 tokens "
+                    "(the longest: {longest}) and are cut: their ends are not trained; a longer --seq-len keeps "
+                    "them").format(cut=cut, total=total, seq_len=context.seq_len, longest=longest), flush=True)
+        if not self.packed:
             return
         sequences = sum(len(d) for d in self.packed)
         padding = sum(d.padding_share * len(d) for d in self.packed) / max(sequences, 1)

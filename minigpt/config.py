@@ -319,7 +319,7 @@ class TrainConfig:
 
     mode: str = _opt("training stage: pretrain, sft, dpo, reward (a reward model) or rlhf", default="pretrain")
     config: str = _opt(f"model preset ({', '.join(PRESETS)})", default="tiny")
-    data: list[str] = _opt("shard directories, raw .txt/.jsonl files, or a built-in corpus: demo:en (the "
+    data: list[str] = _opt("shard directories, raw .txt/.jsonl/.parquet files, or a built-in corpus: demo:en (the "
                            "default), demo:zh; a weighted mixture gives each source as NAME=PATH:WEIGHT "
                            "(--data web=shards/web:0.7 --data books=books.jsonl:0.3: shares of the tokens)",
                            default_factory=list)

@@ -187,3 +187,17 @@ def test_reading_parquet_streams_row_groups_so_memory_does_not_grow_with_the_fil
     decoded = sum(metadata.row_group(g).total_byte_size for g in range(metadata.num_row_groups))
     assert decoded > 200 * 2**20  # the larger file's text is far more than the bound below
     assert peaks[40] < peaks[4] + 16, peaks
+
+
+def test_training_takes_a_raw_parquet_file_as_data(tmp_path, data_tokenizer):
+    from minigpt.config import TrainConfig, data_name
+    from minigpt.runtime import Runtime
+    from minigpt.train.run_data import resolve_run_data
+
+    parquet = write_parquet(tmp_path / "web.parquet", pretrain_records(40))
+    cfg = TrainConfig(data=[str(parquet)], data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
+                      tokenizer=str(data_tokenizer.directory))
+    dataset = resolve_run_data(cfg, Runtime(), None, "pretrain").dataset_dirs[-1]
+    assert stats_of(dataset)["files"][0]["format"] == "parquet"
+    assert stats_of(dataset)["totals"]["documents_kept"] == 40
+    assert data_name([str(parquet)]) == "web"

@@ -288,7 +288,7 @@ def _opt(help_text: str, **kwargs: Any) -> Any:
 
 
 COMPILE_CHOICES = ("auto", "on", "off")
-DATA_SUFFIXES = (".gz", ".jsonl", ".json", ".txt")
+DATA_SUFFIXES = (".gz", ".jsonl", ".json", ".txt", ".parquet")
 
 
 def data_name(data: list[str]) -> str:
@@ -319,7 +319,7 @@ class TrainConfig:
 
     mode: str = _opt("training stage: pretrain, sft, dpo, reward (a reward model) or rlhf", default="pretrain")
     config: str = _opt(f"model preset ({', '.join(PRESETS)})", default="tiny")
-    data: list[str] = _opt("shard directories, raw .txt/.jsonl files, or a built-in corpus: demo:en (the "
+    data: list[str] = _opt("shard directories, raw .txt/.jsonl/.parquet files, or a built-in corpus: demo:en (the "
                            "default), demo:zh; a weighted mixture gives each source as NAME=PATH:WEIGHT "
                            "(--data web=shards/web:0.7 --data books=books.jsonl:0.3: shares of the tokens)",
                            default_factory=list)
@@ -384,6 +384,11 @@ class TrainConfig:
     seed: int = _opt("random seed", default=1337)
     val_fraction: float = _opt("share of documents held out for validation when raw files are tokenized",
                                default=0.05)
+    dedup: bool = _opt("raw files: drop records whose normalised text an earlier record had", default=False)
+    min_chars: int = _opt("raw files, pretrain: drop documents shorter than this many characters (0: off)",
+                          default=0)
+    max_repeated_lines: float = _opt("raw files, pretrain: drop documents whose share of lines repeating an "
+                                     "earlier line is above this (1: off)", default=1.0)
     compile: str = _opt("torch.compile the model (plain engine): auto (compiled when the run asks for 2000+ steps "
                         "and any --max-time is 10 minutes or more, except bf16 on a CPU; decided from these "
                         "facts alone, never from timings; skipped where it cannot work), on (--compile alone) "
@@ -446,7 +451,7 @@ class TrainConfig:
                 raise ConfigError(_("{flag} must be positive, got {value}").format(
                     flag=_flag(name), value=getattr(self, name)))
         for name in ("warmup_steps", "eval_interval", "save_interval", "seq_len", "vocab_size", "eval_batches",
-                     "grad_clip", "weight_decay", "prefetch", "ep_size", "dpo_sft_coef", "kl_coef"):
+                     "grad_clip", "weight_decay", "prefetch", "ep_size", "dpo_sft_coef", "kl_coef", "min_chars"):
             if getattr(self, name) < 0:
                 raise ConfigError(_("{flag} must not be negative, got {value}").format(
                     flag=_flag(name), value=getattr(self, name)))
@@ -461,6 +466,12 @@ class TrainConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(_("{flag} must be in {interval}, got {value}").format(
                 flag="--val-fraction", interval="[0, 1)", value=self.val_fraction))
+        if not 0.0 <= self.max_repeated_lines <= 1.0:
+            raise ConfigError(_("{flag} must be in {interval}, got {value}").format(
+                flag="--max-repeated-lines", interval="[0, 1]", value=self.max_repeated_lines))
+        if (self.min_chars or self.max_repeated_lines < 1.0) and self.mode != "pretrain":
+            raise ConfigError(_("--min-chars and --max-repeated-lines filter pretraining documents; {kind} data "
+                                "takes --dedup only").format(kind=self.mode))
         if self.rl_scale_rewards not in ADVANTAGE_SCALES:
             raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(
                 flag="--rl-scale-rewards", choices=", ".join(ADVANTAGE_SCALES), value=self.rl_scale_rewards))

@@ -1,6 +1,7 @@
 """Build a dataset directory (train/ and val/ shards + dataset_stats.json) from raw files.
 
     raw files -> records (paragraphs or JSONL lines) -> parse + encode in worker processes
+              -> cleaning, when asked (minigpt.data.cleaning: filters in the workers, duplicates here)
               -> one staging shard of every kept document, in input order (long pretraining documents
                  cut into pieces, see `cut_long_text`)
               -> deterministic split by document (seeded) -> train/ and val/ shards
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from minigpt.data.cleaning import DROP_REASONS, Cleaning, DuplicateFilter, document_drop_reason, text_hash
 from minigpt.data.shards import KINDS, ShardReader, ShardWriter
 from minigpt.data.sources import (
     Example,
@@ -37,6 +39,8 @@ from minigpt.data.sources import (
     input_format,
     iter_raw_records,
     parse_record,
+    record_bytes,
+    record_columns,
 )
 from minigpt.fsutil import fsync_dir, fsync_file, make_staging_dir, replace_dir
 from minigpt.i18n import _, docs_page
@@ -70,6 +74,9 @@ class FileStats:
     """Kept documents longer than MAX_DOCUMENT_CHARS, each split into pieces (train/val count pieces)."""
     skipped: dict[str, int] = field(default_factory=dict)
     first_skipped_lines: dict[str, list[int]] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Usable documents that cleaning dropped (duplicate, too_short, repetitive); not in documents_kept."""
+    first_dropped_lines: dict[str, list[int]] = field(default_factory=dict)
     tokens: int = 0
     train_documents: int = 0
     val_documents: int = 0
@@ -82,8 +89,16 @@ class FileStats:
         if len(lines) < FIRST_LINES:
             lines.append(line)
 
+    def drop(self, reason: str, line: int) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        lines = self.first_dropped_lines.setdefault(reason, [])
+        if len(lines) < FIRST_LINES:
+            lines.append(line)
+
     def summary(self) -> str:
-        parts = [_("{reason}: {count} (lines {lines})").format(
+        template = _("{reason}: {count} (rows {lines})") if self.format == "parquet" \
+            else _("{reason}: {count} (lines {lines})")
+        parts = [template.format(
                      reason=reason, count=count,
                      lines=", ".join(map(str, self.first_skipped_lines[reason]))
                      + (", ..." if count > len(self.first_skipped_lines[reason]) else ""))
@@ -118,6 +133,12 @@ class _EncodedChunk:
     lengths: np.ndarray
     loss_mask: np.ndarray | None = None
     records: list[dict] | None = None
+    dropped: list[Skip] = field(default_factory=list)
+    """Kept records that cleaning dropped (the reason: duplicate, too_short or repetitive)."""
+    hashes: np.ndarray | None = None
+    """With de-duplication: per kept record its text hash, first line and number of examples."""
+    lines: np.ndarray | None = None
+    pieces: np.ndarray | None = None
 
 
 @dataclass
@@ -125,6 +146,22 @@ class _Job:
     kind: str
     text_field: str
     max_prompt_tokens: int | None
+    cleaning: Cleaning = field(default_factory=Cleaning)
+
+
+def _hash_parts(kind: str, example: Example) -> list[str]:
+    """The strings two records must share (after normalising) to be duplicates: the text, or every role and
+    content of the conversation(s), with the RLHF reference."""
+    if kind == "pretrain":
+        return [example.text]
+    turns = example.messages if kind == "sft" else example.prompt_messages
+    parts = [s for m in turns for s in (m["role"], m["content"])]
+    if kind == "dpo":
+        for response in (example.chosen, example.rejected):
+            parts += ["\x1d"] + [s for m in response for s in (m["role"], m["content"])]
+    if kind == "rlhf":
+        parts += ["\x1d", example.extra.get("reference") or ""]
+    return parts
 
 
 def _encode_pretrain(tokenizer: Tokenizer, examples: list[Example]) -> tuple[list[list[int]], int]:
@@ -158,13 +195,18 @@ def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChu
     parsed = [parse_record(job.kind, chunk.fmt, line, raw, job.text_field) for line, raw in chunk.records]
     skips = [p for p in parsed if isinstance(p, Skip)]
     examples = [p for p in parsed if isinstance(p, Example)]
+    dropped = []
+    if job.cleaning.filters_documents and job.kind == "pretrain":
+        reasons = [document_drop_reason(job.cleaning, e.text) for e in examples]
+        dropped = [Skip(e.line, reason) for e, reason in zip(examples, reasons, strict=True) if reason]
+        examples = [e for e, reason in zip(examples, reasons, strict=True) if not reason]
     num_cut = 0
     if job.kind == "pretrain":
         encoded, num_cut = _encode_pretrain(tokenizer, examples)
         documents = [(ids, None, None) for ids in encoded]
-        num_kept, num_examples = len(examples), len(documents)
+        num_kept, num_examples, kept = len(examples), len(documents), examples
     else:
-        documents, num_examples = [], 0
+        documents, num_examples, kept = [], 0, []
         for example in examples:
             result = _encode_post_training(tokenizer, job, example)
             if isinstance(result, Skip):
@@ -172,6 +214,7 @@ def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChu
             else:
                 documents += result
                 num_examples += 1
+                kept.append(example)
         num_kept = num_examples
     skips.sort(key=lambda skip: skip.line)
     lengths = np.array([len(ids) for ids, _mask, _record in documents], dtype=np.int64)
@@ -183,8 +226,33 @@ def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChu
         mask = np.fromiter(chain.from_iterable(doc_mask for _ids, doc_mask, _record in documents), dtype=np.uint8,
                            count=int(lengths.sum()))
     records = [record for _ids, _mask, record in documents] if job.kind == "rlhf" else None
-    return _EncodedChunk(chunk.file_index, chunk.nbytes, skips, num_kept, num_cut, num_examples, tokens, lengths,
-                         mask, records)
+    encoded = _EncodedChunk(chunk.file_index, chunk.nbytes, skips, num_kept, num_cut, num_examples, tokens, lengths,
+                            mask, records, dropped)
+    if job.cleaning.dedup:
+        encoded.hashes = np.array([text_hash(_hash_parts(job.kind, e)) for e in kept], dtype=np.uint64)
+        encoded.lines = np.array([e.line for e in kept], dtype=np.int64)
+        encoded.pieces = np.array([len(cut_long_text(e.text)) for e in kept] if job.kind == "pretrain"
+                                  else [1] * len(kept), dtype=np.int64)
+    return encoded
+
+
+def _drop_duplicates(encoded: _EncodedChunk, seen: DuplicateFilter, docs_per_example: int) -> None:
+    """Remove from `encoded` the records whose hash `seen` already holds (or an earlier record of the chunk)."""
+    keep = seen.first_seen(encoded.hashes)
+    if keep.all():
+        return
+    documents = np.repeat(np.repeat(keep, encoded.pieces), docs_per_example)
+    tokens = np.repeat(documents, encoded.lengths)
+    encoded.tokens, encoded.lengths = encoded.tokens[tokens], encoded.lengths[documents]
+    if encoded.loss_mask is not None:
+        encoded.loss_mask = encoded.loss_mask[tokens]
+    if encoded.records is not None:
+        encoded.records = [r for r, k in zip(encoded.records, documents, strict=True) if k]
+    encoded.dropped = sorted(encoded.dropped + [Skip(int(line), "duplicate") for line in encoded.lines[~keep]],
+                             key=lambda drop: drop.line)
+    encoded.num_kept = int(keep.sum())
+    encoded.num_examples = int(encoded.pieces[keep].sum())
+    encoded.num_cut = int((encoded.pieces[keep] > 1).sum())
 
 
 _WORKER: tuple[Tokenizer, _Job] | None = None
@@ -200,15 +268,15 @@ def _encode_in_worker(chunk: _Chunk) -> _EncodedChunk:
     return _encode_chunk(tokenizer, job, chunk)
 
 
-def _chunks(files: list[Path], stats: list[FileStats], strict: bool) -> Iterator[_Chunk]:
+def _chunks(files: list[Path], stats: list[FileStats], strict: bool, columns: list[str] | None) -> Iterator[_Chunk]:
     """Records of every file in order, in chunks; file-level problems go into `stats` (or raise)."""
     for index, path in enumerate(files):
-        records: list[tuple[int, bytes]] = []
+        records: list[tuple[int, bytes | dict]] = []
         nbytes, seen = 0, 0
         try:
-            for line, raw in iter_raw_records(path):
+            for line, raw in iter_raw_records(path, columns):
                 records.append((line, raw))
-                nbytes += len(raw)
+                nbytes += record_bytes(raw)
                 seen += 1
                 if len(records) >= CHUNK_RECORDS or nbytes >= CHUNK_BYTES:
                     yield _Chunk(index, stats[index].format, records, nbytes)
@@ -246,9 +314,11 @@ def _bounded_ordered_map(pool: ProcessPoolExecutor, chunks: Iterator[_Chunk],
 def _encode_all(files: list[Path], stats: list[FileStats], tokenizer: Tokenizer, job: _Job, workers: int,
                 strict: bool, progress: bool) -> Iterator[_EncodedChunk]:
     """Encoded chunks of every file, in input order; skipped records counted in `stats` (or raised)."""
-    total = None if any(s.path.endswith(".gz") for s in stats) else sum(s.bytes for s in stats)
+    # compressed inputs: their records are larger than the files, so no total
+    total = None if any(s.path.endswith(".gz") or s.format == "parquet" for s in stats) else sum(s.bytes for s in stats)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=_("pretokenize"), disable=not progress)
-    chunks = _chunks(files, stats, strict)
+    chunks = _chunks(files, stats, strict, record_columns(job.kind, job.text_field))
+    seen = DuplicateFilter() if job.cleaning.dedup else None
     pool = None
     if workers > 1:
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),  # fork is unsafe
@@ -262,13 +332,18 @@ def _encode_all(files: list[Path], stats: list[FileStats], tokenizer: Tokenizer,
             file_stats = stats[encoded.file_index]
             if encoded.skips and strict:
                 skip = encoded.skips[0]
-                message = (_("{path}:{line}: {reason} ({detail}) (strict mode)") if skip.detail
-                           else _("{path}:{line}: {reason} (strict mode)"))
-                raise DatasetBuildError(message.format(path=file_stats.path, line=skip.line, reason=skip.reason,
-                                                       detail=skip.detail))
+                where = _("{path}: row {line}") if file_stats.format == "parquet" else "{path}:{line}"
+                message = (_("{where}: {reason} ({detail}) (strict mode)") if skip.detail
+                           else _("{where}: {reason} (strict mode)"))
+                raise DatasetBuildError(message.format(where=where.format(path=file_stats.path, line=skip.line),
+                                                       reason=skip.reason, detail=skip.detail))
+            if seen is not None:
+                _drop_duplicates(encoded, seen, 2 if job.kind == "dpo" else 1)
             for skip in encoded.skips:
                 file_stats.skip(skip.reason, skip.line)
-            file_stats.documents_read += len(encoded.skips) + encoded.num_kept
+            for drop in encoded.dropped:
+                file_stats.drop(drop.reason, drop.line)
+            file_stats.documents_read += len(encoded.skips) + len(encoded.dropped) + encoded.num_kept
             file_stats.documents_kept += encoded.num_kept
             file_stats.documents_cut += encoded.num_cut
             yield encoded
@@ -312,16 +387,21 @@ def _write_split(staged: ShardReader, docs_per_example: int, select: np.ndarray,
 def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Tokenizer, kind: str = "pretrain",
                   val_fraction: float = 0.01, seed: int = 1337, workers: int = 1, text_field: str = "text",
                   strict: bool = False, progress: bool = True, max_prompt_tokens: int | None = None,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, cleaning: Cleaning | None = None) -> Path:
     """Pre-tokenize `inputs` (files or globs) into the dataset directory `out_dir` and return it.
 
     kind: 'pretrain' (text, EOS after each document), 'sft' (conversations with an assistant loss
     mask), 'dpo' (chosen/rejected pairs, mask on the responses) or 'rlhf' (prompts + references).
+    cleaning: de-duplication and document filters (none by default; see minigpt.data.cleaning).
     The split is by example, seeded: the same inputs and seed give the same shards for any
     number of workers. See docs/data.md for the input schemas and the files written.
     """
     if kind not in KINDS:
         raise DatasetBuildError(_("kind {kind!r} is not one of {kinds}").format(kind=kind, kinds=KINDS))
+    cleaning = cleaning or Cleaning()
+    if cleaning.filters_documents and kind != "pretrain":
+        raise DatasetBuildError(_("--min-chars and --max-repeated-lines filter pretraining documents; {kind} data "
+                                  "takes --dedup only").format(kind=kind))
     split_examples(0, val_fraction, seed)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -333,7 +413,7 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
         raise DatasetBuildError(str(err)) from err
     started = time.monotonic()
     stats = [FileStats(str(path), input_format(path), path.stat().st_size) for path in files]
-    job = _Job(kind, text_field, max_prompt_tokens)
+    job = _Job(kind, text_field, max_prompt_tokens, cleaning)
     docs_per_example = 2 if kind == "dpo" else 1
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = make_staging_dir(out_dir.parent, prefix=f".{out_dir.name}.building-")
@@ -349,6 +429,7 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
         for file_stats in stats:
             if file_stats.skipped:
                 print(_("[minigpt] {note}").format(note=file_stats.summary()), file=sys.stderr)
+        _print_cleaning(stats)
         if not example_files:
             raise DatasetBuildError(_("no usable {kind} examples in {paths} (see the skip reasons above and {docs} "
                                       "for the formats)").format(kind=kind, paths=", ".join(s.path for s in stats),
@@ -364,7 +445,8 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
         _fill_split_stats(stats, np.array(example_files), example_tokens, is_val)
         del staged
         shutil.rmtree(staging / "all")
-        _write_stats(staging / STATS_FILE, stats, common, split_meta, text_field, time.monotonic() - started)
+        _write_stats(staging / STATS_FILE, stats, common, {**split_meta, "cleaning": cleaning.as_dict()}, text_field,
+                     time.monotonic() - started)
         fsync_dir(staging)
         replace_dir(staging, out_dir)
     finally:
@@ -384,17 +466,27 @@ def _fill_split_stats(stats: list[FileStats], example_files: np.ndarray, example
         file_stats.validation_share = round(file_stats.val_documents / examples, 6) if examples else 0.0
 
 
+def _print_cleaning(stats: list[FileStats]) -> None:
+    dropped = {reason: sum(s.dropped.get(reason, 0) for s in stats) for reason in DROP_REASONS}
+    if any(dropped.values()):
+        print(_("[minigpt] cleaning dropped {dropped} of {read} documents: {reasons}").format(
+            dropped=sum(dropped.values()), read=sum(s.documents_read for s in stats),
+            reasons=", ".join(f"{reason} {count}" for reason, count in dropped.items() if count)), file=sys.stderr)
+
+
 def _write_stats(path: Path, stats: list[FileStats], common: dict, split_meta: dict, text_field: str,
                  seconds: float) -> None:
     keys = ("documents_read", "documents_kept", "documents_cut", "tokens", "train_documents", "val_documents",
             "val_tokens")
     totals = {key: sum(getattr(s, key) for s in stats) for key in keys}
-    totals["documents_skipped"] = totals["documents_read"] - totals["documents_kept"]
     skipped: dict[str, int] = {}
     for file_stats in stats:
         for reason, count in file_stats.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + count
+    totals["documents_dropped"] = sum(sum(s.dropped.values()) for s in stats)
+    totals["documents_skipped"] = totals["documents_read"] - totals["documents_kept"] - totals["documents_dropped"]
     totals["skipped"] = dict(sorted(skipped.items()))
+    totals["dropped"] = {reason: sum(s.dropped.get(reason, 0) for s in stats) for reason in DROP_REASONS}
     report = {**{k: v for k, v in common.items() if k != "sources"}, **split_meta, "text_field": text_field,
               "totals": totals, "files": [asdict(s) for s in stats], "build_seconds": round(seconds, 3)}
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

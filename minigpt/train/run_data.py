@@ -1,7 +1,8 @@
 """Turn a run's `--data` / `--tokenizer` into a tokenizer and train/validation datasets.
 
-`--data` names shard directories (built by `data_tools/pretokenize.py`) or raw .txt/.jsonl files,
-which are pre-tokenized on the fly into a cache keyed by their content and the tokenizer. Relative
+`--data` names shard directories (built by `data_tools/pretokenize.py`) or raw .txt/.jsonl/.parquet files,
+which are pre-tokenized on the fly (cleaned as --dedup/--min-chars/--max-repeated-lines ask) into a cache keyed
+by their content, the tokenizer and those settings. Relative
 names are looked up in the working directory, then the run's `--data-dir`, then `$MINIGPT_DATA_DIR`.
 With no `--data`, pretraining uses the built-in English demo corpus (`--data demo:zh` names the Chinese
 one) and the post-training modes the built-in bilingual demo data (`minigpt.data.demo`). In a multi-rank run the main rank builds
@@ -27,6 +28,7 @@ import numpy as np
 from minigpt.config import ConfigError, TrainConfig, data_name, get_config
 from minigpt.data import build
 from minigpt.data.build import build_dataset
+from minigpt.data.cleaning import Cleaning
 from minigpt.data.demo import (
     CORPORA,
     DEMO_PREFIX,
@@ -192,14 +194,16 @@ def _content_key(files: list[Path], *parts: str) -> str:
 
 def _pretokenized(cfg: TrainConfig, runtime: Runtime, raw: list[Path], tokenizer: Tokenizer, kind: str) -> Path:
     """The cached shard dataset of the raw files `raw`, built by the main rank if missing (the others wait)."""
+    cleaning = Cleaning(cfg.dedup, cfg.min_chars, cfg.max_repeated_lines)
     key = _content_key(raw, tokenizer.checksum, kind, str(cfg.val_fraction), str(cfg.seed),
-                       f"encoding {build.ENCODING_VERSION}")
+                       f"encoding {build.ENCODING_VERSION}",
+                       *([json.dumps(cleaning.as_dict())] if cleaning != Cleaning() else []))
     cached = Path(cfg.data_dir) / CACHE / f"{kind}-{key}"
     if runtime.is_main and not cached.exists():
         print(_("[minigpt] pre-tokenizing {count} file(s) into {path}").format(count=len(raw), path=cached),
               flush=True)
         build_dataset([str(p) for p in raw], cached, tokenizer, kind=kind, val_fraction=cfg.val_fraction,
-                      seed=cfg.seed, workers=min(4, os.cpu_count() or 1))
+                      seed=cfg.seed, workers=min(4, os.cpu_count() or 1), cleaning=cleaning)
     runtime.barrier()
     return cached
 

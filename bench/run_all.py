@@ -2,7 +2,7 @@
 
     python bench/run_all.py                   # everything (~15 min on 2 CPU cores, 4 deepspeed launches)
     python bench/run_all.py --skip deepspeed  # sections: quality quality_zh throughput compile deepspeed
-                                              #   decode data activation pretokenize memory
+                                              #   decode data activation pretokenize memory sft_packing
     python bench/run_all.py --quick           # tiny sizes: checks the plumbing, the figures mean nothing
 
 Writes `bench/out/results.json` (every figure, the machine, the load average before each section)
@@ -56,7 +56,8 @@ AVX2_EMULATION = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 """Caps oneDNN at AVX2: on a CPU with native bf16 it runs bf16 as an AVX2-only CPU does, and auto picks fp32."""
 PRECISION_FLAGS = {"x86": ("avx512f", "avx512_bf16", "amx_bf16"), "arm": ("bf16",)}
 """The CPU flags that decide how fast bf16 runs, per architecture."""
-SECTIONS = ("quality", "quality_zh", "throughput", "compile", "deepspeed", "decode", "data", "activation", "pretokenize", "memory")
+SECTIONS = ("quality", "quality_zh", "throughput", "compile", "deepspeed", "decode", "data", "activation", "pretokenize", "memory",
+            "sft_packing")
 
 
 @dataclass
@@ -409,6 +410,21 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def sft_packing_rows(work: Path, quick: bool, results: dict) -> list[Row]:
+    import sft_packing
+
+    out = work / "sft_packing.json"
+    sft_packing.main(["--json", str(out)] + (["--quick"] if quick else []))
+    measured = json.loads(out.read_text())
+    results["sft_packing"] = measured
+    padded, packed = measured["results"]
+    speedup = measured["speedup"]
+    return [Row("sft: --pack vs padded, useful (assistant) tokens/s, same steps, mixed-length chats",
+                f"{padded['useful_tokens_per_sec']:,.0f} -> {packed['useful_tokens_per_sec']:,.0f} tok/s, val loss "
+                f"{padded['val_loss']:.3f} -> {packed['val_loss']:.3f}", f"{speedup:.2f}x",
+                f">= {sft_packing.GOAL_SPEEDUP:.1f}x at <= val loss", verdict(measured["pass"]))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -445,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += pretokenize_rows(args.quick, results)
         elif section == "memory":
             rows += memory_rows(args.out, args.quick, results)
+        elif section == "sft_packing":
+            rows += sft_packing_rows(args.out, args.quick, results)
     results["rows"] = [asdict(r) for r in rows]
     results["seconds"] = time.perf_counter() - started
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

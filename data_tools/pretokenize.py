@@ -3,6 +3,7 @@
     python data_tools/pretokenize.py --input data/corpus.txt --tokenizer tokenizer --out shards/corpus
     python data_tools/pretokenize.py --input 'chats/*.jsonl.gz' --tokenizer tok --out shards/chat --kind sft
     python data_tools/pretokenize.py --input prefs.jsonl --tokenizer tok --out shards/dpo --kind dpo --strict
+    python data_tools/pretokenize.py --input 'web/*.parquet' --tokenizer tok --out shards/web --dedup --min-chars 200
 
 Bad records are skipped and reported per file (see dataset_stats.json); --strict fails on the first.
 Exit codes: 0 done, 2 bad usage or unusable input (the message names the file and line).

@@ -42,7 +42,7 @@ from minigpt import strict_json
 from minigpt.engine.base import Engine
 from minigpt.fsutil import atomic_write_text, fsync_dir, fsync_tree, sweep_leftovers
 from minigpt.i18n import _
-from minigpt.safe_load import UnsafeFileError, weights_only_loads
+from minigpt.safe_load import UnsafeFileError
 
 CKPT_DIR = "ckpt"
 LATEST = "latest"
@@ -216,6 +216,58 @@ STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 """The trainer state's fields, each with its check and what the check wants (unknown fields pass; the wants are
 messages, translated where they are said)."""
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint holds of a training run besides the engine's files (`trainer_state.json`, whose fields
+    `STATE_FIELDS` checks): the one owner of that content, written by `TrainerState.to_json` and read back by
+    `TrainerState.from_json` for the trainer to apply."""
+
+    step: int
+    tokens_seen: int
+    sampler: dict[str, Any]
+    """The sampler's own state (`ResumableSampler.state_dict`)."""
+    mode: str
+    weights_from: str
+    precision: str
+    max_steps: int
+    warmup_steps: int
+    tokenizer_checksum: str | None = None
+    budget: tuple[float, float | None] | None = None
+    """With --max-time: (seconds spent before this save, the step at which the LR warmup ended or None while
+    warming up). None without a budget."""
+    compiled: bool | None = None
+    """Whether --compile auto chose compilation (a resumed run follows it); None before it decided."""
+    checkpoint: str = ""
+    """The checkpoint directory this state was read from ("" for one being saved)."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields `CheckpointManager.save` writes (it adds `step` and `save_index`)."""
+        state = {"tokens_seen": self.tokens_seen, "sampler": self.sampler, "tokenizer_checksum": self.tokenizer_checksum,
+                 "mode": self.mode, "weights_from": self.weights_from, "max_steps": self.max_steps,
+                 "warmup_steps": self.warmup_steps, "precision": self.precision}
+        if self.budget is not None:
+            state["elapsed_seconds"], state["lr_warmup_end"] = self.budget
+        if self.compiled is not None:
+            state["compiled"] = self.compiled
+        return state
+
+    @classmethod
+    def from_json(cls, state: dict[str, Any], checkpoint: str | Path) -> TrainerState:
+        """The state `check_trainer_state` passed, as saved by a training run: a CheckpointError names the file
+        and the field a run needs that it lacks."""
+        for name in ("tokens_seen", "sampler"):
+            if name not in state:
+                raise CheckpointError(_("{path}: no '{name}' field; not a checkpoint of a training run").format(
+                    path=Path(checkpoint) / TRAINER_STATE, name=name))
+        budget = ((float(state["elapsed_seconds"]), state.get("lr_warmup_end")) if "elapsed_seconds" in state
+                  else None)
+        return cls(step=state["step"], tokens_seen=state["tokens_seen"], sampler=state["sampler"],
+                   mode=state.get("mode", ""), weights_from=state.get("weights_from", ""),
+                   precision=state.get("precision", ""), max_steps=state.get("max_steps"),
+                   warmup_steps=state.get("warmup_steps"), tokenizer_checksum=state.get("tokenizer_checksum"),
+                   budget=budget, compiled=state.get("compiled"), checkpoint=str(checkpoint))
 
 
 def check_trainer_state(state: Any, path: Path) -> dict[str, Any]:
@@ -471,7 +523,8 @@ class CheckpointManager:
         """The save index of the checkpoint this run resumed from: the next save counts on from it."""
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
-        """Write checkpoint `step` collectively; every rank calls this with the same step."""
+        """Write checkpoint `step` collectively; every rank calls this with the same step. `trainer_state`: a
+        training run's `TrainerState.to_json()` (the manager adds step, save index, world size, engine, time)."""
         final = self.root / f"step_{step:07d}"
         tmp = self.root / f"step_{step:07d}{TMP_SUFFIX}"
         runtime = self.engine.runtime
@@ -557,18 +610,19 @@ class CheckpointManager:
         choice = json.loads(chosen)
         return ResumePoint(Path(choice["path"]), choice["state"])
 
-    def load(self, point: ResumePoint) -> dict[str, Any]:
-        """Restore engine state and this rank's RNG from a verified checkpoint; return the trainer state."""
+    def load(self, point: ResumePoint) -> TrainerState:
+        """Restore engine state and this rank's RNG from a verified checkpoint; return the trainer state. The
+        engines load weights-only themselves (`minigpt.safe_load`): a refused file is a CheckpointError here."""
         checkpoint = point.path
+        state = TrainerState.from_json(point.state, checkpoint)
 
         def load_here() -> None:
             try:
-                with weights_only_loads():
-                    self.engine.load(checkpoint)
+                self.engine.load(checkpoint)
             except UnsafeFileError as err:
                 raise CheckpointError(str(err)) from None
             restore_rng_file(checkpoint, self.engine.rank)
 
         self.engine.runtime.every_rank_does(load_here, _("loading {path}").format(path=checkpoint))
         self.resumed_save_index = save_order_key(point.state)[0]
-        return {**point.state, "checkpoint": str(checkpoint)}
+        return state

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from minigpt.data.mixture import MixtureError, parse_mixture
 from minigpt.fsutil import atomic_write_text
 from minigpt.i18n import _
 from minigpt.modes import mode_names
@@ -287,12 +288,19 @@ def _opt(help_text: str, **kwargs: Any) -> Any:
 
 
 COMPILE_CHOICES = ("auto", "on", "off")
-DATA_SUFFIXES = (".gz", ".jsonl", ".json", ".txt")
+DATA_SUFFIXES = (".gz", ".jsonl", ".json", ".txt", ".parquet")
 
 
 def data_name(data: list[str]) -> str:
     """A run-directory name for `--data`: the first entry's file or directory name without its data suffixes,
-    `+N` for N more (`zh_classics.jsonl a.txt` -> `zh_classics+1`)."""
+    `+N` for N more (`zh_classics.jsonl a.txt` -> `zh_classics+1`); a mixture's source names joined by `+`
+    (`web=...:0.7 books=...:0.3` -> `web+books`)."""
+    try:
+        mixture = parse_mixture(data)
+    except MixtureError:
+        mixture = []
+    if mixture:
+        return "+".join(source.name for source in mixture)
     name = Path(data[0].rstrip("/\\")).name
     for suffix in DATA_SUFFIXES:
         name = name.removesuffix(suffix)
@@ -311,8 +319,10 @@ class TrainConfig:
 
     mode: str = _opt("training stage: pretrain, sft, dpo, reward (a reward model) or rlhf", default="pretrain")
     config: str = _opt(f"model preset ({', '.join(PRESETS)})", default="tiny")
-    data: list[str] = _opt("shard directories, raw .txt/.jsonl files, or a built-in corpus: demo:en (the "
-                           "default), demo:zh", default_factory=list)
+    data: list[str] = _opt("shard directories, raw .txt/.jsonl/.parquet files, or a built-in corpus: demo:en (the "
+                           "default), demo:zh; a weighted mixture gives each source as NAME=PATH:WEIGHT "
+                           "(--data web=shards/web:0.7 --data books=books.jsonl:0.3: shares of the tokens)",
+                           default_factory=list)
     data_dir: str = _opt("where relative --data names are looked up when the working directory has no such "
                          "name (then $MINIGPT_DATA_DIR); also holds the cache of tokenized raw files",
                          default="data")
@@ -374,6 +384,11 @@ class TrainConfig:
     seed: int = _opt("random seed", default=1337)
     val_fraction: float = _opt("share of documents held out for validation when raw files are tokenized",
                                default=0.05)
+    dedup: bool = _opt("raw files: drop records whose normalised text an earlier record had", default=False)
+    min_chars: int = _opt("raw files, pretrain: drop documents shorter than this many characters (0: off)",
+                          default=0)
+    max_repeated_lines: float = _opt("raw files, pretrain: drop documents whose share of lines repeating an "
+                                     "earlier line is above this (1: off)", default=1.0)
     compile: str = _opt("torch.compile the model (plain engine): auto (compiled when the run asks for 2000+ steps "
                         "and any --max-time is 10 minutes or more, except bf16 on a CPU; decided from these "
                         "facts alone, never from timings; skipped where it cannot work), on (--compile alone) "
@@ -389,6 +404,10 @@ class TrainConfig:
     document_mask: bool = _opt("pretrain: attention stays inside each document of a packed window (no attending "
                                "across an EOS into the previous text); off: windows attend across documents, "
                                "as GPT-2 trained. Costs speed: attention gets an explicit mask", default=False)
+    pack: bool = _opt("sft: pack several whole conversations into each sequence (best-fit, fixed once per dataset) "
+                      "instead of one conversation padded to --seq-len; attention and rotary positions restart "
+                      "at each conversation, the loss stays on assistant tokens. Far fewer padding tokens on "
+                      "mixed-length data; a batch then holds more conversations", default=False)
     dpo_beta: float = _opt("DPO: strength of the implicit KL constraint (beta of the sigmoid loss)", default=0.1)
     dpo_sft_coef: float = _opt("DPO: weight of the chosen response's per-token NLL added to the loss (RPO); "
                                "keeps chosen answers likely while the margin grows", default=0.0)
@@ -432,7 +451,7 @@ class TrainConfig:
                 raise ConfigError(_("{flag} must be positive, got {value}").format(
                     flag=_flag(name), value=getattr(self, name)))
         for name in ("warmup_steps", "eval_interval", "save_interval", "seq_len", "vocab_size", "eval_batches",
-                     "grad_clip", "weight_decay", "prefetch", "ep_size", "dpo_sft_coef", "kl_coef"):
+                     "grad_clip", "weight_decay", "prefetch", "ep_size", "dpo_sft_coef", "kl_coef", "min_chars"):
             if getattr(self, name) < 0:
                 raise ConfigError(_("{flag} must not be negative, got {value}").format(
                     flag=_flag(name), value=getattr(self, name)))
@@ -447,23 +466,44 @@ class TrainConfig:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(_("{flag} must be in {interval}, got {value}").format(
                 flag="--val-fraction", interval="[0, 1)", value=self.val_fraction))
+        if not 0.0 <= self.max_repeated_lines <= 1.0:
+            raise ConfigError(_("{flag} must be in {interval}, got {value}").format(
+                flag="--max-repeated-lines", interval="[0, 1]", value=self.max_repeated_lines))
+        if (self.min_chars or self.max_repeated_lines < 1.0) and self.mode != "pretrain":
+            raise ConfigError(_("--min-chars and --max-repeated-lines filter pretraining documents; {kind} data "
+                                "takes --dedup only").format(kind=self.mode))
         if self.rl_scale_rewards not in ADVANTAGE_SCALES:
             raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(
                 flag="--rl-scale-rewards", choices=", ".join(ADVANTAGE_SCALES), value=self.rl_scale_rewards))
         if self.max_time:
             parse_duration(self.max_time)
+        try:
+            parse_mixture(self.data)
+        except MixtureError as err:
+            raise ConfigError(str(err)) from None
         if self.resume and self.auto_resume:
             raise ConfigError(_("--resume and --auto-resume contradict each other: give one"))
+        self.eval_task_specs()
+        if self.document_mask and self.mode != "pretrain":
+            raise ConfigError(_("--document-mask applies to --mode pretrain (packed windows); --mode sft packs "
+                                "conversations with --pack, and dpo, reward and rlhf train on one pair or prompt per "
+                                "sequence (got --mode {mode})").format(mode=self.mode))
+        if self.pack and self.mode != "sft":
+            raise ConfigError(_("--pack applies to --mode sft (chat conversations); --mode {mode} does not pack "
+                                "(pretrain windows are packed already; --document-mask keeps their attention "
+                                "inside documents)").format(mode=self.mode))
+
+    def eval_task_specs(self) -> list:
+        """The --eval-task entries parsed (`minigpt.evaluation.spec.TaskSpec`s); ConfigError names a bad one."""
         from minigpt.evaluation.spec import TaskSpecError, parse_task_spec
 
+        specs = []
         for entry in self.eval_task:
             try:
-                parse_task_spec(entry)
+                specs.append(parse_task_spec(entry))
             except TaskSpecError as err:
                 raise ConfigError(str(err).replace("--task", "--eval-task", 1)) from None
-        if self.document_mask and self.mode != "pretrain":
-            raise ConfigError(_("--document-mask applies to --mode pretrain (packed windows); --mode {mode} trains "
-                                "on one conversation or pair per sequence already").format(mode=self.mode))
+        return specs
 
     def warnings(self) -> list[str]:
         """Settings that are valid but probably not meant: said at start-up, the run goes on."""

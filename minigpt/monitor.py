@@ -212,8 +212,10 @@ class TrainingMonitor:
             gflops=self.peak_flops_per_device / 1e9, world_size=world_size, source=self.peak_source))
 
     def log_step(self, step: int, *, loss: float, lr: float, grad_norm: float, tokens: int,
-                 seconds: float, extra: dict[str, float] | None = None) -> StepMetrics:
-        """Record optimizer step `step` (0-based) and return its metrics; warns about anomalies."""
+                 seconds: float, extra: dict[str, float] | None = None,
+                 named: dict[str, float] | None = None) -> StepMetrics:
+        """Record optimizer step `step` (0-based) and return its metrics; warns about anomalies. `extra` figures go
+        to TensorBoard under train/, `named` ones under their own names (`tokens/web`); both into metrics.jsonl."""
         if seconds <= 0 or tokens < 0:
             raise ValueError(_("log_step(step={step}) needs seconds > 0 and tokens >= 0, got seconds={seconds}, "
                                "tokens={tokens}").format(step=step, seconds=seconds, tokens=tokens))
@@ -223,7 +225,7 @@ class TrainingMonitor:
         metrics = StepMetrics(
             step=step, loss=loss, lr=float(lr), grad_norm=grad_norm, tokens=tokens, seconds=seconds,
             tokens_per_sec=tokens_per_sec, mfu=self._mfu(tokens_per_sec),
-            memory=self._memory(), anomalies=tuple(a.kind for a in found), extra=dict(extra or {}),
+            memory=self._memory(), anomalies=tuple(a.kind for a in found), extra={**(extra or {}), **(named or {})},
         )
         self.checkpoint_safe = metrics.loss_is_finite
         for anomaly in found:
@@ -237,7 +239,7 @@ class TrainingMonitor:
             scalars = {"train/loss": loss, "train/lr": metrics.lr, "train/grad_norm": grad_norm,
                        "train/tokens_per_sec": tokens_per_sec, "train/mfu": metrics.mfu,
                        **{f"memory/{k.removeprefix('mem_')}": v for k, v in metrics.memory.items()},
-                       **{f"train/{k}": v for k, v in metrics.extra.items()}}
+                       **{f"train/{k}": v for k, v in (extra or {}).items()}, **(named or {})}
             self._add_scalars(scalars, step)
         self._show_progress(metrics)
         return metrics
@@ -268,15 +270,18 @@ class TrainingMonitor:
         if measured:
             self.peak_flops_per_device = achieved
 
-    def log_eval(self, step: int, metrics: dict[str, float], split: str = "val") -> None:
-        """Record evaluation figures (loss, bpb, ...) at `step` under `split`."""
+    def log_eval(self, step: int, metrics: dict[str, float], split: str = "val",
+                 named: dict[str, float] | None = None) -> None:
+        """Record evaluation figures (loss, bpb, ...) at `step` under `split`, and `named` ones under their own
+        names (`val_loss/web`: TensorBoard tag and metrics.jsonl key alike)."""
         if not self.enabled:
             return
-        self._append(_json_safe({"step": step, "split": split, **metrics}))
+        named = named or {}
+        self._append(_json_safe({"step": step, "split": split, **metrics, **named}))
         if self._writer is not None:
-            self._add_scalars({f"{split}/{k}": v for k, v in metrics.items()}, step)
+            self._add_scalars({**{f"{split}/{k}": v for k, v in metrics.items()}, **named}, step)
         self.write(_("step {step} {split}: {metrics}").format(
-            step=step + 1, split=split, metrics=", ".join(f"{k} {v:.4g}" for k, v in metrics.items())))
+            step=step + 1, split=split, metrics=", ".join(f"{k} {v:.4g}" for k, v in {**metrics, **named}.items())))
 
     def log_text(self, step: int, tag: str, text: str) -> None:
         """Record a text (e.g. a generated sample) in TensorBoard and print it."""

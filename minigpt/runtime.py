@@ -37,6 +37,8 @@ class Runtime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     distributed: bool = False
     """True when a process group exists (every DeepSpeed run, even a world of one)."""
+    deepspeed_plan: Any = None
+    """The `minigpt.engine.ds_config.DeepSpeedPlan` checked before the process group started (DeepSpeed runs)."""
 
     @property
     def is_main(self) -> bool:

@@ -1,4 +1,4 @@
-"""Training a MiniGPT tokenizer: byte-fallback BPE with sentencepiece over raw .txt/.jsonl corpora.
+"""Training a MiniGPT tokenizer: byte-fallback BPE with sentencepiece over raw .txt/.jsonl/.parquet corpora.
 
 Kept apart from `minigpt.tokenizer` (the runtime class every stage loads) because training reads raw
 corpora through `minigpt.data.sources`, which itself needs the tokenizer's chat roles: one module for
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from minigpt.data.sources import expand_inputs, input_format, iter_raw_records, training_texts
+from minigpt.data.sources import expand_inputs, input_format, iter_raw_records, record_columns, training_texts
 from minigpt.fsutil import staged_directory
 from minigpt.i18n import _
 from minigpt.tokenizer import (
@@ -63,7 +63,7 @@ def _training_sentences(inputs: list[str | Path], text_field: str, input_sentenc
     sources = []
     for path in expand_inputs(inputs):
         fmt = input_format(path)
-        for _line, raw in iter_raw_records(path):
+        for _line, raw in iter_raw_records(path, record_columns(None, text_field)):
             for text in training_texts(fmt, raw, text_field):
                 sentences += [line[:max_sentence_length] for line in text.split("\n") if line.strip()]
             if len(sentences) >= input_sentence_size:
@@ -99,7 +99,7 @@ def _drop_training_paths(model_path: Path) -> None:
 
 def train_tokenizer(inputs: list[str | Path], out_dir: str | Path, vocab_size: int, text_field: str = "text",
                     max_sentence_length: int = 4096, input_sentence_size: int = 2_000_000) -> Tokenizer:
-    """Train a byte-fallback BPE tokenizer on .txt/.jsonl(.gz) files (globs allowed) into `out_dir`.
+    """Train a byte-fallback BPE tokenizer on .txt/.jsonl(.gz)/.parquet files (globs allowed) into `out_dir`.
 
     Lossless by construction: identity normalization, no dummy prefix, whitespace kept, digits
     split one per token, unseen characters as UTF-8 bytes. The vocabulary is at most

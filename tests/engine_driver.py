@@ -99,10 +99,10 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    cfg = train_config(world=WORLD, precision=args.precision)
+    cfg = train_config(world=WORLD, precision=args.precision, ds_config=args.ds_config or "")
     results: dict = {}
 
-    engine = DeepSpeedEngine(fresh_model(), cfg, args.ds_config)
+    engine = DeepSpeedEngine(fresh_model(), cfg)
     assert engine.world_size == WORLD, f"run me with --num_gpus {WORLD}"
     results["uninterrupted"] = run_steps(engine, 0, SAVE_AT)
     saved = checkpoint_dir(engine, args.out, "ds_checkpoint")
@@ -123,12 +123,12 @@ def main() -> None:
         results["nan_step"] = {"skipped": result.skipped,
                                "weights_unchanged": all(torch.equal(after[k], weights[k]) for k in weights)}
 
-    resumed = DeepSpeedEngine(fresh_model(seed=1), cfg, args.ds_config)
+    resumed = DeepSpeedEngine(fresh_model(seed=1), cfg)
     resumed.load(saved)
     results["resumed"] = run_steps(resumed, SAVE_AT, STEPS)
 
     if args.plain_checkpoint:
-        from_plain = DeepSpeedEngine(fresh_model(seed=2), cfg, args.ds_config)
+        from_plain = DeepSpeedEngine(fresh_model(seed=2), cfg)
         from_plain.load(args.plain_checkpoint)
         results["from_plain"] = run_steps(from_plain, SAVE_AT, STEPS)
         weights = from_plain.consolidated_state_dict()
@@ -136,7 +136,7 @@ def main() -> None:
             torch.save(weights, args.out / "from_plain_consolidated.pt")
     # DeepSpeed's activation checkpointing recomputes each block in backward: the same run, less memory.
     recomputing = DeepSpeedEngine(fresh_model(), train_config(world=WORLD, precision=args.precision,
-                                                              activation_checkpointing=True), args.ds_config)
+                                                              activation_checkpointing=True, ds_config=cfg.ds_config))
     results["activation_checkpointing"] = run_steps(recomputing, 0, STEPS)
     if engine.is_main:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))

@@ -85,10 +85,10 @@ def main() -> None:
     parser.add_argument("--plain-checkpoint", type=Path)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    cfg = train_config()
+    cfg = train_config(ds_config=args.ds_config or "")
     results: dict = {}
 
-    engine = DeepSpeedEngine(fresh_model(), cfg, args.ds_config)
+    engine = DeepSpeedEngine(fresh_model(), cfg)
     assert engine.world_size == WORLD and engine.ep_size == 2, "run me with --num_gpus 2"
     results["local_experts"] = sum(1 for n, _ in engine.module.named_parameters() if "deepspeed_experts" in n)
     tensors = {"init_logits": eval_logits(engine)}
@@ -99,12 +99,12 @@ def main() -> None:
     tensors["final_logits"] = eval_logits(engine)
     tensors["consolidated"] = engine.consolidated_state_dict()
 
-    resumed = DeepSpeedEngine(fresh_model(seed=1), cfg, args.ds_config)
+    resumed = DeepSpeedEngine(fresh_model(seed=1), cfg)
     resumed.load(saved)
     results["resumed"] = run_steps(resumed, SAVE_AT, STEPS)
 
     if args.plain_checkpoint:
-        from_plain = DeepSpeedEngine(fresh_model(seed=2), cfg, args.ds_config)
+        from_plain = DeepSpeedEngine(fresh_model(seed=2), cfg)
         from_plain.load(args.plain_checkpoint)
         results["from_plain"] = run_steps(from_plain, SAVE_AT, STEPS)
         tensors["from_plain_consolidated"] = from_plain.consolidated_state_dict()

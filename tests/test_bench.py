@@ -214,3 +214,12 @@ def test_serve_load_reports_every_request_lost_instead_of_crashing(capsys):
     out, err = capsys.readouterr()
     assert code == 1 and "LOST (greedy)" in err
     assert out.splitlines()[-1].split()[5:9] == ["-", "-", "-", "-"]
+
+
+def test_sft_packing_bench_reports_both_variants_over_the_same_conversations(tmp_path):
+    from sft_packing import compare
+
+    padded, packed = compare(tmp_path, steps=2, batch_size=2, seq_len=128, count=120)
+    assert padded.conversations == packed.conversations and packed.sequences < padded.sequences
+    assert packed.padding_share < padded.padding_share
+    assert all(r.useful_tokens_per_sec > 0 and math.isfinite(r.val_loss) for r in (padded, packed))

@@ -85,7 +85,7 @@ def test_manifest_lists_every_file_with_size_and_sha256(run_dir):
 def test_rng_state_is_json_and_resume_restores_python_numpy_and_torch(tmp_path):
     manager = new_manager(tmp_path / "run")
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    manager.save(1, {"sampler": {}})
+    manager.save(1, {"tokens_seen": 0, "sampler": {}})
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     assert json.loads((ckpt(tmp_path / "run", 1) / "rng_rank0.json").read_text())["numpy"]["kind"] == "MT19937"
@@ -223,7 +223,7 @@ def test_a_full_disk_during_a_save_leaves_no_temporary_folder_and_the_previous_c
     monkeypatch.setattr(manager.engine, "save", save_then_fail)
     monkeypatch.setattr("minigpt.checkpoint.shutil.disk_usage", lambda _: shutil._ntuple_diskusage(10, 10, 0))
     with pytest.raises(CheckpointError, match=r"disk full while writing .*step_0000035\.tmp/engine\.pt"):
-        manager.save(35, {"sampler": {}})
+        manager.save(35, {"tokens_seen": 0, "sampler": {}})
     assert not list((run_dir / CKPT_DIR).glob("*.tmp"))
     assert (run_dir / LATEST).read_text().strip() == "step_0000030"
     assert find_resume_point(run_dir).path == ckpt(run_dir, 30)

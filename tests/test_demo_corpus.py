@@ -68,7 +68,7 @@ def test_a_demo_corpus_tokenizer_covers_the_built_in_post_training_data(tmp_path
     """The documented chain (pretrain on a built-in corpus, then sft/dpo/rlhf on the built-in bilingual data)
     inherits the pretraining tokenizer: it must have pieces for the tasks' letters, digits and Chinese verbs,
     or every later stage warns that it spells its data as bytes."""
-    from minigpt.data.demo import demo_post_training_records
+    from minigpt.data.demo import CONVERSATIONS, demo_post_training_records
     cfg = TrainConfig(data=[corpus], data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), vocab_size=vocab)
     tokenizer = resolve_run_data(cfg, Runtime(), None, "pretrain").tokenizer
     def strings(value):
@@ -78,3 +78,18 @@ def test_a_demo_corpus_tokenizer_covers_the_built_in_post_training_data(tmp_path
     text = "\n".join(s for kind in ("sft", "dpo", "rlhf") for r in demo_post_training_records(kind) for s in strings(r))
     total, uncovered = tokenizer.character_counts(text)
     assert 1 - uncovered.total() / total >= 0.99, uncovered.most_common(10)
+    # The tasks' letters stay single pieces in the Chinese tokenizer (no "bh" learned from random letter strings),
+    # so reversing and sorting are over the tokens the model sees; the verbs are one piece each.
+    if corpus == "demo:zh":
+        letter_pairs = [a + b for a in "abcdefgh" for b in "abcdefgh"]
+        vocabulary = {tokenizer.sp.id_to_piece(i).lstrip("▁") for i in range(tokenizer.vocab_size)}
+        assert len(set(letter_pairs) & vocabulary) <= 8  # of 64: only what the chats' English words bring
+        for prompt in ("倒序写出 ebhdg", "按字母排序 fbhdg"):
+            verb, letters = prompt.split(" ")
+            pieces = [tokenizer.sp.id_to_piece(i) for i in tokenizer.encode(prompt)]
+            assert pieces == [verb, "▁" + letters[0], *letters[1:]], pieces
+        # ...and the chats fit the Chinese chat recipe's --seq-len 48 (tests a tokenizer of spelled-out English)
+        longest = max(len(tokenizer.encode_chat([{"role": "user", "content": user},
+                                                 {"role": "assistant", "content": good}]).ids)
+                      for user, good, _poor in CONVERSATIONS)
+        assert longest <= 49, longest

@@ -308,3 +308,26 @@ def test_a_build_stopped_before_its_split_only_splits_when_run_again(tmp_path, d
     assert encoded_again == []  # nothing was read again
     assert shard_bytes(resumed) == shard_bytes(whole)
     assert stats_without_time(resumed) == stats_without_time(whole)
+
+
+def test_a_resumed_build_drops_the_duplicates_of_what_it_read_before(tmp_path, data_tokenizer, demo_corpus,
+                                                                     monkeypatch):
+    from minigpt.data.cleaning import Cleaning
+
+    files = corpus_files(tmp_path, demo_corpus)
+    copy = tmp_path / "d.jsonl"
+    copy.write_bytes(files[1].read_bytes())  # every record of b.jsonl again, in the last file
+    files.append(copy)
+    monkeypatch.setattr(build, "CHUNK_BYTES", 8192)
+    cleaning = Cleaning(dedup=True)
+    positions = []
+    whole = build_dataset(files, tmp_path / "whole", data_tokenizer, progress=False, cleaning=cleaning,
+                          checkpoint_seconds=0, on_checkpoint=lambda p: positions.append(p.position.file))
+    assert stats_without_time(whole)["totals"]["dropped"]["duplicate"] >= 198
+    with pytest.raises(KeyboardInterrupt):  # after b.jsonl, before its copy, whose records are all duplicates
+        build_dataset(files, tmp_path / "ds", data_tokenizer, progress=False, cleaning=cleaning,
+                      checkpoint_seconds=0, on_checkpoint=interrupted_after(positions.index(2) + 1))
+    assert json.loads((tmp_path / ".ds.partial" / PROGRESS_FILE).read_text())["position"]["file"] == 2
+    resumed = build_dataset(files, tmp_path / "ds", data_tokenizer, progress=False, cleaning=cleaning)
+    assert shard_bytes(resumed) == shard_bytes(whole)
+    assert stats_without_time(resumed) == stats_without_time(whole)

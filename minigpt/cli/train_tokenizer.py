@@ -27,14 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(prog="data_tools/train_tokenizer.py", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", action="append", default=[],
-                        help=_(".txt / .jsonl / .jsonl.gz file or glob; repeatable"))
+                        help=_(".txt / .jsonl / .jsonl.gz / .parquet file or glob; repeatable"))
     parser.add_argument("--demo", nargs="?", const="en", choices=sorted(CORPORA),
                         help=_("also train on a built-in demo corpus: en (the default: CPython's documentation) "
                                "or zh (classical Chinese poetry)"))
     parser.add_argument("--out", required=True, help=_("tokenizer directory to write (replaced if it is one)"))
     parser.add_argument("--vocab-size", type=int, required=True,
                         help=_("vocabulary size (at most; small corpora give less)"))
-    parser.add_argument("--text-field", default="text", help=_("JSONL field holding the text"))
+    parser.add_argument("--text-field", default="text", help=_("JSONL field or Parquet column holding the text"))
     parser.add_argument("--max-sentence-length", type=int, default=4096,
                         help=_("lines longer than this many characters are cut for training"))
     parser.add_argument("--input-sentence-size", type=int, default=2_000_000, help=_("most lines to train on"))

@@ -35,13 +35,14 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from minigpt.data.cleaning import DROP_REASONS, Cleaning, DuplicateFilter, document_drop_reason, text_hash
 from minigpt.data.shards import (
     KINDS,
     LOSS_MASK,
@@ -63,10 +64,13 @@ from minigpt.data.sources import (
     expand_inputs,
     input_format,
     iter_blocks,
+    iter_raw_records,
     parse_record,
     pretrain_texts,
+    record_bytes,
+    record_columns,
 )
-from minigpt.fsutil import atomic_write_text, fsync_dir, fsync_file, held, in_use, replace_dir
+from minigpt.fsutil import atomic_write, atomic_write_text, fsync_dir, fsync_file, held, in_use, replace_dir
 from minigpt.i18n import _, docs_page
 from minigpt.tokenizer import Tokenizer
 
@@ -78,6 +82,8 @@ newline have pieces of their own). It is part of train.py's cache key for pre-to
 whenever that output changes, so the cache is rebuilt rather than reused."""
 CHUNK_BYTES = 1 << 20
 """Input per worker task (whole records: a longer record makes a longer chunk)."""
+CHUNK_RECORDS = 4096
+"""Parquet rows per worker task at most."""
 IN_PROCESS_BYTES = 64 << 20
 """Inputs smaller than this are encoded in the main process whatever `workers` says (sentencepiece's own
 threads still use them): starting a worker costs more than it saves on them."""
@@ -107,6 +113,9 @@ class FileStats:
     """Kept documents longer than MAX_DOCUMENT_CHARS, each split into pieces (train/val count pieces)."""
     skipped: dict[str, int] = field(default_factory=dict)
     first_skipped_lines: dict[str, list[int]] = field(default_factory=dict)
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Usable documents that cleaning dropped (duplicate, too_short, repetitive); not in documents_kept."""
+    first_dropped_lines: dict[str, list[int]] = field(default_factory=dict)
     tokens: int = 0
     train_documents: int = 0
     val_documents: int = 0
@@ -119,8 +128,16 @@ class FileStats:
         if len(lines) < FIRST_LINES:
             lines.append(line)
 
+    def drop(self, reason: str, line: int) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        lines = self.first_dropped_lines.setdefault(reason, [])
+        if len(lines) < FIRST_LINES:
+            lines.append(line)
+
     def summary(self) -> str:
-        parts = [_("{reason}: {count} (lines {lines})").format(
+        template = _("{reason}: {count} (rows {lines})") if self.format == "parquet" \
+            else _("{reason}: {count} (lines {lines})")
+        parts = [template.format(
                      reason=reason, count=count,
                      lines=", ".join(map(str, self.first_skipped_lines[reason]))
                      + (", ..." if count > len(self.first_skipped_lines[reason]) else ""))
@@ -136,6 +153,9 @@ class _Chunk:
     file_index: int
     fmt: str
     block: Block
+    """Whole lines or paragraphs of a text file; for Parquet, `block.data` is empty and `records` holds the
+    rows (`block.end_line`: the row after them, the resume position)."""
+    records: list[tuple[int, dict]] | None = None
 
 
 @dataclass
@@ -167,6 +187,12 @@ class _EncodedChunk:
     lengths: np.ndarray
     loss_mask: np.ndarray | None = None
     records: list[dict] | None = None
+    dropped: list[Skip] = field(default_factory=list)
+    """Kept records that cleaning dropped (the reason: duplicate, too_short or repetitive)."""
+    hashes: np.ndarray | None = None
+    """With de-duplication: per kept record its text hash, first line and number of examples."""
+    lines: np.ndarray | None = None
+    pieces: np.ndarray | None = None
 
 
 @dataclass
@@ -178,6 +204,22 @@ class _Job:
     """The shards' token dtype: workers send tokens back in it (half the bytes of int32)."""
     threads: int = 1
     """sentencepiece threads per encode call (the in-process path gives it the workers asked for)."""
+    cleaning: Cleaning = field(default_factory=Cleaning)
+
+
+def _hash_parts(kind: str, example: Example) -> list[str]:
+    """The strings two records must share (after normalising) to be duplicates: the text, or every role and
+    content of the conversation(s), with the RLHF reference."""
+    if kind == "pretrain":
+        return [example.text]
+    turns = example.messages if kind == "sft" else example.prompt_messages
+    parts = [s for m in turns for s in (m["role"], m["content"])]
+    if kind == "dpo":
+        for response in (example.chosen, example.rejected):
+            parts += ["\x1d"] + [s for m in response for s in (m["role"], m["content"])]
+    if kind == "rlhf":
+        parts += ["\x1d", example.extra.get("reference") or ""]
+    return parts
 
 
 def _encode_pretrain(tokenizer: Tokenizer, job: _Job, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
@@ -211,13 +253,19 @@ def _encode_post_training(tokenizer: Tokenizer, job: _Job, example: Example) -> 
 
 
 def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChunk:
-    records = block_records(chunk.fmt, chunk.block)
-    mask, kept_records = None, None
+    records = chunk.records if chunk.records is not None else block_records(chunk.fmt, chunk.block)
+    mask, kept_records, dropped, kept = None, None, [], []
     if job.kind == "pretrain":
-        _lines, texts, skips = pretrain_texts(chunk.fmt, records, job.text_field)
-        # A per-document filter (cleaning) fits here: drop texts (reporting their `_lines`) before the encode.
+        lines, texts, skips = pretrain_texts(chunk.fmt, records, job.text_field)
+        if job.cleaning.filters_documents:  # the per-document filters, before the encode
+            reasons = [document_drop_reason(job.cleaning, text) for text in texts]
+            dropped = [Skip(line, reason) for line, reason in zip(lines, reasons, strict=True) if reason]
+            lines = [line for line, reason in zip(lines, reasons, strict=True) if not reason]
+            texts = [text for text, reason in zip(texts, reasons, strict=True) if not reason]
         tokens, lengths, num_cut = _encode_pretrain(tokenizer, job, texts)
         num_kept, num_examples = len(texts), len(lengths)
+        kept = [Example(line, text=text) for line, text in zip(lines, texts, strict=True)] if job.cleaning.dedup \
+            else []
     else:
         parsed = [parse_record(job.kind, chunk.fmt, line, raw, job.text_field) for line, raw in records]
         skips = [p for p in parsed if isinstance(p, Skip)]
@@ -229,6 +277,7 @@ def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChu
             else:
                 documents += result
                 num_examples += 1
+                kept.append(example)
         num_kept = num_examples
         skips.sort(key=lambda skip: skip.line)
         lengths = np.array([len(ids) for ids, _mask, _record in documents], dtype=np.int64)
@@ -239,8 +288,34 @@ def _encode_chunk(tokenizer: Tokenizer, job: _Job, chunk: _Chunk) -> _EncodedChu
             mask = np.fromiter(chain.from_iterable(doc_mask for _ids, doc_mask, _record in documents),
                                dtype=np.uint8, count=int(lengths.sum()))
         kept_records = [record for _ids, _mask, record in documents] if job.kind == "rlhf" else None
-    return _EncodedChunk(chunk.file_index, chunk.block.end, chunk.block.end_line, len(chunk.block.data), skips,
-                         num_kept, num_cut, num_examples, tokens.astype(job.dtype), lengths, mask, kept_records)
+    nbytes = sum(record_bytes(raw) for _line, raw in records) if chunk.records is not None else len(chunk.block.data)
+    encoded = _EncodedChunk(chunk.file_index, chunk.block.end, chunk.block.end_line, nbytes, skips, num_kept, num_cut,
+                            num_examples, tokens.astype(job.dtype), lengths, mask, kept_records, dropped)
+    if job.cleaning.dedup:
+        encoded.hashes = np.array([text_hash(_hash_parts(job.kind, e)) for e in kept], dtype=np.uint64)
+        encoded.lines = np.array([e.line for e in kept], dtype=np.int64)
+        encoded.pieces = np.array([len(cut_long_text(e.text)) for e in kept] if job.kind == "pretrain"
+                                  else [1] * len(kept), dtype=np.int64)
+    return encoded
+
+
+def _drop_duplicates(encoded: _EncodedChunk, seen: DuplicateFilter, docs_per_example: int) -> None:
+    """Remove from `encoded` the records whose hash `seen` already holds (or an earlier record of the chunk)."""
+    keep = seen.first_seen(encoded.hashes)
+    if keep.all():
+        return
+    documents = np.repeat(np.repeat(keep, encoded.pieces), docs_per_example)
+    tokens = np.repeat(documents, encoded.lengths)
+    encoded.tokens, encoded.lengths = encoded.tokens[tokens], encoded.lengths[documents]
+    if encoded.loss_mask is not None:
+        encoded.loss_mask = encoded.loss_mask[tokens]
+    if encoded.records is not None:
+        encoded.records = [r for r, k in zip(encoded.records, documents, strict=True) if k]
+    encoded.dropped = sorted(encoded.dropped + [Skip(int(line), "duplicate") for line in encoded.lines[~keep]],
+                             key=lambda drop: drop.line)
+    encoded.num_kept = int(keep.sum())
+    encoded.num_examples = int(encoded.pieces[keep].sum())
+    encoded.num_cut = int((encoded.pieces[keep] > 1).sum())
 
 
 _WORKER: tuple[Tokenizer, _Job] | None = None
@@ -268,18 +343,40 @@ class _Position:
     line: int = 1
 
 
-def _read(files: list[Path], fmts: list[str], start: _Position) -> Iterator[_Chunk | _FileEnd]:
+def _read(files: list[Path], fmts: list[str], start: _Position, columns: list[str] | None
+          ) -> Iterator[_Chunk | _FileEnd]:
     """Chunks of every file from `start` on, in order, each file's followed by its `_FileEnd`."""
     for index in range(start.file, len(files)):
         offset, line = (start.offset, start.line) if index == start.file else (0, 1)
         try:
-            for block in iter_blocks(files[index], offset, line, CHUNK_BYTES):
-                yield _Chunk(index, fmts[index], block)
-                line = block.end_line
+            if fmts[index] == "parquet":
+                for chunk in _parquet_chunks(files[index], index, line, columns):
+                    yield chunk
+                    line = chunk.block.end_line
+            else:
+                for block in iter_blocks(files[index], offset, line, CHUNK_BYTES):
+                    yield _Chunk(index, fmts[index], block)
+                    line = block.end_line
         except InputError as err:
             yield _FileEnd(index, line, err)
             continue
         yield _FileEnd(index, line)
+
+
+def _parquet_chunks(path: Path, index: int, first_row: int, columns: list[str] | None) -> Iterator[_Chunk]:
+    """Rows of a Parquet file from `first_row` on (a resumed build reads the earlier ones again, unused), in
+    chunks of CHUNK_RECORDS rows or CHUNK_BYTES of text."""
+    records, nbytes = [], 0
+    for row, raw in iter_raw_records(path, columns):
+        if row < first_row:
+            continue
+        records.append((row, raw))
+        nbytes += record_bytes(raw)
+        if len(records) >= CHUNK_RECORDS or nbytes >= CHUNK_BYTES:
+            yield _Chunk(index, "parquet", Block(b"", records[0][0], 0, row + 1), records)
+            records, nbytes = [], 0
+    if records:
+        yield _Chunk(index, "parquet", Block(b"", records[0][0], 0, records[-1][0] + 1), records)
 
 
 def _bounded_ordered_map(pool: ProcessPoolExecutor, items: Iterator[_Chunk | _FileEnd],
@@ -304,10 +401,10 @@ def _encoded(files: list[Path], stats: list[FileStats], tokenizer: Tokenizer, jo
              start: _Position) -> Iterator[_EncodedChunk | _FileEnd]:
     """Encoded chunks and file ends from `start` on, in input order: in `workers` processes when the input
     is large enough to pay for starting them (`IN_PROCESS_BYTES`), else here."""
-    items = _read(files, [s.format for s in stats], start)
+    items = _read(files, [s.format for s in stats], start, record_columns(job.kind, job.text_field))
     remaining = sum(s.bytes for s in stats[start.file:]) - start.offset
     if workers <= 1 or remaining < IN_PROCESS_BYTES:
-        local = _Job(**{**asdict(job), "threads": max(1, workers)})
+        local = replace(job, threads=max(1, workers))
         yield from (_encode_chunk(tokenizer, local, item) if isinstance(item, _Chunk) else item for item in items)
         return
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),  # fork is unsafe
@@ -346,14 +443,15 @@ class _Progress:
 
 def _build_key(files: list[Path], tokenizer: Tokenizer, job: _Job, strict: bool) -> str:
     """What the staging shard depends on: each input's path, size and modification time, the tokenizer, the
-    kind and its options, strict mode and the encoding version (the split's seed and share do not count:
+    kind and its options, cleaning, strict mode and the encoding version (the split's seed and share do not count:
     the split is redone from the staging shard)."""
     inputs = []
     for path in files:
         info = path.stat()
         inputs.append([str(path.resolve()), info.st_size, info.st_mtime_ns])
     key = {"inputs": inputs, "tokenizer": tokenizer.checksum, "kind": job.kind, "text_field": job.text_field,
-           "max_prompt_tokens": job.max_prompt_tokens, "strict": strict, "encoding": ENCODING_VERSION}
+           "max_prompt_tokens": job.max_prompt_tokens, "strict": strict, "encoding": ENCODING_VERSION,
+           "cleaning": job.cleaning.as_dict()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -375,13 +473,16 @@ def _check(encoded: _EncodedChunk | _FileEnd, stats: list[FileStats], strict: bo
         return
     if encoded.skips and strict:
         skip = encoded.skips[0]
-        message = (_("{path}:{line}: {reason} ({detail}) (strict mode)") if skip.detail
-                   else _("{path}:{line}: {reason} (strict mode)"))
-        raise DatasetBuildError(message.format(path=file_stats.path, line=skip.line, reason=skip.reason,
-                                               detail=skip.detail))
+        where = _("{path}: row {line}") if file_stats.format == "parquet" else "{path}:{line}"
+        message = (_("{where}: {reason} ({detail}) (strict mode)") if skip.detail
+                   else _("{where}: {reason} (strict mode)"))
+        raise DatasetBuildError(message.format(where=where.format(path=file_stats.path, line=skip.line),
+                                               reason=skip.reason, detail=skip.detail))
     for skip in encoded.skips:
         file_stats.skip(skip.reason, skip.line)
-    file_stats.documents_read += len(encoded.skips) + encoded.num_kept
+    for drop in encoded.dropped:
+        file_stats.drop(drop.reason, drop.line)
+    file_stats.documents_read += len(encoded.skips) + len(encoded.dropped) + encoded.num_kept
     file_stats.documents_kept += encoded.num_kept
     file_stats.documents_cut += encoded.num_cut
 
@@ -392,15 +493,19 @@ def _encode_into(writer: ShardWriter, progress: _Progress, partial: Path, files:
                  ) -> None:
     """Encode the inputs from `progress.position` on into the staging shard `writer`, saving `progress`
     every `checkpoint_seconds` (after syncing the shard, so the record never runs ahead of the files)."""
-    total = None if any(s.path.endswith(".gz") for s in stats) else sum(s.bytes for s in stats)
+    # compressed inputs: their records are larger than the files, so no total
+    total = None if any(s.path.endswith(".gz") or s.format == "parquet" for s in stats) else sum(s.bytes for s in stats)
     done_bytes = sum(s.bytes for s in stats[:progress.position.file]) + progress.position.offset
     bar = tqdm(total=total, initial=done_bytes if total else 0, unit="B", unit_scale=True,
                desc=_("pretokenize"), disable=not show_progress)
     last = time.monotonic()
+    seen = _load_seen(partial, progress) if job.cleaning.dedup else None
 
     def checkpoint() -> None:
         progress.shard = writer.sync()
         progress.stats = [asdict(s) for s in stats]
+        if seen is not None:  # the documents seen so far: a resumed build must still drop their duplicates
+            _save_seen(partial, seen)
         progress.save(partial)
         if on_checkpoint is not None:
             on_checkpoint(progress)
@@ -408,6 +513,8 @@ def _encode_into(writer: ShardWriter, progress: _Progress, partial: Path, files:
     with _ctrl_c_between_blocks() as stop:
         try:
             for encoded in _encoded(files, stats, tokenizer, job, workers, progress.position):
+                if seen is not None and isinstance(encoded, _EncodedChunk):
+                    _drop_duplicates(encoded, seen, 2 if job.kind == "dpo" else 1)
                 _check(encoded, stats, strict)
                 if isinstance(encoded, _FileEnd):
                     progress.position = _Position(encoded.file_index + 1)
@@ -425,6 +532,25 @@ def _encode_into(writer: ShardWriter, progress: _Progress, partial: Path, files:
             checkpoint()
         finally:
             bar.close()
+
+
+SEEN_FILE = "dedup.npy"
+
+
+def _save_seen(partial: Path, seen: DuplicateFilter) -> None:
+    """The de-duplication table beside the progress record (its hash table as it is: written atomically)."""
+    def write(handle) -> None:
+        np.save(handle, np.append(seen._table, np.uint64(seen.count)))
+    atomic_write(partial / SEEN_FILE, write)
+
+
+def _load_seen(partial: Path, progress: _Progress) -> DuplicateFilter:
+    """The de-duplication table an interrupted build saved with its progress, or an empty one."""
+    seen = DuplicateFilter()
+    if progress.shard and progress.shard["documents"] and (partial / SEEN_FILE).is_file():
+        saved = np.load(partial / SEEN_FILE, allow_pickle=False)
+        seen._table, seen.count = saved[:-1].copy(), int(saved[-1])
+    return seen
 
 
 @contextlib.contextmanager
@@ -470,18 +596,24 @@ def split_examples(num_examples: int, val_fraction: float, seed: int) -> np.ndar
 def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Tokenizer, kind: str = "pretrain",
                   val_fraction: float = 0.01, seed: int = 1337, workers: int = 1, text_field: str = "text",
                   strict: bool = False, progress: bool = True, max_prompt_tokens: int | None = None,
-                  overwrite: bool = False, checkpoint_seconds: float = CHECKPOINT_SECONDS,
+                  overwrite: bool = False, cleaning: Cleaning | None = None,
+                  checkpoint_seconds: float = CHECKPOINT_SECONDS,
                   on_checkpoint: Callable[[_Progress], None] | None = None) -> Path:
     """Pre-tokenize `inputs` (files or globs) into the dataset directory `out_dir` and return it.
 
     kind: 'pretrain' (text, EOS after each document), 'sft' (conversations with an assistant loss
     mask), 'dpo' (chosen/rejected pairs, mask on the responses) or 'rlhf' (prompts + references).
+    cleaning: de-duplication and document filters (none by default; see minigpt.data.cleaning).
     The split is by example, seeded: the same inputs and seed give the same shards for any
     number of workers, and for a run interrupted and run again. `on_checkpoint` is called after each
     progress record is saved. See docs/data.md for the input schemas and the files written.
     """
     if kind not in KINDS:
         raise DatasetBuildError(_("kind {kind!r} is not one of {kinds}").format(kind=kind, kinds=KINDS))
+    cleaning = cleaning or Cleaning()
+    if cleaning.filters_documents and kind != "pretrain":
+        raise DatasetBuildError(_("--min-chars and --max-repeated-lines filter pretraining documents; {kind} data "
+                                  "takes --dedup only").format(kind=kind))
     split_examples(0, val_fraction, seed)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -493,7 +625,7 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
         raise DatasetBuildError(str(err)) from err
     started = time.monotonic()
     stats = [FileStats(str(path), input_format(path), path.stat().st_size) for path in files]
-    job = _Job(kind, text_field, max_prompt_tokens, token_dtype(tokenizer.vocab_size).name)
+    job = _Job(kind, text_field, max_prompt_tokens, token_dtype(tokenizer.vocab_size).name, cleaning=cleaning)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     partial = out_dir.parent / f".{out_dir.name}.partial"
     if in_use(partial):
@@ -518,7 +650,7 @@ def build_dataset(inputs: list[str | Path], out_dir: str | Path, tokenizer: Toke
             raise
         writer.abandon()
         try:
-            _finish(partial, out_dir, state, stats, common, kind, val_fraction, seed, text_field, started)
+            _finish(partial, out_dir, state, stats, common, kind, val_fraction, seed, text_field, cleaning, started)
         except DatasetBuildError:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -554,11 +686,12 @@ def _resume_or_start(partial: Path, key: str, num_files: int, common: dict) -> t
 
 
 def _finish(partial: Path, out_dir: Path, state: _Progress, stats: list[FileStats], common: dict, kind: str,
-            val_fraction: float, seed: int, text_field: str, started: float) -> None:
+            val_fraction: float, seed: int, text_field: str, cleaning: Cleaning, started: float) -> None:
     """Split the staging shard into train/ and val/, write the stats and move the dataset into place."""
     for file_stats in stats:
         if file_stats.skipped:
             print(_("[minigpt] {note}").format(note=file_stats.summary()), file=sys.stderr)
+    _print_cleaning(stats)
     num_examples = sum(state.examples)
     if not num_examples:
         raise DatasetBuildError(_("no usable {kind} examples in {paths} (see the skip reasons above and {docs} "
@@ -574,7 +707,8 @@ def _finish(partial: Path, out_dir: Path, state: _Progress, stats: list[FileStat
     for split, select in (("train", ~is_val), ("val", is_val)):
         writers[split].close({**split_meta, "split": split, "num_examples": int(select.sum())})
     _fill_split_stats(stats, state.examples, is_val, *per_file)
-    _write_stats(final / STATS_FILE, stats, common, split_meta, text_field, time.monotonic() - started)
+    _write_stats(final / STATS_FILE, stats, common, {**split_meta, "cleaning": cleaning.as_dict()}, text_field,
+                 time.monotonic() - started)
     fsync_dir(final)
     replace_dir(final, out_dir)
 
@@ -640,17 +774,27 @@ def _fill_split_stats(stats: list[FileStats], examples_per_file: list[int], is_v
         file_stats.validation_share = round(file_stats.val_documents / examples, 6) if examples else 0.0
 
 
+def _print_cleaning(stats: list[FileStats]) -> None:
+    dropped = {reason: sum(s.dropped.get(reason, 0) for s in stats) for reason in DROP_REASONS}
+    if any(dropped.values()):
+        print(_("[minigpt] cleaning dropped {dropped} of {read} documents: {reasons}").format(
+            dropped=sum(dropped.values()), read=sum(s.documents_read for s in stats),
+            reasons=", ".join(f"{reason} {count}" for reason, count in dropped.items() if count)), file=sys.stderr)
+
+
 def _write_stats(path: Path, stats: list[FileStats], common: dict, split_meta: dict, text_field: str,
                  seconds: float) -> None:
     keys = ("documents_read", "documents_kept", "documents_cut", "tokens", "train_documents", "val_documents",
             "val_tokens")
     totals = {key: sum(getattr(s, key) for s in stats) for key in keys}
-    totals["documents_skipped"] = totals["documents_read"] - totals["documents_kept"]
     skipped: dict[str, int] = {}
     for file_stats in stats:
         for reason, count in file_stats.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + count
+    totals["documents_dropped"] = sum(sum(s.dropped.values()) for s in stats)
+    totals["documents_skipped"] = totals["documents_read"] - totals["documents_kept"] - totals["documents_dropped"]
     totals["skipped"] = dict(sorted(skipped.items()))
+    totals["dropped"] = {reason: sum(s.dropped.get(reason, 0) for s in stats) for reason in DROP_REASONS}
     report = {**{k: v for k, v in common.items() if k != "sources"}, **split_meta, "text_field": text_field,
               "totals": totals, "files": [asdict(s) for s in stats], "build_seconds": round(seconds, 3)}
     path.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

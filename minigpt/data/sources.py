@@ -1,9 +1,10 @@
 """Raw input files: find them, cut them into records, and parse each record for a dataset kind.
 
 A `.txt` file is a sequence of documents separated by blank lines (paragraphs); a `.jsonl` or
-`.jsonl.gz` file holds one JSON object per line. Parsing never raises on bad input: it returns a
-`Skip` with a reason, which the builder counts per file (see docs/data.md for the reasons).
-A UTF-8 byte order mark at the start of a file is dropped.
+`.jsonl.gz` file holds one JSON object per line; a `.parquet` file holds one record per row (read by
+`minigpt.data.parquet` with the optional pyarrow, each row already a dict). Parsing never raises on bad
+input: it returns a `Skip` with a reason, which the builder counts per file (see docs/data.md for the
+reasons). A UTF-8 byte order mark at the start of a file is dropped.
 
 `iter_raw_records` reads a file record by record; `iter_blocks` reads it in blocks of whole records
 (for the builder, which hands each block to a worker and can resume after the last block written),
@@ -30,6 +31,8 @@ from minigpt.tokenizer import CHAT_ROLES, is_utf8_text
 
 TEXT_SUFFIXES = (".txt",)
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+PARQUET_SUFFIXES = (".parquet",)
+PARQUET_INSTALL = 'pip install -e ".[parquet]"'
 MAX_DOCUMENT_CHARS = 1 << 16
 """Pretraining documents longer than this many characters are cut into pieces (see `cut_long_text`)."""
 
@@ -65,13 +68,42 @@ class Example:
 
 
 def input_format(path: Path) -> str:
-    """'txt' or 'jsonl' from the file name; anything else is an InputError naming the file."""
+    """'txt', 'jsonl' or 'parquet' from the file name; anything else is an InputError naming the file."""
     name = path.name.lower()
     if name.endswith(TEXT_SUFFIXES):
         return "txt"
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
-    raise InputError(_("{path}: unsupported input suffix; use .txt, .jsonl or .jsonl.gz").format(path=path))
+    if name.endswith(PARQUET_SUFFIXES):
+        return "parquet"
+    raise InputError(_("{path}: unsupported input suffix; use .txt, .jsonl, .jsonl.gz or .parquet").format(
+        path=path))
+
+
+def require_parquet_reader(path: Path) -> None:
+    """InputError naming `path` and the install command when pyarrow, which reads Parquet, is missing."""
+    try:
+        import pyarrow.parquet  # noqa: F401
+    except ImportError as err:
+        raise InputError(_("{path}: reading Parquet needs pyarrow, which is not installed; install it with "
+                           "{command}").format(path=path, command=PARQUET_INSTALL)) from err
+
+
+def record_columns(kind: str | None, text_field: str = "text") -> list[str] | None:
+    """The Parquet columns a `kind` dataset reads (None: every column, as RLHF keeps them all); kind None:
+    what a tokenizer learns from (the text field and the chat fields)."""
+    if kind is None:
+        return [text_field, *CHAT_FIELDS]
+    if kind == "rlhf":
+        return None
+    return [text_field] if kind == "pretrain" else list(USED_FIELDS[kind])
+
+
+def record_bytes(raw: bytes | dict) -> int:
+    """The size of a raw record in bytes (a Parquet row: the UTF-8 length of its strings, about)."""
+    if isinstance(raw, bytes):
+        return len(raw)
+    return sum(len(v) if isinstance(v, str) else 8 for v in raw.values())
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -88,7 +120,8 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
                 raise InputError(_("input {path}: no such file").format(path=text))
             matches = [Path(text)]
         for match in matches:
-            input_format(match)
+            if input_format(match) == "parquet":
+                require_parquet_reader(match)
             if match.resolve() not in {f.resolve() for f in files}:
                 files.append(match)
     if not files:
@@ -108,12 +141,21 @@ def _numbered_lines(handle) -> Iterator[tuple[int, bytes]]:
         yield number, line
 
 
-def iter_raw_records(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(first line number, raw bytes) of each record: a paragraph of a .txt file or a line of a .jsonl file.
+def iter_raw_records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[int, bytes | dict]]:
+    """(first line number, raw bytes) of each record: a paragraph of a .txt file or a line of a .jsonl file;
+    (row number, row dict) of a .parquet file, reading only `columns` (None: all; see `record_columns`).
 
-    Raises InputError (naming the file) when a compressed file is corrupt or truncated.
+    Raises InputError (naming the file) when a compressed or Parquet file is corrupt or truncated.
     """
     fmt = input_format(path)
+    if fmt == "parquet":
+        require_parquet_reader(path)
+        from minigpt.data.parquet import ParquetReadError, iter_rows
+        try:
+            yield from iter_rows(path, columns)
+        except ParquetReadError as err:
+            raise InputError(str(err)) from err
+        return
     try:
         with _open_binary(path) as handle:
             if fmt == "jsonl":
@@ -246,8 +288,12 @@ def lone_surrogate_field(value, name: str = "") -> str | None:
     return None
 
 
-USED_FIELDS = {"sft": ("conversations", "instruction", "input", "output"), "dpo": ("prompt", "chosen", "rejected")}
+USED_FIELDS = {"sft": ("conversations", "messages", "instruction", "input", "output"),
+               "dpo": ("prompt", "chosen", "rejected")}
 """The record fields each kind reads (pretrain: the text field; rlhf keeps every field)."""
+CHAT_FIELDS = ("conversations", "messages", "instruction", "input", "output", "prompt", "chosen", "rejected",
+               "reference")
+"""Every field whose strings a tokenizer learns from when a record has no text field."""
 
 
 def _may_hold_surrogate(text: str) -> bool:
@@ -279,9 +325,10 @@ def _as_messages(value, default_role: str) -> list[dict] | None:
 
 
 def _sft_messages(record: dict) -> list[dict] | str:
-    if "conversations" in record:
-        messages = _as_messages(record["conversations"], "user")
-        return messages if messages is not None and isinstance(record["conversations"], list) \
+    key = "conversations" if "conversations" in record else "messages"  # `messages`: Hugging Face chat sets
+    if key in record:
+        messages = _as_messages(record[key], "user")
+        return messages if messages is not None and isinstance(record[key], list) \
             else "malformed_conversation"
     if "instruction" in record and "output" in record:
         parts = [record["instruction"], record.get("input", "")]
@@ -301,8 +348,13 @@ def _check_responses(messages: list[dict]) -> str | None:
     return None
 
 
-def parse_record(kind: str, fmt: str, line: int, raw: bytes, text_field: str = "text") -> Example | Skip:
-    """Decode and validate one raw record for a dataset of `kind` ('pretrain', 'sft', 'dpo', 'rlhf')."""
+def parse_record(kind: str, fmt: str, line: int, raw: bytes | dict, text_field: str = "text") -> Example | Skip:
+    """Decode and validate one raw record for a dataset of `kind` ('pretrain', 'sft', 'dpo', 'rlhf').
+
+    A Parquet row arrives as a dict and is validated as the JSON object of a JSONL line is.
+    """
+    if isinstance(raw, dict):
+        return _parse_object(kind, line, raw, text_field)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -325,6 +377,10 @@ def parse_record(kind: str, fmt: str, line: int, raw: bytes, text_field: str = "
     bad_field = _may_hold_surrogate(text) and _used_lone_surrogate(kind, record, text_field)
     if bad_field:
         return Skip(line, "lone_surrogate", _("field {name}").format(name=bad_field))
+    return _parse_object(kind, line, record, text_field)
+
+
+def _parse_object(kind: str, line: int, record: dict, text_field: str) -> Example | Skip:
     if kind == "pretrain":
         return _parse_pretrain(line, record, text_field)
     if kind == "sft":
@@ -413,12 +469,15 @@ def _parse_rlhf(line: int, record: dict) -> Example | Skip:
     return Example(line, prompt_messages=prompt, extra=extra)
 
 
-def training_texts(fmt: str, raw: bytes, text_field: str = "text") -> list[str]:
+def training_texts(fmt: str, raw: bytes | dict, text_field: str = "text") -> list[str]:
     """The strings a tokenizer should learn from in one raw record (any kind); [] when unusable.
 
-    JSONL records give `text_field` when present, otherwise every string of the chat fields
-    (conversations, instruction/input/output, prompt/chosen/rejected/reference).
+    JSONL records and Parquet rows give `text_field` when present, otherwise every string of the chat
+    fields (conversations or messages, instruction/input/output, prompt/chosen/rejected/reference).
     """
+    if isinstance(raw, dict):
+        texts = [raw[text_field]] if isinstance(raw.get(text_field), str) else _chat_texts(raw)
+        return [t for t in texts if t.strip()]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -455,7 +514,7 @@ def cut_long_text(text: str, max_chars: int = MAX_DOCUMENT_CHARS) -> list[str]:
 def _chat_texts(record: dict) -> list[str]:
     """Every string of a record's chat fields (SFT, DPO and RLHF layouts alike)."""
     texts: list[str] = []
-    for key in ("conversations", "instruction", "input", "output", "prompt", "chosen", "rejected", "reference"):
+    for key in CHAT_FIELDS:
         value = record.get(key)
         if isinstance(value, str):
             texts.append(value)

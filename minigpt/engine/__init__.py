@@ -76,10 +76,16 @@ def create_runtime(cfg: TrainConfig) -> Runtime:
     validated first, so a bad DeepSpeed config fails by name before any rendezvous."""
     if not (launched_distributed() or cfg.ds_config):
         return Runtime(device=detect_device(cfg.device))
-    validate_engine_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+    from deepspeed.accelerator import get_accelerator
+
+    from minigpt.engine.ds_config import plan_deepspeed
+
+    plan = plan_deepspeed(cfg, int(os.environ.get("WORLD_SIZE", "1")), get_accelerator().device_name())
     from minigpt.engine.deepspeed import distributed_runtime
 
-    return distributed_runtime(cfg.dist_timeout)
+    runtime = distributed_runtime(cfg.dist_timeout)
+    runtime.deepspeed_plan = plan
+    return runtime
 
 
 def create_engine(model: nn.Module, cfg: TrainConfig, runtime: Runtime | None = None) -> Engine:
@@ -90,7 +96,7 @@ def create_engine(model: nn.Module, cfg: TrainConfig, runtime: Runtime | None = 
     if runtime.distributed:
         from minigpt.engine.deepspeed import DeepSpeedEngine
 
-        engine = DeepSpeedEngine(model, cfg, cfg.ds_config or None, runtime)
+        engine = DeepSpeedEngine(model, cfg, runtime.deepspeed_plan, runtime)
         print(rank_placement(engine), flush=True)
         return engine
     from minigpt.engine.plain import PlainEngine
@@ -103,21 +109,17 @@ def validate_engine_config(cfg: TrainConfig, world_size: int, device: torch.devi
     the device already detected (default: detected here)."""
     if launched_distributed() or cfg.ds_config:
         from minigpt.config import get_config
-        from minigpt.engine.ds_config import build_ds_config, load_ds_json, resolve_ep_size, zero_stage_of
+        from minigpt.engine.ds_config import plan_deepspeed, resolve_ep_size
 
         device = device or detect_device(cfg.device)
-        accelerator = "cuda" if device.type == "cuda" else "cpu"
-        precision = resolve_precision(cfg.precision, device, deepspeed=True)
-        raw = load_ds_json(cfg.ds_config) if cfg.ds_config else {}
-        build_ds_config(raw, cfg, world_size, cfg.ds_config or _("<default ZeRO-0 config>"),
-                        precision=precision, accelerator=accelerator)
+        plan = plan_deepspeed(cfg, world_size, "cuda" if device.type == "cuda" else "cpu")
         experts = get_config(cfg.config).num_experts if not cfg.init_from else 0  # the engine checks --init-from's
         ep = _(", experts over {ranks} expert-parallel rank(s)").format(
-            ranks=resolve_ep_size(cfg.ep_size, world_size, experts, zero_stage_of(raw))) if experts else ""
+            ranks=resolve_ep_size(cfg.ep_size, world_size, experts, plan.zero_stage)) if experts else ""
         return _("DeepSpeed ZeRO-{stage} ({config}), {world_size} rank(s), {precision} on "
                  "{accelerator}{experts}").format(
-            stage=zero_stage_of(raw), config=cfg.ds_config or _("default config"), world_size=world_size,
-            precision=precision, accelerator=accelerator, experts=ep)
+            stage=plan.zero_stage, config=cfg.ds_config or _("default config"), world_size=world_size,
+            precision=plan.precision, accelerator=plan.accelerator, experts=ep)
     device = device or detect_device(cfg.device)
     compiled = {"on": _(", compiled"), "auto": _(", compile auto")}.get(cfg.compile, "")
     return _("plain on {device}, {precision}{compiled}").format(

@@ -39,14 +39,8 @@ from minigpt.engine.base import (
     check_shapes_fit,
     enable_activation_checkpointing,
 )
-from minigpt.engine.device import is_first_rank, resolve_precision
-from minigpt.engine.ds_config import (
-    build_ds_config,
-    load_ds_json,
-    offloads_optimizer,
-    resolve_ep_size,
-    zero_stage_of,
-)
+from minigpt.engine.device import is_first_rank
+from minigpt.engine.ds_config import DeepSpeedPlan, offloads_optimizer, plan_deepspeed, resolve_ep_size
 from minigpt.engine.moe import use_deepspeed_moe
 from minigpt.engine.portable import (
     ADAM_KEYS,
@@ -145,21 +139,20 @@ def moe_optimizer(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.o
 class DeepSpeedEngine(Engine):
     """`deepspeed.initialize` around the model with the client optimizer and scheduler."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, ds_config_path: str | None,
+    def __init__(self, model: nn.Module, cfg: TrainConfig, plan: DeepSpeedPlan | None = None,
                  runtime: Runtime | None = None):
-        accelerator = get_accelerator().device_name()
-        precision = resolve_precision(cfg.precision, torch.device(accelerator), deepspeed=True)
-        raw = load_ds_json(ds_config_path) if ds_config_path else {"zero_optimization": {"stage": 0}}
-        source = ds_config_path or "<default ZeRO-0 config>"
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        # Validate before any process-group or model work: a bad config must fail fast and by name.
-        config = build_ds_config(raw, cfg, world_size, source, precision=precision, accelerator=accelerator)
+        """`plan`: the configuration `create_runtime` built and checked before the rendezvous (default: built
+        here from `cfg` for WORLD_SIZE ranks, before any process-group or model work, so a bad config fails
+        fast and by name)."""
+        plan = plan or plan_deepspeed(cfg, int(os.environ.get("WORLD_SIZE", "1")), get_accelerator().device_name())
         self.runtime = runtime or distributed_runtime(cfg.dist_timeout)  # built alone (tests, benchmarks)
         self.device, self.rank, self.world_size = self.runtime.device, self.runtime.rank, self.runtime.world_size
-        if self.world_size != world_size:
-            config = build_ds_config(raw, cfg, self.world_size, source, precision=precision, accelerator=accelerator)
-        self.precision = precision
-        self.zero_stage = zero_stage_of(raw)
+        if self.world_size != plan.world_size:
+            raise RuntimeError(_("the DeepSpeed config was built for {planned} rank(s), but the process group has "
+                                 "{ranks}").format(planned=plan.world_size, ranks=self.world_size))
+        raw, config = plan.raw, plan.config
+        self.precision = plan.precision
+        self.zero_stage = plan.zero_stage
         self._ds_grad_accum = cfg.grad_accum  # DeepSpeed's gradient_accumulation_steps: its backward divides by it
         self._boundary_pending = False
         self.ep_size, self.ep_rank, self.num_local_experts = 1, 0, 0

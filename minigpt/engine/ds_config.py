@@ -16,6 +16,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,40 @@ def _agree(raw: dict[str, Any], field: str, expected: Any, source: str, flag: st
                             "{expected!r}); remove {field!r} from the JSON (it is filled from the training config) "
                             "or change {flag}").format(source=source, field=field, value=raw[field], flag=flag,
                                                        expected=expected))
+
+
+DEFAULT_DS_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 0}}
+"""What a run under a launcher without --ds-config uses: plain data parallelism (ZeRO-0)."""
+
+
+@dataclass(frozen=True)
+class DeepSpeedPlan:
+    """A DeepSpeed run's configuration, built and checked once, before the process group starts: what
+    `--dry-run` prints, what `DeepSpeedEngine` hands to `deepspeed.initialize`."""
+
+    config: dict[str, Any]
+    """The final config (`build_ds_config`)."""
+    raw: dict[str, Any]
+    """The JSON as the user wrote it (DEFAULT_DS_CONFIG without --ds-config)."""
+    source: str
+    """The JSON's path, or a name for the default, as errors say it."""
+    precision: str
+    accelerator: str
+    world_size: int
+
+    @property
+    def zero_stage(self) -> int:
+        return zero_stage_of(self.raw)
+
+
+def plan_deepspeed(cfg: TrainConfig, world_size: int, accelerator: str) -> DeepSpeedPlan:
+    """Load `cfg.ds_config` (or the default), resolve the precision for `accelerator` (DeepSpeed's name:
+    "cuda", "cpu", ...) and build the final config for `world_size` ranks; ConfigError names what is wrong."""
+    raw = load_ds_json(cfg.ds_config) if cfg.ds_config else copy.deepcopy(DEFAULT_DS_CONFIG)
+    source = cfg.ds_config or _("<default ZeRO-0 config>")
+    precision = resolve_precision(cfg.precision, torch.device(accelerator), deepspeed=True)
+    config = build_ds_config(raw, cfg, world_size, source, precision=precision, accelerator=accelerator)
+    return DeepSpeedPlan(config, raw, source, precision, accelerator, world_size)
 
 
 def build_ds_config(raw: dict, cfg: TrainConfig, world_size: int, source: str, *,

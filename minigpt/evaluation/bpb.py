@@ -19,7 +19,14 @@ import torch
 import torch.nn.functional as F
 
 from minigpt.data.shards import META, ShardError, ShardReader, open_shard
-from minigpt.data.sources import InputError, cut_long_text, input_format, iter_raw_records, training_texts
+from minigpt.data.sources import (
+    InputError,
+    cut_long_text,
+    input_format,
+    iter_raw_records,
+    record_columns,
+    training_texts,
+)
 from minigpt.evaluation.context import EvalContext, EvalDataError
 from minigpt.evaluation.spec import TaskSpec
 from minigpt.i18n import _
@@ -31,7 +38,7 @@ _CHUNK = 1 << 20
 
 def _text_documents(path: Path, text_field: str) -> Iterator[str]:
     fmt = input_format(path)
-    for _line, raw in iter_raw_records(path):
+    for _line, raw in iter_raw_records(path, record_columns(None, text_field)):
         for text in training_texts(fmt, raw, text_field):
             yield from cut_long_text(text)
 

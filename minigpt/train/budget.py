@@ -64,6 +64,16 @@ class TimeBudget:
         self.eval_seconds: float | None = None
         self.save_seconds: float | None = None
 
+    def resume(self, saved: tuple[float, float | None] | None, clock, past_warmup: bool) -> None:
+        """Continue a resumed run's budget (`TrainerState.budget`): the seconds it had spent, and where its LR
+        warmup ended on the `ScheduleClock` `clock`. A checkpoint saved without --max-time spent none of this
+        budget; past its warmup, the decay runs over the whole budget."""
+        if saved is None:
+            if past_warmup:
+                clock.warmup_end = 0.0
+            return
+        self.spent_before, clock.warmup_end = saved
+
     def elapsed(self) -> float:
         """Seconds spent by this run and the runs it resumed."""
         return self.spent_before + self._clock() - self._origin

@@ -12,30 +12,63 @@ import math
 import torch
 import torch.nn.functional as F
 
-from minigpt.data.datasets import IGNORE_INDEX, PretrainWindows, SFTExamples
+from minigpt.data.datasets import IGNORE_INDEX, PackedSFTExamples, PretrainWindows, SFTExamples
+from minigpt.i18n import _
 from minigpt.metrics import MetricSums, token_byte_lengths
-from minigpt.train.objective import Objective
+from minigpt.train.objective import Objective, SetupContext
 
 
 class LanguageModeling(Objective):
     """Next-token cross-entropy on positions whose label is not -100 (pretrain windows, SFT answers)."""
 
     eval_sums = ("loss_sum", "tokens", "bytes")
+    mixes_sources = True
 
-    def __init__(self, byte_lengths: torch.Tensor | None = None, document_mask: bool = False):
+    def __init__(self, byte_lengths: torch.Tensor | None = None, document_mask: bool = False, pack: bool = False):
         self.byte_lengths = byte_lengths
-        self.document_mask = document_mask
+        self.document_mask, self.pack = document_mask, pack
+        self.packed: list[PackedSFTExamples] = []
+        self.unpacked: list[SFTExamples] = []
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> LanguageModeling:
-        return cls(token_byte_lengths(tokenizer), document_mask=cfg.document_mask)
+        return cls(token_byte_lengths(tokenizer), document_mask=cfg.document_mask, pack=cfg.pack)
 
     def dataset(self, reader, seq_len: int, tokenizer):
         """The map-style dataset this objective trains on, over one shard; with `--document-mask` the
-        pretraining windows carry each token's document index and attention stays inside documents."""
+        pretraining windows carry each token's document index and attention stays inside documents; with
+        `--pack` several SFT conversations share a sequence, each with its own attention and positions."""
         if self.dataset_kind == "pretrain":
             return PretrainWindows(reader, seq_len, segment_ids=self.document_mask)
-        return SFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
+        if self.pack:
+            packed = PackedSFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
+            self.packed.append(packed)
+            return packed
+        examples = SFTExamples(reader, seq_len, pad_id=tokenizer.pad_id)
+        self.unpacked.append(examples)
+        return examples
+
+    def setup(self, context: SetupContext) -> None:
+        """Say once how many conversations are cut at --seq-len, and how they were packed (train and validation
+        together)."""
+        if not context.engine.is_main:
+            return
+        cut = sum(d.num_truncated for d in self.unpacked)
+        if cut:
+            total = sum(len(d) for d in self.unpacked)
+            longest = max(int(d.reader.document_lengths().max()) for d in self.unpacked if len(d))
+            print(_("[minigpt] sft: {cut:,} of {total:,} conversations are longer than --seq-len {seq_len} + 1 tokens "
+                    "(the longest: {longest}) and are cut: their ends are not trained; a longer --seq-len keeps "
+                    "them").format(cut=cut, total=total, seq_len=context.seq_len, longest=longest), flush=True)
+        if not self.packed:
+            return
+        sequences = sum(len(d) for d in self.packed)
+        padding = sum(d.padding_share * len(d) for d in self.packed) / max(sequences, 1)
+        print(_("[minigpt] sft --pack: {conversations:,} conversations in {sequences:,} sequences of {seq_len} "
+                "positions ({padding:.1%} padding); {truncated:,} cut at --seq-len").format(
+            conversations=sum(d.num_conversations for d in self.packed), sequences=sequences,
+            seq_len=context.seq_len, padding=padding, truncated=sum(d.num_truncated for d in self.packed)),
+            flush=True)
 
     logits_where_labelled = False
     """Compute logits only at labelled positions (`MiniGPT.forward(logits_at=...)`): for SFT, where most
@@ -45,11 +78,13 @@ class LanguageModeling(Objective):
     def _logits_and_labels(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, vocab) logits and (N,) labels; N counts every position, or only the labelled ones."""
         labels = batch["labels"]
+        # packed samples (--document-mask, --pack) carry segment ids; packed conversations also their positions
+        packing = {"segment_ids": batch.get("segment_ids"), "position_ids": batch.get("position_ids")}
         if not self.logits_where_labelled:
-            logits = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))
+            logits = model(batch["input_ids"], **packing)
             return logits.flatten(0, 1), labels.flatten()
         kept = labels != IGNORE_INDEX
-        return model(batch["input_ids"], segment_ids=batch.get("segment_ids"), logits_at=kept), labels[kept]
+        return model(batch["input_ids"], logits_at=kept, **packing), labels[kept]
 
     def loss(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         logits, labels = self._logits_and_labels(engine, batch)

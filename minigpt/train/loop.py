@@ -26,6 +26,7 @@ from minigpt.checkpoint import (
     TRAINER_STATE,
     CheckpointError,
     CheckpointManager,
+    TrainerState,
     recorded_precision,
     rng_state,
     set_rng_state,
@@ -33,8 +34,9 @@ from minigpt.checkpoint import (
 )
 from minigpt.config import PRESETS, ConfigError, MiniGPTConfig, TrainConfig, default_run_dir, get_config
 from minigpt.data.build import DatasetBuildError
+from minigpt.data.mixture import parse_mixture
 from minigpt.data.prefetch import PrefetchingLoader, collate
-from minigpt.data.sampler import ResumableSampler, SamplerError
+from minigpt.data.sampler import MixtureSampler, ResumableSampler, SamplerError
 from minigpt.data.shards import ShardError, open_shard
 from minigpt.engine import create_engine, create_runtime
 from minigpt.engine.base import Engine
@@ -241,8 +243,19 @@ def seq_len_of(cfg: TrainConfig, model_config: MiniGPTConfig) -> int:
     return seq_len
 
 
+def mixture_record(run_data: RunData, train_set: ConcatWindows, val_set: ConcatWindows, seq_len: int) -> dict:
+    """What `dataset_stats.json` says of a weighted mixture: each source's path, weight, share of the tokens and
+    size (an epoch of a source is its train samples; a small source repeats)."""
+    total = sum(source.weight for source in run_data.mixture)
+    return {source.name: {"path": str(source.dataset_dir), "weight": source.weight, "share": source.weight / total,
+                          "train_samples": len(train), "val_samples": len(val), "tokens_per_epoch": len(train) * seq_len}
+            for source, train, val in zip(run_data.mixture, train_set.parts, val_set.parts, strict=True)}
+
+
 def write_snapshot(cfg: TrainConfig, model_config: MiniGPTConfig, start: StartingWeights, run_data: RunData,
-                   engine: Engine, seq_len: int) -> None:
+                   engine: Engine, seq_len: int, mixture: dict | None = None) -> None:
+    """The run's `training_config_snapshot.json` and `dataset_stats.json` (each dataset's statistics, and a
+    mixture's sources under "mixture")."""
     snapshot = {"train": cfg.to_dict(), "model": model_config.to_dict(), "weights_from": start.source,
                 "tokenizer": {"dir": str(run_data.tokenizer.directory), "checksum": run_data.tokenizer.checksum},
                 "datasets": [str(d) for d in run_data.dataset_dirs], "engine": type(engine).__name__,
@@ -251,21 +264,23 @@ def write_snapshot(cfg: TrainConfig, model_config: MiniGPTConfig, start: Startin
     atomic_write_text(cfg.run_dir / SNAPSHOT, json.dumps(snapshot, indent=2) + "\n")
     stats = {str(d): json.loads((d / "dataset_stats.json").read_text())
              for d in run_data.dataset_dirs if (d / "dataset_stats.json").is_file()}
+    if mixture:
+        stats["mixture"] = mixture
     atomic_write_text(cfg.run_dir / "dataset_stats.json", json.dumps(stats, indent=2) + "\n")
 
 
-def check_eval_tasks(cfg: TrainConfig) -> None:
-    """Fail before training when an --eval-task names a file that is not there or holds no usable items (not at
-    the first evaluation)."""
+def check_eval_tasks(cfg: TrainConfig) -> list:
+    """The --eval-task specs, after failing when one names a file that is not there or holds no usable items
+    (before training, not at the first evaluation)."""
     from minigpt.evaluation.runner import check_task_files
-    from minigpt.evaluation.spec import parse_task_spec
 
-    for entry in cfg.eval_task:
-        spec = parse_task_spec(entry)
+    specs = cfg.eval_task_specs()
+    for entry, spec in zip(cfg.eval_task, specs, strict=True):
         for path in [spec.path] + ([Path(spec.get("dev"))] if spec.get("dev") else []):
             if not path.exists():
                 raise ConfigError(_("--eval-task {entry}: {path} does not exist").format(entry=entry, path=path))
         check_task_files(spec)
+    return specs
 
 
 class Trainer:
@@ -281,7 +296,7 @@ class Trainer:
         self.runtime = create_runtime(cfg)
         precision = run_precision(cfg, self.runtime.device, deepspeed=self.runtime.distributed)
         self.cfg = cfg = dataclasses.replace(cfg, precision=precision.precision)  # the engines, the snapshot
-        check_eval_tasks(cfg)  # a mistyped path fails before the run directory is made
+        self.eval_specs = check_eval_tasks(cfg)  # a mistyped path fails before the run directory is made
         self.run_lock: RunDirLock | None = self.runtime.main_rank_does(
             lambda: self._claim_run_dir(precision), _("claiming the run directory {path}").format(path=cfg.run_dir))
         try:
@@ -311,8 +326,9 @@ class Trainer:
             raise
         for warning in cfg.warnings():
             print(_("[minigpt] warning: {warning}").format(warning=warning), flush=True)
-        print(_("[minigpt] precision {precision} ({why}; override with --precision)").format(
-            precision=precision.precision, why=precision.why), flush=True)
+        line = (_("[minigpt] precision {precision} ({why}; override with --precision)") if cfg.precision == "auto"
+                else _("[minigpt] precision {precision} ({why})"))
+        print(line.format(precision=precision.precision, why=precision.why), flush=True)
         return lock
 
     def release_run_dir(self, tidy: bool = False) -> None:
@@ -346,11 +362,19 @@ class Trainer:
         self.engine = create_engine(self.model, cfg, self.runtime)
         self.train_set = open_datasets(self.run_data, self.objective, "train", self.seq_len)
         self.val_set = open_datasets(self.run_data, self.objective, "val", self.seq_len)
-        self.sampler = ResumableSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.engine.rank,
-                                        self.engine.world_size, seed=cfg.seed)
+        if self.run_data.mixture:
+            self.sampler = MixtureSampler([source.name for source in self.run_data.mixture],
+                                          [len(part) for part in self.train_set.parts],
+                                          [source.weight for source in self.run_data.mixture], cfg.batch_size,
+                                          cfg.grad_accum, self.engine.rank, self.engine.world_size, seed=cfg.seed)
+        else:
+            self.sampler = ResumableSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.engine.rank,
+                                            self.engine.world_size, seed=cfg.seed)
         self.loader = PrefetchingLoader(self.train_set, self.sampler, self.engine.device, depth=cfg.prefetch)
         self.checkpoints = CheckpointManager(cfg.run_dir, self.engine, cfg.keep_last)
         self.step, self.tokens_seen = 0, 0
+        self.source_epochs: dict[str, int] = {}
+        """The epoch each mixture source's last drawn sample belongs to (a new one is said in the log)."""
         self.start = start
         self.budget: TimeBudget | None = None
         if cfg.max_time:
@@ -375,7 +399,9 @@ class Trainer:
                   flush=True)
         if self.engine.is_main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            write_snapshot(cfg, self.model_config, start, self.run_data, self.engine, self.seq_len)
+            mixture = (mixture_record(self.run_data, self.train_set, self.val_set, self.seq_len)
+                       if self.run_data.mixture else None)
+            write_snapshot(cfg, self.model_config, start, self.run_data, self.engine, self.seq_len, mixture)
 
     def _keep_initial_weights(self, start: StartingWeights) -> StartingWeights:
         """A post-training run from random init saves its initial weights as `<run>/initial` (a fresh run
@@ -406,33 +432,24 @@ class Trainer:
             self.engine.barrier()
             return
         state = self.checkpoints.load(point)
-        state_file = Path(state["checkpoint"]) / TRAINER_STATE
-        for name in ("tokens_seen", "sampler"):
-            if name not in state:
-                raise CheckpointError(_("{path}: no '{name}' field; not a checkpoint of a training run").format(
-                    path=state_file, name=name))
-        if state.get("tokenizer_checksum") not in (None, self.tokenizer.checksum):
+        if state.tokenizer_checksum not in (None, self.tokenizer.checksum):
             raise ConfigError(_("{path}: trained with tokenizer {saved}, this run uses {current} ({tokenizer})").format(
-                path=state["checkpoint"], saved=state["tokenizer_checksum"][:12], current=self.tokenizer.checksum[:12],
+                path=state.checkpoint, saved=state.tokenizer_checksum[:12], current=self.tokenizer.checksum[:12],
                 tokenizer=self.tokenizer.directory))
         try:
-            self.loader.load_state_dict(state["sampler"])
+            self.loader.load_state_dict(state.sampler)
         except SamplerError as err:
-            raise SamplerError(_("{path}: {error}").format(path=state_file, error=err)) from None
-        self.compile_decided = state.get("compiled")
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            raise SamplerError(_("{path}: {error}").format(path=Path(state.checkpoint) / TRAINER_STATE,
+                                                           error=err)) from None
+        self.compile_decided = state.compiled
+        self.step, self.tokens_seen = state.step, state.tokens_seen
         if self.budget is not None:
-            self.budget.spent_before = float(state.get("elapsed_seconds", 0.0))
-            clock = self.engine.schedule_clock
-            if "lr_warmup_end" in state:
-                clock.warmup_end = state["lr_warmup_end"]
-            elif self.step >= self.cfg.warmup_steps:  # saved without --max-time: decay over the whole budget
-                clock.warmup_end = 0.0
+            self.budget.resume(state.budget, self.engine.schedule_clock, self.step >= self.cfg.warmup_steps)
         if self.engine.is_main:
-            print(_("[minigpt] resumed from {path} at step {step}").format(path=state["checkpoint"], step=self.step),
+            print(_("[minigpt] resumed from {path} at step {step}").format(path=state.checkpoint, step=self.step),
                   flush=True)
             for name in ("max_steps", "warmup_steps"):
-                before, now = state.get(name), getattr(self.cfg, name)
+                before, now = getattr(state, name), getattr(self.cfg, name)
                 if before is not None and before != now:
                     flag = "--" + name.replace("_", "-")
                     print(_("[minigpt] warning: resuming with {flag} {now}, the checkpoint's run had {before}: the "
@@ -440,17 +457,12 @@ class Trainer:
                             "step {step} on; pass {flag} {before} to continue the same schedule").format(
                         flag=flag, now=now, before=before, max_steps=self.cfg.max_steps, step=self.step), flush=True)
 
-    def trainer_state(self) -> dict:
-        state = {"tokens_seen": self.tokens_seen, "sampler": self.loader.state_dict(),
-                 "tokenizer_checksum": self.tokenizer.checksum, "mode": self.cfg.mode,
-                 "weights_from": self.start.source, "max_steps": self.cfg.max_steps,
-                 "warmup_steps": self.cfg.warmup_steps, "precision": self.engine.precision}
-        if self.budget is not None:
-            state["elapsed_seconds"] = self.budget.elapsed()
-            state["lr_warmup_end"] = self.engine.schedule_clock.warmup_end  # None while still warming up
-        if self.compile_decided is not None:
-            state["compiled"] = self.compile_decided
-        return state
+    def trainer_state(self) -> TrainerState:
+        budget = None if self.budget is None else (self.budget.elapsed(), self.engine.schedule_clock.warmup_end)
+        return TrainerState(step=self.step, tokens_seen=self.tokens_seen, sampler=self.loader.state_dict(),
+                            mode=self.cfg.mode, weights_from=self.start.source, precision=self.engine.precision,
+                            max_steps=self.cfg.max_steps, warmup_steps=self.cfg.warmup_steps,
+                            tokenizer_checksum=self.tokenizer.checksum, budget=budget, compiled=self.compile_decided)
 
     def setup_context(self) -> SetupContext:
         """What the objective may know about this run (never the Trainer itself)."""
@@ -470,6 +482,25 @@ class Trainer:
         else:
             self.data_wait = 0.0
         return self._batches
+
+    def source_figures(self, monitor: TrainingMonitor) -> dict[str, float]:
+        """A mixture's figures after the step just taken: tokens drawn from each source (`tokens/<name>`, all
+        ranks) and passes over it (`epochs/<name>`); a source that began another pass is said in a log line.
+        {} without a mixture."""
+        if not self.run_data.mixture:
+            return {}
+        figures = {}
+        for name, source in self.loader.state_dict()["sources"].items():
+            drawn, size = source["drawn"], source["num_samples"]
+            figures[f"tokens/{name}"] = drawn * self.seq_len
+            figures[f"epochs/{name}"] = drawn / size
+            epoch = (drawn - 1) // size  # the pass its last sample belongs to
+            if epoch > self.source_epochs.get(name, 0):
+                monitor.write(_("source {name} begins epoch {epoch} at step {step}: its {samples:,} training samples "
+                                "({tokens:,} tokens) are seen again, in a new order").format(
+                    name=name, epoch=epoch + 1, step=self.step, samples=size, tokens=size * self.seq_len))
+            self.source_epochs[name] = max(epoch, 0)
+        return figures
 
     def train_step(self, batches: list | None = None) -> tuple[float, object, int, dict]:
         """One optimizer step over `grad_accum` micro-batches: the loop owns accumulation and tells the
@@ -492,18 +523,31 @@ class Trainer:
         averaged = {name: value * scale for name, value in summed.items()}
         return averaged.pop("loss"), result, tokens * self.engine.world_size, averaged
 
-    def eval_samples(self) -> int:
-        """Validation samples an evaluation runs: the first `eval_batches` global batches, or all of the set
-        when it is smaller, rounded down to a multiple of the world size (every rank runs as many)."""
+    def eval_ranges(self) -> list[range]:
+        """The validation indices an evaluation runs: the first `eval_batches` global batches of the validation
+        set (of each source's, in a mixture), or all of it when smaller, rounded down to a multiple of the
+        world size (every rank runs as many)."""
         world = self.engine.world_size
-        count = min(len(self.val_set), self.cfg.eval_batches * self.cfg.batch_size * world)
-        return count - count % world
+        mixture = self.run_data.mixture
+        parts = zip(self.val_set.offsets[:-1], self.val_set.parts, strict=True) if mixture else [(0, self.val_set)]
+        ranges = []
+        for start, part in parts:
+            count = min(len(part), self.cfg.eval_batches * self.cfg.batch_size * world)
+            ranges.append(range(int(start), int(start) + count - count % world))
+        return ranges
 
-    def eval_micro_batches(self) -> list[list[int]]:
-        """This rank's share of an evaluation, as the validation indices of each micro-batch: every rank gets
-        as many micro-batches (ZeRO-3 gathers weights collectively at each forward pass)."""
+    def eval_samples(self) -> int:
+        """Validation samples an evaluation runs (over every source of a mixture)."""
+        return sum(len(indices) for indices in self.eval_ranges())
+
+    def eval_micro_batches(self, indices: range | None = None) -> list[list[int]]:
+        """This rank's share of an evaluation (or of the validation `indices` given), as the validation indices
+        of each micro-batch: every rank gets as many micro-batches (ZeRO-3 gathers weights collectively at each
+        forward pass)."""
+        if indices is None:
+            return [batch for part in self.eval_ranges() for batch in self.eval_micro_batches(part)]
         world, rank, micro = self.engine.world_size, self.engine.rank, self.cfg.batch_size
-        mine = list(range(rank, self.eval_samples(), world))
+        mine = list(indices[rank::world])
         return [mine[start:start + micro] for start in range(0, len(mine), micro)]
 
     def eval_micro_batch(self, indices: list[int], sums: MetricSums) -> None:
@@ -511,18 +555,34 @@ class Trainer:
         samples = [self.val_set[i] for i in indices]
         self.objective.eval_batch(self.engine.module, collate(samples, self.engine.device), sums)
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation metrics over the first `eval_batches` global batches of the validation set.
+        """Validation metrics over the first `eval_batches` global batches of the validation set."""
+        return self.evaluate_sources()[0]
+
+    @torch.no_grad()
+    def evaluate_sources(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Validation metrics over the first `eval_batches` global batches of the validation set (of each
+        source's together, in a mixture), and each mixture source's own loss as `val_loss/<name>` ({} without
+        a mixture).
 
         Every rank runs the same number of forward passes (ZeRO-3 gathers weights collectively)."""
         self.engine.eval()
-        sums = self.objective.new_eval_sums()
-        for indices in self.eval_micro_batches():
-            self.eval_micro_batch(indices, sums)
-        reduced = reduce_by_name(sums, self.engine.all_reduce_sum, self.engine.device)
+        per_part = []
+        for indices in self.eval_ranges():
+            sums = self.objective.new_eval_sums()
+            for batch in self.eval_micro_batches(indices):
+                self.eval_micro_batch(batch, sums)
+            per_part.append(reduce_by_name(sums, self.engine.all_reduce_sum, self.engine.device))
         self.engine.train()
-        return self.objective.metrics(reduced) if self.eval_samples() else {}
+        if not self.eval_samples():
+            return {}, {}
+        if not self.run_data.mixture:
+            return self.objective.metrics(per_part[0]), {}
+        total = {name: sum(part[name] for part in per_part) for name in per_part[0]}
+        by_source = {f"val_loss/{source.name}": self.objective.metrics(part)["val_loss"]
+                     for source, part, indices in zip(self.run_data.mixture, per_part, self.eval_ranges(), strict=True)
+                     if len(indices)}
+        return self.objective.metrics(total), by_source
 
     @torch.no_grad()
     def time_ending(self) -> None:
@@ -555,23 +615,23 @@ class Trainer:
     def evaluate_tasks(self) -> dict[str, float]:
         """The `--eval-task` metrics as {"task/metric": value}; every rank runs them in lockstep (the
         same forward passes on each, as ZeRO-3 gathers weights collectively)."""
-        if not self.cfg.eval_task:
+        if not self.eval_specs:
             return {}
         from minigpt.evaluation.context import EvalContext
         from minigpt.evaluation.runner import flat_metrics, run_tasks
-        from minigpt.evaluation.spec import parse_task_spec
 
         self.engine.eval()
         ctx = EvalContext(self.engine.module, self.tokenizer, self.runtime, batch_size=self.cfg.batch_size,
                           lockstep=self.runtime.distributed, progress=False)
-        results = run_tasks([parse_task_spec(entry) for entry in self.cfg.eval_task], ctx)
+        results = run_tasks(self.eval_specs, ctx)
         self.engine.train()
         return flat_metrics(results)
 
     def log_evaluation(self, monitor: TrainingMonitor, index: int) -> None:
         """Validation metrics under val/, then the --eval-task metrics under eval/."""
-        monitor.log_eval(index, self.evaluate())
-        if self.cfg.eval_task:
+        metrics, by_source = self.evaluate_sources()
+        monitor.log_eval(index, metrics, named=by_source)
+        if self.eval_specs:
             monitor.log_eval(index, self.evaluate_tasks(), split="eval")
 
     @torch.no_grad()
@@ -598,7 +658,7 @@ class Trainer:
 
     def save(self) -> Path:
         started = time.perf_counter()
-        path = self.checkpoints.save(self.step, self.trainer_state())
+        path = self.checkpoints.save(self.step, self.trainer_state().to_json())
         if self.budget is not None:
             self.budget.note_save(time.perf_counter() - started)
         return path
@@ -656,6 +716,9 @@ class Trainer:
         """Train to max_steps; stop early (exit 75) after saving when `stop` is requested on any rank."""
         cfg = self.cfg
         self.resume()
+        if self.run_data.mixture:  # a resumed run says only the epochs that begin from here on
+            self.source_epochs = {name: max(source["drawn"] - 1, 0) // source["num_samples"]
+                                  for name, source in self.loader.state_dict()["sources"].items()}
         # Setup may draw random numbers (building a reference model initialises weights first); it must not
         # move the training's random stream, or a resumed run would sample differently from an uninterrupted one.
         random_state = rng_state()
@@ -680,7 +743,8 @@ class Trainer:
                 self.tokens_seen += tokens
                 seconds = time.perf_counter() - started
                 monitor.log_step(index, loss=loss, lr=result.lr, grad_norm=result.grad_norm, tokens=tokens,
-                                 seconds=seconds, extra={**stats, "data_wait_s": self.data_wait})
+                                 seconds=seconds, extra={**stats, "data_wait_s": self.data_wait},
+                                 named=self.source_figures(monitor))
                 if self.budget is not None:
                     self.budget.note_step(seconds)
                 if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
@@ -758,6 +822,7 @@ def dry_run(cfg: TrainConfig) -> int:
     start = find_starting_weights(cfg)
     earlier_run = check_fresh_run_dir(cfg)
     inputs = planned_inputs(cfg)
+    mixture = parse_mixture(cfg.data)
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     device = detect_device(cfg.device)
     precision = run_precision(cfg, device, deepspeed=launched_distributed() or bool(cfg.ds_config))
@@ -785,6 +850,9 @@ def dry_run(cfg: TrainConfig) -> int:
             config=cfg.config, params=model_config.num_params(), vocab=model_config.vocab_size,
             vocab_source=vocab_source),
         _("data            {inputs}").format(inputs=", ".join(map(str, inputs))),
+        *([_("mixture         {shares} of the tokens").format(shares=", ".join(
+            f"{source.name} {source.weight / sum(s.weight for s in mixture):.1%}" for source in mixture))]
+          if mixture else []),
         _("engine          {plan}").format(plan=engine_plan),
         _("precision       {precision} ({why})").format(precision=precision.precision, why=precision.why),
         _("batch           {batch} x {accum} accumulation x {world_size} rank(s) x {seq_len} tokens = {tokens:,} "

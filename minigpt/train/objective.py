@@ -75,6 +75,9 @@ class Objective:
     """Names of the sums `eval_batch` adds to; declared so every rank reduces the same keys."""
     updates_per_batch: int = 1
     """Optimizer steps taken on each batch the sampler hands over (GRPO's `--rl-updates`)."""
+    mixes_sources: bool = False
+    """Whether the mode trains on a weighted mixture (`--data NAME=PATH:WEIGHT`): its samples are `seq_len`
+    tokens each and one dataset per source makes sense (pairs and prompts keep their own caches per dataset)."""
 
     @classmethod
     def from_config(cls, cfg, tokenizer) -> Objective:

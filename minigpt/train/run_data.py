@@ -1,12 +1,17 @@
 """Turn a run's `--data` / `--tokenizer` into a tokenizer and train/validation datasets.
 
-`--data` names shard directories (built by `data_tools/pretokenize.py`) or raw .txt/.jsonl files,
-which are pre-tokenized on the fly into a cache keyed by their content and the tokenizer. Relative
+`--data` names shard directories (built by `data_tools/pretokenize.py`) or raw .txt/.jsonl/.parquet files,
+which are pre-tokenized on the fly (cleaned as --dedup/--min-chars/--max-repeated-lines ask) into a cache keyed
+by their content, the tokenizer and those settings. Relative
 names are looked up in the working directory, then the run's `--data-dir`, then `$MINIGPT_DATA_DIR`.
 With no `--data`, pretraining uses the built-in English demo corpus (`--data demo:zh` names the Chinese
 one) and the post-training modes the built-in bilingual demo data (`minigpt.data.demo`). In a multi-rank run the main rank builds
 what is missing while the others wait at a barrier of the runtime (created before the data, so a
 process group exists); every rank passes the same barriers whichever branch it takes.
+
+A weighted mixture (`--data NAME=PATH:WEIGHT`, `minigpt.data.mixture`) resolves each source's PATH the
+same way into a dataset of its own (raw files of a source are tokenized into a cache of their own), so the
+sampler can draw from each in its share.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import collections
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +28,7 @@ import numpy as np
 from minigpt.config import ConfigError, TrainConfig, data_name, get_config
 from minigpt.data import build
 from minigpt.data.build import build_dataset
+from minigpt.data.cleaning import Cleaning
 from minigpt.data.demo import (
     CORPORA,
     DEMO_PREFIX,
@@ -31,10 +37,12 @@ from minigpt.data.demo import (
     demo_language,
     write_demo_corpus,
     write_demo_post_training,
+    write_tokenizer_text,
 )
+from minigpt.data.mixture import WeightedSource, data_paths, parse_mixture
 from minigpt.data.shards import open_shard
 from minigpt.i18n import _, docs_page
-from minigpt.modes import objective_class
+from minigpt.modes import mode_names, objective_class
 from minigpt.runtime import Runtime
 from minigpt.tokenizer import Tokenizer
 from minigpt.tokenizer_training import train_tokenizer
@@ -50,10 +58,21 @@ class DataError(ValueError):
 
 
 @dataclass
+class MixtureSource:
+    """One weighted source of a mixture, resolved: its name, weight and shard dataset directory."""
+
+    name: str
+    weight: float
+    dataset_dir: Path
+
+
+@dataclass
 class RunData:
     tokenizer: Tokenizer
     dataset_dirs: list[Path]
     """Shard dataset directories (each with train/ and val/)."""
+    mixture: list[MixtureSource] = field(default_factory=list)
+    """The weighted sources, in --data order (their directories are `dataset_dirs`); [] without weights."""
 
 
 def _is_dataset_dir(path: Path) -> bool:
@@ -85,10 +104,23 @@ def _builtin_language(name: str) -> str:
         raise DataError(_("--data {error}").format(error=err)) from None
 
 
+def check_mixture_mode(cfg: TrainConfig) -> list[WeightedSource]:
+    """The run's weighted sources ([] without weights); a `ConfigError` naming the mode when its objective
+    cannot mix sources."""
+    mixture = parse_mixture(cfg.data)
+    if mixture and not objective_class(cfg.mode).mixes_sources:
+        mixing = ", ".join(mode for mode in mode_names() if objective_class(mode).mixes_sources)
+        raise ConfigError(_("--mode {mode} cannot train on a weighted mixture (--data NAME=PATH:WEIGHT); modes that "
+                            "can: {modes}. Give its data without names and weights").format(mode=cfg.mode,
+                                                                                           modes=mixing))
+    return mixture
+
+
 def planned_inputs(cfg: TrainConfig) -> list[Path | str]:
     """What `resolve_run_data` will read, found but not built: paths, and built-in corpora by name."""
+    check_mixture_mode(cfg)
     planned: list[Path | str] = []
-    for name in cfg.data:
+    for name in data_paths(cfg.data):
         if name.startswith(DEMO_PREFIX):
             planned.append(_("<built-in {corpus} ({name})>").format(corpus=_(DEMO_NAMES[_builtin_language(name)]),
                                                                     name=name))
@@ -107,6 +139,15 @@ def demo_post_training_file(data_dir: str | Path, kind: str, tasks: int | None =
     if not demo.exists():
         write_demo_post_training(demo, kind, tasks)
     return demo
+
+
+def tokenizer_text_file(data_dir: str | Path) -> Path:
+    """`<data-dir>/cache/demo/sft-tokenizer-<tasks>.txt`: what a tokenizer for a built-in corpus learns of the
+    built-in SFT data (`minigpt.data.demo.tokenizer_text`), written if missing."""
+    path = Path(data_dir) / CACHE / "demo" / f"sft-tokenizer-{TOKENIZER_SAMPLE}.txt"
+    if not path.exists():
+        write_tokenizer_text(path, TOKENIZER_SAMPLE)
+    return path
 
 
 def builtin_corpus_file(data_dir: str | Path, language: str) -> Path:
@@ -151,15 +192,32 @@ def _content_key(files: list[Path], *parts: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def _pretokenized(cfg: TrainConfig, runtime: Runtime, raw: list[Path], tokenizer: Tokenizer, kind: str) -> Path:
+    """The cached shard dataset of the raw files `raw`, built by the main rank if missing (the others wait)."""
+    cleaning = Cleaning(cfg.dedup, cfg.min_chars, cfg.max_repeated_lines)
+    key = _content_key(raw, tokenizer.checksum, kind, str(cfg.val_fraction), str(cfg.seed),
+                       f"encoding {build.ENCODING_VERSION}",
+                       *([json.dumps(cleaning.as_dict())] if cleaning != Cleaning() else []))
+    cached = Path(cfg.data_dir) / CACHE / f"{kind}-{key}"
+    if runtime.is_main and not cached.exists():
+        print(_("[minigpt] pre-tokenizing {count} file(s) into {path}").format(count=len(raw), path=cached),
+              flush=True)
+        build_dataset([str(p) for p in raw], cached, tokenizer, kind=kind, val_fraction=cfg.val_fraction,
+                      seed=cfg.seed, workers=min(4, os.cpu_count() or 1), cleaning=cleaning)
+    runtime.barrier()
+    return cached
+
+
 def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | None, kind: str) -> RunData:
     """Find or build the tokenizer and the datasets this run trains on.
 
     tokenizer_dir: the tokenizer the weights already use (post-training stages start from weights),
     or None to use --tokenizer / <run>/tokenizer / train one on the raw inputs.
     """
-    is_main = runtime.is_main
+    mixture = check_mixture_mode(cfg)
+    entries = data_paths(cfg.data)
     inputs = [_builtin_input(cfg, runtime, kind, name) if name.startswith(DEMO_PREFIX)
-              else find_input(name, cfg.data_dir) for name in cfg.data]
+              else find_input(name, cfg.data_dir) for name in entries]
     if not inputs:
         inputs = [_builtin_input(cfg, runtime, kind, "demo:en" if kind == "pretrain" else None)]
     datasets = [p for p in inputs if _is_dataset_dir(p)]
@@ -171,25 +229,22 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
 
     # The built-in chain continues on the built-in post-training data with this tokenizer: a tokenizer trained
     # for a built-in corpus learns those records too.
-    builtin_corpus = kind == "pretrain" and (not cfg.data or any(name.startswith(DEMO_PREFIX) for name in cfg.data))
+    builtin_corpus = kind == "pretrain" and (not entries or any(name.startswith(DEMO_PREFIX) for name in entries))
     tokenizer = _resolve_tokenizer(cfg, runtime, tokenizer_dir, raw, datasets, learn_post_training=builtin_corpus)
-    if raw:
-        key = _content_key(raw, tokenizer.checksum, kind, str(cfg.val_fraction), str(cfg.seed),
-                           f"encoding {build.ENCODING_VERSION}")
-        cached = Path(cfg.data_dir) / CACHE / f"{kind}-{key}"
-        if is_main and not cached.exists():
-            print(_("[minigpt] pre-tokenizing {count} file(s) into {path}").format(count=len(raw), path=cached),
-                  flush=True)
-            build_dataset([str(p) for p in raw], cached, tokenizer, kind=kind, val_fraction=cfg.val_fraction,
-                          seed=cfg.seed, workers=min(4, os.cpu_count() or 1))
-        runtime.barrier()
-        datasets.append(cached)
+    sources = []
+    if mixture:  # one dataset per source, raw files tokenized source by source
+        datasets = [path if _is_dataset_dir(path) else _pretokenized(cfg, runtime, [path], tokenizer, kind)
+                    for path in inputs]
+        sources = [MixtureSource(source.name, source.weight, path)
+                   for source, path in zip(mixture, datasets, strict=True)]
+    elif raw:
+        datasets.append(_pretokenized(cfg, runtime, raw, tokenizer, kind))
     for path in datasets:  # fail before training on a shard of another tokenizer or kind
         reader = open_shard(path, "train", tokenizer_checksum=tokenizer.checksum, vocab_size=tokenizer.vocab_size)
         if reader.kind != kind:
             raise DataError(_("{path}: shards of kind {found!r}, --mode {mode} needs {kind!r}").format(
                 path=path, found=reader.kind, mode=cfg.mode, kind=kind))
-    return RunData(tokenizer, datasets)
+    return RunData(tokenizer, datasets, sources)
 
 
 MIN_COVERAGE = 0.9
@@ -231,7 +286,7 @@ def check_coverage(cfg: TrainConfig, run_data: RunData, inherited: bool) -> tupl
     coverage, lacking = character_coverage(run_data.tokenizer, run_data.dataset_dirs)
     if coverage >= MIN_COVERAGE:
         return coverage, None
-    data = " ".join(cfg.data) or "YOUR_FILES"
+    data = " ".join(data_paths(cfg.data)) or "YOUR_FILES"
     train = f"python data_tools/train_tokenizer.py --input {data} --out tokenizers/{data_name(cfg.data or ['mine'])}"
     if inherited:  # weights and tokenizer go together: the fix is an earlier stage with a fitting tokenizer
         fix = _("{train}, pretrain with that --tokenizer on text in this language, then start --mode {mode} from "
@@ -245,7 +300,7 @@ def check_coverage(cfg: TrainConfig, run_data: RunData, inherited: bool) -> tupl
                 "Train one that covers it: {fix}").format(
         tokenizer=run_data.tokenizer.directory, source=source, coverage=coverage, needed=MIN_COVERAGE,
         lacking=lacking, fix=fix)
-    own_data = [name for name in cfg.data if not name.startswith(DEMO_PREFIX)]
+    own_data = [name for name in data_paths(cfg.data) if not name.startswith(DEMO_PREFIX)]
     if own_data and not cfg.allow_low_coverage:
         raise ConfigError(_("{problem}; or pass --allow-low-coverage to train anyway").format(problem=problem))
     return coverage, problem
@@ -286,7 +341,7 @@ def _resolve_tokenizer(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path |
         raise ConfigError(_("shards {paths} were built with tokenizer {checksums}; pass that tokenizer directory with "
                             "--tokenizer").format(paths=", ".join(map(str, datasets)), checksums=checksums))
     if runtime.is_main:
-        files = raw + ([demo_post_training_file(cfg.data_dir, "sft", TOKENIZER_SAMPLE)] if learn_post_training else [])
+        files = raw + ([tokenizer_text_file(cfg.data_dir)] if learn_post_training else [])
         vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
         print(_("[minigpt] training a {vocab}-token tokenizer on {count} file(s) into {path}").format(
             vocab=vocab, count=len(files), path=run_tokenizer), flush=True)

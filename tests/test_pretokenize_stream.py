@@ -331,3 +331,24 @@ def test_a_resumed_build_drops_the_duplicates_of_what_it_read_before(tmp_path, d
     resumed = build_dataset(files, tmp_path / "ds", data_tokenizer, progress=False, cleaning=cleaning)
     assert shard_bytes(resumed) == shard_bytes(whole)
     assert stats_without_time(resumed) == stats_without_time(whole)
+
+
+def test_a_parquet_build_resumes_by_row_and_gives_the_same_shards_in_workers(tmp_path, data_tokenizer,
+                                                                              monkeypatch):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    rows = [{"text": None if i % 17 == 0 else f"Row {i}: the quick brown fox.\n学而时习之 {i}"} for i in range(600)]
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=50)
+    monkeypatch.setattr(build, "CHUNK_RECORDS", 64)
+    whole = build_dataset([path], tmp_path / "whole", data_tokenizer, val_fraction=0.1, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset([path], tmp_path / "ds", data_tokenizer, val_fraction=0.1, progress=False,
+                      checkpoint_seconds=0, on_checkpoint=interrupted_after(4))
+    assert json.loads((tmp_path / ".ds.partial" / PROGRESS_FILE).read_text())["position"]["line"] > 1
+    resumed = build_dataset([path], tmp_path / "ds", data_tokenizer, val_fraction=0.1, progress=False)
+    assert shard_bytes(resumed) == shard_bytes(whole)
+    assert stats_without_time(resumed) == stats_without_time(whole)
+    monkeypatch.setattr(build, "IN_PROCESS_BYTES", 0)
+    pool = build_dataset([path], tmp_path / "pool", data_tokenizer, workers=2, val_fraction=0.1, progress=False)
+    assert shard_bytes(pool) == shard_bytes(whole)

@@ -66,3 +66,15 @@ def test_every_other_argparse_parser_in_the_project_refuses_abbreviations():
     for path in scripts:
         for call in re.findall(r"ArgumentParser\([^)]*", path.read_text()):
             assert "allow_abbrev=False" in call, path
+
+
+def test_train_main_called_in_process_gives_the_stop_signals_back(capsys):
+    """launch/train.py's main catches SIGINT/SIGTERM for the run; called in-process (a notebook, a test) it
+    restores what was there, whether the run ends or the command line is refused, so a later Ctrl-C works."""
+    import signal
+
+    from minigpt.cli import train as train_cli
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    parse_error(train_cli.main, ["--max_steps", "1"], capsys)
+    assert {sig: signal.getsignal(sig) for sig in before} == before

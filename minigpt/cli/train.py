@@ -48,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     # Catch stop signals before the slow imports and setup: a preemption during start-up must not kill
     # the rank with Python's default action (the run then stops at its first step boundary).
     stop = StopRequest().install()
+    try:
+        return _main(stop, argv)
+    finally:
+        stop.uninstall()  # in-process callers (a notebook, a test) get their handlers back
+
+
+def _main(stop: StopRequest, argv: list[str] | None) -> int:
     # Ctrl-C on `train.py | tee log` stops tee too: output to the dead pipe must not stop the save.
     tolerate_lost_output()
     watch_launcher(stop)

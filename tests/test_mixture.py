@@ -252,8 +252,10 @@ def test_mixture_run_resumes_bitwise(mixture_runs):
     assert rows(resumed, "val")[-1]["val_loss/zh"] == rows(straight, "val")[-1]["val_loss/zh"]
 
 
-def test_sft_trains_on_a_mixture_of_chat_files(tmp_path, data_tokenizer):
+def test_sft_trains_on_a_mixture_of_chat_files(tmp_path, data_tokenizer, monkeypatch):
     from minigpt.data.demo import write_demo_post_training
+
+    monkeypatch.chdir(tmp_path)  # sft starts from checkpoints/pretrain_<preset> when one is there: not a repo's own
 
     tasks = write_demo_post_training(tmp_path / "tasks.jsonl", "sft", 60, seed=1)
     chats = write_demo_post_training(tmp_path / "chats.jsonl", "sft", 30, seed=2)

@@ -265,8 +265,17 @@ def test_a_second_build_of_the_same_output_at_the_same_time_is_refused(tmp_path,
     assert partial.exists()  # the running build's directory is left alone
 
 
+@pytest.fixture
+def python_default_sigint():
+    """SIGINT as on a command line: the build takes Ctrl-C over only where it is Python's default, and an earlier
+    in-process test may have left another handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_saves_the_progress_of_every_block_written_then_stops(tmp_path, data_tokenizer, demo_corpus,
-                                                                     monkeypatch):
+                                                                     monkeypatch, python_default_sigint):
     files = corpus_files(tmp_path, demo_corpus)
     monkeypatch.setattr(build, "CHUNK_BYTES", 8192)
     whole = build_dataset(files, tmp_path / "whole", data_tokenizer, val_fraction=0.1, progress=False)

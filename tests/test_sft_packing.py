@@ -129,6 +129,13 @@ def test_attention_never_crosses_from_one_conversation_into_another(reader, data
     assert torch.equal(before[~first], after[~first])  # the other conversations do not see the change
 
 
+@pytest.fixture(autouse=True)
+def own_directory(tmp_path, monkeypatch):
+    """SFT starts from checkpoints/pretrain_<preset> when the working directory has one (a repository where the
+    quick start ran): these runs start from random weights wherever the tests run."""
+    monkeypatch.chdir(tmp_path)
+
+
 def run(out: Path, data: Path, data_dir: Path, **options) -> list[dict]:
     cfg = TrainConfig(mode="sft", config="tiny", data=[str(data)], data_dir=str(data_dir), out=str(out),
                       seq_len=SEQ_LEN, batch_size=4, max_steps=4, warmup_steps=1, eval_interval=0, eval_batches=2,
@@ -198,7 +205,7 @@ def test_deepspeed_two_ranks_train_packed_sft_like_the_plain_engine(tmp_path, da
                               str(tmp_path / "deepspeed")]}
     losses = {}
     for name, command in commands.items():
-        done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=900, env=env)
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
         rows = map(json.loads, filter(None, (tmp_path / name / "metrics.jsonl").read_text().splitlines()))
         losses[name] = [r["loss"] for r in rows if r.get("split") == "train"]

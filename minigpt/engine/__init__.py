@@ -80,6 +80,7 @@ def create_runtime(cfg: TrainConfig) -> Runtime:
 
     from minigpt.engine.ds_config import plan_deepspeed
 
+    detect_device(cfg.device)  # says which device, and why, once (the main rank)
     plan = plan_deepspeed(cfg, int(os.environ.get("WORLD_SIZE", "1")), get_accelerator().device_name())
     from minigpt.engine.deepspeed import distributed_runtime
 

@@ -130,13 +130,13 @@ def planned_inputs(cfg: TrainConfig) -> list[Path | str]:
     return planned or [_("<built-in demo corpus>") if pretraining else _("<built-in bilingual demo data>")]
 
 
-def demo_post_training_file(data_dir: str | Path, kind: str, tasks: int | None = None) -> Path:
+def demo_post_training_file(data_dir: str | Path, kind: str, tasks: int | None = None, write: bool = True) -> Path:
     """`<data-dir>/cache/demo/<kind>-<tasks>.jsonl`: the built-in post-training data of `kind` with `tasks` tasks
-    (default `DEMO_TASKS[kind]`), written if missing. The count is in the name, so a cache written by a release
-    with other counts is never read as today's data."""
+    (default `DEMO_TASKS[kind]`), written if missing (and `write`). The count is in the name, so a cache written
+    by a release with other counts is never read as today's data."""
     tasks = DEMO_TASKS[kind] if tasks is None else tasks
     demo = Path(data_dir) / CACHE / "demo" / f"{kind}-{tasks}.jsonl"
-    if not demo.exists():
+    if write and not demo.exists():
         write_demo_post_training(demo, kind, tasks)
     return demo
 
@@ -150,11 +150,11 @@ def tokenizer_text_file(data_dir: str | Path) -> Path:
     return path
 
 
-def builtin_corpus_file(data_dir: str | Path, language: str) -> Path:
+def builtin_corpus_file(data_dir: str | Path, language: str, write: bool = True) -> Path:
     """`<data-dir>/cache/demo/corpus.txt` or `zh_classics.jsonl`: the built-in corpus of `language`, written if
-    missing."""
+    missing (and `write`)."""
     demo = Path(data_dir) / CACHE / "demo" / CORPORA[language]
-    if not demo.exists():
+    if write and not demo.exists():
         write_demo_corpus(demo, language)
     return demo
 
@@ -163,21 +163,18 @@ def _builtin_input(cfg: TrainConfig, runtime: Runtime, kind: str, name: str | No
     """The file of a built-in corpus (`demo:en`, `demo:zh`) or, with name None, of the built-in
     post-training data of `kind`, written into the data cache by the main rank while the others wait."""
     if name is None:
-        demo = Path(cfg.data_dir) / CACHE / "demo" / f"{kind}-{DEMO_TASKS[kind]}.jsonl"
+        demo = demo_post_training_file(cfg.data_dir, kind, write=runtime.is_main)
         if runtime.is_main:
             print(_("[minigpt] no --data: --mode {mode} trains on the built-in bilingual demo data ({path}: tasks in "
                     "Chinese and English, identity chats); see {docs} for your own").format(
                 mode=cfg.mode, path=demo, docs=docs_page("data.md#input-files", zh="data.md#输入文件")), flush=True)
-            demo = demo_post_training_file(cfg.data_dir, kind)
     else:
         language = _builtin_language(name)
         if kind != "pretrain":
             raise DataError(_("--data {name} is a pretraining corpus; --mode {mode} needs {kind} records (without "
                               "--data it trains on the built-in bilingual demo data)").format(
                 name=name, mode=cfg.mode, kind=kind))
-        demo = Path(cfg.data_dir) / CACHE / "demo" / CORPORA[language]
-        if runtime.is_main:
-            builtin_corpus_file(cfg.data_dir, language)
+        demo = builtin_corpus_file(cfg.data_dir, language, write=runtime.is_main)
     runtime.barrier()
     return demo
 

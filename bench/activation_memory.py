@@ -45,7 +45,7 @@ def measure(preset: str, seq_len: int, batch_size: int, steps: int, checkpointin
     config = get_config(preset, max_seq_len=max(seq_len, get_config(preset).max_seq_len))
     # fp32 on every machine: under bf16 autocast (what --precision auto picks on a CPU with native bf16) the
     # saved activations are half the size, so checkpointing saves a smaller share (24% against 40% here).
-    cfg = TrainConfig(batch_size=batch_size, max_steps=steps + 1, warmup_steps=0, precision="fp32",
+    cfg = TrainConfig.of(batch_size=batch_size, max_steps=steps + 1, warmup_steps=0, precision="fp32",
                       activation_checkpointing=checkpointing)
     engine = PlainEngine(MiniGPT(config), cfg, torch.device(device))
     for param in engine.module.parameters():  # gradients and AdamW moments exist before the measurement

@@ -47,7 +47,7 @@ def row(name: str, status: str, detail: str) -> None:
 def train_plain(preset: str, precision: str, steps: int, seq_len: int, batch: int) -> None:
     torch.manual_seed(0)
     config = get_config(preset)
-    cfg = TrainConfig(precision=precision, batch_size=batch, max_steps=steps, warmup_steps=5, learning_rate=1e-3)
+    cfg = TrainConfig.of(precision=precision, batch_size=batch, max_steps=steps, warmup_steps=5, learning_rate=1e-3)
     engine = PlainEngine(MiniGPT(config), cfg, torch.device("cuda"))
     data = torch.randint(0, config.vocab_size, (8, batch, seq_len + 1), device="cuda")
     losses, started = [], None

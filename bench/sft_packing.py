@@ -105,7 +105,7 @@ def compare(work: Path, steps: int, batch_size: int, seq_len: int, count: int, p
                                                 "max_seq_len": seq_len})
     variants = {}
     for name, pack in (("padded", False), ("packed", True)):
-        cfg = TrainConfig(mode="sft", pack=pack, batch_size=batch_size, max_steps=steps, warmup_steps=max(1, steps // 20),
+        cfg = TrainConfig.of(mode="sft", pack=pack, batch_size=batch_size, max_steps=steps, warmup_steps=max(1, steps // 20),
                           precision="fp32", compile="off", seed=0)
         torch.manual_seed(0)
         engine = PlainEngine(MiniGPT(model_config), cfg, torch.device("cpu"))

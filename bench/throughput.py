@@ -59,7 +59,7 @@ def measure(precision: str = "fp32", compiled: bool = False, steps: int = 60, wa
     """Median-step tokens/s of full training steps through PlainEngine."""
     torch.manual_seed(0)
     seq_len = config.max_seq_len
-    cfg = TrainConfig(batch_size=batch_size, precision=precision, compile="on" if compiled else "off", max_steps=10 * steps,
+    cfg = TrainConfig.of(batch_size=batch_size, precision=precision, compile="on" if compiled else "off", max_steps=10 * steps,
                       warmup_steps=warmup)
     engine = PlainEngine(MiniGPT(config), cfg, torch.device("cpu"))
     batches = torch.randint(4, config.vocab_size, (8, batch_size, seq_len + 1))
@@ -114,7 +114,7 @@ def compare_with_reference(shape: str = "baseline", rounds: int = 8, steps: int 
         config, batch_size = get_config("small", max_seq_len=256), 8
     seq_len = config.max_seq_len
     torch.manual_seed(0)
-    cfg = TrainConfig(batch_size=batch_size, precision="fp32", compile="off", max_steps=100 * rounds * steps,
+    cfg = TrainConfig.of(batch_size=batch_size, precision="fp32", compile="off", max_steps=100 * rounds * steps,
                       warmup_steps=5)
     engine = PlainEngine(MiniGPT(config), cfg, torch.device("cpu"))
     reference = ReferenceGPT(vocab=config.vocab_size, width=config.hidden_size, layers=config.num_layers,

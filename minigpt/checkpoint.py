@@ -99,19 +99,25 @@ def rng_file(rank: int) -> str:
     return f"rng_rank{rank}.json"
 
 
-def restore_rng_file(checkpoint: Path, rank: int) -> None:
-    """Set this rank's RNG state from `checkpoint`'s `rng_rank<rank>.json`, if it has one (a run saved on fewer
-    ranks has none for the others); a file of the wrong shape is a `CheckpointError` naming it."""
+def read_rng_file(checkpoint: Path, rank: int) -> dict[str, Any] | None:
+    """This rank's RNG state in `checkpoint`'s `rng_rank<rank>.json`, None if it has none (a run saved on fewer
+    ranks has none for the others); a file of the wrong shape is a `CheckpointError` naming it. The state is
+    checked by setting it, then the RNG is put back as it was."""
     path = checkpoint / rng_file(rank)
     if not path.is_file():
-        return
+        return None
+    current = rng_state()
     try:
-        set_rng_state(strict_json.read_json(path, RNG_BYTES))
+        state = strict_json.read_json(path, RNG_BYTES)
+        set_rng_state(state)
     except strict_json.JSONFileError as err:
         raise CheckpointError(str(err)) from None
     except (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError, RuntimeError) as err:
         raise CheckpointError(_("{path}: damaged RNG state ({kind}: {error})").format(
             path=path, kind=type(err).__name__, error=str(err)[:120])) from None
+    finally:
+        set_rng_state(current)
+    return state
 
 
 # --- manifest and verification ----------------------------------------------------------------------------
@@ -220,9 +226,10 @@ messages, translated where they are said)."""
 
 @dataclass
 class TrainerState:
-    """What a checkpoint holds of a training run besides the engine's files (`trainer_state.json`, whose fields
-    `STATE_FIELDS` checks): the one owner of that content, written by `TrainerState.to_json` and read back by
-    `TrainerState.from_json` for the trainer to apply."""
+    """Everything a checkpoint holds of a training run besides the engine's files: the trainer's counters, the
+    sampler, the clocks and this rank's RNG. `Trainer.state_dict()` makes one and `Trainer.load_state_dict()`
+    applies one; `CheckpointManager` stores it, `to_json()` as `trainer_state.json` (fields checked by
+    `STATE_FIELDS`) and `rng` as `rng_rank<N>.json` on each rank, and reads it back the same way."""
 
     step: int
     tokens_seen: int
@@ -239,11 +246,15 @@ class TrainerState:
     warming up). None without a budget."""
     compiled: bool | None = None
     """Whether --compile auto chose compilation (a resumed run follows it); None before it decided."""
+    rng: dict[str, Any] | None = None
+    """This rank's Python, numpy and torch RNG states (`rng_state()`); None where the checkpoint has no file for
+    this rank (it was saved on fewer ranks)."""
     checkpoint: str = ""
     """The checkpoint directory this state was read from ("" for one being saved)."""
 
     def to_json(self) -> dict[str, Any]:
-        """The fields `CheckpointManager.save` writes (it adds `step` and `save_index`)."""
+        """The fields of `trainer_state.json` that are the run's (`CheckpointManager.save` adds `step`, `save_index`,
+        the world size, the engine and the time; the RNG goes to each rank's own file)."""
         state = {"tokens_seen": self.tokens_seen, "sampler": self.sampler, "tokenizer_checksum": self.tokenizer_checksum,
                  "mode": self.mode, "weights_from": self.weights_from, "max_steps": self.max_steps,
                  "warmup_steps": self.warmup_steps, "precision": self.precision}
@@ -254,9 +265,9 @@ class TrainerState:
         return state
 
     @classmethod
-    def from_json(cls, state: dict[str, Any], checkpoint: str | Path) -> TrainerState:
-        """The state `check_trainer_state` passed, as saved by a training run: a CheckpointError names the file
-        and the field a run needs that it lacks."""
+    def from_json(cls, state: dict[str, Any], checkpoint: str | Path, rng: dict[str, Any] | None = None) -> TrainerState:
+        """The state `check_trainer_state` passed, as saved by a training run, with this rank's `rng`: a
+        CheckpointError names the file and the field a run needs that it lacks."""
         for name in ("tokens_seen", "sampler"):
             if name not in state:
                 raise CheckpointError(_("{path}: no '{name}' field; not a checkpoint of a training run").format(
@@ -267,7 +278,7 @@ class TrainerState:
                    mode=state.get("mode", ""), weights_from=state.get("weights_from", ""),
                    precision=state.get("precision", ""), max_steps=state.get("max_steps"),
                    warmup_steps=state.get("warmup_steps"), tokenizer_checksum=state.get("tokenizer_checksum"),
-                   budget=budget, compiled=state.get("compiled"), checkpoint=str(checkpoint))
+                   budget=budget, compiled=state.get("compiled"), rng=rng, checkpoint=str(checkpoint))
 
 
 def check_trainer_state(state: Any, path: Path) -> dict[str, Any]:
@@ -522,9 +533,9 @@ class CheckpointManager:
         self.resumed_save_index = 0
         """The save index of the checkpoint this run resumed from: the next save counts on from it."""
 
-    def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
-        """Write checkpoint `step` collectively; every rank calls this with the same step. `trainer_state`: a
-        training run's `TrainerState.to_json()` (the manager adds step, save index, world size, engine, time)."""
+    def save(self, step: int, trainer_state: TrainerState) -> Path:
+        """Write checkpoint `step` collectively; every rank calls this with the same step and its own
+        `trainer_state` (`Trainer.state_dict()`: the same but for each rank's RNG)."""
         final = self.root / f"step_{step:07d}"
         tmp = self.root / f"step_{step:07d}{TMP_SUFFIX}"
         runtime = self.engine.runtime
@@ -556,11 +567,11 @@ class CheckpointManager:
         tmp.mkdir()
         return max(saved_checkpoints(self.root).next_save_index, self.resumed_save_index + 1)
 
-    def _write_rank_files(self, tmp: Path, step: int, save_index: int | None, trainer_state: dict) -> None:
+    def _write_rank_files(self, tmp: Path, step: int, save_index: int | None, trainer_state: TrainerState) -> None:
         self.engine.save(tmp)
-        (tmp / rng_file(self.engine.rank)).write_text(json.dumps(rng_state()) + "\n")
+        (tmp / rng_file(self.engine.rank)).write_text(json.dumps(trainer_state.rng or rng_state()) + "\n")
         if self.engine.is_main:
-            state = {**trainer_state, "step": step, "save_index": save_index,
+            state = {**trainer_state.to_json(), "step": step, "save_index": save_index,
                      "world_size": self.engine.world_size, "engine": type(self.engine).__name__,
                      "saved_at": time.time()}
             (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
@@ -611,8 +622,9 @@ class CheckpointManager:
         return ResumePoint(Path(choice["path"]), choice["state"])
 
     def load(self, point: ResumePoint) -> TrainerState:
-        """Restore engine state and this rank's RNG from a verified checkpoint; return the trainer state. The
-        engines load weights-only themselves (`minigpt.safe_load`): a refused file is a CheckpointError here."""
+        """Restore the engine's state from a verified checkpoint and return the run's (`TrainerState`, with this
+        rank's RNG) for `Trainer.load_state_dict`. The engines load weights-only themselves
+        (`minigpt.safe_load`): a refused file is a CheckpointError here, on every rank."""
         checkpoint = point.path
         state = TrainerState.from_json(point.state, checkpoint)
 
@@ -621,7 +633,7 @@ class CheckpointManager:
                 self.engine.load(checkpoint)
             except UnsafeFileError as err:
                 raise CheckpointError(str(err)) from None
-            restore_rng_file(checkpoint, self.engine.rank)
+            state.rng = read_rng_file(checkpoint, self.engine.rank)
 
         self.engine.runtime.every_rank_does(load_here, _("loading {path}").format(path=checkpoint))
         self.resumed_save_index = save_order_key(point.state)[0]

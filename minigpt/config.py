@@ -6,11 +6,13 @@ consolidated weights holds, and what the training snapshot records.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import re
-from dataclasses import dataclass, fields
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -272,23 +274,68 @@ def parse_duration(text: str, field: str = "--max-time") -> float:
         raise ConfigError(_("{field} {text!r}: must be longer than zero").format(field=field, text=text))
     return float(seconds)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ADVANTAGE_SCALES = ("group", "batch", "none")
-"""What GRPO divides each group's centred rewards by (`--rl-scale-rewards`, `rlhf.group_advantages`)."""
-
-
-def _flag(name: str) -> str:
-    """The command-line flag of a TrainConfig field: `max_steps` -> `--max-steps`."""
-    return "--" + name.replace("_", "-")
-
-
-def _opt(help_text: str, **kwargs: Any) -> Any:
-    """A dataclass field whose help text also drives the command line (one source for both)."""
-    const = kwargs.pop("const", None)  # the value of the flag given without one (`--compile` = `--compile on`)
-    return dataclasses.field(metadata={"help": help_text, **({"const": const} if const else {})}, **kwargs)
-
-
 COMPILE_CHOICES = ("auto", "on", "off")
 DATA_SUFFIXES = (".gz", ".jsonl", ".json", ".txt", ".parquet")
+
+
+def option(help_text: str, *, flag: str = "", **kwargs: Any) -> Any:
+    """A config dataclass field whose help text also drives the command line (one source for both).
+
+    `flag`: its command-line flag when not the field name dashed (`sources` is `--data`); `const`: the value
+    of the flag given without one (`--compile` = `--compile on`)."""
+    const = kwargs.pop("const", None)
+    metadata = {"help": help_text, **({"const": const} if const else {}), **({"flag": flag} if flag else {})}
+    return dataclasses.field(metadata=metadata, **kwargs)
+
+
+def flag_of(field: dataclasses.Field) -> str:
+    """The command-line flag of a config field: `max_steps` -> `--max-steps` (or the field's own `flag`)."""
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+def key_of(field: dataclasses.Field) -> str:
+    """The flat name of a config field (its flag without dashes, `_` for `-`): the argparse destination and the
+    keyword `TrainConfig.of` takes."""
+    return flag_of(field)[2:].replace("-", "_")
+
+
+def check_positive(section: Any, *names: str) -> None:
+    for name in names:
+        if not getattr(section, name) > 0:
+            raise ConfigError(_("{flag} must be positive, got {value}").format(
+                flag=_flag_named(section, name), value=getattr(section, name)))
+
+
+def check_not_negative(section: Any, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 0:
+            raise ConfigError(_("{flag} must not be negative, got {value}").format(
+                flag=_flag_named(section, name), value=getattr(section, name)))
+
+
+def check_at_least(section: Any, **least: int) -> None:
+    for name, bound in least.items():
+        if getattr(section, name) < bound:
+            raise ConfigError(_("{flag} must be at least {least}, got {value}").format(
+                flag=_flag_named(section, name), least=bound, value=getattr(section, name)))
+
+
+def check_choice(section: Any, name: str, choices: Sequence[str]) -> None:
+    value = getattr(section, name)
+    if value not in choices:
+        raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(
+            flag=_flag_named(section, name), choices=", ".join(choices), value=value))
+
+
+def check_interval(section: Any, name: str, low: float, high: float, *, open_high: bool = False) -> None:
+    value = getattr(section, name)
+    if not (low <= value < high if open_high else low <= value <= high):
+        raise ConfigError(_("{flag} must be in {interval}, got {value}").format(
+            flag=_flag_named(section, name), interval=f"[{low:g}, {high:g}{')' if open_high else ']'}", value=value))
+
+
+def _flag_named(section: Any, name: str) -> str:
+    return flag_of(next(f for f in fields(section) if f.name == name))
 
 
 def data_name(data: list[str]) -> str:
@@ -314,187 +361,170 @@ def default_run_dir(mode: str, config: str, data: list[str]) -> Path:
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run needs besides the model shape. `launch/train.py` flags mirror these fields."""
+class ModelSection:
+    """The model trained: its shape and the weights it starts from."""
 
-    mode: str = _opt("training stage: pretrain, sft, dpo, reward (a reward model) or rlhf", default="pretrain")
-    config: str = _opt(f"model preset ({', '.join(PRESETS)})", default="tiny")
-    data: list[str] = _opt("shard directories, raw .txt/.jsonl/.parquet files, or a built-in corpus: demo:en (the "
-                           "default), demo:zh; a weighted mixture gives each source as NAME=PATH:WEIGHT "
-                           "(--data web=shards/web:0.7 --data books=books.jsonl:0.3: shares of the tokens)",
-                           default_factory=list)
-    data_dir: str = _opt("where relative --data names are looked up when the working directory has no such "
-                         "name (then $MINIGPT_DATA_DIR); also holds the cache of tokenized raw files",
-                         default="data")
-    tokenizer: str = _opt("tokenizer directory; default: <out>/tokenizer, trained on the data if missing",
-                          default="")
-    retrain_tokenizer: bool = _opt("train a new tokenizer even if one exists", default=False)
-    allow_low_coverage: bool = _opt("train even when the tokenizer has pieces for under 90 percent of the "
-                                    "training data's characters (the rest reach the model as UTF-8 bytes)",
-                                    default=False)
-    vocab_size: int = _opt("vocabulary size when a tokenizer is trained (0: the preset's)", default=0)
-    out: str = _opt("run directory; default checkpoints/<mode>_<config>, with --data "
-                    "checkpoints/<mode>_<config>_<name of the first --data>", default="")
-    overwrite: bool = _opt("a fresh run into a run directory that holds another run's checkpoints, final/ "
-                           "weights or TensorBoard events deletes them first (without it, such a run is refused); "
-                           "the directory's tokenizer/ is kept", default=False)
-    ds_config: str = _opt("DeepSpeed JSON config (ZeRO stage, offload); used when run under deepspeed",
-                          default="")
-    ep_size: int = _opt("DeepSpeed, mixture-of-experts models: expert-parallel ranks each MoE layer's experts are "
-                        "spread over (it must divide the world size and the expert count; 0: the largest number "
-                        "that divides both)", default=0)
-    dist_timeout: int = _opt("seconds a rank waits in a collective for the other ranks before it fails (a lost "
-                             "node or a hung rank); longer than any rank's pause between collectives (a save, "
-                             "an evaluation)", default=600)
-    resume: str = _opt("checkpoint directory to resume from exactly, or a run directory (its newest good "
-                       "checkpoint)", default="")
-    auto_resume: bool = _opt("resume from the newest checkpoint in <out>/ckpt that verifies (damaged ones are "
-                             "skipped, with the reason); start fresh only when there is none", default=False)
-    init_from: str = _opt("consolidated weights, run directory or Hugging Face Llama directory to start from",
-                          default="")
-    device: str = _opt("cpu, cuda, cuda:N or mps; default: auto-detect", default="")
-    precision: str = _opt("auto, fp32, bf16 or fp16 (auto: bf16 on a GPU or CPU with native bf16 — avx512_bf16/AMX, Arm bf16 — else fp32; a resumed run keeps the precision it started with)", default="auto")
-    seq_len: int = _opt("training sequence length (0: the preset's max_seq_len)", default=0)
-    batch_size: int = _opt("micro-batch size per data-parallel rank", default=16)
-    grad_accum: int = _opt("micro-batches accumulated per optimizer step", default=1)
-    learning_rate: float = _opt("peak learning rate", default=1e-3)
-    min_lr_ratio: float = _opt("final learning rate as a fraction of the peak (cosine decay)", default=0.1)
-    warmup_steps: int = _opt("linear warmup steps", default=100)
-    max_steps: int = _opt("optimizer steps to train", default=1000)
-    max_time: str = _opt("wall-clock budget, counted across resumes: e.g. 90s, 2m, 1h30m or Slurm's 1:30:00. "
-                         "Training stops at --max-steps or when the budget (less the time its final "
-                         "evaluation, checkpoint and consolidation take) is used, whichever comes first; the "
-                         "LR decay follows the share used of whichever is further along", default="")
-    weight_decay: float = _opt("AdamW weight decay on matrices", default=0.1)
-    beta1: float = _opt("AdamW beta1", default=0.9)
-    beta2: float = _opt("AdamW beta2", default=0.95)
-    grad_clip: float = _opt("clip the global gradient norm to this (0: off)", default=1.0)
-    dropout: float = _opt("dropout during training", default=0.0)
-    eval_interval: int = _opt("evaluate every N steps (0: only at the end)", default=200)
-    eval_batches: int = _opt("validation micro-batches per evaluation", default=20)
-    eval_task: list[str] = _opt("evaluation task(s) also run at each evaluation, in launch/eval.py's --task syntax "
-                                "(bpb:PATH, mc:PATH, tasks:PATH, options after commas); logged under eval/",
-                                default_factory=list)
-    save_interval: int = _opt("checkpoint every N steps (0: only at the end)", default=500)
-    keep_last: int = _opt("checkpoints to keep", default=3)
-    log_interval: int = _opt("print a log line every N steps", default=10)
-    sample_prompt: str = _opt("prompt sampled at each evaluation; default: the first words of the first "
-                              "validation document (pretrain) or its user turn (sft, dpo, rlhf: answered as a chat)",
-                              default="")
-    seed: int = _opt("random seed", default=1337)
-    val_fraction: float = _opt("share of documents held out for validation when raw files are tokenized",
-                               default=0.05)
-    dedup: bool = _opt("raw files: drop records whose normalised text an earlier record had", default=False)
-    min_chars: int = _opt("raw files, pretrain: drop documents shorter than this many characters (0: off)",
-                          default=0)
-    max_repeated_lines: float = _opt("raw files, pretrain: drop documents whose share of lines repeating an "
-                                     "earlier line is above this (1: off)", default=1.0)
-    compile: str = _opt("torch.compile the model (plain engine): auto (compiled when the run asks for 2000+ steps "
-                        "and any --max-time is 10 minutes or more, except bf16 on a CPU; decided from these "
-                        "facts alone, never from timings; skipped where it cannot work), on (--compile alone) "
-                        "or off", default="auto", const="on")
-    prefetch: int = _opt("training steps whose batches a background thread assembles ahead while the current "
-                         "step computes (pinned memory on CUDA); 0: each step reads its batches itself",
-                         default=2)
-    activation_checkpointing: bool = _opt("recompute each block's activations during the backward pass instead of "
-                                          "keeping them: far less activation memory (long contexts, big batches) "
-                                          "for about one more forward pass of compute; DeepSpeed's activation "
-                                          "checkpointing on the DeepSpeed engine, torch.utils.checkpoint on the "
-                                          "plain one", default=False)
-    document_mask: bool = _opt("pretrain: attention stays inside each document of a packed window (no attending "
-                               "across an EOS into the previous text); off: windows attend across documents, "
-                               "as GPT-2 trained. Costs speed: attention gets an explicit mask", default=False)
-    pack: bool = _opt("sft: pack several whole conversations into each sequence (best-fit, fixed once per dataset) "
-                      "instead of one conversation padded to --seq-len; attention and rotary positions restart "
-                      "at each conversation, the loss stays on assistant tokens. Far fewer padding tokens on "
-                      "mixed-length data; a batch then holds more conversations", default=False)
-    dpo_beta: float = _opt("DPO: strength of the implicit KL constraint (beta of the sigmoid loss)", default=0.1)
-    dpo_sft_coef: float = _opt("DPO: weight of the chosen response's per-token NLL added to the loss (RPO); "
-                               "keeps chosen answers likely while the margin grows", default=0.0)
-    dpo_reference_in_memory: bool = _opt("DPO: keep a frozen reference model in memory instead of precomputing "
-                                         "the reference log-probs once before training (reference_logprobs.pt)",
-                                         default=False)
-    reward_model: str = _opt("RLHF: reward model directory (from --mode reward); empty: the rule-based reward "
-                             "of the verifiable-task checker", default="")
-    rl_group_size: int = _opt("RLHF (GRPO): responses sampled per prompt; advantages are relative to the group",
-                              default=8)
-    rl_max_new_tokens: int = _opt("RLHF: tokens generated per response (every rank always runs this many "
-                                  "decoding steps)", default=16)
-    rl_temperature: float = _opt("RLHF: sampling temperature of the rollouts", default=1.0)
-    kl_coef: float = _opt("RLHF: weight of the KL penalty to the reference (starting) policy", default=0.05)
-    rl_clip: float = _opt("RLHF: PPO/GRPO ratio clipping range epsilon", default=0.2)
-    rl_scale_rewards: str = _opt("RLHF: what divides each group's centred rewards: group (its std, GRPO), batch "
-                                 "(the std over all groups: partial credit keeps its size) or none (Dr. GRPO)",
-                                 default="group")
-    rl_updates: int = _opt("RLHF: optimizer steps on each batch of rollouts (GRPO's mu); above 1 the policy "
-                           "moves away from the one that sampled and the ratio clipping bounds each step",
-                           default=1)
-    dry_run: bool = _opt("validate config, data and DeepSpeed config, print the plan, and exit",
-                         default=False)
+    preset: str = option(f"model preset ({', '.join(PRESETS)})", flag="--config", default="tiny")
+    init_from: str = option("consolidated weights, run directory or Hugging Face Llama directory to start from",
+                            default="")
+    dropout: float = option("dropout during training", default=0.0)
 
     def __post_init__(self) -> None:
-        self.validate()
+        check_choice(self, "preset", sorted(PRESETS))
 
-    def validate(self) -> None:
-        """Raise `ConfigError` naming the first contradictory or out-of-range field (in the user's language)."""
-        for flag, value, choices in (("--mode", self.mode, mode_names()), ("--config", self.config, sorted(PRESETS)),
-                                     ("--precision", self.precision, PRECISIONS)):
-            if value not in choices:
-                raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(
-                    flag=flag, choices=", ".join(choices), value=value))
-        if self.compile not in COMPILE_CHOICES:
-            raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(
-                flag="--compile", choices=", ".join(COMPILE_CHOICES), value=self.compile))
-        for name in ("batch_size", "grad_accum", "max_steps", "learning_rate", "dpo_beta", "rl_temperature",
-                     "rl_clip", "rl_max_new_tokens"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(_("{flag} must be positive, got {value}").format(
-                    flag=_flag(name), value=getattr(self, name)))
-        for name in ("warmup_steps", "eval_interval", "save_interval", "seq_len", "vocab_size", "eval_batches",
-                     "grad_clip", "weight_decay", "prefetch", "ep_size", "dpo_sft_coef", "kl_coef", "min_chars"):
-            if getattr(self, name) < 0:
-                raise ConfigError(_("{flag} must not be negative, got {value}").format(
-                    flag=_flag(name), value=getattr(self, name)))
-        for name, least in (("dist_timeout", 1), ("keep_last", 1), ("log_interval", 1), ("rl_updates", 1),
-                            ("rl_group_size", 2)):
-            if getattr(self, name) < least:
-                raise ConfigError(_("{flag} must be at least {least}, got {value}").format(
-                    flag=_flag(name), least=least, value=getattr(self, name)))
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(_("{flag} must be in {interval}, got {value}").format(
-                flag="--min-lr-ratio", interval="[0, 1]", value=self.min_lr_ratio))
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(_("{flag} must be in {interval}, got {value}").format(
-                flag="--val-fraction", interval="[0, 1)", value=self.val_fraction))
-        if not 0.0 <= self.max_repeated_lines <= 1.0:
-            raise ConfigError(_("{flag} must be in {interval}, got {value}").format(
-                flag="--max-repeated-lines", interval="[0, 1]", value=self.max_repeated_lines))
-        if (self.min_chars or self.max_repeated_lines < 1.0) and self.mode != "pretrain":
-            raise ConfigError(_("--min-chars and --max-repeated-lines filter pretraining documents; {kind} data "
-                                "takes --dedup only").format(kind=self.mode))
-        if self.rl_scale_rewards not in ADVANTAGE_SCALES:
-            raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(
-                flag="--rl-scale-rewards", choices=", ".join(ADVANTAGE_SCALES), value=self.rl_scale_rewards))
-        if self.max_time:
-            parse_duration(self.max_time)
+
+@dataclass
+class DataSection:
+    """What the run trains on: sources, tokenizer, sequence length, and the raw-file build (validation share,
+    cleaning)."""
+
+    sources: list[str] = option("shard directories, raw .txt/.jsonl/.parquet files, or a built-in corpus: demo:en "
+                                "(the default), demo:zh; a weighted mixture gives each source as NAME=PATH:WEIGHT "
+                                "(--data web=shards/web:0.7 --data books=books.jsonl:0.3: shares of the tokens)",
+                                flag="--data", default_factory=list)
+    data_dir: str = option("where relative --data names are looked up when the working directory has no such "
+                           "name (then $MINIGPT_DATA_DIR); also holds the cache of tokenized raw files",
+                           default="data")
+    tokenizer: str = option("tokenizer directory; default: <out>/tokenizer, trained on the data if missing",
+                            default="")
+    retrain_tokenizer: bool = option("train a new tokenizer even if one exists", default=False)
+    allow_low_coverage: bool = option("train even when the tokenizer has pieces for under 90 percent of the "
+                                      "training data's characters (the rest reach the model as UTF-8 bytes)",
+                                      default=False)
+    vocab_size: int = option("vocabulary size when a tokenizer is trained (0: the preset's)", default=0)
+    seq_len: int = option("training sequence length (0: the preset's max_seq_len)", default=0)
+    val_fraction: float = option("share of documents held out for validation when raw files are tokenized",
+                                 default=0.05)
+    dedup: bool = option("raw files: drop records whose normalised text an earlier record had", default=False)
+    min_chars: int = option("raw files, pretrain: drop documents shorter than this many characters (0: off)",
+                            default=0)
+    max_repeated_lines: float = option("raw files, pretrain: drop documents whose share of lines repeating an "
+                                       "earlier line is above this (1: off)", default=1.0)
+
+    def __post_init__(self) -> None:
+        check_not_negative(self, "seq_len", "vocab_size", "min_chars")
+        check_interval(self, "val_fraction", 0, 1, open_high=True)
+        check_interval(self, "max_repeated_lines", 0, 1)
         try:
-            parse_mixture(self.data)
+            parse_mixture(self.sources)
         except MixtureError as err:
             raise ConfigError(str(err)) from None
-        if self.resume and self.auto_resume:
-            raise ConfigError(_("--resume and --auto-resume contradict each other: give one"))
-        self.eval_task_specs()
-        if self.document_mask and self.mode != "pretrain":
-            raise ConfigError(_("--document-mask applies to --mode pretrain (packed windows); --mode sft packs "
-                                "conversations with --pack, and dpo, reward and rlhf train on one pair or prompt per "
-                                "sequence (got --mode {mode})").format(mode=self.mode))
-        if self.pack and self.mode != "sft":
-            raise ConfigError(_("--pack applies to --mode sft (chat conversations); --mode {mode} does not pack "
-                                "(pretrain windows are packed already; --document-mask keeps their attention "
-                                "inside documents)").format(mode=self.mode))
 
-    def eval_task_specs(self) -> list:
-        """The --eval-task entries parsed (`minigpt.evaluation.spec.TaskSpec`s); ConfigError names a bad one."""
+    @property
+    def filters_documents(self) -> bool:
+        """Whether a pretraining-only document filter (--min-chars, --max-repeated-lines) is on."""
+        return bool(self.min_chars or self.max_repeated_lines < 1.0)
+
+
+@dataclass
+class OptimSection:
+    """The optimizer step: batch, AdamW and clipping."""
+
+    batch_size: int = option("micro-batch size per data-parallel rank", default=16)
+    grad_accum: int = option("micro-batches accumulated per optimizer step", default=1)
+    learning_rate: float = option("peak learning rate", default=1e-3)
+    weight_decay: float = option("AdamW weight decay on matrices", default=0.1)
+    beta1: float = option("AdamW beta1", default=0.9)
+    beta2: float = option("AdamW beta2", default=0.95)
+    grad_clip: float = option("clip the global gradient norm to this (0: off)", default=1.0)
+
+    def __post_init__(self) -> None:
+        check_positive(self, "batch_size", "grad_accum", "learning_rate")
+        check_not_negative(self, "grad_clip", "weight_decay")
+
+
+@dataclass
+class ScheduleSection:
+    """How long the run trains and how the learning rate moves."""
+
+    max_steps: int = option("optimizer steps to train", default=1000)
+    warmup_steps: int = option("linear warmup steps", default=100)
+    min_lr_ratio: float = option("final learning rate as a fraction of the peak (cosine decay)", default=0.1)
+    max_time: str = option("wall-clock budget, counted across resumes: e.g. 90s, 2m, 1h30m or Slurm's 1:30:00. "
+                           "Training stops at --max-steps or when the budget (less the time its final "
+                           "evaluation, checkpoint and consolidation take) is used, whichever comes first; the "
+                           "LR decay follows the share used of whichever is further along", default="")
+
+    def __post_init__(self) -> None:
+        check_positive(self, "max_steps")
+        check_not_negative(self, "warmup_steps")
+        check_interval(self, "min_lr_ratio", 0, 1)
+        if self.max_time:
+            parse_duration(self.max_time)
+
+    @property
+    def max_time_seconds(self) -> float | None:
+        """The --max-time budget in seconds, or None without one."""
+        return parse_duration(self.max_time) if self.max_time else None
+
+    def warnings(self) -> list[str]:
+        found = []
+        if self.warmup_steps > self.max_steps // 2:
+            consequence = (_("never reaches its peak") if self.warmup_steps >= self.max_steps
+                           else _("barely decays"))
+            found.append(_("--warmup-steps {warmup} is more than half of --max-steps {steps}: the learning rate "
+                           "{consequence}; lower --warmup-steps (a few percent of the steps is usual)").format(
+                warmup=self.warmup_steps, steps=self.max_steps, consequence=consequence))
+        return found
+
+
+@dataclass
+class EngineSection:
+    """Where and how the steps run: device, precision, DeepSpeed, compilation, input pipeline."""
+
+    device: str = option("cpu, cuda, cuda:N or mps; default: auto-detect", default="")
+    precision: str = option("auto, fp32, bf16 or fp16 (auto: bf16 on a GPU or CPU with native bf16 — "
+                            "avx512_bf16/AMX, Arm bf16 — else fp32; a resumed run keeps the precision it started "
+                            "with)", default="auto")
+    ds_config: str = option("DeepSpeed JSON config (ZeRO stage, offload); used when run under deepspeed",
+                            default="")
+    ep_size: int = option("DeepSpeed, mixture-of-experts models: expert-parallel ranks each MoE layer's experts are "
+                          "spread over (it must divide the world size and the expert count; 0: the largest number "
+                          "that divides both)", default=0)
+    dist_timeout: int = option("seconds a rank waits in a collective for the other ranks before it fails (a lost "
+                               "node or a hung rank); longer than any rank's pause between collectives (a save, "
+                               "an evaluation)", default=600)
+    compile: str = option("torch.compile the model (plain engine): auto (compiled when the run asks for 2000+ "
+                          "steps and any --max-time is 10 minutes or more, except bf16 on a CPU; decided from these "
+                          "facts alone, never from timings; skipped where it cannot work), on (--compile alone) "
+                          "or off", default="auto", const="on")
+    prefetch: int = option("training steps whose batches a background thread assembles ahead while the current "
+                           "step computes (pinned memory on CUDA); 0: each step reads its batches itself",
+                           default=2)
+    activation_checkpointing: bool = option("recompute each block's activations during the backward pass instead "
+                                            "of keeping them: far less activation memory (long contexts, big "
+                                            "batches) for about one more forward pass of compute; DeepSpeed's "
+                                            "activation checkpointing on the DeepSpeed engine, "
+                                            "torch.utils.checkpoint on the plain one", default=False)
+
+    def __post_init__(self) -> None:
+        check_choice(self, "precision", PRECISIONS)
+        check_choice(self, "compile", COMPILE_CHOICES)
+        check_not_negative(self, "prefetch", "ep_size")
+        check_at_least(self, dist_timeout=1)
+
+
+@dataclass
+class EvaluationSection:
+    """What the run measures and says while it trains: evaluations, extra tasks, samples, log lines."""
+
+    eval_interval: int = option("evaluate every N steps (0: only at the end)", default=200)
+    eval_batches: int = option("validation micro-batches per evaluation", default=20)
+    eval_task: list[str] = option("evaluation task(s) also run at each evaluation, in launch/eval.py's --task "
+                                  "syntax (bpb:PATH, mc:PATH, tasks:PATH, options after commas); logged under eval/",
+                                  default_factory=list)
+    sample_prompt: str = option("prompt sampled at each evaluation; default: the first words of the first "
+                                "validation document (pretrain) or its user turn (sft, dpo, rlhf: answered as a "
+                                "chat)", default="")
+    log_interval: int = option("print a log line every N steps", default=10)
+
+    def __post_init__(self) -> None:
+        check_not_negative(self, "eval_interval", "eval_batches")
+        check_at_least(self, log_interval=1)
+        self.task_specs = self._parse_tasks()
+
+    def _parse_tasks(self) -> list:
+        """The --eval-task entries parsed once (`minigpt.evaluation.spec.TaskSpec`s); ConfigError names a bad one."""
         from minigpt.evaluation.spec import TaskSpecError, parse_task_spec
 
         specs = []
@@ -505,27 +535,162 @@ class TrainConfig:
                 raise ConfigError(str(err).replace("--task", "--eval-task", 1)) from None
         return specs
 
-    def warnings(self) -> list[str]:
-        """Settings that are valid but probably not meant: said at start-up, the run goes on."""
-        found = []
-        if self.warmup_steps > self.max_steps // 2:
-            consequence = (_("never reaches its peak") if self.warmup_steps >= self.max_steps
-                           else _("barely decays"))
-            found.append(_("--warmup-steps {warmup} is more than half of --max-steps {steps}: the learning rate "
-                           "{consequence}; lower --warmup-steps (a few percent of the steps is usual)").format(
-                warmup=self.warmup_steps, steps=self.max_steps, consequence=consequence))
-        return found
+
+@dataclass
+class CheckpointSection:
+    """Where the run writes and what it continues from."""
+
+    out: str = option("run directory; default checkpoints/<mode>_<config>, with --data "
+                      "checkpoints/<mode>_<config>_<name of the first --data>", default="")
+    overwrite: bool = option("a fresh run into a run directory that holds another run's checkpoints, final/ "
+                             "weights or TensorBoard events deletes them first (without it, such a run is refused); "
+                             "the directory's tokenizer/ is kept", default=False)
+    resume: str = option("checkpoint directory to resume from exactly, or a run directory (its newest good "
+                         "checkpoint)", default="")
+    auto_resume: bool = option("resume from the newest checkpoint in <out>/ckpt that verifies (damaged ones are "
+                               "skipped, with the reason); start fresh only when there is none", default=False)
+    save_interval: int = option("checkpoint every N steps (0: only at the end)", default=500)
+    keep_last: int = option("checkpoints to keep", default=3)
+
+    def __post_init__(self) -> None:
+        check_not_negative(self, "save_interval")
+        check_at_least(self, keep_last=1)
+        if self.resume and self.auto_resume:
+            raise ConfigError(_("--resume and --auto-resume contradict each other: give one"))
 
     @property
-    def max_time_seconds(self) -> float | None:
-        """The --max-time budget in seconds, or None without one."""
-        return parse_duration(self.max_time) if self.max_time else None
+    def resuming(self) -> bool:
+        return bool(self.resume or self.auto_resume)
+
+
+@dataclass
+class NoOptions:
+    """The options of a mode that has no flags of its own."""
+
+
+SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "optim": OptimSection,
+                             "schedule": ScheduleSection, "engine": EngineSection, "evaluation": EvaluationSection,
+                             "checkpointing": CheckpointSection}
+"""TrainConfig's sections: attribute name -> dataclass. A mode's own flags are the dataclass its objective class
+names as `options` (`minigpt.train.objective.Objective.options`), held as `TrainConfig.options`."""
+
+
+def mode_options_class(mode: str) -> type:
+    """The options dataclass of `mode` (its objective class's `options`; imports the objective)."""
+    from minigpt.modes import objective_class
+
+    return getattr(objective_class(mode), "options", NoOptions)
+
+
+def _keys(section: type) -> dict[str, str]:
+    """flat name -> field name of a section dataclass."""
+    return {key_of(f): f.name for f in fields(section)}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model shape, in sections (`SECTIONS`) plus the mode's own
+    options. Each component takes its section; `launch/train.py`'s flags are the sections' fields (`of` builds
+    one from them) and `training_config_snapshot.json` records `to_dict()`, grouped the same way."""
+
+    mode: str = option("training stage: pretrain, sft, dpo, reward (a reward model) or rlhf", default="pretrain")
+    seed: int = option("random seed", default=1337)
+    dry_run: bool = option("validate config, data and DeepSpeed config, print the plan, and exit", default=False)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    checkpointing: CheckpointSection = field(default_factory=CheckpointSection)
+    options: Any = None
+    """The mode's own options (its objective's `options` dataclass; defaults when None)."""
+
+    TOP_LEVEL = ("mode", "seed", "dry_run")
+
+    def __post_init__(self) -> None:
+        if self.mode not in mode_names():
+            raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(
+                flag="--mode", choices=", ".join(mode_names()), value=self.mode))
+        if self.options is None:
+            self.options = mode_options_class(self.mode)()
+        if self.data.filters_documents and self.mode != "pretrain":
+            raise ConfigError(_("--min-chars and --max-repeated-lines filter pretraining documents; {kind} data "
+                                "takes --dedup only").format(kind=self.mode))
+
+    @classmethod
+    def of(cls, **flat: Any) -> TrainConfig:
+        """A config from flag names (`TrainConfig.of(mode="sft", max_steps=200, pack=True)`), as the command line
+        gives them. A flag of another mode is refused by name."""
+        top = {name: flat.pop(name) for name in cls.TOP_LEVEL if name in flat}
+        mode = top.get("mode", "pretrain")
+        if mode not in mode_names():
+            raise ConfigError(_("{flag} must be one of {choices}, got {value!r}").format(
+                flag="--mode", choices=", ".join(mode_names()), value=mode))
+        sections = {}
+        for name, section in SECTIONS.items():
+            keys = _keys(section)
+            sections[name] = section(**{keys[key]: flat.pop(key) for key in list(flat) if key in keys})
+        options_class = mode_options_class(mode)
+        keys = _keys(options_class)
+        options = options_class(**{keys[key]: flat.pop(key) for key in list(flat) if key in keys})
+        if flat:
+            raise ConfigError(other_mode_flags(sorted(flat), mode))
+        return cls(**top, **sections, options=options)
+
+    def flat(self) -> dict[str, Any]:
+        """The flag names and values this config was built from (`TrainConfig.of(**cfg.flat())` == cfg)."""
+        values = {name: getattr(self, name) for name in self.TOP_LEVEL}
+        for section in [*(getattr(self, name) for name in SECTIONS), self.options]:
+            values.update({key_of(f): copy.deepcopy(getattr(section, f.name)) for f in fields(section)})
+        return values
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some flags changed (`cfg.replace(max_steps=10, auto_resume=True)`), validated anew."""
+        return TrainConfig.of(**{**self.flat(), **changes})
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not meant: said at start-up, the run goes on."""
+        return self.schedule.warnings()
 
     @property
     def run_dir(self) -> Path:
         """--out, else `checkpoints/<mode>_<config>`, named after the data too when --data is given (a run on
         one's own data never lands in the quick start's run directory)."""
-        return Path(self.out or default_run_dir(self.mode, self.config, self.data))
+        return Path(self.checkpointing.out or default_run_dir(self.mode, self.model.preset, self.data.sources))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Grouped as the sections are: `{"mode", "seed", "dry_run", "model": {...}, ..., "<mode>": {options}}`."""
+        grouped: dict[str, Any] = {name: getattr(self, name) for name in self.TOP_LEVEL}
+        grouped.update({name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS})
+        grouped[self.mode] = dataclasses.asdict(self.options)
+        return grouped
+
+
+def other_mode_flags(keys: list[str], mode: str) -> str:
+    """Why flags that `mode` does not take are refused: the modes that take each, or unknown."""
+    from minigpt.modes import mode_names as modes
+
+    parts = []
+    for key in keys:
+        owners = [other for other in modes() if key in _keys(mode_options_class(other))]
+        flag = "--" + key.replace("_", "-")
+        parts.append(_("{flag} applies to --mode {modes}").format(flag=flag, modes=", ".join(owners)) if owners
+                     else _("{flag} is not a training flag").format(flag=flag))
+    return _("{problems}, not to --mode {mode}").format(problems="; ".join(parts), mode=mode)
+
+
+def config_flags() -> list[tuple[str, type, list[dataclasses.Field]]]:
+    """The command line's groups: (title, dataclass, fields) for the run itself, each section, and each mode's
+    options (every registered mode's, so `--help` lists them all)."""
+    from minigpt.modes import mode_names as modes
+
+    groups = [("run", TrainConfig, [f for f in fields(TrainConfig) if f.name in TrainConfig.TOP_LEVEL])]
+    groups += [(name, section, list(fields(section))) for name, section in SECTIONS.items()]
+    seen: set[type] = set()
+    for mode in modes():
+        options = mode_options_class(mode)
+        if fields(options) and options not in seen:
+            seen.add(options)
+            groups.append((f"--mode {mode}", options, list(fields(options))))
+    return groups

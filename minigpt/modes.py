@@ -1,7 +1,8 @@
 """The training modes: `--mode` name -> its objective class, the one table every list of modes comes from.
 
-A built-in mode is named by the import path of its class, so listing the modes (`TrainConfig.validate`,
-`--help`) imports neither torch nor the objectives; the class is imported when a run asks for it.
+A built-in mode is named by the import path of its class, so listing the modes (`--mode`'s choices) imports
+neither torch nor the objectives; the class is imported when it is first asked for (a `TrainConfig` of that mode,
+whose options are the class's `options` dataclass; `--help`, which lists every mode's flags).
 Everything else about a mode is an attribute of its `Objective` subclass (`minigpt/train/objective.py`):
 the stages whose weights it starts from, the shard kind it trains on, whether its samples are chat,
 whether its batch shapes vary. A new mode is one file with that subclass and one line in `OBJECTIVES`
@@ -43,9 +44,9 @@ def objective_class(mode: str) -> type:
     return target
 
 
-def build_objective(mode: str, tokenizer, cfg) -> Any:
-    """The objective for `mode`, built from the training config."""
-    return objective_class(mode).from_config(cfg, tokenizer)
+def build_objective(cfg, tokenizer) -> Any:
+    """The objective of `cfg.mode`, built from the mode's own options (`cfg.options`)."""
+    return objective_class(cfg.mode).from_options(cfg.options, tokenizer)
 
 
 def register_objective(mode: str, objective: type | str) -> None:

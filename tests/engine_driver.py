@@ -38,7 +38,7 @@ def train_config(world: int = WORLD, **overrides) -> TrainConfig:
     """Training config of the checks; the plain reference runs with grad_accum = ACCUM x world."""
     base = dict(batch_size=MICRO, grad_accum=ACCUM * (WORLD // world), learning_rate=1e-2, warmup_steps=2,
                 max_steps=STEPS, min_lr_ratio=0.1, grad_clip=1.0, precision="fp32", weight_decay=0.1)
-    return TrainConfig(**{**base, **overrides})
+    return TrainConfig.of(**{**base, **overrides})
 
 
 def fresh_model(seed: int = 0) -> MiniGPT:
@@ -136,7 +136,7 @@ def main() -> None:
             torch.save(weights, args.out / "from_plain_consolidated.pt")
     # DeepSpeed's activation checkpointing recomputes each block in backward: the same run, less memory.
     recomputing = DeepSpeedEngine(fresh_model(), train_config(world=WORLD, precision=args.precision,
-                                                              activation_checkpointing=True, ds_config=cfg.ds_config))
+                                                              activation_checkpointing=True, ds_config=cfg.engine.ds_config))
     results["activation_checkpointing"] = run_steps(recomputing, 0, STEPS)
     if engine.is_main:
         (args.out / "results.json").write_text(json.dumps(results, indent=2))

@@ -40,7 +40,7 @@ PROBE = (torch.arange(2 * 15).reshape(2, 15) * 5) % MODEL.vocab_size
 def train_config(world: int = WORLD, **overrides) -> TrainConfig:
     base = dict(batch_size=MICRO, grad_accum=ACCUM * (WORLD // world), learning_rate=1e-2, warmup_steps=2,
                 max_steps=STEPS, min_lr_ratio=0.1, grad_clip=1.0, precision="fp32", weight_decay=0.1, ep_size=2)
-    return TrainConfig(**{**base, **overrides})
+    return TrainConfig.of(**{**base, **overrides})
 
 
 def fresh_model(seed: int = 0) -> MiniGPT:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -63,7 +61,7 @@ def test_flag_forms():
     assert parser.parse_args(["--compile", "off"]).compile == "off"
     assert parser.parse_args(["--compile", "--batch-size", "4"]).compile == "on"
     with pytest.raises(ConfigError, match="--compile must be one of"):
-        TrainConfig(compile="sometimes")
+        TrainConfig.of(compile="sometimes")
 
 
 @pytest.mark.integration
@@ -76,7 +74,7 @@ def test_a_real_run_compiles_from_its_first_step_and_a_resume_follows(tmp_path, 
     from minigpt.train.loop import Trainer
 
     monkeypatch.setattr("minigpt.train.autocompile.MIN_STEPS", 4)
-    cfg = TrainConfig(mode="pretrain", config="tiny", data=[str(shards)], data_dir=str(tmp_path),
+    cfg = TrainConfig.of(mode="pretrain", config="tiny", data=[str(shards)], data_dir=str(tmp_path),
                       out=str(tmp_path / "run"), tokenizer=str(data_tokenizer.directory), seq_len=48, batch_size=4,
                       max_steps=6, warmup_steps=2, eval_interval=0, eval_batches=2, save_interval=0,
                       sample_prompt="a", precision="fp32")
@@ -89,7 +87,7 @@ def test_a_real_run_compiles_from_its_first_step_and_a_resume_follows(tmp_path, 
     assert (tmp_path / "run" / "final" / "model.pt").is_file()
 
     monkeypatch.setattr("minigpt.train.autocompile.MIN_STEPS", 10_000)  # would now say eager
-    resumed = Trainer(dataclasses.replace(cfg, max_steps=cfg.max_steps + 2, auto_resume=True))
+    resumed = Trainer(cfg.replace(max_steps=cfg.schedule.max_steps + 2, auto_resume=True))
     assert resumed.run() == EXIT_FINISHED
     out = capsys.readouterr().out
     assert "--compile auto: compiled, as the run decided before its checkpoint" in out, out[-2000:]

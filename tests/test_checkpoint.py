@@ -28,6 +28,7 @@ from minigpt.checkpoint import (
     TRAINER_STATE,
     CheckpointError,
     CheckpointManager,
+    TrainerState,
     find_resume_point,
     resolve_checkpoint,
     sweep_temporary,
@@ -58,10 +59,15 @@ def new_manager(run_dir: Path, keep_last: int = 3) -> CheckpointManager:
     return CheckpointManager(run_dir, engine, keep_last=keep_last)
 
 
+def run_state(step: int = 0, tokens_seen: int = 0) -> TrainerState:
+    return TrainerState(step=step, tokens_seen=tokens_seen, sampler={}, mode="pretrain", weights_from="random init",
+                        precision="fp32", max_steps=100, warmup_steps=1)
+
+
 def save_steps(manager: CheckpointManager, steps: list[int]) -> None:
     for step in steps:
         run_steps(manager.engine, 0, 1)
-        manager.save(step, {"tokens_seen": step * 10, "sampler": {}})
+        manager.save(step, run_state(step, tokens_seen=step * 10))
 
 
 @pytest.fixture
@@ -85,7 +91,7 @@ def test_manifest_lists_every_file_with_size_and_sha256(run_dir):
 def test_rng_state_is_json_and_resume_restores_python_numpy_and_torch(tmp_path):
     manager = new_manager(tmp_path / "run")
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    manager.save(1, {"tokens_seen": 0, "sampler": {}})
+    manager.save(1, run_state(1))
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     assert json.loads((ckpt(tmp_path / "run", 1) / "rng_rank0.json").read_text())["numpy"]["kind"] == "MT19937"
@@ -223,7 +229,7 @@ def test_a_full_disk_during_a_save_leaves_no_temporary_folder_and_the_previous_c
     monkeypatch.setattr(manager.engine, "save", save_then_fail)
     monkeypatch.setattr("minigpt.checkpoint.shutil.disk_usage", lambda _: shutil._ntuple_diskusage(10, 10, 0))
     with pytest.raises(CheckpointError, match=r"disk full while writing .*step_0000035\.tmp/engine\.pt"):
-        manager.save(35, {"tokens_seen": 0, "sampler": {}})
+        manager.save(35, run_state(35))
     assert not list((run_dir / CKPT_DIR).glob("*.tmp"))
     assert (run_dir / LATEST).read_text().strip() == "step_0000030"
     assert find_resume_point(run_dir).path == ckpt(run_dir, 30)

@@ -161,13 +161,13 @@ def test_training_on_raw_files_cleans_them_as_the_config_asks_into_a_cache_of_it
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": f"document {i}"} for i in range(20)] * 2)
     built = {}
     for dedup in (False, True):
-        cfg = TrainConfig(data=[str(corpus)], data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
+        cfg = TrainConfig.of(data=[str(corpus)], data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
                           tokenizer=str(data_tokenizer.directory), dedup=dedup)
         built[dedup] = resolve_run_data(cfg, Runtime(), None, "pretrain").dataset_dirs[-1]
     assert built[False] != built[True]
     assert stats_of(built[False])["totals"]["documents_kept"] == 40
     assert stats_of(built[True])["totals"]["dropped"]["duplicate"] == 20
     with pytest.raises(ConfigError, match="sft data takes --dedup only"):
-        TrainConfig(mode="sft", min_chars=10).validate()
+        TrainConfig.of(mode="sft", min_chars=10).validate()
     with pytest.raises(ConfigError, match=r"--max-repeated-lines must be in \[0, 1\]"):
-        TrainConfig(max_repeated_lines=2.0).validate()
+        TrainConfig.of(max_repeated_lines=2.0).validate()

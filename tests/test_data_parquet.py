@@ -195,7 +195,7 @@ def test_training_takes_a_raw_parquet_file_as_data(tmp_path, data_tokenizer):
     from minigpt.train.run_data import resolve_run_data
 
     parquet = write_parquet(tmp_path / "web.parquet", pretrain_records(40))
-    cfg = TrainConfig(data=[str(parquet)], data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
+    cfg = TrainConfig.of(data=[str(parquet)], data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
                       tokenizer=str(data_tokenizer.directory))
     dataset = resolve_run_data(cfg, Runtime(), None, "pretrain").dataset_dirs[-1]
     assert stats_of(dataset)["files"][0]["format"] == "parquet"

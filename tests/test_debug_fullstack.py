@@ -70,7 +70,7 @@ def test_dpo_walk_scores_only_its_batch_with_the_reference(workdir, capsys):
 
 
 def test_rlhf_walk_shows_a_real_prompt_and_takes_a_non_zero_step(workdir, capsys):
-    reward = TrainConfig(mode="reward", seq_len=48, batch_size=2, max_steps=2, warmup_steps=0, eval_interval=0,
+    reward = TrainConfig.of(mode="reward", seq_len=48, batch_size=2, max_steps=2, warmup_steps=0, eval_interval=0,
                          log_interval=100, vocab_size=1200, out="checkpoints/reward_tiny")
     assert Trainer(reward).run() == EXIT_FINISHED
     capsys.readouterr()

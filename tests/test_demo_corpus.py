@@ -43,18 +43,18 @@ def test_an_unknown_built_in_corpus_is_refused_with_the_choices():
     with pytest.raises(ValueError, match="demo:fr: no such built-in corpus; choose demo:en or demo:zh"):
         demo_language("demo:fr")
     with pytest.raises(DataError, match="--data demo:fr"):
-        planned_inputs(TrainConfig(data=["demo:fr"]))
+        planned_inputs(TrainConfig.of(data=["demo:fr"]))
 
 
 def test_a_pretraining_corpus_is_refused_for_a_post_training_mode(tmp_path):
-    cfg = TrainConfig(mode="sft", data=["demo:zh"], data_dir=str(tmp_path))
+    cfg = TrainConfig.of(mode="sft", data=["demo:zh"], data_dir=str(tmp_path))
     with pytest.raises(DataError, match="demo:zh is a pretraining corpus; --mode sft needs sft records"):
         resolve_run_data(cfg, Runtime(), None, "sft")
     assert not (tmp_path / "cache").exists()
 
 
 def test_data_demo_zh_trains_a_tokenizer_on_chinese_and_tokenizes_the_poems(tmp_path):
-    cfg = TrainConfig(data=["demo:zh"], data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
+    cfg = TrainConfig.of(data=["demo:zh"], data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"),
                       vocab_size=2000)
     run = resolve_run_data(cfg, Runtime(), None, "pretrain")
     assert (tmp_path / "data" / "cache" / "demo" / "zh_classics.jsonl").is_file()
@@ -69,7 +69,7 @@ def test_a_demo_corpus_tokenizer_covers_the_built_in_post_training_data(tmp_path
     inherits the pretraining tokenizer: it must have pieces for the tasks' letters, digits and Chinese verbs,
     or every later stage warns that it spells its data as bytes."""
     from minigpt.data.demo import CONVERSATIONS, demo_post_training_records
-    cfg = TrainConfig(data=[corpus], data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), vocab_size=vocab)
+    cfg = TrainConfig.of(data=[corpus], data_dir=str(tmp_path / "data"), out=str(tmp_path / "run"), vocab_size=vocab)
     tokenizer = resolve_run_data(cfg, Runtime(), None, "pretrain").tokenizer
     def strings(value):
         if isinstance(value, dict):

@@ -20,7 +20,7 @@ def dropout_rates(model: nn.Module) -> set[float]:
 def test_dropout_flag_on_loaded_weights_sets_every_dropout_and_the_model_config(tmp_path, data_tokenizer):
     weights = save_consolidated(tmp_path / "final", seeded_model(small_test_config(data_tokenizer.vocab_size))
                                 .state_dict(), small_test_config(data_tokenizer.vocab_size), data_tokenizer.directory)
-    cfg = TrainConfig(mode="sft", dropout=0.2, out=str(tmp_path / "run"))
+    cfg = TrainConfig.of(mode="sft", dropout=0.2, out=str(tmp_path / "run"))
     model = build_model(cfg, data_tokenizer, StartingWeights(source=str(weights), model_dir=weights))
     assert dropout_rates(model) == {0.2}
     assert model.config.dropout == 0.2  # what the snapshot and final/config.json record

@@ -25,11 +25,17 @@ SOURCE = "ds_configs/zero2.json"
 
 
 def cfg(**overrides) -> TrainConfig:
-    return TrainConfig(**{"batch_size": 4, "grad_accum": 3, "grad_clip": 1.0, "precision": "fp32", **overrides})
+    return TrainConfig.of(**{"batch_size": 4, "grad_accum": 3, "grad_clip": 1.0, "precision": "fp32", **overrides})
+
+
+def sections(**overrides) -> tuple:
+    """The engine and optimisation sections `build_ds_config` reads."""
+    config = cfg(**overrides)
+    return config.engine, config.optim
 
 
 def test_batch_sizes_and_clipping_are_filled_from_the_training_config():
-    ds = build_ds_config({"zero_optimization": {"stage": 2}}, cfg(), world_size=2, source=SOURCE, accelerator="cpu")
+    ds = build_ds_config({"zero_optimization": {"stage": 2}}, *sections(), world_size=2, source=SOURCE, accelerator="cpu")
     assert ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 3
     assert ds["train_batch_size"] == 4 * 3 * 2
@@ -40,13 +46,13 @@ def test_batch_sizes_and_clipping_are_filled_from_the_training_config():
 
 def test_the_raw_dict_is_not_modified():
     raw = {"zero_optimization": {"stage": 1}}
-    build_ds_config(raw, cfg(), 1, SOURCE, accelerator="cpu")
+    build_ds_config(raw, *sections(), 1, SOURCE, accelerator="cpu")
     assert raw == {"zero_optimization": {"stage": 1}}
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 8])
 def test_train_batch_size_scales_with_world_size(world_size):
-    ds = build_ds_config({}, cfg(batch_size=2, grad_accum=5), world_size, SOURCE, accelerator="cpu")
+    ds = build_ds_config({}, *sections(batch_size=2, grad_accum=5), world_size, SOURCE, accelerator="cpu")
     assert ds["train_batch_size"] == 2 * 5 * world_size
 
 
@@ -58,7 +64,7 @@ def test_train_batch_size_scales_with_world_size(world_size):
 ])
 def test_a_contradicting_json_field_names_file_field_and_both_values(field, value, flag):
     with pytest.raises(ConfigError) as err:
-        build_ds_config({field: value}, cfg(), 2, SOURCE, accelerator="cpu")
+        build_ds_config({field: value}, *sections(), 2, SOURCE, accelerator="cpu")
     message = str(err.value)
     assert SOURCE in message and field in message and repr(value) in message and flag in message
 
@@ -66,50 +72,50 @@ def test_a_contradicting_json_field_names_file_field_and_both_values(field, valu
 def test_agreeing_json_fields_are_accepted():
     raw = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 3, "train_batch_size": 24,
            "gradient_clipping": 1.0}
-    ds = build_ds_config(raw, cfg(), 2, SOURCE, accelerator="cpu")
+    ds = build_ds_config(raw, *sections(), 2, SOURCE, accelerator="cpu")
     assert ds["train_batch_size"] == 24
 
 
 def test_precision_comes_from_the_training_config():
-    ds = build_ds_config({}, cfg(precision="bf16"), 2, SOURCE, accelerator="cpu")
+    ds = build_ds_config({}, *sections(precision="bf16"), 2, SOURCE, accelerator="cpu")
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
-    ds = build_ds_config({"fp16": {"loss_scale_window": 100}}, cfg(precision="fp16"), 2, SOURCE, accelerator="cuda")
+    ds = build_ds_config({"fp16": {"loss_scale_window": 100}}, *sections(precision="fp16"), 2, SOURCE, accelerator="cuda")
     assert ds["fp16"] == {"loss_scale_window": 100, "enabled": True}
 
 
 def test_json_precision_contradicting_the_training_config_is_refused():
     with pytest.raises(ConfigError, match=r"bf16.enabled=True contradicts .*--precision fp32"):
-        build_ds_config({"bf16": {"enabled": True}}, cfg(precision="fp32"), 2, SOURCE, accelerator="cpu")
+        build_ds_config({"bf16": {"enabled": True}}, *sections(precision="fp32"), 2, SOURCE, accelerator="cpu")
 
 
 def test_fp16_on_the_cpu_accelerator_is_a_clear_error():
     with pytest.raises(ConfigError, match="fp16.*CPU accelerator.*bf16"):
-        build_ds_config({}, cfg(precision="fp16"), 2, SOURCE, precision="fp16", accelerator="cpu")
+        build_ds_config({}, *sections(precision="fp16"), 2, SOURCE, precision="fp16", accelerator="cpu")
     with pytest.raises(ConfigError, match="fp16.*CPU accelerator.*bf16"):
-        build_ds_config({}, cfg(precision="fp16"), 2, SOURCE, accelerator="cpu")
+        build_ds_config({}, *sections(precision="fp16"), 2, SOURCE, accelerator="cpu")
 
 
 def test_auto_precision_on_cpu_is_fp32():
-    ds = build_ds_config({}, cfg(precision="auto"), 1, SOURCE, accelerator="cpu")
+    ds = build_ds_config({}, *sections(precision="auto"), 1, SOURCE, accelerator="cpu")
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
 
 
 @pytest.mark.parametrize("section", ["optimizer", "scheduler"])
 def test_optimizer_and_scheduler_sections_are_refused(section):
     with pytest.raises(ConfigError, match=f"{SOURCE}: has a '{section}' section"):
-        build_ds_config({section: {"type": "AdamW"}}, cfg(), 1, SOURCE, accelerator="cpu")
+        build_ds_config({section: {"type": "AdamW"}}, *sections(), 1, SOURCE, accelerator="cpu")
 
 
 def test_unknown_zero_stage_and_offload_without_zero_are_refused():
     with pytest.raises(ConfigError, match="stage=4"):
-        build_ds_config({"zero_optimization": {"stage": 4}}, cfg(), 1, SOURCE, accelerator="cpu")
+        build_ds_config({"zero_optimization": {"stage": 4}}, *sections(), 1, SOURCE, accelerator="cpu")
     raw = {"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}
     with pytest.raises(ConfigError, match="offload_optimizer needs"):
-        build_ds_config(raw, cfg(), 1, SOURCE, accelerator="cpu")
+        build_ds_config(raw, *sections(), 1, SOURCE, accelerator="cpu")
 
 
 def test_client_optimizer_is_allowed_and_logging_is_quiet():
-    ds = build_ds_config({"zero_optimization": {"stage": 3}}, cfg(), 2, SOURCE, accelerator="cpu")
+    ds = build_ds_config({"zero_optimization": {"stage": 3}}, *sections(), 2, SOURCE, accelerator="cpu")
     assert ds["zero_allow_untested_optimizer"] is True
     assert ds["steps_per_print"] >= 10**6
 
@@ -120,7 +126,7 @@ def test_shipped_configs_hold_only_deepspeed_settings_and_build(path):
     owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
              "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler"}
     assert not owned & set(raw), f"{path.name} sets {owned & set(raw)}"
-    ds = build_ds_config(raw, cfg(), 2, str(path), accelerator="cpu")
+    ds = build_ds_config(raw, *sections(), 2, str(path), accelerator="cpu")
     assert ds["zero_optimization"]["stage"] == zero_stage_of(raw)
     assert offloads_optimizer(raw) == ("offload" in path.name)
     assert set(raw) <= set(DEEPSPEED_TOP_LEVEL_KEYS)
@@ -192,6 +198,6 @@ def test_known_top_level_keys_are_the_keys_deepspeed_reads():
 def test_compile_on_is_refused_on_the_deepspeed_engine_rather_than_ignored():
     """The DeepSpeed engine runs eager: an explicit --compile on must not silently train uncompiled."""
     with pytest.raises(ConfigError, match=r"--compile on.*DeepSpeed engine.*--compile auto"):
-        build_ds_config({}, cfg(compile="on"), 2, "zero2.json", precision="fp32", accelerator="cpu")
+        build_ds_config({}, *sections(compile="on"), 2, "zero2.json", precision="fp32", accelerator="cpu")
     for choice in ("auto", "off"):  # auto settles on eager there, and says so
-        build_ds_config({}, cfg(compile=choice), 2, "zero2.json", precision="fp32", accelerator="cpu")
+        build_ds_config({}, *sections(compile=choice), 2, "zero2.json", precision="fp32", accelerator="cpu")

@@ -281,7 +281,7 @@ def trained_with_eval_tasks(tmp_path_factory, shards, data_tokenizer):
                                 ffn_hidden_size=64, max_seq_len=64)
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(PRESETS, "tiny", small)
-        cfg = TrainConfig(mode="pretrain", config="tiny", data=[str(shards)], tokenizer=str(data_tokenizer.directory),
+        cfg = TrainConfig.of(mode="pretrain", config="tiny", data=[str(shards)], tokenizer=str(data_tokenizer.directory),
                           out=str(root / "run"), seq_len=32, batch_size=4, max_steps=2, warmup_steps=1,
                           eval_interval=1, eval_batches=1, log_interval=100, sample_prompt="a",
                           eval_task=[f"bpb:{docs}", f"tasks:{tasks},max_new_tokens=4,name=sort"])
@@ -314,9 +314,9 @@ def test_training_refuses_an_eval_task_before_training_when_its_file_is_missing(
     from minigpt.train.loop import Trainer
 
     with pytest.raises(ConfigError, match="--eval-task bpb:"):
-        TrainConfig(eval_task=["bpb:x.txt,shots=1"])
+        TrainConfig.of(eval_task=["bpb:x.txt,shots=1"])
     with pytest.raises(ConfigError, match="missing.txt does not exist"):
-        Trainer(TrainConfig(out=str(tmp_path / "run"), eval_task=[f"bpb:{tmp_path / 'missing.txt'}"]))
+        Trainer(TrainConfig.of(out=str(tmp_path / "run"), eval_task=[f"bpb:{tmp_path / 'missing.txt'}"]))
     assert not (tmp_path / "run").exists()
 
 
@@ -331,7 +331,7 @@ def test_training_refuses_an_eval_task_file_without_usable_items_before_training
     for entry, message in [(f"mc:{tmp_path / 'header.csv'}", "header.csv: no items"),
                            (f"tasks:{tmp_path / 'tasks.jsonl'}", "tasks.jsonl:1: field 'prompt' is not valid UTF-8")]:
         with pytest.raises(EvalDataError, match=message):
-            Trainer(TrainConfig(out=str(tmp_path / "run"), eval_task=[entry]))
+            Trainer(TrainConfig.of(out=str(tmp_path / "run"), eval_task=[entry]))
         assert not (tmp_path / "run").exists()
 
 

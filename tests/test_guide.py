@@ -32,7 +32,7 @@ def guide(tmp_path_factory, shards, data_tokenizer) -> Path:
     root = tmp_path_factory.mktemp("guide")
     patch.chdir(root)
     write_task_files(root / "tasks", 24, seed=0)
-    cfg = TrainConfig(mode="pretrain", config="tiny", data=[str(shards)], tokenizer=str(data_tokenizer.directory),
+    cfg = TrainConfig.of(mode="pretrain", config="tiny", data=[str(shards)], tokenizer=str(data_tokenizer.directory),
                       out="checkpoints/pretrain_tiny", seq_len=48, batch_size=2, max_steps=2, warmup_steps=0,
                       eval_interval=0, eval_batches=1, log_interval=100)
     assert Trainer(cfg).run() == EXIT_FINISHED
@@ -162,8 +162,8 @@ def test_resuming_with_another_max_steps_warns_that_the_schedule_changes(guide, 
 
 
 def test_warmup_longer_than_half_the_run_is_warned(tmp_path, capsys):
-    assert TrainConfig(warmup_steps=10, max_steps=100).warnings() == []
-    [warning] = TrainConfig(warmup_steps=100, max_steps=40).warnings()
+    assert TrainConfig.of(warmup_steps=10, max_steps=100).warnings() == []
+    [warning] = TrainConfig.of(warmup_steps=100, max_steps=40).warnings()
     assert "--warmup-steps 100" in warning and "--max-steps 40" in warning
     assert train_cli.main(["--warmup-steps", "100", "--max-steps", "40", "--dry-run", "--out", str(tmp_path)]) == 0
     assert "warmup-steps 100 is more than half" in capsys.readouterr().out
@@ -242,7 +242,7 @@ def test_pretokenize_holds_out_the_same_validation_share_as_train():
     from minigpt.cli.pretokenize import build_parser as pretokenize_parser
 
     defaults = pretokenize_parser().parse_args(["--input", "x", "--tokenizer", "t", "--out", "o"])
-    assert defaults.val_fraction == TrainConfig().val_fraction
+    assert defaults.val_fraction == TrainConfig().data.val_fraction
 
 
 def test_raw_files_are_pre_tokenized_again_after_the_encoding_changes(tmp_path, demo_corpus, data_tokenizer,
@@ -253,7 +253,7 @@ def test_raw_files_are_pre_tokenized_again_after_the_encoding_changes(tmp_path, 
     from minigpt.runtime import Runtime
     from minigpt.train.run_data import resolve_run_data
 
-    cfg = TrainConfig(mode="pretrain", data=[str(demo_corpus)], data_dir=str(tmp_path),
+    cfg = TrainConfig.of(mode="pretrain", data=[str(demo_corpus)], data_dir=str(tmp_path),
                       tokenizer=str(data_tokenizer.directory))
     first = resolve_run_data(cfg, Runtime(), None, "pretrain").dataset_dirs
     assert resolve_run_data(cfg, Runtime(), None, "pretrain").dataset_dirs == first  # reused as it is

@@ -1,6 +1,5 @@
 """Messages in the user's language: the language choice, and a catalog that is complete and compiled."""
 
-import dataclasses
 import gettext
 import os
 import subprocess
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from minigpt.config import TrainConfig
+from minigpt.config import config_flags
 from minigpt.i18n import LOCALE_DIR, choose_language, docs_page
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +54,7 @@ def marked_messages() -> set[str]:
     extract = pytest.importorskip("babel.messages.extract", reason="the catalog checks need Babel (dev extra)")
     found = {entry[2] for entry in extract.extract_from_dir(
         str(REPO / "minigpt"), method_map=[("**.py", "python")], keywords={"_": None})}
-    return found | {f.metadata["help"] for f in dataclasses.fields(TrainConfig)}
+    return found | {f.metadata["help"] for _title, _cls, fields in config_flags() for f in fields}
 
 
 def test_every_marked_message_has_a_chinese_translation():

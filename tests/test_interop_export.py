@@ -105,10 +105,10 @@ def test_generator_and_init_from_accept_an_hf_directory(model_dir, hf_dir, tmp_p
     ids = torch.tensor([[5, 9, 42, 7]])
     with torch.no_grad():
         assert torch.equal(generator.model(ids), reference(ids))
-    start = find_starting_weights(TrainConfig(mode="sft", init_from=str(hf_dir), out=str(tmp_path / "run")))
+    start = find_starting_weights(TrainConfig.of(mode="sft", init_from=str(hf_dir), out=str(tmp_path / "run")))
     assert start.source == str(hf_dir)
     assert_same_model_dir(model_dir, start.model_dir)
-    again = find_starting_weights(TrainConfig(mode="sft", init_from=str(hf_dir), out=str(tmp_path / "run")))
+    again = find_starting_weights(TrainConfig.of(mode="sft", init_from=str(hf_dir), out=str(tmp_path / "run")))
     assert again.model_dir == start.model_dir  # converted once
 
 
@@ -388,7 +388,7 @@ def test_training_continues_from_an_hf_directory(tied_dir, tied_hf_dir, shards, 
     from minigpt.signals import EXIT_FINISHED
     from minigpt.train.loop import Trainer
 
-    cfg = TrainConfig(mode="pretrain", init_from=str(tied_hf_dir), data=[str(shards)], out=str(tmp_path / "run"),
+    cfg = TrainConfig.of(mode="pretrain", init_from=str(tied_hf_dir), data=[str(shards)], out=str(tmp_path / "run"),
                       seq_len=32, batch_size=2, max_steps=2, warmup_steps=1, eval_interval=0, save_interval=0,
                       log_interval=100, sample_prompt="")
     assert Trainer(cfg).run() == EXIT_FINISHED

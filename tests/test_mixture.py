@@ -29,7 +29,7 @@ def test_weighted_entries_parse_into_named_sources_and_name_the_run_directory():
                                                                           ("books", "demo:zh", 0.3)]
     assert data_paths(entries) == ["shards/web", "demo:zh"]
     assert data_name(entries) == "web+books"
-    assert TrainConfig(data=entries).run_dir.name == "pretrain_tiny_web+books"
+    assert TrainConfig.of(data=entries).run_dir.name == "pretrain_tiny_web+books"
     assert parse_mixture(["corpus.txt", "./a=b.txt", "demo:zh"]) == []  # plain entries: no mixture
 
 
@@ -45,18 +45,18 @@ def test_weighted_entries_parse_into_named_sources_and_name_the_run_directory():
 ])
 def test_bad_mixture_entries_are_refused_naming_the_entry(entries, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
-        TrainConfig(data=entries)
+        TrainConfig.of(data=entries)
 
 
 def test_dry_run_shows_each_sources_share(tmp_path, capsys):
-    cfg = TrainConfig(data=["web=demo:en:7", "classics=demo:zh:3"], out=str(tmp_path / "run"), dry_run=True)
+    cfg = TrainConfig.of(data=["web=demo:en:7", "classics=demo:zh:3"], out=str(tmp_path / "run"), dry_run=True)
     assert dry_run(cfg) == EXIT_FINISHED
     assert "mixture         web 70.0%, classics 30.0% of the tokens" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("mode", ["dpo", "reward", "rlhf"])
 def test_modes_without_fixed_length_samples_refuse_a_mixture_by_name(mode, tmp_path):
-    cfg = TrainConfig(mode=mode, data=["a=demo:en:1", "b=demo:zh:1"], out=str(tmp_path / "run"))
+    cfg = TrainConfig.of(mode=mode, data=["a=demo:en:1", "b=demo:zh:1"], out=str(tmp_path / "run"))
     with pytest.raises(ConfigError, match=f"--mode {mode} cannot train on a weighted mixture .* modes that can: "
                                           "pretrain, sft"):
         dry_run(cfg)
@@ -188,11 +188,11 @@ def mixture_runs(tmp_path_factory, shards, data_tokenizer):
         patch.setitem(PRESETS, "tiny", SMALL)
         straight, said = root / "straight", io.StringIO()
         with contextlib.redirect_stdout(said):
-            assert Trainer(TrainConfig(out=str(straight), **settings)).run() == EXIT_FINISHED
+            assert Trainer(TrainConfig.of(out=str(straight), **settings)).run() == EXIT_FINISHED
         (straight / "said.txt").write_text(said.getvalue())
         resumed, said = root / "resumed", io.StringIO()
         with contextlib.redirect_stdout(said):
-            assert Trainer(TrainConfig(out=str(resumed), resume=str(straight / "ckpt" / f"step_{SAVE_AT:07d}"),
+            assert Trainer(TrainConfig.of(out=str(resumed), resume=str(straight / "ckpt" / f"step_{SAVE_AT:07d}"),
                                        **settings)).run() == EXIT_FINISHED
         (resumed / "said.txt").write_text(said.getvalue())
     return straight, resumed
@@ -259,7 +259,7 @@ def test_sft_trains_on_a_mixture_of_chat_files(tmp_path, data_tokenizer, monkeyp
 
     tasks = write_demo_post_training(tmp_path / "tasks.jsonl", "sft", 60, seed=1)
     chats = write_demo_post_training(tmp_path / "chats.jsonl", "sft", 30, seed=2)
-    cfg = TrainConfig(mode="sft", config="tiny", data=[f"tasks={tasks}:3", f"chats={chats}:1"],
+    cfg = TrainConfig.of(mode="sft", config="tiny", data=[f"tasks={tasks}:3", f"chats={chats}:1"],
                       data_dir=str(tmp_path / "data"), tokenizer=str(data_tokenizer.directory), out=str(tmp_path / "run"),
                       seq_len=48, batch_size=4, max_steps=2, warmup_steps=1, eval_interval=0, eval_batches=1,
                       log_interval=100, sample_prompt="a", allow_low_coverage=True)

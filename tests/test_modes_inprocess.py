@@ -34,7 +34,7 @@ def rows(run_dir: Path, split: str) -> list[dict]:
 def run(mode: str, out: Path, data: list[str], data_dir: Path, **options) -> Path:
     settings = dict(seq_len=48, batch_size=4, max_steps=STEPS, warmup_steps=1, eval_interval=0, eval_batches=2,
                     save_interval=SAVE_AT, log_interval=100, sample_prompt="a")
-    cfg = TrainConfig(mode=mode, config="tiny", data=data, data_dir=str(data_dir), out=str(out),
+    cfg = TrainConfig.of(mode=mode, config="tiny", data=data, data_dir=str(data_dir), out=str(out),
                       **{**settings, **EXTRA.get(mode, {}), **options})
     assert Trainer(cfg).run() == EXIT_FINISHED
     return out
@@ -94,7 +94,7 @@ def test_document_mask_keeps_attention_inside_documents_of_packed_windows(tmp_pa
     from minigpt.modes import build_objective
 
     monkeypatch.setitem(PRESETS, "tiny", SMALL)
-    cfg = TrainConfig(mode="pretrain", document_mask=True)
+    cfg = TrainConfig.of(mode="pretrain", document_mask=True)
     objective = build_objective("pretrain", data_tokenizer, cfg)
     reader = open_shard(shards, "train", tokenizer_checksum=data_tokenizer.checksum,
                         vocab_size=data_tokenizer.vocab_size)
@@ -113,7 +113,7 @@ def test_document_mask_keeps_attention_inside_documents_of_packed_windows(tmp_pa
                   document_mask=True)
     assert len(rows(run_dir, "train")) == STEPS
     with pytest.raises(Exception, match="--document-mask applies to --mode pretrain"):
-        TrainConfig(mode="sft", document_mask=True).validate()
+        TrainConfig.of(mode="sft", document_mask=True).validate()
 
 
 def test_a_signal_during_the_last_step_saves_that_step_and_resume_finishes_without_retraining(
@@ -121,14 +121,14 @@ def test_a_signal_during_the_last_step_saves_that_step_and_resume_finishes_witho
     monkeypatch.setitem(PRESETS, "tiny", SMALL)
     settings = dict(seq_len=48, batch_size=4, max_steps=STEPS, warmup_steps=1, eval_interval=0, eval_batches=1,
                     save_interval=0, log_interval=100, sample_prompt="a", tokenizer=str(data_tokenizer.directory))
-    cfg = TrainConfig(mode="pretrain", config="tiny", data=[str(shards)], data_dir=str(tmp_path),
+    cfg = TrainConfig.of(mode="pretrain", config="tiny", data=[str(shards)], data_dir=str(tmp_path),
                       out=str(tmp_path / "run"), **settings)
     trainer = Trainer(cfg)
     assert trainer.run(StopAtStep(trainer, STEPS)) == EXIT_PREEMPTED
     assert "checkpoint saved" in capsys.readouterr().out
     assert (tmp_path / "run" / "ckpt" / f"step_{STEPS:07d}" / "manifest.json").is_file()  # no work lost
 
-    resumed = TrainConfig(mode="pretrain", config="tiny", data=[str(shards)], data_dir=str(tmp_path),
+    resumed = TrainConfig.of(mode="pretrain", config="tiny", data=[str(shards)], data_dir=str(tmp_path),
                           out=str(tmp_path / "run"), auto_resume=True, **settings)
     assert Trainer(resumed).run() == EXIT_FINISHED
     assert [r["step"] for r in rows(tmp_path / "run", "train")] == list(range(STEPS))  # nothing retrained

@@ -100,7 +100,7 @@ def test_a_token_dropped_by_capacity_still_gets_the_shared_expert():
 
 def test_pretraining_loss_adds_the_weighted_balance_loss_and_logs_expert_shares():
     config = moe_config(moe_aux_loss_weight=0.1, moe_z_loss_weight=0.01)
-    engine = PlainEngine(seeded_model(config), TrainConfig(precision="fp32"), torch.device("cpu"))
+    engine = PlainEngine(seeded_model(config), TrainConfig.of(precision="fp32"), torch.device("cpu"))
     ids = torch.randint(0, 64, (2, 9))
     loss, stats = Pretraining().loss(engine, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
     layers = engine.module.moe_stats()
@@ -115,7 +115,7 @@ def test_pretraining_loss_adds_the_weighted_balance_loss_and_logs_expert_shares(
 
 
 def test_a_dense_model_adds_nothing_and_logs_no_moe_stats():
-    engine = PlainEngine(seeded_model(small_test_config(64)), TrainConfig(precision="fp32"), torch.device("cpu"))
+    engine = PlainEngine(seeded_model(small_test_config(64)), TrainConfig.of(precision="fp32"), torch.device("cpu"))
     ids = torch.randint(0, 64, (2, 9))
     loss, stats = Pretraining().loss(engine, {"input_ids": ids[:, :-1], "labels": ids[:, 1:]})
     assert stats == {}
@@ -124,7 +124,7 @@ def test_a_dense_model_adds_nothing_and_logs_no_moe_stats():
 def test_a_few_plain_steps_lower_the_loss_and_keep_every_expert_in_use():
     torch.manual_seed(0)
     config = moe_config()
-    engine = PlainEngine(MiniGPT(config), TrainConfig(precision="fp32", learning_rate=3e-3, warmup_steps=0),
+    engine = PlainEngine(MiniGPT(config), TrainConfig.of(precision="fp32", learning_rate=3e-3, warmup_steps=0),
                          torch.device("cpu"))
     ids = (torch.arange(4 * 17).reshape(4, 17) * 3) % 64
     losses = []
@@ -214,12 +214,12 @@ def _objective_loss(mode: str, model: torch.nn.Module, ids: torch.Tensor):
 
     if mode == "reward":
         model = RewardModel(model)
-    engine = PlainEngine(model, TrainConfig(precision="fp32"), torch.device("cpu"))
+    engine = PlainEngine(model, TrainConfig.of(precision="fp32"), torch.device("cpu"))
     if mode == "dpo":
         return DPO(beta=0.1).loss(engine, _pair_batch(ids)), engine
     if mode == "reward":
         return RewardModeling().loss(engine, _pair_batch(ids)), engine
-    cfg = TrainConfig(mode="rlhf", rl_group_size=2, kl_coef=0.05)
+    cfg = TrainConfig.of(mode="rlhf", rl_group_size=2, kl_coef=0.05)
     mask = torch.ones_like(ids)
     rollout = Rollout(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1), prompt_len=6,
                       response_mask=torch.ones(4, 3), old_logprobs=torch.full((4, 3), -4.0),

@@ -106,7 +106,7 @@ def _cfg(tmp_path: Path, shards, data_tokenizer, **options) -> TrainConfig:
                 out=str(tmp_path / "run"), tokenizer=str(data_tokenizer.directory), seq_len=32, batch_size=4,
                 max_steps=6, warmup_steps=2, eval_interval=0, eval_batches=2, save_interval=3, sample_prompt="a",
                 compile="off")
-    return TrainConfig(**{**base, **options})
+    return TrainConfig.of(**{**base, **options})
 
 
 def _losses(run_dir: Path) -> list[float]:

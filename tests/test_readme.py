@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from minigpt.cli.args import dataclass_from_args
-from minigpt.config import PRESETS, ConfigError, MiniGPTConfig, TrainConfig
+from minigpt.cli.args import train_config_from_args
+from minigpt.config import PRESETS, ConfigError, MiniGPTConfig, TrainConfig, config_flags, flag_of
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -32,8 +32,8 @@ def quickstart_command(name: str) -> str:
 
 def test_cli_reference_lists_every_train_flag_with_its_default():
     rows = dict(re.findall(r"^\| `(--[a-z0-9-]+)` \| .*? \| `(.*?)` \|$", README, re.M))
-    for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
+    for field in [field for _title, _cls, fields in config_flags() for field in fields]:
+        flag = flag_of(field)
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         assert flag in rows, f"README CLI reference lacks {flag}"
         assert rows[flag] == repr(default), f"README says {flag} defaults to {rows[flag]}, code says {default!r}"
@@ -185,7 +185,7 @@ def test_every_documented_command_uses_flags_the_cli_accepts():
                 if name == "launch/train.py":
                     parser = importlib.import_module("minigpt.cli.train").build_parser()
                     try:
-                        dataclass_from_args(TrainConfig, parser.parse_args(argv))
+                        train_config_from_args(parser.parse_args(argv))
                     except (ConfigError, SystemExit) as err:
                         pytest.fail(f"{page.relative_to(REPO)}: launch/train.py {' '.join(argv)}: {err}")
     assert {"launch/train.py", "launch/generate.py", "launch/chat.py", "launch/serve.py", "launch/eval.py",
@@ -266,7 +266,7 @@ def test_data_page_states_the_validation_share_defaults_the_code_has(page, word)
     text = " ".join(page.read_text().split())
     pretokenize = importlib.import_module("minigpt.cli.pretokenize").build_parser().get_default("val_fraction")
     for script, default in (("data_tools/pretokenize.py", pretokenize),
-                            ("launch/train.py", TrainConfig().val_fraction)):
+                            ("launch/train.py", TrainConfig().data.val_fraction)):
         stated = re.search(rf"`{script} --val-fraction`.*?(?:{word}) ([0-9]+(?:\.[0-9]+)?)", text)
         assert stated, f"{page.name} does not state the default of {script} --val-fraction"
         assert float(stated.group(1)) == default, f"{page.name}: {script} --val-fraction defaults to {default}"

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt.cli.args import add_dataclass_arguments
+from minigpt.cli.args import add_train_arguments, train_config_from_args
 from minigpt.config import PRESETS, ConfigError, TrainConfig
 from minigpt.data.build import build_dataset
 from minigpt.data.datasets import IGNORE_INDEX, PackedSFTExamples, SFTExamples, pack_best_fit
@@ -137,7 +137,7 @@ def own_directory(tmp_path, monkeypatch):
 
 
 def run(out: Path, data: Path, data_dir: Path, **options) -> list[dict]:
-    cfg = TrainConfig(mode="sft", config="tiny", data=[str(data)], data_dir=str(data_dir), out=str(out),
+    cfg = TrainConfig.of(mode="sft", config="tiny", data=[str(data)], data_dir=str(data_dir), out=str(out),
                       seq_len=SEQ_LEN, batch_size=4, max_steps=4, warmup_steps=1, eval_interval=0, eval_batches=2,
                       save_interval=2, log_interval=100, sample_prompt="a", **options)
     assert Trainer(cfg).run() == EXIT_FINISHED
@@ -168,13 +168,12 @@ def test_pack_is_a_flag_for_sft_and_refused_by_name_elsewhere():
     import argparse
 
     parser = argparse.ArgumentParser()
-    add_dataclass_arguments(parser, TrainConfig)
-    assert parser.parse_args(["--mode", "sft", "--pack"]).pack is True
-    assert parser.parse_args([]).pack is False
-    TrainConfig(mode="sft", pack=True).validate()
+    add_train_arguments(parser)
+    assert train_config_from_args(parser.parse_args(["--mode", "sft", "--pack"])).options.pack is True
+    assert train_config_from_args(parser.parse_args(["--mode", "sft"])).options.pack is False
     for mode in ("pretrain", "dpo", "reward", "rlhf"):
         with pytest.raises(ConfigError, match="--pack applies to --mode sft"):
-            TrainConfig(mode=mode, pack=True)
+            TrainConfig.of(mode=mode, pack=True)
 
 
 @pytest.mark.integration

@@ -38,11 +38,11 @@ def small_tiny(monkeypatch, tmp_path):
 
 def test_the_default_run_directory_is_named_after_the_data():
     assert TrainConfig().run_dir == Path("checkpoints/pretrain_tiny")  # the quick start's, on the demo data
-    assert TrainConfig(mode="sft", data=["../shared/data/zh_classics.jsonl"]).run_dir == \
+    assert TrainConfig.of(mode="sft", data=["../shared/data/zh_classics.jsonl"]).run_dir == \
         Path("checkpoints/sft_tiny_zh_classics")
-    assert TrainConfig(data=["shards/mycorpus/", "more.txt"], config="small").run_dir == \
+    assert TrainConfig.of(data=["shards/mycorpus/", "more.txt"], config="small").run_dir == \
         Path("checkpoints/pretrain_small_mycorpus+1")
-    assert TrainConfig(data=["a.txt"], out="runs/x").run_dir == Path("runs/x")
+    assert TrainConfig.of(data=["a.txt"], out="runs/x").run_dir == Path("runs/x")
 
 
 def make_final(run_dir: str, age: int = 0) -> Path:
@@ -59,11 +59,11 @@ def test_a_stage_starts_from_the_run_on_its_own_data_before_the_quick_starts(sma
     make_final("checkpoints/pretrain_tiny_zh", age=2)
     make_final("checkpoints/pretrain_small_30m_zh", age=3)
     start = find_starting_weights
-    assert start(TrainConfig(mode="sft")).source == "checkpoints/pretrain_tiny/final"
-    assert start(TrainConfig(mode="sft", data=["zh_chat.jsonl"])).source == "checkpoints/pretrain_tiny_zh/final"
+    assert start(TrainConfig.of(mode="sft")).source == "checkpoints/pretrain_tiny/final"
+    assert start(TrainConfig.of(mode="sft", data=["zh_chat.jsonl"])).source == "checkpoints/pretrain_tiny_zh/final"
     make_final("checkpoints/pretrain_tiny_zh_chat")
-    assert start(TrainConfig(mode="sft", data=["zh_chat.jsonl"])).source == "checkpoints/pretrain_tiny_zh_chat/final"
-    assert start(TrainConfig(mode="sft", config="small", data=["zh.jsonl"])).source.startswith("random init")
+    assert start(TrainConfig.of(mode="sft", data=["zh_chat.jsonl"])).source == "checkpoints/pretrain_tiny_zh_chat/final"
+    assert start(TrainConfig.of(mode="sft", config="small", data=["zh.jsonl"])).source.startswith("random init")
 
 
 def test_coverage_counts_characters_the_tokenizer_only_spells_as_bytes(english_tokenizer, data_tokenizer, shards):
@@ -74,7 +74,7 @@ def test_coverage_counts_characters_the_tokenizer_only_spells_as_bytes(english_t
 
 def test_a_tokenizer_that_cannot_spell_the_data_stops_the_run_with_how_to_train_one(
         small_tiny, english_tokenizer, chinese_jsonl, capsys):
-    cfg = TrainConfig(data=[str(chinese_jsonl)], tokenizer=str(english_tokenizer.directory), **QUICK)
+    cfg = TrainConfig.of(data=[str(chinese_jsonl)], tokenizer=str(english_tokenizer.directory), **QUICK)
     with pytest.raises(ConfigError) as refused:
         Trainer(cfg)
     message = str(refused.value)
@@ -83,17 +83,17 @@ def test_a_tokenizer_that_cannot_spell_the_data_stops_the_run_with_how_to_train_
     assert "--allow-low-coverage" in message and f"{MIN_COVERAGE:.0%}" in message
     assert not (small_tiny / "checkpoints").exists()  # nothing written before the refusal
 
-    Trainer(dataclasses.replace(cfg, allow_low_coverage=True))
+    Trainer(cfg.replace(allow_low_coverage=True))
     line = next(x for x in capsys.readouterr().out.splitlines() if " run checkpoints/pretrain_tiny_zh:" in x)
     assert "weights from random init" in line and f"tokenizer {english_tokenizer.directory} (--tokenizer" in line
 
 
 def test_the_start_line_names_the_inherited_weights_and_tokenizer(small_tiny, data_tokenizer, shards, capsys):
-    pretrain = TrainConfig(data=[str(shards)], tokenizer=str(data_tokenizer.directory), out="checkpoints/pretrain_tiny",
+    pretrain = TrainConfig.of(data=[str(shards)], tokenizer=str(data_tokenizer.directory), out="checkpoints/pretrain_tiny",
                            **QUICK)
     Trainer(pretrain).run()
     capsys.readouterr()
-    Trainer(TrainConfig(mode="sft", **QUICK))  # the built-in demo chats, from the quick start's pretraining
+    Trainer(TrainConfig.of(mode="sft", **QUICK))  # the built-in demo chats, from the quick start's pretraining
     line = next(x for x in capsys.readouterr().out.splitlines() if "sft run checkpoints/sft_tiny:" in x)
     assert "weights from checkpoints/pretrain_tiny/final; tokenizer checkpoints/pretrain_tiny/final " \
            "(the starting weights'" in line and "% of the training data's characters" in line

@@ -43,7 +43,7 @@ def test_bad_durations_are_refused_by_name(text, message):
         parse_duration(text)
     if text:
         with pytest.raises(ConfigError, match="--max-time"):
-            TrainConfig(max_time=text)
+            TrainConfig.of(max_time=text)
 
 
 def test_the_decay_follows_the_budget_when_it_is_further_along_than_the_steps():
@@ -171,7 +171,7 @@ def _cfg(tmp_path: Path, shards, data_tokenizer, **options) -> TrainConfig:
                     max_steps=100_000, warmup_steps=2, eval_interval=25, eval_batches=2, save_interval=0,
                     log_interval=1000, sample_prompt="a", min_lr_ratio=0.1, learning_rate=1e-3,
                     tokenizer=str(data_tokenizer.directory))
-    return TrainConfig(config="tiny", data_dir=str(tmp_path), **{**settings, **options})
+    return TrainConfig.of(config="tiny", data_dir=str(tmp_path), **{**settings, **options})
 
 
 def _train_rows(run_dir: Path) -> list[dict]:

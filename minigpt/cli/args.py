@@ -84,25 +84,47 @@ def unknown_flags_message(flags: list[str], known: list[str]) -> str:
 
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    hints = typing.get_type_hints(cls)
-    for field in dataclasses.fields(cls):
-        flag = "--" + field.name.replace("_", "-")
-        help_text = _(field.metadata.get("help", "")).replace("%", "%%")  # argparse formats help with %
-        kind = hints[field.name]
-        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", default=default, help=help_text)
-        elif typing.get_origin(kind) is list:
-            # extend: `--data a b` and `--data a --data b` both give [a, b] (a repeated flag adds, never replaces)
-            parser.add_argument(flag, nargs="+", action="extend", default=default, help=help_text, metavar="PATH")
-        elif "const" in field.metadata:  # `--flag` alone means `--flag CONST`
-            parser.add_argument(flag, type=kind, nargs="?", const=field.metadata["const"], default=default,
-                                help=_("{help} (default: {default})").format(help=help_text, default=repr(default)))
-        else:
-            parser.add_argument(flag, type=kind, default=default,
-                                help=_("{help} (default: {default})").format(help=help_text, default=repr(default)))
+def section_titles() -> dict[str, str]:
+    """`--help`'s group title of each `TrainConfig` section, in the user's language."""
+    return {"run": _("run"), "model": _("model"), "data": _("data"), "optim": _("optimisation"),
+            "schedule": _("schedule"), "engine": _("engine and distribution"),
+            "evaluation": _("evaluation and logging"), "checkpointing": _("output and checkpoints")}
 
 
-def dataclass_from_args(cls: type, args: argparse.Namespace):
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """`launch/train.py`'s flags: one `--help` group per `TrainConfig` section, then one per mode with flags of its
+    own. A mode's flags are absent from the parsed namespace unless given, so one given to another mode is
+    refused by name (`TrainConfig.of`)."""
+    from minigpt.config import config_flags, flag_of, key_of
+
+    titles = section_titles()
+    for title, cls, fields in config_flags():
+        group = parser.add_argument_group(titles.get(title, title))
+        hints = typing.get_type_hints(cls)
+        for field in fields:
+            _add_field(group, flag_of(field), key_of(field), field, hints[field.name], given_only=title not in titles)
+
+
+def _add_field(group, flag: str, dest: str, field: dataclasses.Field, kind: type, given_only: bool) -> None:
+    help_text = _(field.metadata.get("help", "")).replace("%", "%%")  # argparse formats help with %
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    shown = _("{help} (default: {default})").format(help=help_text, default=repr(default))
+    value = argparse.SUPPRESS if given_only else default
+    if kind is bool:
+        group.add_argument(flag, dest=dest, action="store_true", default=value, help=help_text)
+    elif typing.get_origin(kind) is list:
+        # extend: `--data a b` and `--data a --data b` both give [a, b] (a repeated flag adds, never replaces)
+        group.add_argument(flag, dest=dest, nargs="+", action="extend", default=value, help=help_text,
+                           metavar="PATH")
+    elif "const" in field.metadata:  # `--flag` alone means `--flag CONST`
+        group.add_argument(flag, dest=dest, type=kind, nargs="?", const=field.metadata["const"], default=value,
+                           help=shown)
+    else:
+        group.add_argument(flag, dest=dest, type=kind, default=value, help=shown)
+
+
+def train_config_from_args(args: argparse.Namespace):
+    """The `TrainConfig` of a namespace `add_train_arguments` parsed (`ConfigError` names a bad flag)."""
+    from minigpt.config import TrainConfig
+
+    return TrainConfig.of(**{key: value for key, value in vars(args).items() if key != "local_rank"})

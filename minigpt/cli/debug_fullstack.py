@@ -14,14 +14,13 @@ data (and raw --data files), instead; --init-from or --tokenizer choose otherwis
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from minigpt.cli.args import FlagParser, add_dataclass_arguments, dataclass_from_args
-from minigpt.config import TrainConfig, get_config
+from minigpt.cli.args import FlagParser, add_train_arguments, train_config_from_args
+from minigpt.config import ConfigError, TrainConfig, get_config
 from minigpt.i18n import _
 
 if TYPE_CHECKING:
@@ -31,7 +30,7 @@ if TYPE_CHECKING:
 def main(argv: list[str] | None = None) -> int:
     parser = FlagParser(prog="launch/debug_fullstack.py", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_arguments(parser, TrainConfig)
+    add_train_arguments(parser)
     parser.add_argument("--model-size", dest="config", default=argparse.SUPPRESS, help=_("alias of --config"))
     parser.add_argument("--prompt", default="", help=_("prompt to generate from after the step (default: from the "
                                                        "data, as --sample-prompt; answered as a chat turn in sft, "
@@ -44,8 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         args.overwrite = True
     args.max_steps = 1
     args.warmup_steps = 0
-    args.dpo_reference_in_memory = True  # the reference scores this one batch, not every pair of the data
-    cfg = dataclass_from_args(TrainConfig, args)
+    if args.mode == "dpo":
+        args.dpo_reference_in_memory = True  # the reference scores this one batch, not every pair of the data
+    prompt, show_tokens = args.prompt, args.show_tokens
+    del args.prompt, args.show_tokens
+    try:
+        cfg = train_config_from_args(args)
+    except ConfigError as err:
+        parser.error(str(err))
+    args.prompt, args.show_tokens = prompt, show_tokens
 
     from minigpt.train.loop import USER_ERRORS
 
@@ -77,18 +83,18 @@ def debug_start(cfg: TrainConfig, prompt: str) -> tuple[TrainConfig, StartingWei
     from minigpt.tokenizer import Tokenizer
     from minigpt.train.loop import StartingWeights, find_starting_weights
 
-    if not objective_class(cfg.mode).previous_stages or cfg.init_from or cfg.tokenizer or not prompt:
+    if not objective_class(cfg.mode).previous_stages or cfg.model.init_from or cfg.data.tokenizer or not prompt:
         return cfg, None
     start = find_starting_weights(cfg)
     if start.model_dir is None:
-        return dataclasses.replace(cfg, tokenizer=str(train_walk_tokenizer(cfg))), start
+        return cfg.replace(tokenizer=str(train_walk_tokenizer(cfg))), start
     unseen = Tokenizer(start.model_dir).unseen_characters(prompt)
     if not unseen:
         return cfg, None
     print(_("[minigpt] debug: {model}'s tokenizer has no pieces for {unseen!r} of --prompt: walking from random "
             "weights with a tokenizer trained on the bilingual demo data instead (--init-from {model} to walk from "
             "those weights anyway)").format(model=start.model_dir, unseen=unseen), flush=True)
-    return (dataclasses.replace(cfg, tokenizer=str(train_walk_tokenizer(cfg))),
+    return (cfg.replace(tokenizer=str(train_walk_tokenizer(cfg))),
             StartingWeights("random init (debug: the previous stage's tokenizer lacks the prompt's characters)"))
 
 
@@ -99,11 +105,11 @@ def train_walk_tokenizer(cfg: TrainConfig) -> Path:
     from minigpt.tokenizer_training import train_tokenizer
     from minigpt.train.run_data import builtin_corpus_file, demo_post_training_file, find_input
 
-    files = [builtin_corpus_file(cfg.data_dir, "en")] + [demo_post_training_file(cfg.data_dir, kind, TOKENIZER_SAMPLE)
+    files = [builtin_corpus_file(cfg.data.data_dir, "en")] + [demo_post_training_file(cfg.data.data_dir, kind, TOKENIZER_SAMPLE)
                                                           for kind in ("sft", "dpo", "rlhf")]
-    files += [path for path in (find_input(name, cfg.data_dir) for name in cfg.data) if path.is_file()]
+    files += [path for path in (find_input(name, cfg.data.data_dir) for name in cfg.data.sources) if path.is_file()]
     demo = files[0].parent
-    vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
+    vocab = cfg.data.vocab_size or get_config(cfg.model.preset).vocab_size
     print(_("[minigpt] debug: training a {vocab_size}-token tokenizer on {count} file(s) into {path}").format(
         vocab_size=vocab, count=len(files), path=demo.parent / "debug_tokenizer"), flush=True)
     return train_tokenizer(files, demo.parent / "debug_tokenizer", vocab_size=vocab).directory

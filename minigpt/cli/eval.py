@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(_("two tasks share the name {name!r}; add name=... to one of them")
                      .format(name=next(n for n in names if names.count(n) > 1)))
 
-    from minigpt.config import ConfigError, TrainConfig
+    from minigpt.config import ConfigError, EngineSection
     from minigpt.data.shards import ShardError
     from minigpt.data.sources import InputError
     from minigpt.data.tasks import read_prompts
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise EvalDataError(_("--task {task}: {path} does not exist").format(task=spec.text, path=path))
             check_task_files(spec)  # before the model is loaded
         exclude = frozenset(read_prompts(args.exclude_from)) if args.exclude_from else frozenset()
-        runtime = create_runtime(TrainConfig(device=args.device, dist_timeout=args.dist_timeout))
+        runtime = create_runtime(EngineSection(device=args.device, dist_timeout=args.dist_timeout))
         directory = model_directory(args.model)
         model, tokenizer = load_consolidated(directory, device=runtime.device)
         if tokenizer is None:

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from minigpt.cli.args import FlagParser
-from minigpt.config import TrainConfig
+from minigpt.config import DataSection
 from minigpt.data.build import STATS_FILE, DatasetBuildError, build_dataset
 from minigpt.data.cleaning import Cleaning
 from minigpt.data.shards import KINDS
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help=_("dataset directory to write"))
     parser.add_argument("--kind", choices=KINDS, default="pretrain",
                         help=_("what the records are ({docs})").format(docs=docs_page("data.md")))
-    parser.add_argument("--val-fraction", type=float, default=TrainConfig.val_fraction,
+    parser.add_argument("--val-fraction", type=float, default=DataSection.val_fraction,
                         help=_("share of documents for validation (the same default as train.py's raw-file path)"))
     parser.add_argument("--seed", type=int, default=1337, help=_("seed of the train/validation split"))
     parser.add_argument("--workers", type=int, default=1,

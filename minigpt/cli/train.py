@@ -1,6 +1,7 @@
 """Train a MiniGPT model: `python launch/train.py ...` (one device) or `deepspeed launch/train.py ...`.
 
-Every flag mirrors a field of `minigpt.config.TrainConfig`; `--help` lists them. Exit codes:
+Every flag mirrors a field of `minigpt.config.TrainConfig`: of its sections, or of a mode's own options; `--help`
+lists them in those groups. Exit codes:
 0 finished, 75 stopped by a signal (or the deepspeed launcher's exit) after saving (rerun with --auto-resume),
 130 aborted by a second Ctrl-C before a checkpoint was being written, 2 bad usage.
 """
@@ -11,8 +12,8 @@ import argparse
 import faulthandler
 import sys
 
-from minigpt.cli.args import FlagParser, add_dataclass_arguments, dataclass_from_args
-from minigpt.config import ConfigError, TrainConfig
+from minigpt.cli.args import FlagParser, add_train_arguments, train_config_from_args
+from minigpt.config import ConfigError
 from minigpt.i18n import _
 from minigpt.signals import StopRequest, tolerate_lost_output, watch_launcher
 
@@ -20,7 +21,7 @@ from minigpt.signals import StopRequest, tolerate_lost_output, watch_launcher
 def build_parser() -> argparse.ArgumentParser:
     parser = FlagParser(prog="launch/train.py", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_arguments(parser, TrainConfig)
+    add_train_arguments(parser)
     # The deepspeed launcher appends --local_rank=N; the rank is also in the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -61,7 +62,7 @@ def _main(stop: StopRequest, argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cfg = dataclass_from_args(TrainConfig, args)
+        cfg = train_config_from_args(args)
     except ConfigError as err:
         parser.error(str(err))
     from minigpt.train.loop import USER_ERRORS, dry_run, train

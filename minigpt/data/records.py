@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import codecs
 import csv
-import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from minigpt.data.sources import lone_surrogate_field
+from minigpt.data.sources import JSONLineError, lone_surrogate_field, parse_json_line
 from minigpt.i18n import _
 
 MAX_CSV_FIELD_CHARS = 131_072
@@ -63,15 +62,15 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
         if not line.strip():
             continue
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
+            value = parse_json_line(line)
+        except JSONLineError as err:
+            if err.too_deep:
+                raise RecordError(_("{path}:{line}: JSON nested too deeply to read").format(
+                    path=path, line=number)) from None
             problem = _bad_byte(line)
             message = (_("{path}:{line}: not valid UTF-8 ({problem})") if problem
                        else _("{path}:{line}: not valid JSON ({problem})"))
-            raise RecordError(message.format(path=path, line=number, problem=problem or err.msg)) from None
-        except RecursionError:
-            raise RecordError(_("{path}:{line}: JSON nested too deeply to read").format(path=path, line=number)) \
-                from None
+            raise RecordError(message.format(path=path, line=number, problem=problem or err.problem)) from None
         if "\\u" in line or _bad_byte(line):
             check_text_fields(f"{path}:{number}", value)
         yield number, value

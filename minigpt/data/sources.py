@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -348,6 +349,26 @@ def _check_responses(messages: list[dict]) -> str | None:
     return None
 
 
+class JSONLineError(ValueError):
+    """One JSONL line that is not JSON: `problem` says why (the parser's message), `too_deep` when it nests
+    deeper than the parser can follow."""
+
+    def __init__(self, problem: str, too_deep: bool = False):
+        super().__init__(problem)
+        self.problem, self.too_deep = problem, too_deep
+
+
+def parse_json_line(text: str) -> Any:
+    """The JSON value of one line of a JSONL file: the one place a line is parsed, for the dataset builder
+    (which skips and counts a bad line) and for `records.json_lines` (which refuses the file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise JSONLineError(err.msg) from None
+    except RecursionError:
+        raise JSONLineError(_("nested too deeply"), too_deep=True) from None
+
+
 def parse_record(kind: str, fmt: str, line: int, raw: bytes | dict, text_field: str = "text") -> Example | Skip:
     """Decode and validate one raw record for a dataset of `kind` ('pretrain', 'sft', 'dpo', 'rlhf').
 
@@ -367,11 +388,9 @@ def parse_record(kind: str, fmt: str, line: int, raw: bytes | dict, text_field: 
     if not text.strip():
         return Skip(line, "empty_line")
     try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        return Skip(line, "malformed_json", err.msg)
-    except RecursionError:
-        return Skip(line, "malformed_json", _("nested too deeply"))
+        record = parse_json_line(text)
+    except JSONLineError as err:
+        return Skip(line, "malformed_json", err.problem)
     if not isinstance(record, dict):
         return Skip(line, "not_an_object")
     bad_field = _may_hold_surrogate(text) and _used_lone_surrogate(kind, record, text_field)
@@ -485,8 +504,8 @@ def training_texts(fmt: str, raw: bytes | dict, text_field: str = "text") -> lis
     if fmt == "txt":
         return [text.rstrip("\r\n")] if text.strip() else []
     try:
-        record = json.loads(text) if text.strip() else None
-    except (json.JSONDecodeError, RecursionError):
+        record = parse_json_line(text) if text.strip() else None
+    except JSONLineError:
         return []
     if not isinstance(record, dict):
         return []

@@ -14,7 +14,7 @@ import socket
 import torch
 from torch import nn
 
-from minigpt.config import ConfigError, TrainConfig
+from minigpt.config import ConfigError, EngineSection, OptimSection, TrainConfig
 from minigpt.engine.base import Engine, StepResult, build_optimizer, build_scheduler, warmup_cosine
 from minigpt.engine.device import detect_device, resolve_precision
 from minigpt.i18n import _
@@ -70,21 +70,23 @@ def rank_placement(engine: Engine) -> str:
         master=f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}", experts=experts)
 
 
-def create_runtime(cfg: TrainConfig) -> Runtime:
+def create_runtime(engine: EngineSection, optim: OptimSection | None = None) -> Runtime:
     """The runtime of this process, made before anything else: distributed (process group started)
-    under a launcher or with --ds-config, one plain process otherwise. The engine configuration is
-    validated first, so a bad DeepSpeed config fails by name before any rendezvous."""
-    if not (launched_distributed() or cfg.ds_config):
-        return Runtime(device=detect_device(cfg.device))
+    under a launcher or with --ds-config, one plain process otherwise. The DeepSpeed configuration (from
+    `engine` and the batch of `optim`) is built here, once, so a bad one fails by name before any rendezvous;
+    the engine takes it from `runtime.deepspeed_plan`."""
+    if not (launched_distributed() or engine.ds_config):
+        return Runtime(device=detect_device(engine.device))
     from deepspeed.accelerator import get_accelerator
 
     from minigpt.engine.ds_config import plan_deepspeed
 
-    detect_device(cfg.device)  # says which device, and why, once (the main rank)
-    plan = plan_deepspeed(cfg, int(os.environ.get("WORLD_SIZE", "1")), get_accelerator().device_name())
+    detect_device(engine.device)  # says which device, and why, once (the main rank)
+    plan = plan_deepspeed(engine, optim or OptimSection(), int(os.environ.get("WORLD_SIZE", "1")),
+                          get_accelerator().device_name())
     from minigpt.engine.deepspeed import distributed_runtime
 
-    runtime = distributed_runtime(cfg.dist_timeout)
+    runtime = distributed_runtime(engine.dist_timeout)
     runtime.deepspeed_plan = plan
     return runtime
 
@@ -93,7 +95,7 @@ def create_engine(model: nn.Module, cfg: TrainConfig, runtime: Runtime | None = 
     """DeepSpeedEngine in a distributed runtime (a launcher or --ds-config); PlainEngine otherwise.
 
     `runtime` (from `minigpt.runtime.create_runtime`, made before the data) is created here when not given."""
-    runtime = runtime or create_runtime(cfg)
+    runtime = runtime or create_runtime(cfg.engine, cfg.optim)
     if runtime.distributed:
         from minigpt.engine.deepspeed import DeepSpeedEngine
 
@@ -108,20 +110,21 @@ def create_engine(model: nn.Module, cfg: TrainConfig, runtime: Runtime | None = 
 def validate_engine_config(cfg: TrainConfig, world_size: int, device: torch.device | None = None) -> str:
     """Check engine settings without building anything (for --dry-run); return a one-line plan. `device`:
     the device already detected (default: detected here)."""
-    if launched_distributed() or cfg.ds_config:
+    if launched_distributed() or cfg.engine.ds_config:
         from minigpt.config import get_config
         from minigpt.engine.ds_config import plan_deepspeed, resolve_ep_size
 
-        device = device or detect_device(cfg.device)
-        plan = plan_deepspeed(cfg, world_size, "cuda" if device.type == "cuda" else "cpu")
-        experts = get_config(cfg.config).num_experts if not cfg.init_from else 0  # the engine checks --init-from's
+        device = device or detect_device(cfg.engine.device)
+        plan = plan_deepspeed(cfg.engine, cfg.optim, world_size, "cuda" if device.type == "cuda" else "cpu")
+        # the engine checks --init-from's experts
+        experts = get_config(cfg.model.preset).num_experts if not cfg.model.init_from else 0
         ep = _(", experts over {ranks} expert-parallel rank(s)").format(
-            ranks=resolve_ep_size(cfg.ep_size, world_size, experts, plan.zero_stage)) if experts else ""
+            ranks=resolve_ep_size(cfg.engine.ep_size, world_size, experts, plan.zero_stage)) if experts else ""
         return _("DeepSpeed ZeRO-{stage} ({config}), {world_size} rank(s), {precision} on "
                  "{accelerator}{experts}").format(
-            stage=plan.zero_stage, config=cfg.ds_config or _("default config"), world_size=world_size,
+            stage=plan.zero_stage, config=cfg.engine.ds_config or _("default config"), world_size=world_size,
             precision=plan.precision, accelerator=plan.accelerator, experts=ep)
-    device = device or detect_device(cfg.device)
-    compiled = {"on": _(", compiled"), "auto": _(", compile auto")}.get(cfg.compile, "")
+    device = device or detect_device(cfg.engine.device)
+    compiled = {"on": _(", compiled"), "auto": _(", compile auto")}.get(cfg.engine.compile, "")
     return _("plain on {device}, {precision}{compiled}").format(
-        device=device, precision=resolve_precision(cfg.precision, device), compiled=compiled)
+        device=device, precision=resolve_precision(cfg.engine.precision, device), compiled=compiled)

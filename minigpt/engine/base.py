@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minigpt.config import ConfigError, TrainConfig
+from minigpt.config import ConfigError, ScheduleSection
 from minigpt.i18n import _
 from minigpt.runtime import Runtime
 
@@ -96,16 +96,16 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if fused else None)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleSection,
                     clock: ScheduleClock | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR over `warmup_cosine`; the same object drives both engines, so their LR numbers agree.
 
     A `functools.partial` (not a lambda or dataclass) keeps the schedule's shape out of the scheduler's
     state dict: a resumed run uses the schedule of its own config and only the position is restored.
     `clock` (the engine's `schedule_clock`) is used only when the run has a --max-time budget."""
-    schedule = functools.partial(warmup_cosine, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                                 min_lr_ratio=cfg.min_lr_ratio, clock=clock if cfg.max_time else None)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    shape = functools.partial(warmup_cosine, warmup_steps=schedule.warmup_steps, max_steps=schedule.max_steps,
+                              min_lr_ratio=schedule.min_lr_ratio, clock=clock if schedule.max_time else None)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, shape)
 
 
 def enable_activation_checkpointing(model: nn.Module, checkpoint_fn: Callable, *, reentrant: bool = False) -> int:

@@ -29,7 +29,7 @@ from deepspeed.accelerator import get_accelerator
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param, safe_set_full_optimizer_state
 from torch import nn
 
-from minigpt.config import ConfigError, TrainConfig
+from minigpt.config import ConfigError, OptimSection, TrainConfig
 from minigpt.engine.base import (
     Engine,
     ScheduleClock,
@@ -124,7 +124,7 @@ def distributed_runtime(timeout_s: int = 600) -> Runtime:
                    local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device, distributed=True)
 
 
-def moe_optimizer(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.Optimizer:
+def moe_optimizer(optimizer: torch.optim.Optimizer, optim: OptimSection) -> torch.optim.Optimizer:
     """The same AdamW with DeepSpeed's MoE parameter groups: expert weights apart, since ZeRO reduces and
     partitions them over the expert-data-parallel group rather than all ranks."""
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
@@ -132,7 +132,7 @@ def moe_optimizer(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.o
     named = [{"name": f"group{index}", "params": list(group["params"]), "weight_decay": group["weight_decay"]}
              for index, group in enumerate(optimizer.param_groups)]
     groups = [g for g in split_params_into_different_moe_groups_for_optimizer(named) if g["params"]]
-    return type(optimizer)(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+    return type(optimizer)(groups, lr=optim.learning_rate, betas=(optim.beta1, optim.beta2), eps=1e-8,
                            **({"fused": True} if isinstance(optimizer, torch.optim.AdamW) else {}))
 
 
@@ -144,8 +144,9 @@ class DeepSpeedEngine(Engine):
         """`plan`: the configuration `create_runtime` built and checked before the rendezvous (default: built
         here from `cfg` for WORLD_SIZE ranks, before any process-group or model work, so a bad config fails
         fast and by name)."""
-        plan = plan or plan_deepspeed(cfg, int(os.environ.get("WORLD_SIZE", "1")), get_accelerator().device_name())
-        self.runtime = runtime or distributed_runtime(cfg.dist_timeout)  # built alone (tests, benchmarks)
+        plan = plan or plan_deepspeed(cfg.engine, cfg.optim, int(os.environ.get("WORLD_SIZE", "1")),
+                                     get_accelerator().device_name())
+        self.runtime = runtime or distributed_runtime(cfg.engine.dist_timeout)  # built alone (tests, benchmarks)
         self.device, self.rank, self.world_size = self.runtime.device, self.runtime.rank, self.runtime.world_size
         if self.world_size != plan.world_size:
             raise RuntimeError(_("the DeepSpeed config was built for {planned} rank(s), but the process group has "
@@ -153,32 +154,32 @@ class DeepSpeedEngine(Engine):
         raw, config = plan.raw, plan.config
         self.precision = plan.precision
         self.zero_stage = plan.zero_stage
-        self._ds_grad_accum = cfg.grad_accum  # DeepSpeed's gradient_accumulation_steps: its backward divides by it
+        self._ds_grad_accum = cfg.optim.grad_accum  # DeepSpeed's gradient_accumulation_steps: its backward divides by it
         self._boundary_pending = False
         self.ep_size, self.ep_rank, self.num_local_experts = 1, 0, 0
         num_experts = getattr(getattr(model, "config", None), "num_experts", 0)
         if num_experts:
             # Each rank keeps num_experts / ep_size experts; DeepSpeed's expert-parallel groups are consecutive
             # ranks ([0..ep-1], [ep..2ep-1], ...), so this rank holds experts ep_rank * local ... + local - 1.
-            self.ep_size = resolve_ep_size(cfg.ep_size, self.world_size, num_experts, self.zero_stage)
+            self.ep_size = resolve_ep_size(cfg.engine.ep_size, self.world_size, num_experts, self.zero_stage)
             self.ep_rank, self.num_local_experts = self.rank % self.ep_size, num_experts // self.ep_size
             use_deepspeed_moe(model, self.ep_size, self.ep_rank)
         model = model.to(self.device)
-        client_optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        client_optimizer = build_optimizer(model, cfg.optim.learning_rate, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
         if num_experts:
-            client_optimizer = moe_optimizer(client_optimizer, cfg)
+            client_optimizer = moe_optimizer(client_optimizer, cfg.optim)
         if offloads_optimizer(raw):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in client_optimizer.param_groups]
-            client_optimizer = DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+            client_optimizer = DeepSpeedCPUAdam(groups, lr=cfg.optim.learning_rate, betas=(cfg.optim.beta1, cfg.optim.beta2),
                                                 eps=1e-8, adamw_mode=True)
         self.schedule_clock = ScheduleClock()
-        scheduler = build_scheduler(client_optimizer, cfg, self.schedule_clock)
+        scheduler = build_scheduler(client_optimizer, cfg.schedule, self.schedule_clock)
         self.ds, self.optimizer, _dataloader, self.scheduler = deepspeed.initialize(
             model=model, optimizer=client_optimizer, lr_scheduler=scheduler, config=config)
         self.module = self.ds.module
-        if cfg.activation_checkpointing:
+        if cfg.engine.activation_checkpointing:
             deepspeed.checkpointing.configure(None, partition_activations=False, contiguous_checkpointing=False,
                                               checkpoint_in_cpu=False, synchronize=False, profile=False)
             enable_activation_checkpointing(self.module, deepspeed.checkpointing.checkpoint, reentrant=True)

@@ -1,8 +1,8 @@
 """Build the final DeepSpeed config from a `ds_configs/*.json` file and the training config.
 
 The JSON holds only what is DeepSpeed's own (ZeRO stage, offload, communication). Batch sizes,
-accumulation, clipping and precision come from `TrainConfig`; a JSON that also sets one of them must
-agree, or `ConfigError` names the file, the field and both values before any work starts. Optimizer
+accumulation, clipping and precision come from the training config's `optim` and `engine` sections; a JSON
+that also sets one of them must agree, or `ConfigError` names the file, the field and both values before any work starts. Optimizer
 and LR schedule are the engine's client objects, so a JSON `optimizer`/`scheduler` section is refused.
 A top-level key DeepSpeed does not read (a misspelling such as `zero_optimizaton`) is warned about,
 with the closest known key.
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from minigpt.config import ConfigError, TrainConfig
+from minigpt.config import ConfigError, EngineSection, OptimSection
 from minigpt.engine.device import resolve_precision
 from minigpt.i18n import _
 
@@ -119,27 +119,28 @@ class DeepSpeedPlan:
         return zero_stage_of(self.raw)
 
 
-def plan_deepspeed(cfg: TrainConfig, world_size: int, accelerator: str) -> DeepSpeedPlan:
-    """Load `cfg.ds_config` (or the default), resolve the precision for `accelerator` (DeepSpeed's name:
+def plan_deepspeed(engine: EngineSection, optim: OptimSection, world_size: int, accelerator: str) -> DeepSpeedPlan:
+    """Load `engine.ds_config` (or the default), resolve the precision for `accelerator` (DeepSpeed's name:
     "cuda", "cpu", ...) and build the final config for `world_size` ranks; ConfigError names what is wrong."""
-    raw = load_ds_json(cfg.ds_config) if cfg.ds_config else copy.deepcopy(DEFAULT_DS_CONFIG)
-    source = cfg.ds_config or _("<default ZeRO-0 config>")
-    precision = resolve_precision(cfg.precision, torch.device(accelerator), deepspeed=True)
-    config = build_ds_config(raw, cfg, world_size, source, precision=precision, accelerator=accelerator)
+    raw = load_ds_json(engine.ds_config) if engine.ds_config else copy.deepcopy(DEFAULT_DS_CONFIG)
+    source = engine.ds_config or _("<default ZeRO-0 config>")
+    precision = resolve_precision(engine.precision, torch.device(accelerator), deepspeed=True)
+    config = build_ds_config(raw, engine, optim, world_size, source, precision=precision, accelerator=accelerator)
     return DeepSpeedPlan(config, raw, source, precision, accelerator, world_size)
 
 
-def build_ds_config(raw: dict, cfg: TrainConfig, world_size: int, source: str, *,
+def build_ds_config(raw: dict, engine: EngineSection, optim: OptimSection, world_size: int, source: str, *,
                     precision: str | None = None, accelerator: str = "cuda") -> dict:
-    """The config passed to `deepspeed.initialize`: `raw` plus batch sizes, clipping and precision from `cfg`.
+    """The config passed to `deepspeed.initialize`: `raw` plus batch sizes and clipping (`optim`) and precision
+    (`engine`).
 
     `source` names the JSON in error messages. `accelerator` is DeepSpeed's accelerator name ("cuda",
-    "cpu", ...); `precision` is the resolved precision (default: `cfg.precision` resolved for it)."""
+    "cpu", ...); `precision` is the resolved precision (default: `engine.precision` resolved for it)."""
     if precision is None:
-        precision = resolve_precision(cfg.precision, torch.device(accelerator), deepspeed=True)
+        precision = resolve_precision(engine.precision, torch.device(accelerator), deepspeed=True)
     if world_size < 1:
         raise ConfigError(_("world size must be at least 1, got {value}").format(value=world_size))
-    if cfg.compile == "on":
+    if engine.compile == "on":
         raise ConfigError(_("--compile on: the DeepSpeed engine runs eager (torch.compile is applied by the plain "
                             "engine only); pass --compile auto (it says it stays eager) or off, or train on one "
                             "device without a launcher and --ds-config to compile"))
@@ -161,17 +162,17 @@ def build_ds_config(raw: dict, cfg: TrainConfig, world_size: int, source: str, *
         raise ConfigError(_("{source}: offload_optimizer needs zero_optimization.stage 1, 2 or 3, got 0").format(
             source=source))
 
-    micro, accum = cfg.batch_size, cfg.grad_accum
+    micro, accum = optim.batch_size, optim.grad_accum
     _agree(ds, "train_micro_batch_size_per_gpu", micro, source, "--batch-size")
     _agree(ds, "gradient_accumulation_steps", accum, source, "--grad-accum")
     _agree(ds, "train_batch_size", micro * accum * world_size, source,
            _("--batch-size {micro} x --grad-accum {accum} x world size {world_size}").format(
                micro=micro, accum=accum, world_size=world_size))
-    _agree(ds, "gradient_clipping", float(cfg.grad_clip), source, "--grad-clip")
+    _agree(ds, "gradient_clipping", float(optim.grad_clip), source, "--grad-clip")
     ds["train_micro_batch_size_per_gpu"] = micro
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = micro * accum * world_size
-    ds["gradient_clipping"] = float(cfg.grad_clip)
+    ds["gradient_clipping"] = float(optim.grad_clip)
 
     if precision == "fp16" and accelerator == "cpu":
         raise ConfigError(_("{source}: fp16 requested but DeepSpeed runs on its CPU accelerator, which does not "
@@ -186,7 +187,7 @@ def build_ds_config(raw: dict, cfg: TrainConfig, world_size: int, source: str, *
             raise ConfigError(_("{source}: {name}.enabled={enabled!r} contradicts the training config (--precision "
                                 "{requested} resolves to {precision}); remove {name!r} from the JSON or pass "
                                 "--precision {suggested}").format(
-                source=source, name=name, enabled=section["enabled"], requested=cfg.precision, precision=precision,
+                source=source, name=name, enabled=section["enabled"], requested=engine.precision, precision=precision,
                 suggested=name if section["enabled"] else precision))
         ds[name] = {**section, "enabled": wanted}
     # A torch AdamW client optimizer is not on DeepSpeed's list of ZeRO-tested optimizers.

@@ -47,19 +47,19 @@ class PlainEngine(Engine):
     def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device, runtime: Runtime | None = None):
         self.runtime = runtime or Runtime(device=device)
         self.device = device
-        self.precision = resolve_precision(cfg.precision, device)
-        self.grad_clip = cfg.grad_clip
+        self.precision = resolve_precision(cfg.engine.precision, device)
+        self.grad_clip = cfg.optim.grad_clip
         self.module = model.to(device)
-        if cfg.activation_checkpointing:
+        if cfg.engine.activation_checkpointing:
             enable_activation_checkpointing(self.module, functools.partial(torch.utils.checkpoint.checkpoint,
                                                                            use_reentrant=False))
         # The compiled wrapper only runs forward; checkpoints and eval use the unwrapped module.
         self._compiled: nn.Module | None = None
         self._forward_module = self.module
-        self.set_compiled(cfg.compile == "on")
-        self.optimizer = build_optimizer(self.module, cfg.learning_rate, cfg.weight_decay, (cfg.beta1, cfg.beta2))
+        self.set_compiled(cfg.engine.compile == "on")
+        self.optimizer = build_optimizer(self.module, cfg.optim.learning_rate, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
         self.schedule_clock = ScheduleClock()
-        self.scheduler = build_scheduler(self.optimizer, cfg, self.schedule_clock)
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.schedule_clock)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
 
     def set_compiled(self, compiled: bool) -> None:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minigpt.config import ConfigError
+from minigpt.config import ConfigError, check_not_negative, check_positive, option
 from minigpt.data.datasets import IGNORE_INDEX, DPOPairs
 from minigpt.fsutil import atomic_torch_save
 from minigpt.i18n import _
@@ -100,6 +101,22 @@ def compute_reference_logprobs(forward: Callable[[torch.Tensor], torch.Tensor], 
     return all_reduce_sum(result).cpu().numpy()
 
 
+@dataclass
+class DPOOptions:
+    """`--mode dpo`'s own flags."""
+
+    dpo_beta: float = option("DPO: strength of the implicit KL constraint (beta of the sigmoid loss)", default=0.1)
+    dpo_sft_coef: float = option("DPO: weight of the chosen response's per-token NLL added to the loss (RPO); "
+                                 "keeps chosen answers likely while the margin grows", default=0.0)
+    dpo_reference_in_memory: bool = option("DPO: keep a frozen reference model in memory instead of precomputing "
+                                           "the reference log-probs once before training (reference_logprobs.pt)",
+                                           default=False)
+
+    def __post_init__(self) -> None:
+        check_positive(self, "dpo_beta")
+        check_not_negative(self, "dpo_sft_coef")
+
+
 class DPO(Objective):
     """The `--mode dpo` objective: sigmoid DPO loss; logs implicit rewards, margin and preference accuracy.
 
@@ -107,6 +124,7 @@ class DPO(Objective):
     plain DPO only widens the margin, and can do so by lowering the chosen answer's likelihood too."""
 
     dataset_kind = "dpo"
+    options = DPOOptions
     previous_stages = ("sft",)
     chat_samples = True
     varying_shapes = True
@@ -120,8 +138,9 @@ class DPO(Objective):
         self.reference_model: torch.nn.Module | None = None
 
     @classmethod
-    def from_config(cls, cfg, tokenizer) -> DPO:
-        return cls(cfg.dpo_beta, reference_in_memory=cfg.dpo_reference_in_memory, sft_coef=cfg.dpo_sft_coef)
+    def from_options(cls, options: DPOOptions, tokenizer) -> DPO:
+        return cls(options.dpo_beta, reference_in_memory=options.dpo_reference_in_memory,
+                   sft_coef=options.dpo_sft_coef)
 
     def dataset(self, reader, seq_len: int, tokenizer) -> ReferencedPairs:
         pairs = ReferencedPairs(DPOPairs(reader, seq_len, pad_id=tokenizer.pad_id), len(self.datasets))

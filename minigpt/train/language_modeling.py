@@ -8,14 +8,35 @@ never branches on it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from minigpt.config import option
 from minigpt.data.datasets import IGNORE_INDEX, PackedSFTExamples, PretrainWindows, SFTExamples
 from minigpt.i18n import _
 from minigpt.metrics import MetricSums, token_byte_lengths
 from minigpt.train.objective import Objective, SetupContext
+
+
+@dataclass
+class PretrainOptions:
+    """`--mode pretrain`'s own flags."""
+
+    document_mask: bool = option("pretrain: attention stays inside each document of a packed window (no attending "
+                                 "across an EOS into the previous text); off: windows attend across documents, "
+                                 "as GPT-2 trained. Costs speed: attention gets an explicit mask", default=False)
+
+
+@dataclass
+class SFTOptions:
+    """`--mode sft`'s own flags."""
+
+    pack: bool = option("sft: pack several whole conversations into each sequence (best-fit, fixed once per "
+                        "dataset) instead of one conversation padded to --seq-len; attention and rotary positions "
+                        "restart at each conversation, the loss stays on assistant tokens. Far fewer padding "
+                        "tokens on mixed-length data; a batch then holds more conversations", default=False)
 
 
 class LanguageModeling(Objective):
@@ -31,8 +52,9 @@ class LanguageModeling(Objective):
         self.unpacked: list[SFTExamples] = []
 
     @classmethod
-    def from_config(cls, cfg, tokenizer) -> LanguageModeling:
-        return cls(token_byte_lengths(tokenizer), document_mask=cfg.document_mask, pack=cfg.pack)
+    def from_options(cls, options, tokenizer) -> LanguageModeling:
+        return cls(token_byte_lengths(tokenizer), document_mask=getattr(options, "document_mask", False),
+                   pack=getattr(options, "pack", False))
 
     def dataset(self, reader, seq_len: int, tokenizer):
         """The map-style dataset this objective trains on, over one shard; with `--document-mask` the
@@ -114,12 +136,14 @@ class Pretraining(LanguageModeling):
     """`--mode pretrain`: next-token loss on packed windows of the shards."""
 
     dataset_kind = "pretrain"
+    options = PretrainOptions
 
 
 class SupervisedFineTuning(LanguageModeling):
     """`--mode sft`: next-token loss on the assistant tokens of chat conversations only."""
 
     dataset_kind = "sft"
+    options = SFTOptions
     previous_stages = ("pretrain",)
     chat_samples = True
     logits_where_labelled = True

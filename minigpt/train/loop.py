@@ -10,7 +10,6 @@ Mode-specific maths lives behind the `Objective` contract (`minigpt.train.object
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -164,21 +163,21 @@ def no_previous_stage_warning(cfg: TrainConfig) -> str:
     return _("WARNING: --mode {mode} found no previous stage (checkpoints/{{{stages}}}_{config}[_DATA]/{final}) and "
              "starts from RANDOM weights: it runs, but learns far less than it would from a pretrained model. Better: "
              "python launch/train.py --mode {previous} --config {config} first (or pass --init-from DIR)").format(
-        mode=cfg.mode, stages=",".join(stages), config=cfg.config, final=FINAL, previous=stages[-1])
+        mode=cfg.mode, stages=",".join(stages), config=cfg.model.preset, final=FINAL, previous=stages[-1])
 
 
 def find_starting_weights(cfg: TrainConfig) -> StartingWeights:
     """--init-from, else the previous stage's final weights of this preset; pretraining starts from scratch,
     and so, with a loud warning, does a post-training stage that has no previous stage."""
-    if cfg.init_from:
-        path = Path(cfg.init_from)
+    if cfg.model.init_from:
+        path = Path(cfg.model.init_from)
         if is_hf_llama_dir(path):  # converted once into the run directory, then used like our own weights
             return StartingWeights(str(path), imported_init_dir(path, cfg.run_dir / "init_from_hf"))
         if (path / FINAL / "model.pt").is_file():
             path = path / FINAL
         if not (path / "model.pt").is_file():
             raise ConfigError(_("--init-from {path}: no consolidated weights (model.pt) there or in {final}").format(
-                path=cfg.init_from, final=path / FINAL))
+                path=cfg.model.init_from, final=path / FINAL))
         return StartingWeights(str(path), path)
     stages = objective_class(cfg.mode).previous_stages  # post-training stages: the previous stage's final/
     if not stages:
@@ -194,14 +193,14 @@ def previous_stage_dirs(stage: str, cfg: TrainConfig) -> list[Path]:
     """Default run directories of `stage` with this preset, in the order a stage looks for its start: with
     --data the one named after it, the newest other run on one's own data, the built-in demo data's; without
     --data the demo data's first."""
-    demo = default_run_dir(stage, cfg.config, [])
+    demo = default_run_dir(stage, cfg.model.preset, [])
     own = [path for path in demo.parent.glob(f"{demo.name}_*/{FINAL}/model.pt")
-           if not any(path.parts[-3].startswith(f"{stage}_{other}") for other in PRESETS if other != cfg.config
-                      and other.startswith(f"{cfg.config}_"))]  # small_30m's runs are not small's
+           if not any(path.parts[-3].startswith(f"{stage}_{other}") for other in PRESETS if other != cfg.model.preset
+                      and other.startswith(f"{cfg.model.preset}_"))]  # small_30m's runs are not small's
     newest = [path.parents[1] for path in sorted(own, key=lambda path: path.stat().st_mtime, reverse=True)]
-    if not cfg.data:
+    if not cfg.data.sources:
         return [demo, *newest]
-    return list(dict.fromkeys([default_run_dir(stage, cfg.config, cfg.data), *newest, demo]))
+    return list(dict.fromkeys([default_run_dir(stage, cfg.model.preset, cfg.data.sources), *newest, demo]))
 
 
 def start_line(cfg: TrainConfig, start: StartingWeights, tokenizer: Tokenizer, coverage: float) -> str:
@@ -209,7 +208,7 @@ def start_line(cfg: TrainConfig, start: StartingWeights, tokenizer: Tokenizer, c
     covers, so a stage never inherits silently."""
     if start.model_dir is not None:
         origin = _("the starting weights'")
-    elif cfg.tokenizer:
+    elif cfg.data.tokenizer:
         origin = "--tokenizer"
     else:
         origin = _("this run's own, trained on its data")
@@ -226,17 +225,17 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, start: StartingWeights) 
         if weights_tokenizer is not None and weights_tokenizer.checksum != tokenizer.checksum:
             raise ConfigError(_("{path}: weights were trained with another tokenizer than {tokenizer}").format(
                 path=start.model_dir, tokenizer=tokenizer.directory))
-        if cfg.dropout:
-            model.set_dropout(cfg.dropout)
+        if cfg.model.dropout:
+            model.set_dropout(cfg.model.dropout)
         return model
-    overrides = {"vocab_size": tokenizer.vocab_size, "dropout": cfg.dropout}
-    if cfg.seq_len > get_config(cfg.config).max_seq_len:
-        overrides["max_seq_len"] = cfg.seq_len
-    return MiniGPT(get_config(cfg.config, **overrides))
+    overrides = {"vocab_size": tokenizer.vocab_size, "dropout": cfg.model.dropout}
+    if cfg.data.seq_len > get_config(cfg.model.preset).max_seq_len:
+        overrides["max_seq_len"] = cfg.data.seq_len
+    return MiniGPT(get_config(cfg.model.preset, **overrides))
 
 
 def seq_len_of(cfg: TrainConfig, model_config: MiniGPTConfig) -> int:
-    seq_len = cfg.seq_len or model_config.max_seq_len
+    seq_len = cfg.data.seq_len or model_config.max_seq_len
     if seq_len > model_config.max_seq_len:
         raise ConfigError(_("--seq-len {seq_len} exceeds the model's max_seq_len {limit}").format(
             seq_len=seq_len, limit=model_config.max_seq_len))
@@ -260,7 +259,7 @@ def write_snapshot(cfg: TrainConfig, model_config: MiniGPTConfig, start: Startin
                 "tokenizer": {"dir": str(run_data.tokenizer.directory), "checksum": run_data.tokenizer.checksum},
                 "datasets": [str(d) for d in run_data.dataset_dirs], "engine": type(engine).__name__,
                 "world_size": engine.world_size, "seq_len": seq_len,
-                "global_batch": cfg.batch_size * cfg.grad_accum * engine.world_size}
+                "global_batch": cfg.optim.batch_size * cfg.optim.grad_accum * engine.world_size}
     atomic_write_text(cfg.run_dir / SNAPSHOT, json.dumps(snapshot, indent=2) + "\n")
     stats = {str(d): json.loads((d / "dataset_stats.json").read_text())
              for d in run_data.dataset_dirs if (d / "dataset_stats.json").is_file()}
@@ -274,8 +273,8 @@ def check_eval_tasks(cfg: TrainConfig) -> list:
     (before training, not at the first evaluation)."""
     from minigpt.evaluation.runner import check_task_files
 
-    specs = cfg.eval_task_specs()
-    for entry, spec in zip(cfg.eval_task, specs, strict=True):
+    specs = cfg.evaluation.task_specs
+    for entry, spec in zip(cfg.evaluation.eval_task, specs, strict=True):
         for path in [spec.path] + ([Path(spec.get("dev"))] if spec.get("dev") else []):
             if not path.exists():
                 raise ConfigError(_("--eval-task {entry}: {path} does not exist").format(entry=entry, path=path))
@@ -293,9 +292,9 @@ class Trainer:
         self.cfg = cfg
         started = time.monotonic() if started is None else started
         # First: who this process is, and the process group the data resolution's barriers need.
-        self.runtime = create_runtime(cfg)
+        self.runtime = create_runtime(cfg.engine, cfg.optim)
         precision = run_precision(cfg, self.runtime.device, deepspeed=self.runtime.distributed)
-        self.cfg = cfg = dataclasses.replace(cfg, precision=precision.precision)  # the engines, the snapshot
+        self.cfg = cfg = cfg.replace(precision=precision.precision)  # the engines, the snapshot
         self.eval_specs = check_eval_tasks(cfg)  # a mistyped path fails before the run directory is made
         self.run_lock: RunDirLock | None = self.runtime.main_rank_does(
             lambda: self._claim_run_dir(precision), _("claiming the run directory {path}").format(path=cfg.run_dir))
@@ -326,7 +325,7 @@ class Trainer:
             raise
         for warning in cfg.warnings():
             print(_("[minigpt] warning: {warning}").format(warning=warning), flush=True)
-        line = (_("[minigpt] precision {precision} ({why}; override with --precision)") if cfg.precision == "auto"
+        line = (_("[minigpt] precision {precision} ({why}; override with --precision)") if cfg.engine.precision == "auto"
                 else _("[minigpt] precision {precision} ({why})"))
         print(line.format(precision=precision.precision, why=precision.why), flush=True)
         return lock
@@ -355,7 +354,7 @@ class Trainer:
         self.model = build_model(cfg, self.tokenizer, start)
         if start.model_dir is None and objective_class(cfg.mode).previous_stages:
             start = self._keep_initial_weights(start)
-        self.objective: Objective = build_objective(cfg.mode, self.tokenizer, cfg)
+        self.objective: Objective = build_objective(cfg, self.tokenizer)
         self.model = self.objective.wrap_model(self.model)  # e.g. the reward model's scalar head
         self.model_config = self.model.config
         self.seq_len = seq_len_of(cfg, self.model_config)
@@ -365,23 +364,23 @@ class Trainer:
         if self.run_data.mixture:
             self.sampler = MixtureSampler([source.name for source in self.run_data.mixture],
                                           [len(part) for part in self.train_set.parts],
-                                          [source.weight for source in self.run_data.mixture], cfg.batch_size,
-                                          cfg.grad_accum, self.engine.rank, self.engine.world_size, seed=cfg.seed)
+                                          [source.weight for source in self.run_data.mixture], cfg.optim.batch_size,
+                                          cfg.optim.grad_accum, self.engine.rank, self.engine.world_size, seed=cfg.seed)
         else:
-            self.sampler = ResumableSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.engine.rank,
+            self.sampler = ResumableSampler(len(self.train_set), cfg.optim.batch_size, cfg.optim.grad_accum, self.engine.rank,
                                             self.engine.world_size, seed=cfg.seed)
-        self.loader = PrefetchingLoader(self.train_set, self.sampler, self.engine.device, depth=cfg.prefetch)
-        self.checkpoints = CheckpointManager(cfg.run_dir, self.engine, cfg.keep_last)
+        self.loader = PrefetchingLoader(self.train_set, self.sampler, self.engine.device, depth=cfg.engine.prefetch)
+        self.checkpoints = CheckpointManager(cfg.run_dir, self.engine, cfg.checkpointing.keep_last)
         self.step, self.tokens_seen = 0, 0
         self.source_epochs: dict[str, int] = {}
         """The epoch each mixture source's last drawn sample belongs to (a new one is said in the log)."""
         self.start = start
         self.budget: TimeBudget | None = None
-        if cfg.max_time:
+        if cfg.schedule.max_time:
             state_bytes = 12 * sum(p.numel() for p in self.model.parameters())  # fp32 weights + AdamW moments
             # What evaluate() will run (--eval-batches larger than the validation set means all of it).
-            eval_batches = -(-self.eval_samples() // (cfg.batch_size * self.engine.world_size))
-            self.budget = TimeBudget(cfg.max_time_seconds, eval_batches=eval_batches, grad_accum=cfg.grad_accum,
+            eval_batches = -(-self.eval_samples() // (cfg.optim.batch_size * self.engine.world_size))
+            self.budget = TimeBudget(cfg.schedule.max_time_seconds, eval_batches=eval_batches, grad_accum=cfg.optim.grad_accum,
                                      state_bytes=state_bytes, origin=started)
         self._batches: list | None = None
         self.compile_decided: bool | None = None
@@ -389,7 +388,7 @@ class Trainer:
         self.data_wait = 0.0
         """Seconds the last step waited for its batches (0 when they were ready): logged as data_wait_s."""
         self.chat_samples = self.objective.chat_samples
-        self.sample_prompt = cfg.sample_prompt or default_sample_prompt(
+        self.sample_prompt = cfg.evaluation.sample_prompt or default_sample_prompt(
             self.tokenizer, self.run_data.dataset_dirs, self.chat_samples)
         unseen = self.tokenizer.unseen_characters(self.sample_prompt)
         if unseen and self.runtime.is_main:
@@ -408,7 +407,7 @@ class Trainer:
         anew, a resumed one reuses them): DPO's and RLHF's frozen reference is the starting policy, and a
         resumed run must find the same one."""
         initial = self.cfg.run_dir / INITIAL
-        fresh = not (self.cfg.resume or self.cfg.auto_resume) or not (initial / "model.pt").is_file()
+        fresh = not (self.cfg.checkpointing.resume or self.cfg.checkpointing.auto_resume) or not (initial / "model.pt").is_file()
         self.runtime.barrier()  # every rank has looked before the main rank writes
         if fresh and self.runtime.is_main:
             save_consolidated(initial, self.model.state_dict(), self.model.config, self.tokenizer.directory,
@@ -419,10 +418,11 @@ class Trainer:
         return StartingWeights(start.source, initial)
 
     def resume(self) -> None:
-        point = self.checkpoints.resume_point(self.cfg.resume, self.cfg.auto_resume)
+        """Continue from --resume or --auto-resume's checkpoint (every rank), or start fresh."""
+        point = self.checkpoints.resume_point(self.cfg.checkpointing.resume, self.cfg.checkpointing.auto_resume)
         if point is None:
-            leftovers = previous_run_artefacts(self.cfg.run_dir) if self.cfg.auto_resume else []
-            if self.cfg.auto_resume and self.engine.is_main:
+            leftovers = previous_run_artefacts(self.cfg.run_dir) if self.cfg.checkpointing.auto_resume else []
+            if self.cfg.checkpointing.auto_resume and self.engine.is_main:
                 print(_("[minigpt] --auto-resume: no checkpoint in {path}, starting fresh").format(
                     path=self.cfg.run_dir), flush=True)
                 if leftovers:  # an attempt that saved no checkpoint: its plots and metrics must not mix with ours
@@ -431,7 +431,24 @@ class Trainer:
                     remove_artefacts(leftovers)
             self.engine.barrier()
             return
-        state = self.checkpoints.load(point)
+        self.load_state_dict(self.checkpoints.load(point))
+        if self.engine.is_main:
+            print(_("[minigpt] resumed from {path} at step {step}").format(path=point.path, step=self.step),
+                  flush=True)
+
+    def state_dict(self) -> TrainerState:
+        """Everything of this run a checkpoint holds besides the engine's files: counters, sampler, the --max-time
+        and schedule clocks, `--compile auto`'s decision and this rank's RNG (`load_state_dict` applies it)."""
+        budget = None if self.budget is None else (self.budget.elapsed(), self.engine.schedule_clock.warmup_end)
+        return TrainerState(step=self.step, tokens_seen=self.tokens_seen, sampler=self.loader.state_dict(),
+                            mode=self.cfg.mode, weights_from=self.start.source, precision=self.engine.precision,
+                            max_steps=self.cfg.schedule.max_steps, warmup_steps=self.cfg.schedule.warmup_steps,
+                            tokenizer_checksum=self.tokenizer.checksum, budget=budget, compiled=self.compile_decided,
+                            rng=rng_state())
+
+    def load_state_dict(self, state: TrainerState) -> None:
+        """Apply what `state_dict` returned (read back by `CheckpointManager.load`): the same on every rank but
+        for the RNG, so a refusal is raised by every rank alike."""
         if state.tokenizer_checksum not in (None, self.tokenizer.checksum):
             raise ConfigError(_("{path}: trained with tokenizer {saved}, this run uses {current} ({tokenizer})").format(
                 path=state.checkpoint, saved=state.tokenizer_checksum[:12], current=self.tokenizer.checksum[:12],
@@ -444,31 +461,24 @@ class Trainer:
         self.compile_decided = state.compiled
         self.step, self.tokens_seen = state.step, state.tokens_seen
         if self.budget is not None:
-            self.budget.resume(state.budget, self.engine.schedule_clock, self.step >= self.cfg.warmup_steps)
-        if self.engine.is_main:
-            print(_("[minigpt] resumed from {path} at step {step}").format(path=state.checkpoint, step=self.step),
-                  flush=True)
-            for name in ("max_steps", "warmup_steps"):
-                before, now = getattr(state, name), getattr(self.cfg, name)
-                if before is not None and before != now:
-                    flag = "--" + name.replace("_", "-")
-                    print(_("[minigpt] warning: resuming with {flag} {now}, the checkpoint's run had {before}: the "
-                            "learning-rate schedule (warmup, then cosine decay to step {max_steps}) is reshaped from "
-                            "step {step} on; pass {flag} {before} to continue the same schedule").format(
-                        flag=flag, now=now, before=before, max_steps=self.cfg.max_steps, step=self.step), flush=True)
-
-    def trainer_state(self) -> TrainerState:
-        budget = None if self.budget is None else (self.budget.elapsed(), self.engine.schedule_clock.warmup_end)
-        return TrainerState(step=self.step, tokens_seen=self.tokens_seen, sampler=self.loader.state_dict(),
-                            mode=self.cfg.mode, weights_from=self.start.source, precision=self.engine.precision,
-                            max_steps=self.cfg.max_steps, warmup_steps=self.cfg.warmup_steps,
-                            tokenizer_checksum=self.tokenizer.checksum, budget=budget, compiled=self.compile_decided)
+            self.budget.resume(state.budget, self.engine.schedule_clock, self.step >= self.cfg.schedule.warmup_steps)
+        if state.rng is not None:
+            set_rng_state(state.rng)
+        schedule = self.cfg.schedule
+        for name in ("max_steps", "warmup_steps"):
+            before, now = getattr(state, name), getattr(schedule, name)
+            if before is not None and before != now and self.engine.is_main:
+                flag = "--" + name.replace("_", "-")
+                print(_("[minigpt] warning: resuming with {flag} {now}, the checkpoint's run had {before}: the "
+                        "learning-rate schedule (warmup, then cosine decay to step {max_steps}) is reshaped from "
+                        "step {step} on; pass {flag} {before} to continue the same schedule").format(
+                    flag=flag, now=now, before=before, max_steps=schedule.max_steps, step=self.step), flush=True)
 
     def setup_context(self) -> SetupContext:
         """What the objective may know about this run (never the Trainer itself)."""
         return SetupContext(engine=self.engine, run_dir=self.cfg.run_dir, tokenizer=self.tokenizer,
                             dataset_dirs=tuple(self.run_data.dataset_dirs), seq_len=self.seq_len,
-                            batch_size=self.cfg.batch_size, grad_accum=self.cfg.grad_accum,
+                            batch_size=self.cfg.optim.batch_size, grad_accum=self.cfg.optim.grad_accum,
                             start_source=self.start.source, start_dir=self.start.model_dir, step=self.step,
                             mode=self.cfg.mode)
 
@@ -532,7 +542,7 @@ class Trainer:
         parts = zip(self.val_set.offsets[:-1], self.val_set.parts, strict=True) if mixture else [(0, self.val_set)]
         ranges = []
         for start, part in parts:
-            count = min(len(part), self.cfg.eval_batches * self.cfg.batch_size * world)
+            count = min(len(part), self.cfg.evaluation.eval_batches * self.cfg.optim.batch_size * world)
             ranges.append(range(int(start), int(start) + count - count % world))
         return ranges
 
@@ -546,7 +556,7 @@ class Trainer:
         forward pass)."""
         if indices is None:
             return [batch for part in self.eval_ranges() for batch in self.eval_micro_batches(part)]
-        world, rank, micro = self.engine.world_size, self.engine.rank, self.cfg.batch_size
+        world, rank, micro = self.engine.world_size, self.engine.rank, self.cfg.optim.batch_size
         mine = list(indices[rank::world])
         return [mine[start:start + micro] for start in range(0, len(mine), micro)]
 
@@ -621,7 +631,7 @@ class Trainer:
         from minigpt.evaluation.runner import flat_metrics, run_tasks
 
         self.engine.eval()
-        ctx = EvalContext(self.engine.module, self.tokenizer, self.runtime, batch_size=self.cfg.batch_size,
+        ctx = EvalContext(self.engine.module, self.tokenizer, self.runtime, batch_size=self.cfg.optim.batch_size,
                           lockstep=self.runtime.distributed, progress=False)
         results = run_tasks(self.eval_specs, ctx)
         self.engine.train()
@@ -658,7 +668,7 @@ class Trainer:
 
     def save(self) -> Path:
         started = time.perf_counter()
-        path = self.checkpoints.save(self.step, self.trainer_state().to_json())
+        path = self.checkpoints.save(self.step, self.state_dict())
         if self.budget is not None:
             self.budget.note_save(time.perf_counter() - started)
         return path
@@ -690,11 +700,11 @@ class Trainer:
     def decide_compile(self, monitor: TrainingMonitor) -> None:
         """`--compile auto`'s decision, from facts fixed before the first step (minigpt.train.autocompile), or
         the one the resumed run recorded; printed in one line and saved with each checkpoint."""
-        if self.cfg.compile != "auto":
+        if self.cfg.engine.compile != "auto":
             return
         why_not = compile_unavailable(self.engine.device, plain_engine=isinstance(self.engine, PlainEngine),
                                       moe=bool(self.model_config.num_experts),
-                                      activation_checkpointing=self.cfg.activation_checkpointing,
+                                      activation_checkpointing=self.cfg.engine.activation_checkpointing,
                                       mode=self.cfg.mode)
         if why_not:
             monitor.write(_("--compile auto: eager ({why})").format(why=why_not))
@@ -706,7 +716,7 @@ class Trainer:
         else:
             budget_left = None if self.budget is None else self.budget.seconds - self.budget.elapsed()
             self.compile_decided, why = compile_pays(self.engine.device, self.engine.precision,
-                                                     self.cfg.max_steps - self.step, budget_left)
+                                                     self.cfg.schedule.max_steps - self.step, budget_left)
             decision = (_("--compile auto: compiled ({why})") if self.compile_decided
                         else _("--compile auto: eager ({why})"))
             monitor.write(decision.format(why=why))
@@ -724,19 +734,19 @@ class Trainer:
         random_state = rng_state()
         self.objective.setup(self.setup_context())
         set_rng_state(random_state)
-        monitor = TrainingMonitor(cfg.run_dir, enabled=self.engine.is_main, total_steps=cfg.max_steps,
+        monitor = TrainingMonitor(cfg.run_dir, enabled=self.engine.is_main, total_steps=cfg.schedule.max_steps,
                                   start_step=self.step,
                                   flops_per_token=self.model_config.flops_per_token(self.seq_len),
                                   device=self.engine.device, world_size=self.engine.world_size,
-                                  precision=self.engine.precision, print_interval=cfg.log_interval,
+                                  precision=self.engine.precision, print_interval=cfg.evaluation.log_interval,
                                   # a bar only on a terminal: in a log file every printed line re-draws it
                                   progress=sys.stdout.isatty())
         stop = stop or StopRequest().install()
         self.decide_compile(monitor)
         last_saved = self.step if self.step else -1
         try:
-            in_time = self.budget is None or self.step >= cfg.max_steps or self.agree(stop)[1]
-            while self.step < cfg.max_steps and in_time:
+            in_time = self.budget is None or self.step >= cfg.schedule.max_steps or self.agree(stop)[1]
+            while self.step < cfg.schedule.max_steps and in_time:
                 index, started = self.step, time.perf_counter()  # the monitor numbers steps from 0
                 loss, result, tokens, stats = self.train_step()
                 self.step += 1
@@ -747,18 +757,18 @@ class Trainer:
                                  named=self.source_figures(monitor))
                 if self.budget is not None:
                     self.budget.note_step(seconds)
-                if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
+                if cfg.evaluation.eval_interval and self.step % cfg.evaluation.eval_interval == 0 and self.step < cfg.schedule.max_steps:
                     started = time.perf_counter()
                     self.log_evaluation(monitor, index)
                     self.record_sample(monitor, index)
                     if self.budget is not None:
                         self.budget.note_eval(time.perf_counter() - started)
-                if self.budget is not None and self.budget.ending_pass_due and self.step < cfg.max_steps:
+                if self.budget is not None and self.budget.ending_pass_due and self.step < cfg.schedule.max_steps:
                     self.time_ending()
                 stop_now, in_time = self.agree(stop)
                 # Periodic saves stop short of the end (the finished run saves after its final evaluation),
                 # but a stop request saves whatever step it lands on, the last one included.
-                due = cfg.save_interval and self.step % cfg.save_interval == 0 and self.step < cfg.max_steps
+                due = cfg.checkpointing.save_interval and self.step % cfg.checkpointing.save_interval == 0 and self.step < cfg.schedule.max_steps
                 # A non-finite loss is never checkpointed (the engine skipped its update, but be safe).
                 if monitor.checkpoint_safe and (due or stop_now):
                     with stop.saving():  # a second Ctrl-C waits for the checkpoint to be complete
@@ -773,12 +783,12 @@ class Trainer:
             if not in_time:
                 monitor.write(_("--max-time {max_time}: stopping at step {step} of {max_steps} after {elapsed:.0f} s, "
                                 "leaving time to evaluate, save and consolidate").format(
-                    max_time=cfg.max_time, step=self.step, max_steps=cfg.max_steps, elapsed=self.budget.elapsed()))
-                if self.step < 2 * cfg.warmup_steps:
+                    max_time=cfg.schedule.max_time, step=self.step, max_steps=cfg.schedule.max_steps, elapsed=self.budget.elapsed()))
+                if self.step < 2 * cfg.schedule.warmup_steps:
                     monitor.write(_("warning: the warmup (--warmup-steps {warmup}) took most of the {steps} steps this "
                                     "budget allowed, so the learning rate barely left it: for a budget this short pass "
                                     "--warmup-steps {suggested} or so").format(
-                        warmup=cfg.warmup_steps, steps=self.step, suggested=max(1, self.step // 10)))
+                        warmup=cfg.schedule.warmup_steps, steps=self.step, suggested=max(1, self.step // 10)))
             self.log_evaluation(monitor, self.step - 1)
             if last_saved != self.step:
                 with stop.saving():
@@ -786,7 +796,7 @@ class Trainer:
             final = self.consolidate()
             self.record_sample(monitor, self.step - 1)
             spent = _(" in {elapsed:.1f} s of {budget:.0f} s").format(
-                elapsed=self.budget.elapsed(), budget=cfg.max_time_seconds) if self.budget else ""
+                elapsed=self.budget.elapsed(), budget=cfg.schedule.max_time_seconds) if self.budget else ""
             monitor.write(_("done: {steps} steps, {tokens:,} tokens{spent}; consolidated weights in {final}").format(
                 steps=self.step, tokens=self.tokens_seen, spent=spent, final=final))
             return EXIT_FINISHED
@@ -801,11 +811,11 @@ def run_precision(cfg: TrainConfig, device: torch.device, *, deepspeed: bool) ->
     """The run's precision: --precision as given, or auto's choice for this hardware — except that a resumed
     auto run keeps the precision its checkpoint recorded (a run moved to another machine continues on the
     same kind of step)."""
-    if cfg.precision == "auto" and (cfg.resume or cfg.auto_resume):
-        recorded = recorded_precision(cfg.resume or cfg.run_dir)
+    if cfg.engine.precision == "auto" and (cfg.checkpointing.resume or cfg.checkpointing.auto_resume):
+        recorded = recorded_precision(cfg.checkpointing.resume or cfg.run_dir)
         if recorded:
             return PrecisionChoice(recorded, _("auto: as the run resumed decided when it started"))
-    return choose_precision(cfg.precision, device, deepspeed=deepspeed)
+    return choose_precision(cfg.engine.precision, device, deepspeed=deepspeed)
 
 
 def train(cfg: TrainConfig, stop: StopRequest | None = None, started: float | None = None) -> int:
@@ -822,32 +832,32 @@ def dry_run(cfg: TrainConfig) -> int:
     start = find_starting_weights(cfg)
     earlier_run = check_fresh_run_dir(cfg)
     inputs = planned_inputs(cfg)
-    mixture = parse_mixture(cfg.data)
+    mixture = parse_mixture(cfg.data.sources)
     world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    device = detect_device(cfg.device)
-    precision = run_precision(cfg, device, deepspeed=launched_distributed() or bool(cfg.ds_config))
+    device = detect_device(cfg.engine.device)
+    precision = run_precision(cfg, device, deepspeed=launched_distributed() or bool(cfg.engine.ds_config))
     # The plan shows the precision the run will use: a resumed auto run's comes from its checkpoint.
-    engine_plan = validate_engine_config(dataclasses.replace(cfg, precision=precision.precision), world_size, device)
+    engine_plan = validate_engine_config(cfg.replace(precision=precision.precision), world_size, device)
     if start.model_dir is not None:
         model_config, _meta = read_consolidated_meta(start.model_dir)
         vocab_source = _("weights {path}").format(path=start.model_dir)
     else:
         shard_dirs = [p for p in inputs if isinstance(p, Path) and (p / "train" / "meta.json").is_file()]
-        if shard_dirs and not cfg.tokenizer:  # shards fix the vocabulary they were built with
+        if shard_dirs and not cfg.data.tokenizer:  # shards fix the vocabulary they were built with
             vocab = json.loads((shard_dirs[0] / "train" / "meta.json").read_text())["vocab_size"]
             vocab_source = _("shards {path}").format(path=shard_dirs[0])
         else:
             vocab, vocab_source = planned_vocab_size(cfg)
-        model_config = get_config(cfg.config, vocab_size=vocab)
-    seq_len = seq_len_of(cfg, model_config) if cfg.seq_len <= model_config.max_seq_len else cfg.seq_len
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * world_size * seq_len
+        model_config = get_config(cfg.model.preset, vocab_size=vocab)
+    seq_len = seq_len_of(cfg, model_config) if cfg.data.seq_len <= model_config.max_seq_len else cfg.data.seq_len
+    tokens_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * world_size * seq_len
     overwrite = _(" (--overwrite deletes {names})").format(
         names=", ".join(p.name for p in earlier_run)) if earlier_run else ""
     warnings = [*cfg.warnings(), *([no_previous_stage_warning(cfg)] if start.source == NO_PREVIOUS_STAGE else [])]
     print("\n".join([
         _("mode            {mode} (weights: {source})").format(mode=cfg.mode, source=said_source(start.source)),
         _("model           {config}: {params:,} parameters, vocab {vocab} ({vocab_source})").format(
-            config=cfg.config, params=model_config.num_params(), vocab=model_config.vocab_size,
+            config=cfg.model.preset, params=model_config.num_params(), vocab=model_config.vocab_size,
             vocab_source=vocab_source),
         _("data            {inputs}").format(inputs=", ".join(map(str, inputs))),
         *([_("mixture         {shares} of the tokens").format(shares=", ".join(
@@ -856,10 +866,10 @@ def dry_run(cfg: TrainConfig) -> int:
         _("engine          {plan}").format(plan=engine_plan),
         _("precision       {precision} ({why})").format(precision=precision.precision, why=precision.why),
         _("batch           {batch} x {accum} accumulation x {world_size} rank(s) x {seq_len} tokens = {tokens:,} "
-          "tokens/step").format(batch=cfg.batch_size, accum=cfg.grad_accum, world_size=world_size, seq_len=seq_len,
+          "tokens/step").format(batch=cfg.optim.batch_size, accum=cfg.optim.grad_accum, world_size=world_size, seq_len=seq_len,
                                 tokens=tokens_per_step),
         _("steps           {steps:,} ({tokens:,} tokens), warmup {warmup}").format(
-            steps=cfg.max_steps, tokens=cfg.max_steps * tokens_per_step, warmup=cfg.warmup_steps),
+            steps=cfg.schedule.max_steps, tokens=cfg.schedule.max_steps * tokens_per_step, warmup=cfg.schedule.warmup_steps),
         _("output          {path}{overwrite}").format(path=cfg.run_dir, overwrite=overwrite),
         *(_("warning         {warning}").format(warning=warning) for warning in warnings),
         _("dry run: configuration is valid; nothing was trained"),

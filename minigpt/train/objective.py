@@ -17,7 +17,8 @@ The loop (`minigpt.train.loop`) calls, in this order:
 
 Objectives get what they need through these arguments and `SetupContext`, never the Trainer, and
 tell the loop what it needs to know about their mode through class attributes (`previous_stages`,
-`dataset_kind`, `chat_samples`, `varying_shapes`), never a table elsewhere. Adding a mode is one new
+`dataset_kind`, `chat_samples`, `varying_shapes`, `options`: the dataclass of its own flags), never a table
+elsewhere. Adding a mode is one new
 file with an `Objective` subclass plus one line in `minigpt.modes.OBJECTIVES`.
 """
 
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minigpt.config import NoOptions
 from minigpt.metrics import MetricSums
 
 
@@ -79,9 +81,13 @@ class Objective:
     """Whether the mode trains on a weighted mixture (`--data NAME=PATH:WEIGHT`): its samples are `seq_len`
     tokens each and one dataset per source makes sense (pairs and prompts keep their own caches per dataset)."""
 
+    options: type = NoOptions
+    """The dataclass of the mode's own flags (`TrainConfig.options` holds one; fields made with
+    `minigpt.config.option`, flag names from the field names). `launch/train.py --help` lists them under the mode."""
+
     @classmethod
-    def from_config(cls, cfg, tokenizer) -> Objective:
-        """Build the objective from the training config (the registry calls this)."""
+    def from_options(cls, options, tokenizer) -> Objective:
+        """Build the objective from its mode's options (an instance of `options`; the registry calls this)."""
         return cls()
 
     def wrap_model(self, model: nn.Module) -> nn.Module:

@@ -29,7 +29,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from minigpt.config import ADVANTAGE_SCALES, ConfigError
+from minigpt.config import (
+    ConfigError,
+    check_at_least,
+    check_choice,
+    check_not_negative,
+    check_positive,
+    option,
+)
 from minigpt.data.datasets import RLHFPrompts
 from minigpt.data.tasks import expected_answer
 from minigpt.data.tasks import reward as task_reward
@@ -42,6 +49,8 @@ from minigpt.train.reward import load_reward_model, score_sequences
 from minigpt.train.sequences import load_frozen_model
 
 ADVANTAGE_EPS = 1e-4
+ADVANTAGE_SCALES = ("group", "batch", "none")
+"""What GRPO divides each group's centred rewards by (`--rl-scale-rewards`, `group_advantages`)."""
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group",
@@ -136,19 +145,47 @@ def response_logprobs(forward, rollout: Rollout) -> torch.Tensor:
     return torch.gather(predicting.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)
 
 
+@dataclass
+class RLHFOptions:
+    """`--mode rlhf`'s own flags."""
+
+    reward_model: str = option("RLHF: reward model directory (from --mode reward); empty: the rule-based reward "
+                               "of the verifiable-task checker", default="")
+    rl_group_size: int = option("RLHF (GRPO): responses sampled per prompt; advantages are relative to the group",
+                                default=8)
+    rl_max_new_tokens: int = option("RLHF: tokens generated per response (every rank always runs this many "
+                                    "decoding steps)", default=16)
+    rl_temperature: float = option("RLHF: sampling temperature of the rollouts", default=1.0)
+    kl_coef: float = option("RLHF: weight of the KL penalty to the reference (starting) policy", default=0.05)
+    rl_clip: float = option("RLHF: PPO/GRPO ratio clipping range epsilon", default=0.2)
+    rl_scale_rewards: str = option("RLHF: what divides each group's centred rewards: group (its std, GRPO), batch "
+                                   "(the std over all groups: partial credit keeps its size) or none (Dr. GRPO)",
+                                   default="group")
+    rl_updates: int = option("RLHF: optimizer steps on each batch of rollouts (GRPO's mu); above 1 the policy "
+                             "moves away from the one that sampled and the ratio clipping bounds each step",
+                             default=1)
+
+    def __post_init__(self) -> None:
+        check_positive(self, "rl_temperature", "rl_clip", "rl_max_new_tokens")
+        check_not_negative(self, "kl_coef")
+        check_at_least(self, rl_updates=1, rl_group_size=2)
+        check_choice(self, "rl_scale_rewards", ADVANTAGE_SCALES)
+
+
 class GRPO(Objective):
     """The `--mode rlhf` objective (see the module docstring); its training micro-batches are `Rollout`s."""
 
     dataset_kind = "rlhf"
+    options = RLHFOptions
     previous_stages = ("dpo", "sft")
     chat_samples = True
     varying_shapes = True
     eval_sums = ("reward_sum", "prompts", "exact", "response_length")
 
-    def __init__(self, cfg, tokenizer):
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.group_size, self.max_new_tokens = cfg.rl_group_size, cfg.rl_max_new_tokens
-        self.updates_per_batch = cfg.rl_updates
+    def __init__(self, options: RLHFOptions, tokenizer):
+        self.cfg, self.tokenizer = options, tokenizer
+        self.group_size, self.max_new_tokens = options.rl_group_size, options.rl_max_new_tokens
+        self.updates_per_batch = options.rl_updates
         self.engine = None
         self.datasets: list[PaddedPrompts] = []
         self.reference_model: torch.nn.Module | None = None
@@ -169,8 +206,8 @@ class GRPO(Objective):
         return prompts
 
     @classmethod
-    def from_config(cls, cfg, tokenizer) -> GRPO:
-        return cls(cfg, tokenizer)
+    def from_options(cls, options: RLHFOptions, tokenizer) -> GRPO:
+        return cls(options, tokenizer)
 
     def setup(self, context: SetupContext) -> None:
         """Load the frozen reference policy and the reward (model, or check the prompts are verifiable)."""

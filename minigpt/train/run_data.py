@@ -107,7 +107,7 @@ def _builtin_language(name: str) -> str:
 def check_mixture_mode(cfg: TrainConfig) -> list[WeightedSource]:
     """The run's weighted sources ([] without weights); a `ConfigError` naming the mode when its objective
     cannot mix sources."""
-    mixture = parse_mixture(cfg.data)
+    mixture = parse_mixture(cfg.data.sources)
     if mixture and not objective_class(cfg.mode).mixes_sources:
         mixing = ", ".join(mode for mode in mode_names() if objective_class(mode).mixes_sources)
         raise ConfigError(_("--mode {mode} cannot train on a weighted mixture (--data NAME=PATH:WEIGHT); modes that "
@@ -120,12 +120,12 @@ def planned_inputs(cfg: TrainConfig) -> list[Path | str]:
     """What `resolve_run_data` will read, found but not built: paths, and built-in corpora by name."""
     check_mixture_mode(cfg)
     planned: list[Path | str] = []
-    for name in data_paths(cfg.data):
+    for name in data_paths(cfg.data.sources):
         if name.startswith(DEMO_PREFIX):
             planned.append(_("<built-in {corpus} ({name})>").format(corpus=_(DEMO_NAMES[_builtin_language(name)]),
                                                                     name=name))
         else:
-            planned.append(find_input(name, cfg.data_dir))
+            planned.append(find_input(name, cfg.data.data_dir))
     pretraining = objective_class(cfg.mode).dataset_kind == "pretrain"
     return planned or [_("<built-in demo corpus>") if pretraining else _("<built-in bilingual demo data>")]
 
@@ -163,7 +163,7 @@ def _builtin_input(cfg: TrainConfig, runtime: Runtime, kind: str, name: str | No
     """The file of a built-in corpus (`demo:en`, `demo:zh`) or, with name None, of the built-in
     post-training data of `kind`, written into the data cache by the main rank while the others wait."""
     if name is None:
-        demo = demo_post_training_file(cfg.data_dir, kind, write=runtime.is_main)
+        demo = demo_post_training_file(cfg.data.data_dir, kind, write=runtime.is_main)
         if runtime.is_main:
             print(_("[minigpt] no --data: --mode {mode} trains on the built-in bilingual demo data ({path}: tasks in "
                     "Chinese and English, identity chats); see {docs} for your own").format(
@@ -174,7 +174,7 @@ def _builtin_input(cfg: TrainConfig, runtime: Runtime, kind: str, name: str | No
             raise DataError(_("--data {name} is a pretraining corpus; --mode {mode} needs {kind} records (without "
                               "--data it trains on the built-in bilingual demo data)").format(
                 name=name, mode=cfg.mode, kind=kind))
-        demo = builtin_corpus_file(cfg.data_dir, language, write=runtime.is_main)
+        demo = builtin_corpus_file(cfg.data.data_dir, language, write=runtime.is_main)
     runtime.barrier()
     return demo
 
@@ -191,15 +191,15 @@ def _content_key(files: list[Path], *parts: str) -> str:
 
 def _pretokenized(cfg: TrainConfig, runtime: Runtime, raw: list[Path], tokenizer: Tokenizer, kind: str) -> Path:
     """The cached shard dataset of the raw files `raw`, built by the main rank if missing (the others wait)."""
-    cleaning = Cleaning(cfg.dedup, cfg.min_chars, cfg.max_repeated_lines)
-    key = _content_key(raw, tokenizer.checksum, kind, str(cfg.val_fraction), str(cfg.seed),
+    cleaning = Cleaning(cfg.data.dedup, cfg.data.min_chars, cfg.data.max_repeated_lines)
+    key = _content_key(raw, tokenizer.checksum, kind, str(cfg.data.val_fraction), str(cfg.seed),
                        f"encoding {build.ENCODING_VERSION}",
                        *([json.dumps(cleaning.as_dict())] if cleaning != Cleaning() else []))
-    cached = Path(cfg.data_dir) / CACHE / f"{kind}-{key}"
+    cached = Path(cfg.data.data_dir) / CACHE / f"{kind}-{key}"
     if runtime.is_main and not cached.exists():
         print(_("[minigpt] pre-tokenizing {count} file(s) into {path}").format(count=len(raw), path=cached),
               flush=True)
-        build_dataset([str(p) for p in raw], cached, tokenizer, kind=kind, val_fraction=cfg.val_fraction,
+        build_dataset([str(p) for p in raw], cached, tokenizer, kind=kind, val_fraction=cfg.data.val_fraction,
                       seed=cfg.seed, workers=min(4, os.cpu_count() or 1), cleaning=cleaning)
     runtime.barrier()
     return cached
@@ -212,9 +212,9 @@ def resolve_run_data(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path | N
     or None to use --tokenizer / <run>/tokenizer / train one on the raw inputs.
     """
     mixture = check_mixture_mode(cfg)
-    entries = data_paths(cfg.data)
+    entries = data_paths(cfg.data.sources)
     inputs = [_builtin_input(cfg, runtime, kind, name) if name.startswith(DEMO_PREFIX)
-              else find_input(name, cfg.data_dir) for name in entries]
+              else find_input(name, cfg.data.data_dir) for name in entries]
     if not inputs:
         inputs = [_builtin_input(cfg, runtime, kind, "demo:en" if kind == "pretrain" else None)]
     datasets = [p for p in inputs if _is_dataset_dir(p)]
@@ -283,8 +283,8 @@ def check_coverage(cfg: TrainConfig, run_data: RunData, inherited: bool) -> tupl
     coverage, lacking = character_coverage(run_data.tokenizer, run_data.dataset_dirs)
     if coverage >= MIN_COVERAGE:
         return coverage, None
-    data = " ".join(data_paths(cfg.data)) or "YOUR_FILES"
-    train = f"python data_tools/train_tokenizer.py --input {data} --out tokenizers/{data_name(cfg.data or ['mine'])}"
+    data = " ".join(data_paths(cfg.data.sources)) or "YOUR_FILES"
+    train = f"python data_tools/train_tokenizer.py --input {data} --out tokenizers/{data_name(cfg.data.sources or ['mine'])}"
     if inherited:  # weights and tokenizer go together: the fix is an earlier stage with a fitting tokenizer
         fix = _("{train}, pretrain with that --tokenizer on text in this language, then start --mode {mode} from "
                 "that run with --init-from").format(train=train, mode=cfg.mode)
@@ -297,20 +297,20 @@ def check_coverage(cfg: TrainConfig, run_data: RunData, inherited: bool) -> tupl
                 "Train one that covers it: {fix}").format(
         tokenizer=run_data.tokenizer.directory, source=source, coverage=coverage, needed=MIN_COVERAGE,
         lacking=lacking, fix=fix)
-    own_data = [name for name in data_paths(cfg.data) if not name.startswith(DEMO_PREFIX)]
-    if own_data and not cfg.allow_low_coverage:
+    own_data = [name for name in data_paths(cfg.data.sources) if not name.startswith(DEMO_PREFIX)]
+    if own_data and not cfg.data.allow_low_coverage:
         raise ConfigError(_("{problem}; or pass --allow-low-coverage to train anyway").format(problem=problem))
     return coverage, problem
 
 
 def planned_vocab_size(cfg: TrainConfig) -> tuple[int, str]:
     """The vocabulary the run will have, without building anything, and where that figure comes from."""
-    if cfg.tokenizer:
-        return Tokenizer(cfg.tokenizer).vocab_size, _("tokenizer {path}").format(path=cfg.tokenizer)
+    if cfg.data.tokenizer:
+        return Tokenizer(cfg.data.tokenizer).vocab_size, _("tokenizer {path}").format(path=cfg.data.tokenizer)
     run_tokenizer = cfg.run_dir / "tokenizer"
-    if run_tokenizer.exists() and not cfg.retrain_tokenizer:
+    if run_tokenizer.exists() and not cfg.data.retrain_tokenizer:
         return Tokenizer(run_tokenizer).vocab_size, _("tokenizer {path}").format(path=run_tokenizer)
-    vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
+    vocab = cfg.data.vocab_size or get_config(cfg.model.preset).vocab_size
     return vocab, _("at most: a tokenizer is trained on the data (a small corpus gives fewer)")
 
 
@@ -321,15 +321,15 @@ def _resolve_tokenizer(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path |
     if tokenizer_dir is not None:
         weights_tokenizer = Tokenizer(tokenizer_dir)
         # Compared by content: a copy of the same tokenizer elsewhere is the same tokenizer.
-        if cfg.tokenizer and Tokenizer(cfg.tokenizer).checksum != weights_tokenizer.checksum:
+        if cfg.data.tokenizer and Tokenizer(cfg.data.tokenizer).checksum != weights_tokenizer.checksum:
             raise ConfigError(_("--tokenizer {path} differs from the tokenizer of the starting weights ({weights}); "
                                 "post-training keeps the tokenizer of its weights").format(
-                path=cfg.tokenizer, weights=tokenizer_dir))
+                path=cfg.data.tokenizer, weights=tokenizer_dir))
         return weights_tokenizer
-    if cfg.tokenizer:
-        return Tokenizer(cfg.tokenizer)
+    if cfg.data.tokenizer:
+        return Tokenizer(cfg.data.tokenizer)
     run_tokenizer = cfg.run_dir / "tokenizer"
-    train_one = cfg.retrain_tokenizer or not run_tokenizer.exists()
+    train_one = cfg.data.retrain_tokenizer or not run_tokenizer.exists()
     runtime.barrier()  # every rank has looked before the main rank (re)writes it: all decide alike
     if not train_one:
         return Tokenizer(run_tokenizer)
@@ -338,8 +338,8 @@ def _resolve_tokenizer(cfg: TrainConfig, runtime: Runtime, tokenizer_dir: Path |
         raise ConfigError(_("shards {paths} were built with tokenizer {checksums}; pass that tokenizer directory with "
                             "--tokenizer").format(paths=", ".join(map(str, datasets)), checksums=checksums))
     if runtime.is_main:
-        files = raw + ([tokenizer_text_file(cfg.data_dir)] if learn_post_training else [])
-        vocab = cfg.vocab_size or get_config(cfg.config).vocab_size
+        files = raw + ([tokenizer_text_file(cfg.data.data_dir)] if learn_post_training else [])
+        vocab = cfg.data.vocab_size or get_config(cfg.model.preset).vocab_size
         print(_("[minigpt] training a {vocab}-token tokenizer on {count} file(s) into {path}").format(
             vocab=vocab, count=len(files), path=run_tokenizer), flush=True)
         train_tokenizer([str(p) for p in files], run_tokenizer, vocab_size=vocab)

@@ -51,10 +51,10 @@ def previous_run_artefacts(run_dir: Path) -> list[Path]:
 def check_fresh_run_dir(cfg: TrainConfig) -> list[Path]:
     """For a fresh run: raise `ConfigError` when `cfg.run_dir` holds another run, unless `--overwrite`;
     returns what `--overwrite` is to delete (nothing for a resumed run or an empty directory)."""
-    if cfg.resume or cfg.auto_resume:
+    if cfg.checkpointing.resume or cfg.checkpointing.auto_resume:
         return []
     found = previous_run_artefacts(cfg.run_dir)
-    if found and not cfg.overwrite:
+    if found and not cfg.checkpointing.overwrite:
         names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in found)
         raise ConfigError(_("{path} holds another run ({names}); continue it with --auto-resume, train into another "
                             "directory with --out DIR, or pass --overwrite to delete them and start clean").format(

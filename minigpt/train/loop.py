@@ -352,6 +352,8 @@ class Trainer:
             if low_coverage:
                 print(_("[minigpt] warning: {warning}").format(warning=low_coverage), flush=True)
         self.model = build_model(cfg, self.tokenizer, start)
+        if cfg.adapter.enabled:
+            self._attach_lora(start)
         if start.model_dir is None and objective_class(cfg.mode).previous_stages:
             start = self._keep_initial_weights(start)
         self.objective: Objective = build_objective(cfg, self.tokenizer)
@@ -401,6 +403,25 @@ class Trainer:
             mixture = (mixture_record(self.run_data, self.train_set, self.val_set, self.seq_len)
                        if self.run_data.mixture else None)
             write_snapshot(cfg, self.model_config, start, self.run_data, self.engine, self.seq_len, mixture)
+
+    def _attach_lora(self, start: StartingWeights) -> None:
+        """--lora-rank: freeze the starting weights and train adapters on them (minigpt/lora.py)."""
+        from minigpt.lora import LoraError, attach_lora, describe
+
+        adapter = self.cfg.adapter
+        if start.model_dir is None:
+            raise ConfigError(_("--lora-rank adapts trained weights, but this run starts from {source}: give --init-from "
+                                "DIR (our final/, a run directory or a Hugging Face Llama directory) or train the "
+                                "previous stage first").format(source=said_source(start.source)))
+        total = sum(p.numel() for p in self.model.parameters())
+        try:
+            trainable = attach_lora(self.model, adapter.lora_rank, adapter.alpha, adapter.lora_dropout,
+                                    adapter.lora_targets)
+        except LoraError as err:
+            raise ConfigError(str(err)) from None
+        if self.runtime.is_main:
+            print(_("[minigpt] {note}").format(note=describe(trainable, total, adapter.lora_rank, adapter.alpha,
+                                                             adapter.lora_targets)), flush=True)
 
     def _keep_initial_weights(self, start: StartingWeights) -> StartingWeights:
         """A post-training run from random init saves its initial weights as `<run>/initial` (a fresh run
@@ -689,11 +710,24 @@ class Trainer:
         return flag > 0, self.budget.fits(elapsed, reserve)
 
     def consolidate(self) -> Path:
+        """Write `final/`: the consolidated weights (a LoRA run's merged into the frozen ones, and its adapter
+        alone in `final/adapter/`)."""
         state_dict = self.engine.consolidated_state_dict()
         out = self.cfg.run_dir / FINAL
         if self.engine.is_main:
-            self.objective.save_consolidated(out, state_dict, self.model_config, self.tokenizer.directory,
+            adapter = self.cfg.adapter
+            weights = state_dict
+            if adapter.enabled:
+                from minigpt.lora import merged_state_dict
+
+                weights = merged_state_dict(state_dict, adapter.alpha, adapter.lora_rank)
+            self.objective.save_consolidated(out, weights, self.model_config, self.tokenizer.directory,
                  extra={"mode": self.cfg.mode, "step": self.step, "tokens_seen": self.tokens_seen})
+            if adapter.enabled:
+                from minigpt.lora import ADAPTER_DIR, save_peft_adapter
+
+                save_peft_adapter(out / ADAPTER_DIR, state_dict, self.model_config, rank=adapter.lora_rank,
+                                  alpha=adapter.alpha, dropout=adapter.lora_dropout, base=self.start.source)
         self.engine.barrier()
         return out
 

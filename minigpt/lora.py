@@ -22,7 +22,6 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -93,10 +92,6 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targe
             param.requires_grad_(".lora_" in name)
             trainable += param.numel() if param.requires_grad else 0
     return trainable
-
-
-def is_adapted(state_dict: Mapping[str, torch.Tensor]) -> bool:
-    return any(_LORA_KEY.match(name) for name in state_dict)
 
 
 def merged_state_dict(state_dict: Mapping[str, torch.Tensor], alpha: float, rank: int) -> dict[str, torch.Tensor]:
@@ -183,8 +178,3 @@ def describe(trainable: int, total: int, rank: int, alpha: float, targets: list[
              "({share:.2%}); the rest is frozen").format(
         rank=rank, alpha=alpha, targets=", ".join(resolve_targets(targets)), trainable=trainable, total=total,
         share=trainable / max(total, 1))
-
-
-def scaling(options: Any) -> tuple[int, float]:
-    """(rank, alpha) of an `AdapterSection`, alpha 0 meaning twice the rank."""
-    return options.lora_rank, options.lora_alpha or 2.0 * options.lora_rank

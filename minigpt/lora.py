@@ -178,3 +178,35 @@ def describe(trainable: int, total: int, rank: int, alpha: float, targets: list[
              "({share:.2%}); the rest is frozen").format(
         rank=rank, alpha=alpha, targets=", ".join(resolve_targets(targets)), trainable=trainable, total=total,
         share=trainable / max(total, 1))
+
+
+def lora_layers(model: nn.Module) -> list[nn.Module]:
+    """PEFT's LoRA layers inside `model`."""
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in model.modules() if isinstance(module, LoraLayer)]
+
+
+class AdaptersOff(nn.Module):
+    """A LoRA policy with its adapters switched off for the length of one forward pass, without gradients: the
+    frozen base it adapts, used as the DPO/GRPO reference with no second copy of the weights. The policy is
+    held, not registered, so this module's `eval()`/`train()` and state dict never reach it."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self._policy = (policy,)
+        self._layers = lora_layers(policy)
+
+    def forward(self, *args, **kwargs):
+        policy = self._policy[0]
+        training = policy.training
+        policy.eval()  # as a loaded reference runs: no dropout
+        for layer in self._layers:
+            layer.enable_adapters(False)
+        try:
+            with torch.no_grad():
+                return policy(*args, **kwargs)
+        finally:
+            for layer in self._layers:
+                layer.enable_adapters(True)  # PEFT makes the active adapters trainable again
+            policy.train(training)

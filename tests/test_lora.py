@@ -133,3 +133,17 @@ def test_lora_from_random_weights_is_refused_by_name(tmp_path, shards, data_toke
                          tokenizer=str(data_tokenizer.directory), lora_rank=RANK)
     with pytest.raises(ConfigError, match="--lora-rank adapts trained weights, but this run starts from random init"):
         Trainer(cfg)
+
+
+def test_a_lora_policy_is_its_own_reference_with_the_adapters_off(data_tokenizer):
+    from minigpt.train.sequences import load_frozen_model
+
+    model = adapted_model(data_tokenizer.vocab_size).train()
+    reference = load_frozen_model(None, torch.device("cpu"), "dpo", "fp32", policy=model)
+    base = random_model(data_tokenizer.vocab_size)
+    ids = torch.tensor([data_tokenizer.encode("All: Speak, speak.")])
+    with torch.no_grad():
+        assert torch.equal(reference(ids), base(ids))  # the frozen weights are the base: exactly its logits
+        assert not torch.allclose(model(ids), base(ids), atol=1e-3)  # the adapters are on again afterwards
+    assert sum(p.numel() for p in reference.parameters()) == 0  # no second copy of the weights
+    assert model.training and all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)

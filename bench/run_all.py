@@ -2,7 +2,7 @@
 
     python bench/run_all.py                   # everything (~15 min on 2 CPU cores, 4 deepspeed launches)
     python bench/run_all.py --skip deepspeed  # sections: quality quality_zh throughput compile deepspeed
-                                              #   decode data activation pretokenize memory sft_packing
+                                              #   decode data activation pretokenize memory sft_packing lora
     python bench/run_all.py --quick           # tiny sizes: checks the plumbing, the figures mean nothing
 
 Writes `bench/out/results.json` (every figure, the machine, the load average before each section)
@@ -57,7 +57,7 @@ AVX2_EMULATION = {"ONEDNN_MAX_CPU_ISA": "AVX2"}
 PRECISION_FLAGS = {"x86": ("avx512f", "avx512_bf16", "amx_bf16"), "arm": ("bf16",)}
 """The CPU flags that decide how fast bf16 runs, per architecture."""
 SECTIONS = ("quality", "quality_zh", "throughput", "compile", "deepspeed", "decode", "data", "activation", "pretokenize", "memory",
-            "sft_packing")
+            "sft_packing", "lora")
 
 
 @dataclass
@@ -425,6 +425,28 @@ def sft_packing_rows(work: Path, quick: bool, results: dict) -> list[Row]:
                 f">= {sft_packing.GOAL_SPEEDUP:.1f}x at <= val loss", verdict(measured["pass"]))]
 
 
+def lora_rows(quick: bool, results: dict) -> list[Row]:
+    """LoRA rank 8 against full fine-tuning at the small preset (bench/lora.py): reported, no goal."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        return [Row("lora: rank 8 vs full fine-tuning", "skipped: peft not installed (the lora extra)", "-", "-",
+                    "info")]
+    import lora
+
+    measured = (lora.compare("tiny", 8, 64, 2, 2, 1) if quick else lora.compare("small", 8, 256, 8, 12, 2))
+    results["lora"] = measured
+    full, adapted = measured["full"], measured["lora"]
+    return [Row(f"lora: rank 8 vs full fine-tuning, {measured['settings']['config']} preset, trainable parameters",
+                f"{full['trainable_params']:,.0f} -> {adapted['trainable_params']:,.0f}",
+                f"{adapted['trainable_params'] / full['trainable_params']:.3f}x", "report", "info"),
+            Row("lora: peak RSS (each variant in its own process; LoRA imports peft)",
+                f"{full['peak_rss_mb']:.0f} -> {adapted['peak_rss_mb']:.0f} MB",
+                f"{adapted['peak_rss_mb'] / full['peak_rss_mb']:.2f}x", "report", "info"),
+            Row("lora: step time (fp32, plain engine)", f"{full['step_s']:.3f} -> {adapted['step_s']:.3f} s",
+                f"{adapted['step_s'] / full['step_s']:.2f}x", "report", "info")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -463,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             rows += memory_rows(args.out, args.quick, results)
         elif section == "sft_packing":
             rows += sft_packing_rows(args.out, args.quick, results)
+        elif section == "lora":
+            rows += lora_rows(args.quick, results)
     results["rows"] = [asdict(r) for r in rows]
     results["seconds"] = time.perf_counter() - started
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

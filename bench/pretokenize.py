@@ -23,7 +23,8 @@ plain `sp.encode` of the same texts one by one, alternating, `--rounds` times; t
 per-round ratios, in CPU seconds of this process (what a quiet core would give) and in wall seconds.
 The goal: 0.9x or more.
 
-`--scaling MB` cuts the first MB megabytes of `--input` into a file under `--big` (outside the
+`--tokenizer DIR` runs only the per-worker comparison, with that tokenizer, on the first `--max-mb` of
+`--input` (so it suits the 2 GB corpus). `--scaling MB` cuts the first MB megabytes of `--input` into a file under `--big` (outside the
 repository) and runs `data_tools/pretokenize.py` on it with each of `--workers`, alternating,
 `--repeat` rounds, with the load average before each run: wall time, CPU seconds, and the speedup of
 each round over the first `--workers` entry (median). The goal: 1.7x or more with 2 workers on 2 quiet
@@ -153,18 +154,19 @@ def print_per_worker(result: dict) -> None:
           f"{'PASS' if result['cpu_ratio'] >= 0.9 else 'FAIL'}")
 
 
-def run_pretokenize(corpus: Path, tokenizer_dir: Path, out: Path, workers: int) -> tuple[int, float, float, int]:
+def run_pretokenize(corpus: Path, tokenizer_dir: Path, out: Path, workers: int
+                    ) -> tuple[int, float, float, int, float]:
     """`data_tools/pretokenize.py` on `corpus` as a user runs it: (exit code, wall s, CPU s of it and its workers,
-    peak RSS of them together)."""
+    peak RSS of them together, CPU s of its main process alone: reading, writing and the split)."""
     shutil.rmtree(out, ignore_errors=True)
     command = [sys.executable, str(ROOT / "data_tools" / "pretokenize.py"), "--input", str(corpus), "--tokenizer",
                str(tokenizer_dir), "--out", str(out), "--workers", str(workers), "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     start, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    code, peak = peak_memory(subprocess.Popen(command, env=env))
+    code, peak, main_cpu = peak_memory(subprocess.Popen(command, env=env))
     seconds = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the command and its workers, once waited for
-    return code, seconds, after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, peak
+    return code, seconds, after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime, peak, main_cpu
 
 
 def scaling(path: Path, directory: Path, megabytes: int, vocab_size: int, text_field: str, workers_list: list[int],
@@ -183,18 +185,20 @@ def scaling(path: Path, directory: Path, megabytes: int, vocab_size: int, text_f
             target.write(source.read(64 << 20).rsplit(b"\n", 1)[0] + b"\n")
         train_tokenizer([sample], tokenizer_dir, vocab_size, text_field=text_field)
     print(f"{corpus.name}: {corpus.stat().st_size / 1e6:,.0f} MB, {os.cpu_count()} CPU cores")
-    print(f"{'round':>5} {'workers':>7} {'load before':>11} {'seconds':>8} {'cpu s':>7} {'peak RSS':>9}")
+    print(f"{'round':>5} {'workers':>7} {'load before':>11} {'seconds':>8} {'cpu s':>7} {'main cpu s':>10} "
+          f"{'peak RSS':>9}")
     walls: dict[int, list[float]] = {workers: [] for workers in workers_list}
     for index in range(rounds):
         for workers in workers_list if index % 2 == 0 else workers_list[::-1]:
             load = os.getloadavg()[0]
-            code, seconds, cpu, peak = run_pretokenize(corpus, tokenizer_dir, directory / "scaling-shards", workers)
+            code, seconds, cpu, peak, main_cpu = run_pretokenize(corpus, tokenizer_dir, directory / "scaling-shards",
+                                                                 workers)
             if code != 0:
                 print(f"error: pretokenize exited with {code}", file=sys.stderr)
                 return 1
             walls[workers].append(seconds)
-            print(f"{index + 1:5d} {workers:7d} {load:11.2f} {seconds:8.1f} {cpu:7.1f} {peak / 2**20:6.0f} MB",
-                  flush=True)
+            print(f"{index + 1:5d} {workers:7d} {load:11.2f} {seconds:8.1f} {cpu:7.1f} {main_cpu:10.1f} "
+                  f"{peak / 2**20:6.0f} MB", flush=True)
     first = workers_list[0]
     for workers in workers_list[1:]:
         speedups = [a / b for a, b in zip(walls[first], walls[workers], strict=True)]
@@ -247,18 +251,21 @@ def write_big_corpus(path: Path, size_bytes: int, seed: int = 0) -> None:
     tmp.rename(path)
 
 
-def peak_memory(process: subprocess.Popen) -> tuple[int, float]:
-    """(exit code, peak resident bytes of `process` and its children added up), sampling every 0.2 s."""
-    peak = 0
+def peak_memory(process: subprocess.Popen) -> tuple[int, float, float]:
+    """(exit code, peak resident bytes of `process` and its children added up, CPU seconds of `process` itself as
+    last seen), sampling every 0.2 s."""
+    peak, own = 0, 0.0
     root = psutil.Process(process.pid)
     while process.poll() is None:
         try:
             tree = [root] + root.children(recursive=True)
             peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+            times = root.cpu_times()
+            own = times.user + times.system
         except psutil.Error:
             pass
         time.sleep(0.2)
-    return process.returncode, peak
+    return process.returncode, peak, own
 
 
 def big(directory: Path, size_gb: float, vocab_size: int, workers: int) -> int:
@@ -275,7 +282,7 @@ def big(directory: Path, size_gb: float, vocab_size: int, workers: int) -> int:
         train_tokenizer([sample], tokenizer_dir, vocab_size)
     out = directory / "shards"
     load = os.getloadavg()[0]
-    code, seconds, cpu_seconds, peak = run_pretokenize(corpus, tokenizer_dir, out, workers)
+    code, seconds, cpu_seconds, peak, main_cpu = run_pretokenize(corpus, tokenizer_dir, out, workers)
     if code != 0:
         print(f"error: pretokenize exited with {code}", file=sys.stderr)
         return 1
@@ -287,6 +294,7 @@ def big(directory: Path, size_gb: float, vocab_size: int, workers: int) -> int:
     print(f"{'seconds':>8} {'cpu s':>7} {'MB/s':>7} {'Mtok/s':>7} {'peak RSS':>9}")
     print(f"{seconds:8.1f} {cpu_seconds:7.1f} {megabytes / seconds:7.2f} {stats['totals']['tokens'] / seconds / 1e6:7.3f} "
           f"{peak / 2**20:7.0f} MB")
+    print(f"main process alone: {main_cpu:.1f} CPU s (reading, writing, the split)")
     print(f"load average after: {os.getloadavg()[0]:.2f}; CPU seconds / {workers} = {cpu_seconds / workers:.0f} s "
           "(the wall time on that many quiet cores, if the work splits evenly)")
     goal = seconds <= 360 and peak < 2**30
@@ -308,7 +316,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=7, help="alternating rounds of the per-worker comparison")
     parser.add_argument("--scaling", type=int, default=0, metavar="MB", help="time the first MB megabytes of "
                         "--input with each of --workers, in --big (default: a temporary directory)")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="an existing tokenizer directory: run only "
+                        "the per-worker comparison, on the first --max-mb of --input (a corpus of any size)")
+    parser.add_argument("--max-mb", type=int, default=64)
     args = parser.parse_args(argv)
+    if args.tokenizer is not None:
+        print_per_worker(per_worker(args.input, Tokenizer(args.tokenizer), args.text_field, args.rounds,
+                                    args.max_mb << 20))
+        return 0
     if args.scaling:
         if args.big is not None:
             return scaling(args.input, args.big, args.scaling, args.vocab_size, args.text_field, args.workers,

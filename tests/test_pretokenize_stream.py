@@ -7,6 +7,7 @@ import copy
 import gzip
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -83,15 +84,17 @@ def test_encode_documents_is_encode_with_eos_of_each_text(data_tokenizer):
 
 def test_encode_documents_gives_the_same_arrays_with_and_without_sentencepieces_buffer_batch(data_tokenizer):
     texts = ["Hello world.", "学而时习之", "tabs\tand\nnewlines", "😀 emoji", " ", "x" * 5000]
-    assert data_tokenizer._eos_buffers is not None  # this sentencepiece passes the probe: the fast path is tested
+    assert data_tokenizer._buffer_batch  # this sentencepiece passes the probe: the fast path is tested
     fast = data_tokenizer.encode_documents(texts, num_threads=2)
     slow_tokenizer = copy.copy(data_tokenizer)
-    slow_tokenizer._eos_buffers = None
+    slow_tokenizer._buffer_batch = False
     slow = slow_tokenizer.encode_documents(texts, num_threads=2)
     for got, expected in zip(fast, slow, strict=True):
         assert got.dtype == expected.dtype and got.tolist() == expected.tolist()
     fast[0][0] = 0  # an array the caller may change, as before
     assert fast[1].tolist() == [len(data_tokenizer.encode(text, eos=True)) for text in texts]
+    unpickled = pickle.loads(pickle.dumps(data_tokenizer))  # a tokenizer still travels to other processes
+    assert unpickled._buffer_batch and unpickled.encode_documents(texts)[0].tolist() == slow[0].tolist()
 
 
 def test_a_shard_writer_resumes_from_a_synced_position(tmp_path):

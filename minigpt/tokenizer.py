@@ -220,8 +220,9 @@ class Tokenizer:
     def encode_documents(self, texts: list[str], num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """`encode(text, eos=True)` of every text back to back as one int32 array, and each one's length.
 
-        sentencepiece hands the ids back as arrays (no Python int per token) and encodes on
-        `num_threads` threads of its own; a sentencepiece too old for arrays goes through lists.
+        sentencepiece hands the ids back as raw buffers (no Python int per token), joined here into one
+        array (`_eos_buffers`, where the probe at load passed; else one array per text, concatenated), and
+        encodes on `num_threads` threads of its own; a sentencepiece too old for arrays goes through lists.
         """
         if not texts:
             return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)

@@ -235,3 +235,19 @@ def test_lora_bench_compares_both_variants_in_their_own_processes():
     assert 0 < lora["trainable_params"] < full["trainable_params"] / 10
     assert lora["optimizer_state_mb"] < full["optimizer_state_mb"] / 10
     assert "LoRA/full" in table(result) and all(r["step_s"] > 0 for r in (full, lora))
+
+
+def test_pretokenize_bench_compares_a_worker_with_sp_encode_and_times_workers_on_a_cut_of_the_input(
+        tmp_path, data_tokenizer, chinese_jsonl, demo_corpus, capsys):
+    import pretokenize
+
+    result = pretokenize.per_worker(chinese_jsonl, data_tokenizer, rounds=3)
+    assert result["rounds"] == 3 and result["documents"] > 0
+    assert all(result[key] > 0 for key in ("cpu_ratio", "wall_ratio", "baseline_cpu", "worker_cpu"))
+    pretokenize.print_per_worker(result)
+    assert "per worker vs sp.encode" in capsys.readouterr().out
+    big = tmp_path / "big.txt"
+    big.write_bytes(demo_corpus.read_bytes())
+    assert pretokenize.scaling(big, tmp_path / "work", 1, 600, "text", [1, 2], 2) == 0
+    out = capsys.readouterr().out
+    assert "2 workers vs 1: median speedup" in out and not (tmp_path / "work" / "scaling-shards").exists()

@@ -387,11 +387,14 @@ class AdapterSection:
     lora_targets: list[str] = option("LoRA: projections to adapt, of qkv_proj, o_proj, gate_up_proj, down_proj "
                                      "(Llama's q_proj/k_proj/v_proj and gate_proj/up_proj select the fused "
                                      "projection they are part of); default: all four", default_factory=list)
+    lora_init: str = option("LoRA: start the adapters from this PEFT adapter directory (a LoRA run's final/adapter) "
+                            "instead of zero, with its rank, alpha and targets; --init-from must be the base it was "
+                            "trained on (checked)", default="")
 
     def __post_init__(self) -> None:
         check_not_negative(self, "lora_rank", "lora_alpha")
         check_interval(self, "lora_dropout", 0, 1, open_high=True)
-        if self.lora_rank == 0 and (self.lora_alpha or self.lora_dropout or self.lora_targets):
+        if self.lora_rank == 0 and not self.lora_init and (self.lora_alpha or self.lora_dropout or self.lora_targets):
             raise ConfigError(_("--lora-alpha, --lora-dropout and --lora-targets shape LoRA adapters: give "
                                 "--lora-rank too"))
         if self.lora_targets:
@@ -404,7 +407,7 @@ class AdapterSection:
 
     @property
     def enabled(self) -> bool:
-        return self.lora_rank > 0
+        return self.lora_rank > 0 or bool(self.lora_init)
 
     @property
     def alpha(self) -> float:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -154,9 +155,11 @@ def hf_adapter_tensors(state_dict: Mapping[str, torch.Tensor], config: MiniGPTCo
 
 
 def save_peft_adapter(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], config: MiniGPTConfig, *,
-                      rank: int, alpha: float, dropout: float, base: str = "") -> Path:
+                      rank: int, alpha: float, dropout: float, base: str = "", base_checksum: str | None = None
+                      ) -> Path:
     """Write the adapters of `state_dict` as a PEFT adapter directory (`adapter_config.json` +
-    `adapter_model.safetensors`) for the Hugging Face export of the base model; atomically."""
+    `adapter_model.safetensors`) for the Hugging Face export of the base model; atomically. `minigpt_adapter.json`
+    beside them records the base (`base`, and the SHA-256 of its weights file, which `--lora-init` checks)."""
     from safetensors.torch import save_file
 
     tensors = hf_adapter_tensors(state_dict, config)
@@ -168,7 +171,8 @@ def save_peft_adapter(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor
         peft_config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "minigpt_adapter.json").write_text(json.dumps(
-            {"rank": rank, "alpha": alpha, "targets": targets, "base": base}, indent=2) + "\n")
+            {"rank": rank, "alpha": alpha, "targets": targets, "base": base, "base_checksum": base_checksum},
+            indent=2) + "\n")
     return out_dir
 
 
@@ -210,3 +214,98 @@ class AdaptersOff(nn.Module):
             for layer in self._layers:
                 layer.enable_adapters(True)  # PEFT makes the active adapters trainable again
             policy.train(training)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """The adapters a run trains: rank, alpha, dropout and targets (our module names)."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+
+
+@dataclass
+class SavedAdapter:
+    """A PEFT adapter directory read back: its settings, its tensors (PEFT's Llama names) and the base it records."""
+
+    directory: Path
+    spec: LoraSpec
+    tensors: dict[str, torch.Tensor]
+    base_checksum: str | None
+
+
+def weights_checksum(model_dir: Path) -> str:
+    """SHA-256 of a consolidated directory's weights file: what an adapter records of its base."""
+    from minigpt.checkpoint import sha256_of
+    from minigpt.weights import WEIGHTS_FILE
+
+    return sha256_of(Path(model_dir) / WEIGHTS_FILE)
+
+
+def read_adapter(directory: str | Path) -> SavedAdapter:
+    """Read a PEFT LoRA adapter directory (safetensors only: nothing in it can run code); a LoraError names what
+    is missing or unusable."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from minigpt import strict_json
+
+    directory = Path(directory)
+    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise LoraError(_("--lora-init {dir}: no {name} (a PEFT adapter directory, such as a LoRA run's "
+                              "final/adapter)").format(dir=directory, name=path.name))
+    try:
+        config = strict_json.read_json(config_path, 1 << 20)
+        tensors = load_file(str(weights_path))
+    except (strict_json.JSONFileError, SafetensorError, OSError) as err:
+        raise LoraError(_("--lora-init {dir}: {error}").format(dir=directory, error=err)) from None
+    if config.get("peft_type") != "LORA" or not isinstance(config.get("r"), int) or config["r"] <= 0:
+        raise LoraError(_("{path}: not a LoRA adapter (peft_type {kind!r}, r {rank!r})").format(
+            path=config_path, kind=config.get("peft_type"), rank=config.get("r")))
+    targets = resolve_targets(list(config.get("target_modules") or []))
+    spec = LoraSpec(config["r"], float(config.get("lora_alpha") or 2 * config["r"]),
+                    float(config.get("lora_dropout") or 0.0), tuple(targets))
+    ours = directory / "minigpt_adapter.json"
+    base = strict_json.read_json(ours, 1 << 20).get("base_checksum") if ours.is_file() else None
+    return SavedAdapter(directory, spec, tensors, base)
+
+
+def load_adapter_weights(model: nn.Module, saved: SavedAdapter, config: MiniGPTConfig) -> None:
+    """Copy a saved adapter into the LoRA layers `attach_lora` made (fused projections' parts joined again: their
+    `lora_A` must be one shared matrix, as ours writes it); a LoraError names a tensor that does not fit."""
+    from minigpt.interop.hf_llama import tensor_table
+
+    llama_names = dict(tensor_table(config))
+    params = dict(model.named_parameters())
+    for name, param in params.items():
+        match = _LORA_KEY.match(name)
+        if not match:
+            continue
+        module = match["module"]
+        weight = (module[module.index("blocks."):] if "blocks." in module else module) + ".weight"
+        parts = [f"base_model.model.{hf.removesuffix('.weight')}.lora_{match['part']}.weight"
+                 for hf in llama_names.get(weight, ())]
+        missing = [part for part in parts if part not in saved.tensors]
+        if not parts or missing:
+            raise LoraError(_("{dir}: no adapter tensor {name} for {module}").format(
+                dir=saved.directory, name=(missing or [module])[0], module=module))
+        tensors = [saved.tensors[part] for part in parts]
+        if match["part"] == "A":
+            if any(not torch.equal(tensors[0], other) for other in tensors[1:]):
+                raise LoraError(_("{dir}: the parts of {module} have different lora_A matrices; MiniGPT's fused "
+                                  "projection needs one shared lora_A (as MiniGPT writes its adapters)").format(
+                    dir=saved.directory, module=module))
+            value = tensors[0]
+        else:
+            value = torch.cat(tensors, dim=0)
+        if value.shape != param.shape:
+            raise LoraError(_("{dir}: adapter tensor for {module}.lora_{part} has shape {shape}, the model's is "
+                              "{expected}: the adapter was trained on another model").format(
+                dir=saved.directory, module=module, part=match["part"], shape=tuple(value.shape),
+                expected=tuple(param.shape)))
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))

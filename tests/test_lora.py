@@ -94,10 +94,11 @@ def test_the_adapter_loads_with_peft_onto_our_hf_export_with_the_merged_logits(d
 
 
 def lora_config(out: Path, init: Path, shards: Path, data_tokenizer, **options) -> TrainConfig:
-    return TrainConfig.of(mode="pretrain", config="tiny", data=[str(shards)], data_dir=str(out.parent), out=str(out),
-                          tokenizer=str(data_tokenizer.directory), init_from=str(init), seq_len=32, batch_size=4,
-                          max_steps=4, warmup_steps=1, learning_rate=1e-2, eval_interval=2, eval_batches=2,
-                          save_interval=0, log_interval=100, sample_prompt="a", lora_rank=RANK, **options)
+    settings = dict(mode="pretrain", config="tiny", data=[str(shards)], data_dir=str(out.parent), out=str(out),
+                    tokenizer=str(data_tokenizer.directory), init_from=str(init), seq_len=32, batch_size=4,
+                    max_steps=4, warmup_steps=1, learning_rate=1e-2, eval_interval=2, eval_batches=2,
+                    save_interval=0, log_interval=100, sample_prompt="a", lora_rank=RANK)
+    return TrainConfig.of(**{**settings, **options})
 
 
 def rows(run_dir: Path, split: str) -> list[dict]:
@@ -147,3 +148,26 @@ def test_a_lora_policy_is_its_own_reference_with_the_adapters_off(data_tokenizer
         assert not torch.allclose(model(ids), base(ids), atol=1e-3)  # the adapters are on again afterwards
     assert sum(p.numel() for p in reference.parameters()) == 0  # no second copy of the weights
     assert model.training and all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def test_lora_init_continues_a_saved_adapter_on_its_own_base_only(tmp_path, shards, data_tokenizer):
+    init = save_model(tmp_path / "init", random_model(data_tokenizer.vocab_size), data_tokenizer)
+    first = tmp_path / "first"
+    assert Trainer(lora_config(first, init, shards, data_tokenizer, max_steps=2)).run() == EXIT_FINISHED
+    adapter = first / "final" / ADAPTER_DIR
+
+    cfg = lora_config(tmp_path / "second", init, shards, data_tokenizer, lora_init=str(adapter))
+    cfg = cfg.replace(lora_rank=0)  # rank, alpha and targets come from the adapter
+    continued = Trainer(cfg)
+    merged, _tokenizer = load_consolidated(first / "final")
+    ids = torch.tensor([data_tokenizer.encode("First Citizen: hear me speak.")])
+    with torch.no_grad():  # the base plus the saved adapter is the first run's merged model
+        assert torch.allclose(continued.model.eval()(ids), merged(ids), atol=1e-5)
+    continued.release_run_dir()
+
+    with pytest.raises(ConfigError, match=f"--lora-init {adapter} has --lora-rank {RANK}, not 8"):
+        Trainer(lora_config(tmp_path / "third", init, shards, data_tokenizer, lora_init=str(adapter)).replace(
+            lora_rank=8))
+    other = save_model(tmp_path / "other", random_model(data_tokenizer.vocab_size, seed=5), data_tokenizer)
+    with pytest.raises(ConfigError, match="was trained on another base than --init-from"):
+        Trainer(lora_config(tmp_path / "fourth", other, shards, data_tokenizer, lora_init=str(adapter)))

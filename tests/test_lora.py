@@ -178,32 +178,19 @@ def test_deepspeed_zero2_two_ranks_train_the_adapters_like_the_plain_engine(tmp_
     """Two ZeRO-2 ranks of batch 4 log the losses of one plain rank accumulating the same two micro-batches, the
     optimizer (sharded by ZeRO) holds the adapters only, and `final/` is the merged model plus the adapter."""
     pytest.importorskip("deepspeed")
-    import os
-    import subprocess
-    import sys
+    from two_engines import train_losses, train_on_both_engines
 
-    from ports import free_port
-
-    repo = Path(__file__).resolve().parents[1]
     init = save_model(tmp_path / "init", random_model(data_tokenizer.vocab_size), data_tokenizer)
     common = ["--mode", "pretrain", "--config", "tiny", "--init-from", str(init), "--lora-rank", str(RANK),
               "--seq-len", "32", "--max-steps", "4", "--warmup-steps", "1", "--learning-rate", "1e-2",
               "--eval-interval", "0", "--eval-batches", "1", "--log-interval", "1", "--save-interval", "0",
               "--sample-prompt", "a", "--data", str(shards), "--data-dir", str(tmp_path),
               "--tokenizer", str(data_tokenizer.directory), "--precision", "fp32", "--prefetch", "0"]
-    env = {**os.environ, "PYTHONPATH": str(repo)}
-    commands = {"plain": [sys.executable, str(repo / "launch" / "train.py"), *common, "--batch-size", "4",
-                          "--grad-accum", "2", "--out", str(tmp_path / "plain")],
-                "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-                              str(repo / "launch" / "train.py"), *common, "--batch-size", "4",
-                              "--ds-config", str(repo / "ds_configs" / "zero2.json"), "--out",
-                              str(tmp_path / "deepspeed")]}
+    done = train_on_both_engines(tmp_path, common, "zero2.json")
     losses = {}
-    for name, command in commands.items():
-        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-        assert "trainable parameters of" in done.stdout
-        losses[name] = [r["loss"] for r in rows(tmp_path / name, "train")]
+    for name, finished in done.items():
+        assert "trainable parameters of" in finished.stdout
+        losses[name] = train_losses(tmp_path / name)
         assert (tmp_path / name / "final" / ADAPTER_DIR / "adapter_model.safetensors").is_file()
     assert len(losses["plain"]) == len(losses["deepspeed"]) == 4
     assert all(abs(a - b) < 1e-4 for a, b in zip(losses["plain"], losses["deepspeed"], strict=True)), losses

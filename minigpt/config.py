@@ -648,6 +648,9 @@ class TrainConfig:
     checkpointing: CheckpointSection = field(default_factory=CheckpointSection)
     options: Any = None
     """The mode's own options (its objective's `options` dataclass; defaults when None)."""
+    ignored_flags: dict[str, tuple[str, ...]] = field(default_factory=dict, compare=False)
+    """Flags of other modes' options that were given (flag -> the modes that take it): ignored, with a warning,
+    so one argument list can serve every stage of a chain."""
 
     TOP_LEVEL = ("mode", "seed", "dry_run")
 
@@ -664,7 +667,8 @@ class TrainConfig:
     @classmethod
     def of(cls, **flat: Any) -> TrainConfig:
         """A config from flag names (`TrainConfig.of(mode="sft", max_steps=200, pack=True)`), as the command line
-        gives them. A flag of another mode is refused by name."""
+        gives them. A flag of another mode's options is ignored with a warning (`warnings`); one no mode has is
+        refused by name."""
         top = {name: flat.pop(name) for name in cls.TOP_LEVEL if name in flat}
         mode = top.get("mode", "pretrain")
         if mode not in mode_names():
@@ -677,9 +681,11 @@ class TrainConfig:
         options_class = mode_options_class(mode)
         keys = _keys(options_class)
         options = options_class(**{keys[key]: flat.pop(key) for key in list(flat) if key in keys})
-        if flat:
-            raise ConfigError(other_mode_flags(sorted(flat), mode))
-        return cls(**top, **sections, options=options)
+        owners = {"--" + key.replace("_", "-"): flag_owners(key) for key in sorted(flat)}
+        unknown = [flag for flag, modes in owners.items() if not modes]
+        if unknown:
+            raise ConfigError(_("{flags}: not a training flag").format(flags=", ".join(unknown)))
+        return cls(**top, **sections, options=options, ignored_flags=owners)
 
     def flat(self) -> dict[str, Any]:
         """The flag names and values this config was built from (`TrainConfig.of(**cfg.flat())` == cfg)."""
@@ -690,11 +696,15 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some flags changed (`cfg.replace(max_steps=10, auto_resume=True)`), validated anew."""
-        return TrainConfig.of(**{**self.flat(), **changes})
+        changed = TrainConfig.of(**{**self.flat(), **changes})
+        changed.ignored_flags = dict(self.ignored_flags)
+        return changed
 
     def warnings(self) -> list[str]:
         """Settings that are valid but probably not meant: said at start-up, the run goes on."""
-        return self.schedule.warnings()
+        return self.schedule.warnings() + [
+            _("{flag} applies to --mode {modes}, not to --mode {mode}: ignored").format(
+                flag=flag, modes=", ".join(modes), mode=self.mode) for flag, modes in self.ignored_flags.items()]
 
     @property
     def run_dir(self) -> Path:
@@ -710,17 +720,11 @@ class TrainConfig:
         return grouped
 
 
-def other_mode_flags(keys: list[str], mode: str) -> str:
-    """Why flags that `mode` does not take are refused: the modes that take each, or unknown."""
+def flag_owners(key: str) -> tuple[str, ...]:
+    """The modes whose options take the flag named `key` (its flat name)."""
     from minigpt.modes import mode_names as modes
 
-    parts = []
-    for key in keys:
-        owners = [other for other in modes() if key in _keys(mode_options_class(other))]
-        flag = "--" + key.replace("_", "-")
-        parts.append(_("{flag} applies to --mode {modes}").format(flag=flag, modes=", ".join(owners)) if owners
-                     else _("{flag} is not a training flag").format(flag=flag))
-    return _("{problems}, not to --mode {mode}").format(problems="; ".join(parts), mode=mode)
+    return tuple(mode for mode in modes() if key in _keys(mode_options_class(mode)))
 
 
 def config_flags() -> list[tuple[str, type, list[dataclasses.Field]]]:

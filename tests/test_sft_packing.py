@@ -164,7 +164,7 @@ def test_a_packed_run_trains_evaluates_and_resumes_bitwise(tmp_path, chat_shards
             resume=str(tmp_path / "packed" / "ckpt" / "step_0000002"))
 
 
-def test_pack_is_a_flag_for_sft_and_refused_by_name_elsewhere():
+def test_pack_is_a_flag_for_sft_and_ignored_with_a_warning_elsewhere():
     import argparse
 
     parser = argparse.ArgumentParser()
@@ -172,8 +172,12 @@ def test_pack_is_a_flag_for_sft_and_refused_by_name_elsewhere():
     assert train_config_from_args(parser.parse_args(["--mode", "sft", "--pack"])).options.pack is True
     assert train_config_from_args(parser.parse_args(["--mode", "sft"])).options.pack is False
     for mode in ("pretrain", "dpo", "reward", "rlhf"):
-        with pytest.raises(ConfigError, match="--pack applies to --mode sft"):
-            TrainConfig.of(mode=mode, pack=True)
+        cfg = TrainConfig.of(mode=mode, pack=True)
+        assert not hasattr(cfg.options, "pack")
+        assert f"--pack applies to --mode sft, not to --mode {mode}: ignored" in cfg.warnings()
+        assert "--pack applies" in " ".join(cfg.replace(max_steps=5).warnings())  # kept by replace
+    with pytest.raises(ConfigError, match="--packing: not a training flag"):
+        TrainConfig.of(mode="sft", packing=True)
 
 
 @pytest.mark.integration

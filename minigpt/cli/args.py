@@ -94,7 +94,7 @@ def section_titles() -> dict[str, str]:
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """`launch/train.py`'s flags: one `--help` group per `TrainConfig` section, then one per mode with flags of its
     own. A mode's flags are absent from the parsed namespace unless given, so one given to another mode is
-    refused by name (`TrainConfig.of`)."""
+    ignored with a warning (`TrainConfig.of`), not set to its default."""
     from minigpt.config import config_flags, flag_of, key_of
 
     titles = section_titles()

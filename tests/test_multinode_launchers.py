@@ -324,7 +324,8 @@ def test_two_nodes_two_ranks_each_under_srun_and_hostfile_with_experts_across_no
     # Built once, by the global main rank (rank 0 on the first node) — not once per node — then reused.
     assert srun_text.count(PRETOKENIZING) == 1, srun_text[-3000:]
     assert PRETOKENIZING not in hostfile_text, "the second run built the shards again"
-    assert len(list((data_dir / "cache").iterdir())) == 1, sorted((data_dir / "cache").iterdir())
+    built = sorted((data_dir / "cache").glob("pretrain-*"))  # beside it: the built-in corpus file (`demo/`)
+    assert len(built) == 1 and (built[0] / "train" / "meta.json").is_file(), sorted((data_dir / "cache").iterdir())
     for run_dir in (out, launch.out):
         assert sorted(loss_by_step(run_dir)) == list(range(MOE_STEPS))
         assert_every_rank_wrote_its_part(run_dir)

@@ -3,7 +3,7 @@
 Proven here:
 - DeepSpeed's own multi-node launcher outside Slurm: `deepspeed --hostfile` started on the first node
   reaches both nodes over pdsh/ssh and trains like a 2-rank single-host run bit for bit; SIGTERM to that
-  launcher reaches every remote rank (each saves the same step and says it exits 75), and the same
+  launcher reaches every remote rank (each saves the same step and exits 75, as its log says), and the same
   command with `--auto-resume` continues from that checkpoint to the same losses and weights.
 - 2 nodes x 2 ranks (world 4, `tiny-moe`): under srun (expert-parallel size 2) and under the hostfile
   launcher (size 4) every rank knows its global and its node-local rank, the data are pre-tokenized once
@@ -245,8 +245,8 @@ def test_hostfile_launcher_over_ssh_stops_every_remote_rank_on_sigterm_and_resum
     rank_logs = launch.rank_log_text(1)
     assert sorted(rank_logs) == [0, 1], sorted(rank_logs)
     for rank, log in rank_logs.items():
-        assert "SIGTERM received: saving a checkpoint" in log and "exiting with code 75" in log, (
-            f"rank {rank} did not stop on SIGTERM:\n{log[-2000:]}")
+        assert "SIGTERM received: saving a checkpoint" in log and f"rank {rank} stopped; exiting with code 75" in log, (
+            f"rank {rank} did not stop on SIGTERM with code 75:\n{log[-2000:]}")
     stop_dir = launch.out / "ckpt" / (launch.out / "latest").read_text().strip()
     stop_step = json.loads((stop_dir / "trainer_state.json").read_text())["step"]
     assert STOP_AT <= stop_step < MAX_STEPS, stop_step

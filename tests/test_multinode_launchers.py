@@ -163,10 +163,12 @@ def base(two_node_cluster: tuple[str, ...], tmp_path_factory: pytest.TempPathFac
         cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "launch/train.py",
                "--out", str(base / "single_node"), "--tokenizer", str(tokenizer), *TRAIN_ARGS, *PATIENT]
         env_vars = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
-        reference = subprocess.Popen(cmd, cwd=ROOT, env=env_vars, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+        log = base / "single_node.log"  # a file, not a pipe: nobody reads it until the run is over
+        with log.open("w") as out:
+            reference = subprocess.Popen(cmd, cwd=ROOT, env=env_vars, stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
-            yield {"base": base, "tokenizer": tokenizer, "reference": reference, "single_node": base / "single_node"}
+            yield {"base": base, "tokenizer": tokenizer, "reference": reference, "single_node": base / "single_node",
+                   "reference_log": log}
         finally:
             reference.kill()
 
@@ -174,8 +176,8 @@ def base(two_node_cluster: tuple[str, ...], tmp_path_factory: pytest.TempPathFac
 def reference_losses(base: dict) -> dict[int, float]:
     reference = base["reference"]
     if reference.returncode is None:
-        output = reference.communicate(timeout=600)[0]
-        assert reference.returncode == 0, f"single-node reference failed:\n{output[-3000:]}"
+        reference.wait(timeout=600)
+    assert reference.returncode == 0, f"single-node reference failed:\n{tail(base['reference_log'])}"
     return loss_by_step(base["single_node"])
 
 

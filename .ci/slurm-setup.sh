@@ -23,19 +23,25 @@ NODE_CPUS=${MINIGPT_SLURM_CPUS:-8}
 
 log() { echo "[slurm-setup] $*" >&2; }
 
+# install_packages [COMMAND:PACKAGE ...]: slurm-wlm + munge, plus any PACKAGE whose COMMAND is missing
+# (the two-node cluster adds openssh-server and pdsh for DeepSpeed's hostfile launcher).
 install_packages() {
-    if command -v sbatch >/dev/null && command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
-        && command -v munged >/dev/null; then
-        return 0
+    local wanted=() pair
+    if ! { command -v sbatch && command -v slurmctld && command -v slurmd && command -v munged; } >/dev/null; then
+        wanted+=(slurm-wlm munge)
     fi
+    for pair in "$@"; do
+        command -v "${pair%%:*}" >/dev/null || [[ -x /usr/sbin/${pair%%:*} ]] || wanted+=("${pair#*:}")
+    done
+    (( ${#wanted[@]} )) || return 0
     if ! command -v apt-get >/dev/null; then
-        log "slurm-wlm/munge missing and apt-get is not available"; exit 3
+        log "${wanted[*]} missing and apt-get is not available"; exit 3
     fi
-    log "installing slurm-wlm and munge with apt-get"
-    if ! { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends slurm-wlm munge \
+    log "installing ${wanted[*]} with apt-get"
+    if ! { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${wanted[@]}" \
             || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-                 slurm-wlm munge; }; } >"$LOG_DIR/apt.log" 2>&1; then
-        log "apt-get could not install slurm-wlm munge (see $LOG_DIR/apt.log)"; exit 3
+                 "${wanted[@]}"; }; } >"$LOG_DIR/apt.log" 2>&1; then
+        log "apt-get could not install ${wanted[*]} (see $LOG_DIR/apt.log)"; exit 3
     fi
 }
 

@@ -8,7 +8,12 @@
 #   .ci/slurm-two-node.sh status    print the nodes; exit 0 only when both accept jobs
 #   .ci/slurm-two-node.sh kill-node NODE   lose NODE as a power cut would: its link goes down first (no
 #                                   FIN/RST reaches the others), then every process in it is SIGKILLed
-#   .ci/slurm-two-node.sh revive-node NODE link up again and a fresh slurmd (Slurm returns it to service)
+#   .ci/slurm-two-node.sh revive-node NODE link up again, a fresh slurmd and sshd (Slurm returns it to service)
+#
+# Every node also runs an sshd (root, key only, listening on the node's bridge address only), and ssh on
+# this machine is configured for the nodes (/etc/ssh/ssh_config.d/minigpt-2node.conf: the cluster's own
+# key and known_hosts), so DeepSpeed's hostfile launcher starts ranks over pdsh/ssh as on a real
+# cluster: `ssh mgn2 hostname` works from the host and from inside every node.
 #
 # Each "host" is a network namespace (own address on a private bridge, no route anywhere else) plus a
 # UTS namespace (own hostname), so ranks see different hosts and talk over a real network. Traps (see
@@ -39,6 +44,8 @@ NODES=(mgn1 mgn2)
 NODE_IFNAME=mg0                            # the interface inside every node (GLOO_SOCKET_IFNAME=mg0)
 CTLD_PORT=6917                             # the one-node cluster uses Slurm's defaults 6817/6818
 SLURMD_PORT=6918
+SSH_DIR=$CONF_DIR/ssh                      # host key, the cluster's client key, authorized_keys, known_hosts
+SSH_CLIENT_CONF=/etc/ssh/ssh_config.d/minigpt-2node.conf
 CONTROL_HOST=$(hostname -s)
 
 log() { echo "[slurm-two-node] $*" >&2; }
@@ -163,6 +170,68 @@ start_slurmd() {
     nsenter --net="/run/netns/$node" --uts="$(uts_file "$node")" slurmd -f "$CONF" -N "$node"
 }
 
+# Keys and configs for ssh between the nodes (and from the host): one host key shared by the nodes, one
+# client key for root, accepted only by the nodes' sshds; nothing of root's own ~/.ssh is touched.
+write_ssh_config() {
+    mkdir -p "$SSH_DIR" /run/sshd "$(dirname "$SSH_CLIENT_CONF")"
+    chmod 700 "$SSH_DIR"
+    [[ -s $SSH_DIR/host_ed25519_key ]] || ssh-keygen -q -t ed25519 -N "" -C minigpt-2node-host -f "$SSH_DIR/host_ed25519_key"
+    [[ -s $SSH_DIR/id_ed25519 ]] || ssh-keygen -q -t ed25519 -N "" -C minigpt-2node-root -f "$SSH_DIR/id_ed25519"
+    cp "$SSH_DIR/id_ed25519.pub" "$SSH_DIR/authorized_keys"
+    local node hosts="" known=""
+    for node in "${NODES[@]}"; do
+        hosts+=" $node $(node_addr "$node")"
+        known+="$node,$(node_addr "$node") $(cut -d" " -f1-2 "$SSH_DIR/host_ed25519_key.pub")"$'\n'
+        cat >"$SSH_DIR/sshd_config.$node" <<EOF
+$MARKER
+ListenAddress $(node_addr "$node"):22
+HostKey $SSH_DIR/host_ed25519_key
+PidFile $RUN_DIR/sshd-$node.pid
+PermitRootLogin prohibit-password
+PubkeyAuthentication yes
+AuthorizedKeysFile $SSH_DIR/authorized_keys
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+X11Forwarding no
+PrintMotd no
+EOF
+    done
+    printf "%s" "$known" >"$SSH_DIR/known_hosts"
+    cat >"$SSH_CLIENT_CONF" <<EOF
+$MARKER
+Host${hosts}
+    User root
+    IdentityFile $SSH_DIR/id_ed25519
+    IdentitiesOnly yes
+    UserKnownHostsFile $SSH_DIR/known_hosts
+    StrictHostKeyChecking yes
+    BatchMode yes
+    ConnectTimeout 5
+EOF
+}
+
+start_sshd() {
+    local node=$1
+    pid_alive "$RUN_DIR/sshd-$node.pid" && return 0
+    nsenter --net="/run/netns/$node" --uts="$(uts_file "$node")" \
+        "$(command -v sshd || echo /usr/sbin/sshd)" -f "$SSH_DIR/sshd_config.$node" -E "$LOG_DIR/sshd-$node.log"
+}
+
+# Both nodes answer ssh (from the host, by name): what DeepSpeed's launcher checks before it starts.
+wait_for_ssh() {
+    local _ node ok
+    for _ in $(seq 40); do
+        ok=0
+        for node in "${NODES[@]}"; do
+            [[ $(ssh "$node" hostname 2>/dev/null) == "$node" ]] && ok=$((ok + 1))
+        done
+        (( ok == ${#NODES[@]} )) && return 0
+        sleep 0.25
+    done
+    log "ssh to the nodes does not work; see $LOG_DIR/sshd-*.log"; exit 1
+}
+
 wait_until_idle() {
     local _ states node state
     for _ in $(seq 120); do
@@ -185,7 +254,7 @@ wait_until_idle() {
 start() {
     mkdir -p "$RUN_DIR" "$LOG_DIR"
     check_possible
-    install_packages
+    install_packages sshd:openssh-server pdsh:pdsh
     if status >/dev/null 2>&1 && cmp -s <(write_config_text) "$CONF"; then log "already running: $(status)"; return 0; fi
     write_config
     if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
@@ -198,6 +267,9 @@ start() {
     for node in "${NODES[@]}"; do start_namespace "$node"; done
     pid_alive "$RUN_DIR/slurmctld.pid" || slurmctld -f "$CONF"
     for node in "${NODES[@]}"; do start_slurmd "$node"; done
+    write_ssh_config
+    for node in "${NODES[@]}"; do start_sshd "$node"; done
+    wait_for_ssh
     wait_until_idle
 }
 
@@ -235,7 +307,7 @@ kill_node() {
     node_addr "$node" >/dev/null
     ip link set "$(host_veth "$node")" down
     kill_namespace_processes "$node"
-    rm -f "$RUN_DIR/slurmd-$node.pid"
+    rm -f "$RUN_DIR/slurmd-$node.pid" "$RUN_DIR/sshd-$node.pid"
     log "node $node lost: link down, its processes killed"
 }
 
@@ -244,12 +316,16 @@ revive_node() {
     node_addr "$node" >/dev/null
     start_namespace "$node"
     start_slurmd "$node"
-    log "node $node back: link up, slurmd started"
+    start_sshd "$node"
+    log "node $node back: link up, slurmd and sshd started"
 }
 
 stop() {
     local node
-    for node in "${NODES[@]}"; do kill_pidfile "$RUN_DIR/slurmd-$node.pid" "slurmd $node"; done
+    for node in "${NODES[@]}"; do
+        kill_pidfile "$RUN_DIR/slurmd-$node.pid" "slurmd $node"
+        kill_pidfile "$RUN_DIR/sshd-$node.pid" "sshd $node"
+    done
     kill_pidfile "$RUN_DIR/slurmctld.pid" slurmctld
     for node in "${NODES[@]}"; do
         kill_namespace_processes "$node"
@@ -259,6 +335,7 @@ stop() {
     done
     ip link del "$BRIDGE" 2>/dev/null || true
     remove_hosts_entries
+    if [[ -e $SSH_CLIENT_CONF ]] && grep -qF "$MARKER" "$SSH_CLIENT_CONF"; then rm -f "$SSH_CLIENT_CONF"; fi
     if [[ -e $RUN_DIR/munged.started ]] && ! pid_alive "$ONE_NODE_RUN_DIR/slurmctld.pid"; then
         [[ -s /run/munge/munged.pid ]] && kill "$(cat /run/munge/munged.pid)" 2>/dev/null && log "stopped munged"
     fi
@@ -270,7 +347,7 @@ status() {
     [[ -s $CONF ]] && pid_alive "$RUN_DIR/slurmctld.pid" || return 1
     local node
     for node in "${NODES[@]}"; do
-        pid_alive "$RUN_DIR/slurmd-$node.pid" || return 1
+        pid_alive "$RUN_DIR/slurmd-$node.pid" && pid_alive "$RUN_DIR/sshd-$node.pid" || return 1
         SLURM_CONF=$CONF sinfo -h -n "$node" -o %T 2>/dev/null | grep -Eq "idle|mixed|allocated" || return 1
     done
     SLURM_CONF=$CONF sinfo -h -N -o "%N %T" | tr '\n' ' '

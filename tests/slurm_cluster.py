@@ -5,8 +5,10 @@ missing, starts munged, slurmctld, slurmd) and stops the daemons at the end if i
 skips, with the reason, only when this is not root or the packages cannot be installed.
 
 `two_node_cluster` (module fixture) runs `.ci/slurm-two-node.sh start` (two nodes, each a network +
-UTS namespace of this machine) and points the Slurm clients at it through SLURM_CONF; it skips with
-the script's reason where namespaces cannot be made, and tears everything down afterwards.
+UTS namespace of this machine, each with an sshd for DeepSpeed's hostfile launcher) and points the Slurm
+clients at it through SLURM_CONF; it skips with the script's reason where namespaces cannot be made or
+the packages (slurm-wlm, munge, openssh-server, pdsh) cannot be installed, and tears everything down
+afterwards. `on_node` runs a command as if on one of the nodes.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ SETUP = ROOT / ".ci" / "slurm-setup.sh"
 TWO_NODE_SETUP = ROOT / ".ci" / "slurm-two-node.sh"
 TWO_NODE_CONF = "/etc/slurm-minigpt-2node/slurm.conf"
 TWO_NODE_NAMES = ("mgn1", "mgn2")
+TWO_NODE_RUN_DIR = "/run/minigpt-slurm-2node"
 SUBMIT = ROOT / "slurm" / "submit.sh"
 EXIT_UNAVAILABLE = 3
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
@@ -69,6 +72,12 @@ def two_node_cluster() -> Iterator[tuple[str, ...]]:
     finally:
         if not already_running:
             subprocess.run(["bash", str(TWO_NODE_SETUP), "stop"], capture_output=True, text=True, timeout=120)
+
+
+def on_node(node: str, *cmd: str) -> list[str]:
+    """`cmd` run as if on `node`: in its network and UTS namespaces (its address, its host name), as the
+    node's slurmd and sshd run; the filesystem is this machine's, i.e. shared by the nodes."""
+    return ["nsenter", f"--net=/run/netns/{node}", f"--uts={TWO_NODE_RUN_DIR}/uts/{node}", *cmd]
 
 
 def two_node_action(action: str, node: str) -> None:

@@ -209,9 +209,14 @@ def test_losing_a_node_times_out_the_survivor_requeues_and_resumes_without_loss(
         two_node_action("kill-node", lost)
         requeued_after = wait_for_requeue(job, timeout=120)
         text = job.text()
-        assert f"Timed out waiting {DIST_TIMEOUT * 1000}ms" in text, (
+        # gloo words its timeout two ways, depending on where the wait was when it expired (both seen here).
+        assert (f"Timed out waiting {DIST_TIMEOUT * 1000}ms" in text
+                or "Application timeout caused pair closure" in text), (
             f"the surviving rank did not fail on its collective timeout; log:\n{tail(job.log)}")
-        assert "DUE TO NODE FAILURE" in text, tail(job.log)
+        # Slurm's word for the node failure: slurmstepd's "CANCELLED … DUE TO NODE FAILURE" when it cancels
+        # the batch step, or srun's "Node failure on NODE" when the survivor's timeout ended the step first
+        # (a race seen on a loaded machine: the batch script had exited 1 before slurmctld set the node DOWN).
+        assert "DUE TO NODE FAILURE" in text or f"Node failure on {lost}" in text, tail(job.log)
         two_node_action("revive-node", lost)
         assert_completed(job)
     finally:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import os
 import sys
 
 from minigpt.cli.args import FlagParser, add_train_arguments, train_config_from_args
 from minigpt.config import ConfigError
 from minigpt.i18n import _
-from minigpt.signals import StopRequest, tolerate_lost_output, watch_launcher
+from minigpt.signals import EXIT_PREEMPTED, StopRequest, say, tolerate_lost_output, watch_launcher
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +69,7 @@ def _main(stop: StopRequest, argv: list[str] | None) -> int:
     from minigpt.train.loop import USER_ERRORS, dry_run, train
 
     try:
-        return dry_run(cfg) if cfg.dry_run else train(cfg, stop, started=process_started())
+        code = dry_run(cfg) if cfg.dry_run else train(cfg, stop, started=process_started())
     except USER_ERRORS as err:
         print(_("error: {error}").format(error=err), file=sys.stderr)
         return 2
@@ -82,6 +83,11 @@ def _main(stop: StopRequest, argv: list[str] | None) -> int:
                     "checkpoint is untouched)").format(path=where)
         print(_("error: {error}").format(error=problem), file=sys.stderr)
         return 2
+    if code == EXIT_PREEMPTED and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every rank says how it ended: its launcher (DeepSpeed's per-node one, srun) may not, and on
+        # several nodes each rank's log is often all there is.
+        say(_("rank {rank} stopped; exiting with code {code}").format(rank=os.environ.get("RANK", "?"), code=code))
+    return code
 
 
 if __name__ == "__main__":

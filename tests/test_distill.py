@@ -93,7 +93,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_by_name_before_any_step(tin
     foreign = save_consolidated(tmp_path / "foreign" / "final", model.state_dict(), model.config, other.directory)
     trainer = Trainer(config("distill", tmp_path / "run", [str(shards)], teacher=str(foreign.parent),
                              tokenizer=str(data_tokenizer.directory)))
-    with pytest.raises(ConfigError, match=r"--teacher .*foreign: the teacher's tokenizer .* is not the student's"):
+    with pytest.raises(ConfigError, match=r"--teacher .*foreign: its tokenizer \(checksum .*\) is not the student's"):
         trainer.run()
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not rows(tmp_path / "run", "train")
     with pytest.raises(ConfigError, match="--teacher .*nowhere: no consolidated weights"):
@@ -202,5 +202,18 @@ def test_a_distilled_student_beats_the_same_student_on_cross_entropy_alone(tmp_p
     The distilled one reaches the lower held-out bits per byte."""
     from bench.distill import compare
 
-    result = compare(tmp_path, teacher_steps=300, student_steps=150)
+    result = compare(tmp_path, teacher_steps=300, student_steps=150, quick=True)
     assert result["distill"]["val_bpb"] < result["ce"]["val_bpb"], result
+
+
+@pytest.mark.parametrize("mode", ["distill", "distill-sft"])
+def test_debug_fullstack_walks_a_distillation_step(mode, tiny, tmp_path, shards, teacher, capsys, monkeypatch):
+    from minigpt.cli.debug_fullstack import main as debug_main
+
+    monkeypatch.chdir(tmp_path)
+    data = str(shards) if mode == "distill" else str(write_task_files(tmp_path / "tasks", 16, tasks=("sort",))["sft"])
+    assert debug_main(["--mode", mode, "--model-size", "tiny", "--teacher", str(teacher), "--data", data,
+                       "--data-dir", str(tmp_path), "--seq-len", "48", "--batch-size", "2", "--prompt", "The"]) == 0
+    out = capsys.readouterr().out
+    assert "== one optimizer step ==" in out and "== generation ==" in out
+    assert f'"{mode}": {{' in out and '"teacher"' in out  # the snapshot shows the mode's options

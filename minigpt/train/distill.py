@@ -130,12 +130,12 @@ class Distillation(LanguageModeling):
         engine = context.engine
         model, tokenizer = load_consolidated(directory, device=engine.device)
         if tokenizer is None or tokenizer.checksum != context.tokenizer.checksum:
-            raise ConfigError(_("--teacher {path}: the teacher's tokenizer ({teacher}) is not the student's ({student}, "
+            raise ConfigError(_("--teacher {path}: its tokenizer (checksum {teacher}) is not the student's ({student}, "
                                 "checksum {checksum}); distillation compares distributions over the same tokens, so "
                                 "the student must use the teacher's tokenizer (start it from random init without "
                                 "--tokenizer, or from weights trained with that tokenizer)").format(
-                path=self.teacher_path, teacher=tokenizer.checksum if tokenizer else _("none saved"),
-                student=context.tokenizer.directory, checksum=context.tokenizer.checksum))
+                path=self.teacher_path, teacher=tokenizer.checksum[:12] if tokenizer else _("none saved"),
+                student=context.tokenizer.directory, checksum=context.tokenizer.checksum[:12]))
         model.requires_grad_(False)
         self.teacher = FrozenReference(model, engine.device, engine.precision).eval()
         if engine.is_main:

@@ -217,3 +217,47 @@ def test_debug_fullstack_walks_a_distillation_step(mode, tiny, tmp_path, shards,
     out = capsys.readouterr().out
     assert "== one optimizer step ==" in out and "== generation ==" in out
     assert f'"{mode}": {{' in out and '"teacher"' in out  # the snapshot shows the mode's options
+
+
+@pytest.mark.integration
+@pytest.mark.deepspeed
+def test_distill_under_two_rank_deepspeed_zero3_trains_resumes_and_consolidates(tmp_path, shards, data_tokenizer):
+    """The teacher replicated on both ranks, the student sharded by ZeRO-3; a resumed run reloads the teacher."""
+    import os
+    import shutil
+    import subprocess
+
+    from ports import free_port
+
+    if shutil.which("deepspeed") is None:
+        pytest.skip("the deepspeed launcher is not on PATH")
+    pytest.importorskip("deepspeed")
+    repo = Path(__file__).resolve().parents[1]
+    torch.manual_seed(0)
+    model = MiniGPT(dataclasses.replace(PRESETS["tiny"], vocab_size=data_tokenizer.vocab_size, hidden_size=192,
+                                        num_heads=6, num_kv_heads=2))
+    teacher_dir = save_consolidated(tmp_path / "teacher" / "final", model.state_dict(), model.config,
+                                    data_tokenizer.directory)
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    args = ["--mode", "distill", "--config", "tiny", "--teacher", str(teacher_dir), "--data", str(shards),
+            "--data-dir", str(tmp_path), "--out", str(tmp_path / "zero3"), "--seq-len", "32", "--batch-size", "2",
+            "--ds-config", str(repo / "ds_configs" / "zero3.json"), "--warmup-steps", "1", "--eval-interval", "2",
+            "--eval-batches", "2", "--save-interval", "2", "--log-interval", "1", "--sample-prompt", "The"]
+
+    def launch(*extra: str) -> str:
+        cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(repo / "launch" / "train.py"),
+               *args, *extra]
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    first = launch("--max-steps", "4")
+    assert "distill: teacher" in first
+    resumed = launch("--max-steps", "6", "--auto-resume")
+    assert "resumed from" in resumed and "distill: teacher" in resumed
+    train = rows(tmp_path / "zero3", "train")
+    assert [r["step"] for r in train] == list(range(6))
+    assert all(r["kl_loss"] > 0 for r in train)
+    assert "val_kl" in rows(tmp_path / "zero3", "val")[-1]
+    student, tokenizer = load_consolidated(tmp_path / "zero3" / "final")
+    assert tokenizer.checksum == data_tokenizer.checksum and student.config.hidden_size == PRESETS["tiny"].hidden_size

@@ -123,6 +123,21 @@ def test_the_kl_is_zero_when_the_student_is_the_teacher(tiny, tmp_path, shards, 
     assert first["kl_loss"] == 0.0 and first["loss"] == pytest.approx(0.5 * first["lm_loss"])
 
 
+
+def test_a_hugging_face_llama_teacher_teaches_as_the_model_it_was_exported_from(tiny, tmp_path, shards, teacher):
+    pytest.importorskip("safetensors", reason="the Hugging Face import needs safetensors (pip install -e '.[hf]')")
+    from minigpt.interop.hf_llama import export_hf
+
+    hf_dir = export_hf(teacher, tmp_path / "hf_teacher")
+    losses = {}
+    for name, path in (("ours", teacher), ("hf", hf_dir)):
+        run_dir = tmp_path / name
+        assert Trainer(config("distill", run_dir, [str(shards)], teacher=str(path), max_steps=2,
+                              eval_interval=0)).run() == EXIT_FINISHED
+        losses[name] = [(r["loss"], r["kl_loss"]) for r in rows(run_dir, "train")]
+    assert losses["hf"] == losses["ours"]  # fp32 export: the same teacher, the same tokenizer, the same run
+    assert list((tmp_path / "hf" / "teacher_from_hf").glob("hf-import-*/model.pt"))
+
 # -- training -----------------------------------------------------------------------------------------------
 def test_distill_takes_the_teachers_tokenizer_resumes_bitwise_and_its_final_generates(
         tiny, tmp_path, shards, data_tokenizer, teacher, capsys):

@@ -86,7 +86,9 @@ def teacher_directory(teacher: str, run_dir: Path) -> Path:
     if is_hf_llama_dir(path):
         from minigpt.interop.hf_llama import imported_init_dir
 
-        return imported_init_dir(path, run_dir / TEACHER_IMPORT_DIR)
+        # Converting builds a model (random init): the student's own initialisation must not depend on it.
+        with torch.random.fork_rng(devices=[]):
+            return imported_init_dir(path, run_dir / TEACHER_IMPORT_DIR)
     directory = model_directory(path)
     if not (directory / WEIGHTS_FILE).is_file():
         raise ConfigError(_("--teacher {path}: no consolidated weights ({weights}) there or in {final}, and not a "

@@ -118,7 +118,8 @@ def table(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--teacher-steps", type=int, default=1200)
     parser.add_argument("--student-steps", type=int, default=300)
     parser.add_argument("--temperature", type=float, default=1.0)

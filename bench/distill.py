@@ -1,7 +1,7 @@
 """Knowledge distillation's learning proof: a student distilled from a larger teacher against the same student
 trained on cross-entropy alone, the same steps on the same data.
 
-    python bench/distill.py                       # tinyshakespeare: teacher 6x256 (1,200 steps), student tiny (300 steps)
+    python bench/distill.py                       # tinyshakespeare: teacher 6x256 (600 steps), student tiny (300 steps)
     python bench/distill.py --teacher-steps 600 --student-steps 200 --json out.json
     python bench/distill.py --quick               # plumbing check: 2-layer models, a minute
 
@@ -73,7 +73,7 @@ def train(mode: str, out: Path, preset: str, steps: int, common: dict, **options
             **({"val_kl": row["val_kl"]} if "val_kl" in row else {})}
 
 
-def compare(root: Path, teacher_steps: int = 1200, student_steps: int = 300, *, quick: bool = False,
+def compare(root: Path, teacher_steps: int = 600, student_steps: int = 300, *, quick: bool = False,
             data: Path | None = None, seq_len: int = 128, batch_size: int = 16, lr: float = 3e-3,
             temperature: float = 1.0, alpha: float = 0.5, device: str = "auto") -> dict:
     """Train the teacher, then the student on cross-entropy alone and distilled; each run's figures."""
@@ -120,7 +120,7 @@ def table(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--teacher-steps", type=int, default=1200)
+    parser.add_argument("--teacher-steps", type=int, default=600)
     parser.add_argument("--student-steps", type=int, default=300)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--alpha", type=float, default=0.5)

@@ -19,7 +19,7 @@ from typing import Any
 from minigpt.data.mixture import MixtureError, parse_mixture
 from minigpt.fsutil import atomic_write_text
 from minigpt.i18n import _
-from minigpt.modes import mode_names
+from minigpt.modes import mode_names, objective_class
 
 
 class ConfigError(ValueError):
@@ -635,7 +635,8 @@ class TrainConfig:
     options. Each component takes its section; `launch/train.py`'s flags are the sections' fields (`of` builds
     one from them) and `training_config_snapshot.json` records `to_dict()`, grouped the same way."""
 
-    mode: str = option("training stage: pretrain, sft, dpo, reward (a reward model) or rlhf", default="pretrain")
+    mode: str = option("training stage: pretrain, sft, dpo, reward (a reward model), rlhf, or distill / distill-sft "
+                       "(knowledge distillation from --teacher on text / on conversations)", default="pretrain")
     seed: int = option("random seed", default=1337)
     dry_run: bool = option("validate config, data and DeepSpeed config, print the plan, and exit", default=False)
     model: ModelSection = field(default_factory=ModelSection)
@@ -660,7 +661,7 @@ class TrainConfig:
                 flag="--mode", choices=", ".join(mode_names()), value=self.mode))
         if self.options is None:
             self.options = mode_options_class(self.mode)()
-        if self.data.filters_documents and self.mode != "pretrain":
+        if self.data.filters_documents and objective_class(self.mode).dataset_kind != "pretrain":
             raise ConfigError(_("--min-chars and --max-repeated-lines filter pretraining documents; {kind} data "
                                 "takes --dedup only").format(kind=self.mode))
 

@@ -24,6 +24,8 @@ OBJECTIVES: dict[str, str | type] = {
     "dpo": "minigpt.train.dpo:DPO",
     "reward": "minigpt.train.reward:RewardModeling",
     "rlhf": "minigpt.train.rlhf:GRPO",
+    "distill": "minigpt.train.distill:Distillation",
+    "distill-sft": "minigpt.train.distill:SFTDistillation",
 }
 """Mode name -> its `Objective` subclass, or `"module:Class"` where it is imported from when first asked for."""
 

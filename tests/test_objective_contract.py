@@ -11,7 +11,7 @@ from minigpt.train.objective import Objective
 
 
 def test_every_mode_is_an_objective_with_declared_evaluation_sums():
-    assert mode_names() == ("pretrain", "sft", "dpo", "reward", "rlhf")
+    assert mode_names() == ("pretrain", "sft", "dpo", "reward", "rlhf", "distill", "distill-sft")
     for mode in mode_names():
         cls = objective_class(mode)
         assert issubclass(cls, Objective), mode
@@ -27,7 +27,9 @@ def test_modes_keep_the_facts_the_loop_had_in_tables():
                      "sft": ("sft", ("pretrain",), True, False),
                      "dpo": ("dpo", ("sft",), True, True),
                      "reward": ("dpo", ("sft", "pretrain"), False, True),
-                     "rlhf": ("rlhf", ("dpo", "sft"), True, True)}
+                     "rlhf": ("rlhf", ("dpo", "sft"), True, True),
+                     "distill": ("pretrain", (), False, False),
+                     "distill-sft": ("sft", ("distill", "pretrain"), True, False)}
 
 
 def test_an_undeclared_metric_sum_is_refused_by_name():

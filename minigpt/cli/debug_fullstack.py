@@ -85,6 +85,8 @@ def debug_start(cfg: TrainConfig, prompt: str) -> tuple[TrainConfig, StartingWei
 
     if not objective_class(cfg.mode).previous_stages or cfg.model.init_from or cfg.data.tokenizer or not prompt:
         return cfg, None
+    if objective_class(cfg.mode).required_tokenizer(cfg.options, cfg.run_dir) is not None:
+        return cfg, None  # the mode's tokenizer (distillation's: the teacher's), whatever the prompt
     start = find_starting_weights(cfg)
     if start.model_dir is None:
         return cfg.replace(tokenizer=str(train_walk_tokenizer(cfg))), start

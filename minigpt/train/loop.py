@@ -210,6 +210,8 @@ def start_line(cfg: TrainConfig, start: StartingWeights, tokenizer: Tokenizer, c
         origin = _("the starting weights'")
     elif cfg.data.tokenizer:
         origin = "--tokenizer"
+    elif Path(tokenizer.directory) != cfg.run_dir / "tokenizer":  # Objective.required_tokenizer's
+        origin = _("the one --mode {mode} requires").format(mode=cfg.mode)
     else:
         origin = _("this run's own, trained on its data")
     return _("{mode} run {run_dir}: weights from {source}; tokenizer {tokenizer} ({origin}, {vocab} tokens, pieces "
@@ -344,7 +346,10 @@ class Trainer:
         start = start or find_starting_weights(cfg)
         if start.source == NO_PREVIOUS_STAGE and self.runtime.is_main:
             print(_("[minigpt] {note}").format(note=no_previous_stage_warning(cfg)), flush=True)
-        self.run_data = resolve_run_data(cfg, self.runtime, start.model_dir, objective_class(cfg.mode).dataset_kind)
+        tokenizer_dir = start.model_dir  # else the mode's own requirement (a distilled student's: the teacher's)
+        if tokenizer_dir is None and not cfg.data.tokenizer:
+            tokenizer_dir = objective_class(cfg.mode).required_tokenizer(cfg.options, cfg.run_dir)
+        self.run_data = resolve_run_data(cfg, self.runtime, tokenizer_dir, objective_class(cfg.mode).dataset_kind)
         self.tokenizer = self.run_data.tokenizer
         coverage, low_coverage = check_coverage(cfg, self.run_data, inherited=start.model_dir is not None)
         if self.runtime.is_main:

@@ -90,6 +90,12 @@ class Objective:
         """Build the objective from its mode's options (an instance of `options`; the registry calls this)."""
         return cls()
 
+    @classmethod
+    def required_tokenizer(cls, options, run_dir: Path) -> Path | None:
+        """A directory whose tokenizer the run must use when neither starting weights nor `--tokenizer` bring
+        one (distillation: the teacher's, which a fresh student must share); None: the run's usual choice."""
+        return None
+
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The module to train around the loaded or fresh model (the reward model adds a scalar head)."""
         return model

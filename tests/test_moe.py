@@ -224,7 +224,7 @@ def _objective_loss(mode: str, model: torch.nn.Module, ids: torch.Tensor):
     rollout = Rollout(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1), prompt_len=6,
                       response_mask=torch.ones(4, 3), old_logprobs=torch.full((4, 3), -4.0),
                       rewards=torch.tensor([1.0, 0.0, 0.5, 0.0]), reference_logprobs=torch.full((4, 3), -4.0))
-    return GRPO(cfg, tokenizer=None).loss(engine, rollout), engine
+    return GRPO(cfg.options, tokenizer=None).loss(engine, rollout), engine
 
 
 @pytest.mark.parametrize("mode", ["dpo", "reward", "rlhf"])

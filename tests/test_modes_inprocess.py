@@ -95,7 +95,7 @@ def test_document_mask_keeps_attention_inside_documents_of_packed_windows(tmp_pa
 
     monkeypatch.setitem(PRESETS, "tiny", SMALL)
     cfg = TrainConfig.of(mode="pretrain", document_mask=True)
-    objective = build_objective("pretrain", data_tokenizer, cfg)
+    objective = build_objective(cfg, data_tokenizer)
     reader = open_shard(shards, "train", tokenizer_checksum=data_tokenizer.checksum,
                         vocab_size=data_tokenizer.vocab_size)
     windows = objective.dataset(reader, 48, data_tokenizer)

@@ -34,6 +34,8 @@ RL=(--init-from runs/sft --data tasks/rlhf.jsonl --rl-max-new-tokens 6 --warmup-
 nice "${TRAIN[@]}" --mode rlhf --rl-algo ppo --out runs/ppo "${RL[@]}" --batch-size 32 --rl-group-size 2 \
   > results/ppo.log 2>&1 &
 ppo=$!
+# GRPO starts once PPO has built the prompts' shard cache (two builders of one cache: the second is refused).
+until grep -q "rlhf: PPO" results/ppo.log; do kill -0 "$ppo" && sleep 1; done
 nice "${TRAIN[@]}" --mode rlhf --rl-algo grpo --out runs/grpo "${RL[@]}" --batch-size 16 --rl-group-size 8 \
   --rl-scale-rewards batch > results/grpo.log 2>&1 &
 grpo=$!

@@ -3,12 +3,13 @@
 #   tokenizer -> pretrain -> sft, then rlhf --rl-algo ppo and rlhf --rl-algo grpo side by side (run at the
 #   same time, so both see the same machine load) with the same --max-time; then greedy exact match of
 #   sft, ppo and grpo on held-out prompts disjoint from the training tasks (launch/eval.py --exclude-from).
-# Usage: examples/ppo_vs_grpo.sh [WORKDIR] [BUDGET]   (defaults: ./ppo_vs_grpo_run, 12m). Numbers land in
-# docs/training.md.
+# Usage: examples/ppo_vs_grpo.sh [WORKDIR] [BUDGET] [LR]   (defaults: ./ppo_vs_grpo_run, 12m, 3e-4; a WORKDIR that
+# has runs/sft/final keeps it, so another budget or LR compares from the same SFT). Numbers land in docs/training.md.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${1:-ppo_vs_grpo_run}"
 BUDGET="${2:-12m}"
+LR="${3:-3e-4}"
 mkdir -p "$WORK/results" && cd "$WORK"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1
 TRAIN=(python "$REPO/launch/train.py" --config tiny --seq-len 32 --data-dir data --log-interval 50 --precision fp32)
@@ -29,7 +30,7 @@ EOF
 [ -f runs/sft/final/model.pt ] || "${TRAIN[@]}" --mode sft --init-from runs/pretrain --data tasks/sft.jsonl \
   --out runs/sft --batch-size 32 --max-steps 1200 --warmup-steps 50 --learning-rate 3e-3 --eval-interval 0
 
-RL=(--init-from runs/sft --data tasks/rlhf.jsonl --rl-max-new-tokens 6 --warmup-steps 3 --learning-rate 1e-3
+RL=(--init-from runs/sft --data tasks/rlhf.jsonl --rl-max-new-tokens 6 --warmup-steps 3 --learning-rate "$LR"
     --kl-coef 0.05 --max-time "$BUDGET" --max-steps 100000 --eval-interval 0 --eval-batches 8)
 nice "${TRAIN[@]}" --mode rlhf --rl-algo ppo --out runs/ppo "${RL[@]}" --batch-size 32 --rl-group-size 2 \
   > results/ppo.log 2>&1 &
@@ -59,11 +60,12 @@ for stage in ("sft", "ppo", "grpo"):
 for run in ("ppo", "grpo"):
     rows = [json.loads(line) for line in open(f"runs/{run}/metrics.jsonl")]
     train = [r for r in rows if r.get("split") == "train"]
-    tenth = max(1, len(train) // 10)
-    curve = [sum(r["reward"] for r in train[i:i + tenth]) / len(train[i:i + tenth]) for i in range(0, len(train), tenth)]
+    bounds = [round(i * len(train) / 10) for i in range(11)]
+    tenths = [train[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+    curve = [sum(r["reward"] for r in part) / len(part) for part in tenths]
     print(f"{run}: {len(train)} steps; mean sampled reward per tenth of the run:", " ".join(f"{v:.3f}" for v in curve))
     print(f"{run}: KL per token max {max(r['kl'] for r in train):.3f}, last tenth "
-          f"{sum(r['kl'] for r in train[-tenth:]) / tenth:.3f}")
+          f"{sum(r['kl'] for r in tenths[-1]) / len(tenths[-1]):.3f}")
     val = [r for r in rows if r.get("split") == "val"]
     if val:
         print(f"{run}: val_exact {val[-1]['val_exact']:.3f}, val_reward {val[-1]['val_reward']:.3f}")

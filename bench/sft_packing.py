@@ -109,7 +109,7 @@ def compare(work: Path, steps: int, batch_size: int, seq_len: int, count: int, p
                           precision="fp32", compile="off", seed=0)
         torch.manual_seed(0)
         engine = PlainEngine(MiniGPT(model_config), cfg, torch.device("cpu"))
-        objective = build_objective("sft", tokenizer, cfg)
+        objective = build_objective(cfg, tokenizer)
         dataset = objective.dataset(train, seq_len, tokenizer)
         sampler = ResumableSampler(len(dataset), batch_size, 1, seed=0)
         variants[name] = dict(engine=engine, objective=objective, dataset=dataset, sampler=sampler,

@@ -374,6 +374,48 @@ class ModelSection:
 
 
 @dataclass
+class AdapterSection:
+    """LoRA: train low-rank adapters on a frozen model instead of every weight (any mode but from-scratch
+    pretraining; `minigpt/lora.py`)."""
+
+    lora_rank: int = option("LoRA: rank of the adapters trained on the frozen model's projections (0: off, every "
+                            "weight trains); final/ holds the merged weights and final/adapter/ the adapter in "
+                            "PEFT's format (needs pip install -e \".[lora]\")", default=0)
+    lora_alpha: float = option("LoRA: scale numerator; the adapter's update is multiplied by alpha/rank (0: twice the "
+                               "rank)", default=0.0)
+    lora_dropout: float = option("LoRA: dropout on the adapters' input", default=0.0)
+    lora_targets: list[str] = option("LoRA: projections to adapt, of qkv_proj, o_proj, gate_up_proj, down_proj "
+                                     "(Llama's q_proj/k_proj/v_proj and gate_proj/up_proj select the fused "
+                                     "projection they are part of); default: all four", default_factory=list)
+    lora_init: str = option("LoRA: start the adapters from this PEFT adapter directory (a LoRA run's final/adapter) "
+                            "instead of zero, with its rank, alpha and targets; --init-from must be the base it was "
+                            "trained on (checked)", default="")
+
+    def __post_init__(self) -> None:
+        check_not_negative(self, "lora_rank", "lora_alpha")
+        check_interval(self, "lora_dropout", 0, 1, open_high=True)
+        if self.lora_rank == 0 and not self.lora_init and (self.lora_alpha or self.lora_dropout or self.lora_targets):
+            raise ConfigError(_("--lora-alpha, --lora-dropout and --lora-targets shape LoRA adapters: give "
+                                "--lora-rank too"))
+        if self.lora_targets:
+            from minigpt.lora import LoraError, resolve_targets
+
+            try:
+                resolve_targets(self.lora_targets)
+            except LoraError as err:
+                raise ConfigError(str(err)) from None
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_rank > 0 or bool(self.lora_init)
+
+    @property
+    def alpha(self) -> float:
+        """The scale numerator in force: --lora-alpha, or twice the rank."""
+        return self.lora_alpha or 2.0 * self.lora_rank
+
+
+@dataclass
 class DataSection:
     """What the run trains on: sources, tokenizer, sequence length, and the raw-file build (validation share,
     cleaning)."""
@@ -568,7 +610,7 @@ class NoOptions:
     """The options of a mode that has no flags of its own."""
 
 
-SECTIONS: dict[str, type] = {"model": ModelSection, "data": DataSection, "optim": OptimSection,
+SECTIONS: dict[str, type] = {"model": ModelSection, "adapter": AdapterSection, "data": DataSection, "optim": OptimSection,
                              "schedule": ScheduleSection, "engine": EngineSection, "evaluation": EvaluationSection,
                              "checkpointing": CheckpointSection}
 """TrainConfig's sections: attribute name -> dataclass. A mode's own flags are the dataclass its objective class
@@ -597,6 +639,7 @@ class TrainConfig:
     seed: int = option("random seed", default=1337)
     dry_run: bool = option("validate config, data and DeepSpeed config, print the plan, and exit", default=False)
     model: ModelSection = field(default_factory=ModelSection)
+    adapter: AdapterSection = field(default_factory=AdapterSection)
     data: DataSection = field(default_factory=DataSection)
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)

@@ -140,6 +140,27 @@ class Tokenizer:
             self._escaped, self._escape_ids = SPACE_SYMBOL, self._byte_ids(SPACE_SYMBOL.encode())
         else:
             self._escaped, self._escape_ids = " ", self._byte_ids(b" ")
+        self._buffer_batch = self._buffer_batch_works()
+
+    def _eos_buffers(self, texts: list[str], num_threads: int) -> list:
+        """sentencepiece's own batch encode to raw id buffers with EOS added (what `encode(out_type="numpy")`
+        wraps one `np.frombuffer` per text around): the caller joins them into one array instead."""
+        # texts, threads, thread pool, sampling, nbest size, alpha, add_bos, add_eos, reverse
+        return self.sp._processor._EncodeAsBufferBatch(texts, num_threads, None, False, 0, 0.0, False, True, False)
+
+    def _buffer_batch_works(self) -> bool:
+        """Whether `_eos_buffers` gives what the public call gives, on a probe: it is sentencepiece's private API,
+        used only where it does. (A flag rather than the bound method: a Tokenizer stays picklable.)"""
+        if not hasattr(getattr(self.sp, "_processor", None), "_EncodeAsBufferBatch") or not _ARRAY_ENCODE \
+                or self.sp.eos_id() != self.eos_id:
+            return False
+        probe = ["Hello world.", "学而时习之", "tabs\tand\nnewlines", "😀"]
+        try:
+            got = [np.frombuffer(buffer, dtype=np.int32).tolist() for buffer in self._eos_buffers(probe, 1)]
+        except (TypeError, ValueError, RuntimeError):
+            return False
+        expected = [ids.tolist() for ids in self.sp.encode(probe, out_type="numpy", add_eos=True, num_threads=1)]
+        return got == expected
 
     def _symbol_id(self, piece: str) -> int:
         token_id = self.sp.piece_to_id(piece)
@@ -199,11 +220,21 @@ class Tokenizer:
     def encode_documents(self, texts: list[str], num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """`encode(text, eos=True)` of every text back to back as one int32 array, and each one's length.
 
-        sentencepiece hands the ids back as arrays (no Python int per token) and encodes on
-        `num_threads` threads of its own; a sentencepiece too old for arrays goes through lists.
+        sentencepiece hands the ids back as raw buffers (no Python int per token), joined here into one
+        array (`_eos_buffers`, where the probe at load passed; else one array per text, concatenated), and
+        encodes on `num_threads` threads of its own; a sentencepiece too old for arrays goes through lists.
         """
-        plain = [index for index, text in enumerate(texts) if self._escaped not in text]
-        if len(plain) == len(texts) and _ARRAY_ENCODE and self.sp.eos_id() == self.eos_id and texts:
+        if not texts:
+            return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
+        # one search of the joined texts: `_escaped` is one character, so no two texts make it together
+        all_plain = self._escaped not in "".join(texts)
+        if all_plain and self._buffer_batch:
+            buffers = self._eos_buffers(texts, num_threads)
+            lengths = np.fromiter(map(len, map(memoryview, buffers)), dtype=np.int64, count=len(buffers))
+            return np.frombuffer(bytearray().join(buffers), dtype=np.int32), lengths  # writable, as before
+        plain = list(range(len(texts))) if all_plain else \
+            [index for index, text in enumerate(texts) if self._escaped not in text]
+        if all_plain and _ARRAY_ENCODE and self.sp.eos_id() == self.eos_id:
             arrays = self.sp.encode(texts, out_type="numpy", add_eos=True, num_threads=num_threads)
             return np.concatenate(arrays), np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
         batch = texts if len(plain) == len(texts) else [texts[i] for i in plain]

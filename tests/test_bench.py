@@ -151,7 +151,7 @@ def test_run_all_quick_writes_results_and_plot(tmp_path):
     if not (Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt").is_file():
         pytest.skip("../shared/data/tinyshakespeare.txt not present")
     result = subprocess.run([sys.executable, str(BENCH / "run_all.py"), "--quick", "--out", str(tmp_path),
-                             "--skip", "deepspeed", "compile", "memory", "data", "activation", "pretokenize"], capture_output=True, text=True, timeout=600)
+                             "--skip", "deepspeed", "compile", "memory", "data", "activation", "pretokenize", "lora"], capture_output=True, text=True, timeout=600)
     assert "| goal" in result.stdout, result.stdout + result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert {row["name"].split(":")[0] for row in results["rows"]} >= {"quality", "quality (Chinese)", "throughput",
@@ -223,3 +223,31 @@ def test_sft_packing_bench_reports_both_variants_over_the_same_conversations(tmp
     assert padded.conversations == packed.conversations and packed.sequences < padded.sequences
     assert packed.padding_share < padded.padding_share
     assert all(r.useful_tokens_per_sec > 0 and math.isfinite(r.val_loss) for r in (padded, packed))
+
+
+def test_lora_bench_compares_both_variants_in_their_own_processes():
+    pytest.importorskip("peft", reason="the LoRA bench needs the peft package (the lora extra)")
+    from lora import compare, table
+
+    result = compare("tiny", rank=4, seq_len=32, batch=2, steps=1, repeats=1)
+    full, lora = result["full"], result["lora"]
+    assert full["trainable_params"] == full["total_params"] == lora["total_params"]
+    assert 0 < lora["trainable_params"] < full["trainable_params"] / 10
+    assert lora["optimizer_state_mb"] < full["optimizer_state_mb"] / 10
+    assert "LoRA/full" in table(result) and all(r["step_s"] > 0 for r in (full, lora))
+
+
+def test_pretokenize_bench_compares_a_worker_with_sp_encode_and_times_workers_on_a_cut_of_the_input(
+        tmp_path, data_tokenizer, chinese_jsonl, demo_corpus, capsys):
+    import pretokenize
+
+    result = pretokenize.per_worker(chinese_jsonl, data_tokenizer, rounds=3)
+    assert result["rounds"] == 3 and result["documents"] > 0
+    assert all(result[key] > 0 for key in ("cpu_ratio", "wall_ratio", "baseline_cpu", "worker_cpu"))
+    pretokenize.print_per_worker(result)
+    assert "per worker vs sp.encode" in capsys.readouterr().out
+    big = tmp_path / "big.txt"
+    big.write_bytes(demo_corpus.read_bytes())
+    assert pretokenize.scaling(big, tmp_path / "work", 1, 600, "text", [1, 2], 2) == 0
+    out = capsys.readouterr().out
+    assert "2 workers vs 1: median speedup" in out and not (tmp_path / "work" / "scaling-shards").exists()

@@ -13,6 +13,7 @@ import random
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ from minigpt.checkpoint import (
     TrainerState,
     find_resume_point,
     resolve_checkpoint,
+    rng_state,
+    set_rng_state,
     sweep_temporary,
     verify_checkpoint,
     write_manifest,
@@ -91,11 +94,15 @@ def test_manifest_lists_every_file_with_size_and_sha256(run_dir):
 def test_rng_state_is_json_and_resume_restores_python_numpy_and_torch(tmp_path):
     manager = new_manager(tmp_path / "run")
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
-    manager.save(1, run_state(1))
+    manager.save(1, replace(run_state(1), rng=rng_state()))
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     assert json.loads((ckpt(tmp_path / "run", 1) / "rng_rank0.json").read_text())["numpy"]["kind"] == "MT19937"
-    manager.load(find_resume_point(tmp_path / "run"))
+    state = manager.load(find_resume_point(tmp_path / "run"))
+    untouched = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    assert untouched == (random.random(), np.random.rand(), torch.rand(1).item())  # reading it changes nothing
+    set_rng_state(state.rng)  # what Trainer.load_state_dict does with the state the manager read back
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 

@@ -128,6 +128,28 @@ def test_a_corrupt_row_group_is_an_error_naming_the_file_and_row(tmp_path, data_
         build_dataset([path], tmp_path / "ds", data_tokenizer, strict=True, progress=False)
 
 
+def test_reading_from_a_row_on_gives_those_rows_and_never_decodes_the_row_groups_before(tmp_path, monkeypatch):
+    import minigpt.data.parquet as parquet
+    from minigpt.data.sources import iter_raw_records
+
+    monkeypatch.setattr(parquet, "BATCH_ROWS", 8)  # first rows inside a batch, at its edges, at a group's
+    path = write_parquet(tmp_path / "rows.parquet", pretrain_records(60), row_group_size=20)
+    every = list(iter_raw_records(path, ["text"]))
+    assert [row for row, _record in every] == list(range(1, 61))
+    for first in (1, 2, 8, 9, 20, 21, 22, 37, 41, 60, 61, 100):
+        assert list(iter_raw_records(path, ["text"], first_row=first)) == every[first - 1:]
+    # a resumed build starts past a damaged second row group without reading it
+    metadata = pq.ParquetFile(path).metadata
+    second = metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    start = second.dictionary_page_offset if second.has_dictionary_page else second.data_page_offset
+    data[start:start + second.total_compressed_size] = b"\xff" * second.total_compressed_size
+    path.write_bytes(bytes(data))
+    assert list(iter_raw_records(path, ["text"], first_row=41)) == every[40:]
+    with pytest.raises(InputError, match="row 21 and after cannot be read"):
+        list(iter_raw_records(path, ["text"], first_row=30))
+
+
 def test_without_pyarrow_a_parquet_input_names_the_file_and_the_install_command(tmp_path, monkeypatch):
     path = write_parquet(tmp_path / "data.parquet", pretrain_records(3))
     for name in [m for m in sys.modules if m == "pyarrow" or m.startswith("pyarrow.")]:

@@ -3,9 +3,11 @@ memory that does not grow with the input."""
 
 from __future__ import annotations
 
+import copy
 import gzip
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -78,6 +80,21 @@ def test_encode_documents_is_encode_with_eos_of_each_text(data_tokenizer):
     tokens, lengths = data_tokenizer.encode_documents(texts[:2] + texts[3:], num_threads=2)
     assert tokens.tolist() == [i for text in texts[:2] + texts[3:] for i in data_tokenizer.encode(text, eos=True)]
     assert data_tokenizer.encode_documents([])[0].size == 0
+
+
+def test_encode_documents_gives_the_same_arrays_with_and_without_sentencepieces_buffer_batch(data_tokenizer):
+    texts = ["Hello world.", "学而时习之", "tabs\tand\nnewlines", "😀 emoji", " ", "x" * 5000]
+    assert data_tokenizer._buffer_batch  # this sentencepiece passes the probe: the fast path is tested
+    fast = data_tokenizer.encode_documents(texts, num_threads=2)
+    slow_tokenizer = copy.copy(data_tokenizer)
+    slow_tokenizer._buffer_batch = False
+    slow = slow_tokenizer.encode_documents(texts, num_threads=2)
+    for got, expected in zip(fast, slow, strict=True):
+        assert got.dtype == expected.dtype and got.tolist() == expected.tolist()
+    fast[0][0] = 0  # an array the caller may change, as before
+    assert fast[1].tolist() == [len(data_tokenizer.encode(text, eos=True)) for text in texts]
+    unpickled = pickle.loads(pickle.dumps(data_tokenizer))  # a tokenizer still travels to other processes
+    assert unpickled._buffer_batch and unpickled.encode_documents(texts)[0].tolist() == slow[0].tolist()
 
 
 def test_a_shard_writer_resumes_from_a_synced_position(tmp_path):

@@ -182,32 +182,16 @@ def test_deepspeed_two_ranks_train_packed_sft_like_the_plain_engine(tmp_path, da
     of 4 log the losses of one plain rank accumulating the same two micro-batches (a dropped keyword would
     change every loss)."""
     pytest.importorskip("deepspeed")
-    import os
-    import subprocess
-    import sys
+    from two_engines import train_losses, train_on_both_engines
 
-    from ports import free_port
-
-    repo = Path(__file__).resolve().parents[1]
     chats = tmp_path / "chats.jsonl"
     chats.write_text("".join(json.dumps(r) + "\n" for r in chat_records(160)), encoding="utf-8")
     common = ["--mode", "sft", "--pack", "--config", "tiny", "--seq-len", str(SEQ_LEN), "--max-steps", "6",
               "--warmup-steps", "1", "--eval-interval", "0", "--eval-batches", "1", "--log-interval", "1",
               "--save-interval", "0", "--sample-prompt", "a", "--data", str(chats), "--data-dir", str(tmp_path),
               "--tokenizer", str(data_tokenizer.directory), "--precision", "fp32", "--prefetch", "0"]
-    env = {**os.environ, "PYTHONPATH": str(repo)}
-    commands = {"plain": [sys.executable, str(repo / "launch" / "train.py"), *common, "--batch-size", "4",
-                          "--grad-accum", "2", "--out", str(tmp_path / "plain")],
-                "deepspeed": ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-                              str(repo / "launch" / "train.py"), *common, "--batch-size", "4",
-                              "--ds-config", str(repo / "ds_configs" / "zero1.json"), "--out",
-                              str(tmp_path / "deepspeed")]}
-    losses = {}
-    for name, command in commands.items():
-        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
-        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-        rows = map(json.loads, filter(None, (tmp_path / name / "metrics.jsonl").read_text().splitlines()))
-        losses[name] = [r["loss"] for r in rows if r.get("split") == "train"]
+    train_on_both_engines(tmp_path, common, "zero1.json")
+    losses = {name: train_losses(tmp_path / name) for name in ("plain", "deepspeed")}
     assert len(losses["plain"]) == len(losses["deepspeed"]) == 6
     for plain, deepspeed in zip(losses["plain"], losses["deepspeed"], strict=True):
         assert abs(plain - deepspeed) < 1e-4, losses

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -44,10 +45,16 @@ def test_expansion_is_idempotent_on_expanded_lists(nodelist: str, expected: list
 
 @pytest.mark.parametrize("nodelist", ["node[01-03,07]", "a1,b[2-3]", "n[1-2]-[3-4]", "n[08-10]", "x[9-11]",
                                       "c[1,3],d7,e[001-002]"])
-def test_expansion_matches_scontrol_show_hostnames(nodelist: str) -> None:
+def test_expansion_matches_scontrol_show_hostnames(nodelist: str, tmp_path) -> None:
     if not shutil.which("scontrol"):
         pytest.skip("scontrol not installed: nothing to compare against")
-    result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+    # scontrol reads a slurm.conf before it expands anything, even with no cluster running: give it a minimal one
+    # (a machine with Slurm installed but no cluster configured yet has none).
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=nodelist\nSlurmctldHost=localhost\nNodeName=localhost CPUs=1 State=UNKNOWN\n"
+                    "PartitionName=p Nodes=localhost Default=YES\n")
+    result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                            env={**os.environ, "SLURM_CONF": str(conf)})
     assert result.returncode == 0, result.stderr
     assert hostfile.expand_nodelist(nodelist) == result.stdout.split()
 

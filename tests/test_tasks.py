@@ -70,3 +70,10 @@ def test_make_tasks_writes_chinese_prompts_readably(tmp_path):
     assert make_tasks.main(["--out", str(tmp_path), "--count", "6", "--language", "zh"]) == 0
     lines = (tmp_path / "rlhf.jsonl").read_text(encoding="utf-8").splitlines()
     assert json.loads(lines[0])["prompt"].startswith("计算 ") and "计算" in lines[0]  # not \\u escapes
+
+
+def test_make_tasks_with_an_unknown_task_leaves_no_output_directory(tmp_path, capsys):
+    out = tmp_path / "tasks"
+    assert make_tasks.main(["--out", str(out), "--tasks", "add,multiply"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    assert not out.exists()

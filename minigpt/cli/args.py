@@ -86,7 +86,7 @@ def unknown_flags_message(flags: list[str], known: list[str]) -> str:
 
 def section_titles() -> dict[str, str]:
     """`--help`'s group title of each `TrainConfig` section, in the user's language."""
-    return {"run": _("run"), "model": _("model"), "data": _("data"), "optim": _("optimisation"),
+    return {"run": _("run"), "model": _("model"), "adapter": _("LoRA adapters"), "data": _("data"), "optim": _("optimisation"),
             "schedule": _("schedule"), "engine": _("engine and distribution"),
             "evaluation": _("evaluation and logging"), "checkpointing": _("output and checkpoints")}
 

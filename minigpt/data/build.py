@@ -364,12 +364,10 @@ def _read(files: list[Path], fmts: list[str], start: _Position, columns: list[st
 
 
 def _parquet_chunks(path: Path, index: int, first_row: int, columns: list[str] | None) -> Iterator[_Chunk]:
-    """Rows of a Parquet file from `first_row` on (a resumed build reads the earlier ones again, unused), in
+    """Rows of a Parquet file from `first_row` on (a resumed build passes over the earlier ones undecoded), in
     chunks of CHUNK_RECORDS rows or CHUNK_BYTES of text."""
     records, nbytes = [], 0
-    for row, raw in iter_raw_records(path, columns):
-        if row < first_row:
-            continue
+    for row, raw in iter_raw_records(path, columns, first_row):
         records.append((row, raw))
         nbytes += record_bytes(raw)
         if len(records) >= CHUNK_RECORDS or nbytes >= CHUNK_BYTES:

@@ -45,10 +45,12 @@ def _open(path: Path) -> pq.ParquetFile:
             from err
 
 
-def iter_rows(path: Path, columns: list[str] | None = None) -> Iterator[tuple[int, dict]]:
-    """(row number from 1, row as a dict) of every row, reading `columns` only (None: every column whose
-    values are JSON-like); a null cell is left out of its row's dict. Streams one row group at a time, in
-    batches of BATCH_ROWS rows, so a corrupt row group is reported by its first row.
+def iter_rows(path: Path, columns: list[str] | None = None, first_row: int = 1) -> Iterator[tuple[int, dict]]:
+    """(row number from 1, row as a dict) of every row from `first_row` on, reading `columns` only (None: every
+    column whose values are JSON-like); a null cell is left out of its row's dict. Streams one row group at a
+    time, in batches of BATCH_ROWS rows, so a corrupt row group is reported by its first row. Row groups before
+    `first_row` are passed over by their row counts, unread, and rows before it are never made into dicts (a
+    resumed build starts there).
     """
     parquet = _open(path)
     schema = parquet.schema_arrow
@@ -59,14 +61,21 @@ def iter_rows(path: Path, columns: list[str] | None = None) -> Iterator[tuple[in
     number = 0
     try:
         for group in range(parquet.num_row_groups):
+            rows = parquet.metadata.row_group(group).num_rows
+            if number + rows < first_row:  # wholly before the first row wanted
+                number += rows
+                continue
             if not wanted:  # none of the fields this kind reads: every row is a record missing them
-                for _row in range(parquet.metadata.row_group(group).num_rows):
+                for _row in range(rows):
                     number += 1
-                    yield number, {}
+                    if number >= first_row:
+                        yield number, {}
                 continue
             for batch in parquet.iter_batches(batch_size=BATCH_ROWS, row_groups=[group], columns=wanted,
                                               use_threads=False):
-                for row in batch.to_pylist():
+                skip = min(batch.num_rows, max(0, first_row - 1 - number))
+                number += skip
+                for row in batch.slice(skip).to_pylist():
                     number += 1
                     yield number, {key: value for key, value in row.items() if value is not None}
     except (pa.ArrowException, OSError, ValueError) as err:

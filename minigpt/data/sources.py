@@ -142,9 +142,12 @@ def _numbered_lines(handle) -> Iterator[tuple[int, bytes]]:
         yield number, line
 
 
-def iter_raw_records(path: Path, columns: list[str] | None = None) -> Iterator[tuple[int, bytes | dict]]:
+def iter_raw_records(path: Path, columns: list[str] | None = None, first_row: int = 1
+                     ) -> Iterator[tuple[int, bytes | dict]]:
     """(first line number, raw bytes) of each record: a paragraph of a .txt file or a line of a .jsonl file;
     (row number, row dict) of a .parquet file, reading only `columns` (None: all; see `record_columns`).
+    Only the records from line or row `first_row` on are yielded: a Parquet file's earlier rows are not
+    decoded (a text file's are read and passed over; `iter_blocks` resumes it by byte offset instead).
 
     Raises InputError (naming the file) when a compressed or Parquet file is corrupt or truncated.
     """
@@ -153,10 +156,15 @@ def iter_raw_records(path: Path, columns: list[str] | None = None) -> Iterator[t
         require_parquet_reader(path)
         from minigpt.data.parquet import ParquetReadError, iter_rows
         try:
-            yield from iter_rows(path, columns)
+            yield from iter_rows(path, columns, first_row)
         except ParquetReadError as err:
             raise InputError(str(err)) from err
         return
+    records = _text_records(path, fmt)
+    yield from records if first_row <= 1 else ((line, raw) for line, raw in records if line >= first_row)
+
+
+def _text_records(path: Path, fmt: str) -> Iterator[tuple[int, bytes]]:
     try:
         with _open_binary(path) as handle:
             if fmt == "jsonl":

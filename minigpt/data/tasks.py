@@ -152,8 +152,8 @@ def write_task_files(out_dir: str | Path, count: int, seed: int = 0, tasks: tupl
     """Write sft.jsonl, dpo.jsonl and rlhf.jsonl of the same `count` tasks into `out_dir`
     (a held-out set disjoint from `exclude` when given; see `generate_tasks`)."""
     out_dir = Path(out_dir)
+    records = generate_tasks(count, seed, tasks, exclude, language)  # bad options fail before anything is made
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = generate_tasks(count, seed, tasks, exclude, language)
     paths = {}
     for kind, convert in FORMATS.items():
         paths[kind] = out_dir / f"{kind}.jsonl"

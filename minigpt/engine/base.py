@@ -90,8 +90,10 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
             continue
         seen.add(id(param))
         (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    # An empty group is left out: DeepSpeed's ZeRO drops it, and a scheduler built over both groups would then
+    # have one learning rate too many (LoRA's adapters are all matrices, so they have no undecayed group).
+    groups = [group for group in ({"params": decay, "weight_decay": weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
     fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if fused else None)
 

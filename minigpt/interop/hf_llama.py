@@ -113,7 +113,7 @@ _REQUIRED_HF_VALUES: dict[str, tuple[Any, ...]] = {
 
 # --- weights -----------------------------------------------------------------------------------------
 
-def _split_sizes(name: str, config: MiniGPTConfig) -> list[int] | None:
+def split_sizes(name: str, config: MiniGPTConfig) -> list[int] | None:
     if name.endswith("qkv_proj.weight"):
         return [config.num_heads * config.head_dim] + [config.num_kv_heads * config.head_dim] * 2
     if name.endswith("gate_up_proj.weight"):
@@ -147,7 +147,7 @@ def to_hf_tensors(state_dict: Mapping[str, torch.Tensor], config: MiniGPTConfig,
 
     out: dict[str, torch.Tensor] = {}
     for ours, theirs in table:
-        sizes = _split_sizes(ours, config)
+        sizes = split_sizes(ours, config)
         parts = state_dict[ours].split(sizes, dim=0) if sizes else (state_dict[ours],)
         for name, part in zip(theirs, parts, strict=True):
             out[name] = convert(part)

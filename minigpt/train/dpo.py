@@ -158,7 +158,7 @@ class DPO(Objective):
                   flush=True)
         if self.reference_in_memory:
             self.reference_model = load_frozen_model(context.start_dir, engine.device, context.mode,
-                                                     engine.precision)
+                                                     engine.precision, policy=engine.module)
             return
         path = context.run_dir / REFERENCE_FILE
         fingerprint = {"weights_from": context.start_source, "seq_len": context.seq_len,

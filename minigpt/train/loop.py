@@ -352,6 +352,7 @@ class Trainer:
             if low_coverage:
                 print(_("[minigpt] warning: {warning}").format(warning=low_coverage), flush=True)
         self.model = build_model(cfg, self.tokenizer, start)
+        self.lora = self._attach_lora(start) if cfg.adapter.enabled else None
         if start.model_dir is None and objective_class(cfg.mode).previous_stages:
             start = self._keep_initial_weights(start)
         self.objective: Objective = build_objective(cfg, self.tokenizer)
@@ -401,6 +402,53 @@ class Trainer:
             mixture = (mixture_record(self.run_data, self.train_set, self.val_set, self.seq_len)
                        if self.run_data.mixture else None)
             write_snapshot(cfg, self.model_config, start, self.run_data, self.engine, self.seq_len, mixture)
+
+    def _attach_lora(self, start: StartingWeights):
+        """--lora-rank / --lora-init: freeze the starting weights and train adapters on them (minigpt/lora.py);
+        returns the adapters' `LoraSpec`."""
+        from minigpt import lora
+
+        adapter = self.cfg.adapter
+        if start.model_dir is None:
+            raise ConfigError(_("--lora-rank adapts trained weights, but this run starts from {source}: give --init-from "
+                                "DIR (our final/, a run directory or a Hugging Face Llama directory) or train the "
+                                "previous stage first").format(source=said_source(start.source)))
+        total = sum(p.numel() for p in self.model.parameters())
+        try:
+            saved = lora.read_adapter(adapter.lora_init) if adapter.lora_init else None
+            spec = (self._saved_adapter_spec(saved, start) if saved else
+                    lora.LoraSpec(adapter.lora_rank, adapter.alpha, adapter.lora_dropout,
+                                  tuple(lora.resolve_targets(adapter.lora_targets))))
+            trainable = lora.attach_lora(self.model, spec.rank, spec.alpha, spec.dropout, list(spec.targets))
+            if saved:
+                lora.load_adapter_weights(self.model, saved, self.model.config)
+        except lora.LoraError as err:
+            raise ConfigError(str(err)) from None
+        if self.runtime.is_main:
+            note = lora.describe(trainable, total, spec.rank, spec.alpha, list(spec.targets))
+            print(_("[minigpt] {note}").format(note=note), flush=True)
+        return spec
+
+    def _saved_adapter_spec(self, saved, start: StartingWeights):
+        """The spec of --lora-init's adapter, after checking that the flags given agree with it and that
+        --init-from is the base it was trained on."""
+        from minigpt import lora
+
+        adapter = self.cfg.adapter
+        spec = saved.spec
+        given = (("--lora-rank", adapter.lora_rank, spec.rank), ("--lora-alpha", adapter.lora_alpha, spec.alpha),
+                 ("--lora-targets", lora.resolve_targets(adapter.lora_targets) if adapter.lora_targets else None,
+                  list(spec.targets)))
+        for flag, mine, theirs in given:
+            if mine and mine != theirs:
+                raise lora.LoraError(_("--lora-init {dir} has {flag} {theirs}, not {mine}: leave {flag} out to continue "
+                                       "the adapter as it was trained").format(
+                    dir=saved.directory, flag=flag, theirs=theirs, mine=mine))
+        if saved.base_checksum and saved.base_checksum != lora.weights_checksum(start.model_dir):
+            raise lora.LoraError(_("--lora-init {dir} was trained on another base than --init-from {base} (the SHA-256 "
+                                   "of the weights differs): pass the base it was trained on").format(
+                dir=saved.directory, base=start.source))
+        return lora.LoraSpec(spec.rank, spec.alpha, adapter.lora_dropout or spec.dropout, spec.targets)
 
     def _keep_initial_weights(self, start: StartingWeights) -> StartingWeights:
         """A post-training run from random init saves its initial weights as `<run>/initial` (a fresh run
@@ -689,11 +737,24 @@ class Trainer:
         return flag > 0, self.budget.fits(elapsed, reserve)
 
     def consolidate(self) -> Path:
+        """Write `final/`: the consolidated weights (a LoRA run's merged into the frozen ones, and its adapter
+        alone in `final/adapter/`)."""
         state_dict = self.engine.consolidated_state_dict()
         out = self.cfg.run_dir / FINAL
         if self.engine.is_main:
-            self.objective.save_consolidated(out, state_dict, self.model_config, self.tokenizer.directory,
+            weights = state_dict
+            if self.lora is not None:
+                from minigpt.lora import merged_state_dict
+
+                weights = merged_state_dict(state_dict, self.lora.alpha, self.lora.rank)
+            self.objective.save_consolidated(out, weights, self.model_config, self.tokenizer.directory,
                  extra={"mode": self.cfg.mode, "step": self.step, "tokens_seen": self.tokens_seen})
+            if self.lora is not None:
+                from minigpt.lora import ADAPTER_DIR, save_peft_adapter, weights_checksum
+
+                save_peft_adapter(out / ADAPTER_DIR, state_dict, self.model_config, rank=self.lora.rank,
+                                  alpha=self.lora.alpha, dropout=self.lora.dropout, base=self.start.source,
+                                  base_checksum=weights_checksum(self.start.model_dir))
         self.engine.barrier()
         return out
 

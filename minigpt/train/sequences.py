@@ -49,11 +49,17 @@ class FrozenReference(torch.nn.Module):
             return self.model(*args, **kwargs)
 
 
-def load_frozen_model(model_dir: Path | None, device: torch.device, mode: str,
-                      precision: str = "fp32") -> torch.nn.Module:
+def load_frozen_model(model_dir: Path | None, device: torch.device, mode: str, precision: str = "fp32",
+                      policy: torch.nn.Module | None = None) -> torch.nn.Module:
     """A frozen copy of the run's starting weights on `device` (the DPO/RLHF reference policy), run at the
-    policy's `precision`."""
+    policy's `precision`. A LoRA `policy` (--lora-rank) is its own reference with its adapters switched off:
+    its frozen weights are the starting weights, so no second copy is loaded."""
     from minigpt.weights import load_consolidated
+
+    if policy is not None and any(".lora_" in name for name, _param in policy.named_parameters()):
+        from minigpt.lora import AdaptersOff
+
+        return FrozenReference(AdaptersOff(policy), device, precision)
 
     if model_dir is None:
         raise ConfigError(_("--mode {mode} needs starting weights for its reference; pass --init-from").format(

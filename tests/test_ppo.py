@@ -170,3 +170,12 @@ def test_ppo_trains_stops_on_a_signal_and_resumes_bitwise(ppo_setup, tmp_path):
     # The critic is in the checkpoint: its loss after the resume is the uninterrupted run's, bit for bit.
     for name in ("loss", "value_loss", "policy_loss", "reward", "kl"):
         assert [r[name] for r in resumed] == [r[name] for r in whole], name
+
+
+def test_ppo_with_lora_adapters_writes_the_merged_language_model_alone(ppo_setup, tmp_path):
+    pytest.importorskip("peft", reason="--lora-rank needs the lora extra (peft)")
+    assert Trainer(ppo_setup("lora", lora_rank=4, rl_updates=1)).run() == EXIT_FINISHED
+    assert all(r["value_loss"] > 0 for r in rows(tmp_path / "lora", "train"))
+    saved = torch.load(tmp_path / "lora" / "final" / "model.pt", weights_only=True)
+    assert not any("value_head" in key or "lora" in key or key.startswith("policy.") for key in saved)
+    assert (tmp_path / "lora" / "final" / "adapter" / "adapter_model.safetensors").is_file()

@@ -23,7 +23,7 @@ OBJECTIVES: dict[str, str | type] = {
     "sft": "minigpt.train.language_modeling:SupervisedFineTuning",
     "dpo": "minigpt.train.dpo:DPO",
     "reward": "minigpt.train.reward:RewardModeling",
-    "rlhf": "minigpt.train.rlhf:GRPO",
+    "rlhf": "minigpt.train.rlhf:RLHF",
     "distill": "minigpt.train.distill:Distillation",
     "distill-sft": "minigpt.train.distill:SFTDistillation",
 }

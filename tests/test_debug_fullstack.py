@@ -89,3 +89,13 @@ def test_rlhf_walk_says_why_equal_rewards_give_a_zero_loss(workdir, capsys):
     step = out.split("== one optimizer step ==\n", 1)[1]
     if step.startswith("loss 0.0000"):
         assert "note: every response of each prompt earned the same reward" in step
+
+
+def test_ppo_walk_shows_the_critics_values_and_advantages_and_takes_a_step(workdir, capsys):
+    out = walk("rlhf", capsys, "--rl-algo", "ppo")
+    assert "rlhf: PPO" in out
+    batch = out.split("== first batch ==\n", 1)[1].split("== one optimizer step ==", 1)[0]
+    assert "old_values" in batch and "advantages" in batch and "returns" in batch
+    step = out.split("== one optimizer step ==\n", 1)[1].split()
+    assert float(step[1]) != 0.0 and float(step[3]) > 0.0  # the value loss alone makes both non-zero
+    assert "GRPO's advantages" not in out

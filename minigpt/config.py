@@ -373,6 +373,29 @@ class ModelSection:
         check_choice(self, "preset", sorted(PRESETS))
 
 
+LORA_TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+"""The projections LoRA can adapt, by our module names (the default: all of them)."""
+LORA_HF_ALIASES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                   "up_proj": "gate_up_proj"}
+"""Hugging Face Llama names of parts of a fused projection: each selects the whole fused one."""
+
+
+def lora_targets(names: list[str]) -> list[str]:
+    """Our module names for `--lora-targets` (empty: every projection); an unknown name is a ConfigError."""
+    if not names:
+        return list(LORA_TARGETS)
+    chosen = []
+    for name in names:
+        target = LORA_HF_ALIASES.get(name, name)
+        if target not in LORA_TARGETS:
+            raise ConfigError(_("--lora-targets {name!r} is no projection of the model; choose from {targets} (or "
+                                "their Llama names {aliases})").format(
+                name=name, targets=", ".join(LORA_TARGETS), aliases=", ".join(LORA_HF_ALIASES)))
+        if target not in chosen:
+            chosen.append(target)
+    return chosen
+
+
 @dataclass
 class AdapterSection:
     """LoRA: train low-rank adapters on a frozen model instead of every weight (any mode but from-scratch
@@ -397,13 +420,7 @@ class AdapterSection:
         if self.lora_rank == 0 and not self.lora_init and (self.lora_alpha or self.lora_dropout or self.lora_targets):
             raise ConfigError(_("--lora-alpha, --lora-dropout and --lora-targets shape LoRA adapters: give "
                                 "--lora-rank too"))
-        if self.lora_targets:
-            from minigpt.lora import LoraError, resolve_targets
-
-            try:
-                resolve_targets(self.lora_targets)
-            except LoraError as err:
-                raise ConfigError(str(err)) from None
+        lora_targets(self.lora_targets)
 
     @property
     def enabled(self) -> bool:

@@ -27,15 +27,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minigpt.config import MiniGPTConfig
+from minigpt.config import ConfigError, MiniGPTConfig, lora_targets
 from minigpt.fsutil import staged_directory
 from minigpt.i18n import _
 
-TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
-"""The projections LoRA can adapt, by our module names (the default: all of them)."""
-HF_ALIASES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-              "up_proj": "gate_up_proj"}
-"""Hugging Face Llama names of parts of a fused projection: each selects the whole fused one."""
 ADAPTER_DIR = "adapter"
 """Where a LoRA run's `final/` keeps the adapter alone (PEFT format)."""
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(?:\.default)?\.weight$")
@@ -47,18 +42,10 @@ class LoraError(ValueError):
 
 def resolve_targets(names: list[str]) -> list[str]:
     """Our module names for `--lora-targets` (empty: every projection); an unknown name is a LoraError."""
-    if not names:
-        return list(TARGETS)
-    chosen = []
-    for name in names:
-        target = HF_ALIASES.get(name, name)
-        if target not in TARGETS:
-            raise LoraError(_("--lora-targets {name!r} is no projection of the model; choose from {targets} (or their "
-                              "Llama names {aliases})").format(name=name, targets=", ".join(TARGETS),
-                                                               aliases=", ".join(HF_ALIASES)))
-        if target not in chosen:
-            chosen.append(target)
-    return chosen
+    try:
+        return lora_targets(names)
+    except ConfigError as err:
+        raise LoraError(str(err)) from None
 
 
 def _peft():

@@ -239,7 +239,7 @@ class PolicyOptimization(Objective):
         """Load the frozen reference policy and the reward (model, or check the prompts are verifiable)."""
         self.engine = context.engine
         self.reference_model = load_frozen_model(context.start_dir, context.engine.device, context.mode,
-                                                 context.engine.precision)
+                                                 context.engine.precision, policy=context.engine.module)
         if self.cfg.reward_model:
             self.reward_model = load_reward_model(self.cfg.reward_model, self.tokenizer, context.engine.device)
             source = _("reward model {path}").format(path=self.cfg.reward_model)

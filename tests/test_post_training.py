@@ -156,7 +156,11 @@ def test_rlhf_raises_mean_reward_while_kl_stays_bounded(chain):
     steps = metrics(run, "train")
     early, late = first_and_last_third(steps, "reward")
     assert late >= early + RL_GAIN, (early, late)
-    assert max(s["kl"] for s in steps) < 1.5
+    # KL stays bounded. Not its maximum: the k3 estimate is heavy-tailed (a sampled token the policy finds
+    # unlikely and the reference likes adds exp(log ref - log pi) alone), and one CI run, bounded at a median of
+    # 0.28 per token, had a single step at 27.
+    kls = sorted(s["kl"] for s in steps)
+    assert kls[len(kls) // 2] < 0.5 and kls[int(0.95 * len(kls))] < 1.5, kls
     assert all(0 < s["response_length"] <= 6 for s in steps)
     assert all(s["tokens_per_sec"] > 0 for s in steps)  # prompts + sampled responses are counted
 

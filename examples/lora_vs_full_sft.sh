@@ -13,16 +13,9 @@ mkdir -p "$WORK/results" && cd "$WORK"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1
 TRAIN=(python "$REPO/launch/train.py" --config tiny --seq-len 32 --data-dir data --log-interval 100 --precision fp32)
 
-python - <<'PY'
-from pathlib import Path
-from minigpt.data.demo import write_demo_corpus
-from minigpt.data.tasks import write_task_files
-from minigpt.tokenizer_training import train_tokenizer
-write_task_files("tasks", 3000, seed=0, tasks=("sort", "reverse"))
-write_demo_corpus(Path("demo.txt"))
-if not Path("tokenizer/tokenizer.json").exists():
-    train_tokenizer(["tasks/sft.jsonl", "demo.txt"], "tokenizer", vocab_size=384)
-PY
+# shellcheck source=examples/task_setup.sh
+source "$REPO/examples/task_setup.sh"
+write_task_data 3000
 
 [ -f runs/pretrain/final/model.pt ] || "${TRAIN[@]}" --mode pretrain --tokenizer tokenizer --data demo.txt \
   --out runs/pretrain --batch-size 16 --max-steps 40 --warmup-steps 5 --learning-rate 3e-3 --eval-interval 0

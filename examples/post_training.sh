@@ -11,16 +11,9 @@ mkdir -p "$WORK/results" && cd "$WORK"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 TRAIN=(python "$REPO/launch/train.py" --config tiny --seq-len 32 --data-dir data --log-interval 100)
 
-python - <<'EOF'
-from pathlib import Path
-from minigpt.data.demo import write_demo_corpus
-from minigpt.data.tasks import write_task_files
-from minigpt.tokenizer_training import train_tokenizer
-write_task_files("tasks", 20000, seed=0, tasks=("sort", "reverse"))
-write_demo_corpus(Path("demo.txt"))
-if not Path("tokenizer/tokenizer.json").exists():
-    train_tokenizer(["tasks/sft.jsonl", "demo.txt"], "tokenizer", vocab_size=384)
-EOF
+# shellcheck source=examples/task_setup.sh
+source "$REPO/examples/task_setup.sh"
+write_task_data 20000
 
 "${TRAIN[@]}" --mode pretrain --tokenizer tokenizer --data demo.txt --out runs/pretrain \
   --batch-size 16 --max-steps 200 --warmup-steps 20 --learning-rate 3e-3 --eval-interval 0

@@ -82,14 +82,26 @@ def attach_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targe
     return trainable
 
 
-def merged_state_dict(state_dict: Mapping[str, torch.Tensor], alpha: float, rank: int) -> dict[str, torch.Tensor]:
-    """The plain state dict of an adapted model: each adapted weight W becomes W + (B·A)·alpha/rank, in fp32 and
-    cast back to W's dtype; PEFT's `base_layer.` disappears from the names and the adapters are dropped."""
-    adapters: dict[str, dict[str, torch.Tensor]] = {}
+def _lora_parts(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Adapted module's full name -> {"A": lora_A, "B": lora_B} of every adapter in `state_dict`."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in state_dict.items():
         match = _LORA_KEY.match(name)
         if match:
-            adapters.setdefault(match["module"], {})[match["part"]] = tensor
+            parts.setdefault(match["module"], {})[match["part"]] = tensor
+    return parts
+
+
+def _in_model(module: str) -> str:
+    """`module`'s name inside the MiniGPT (`blocks.0.attn.qkv_proj`), a wrapper's prefix (the reward model's, the
+    PPO critic's) left off."""
+    return module[module.index("blocks."):] if "blocks." in module else module
+
+
+def merged_state_dict(state_dict: Mapping[str, torch.Tensor], alpha: float, rank: int) -> dict[str, torch.Tensor]:
+    """The plain state dict of an adapted model: each adapted weight W becomes W + (B·A)·alpha/rank, in fp32 and
+    cast back to W's dtype; PEFT's `base_layer.` disappears from the names and the adapters are dropped."""
+    adapters = _lora_parts(state_dict)
     merged = {}
     scale = alpha / rank
     for name, tensor in state_dict.items():
@@ -108,14 +120,7 @@ def merged_state_dict(state_dict: Mapping[str, torch.Tensor], alpha: float, rank
 
 def adapter_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Our module name (e.g. `blocks.0.attn.qkv_proj`) -> (lora_A, lora_B) of every adapter in `state_dict`."""
-    found: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in state_dict.items():
-        match = _LORA_KEY.match(name)
-        if match:
-            module = match["module"]
-            module = module[module.index("blocks."):] if "blocks." in module else module  # a wrapper's prefix
-            found.setdefault(module, {})[match["part"]] = tensor
-    return {module: (parts["A"], parts["B"]) for module, parts in found.items()}
+    return {_in_model(module): (parts["A"], parts["B"]) for module, parts in _lora_parts(state_dict).items()}
 
 
 def hf_adapter_tensors(state_dict: Mapping[str, torch.Tensor], config: MiniGPTConfig) -> dict[str, torch.Tensor]:
@@ -273,7 +278,7 @@ def load_adapter_weights(model: nn.Module, saved: SavedAdapter, config: MiniGPTC
         if not match:
             continue
         module = match["module"]
-        weight = (module[module.index("blocks."):] if "blocks." in module else module) + ".weight"
+        weight = _in_model(module) + ".weight"
         parts = [f"base_model.model.{hf.removesuffix('.weight')}.lora_{match['part']}.weight"
                  for hf in llama_names.get(weight, ())]
         missing = [part for part in parts if part not in saved.tensors]

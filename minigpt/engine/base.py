@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minigpt.config import ConfigError, ScheduleSection
+from minigpt.config import ConfigError, OptimSection, ScheduleSection
 from minigpt.i18n import _
 from minigpt.runtime import Runtime
 
@@ -77,9 +77,9 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: fl
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm scales and other vectors are not decayed).
+def build_optimizer(model: nn.Module, optim: OptimSection, eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters of `model` with the optimisation section's learning rate, betas and
+    weight decay, the decay on matrices only (norm scales and other vectors are not decayed).
 
     The fused kernel is used on CPU and CUDA: one pass over each tensor instead of a dozen, which
     on CPU makes the optimizer step ~6x faster for these small models (bench/throughput.py)."""
@@ -92,10 +92,11 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
         (decay if param.dim() >= 2 else no_decay).append(param)
     # An empty group is left out: DeepSpeed's ZeRO drops it, and a scheduler built over both groups would then
     # have one learning rate too many (LoRA's adapters are all matrices, so they have no undecayed group).
-    groups = [group for group in ({"params": decay, "weight_decay": weight_decay},
+    groups = [group for group in ({"params": decay, "weight_decay": optim.weight_decay},
                                   {"params": no_decay, "weight_decay": 0.0}) if group["params"]]
     fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True if fused else None)
+    return torch.optim.AdamW(groups, lr=optim.learning_rate, betas=(optim.beta1, optim.beta2), eps=eps,
+                             fused=True if fused else None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: ScheduleSection,

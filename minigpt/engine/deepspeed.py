@@ -165,15 +165,15 @@ class DeepSpeedEngine(Engine):
             self.ep_rank, self.num_local_experts = self.rank % self.ep_size, num_experts // self.ep_size
             use_deepspeed_moe(model, self.ep_size, self.ep_rank)
         model = model.to(self.device)
-        client_optimizer = build_optimizer(model, cfg.optim.learning_rate, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
+        client_optimizer = build_optimizer(model, cfg.optim)
         if num_experts:
             client_optimizer = moe_optimizer(client_optimizer, cfg.optim)
         if offloads_optimizer(raw):
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in client_optimizer.param_groups]
-            client_optimizer = DeepSpeedCPUAdam(groups, lr=cfg.optim.learning_rate, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                                                eps=1e-8, adamw_mode=True)
+            client_optimizer = DeepSpeedCPUAdam(groups, lr=cfg.optim.learning_rate,
+                                                betas=(cfg.optim.beta1, cfg.optim.beta2), eps=1e-8, adamw_mode=True)
         self.schedule_clock = ScheduleClock()
         scheduler = build_scheduler(client_optimizer, cfg.schedule, self.schedule_clock)
         self.ds, self.optimizer, _dataloader, self.scheduler = deepspeed.initialize(

@@ -57,7 +57,7 @@ class PlainEngine(Engine):
         self._compiled: nn.Module | None = None
         self._forward_module = self.module
         self.set_compiled(cfg.engine.compile == "on")
-        self.optimizer = build_optimizer(self.module, cfg.optim.learning_rate, cfg.optim.weight_decay, (cfg.optim.beta1, cfg.optim.beta2))
+        self.optimizer = build_optimizer(self.module, cfg.optim)
         self.schedule_clock = ScheduleClock()
         self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.schedule_clock)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")

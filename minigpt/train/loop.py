@@ -373,8 +373,8 @@ class Trainer:
                                           [source.weight for source in self.run_data.mixture], cfg.optim.batch_size,
                                           cfg.optim.grad_accum, self.engine.rank, self.engine.world_size, seed=cfg.seed)
         else:
-            self.sampler = ResumableSampler(len(self.train_set), cfg.optim.batch_size, cfg.optim.grad_accum, self.engine.rank,
-                                            self.engine.world_size, seed=cfg.seed)
+            self.sampler = ResumableSampler(len(self.train_set), cfg.optim.batch_size, cfg.optim.grad_accum,
+                                            self.engine.rank, self.engine.world_size, seed=cfg.seed)
         self.loader = PrefetchingLoader(self.train_set, self.sampler, self.engine.device, depth=cfg.engine.prefetch)
         self.checkpoints = CheckpointManager(cfg.run_dir, self.engine, cfg.checkpointing.keep_last)
         self.step, self.tokens_seen = 0, 0
@@ -386,8 +386,8 @@ class Trainer:
             state_bytes = 12 * sum(p.numel() for p in self.model.parameters())  # fp32 weights + AdamW moments
             # What evaluate() will run (--eval-batches larger than the validation set means all of it).
             eval_batches = -(-self.eval_samples() // (cfg.optim.batch_size * self.engine.world_size))
-            self.budget = TimeBudget(cfg.schedule.max_time_seconds, eval_batches=eval_batches, grad_accum=cfg.optim.grad_accum,
-                                     state_bytes=state_bytes, origin=started)
+            self.budget = TimeBudget(cfg.schedule.max_time_seconds, eval_batches=eval_batches,
+                                     grad_accum=cfg.optim.grad_accum, state_bytes=state_bytes, origin=started)
         self._batches: list | None = None
         self.compile_decided: bool | None = None
         """--compile auto's decision once made (or read from the checkpoint resumed): saved with each checkpoint."""
@@ -460,7 +460,7 @@ class Trainer:
         anew, a resumed one reuses them): DPO's and RLHF's frozen reference is the starting policy, and a
         resumed run must find the same one."""
         initial = self.cfg.run_dir / INITIAL
-        fresh = not (self.cfg.checkpointing.resume or self.cfg.checkpointing.auto_resume) or not (initial / "model.pt").is_file()
+        fresh = not self.cfg.checkpointing.resuming or not (initial / "model.pt").is_file()
         self.runtime.barrier()  # every rank has looked before the main rank writes
         if fresh and self.runtime.is_main:
             save_consolidated(initial, self.model.state_dict(), self.model.config, self.tokenizer.directory,
@@ -823,7 +823,8 @@ class Trainer:
                                  named=self.source_figures(monitor))
                 if self.budget is not None:
                     self.budget.note_step(seconds)
-                if cfg.evaluation.eval_interval and self.step % cfg.evaluation.eval_interval == 0 and self.step < cfg.schedule.max_steps:
+                every = cfg.evaluation.eval_interval
+                if every and self.step % every == 0 and self.step < cfg.schedule.max_steps:
                     started = time.perf_counter()
                     self.log_evaluation(monitor, index)
                     self.record_sample(monitor, index)
@@ -834,7 +835,8 @@ class Trainer:
                 stop_now, in_time = self.agree(stop)
                 # Periodic saves stop short of the end (the finished run saves after its final evaluation),
                 # but a stop request saves whatever step it lands on, the last one included.
-                due = cfg.checkpointing.save_interval and self.step % cfg.checkpointing.save_interval == 0 and self.step < cfg.schedule.max_steps
+                every = cfg.checkpointing.save_interval
+                due = every and self.step % every == 0 and self.step < cfg.schedule.max_steps
                 # A non-finite loss is never checkpointed (the engine skipped its update, but be safe).
                 if monitor.checkpoint_safe and (due or stop_now):
                     with stop.saving():  # a second Ctrl-C waits for the checkpoint to be complete
@@ -849,7 +851,8 @@ class Trainer:
             if not in_time:
                 monitor.write(_("--max-time {max_time}: stopping at step {step} of {max_steps} after {elapsed:.0f} s, "
                                 "leaving time to evaluate, save and consolidate").format(
-                    max_time=cfg.schedule.max_time, step=self.step, max_steps=cfg.schedule.max_steps, elapsed=self.budget.elapsed()))
+                    max_time=cfg.schedule.max_time, step=self.step, max_steps=cfg.schedule.max_steps,
+                    elapsed=self.budget.elapsed()))
                 if self.step < 2 * cfg.schedule.warmup_steps:
                     monitor.write(_("warning: the warmup (--warmup-steps {warmup}) took most of the {steps} steps this "
                                     "budget allowed, so the learning rate barely left it: for a budget this short pass "
@@ -877,7 +880,7 @@ def run_precision(cfg: TrainConfig, device: torch.device, *, deepspeed: bool) ->
     """The run's precision: --precision as given, or auto's choice for this hardware — except that a resumed
     auto run keeps the precision its checkpoint recorded (a run moved to another machine continues on the
     same kind of step)."""
-    if cfg.engine.precision == "auto" and (cfg.checkpointing.resume or cfg.checkpointing.auto_resume):
+    if cfg.engine.precision == "auto" and cfg.checkpointing.resuming:
         recorded = recorded_precision(cfg.checkpointing.resume or cfg.run_dir)
         if recorded:
             return PrecisionChoice(recorded, _("auto: as the run resumed decided when it started"))

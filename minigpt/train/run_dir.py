@@ -51,7 +51,7 @@ def previous_run_artefacts(run_dir: Path) -> list[Path]:
 def check_fresh_run_dir(cfg: TrainConfig) -> list[Path]:
     """For a fresh run: raise `ConfigError` when `cfg.run_dir` holds another run, unless `--overwrite`;
     returns what `--overwrite` is to delete (nothing for a resumed run or an empty directory)."""
-    if cfg.checkpointing.resume or cfg.checkpointing.auto_resume:
+    if cfg.checkpointing.resuming:
         return []
     found = previous_run_artefacts(cfg.run_dir)
     if found and not cfg.checkpointing.overwrite:

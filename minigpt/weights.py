@@ -201,8 +201,7 @@ def load_consolidated(model_dir: str | Path, device: str | torch.device = "cpu"
     (missing file, wrong shapes, tokenizer not the one recorded) or `ConfigError` (bad config.json).
     """
     model_dir = model_directory(model_dir)
-    config, meta = read_consolidated_meta(model_dir)
-    tokenizer = _load_tokenizer(model_dir, meta.get("tokenizer_checksum"), config)
+    config, tokenizer = read_consolidated_tokenizer(model_dir)
     weights_path = model_dir / WEIGHTS_FILE
     if not weights_path.is_file():
         raise WeightsError(_("{path}: missing; the model directory has no weights file").format(path=weights_path))
@@ -220,6 +219,14 @@ def load_consolidated(model_dir: str | Path, device: str | torch.device = "cpu"
     model = MiniGPT(config)
     model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), tokenizer
+
+
+def read_consolidated_tokenizer(model_dir: str | Path) -> tuple[MiniGPTConfig, Tokenizer | None]:
+    """The model config and tokenizer of a consolidated directory, checked as `load_consolidated` checks them,
+    without reading the weights (for --dry-run)."""
+    model_dir = model_directory(model_dir)
+    config, meta = read_consolidated_meta(model_dir)
+    return config, _load_tokenizer(model_dir, meta.get("tokenizer_checksum"), config)
 
 
 def _load_tokenizer(model_dir: Path, checksum: str | None, config: MiniGPTConfig) -> Tokenizer | None:

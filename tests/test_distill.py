@@ -16,6 +16,7 @@ import torch
 from stop_request import StopAtStep
 
 from minigpt.cli.generate import main as generate_main
+from minigpt.cli.train import main as train_main
 from minigpt.config import PRESETS, ConfigError, TrainConfig
 from minigpt.data.tasks import write_task_files
 from minigpt.model import MiniGPT
@@ -86,11 +87,16 @@ def test_the_mode_flags_are_checked_by_name():
 
 
 # -- the teacher ------------------------------------------------------------------------------------------------
+def foreign_teacher(root: Path, corpus: Path) -> Path:
+    """A teacher saved with a tokenizer of its own (not the data's), in `root/foreign/final`."""
+    other = train_tokenizer([corpus], root / "other_tokenizer", vocab_size=400)
+    model = MiniGPT(dataclasses.replace(TEACHER, vocab_size=other.vocab_size))
+    return save_consolidated(root / "foreign" / "final", model.state_dict(), model.config, other.directory)
+
+
 def test_a_teacher_with_another_tokenizer_is_refused_by_name_before_any_step(tiny, tmp_path, shards,
                                                                              data_tokenizer, demo_corpus):
-    other = train_tokenizer([demo_corpus], tmp_path / "other_tokenizer", vocab_size=400)
-    model = MiniGPT(dataclasses.replace(TEACHER, vocab_size=other.vocab_size))
-    foreign = save_consolidated(tmp_path / "foreign" / "final", model.state_dict(), model.config, other.directory)
+    foreign = foreign_teacher(tmp_path, demo_corpus)
     trainer = Trainer(config("distill", tmp_path / "run", [str(shards)], teacher=str(foreign.parent),
                              tokenizer=str(data_tokenizer.directory)))
     with pytest.raises(ConfigError, match=r"--teacher .*foreign: its tokenizer \(checksum .*\) is not the student's"):
@@ -98,6 +104,38 @@ def test_a_teacher_with_another_tokenizer_is_refused_by_name_before_any_step(tin
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not rows(tmp_path / "run", "train")
     with pytest.raises(ConfigError, match="--teacher .*nowhere: no consolidated weights"):
         Trainer(config("distill", tmp_path / "run2", [str(shards)], teacher=str(tmp_path / "nowhere")))
+
+
+def test_a_dry_run_shows_the_teacher_its_size_and_the_memory_it_adds_per_rank(tiny, tmp_path, demo_corpus, teacher,
+                                                                              capsys):
+    run_dir = tmp_path / "run"
+    assert train_main(["--mode", "distill", "--config", "tiny", "--teacher", str(teacher), "--data", str(demo_corpus),
+                       "--seq-len", "48", "--batch-size", "4", "--dry-run", "--out", str(run_dir)]) == EXIT_FINISHED
+    plan = capsys.readouterr().out
+    model, tokenizer = load_consolidated(teacher)
+    params = sum(p.numel() for p in model.parameters())
+    assert f"teacher         {teacher}: {params:,} parameters, 2 layers; on every rank" in plan
+    assert f"{4 * params / 2**20:.1f} MB of fp32 weights" in plan  # docs/training.md: 4 bytes per parameter
+    assert f"up to {4 * 4 * 48 * tokenizer.vocab_size / 2**20:.1f} MB in fp32" in plan
+    # A fresh student learns in the teacher's tokenizer, so it has the teacher's vocabulary
+    assert f"vocab {tokenizer.vocab_size} (tokenizer {teacher})" in plan
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("problem", ["missing", "another tokenizer"])
+def test_a_dry_run_refuses_a_teacher_with_the_runs_own_error(problem, tiny, tmp_path, shards, data_tokenizer,
+                                                             demo_corpus, capsys):
+    teacher = tmp_path / "nowhere" if problem == "missing" else foreign_teacher(tmp_path, demo_corpus).parent
+    flags = ["--mode", "distill", "--config", "tiny", "--teacher", str(teacher), "--data", str(shards), "--tokenizer",
+             str(data_tokenizer.directory), "--seq-len", "48", "--batch-size", "2", "--max-steps", "1",
+             "--eval-interval", "0", "--data-dir", str(tmp_path)]
+    assert train_main([*flags, "--dry-run", "--out", str(tmp_path / "dry")]) == 2
+    planned = capsys.readouterr().err
+    assert train_main([*flags, "--out", str(tmp_path / "run")]) == 2
+    ran = capsys.readouterr().err
+    assert planned.startswith("error: --teacher") and len(planned.splitlines()) == 1
+    assert planned == ran.splitlines(keepends=True)[-1]
+    assert not (tmp_path / "dry").exists()
 
 
 def test_alpha_zero_trains_exactly_as_pretraining(tiny, tmp_path, shards, data_tokenizer, teacher):

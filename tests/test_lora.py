@@ -26,7 +26,7 @@ from minigpt.lora import (  # noqa: E402
     resolve_targets,
     save_peft_adapter,
 )
-from minigpt.train.loop import Trainer  # noqa: E402
+from minigpt.train.loop import Trainer, dry_run  # noqa: E402
 
 RANK, ALPHA = 4, 8.0
 
@@ -134,6 +134,33 @@ def test_lora_from_random_weights_is_refused_by_name(tmp_path, shards, data_toke
                          tokenizer=str(data_tokenizer.directory), lora_rank=RANK)
     with pytest.raises(ConfigError, match="--lora-rank adapts trained weights, but this run starts from random init"):
         Trainer(cfg)
+
+
+def test_a_dry_run_reports_the_adapters_and_their_optimizer_state_as_the_run_has_them(tmp_path, shards,
+                                                                                     data_tokenizer, capsys):
+    init = save_model(tmp_path / "init", random_model(data_tokenizer.vocab_size), data_tokenizer)
+    cfg = lora_config(tmp_path / "run", init, shards, data_tokenizer, max_steps=1, eval_interval=0)
+    assert dry_run(cfg) == EXIT_FINISHED
+    plan = capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+    trainer = Trainer(cfg)
+    started = capsys.readouterr().out
+    note = next(line for line in started.splitlines() if "trainable parameters of" in line).removeprefix("[minigpt] ")
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    total = sum(p.numel() for name, p in trainer.model.named_parameters() if ".lora_" not in name)
+    assert f"adapters        {note}; AdamW state {8 * trainable / 2**20:.1f} MB (full fine-tuning: " \
+           f"{8 * total / 2**20:.1f} MB)" in plan
+    trainer.train_step()
+    state = [t for state in trainer.engine.optimizer.state.values() for name, t in state.items() if name != "step"]
+    assert sum(t.numel() * t.element_size() for t in state) == 8 * trainable  # AdamW's two fp32 moments
+    trainer.release_run_dir()
+
+
+def test_a_dry_run_refuses_lora_from_random_weights_as_the_run_does(tmp_path, shards, data_tokenizer):
+    cfg = TrainConfig.of(mode="pretrain", config="tiny", data=[str(shards)], out=str(tmp_path / "run"),
+                         tokenizer=str(data_tokenizer.directory), lora_rank=RANK)
+    with pytest.raises(ConfigError, match="--lora-rank adapts trained weights, but this run starts from random init"):
+        dry_run(cfg)
 
 
 def test_a_lora_policy_is_its_own_reference_with_the_adapters_off(data_tokenizer):

@@ -97,6 +97,17 @@ def teacher_directory(teacher: str, run_dir: Path) -> Path:
     return directory
 
 
+def check_teacher_tokenizer(teacher: str, teacher_tokenizer, student_tokenizer) -> None:
+    """Refuse a teacher whose tokenizer (None: it saved none) is not the student's, compared by checksum."""
+    if teacher_tokenizer is None or teacher_tokenizer.checksum != student_tokenizer.checksum:
+        raise ConfigError(_("--teacher {path}: its tokenizer (checksum {teacher}) is not the student's ({student}, "
+                            "checksum {checksum}); distillation compares distributions over the same tokens, so "
+                            "the student must use the teacher's tokenizer (start it from random init without "
+                            "--tokenizer, or from weights trained with that tokenizer)").format(
+            path=teacher, teacher=teacher_tokenizer.checksum[:12] if teacher_tokenizer else _("none saved"),
+            student=student_tokenizer.directory, checksum=student_tokenizer.checksum[:12]))
+
+
 class Distillation(LanguageModeling):
     """`--mode distill`: a student from random init (or --init-from) learns the teacher's next-token
     distributions on pretraining text, mixed with the data's own next tokens."""
@@ -123,6 +134,23 @@ class Distillation(LanguageModeling):
         """The teacher's directory: its tokenizer is the one a fresh student must learn in."""
         return teacher_directory(options.teacher, run_dir)
 
+    @classmethod
+    def plan(cls, options: DistillOptions, run_dir: Path, tokenizer, positions: int) -> list[str]:
+        """The teacher: where it is read from, its size and what it adds to every rank's memory (replicated:
+        fp32 weights, and its logits of a micro-batch); refused as `setup` refuses it."""
+        from minigpt.weights import read_consolidated_tokenizer
+
+        directory = teacher_directory(options.teacher, run_dir)
+        config, teacher_tokenizer = read_consolidated_tokenizer(directory)
+        if tokenizer is not None:
+            check_teacher_tokenizer(options.teacher, teacher_tokenizer, tokenizer)
+        params = config.num_params()
+        return [_("teacher         {path}: {params:,} parameters, {layers} layers; on every rank (replicated under "
+                  "DeepSpeed) {weights:.1f} MB of fp32 weights, plus its forward pass without gradients (logits of "
+                  "a micro-batch: up to {logits:.1f} MB in fp32)").format(
+            path=directory, params=params, layers=config.num_layers, weights=4 * params / 2**20,
+            logits=4 * positions * config.vocab_size / 2**20)]
+
     def setup(self, context: SetupContext) -> None:
         """Load the teacher, frozen, on this rank's device; refuse it when its tokenizer is not the run's."""
         super().setup(context)
@@ -131,13 +159,7 @@ class Distillation(LanguageModeling):
         directory = teacher_directory(self.teacher_path, context.run_dir)
         engine = context.engine
         model, tokenizer = load_consolidated(directory, device=engine.device)
-        if tokenizer is None or tokenizer.checksum != context.tokenizer.checksum:
-            raise ConfigError(_("--teacher {path}: its tokenizer (checksum {teacher}) is not the student's ({student}, "
-                                "checksum {checksum}); distillation compares distributions over the same tokens, so "
-                                "the student must use the teacher's tokenizer (start it from random init without "
-                                "--tokenizer, or from weights trained with that tokenizer)").format(
-                path=self.teacher_path, teacher=tokenizer.checksum[:12] if tokenizer else _("none saved"),
-                student=context.tokenizer.directory, checksum=context.tokenizer.checksum[:12]))
+        check_teacher_tokenizer(self.teacher_path, tokenizer, context.tokenizer)
         model.requires_grad_(False)
         self.teacher = FrozenReference(model, engine.device, engine.precision).eval()
         if engine.is_main:

@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -74,6 +75,9 @@ from minigpt.train.run_dir import (
 )
 from minigpt.weights import FINAL_DIR as FINAL
 from minigpt.weights import WeightsError, load_consolidated, read_consolidated_meta, save_consolidated
+
+if TYPE_CHECKING:
+    from minigpt.lora import LoraSpec, SavedAdapter
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, ShardError, WeightsError,
                DatasetBuildError, SamplerError, EvalDataError, RankFailed)
@@ -201,6 +205,58 @@ def previous_stage_dirs(stage: str, cfg: TrainConfig) -> list[Path]:
     if not cfg.data.sources:
         return [demo, *newest]
     return list(dict.fromkeys([default_run_dir(stage, cfg.model.preset, cfg.data.sources), *newest, demo]))
+
+
+def lora_spec(cfg: TrainConfig, start: StartingWeights) -> tuple[LoraSpec, SavedAdapter | None]:
+    """The `LoraSpec` of the adapters --lora-rank / --lora-init train on `start`, and --lora-init's `SavedAdapter`
+    (or None); refused (ConfigError) from random weights, or when --lora-init contradicts the flags given or
+    was trained on another base."""
+    from minigpt import lora
+
+    adapter = cfg.adapter
+    if start.model_dir is None:
+        raise ConfigError(_("--lora-rank adapts trained weights, but this run starts from {source}: give --init-from "
+                            "DIR (our final/, a run directory or a Hugging Face Llama directory) or train the "
+                            "previous stage first").format(source=said_source(start.source)))
+    try:
+        if not adapter.lora_init:
+            return lora.LoraSpec(adapter.lora_rank, adapter.alpha, adapter.lora_dropout,
+                                 tuple(lora.resolve_targets(adapter.lora_targets))), None
+        saved = lora.read_adapter(adapter.lora_init)
+        spec = saved.spec
+        given = (("--lora-rank", adapter.lora_rank, spec.rank), ("--lora-alpha", adapter.lora_alpha, spec.alpha),
+                 ("--lora-targets", lora.resolve_targets(adapter.lora_targets) if adapter.lora_targets else None,
+                  list(spec.targets)))
+        for flag, mine, theirs in given:
+            if mine and mine != theirs:
+                raise lora.LoraError(_("--lora-init {dir} has {flag} {theirs}, not {mine}: leave {flag} out to continue "
+                                       "the adapter as it was trained").format(
+                    dir=saved.directory, flag=flag, theirs=theirs, mine=mine))
+        if saved.base_checksum and saved.base_checksum != lora.weights_checksum(start.model_dir):
+            raise lora.LoraError(_("--lora-init {dir} was trained on another base than --init-from {base} (the SHA-256 "
+                                   "of the weights differs): pass the base it was trained on").format(
+                dir=saved.directory, base=start.source))
+    except lora.LoraError as err:
+        raise ConfigError(str(err)) from None
+    return lora.LoraSpec(spec.rank, spec.alpha, adapter.lora_dropout or spec.dropout, spec.targets), saved
+
+
+def lora_plan(cfg: TrainConfig, start: StartingWeights, model_config: MiniGPTConfig) -> str:
+    """--dry-run's line on the adapters: the run's own LoRA start line (counted on a model of the planned shape
+    built on the meta device: no memory) and the adapters' AdamW state against full fine-tuning's."""
+    from minigpt import lora
+
+    spec, _saved = lora_spec(cfg, start)
+    try:
+        with torch.device("meta"):
+            model = MiniGPT(model_config)
+            total = sum(p.numel() for p in model.parameters())
+            trainable = lora.attach_lora(model, spec.rank, spec.alpha, spec.dropout, list(spec.targets))
+    except lora.LoraError as err:
+        raise ConfigError(str(err)) from None
+    note = lora.describe(trainable, total, spec.rank, spec.alpha, list(spec.targets))
+    return _("adapters        {note}; AdamW state {adapters:.1f} MB (full fine-tuning: {full:.1f} MB)").format(
+        note=note, adapters=8 * trainable / 2**20, full=8 * total / 2**20)  # two fp32 moments per parameter
 
 
 def start_line(cfg: TrainConfig, start: StartingWeights, tokenizer: Tokenizer, coverage: float) -> str:
@@ -408,22 +464,14 @@ class Trainer:
                        if self.run_data.mixture else None)
             write_snapshot(cfg, self.model_config, start, self.run_data, self.engine, self.seq_len, mixture)
 
-    def _attach_lora(self, start: StartingWeights):
+    def _attach_lora(self, start: StartingWeights) -> LoraSpec:
         """--lora-rank / --lora-init: freeze the starting weights and train adapters on them (minigpt/lora.py);
         returns the adapters' `LoraSpec`."""
         from minigpt import lora
 
-        adapter = self.cfg.adapter
-        if start.model_dir is None:
-            raise ConfigError(_("--lora-rank adapts trained weights, but this run starts from {source}: give --init-from "
-                                "DIR (our final/, a run directory or a Hugging Face Llama directory) or train the "
-                                "previous stage first").format(source=said_source(start.source)))
+        spec, saved = lora_spec(self.cfg, start)
         total = sum(p.numel() for p in self.model.parameters())
         try:
-            saved = lora.read_adapter(adapter.lora_init) if adapter.lora_init else None
-            spec = (self._saved_adapter_spec(saved, start) if saved else
-                    lora.LoraSpec(adapter.lora_rank, adapter.alpha, adapter.lora_dropout,
-                                  tuple(lora.resolve_targets(adapter.lora_targets))))
             trainable = lora.attach_lora(self.model, spec.rank, spec.alpha, spec.dropout, list(spec.targets))
             if saved:
                 lora.load_adapter_weights(self.model, saved, self.model.config)
@@ -433,27 +481,6 @@ class Trainer:
             note = lora.describe(trainable, total, spec.rank, spec.alpha, list(spec.targets))
             print(_("[minigpt] {note}").format(note=note), flush=True)
         return spec
-
-    def _saved_adapter_spec(self, saved, start: StartingWeights):
-        """The spec of --lora-init's adapter, after checking that the flags given agree with it and that
-        --init-from is the base it was trained on."""
-        from minigpt import lora
-
-        adapter = self.cfg.adapter
-        spec = saved.spec
-        given = (("--lora-rank", adapter.lora_rank, spec.rank), ("--lora-alpha", adapter.lora_alpha, spec.alpha),
-                 ("--lora-targets", lora.resolve_targets(adapter.lora_targets) if adapter.lora_targets else None,
-                  list(spec.targets)))
-        for flag, mine, theirs in given:
-            if mine and mine != theirs:
-                raise lora.LoraError(_("--lora-init {dir} has {flag} {theirs}, not {mine}: leave {flag} out to continue "
-                                       "the adapter as it was trained").format(
-                    dir=saved.directory, flag=flag, theirs=theirs, mine=mine))
-        if saved.base_checksum and saved.base_checksum != lora.weights_checksum(start.model_dir):
-            raise lora.LoraError(_("--lora-init {dir} was trained on another base than --init-from {base} (the SHA-256 "
-                                   "of the weights differs): pass the base it was trained on").format(
-                dir=saved.directory, base=start.source))
-        return lora.LoraSpec(spec.rank, spec.alpha, adapter.lora_dropout or spec.dropout, spec.targets)
 
     def _keep_initial_weights(self, start: StartingWeights) -> StartingWeights:
         """A post-training run from random init saves its initial weights as `<run>/initial` (a fresh run
@@ -893,6 +920,24 @@ def train(cfg: TrainConfig, stop: StopRequest | None = None, started: float | No
     return Trainer(cfg, started=started).run(stop)
 
 
+def planned_model(cfg: TrainConfig, start: StartingWeights, inputs: list[Path | str]) -> tuple[MiniGPTConfig, str]:
+    """The shape of the model the run will build, and where its vocabulary comes from, without building it."""
+    if start.model_dir is not None:
+        model_config, _meta = read_consolidated_meta(start.model_dir)
+        return model_config, _("weights {path}").format(path=start.model_dir)
+    # As the run resolves its tokenizer: a mode's own requirement (a distilled student's: the teacher's)
+    required = None if cfg.data.tokenizer else objective_class(cfg.mode).required_tokenizer(cfg.options, cfg.run_dir)
+    shard_dirs = [p for p in inputs if isinstance(p, Path) and (p / "train" / "meta.json").is_file()]
+    if required is not None:
+        vocab, vocab_source = Tokenizer(required).vocab_size, _("tokenizer {path}").format(path=required)
+    elif shard_dirs and not cfg.data.tokenizer:  # shards fix the vocabulary they were built with
+        vocab = json.loads((shard_dirs[0] / "train" / "meta.json").read_text())["vocab_size"]
+        vocab_source = _("shards {path}").format(path=shard_dirs[0])
+    else:
+        vocab, vocab_source = planned_vocab_size(cfg)
+    return get_config(cfg.model.preset, vocab_size=vocab), vocab_source
+
+
 def dry_run(cfg: TrainConfig) -> int:
     """Validate config, data and DeepSpeed config without building anything; print the plan."""
     from minigpt.engine import detect_device, launched_distributed, validate_engine_config
@@ -907,18 +952,13 @@ def dry_run(cfg: TrainConfig) -> int:
     precision = run_precision(cfg, device, deepspeed=launched_distributed() or bool(cfg.engine.ds_config))
     # The plan shows the precision the run will use: a resumed auto run's comes from its checkpoint.
     engine_plan = validate_engine_config(cfg.replace(precision=precision.precision), world_size, device)
-    if start.model_dir is not None:
-        model_config, _meta = read_consolidated_meta(start.model_dir)
-        vocab_source = _("weights {path}").format(path=start.model_dir)
-    else:
-        shard_dirs = [p for p in inputs if isinstance(p, Path) and (p / "train" / "meta.json").is_file()]
-        if shard_dirs and not cfg.data.tokenizer:  # shards fix the vocabulary they were built with
-            vocab = json.loads((shard_dirs[0] / "train" / "meta.json").read_text())["vocab_size"]
-            vocab_source = _("shards {path}").format(path=shard_dirs[0])
-        else:
-            vocab, vocab_source = planned_vocab_size(cfg)
-        model_config = get_config(cfg.model.preset, vocab_size=vocab)
+    model_config, vocab_source = planned_model(cfg, start, inputs)
     seq_len = seq_len_of(cfg, model_config) if cfg.data.seq_len <= model_config.max_seq_len else cfg.data.seq_len
+    student_tokenizer = start.model_dir or cfg.data.tokenizer  # else the one the mode requires, or its own
+    mode_lines = objective_class(cfg.mode).plan(cfg.options, cfg.run_dir,
+                                                Tokenizer(student_tokenizer) if student_tokenizer else None,
+                                                cfg.optim.batch_size * seq_len)
+    adapters = [lora_plan(cfg, start, model_config)] if cfg.adapter.enabled else []
     tokens_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * world_size * seq_len
     overwrite = _(" (--overwrite deletes {names})").format(
         names=", ".join(p.name for p in earlier_run)) if earlier_run else ""
@@ -928,6 +968,8 @@ def dry_run(cfg: TrainConfig) -> int:
         _("model           {config}: {params:,} parameters, vocab {vocab} ({vocab_source})").format(
             config=cfg.model.preset, params=model_config.num_params(), vocab=model_config.vocab_size,
             vocab_source=vocab_source),
+        *adapters,
+        *mode_lines,
         _("data            {inputs}").format(inputs=", ".join(map(str, inputs))),
         *([_("mixture         {shares} of the tokens").format(shares=", ".join(
             f"{source.name} {source.weight / sum(s.weight for s in mixture):.1%}" for source in mixture))]

@@ -96,6 +96,13 @@ class Objective:
         one (distillation: the teacher's, which a fresh student must share); None: the run's usual choice."""
         return None
 
+    @classmethod
+    def plan(cls, options, run_dir: Path, tokenizer, positions: int) -> list[str]:
+        """What `--dry-run` says of what the mode adds to the run besides the model (distillation: its teacher),
+        after refusing what `setup` would refuse before the first step. `tokenizer`: the student's (None when it
+        takes `required_tokenizer`'s); `positions`: tokens of one micro-batch."""
+        return []
+
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The module to train around the loaded or fresh model (the reward model adds a scalar head)."""
         return model

@@ -7,16 +7,18 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 from spm_fixture import _ENGLISH
 
 from minigpt.cli import debug_fullstack
-from minigpt.config import PRESETS, TrainConfig, get_config
+from minigpt.config import LORA_TARGETS, PRESETS, TrainConfig, get_config
+from minigpt.lora import ADAPTER_DIR, attach_lora, load_adapter_weights, merged_state_dict, read_adapter
 from minigpt.model import MiniGPT
 from minigpt.signals import EXIT_FINISHED
 from minigpt.tokenizer import Tokenizer
 from minigpt.tokenizer_training import train_tokenizer
 from minigpt.train.loop import Trainer
-from minigpt.weights import save_consolidated
+from minigpt.weights import load_consolidated, save_consolidated
 
 SMALL = dataclasses.replace(PRESETS["tiny"], hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                             ffn_hidden_size=64, max_seq_len=64)
@@ -44,11 +46,23 @@ def english_pretrain(root: Path) -> Path:
     return final
 
 
+@pytest.fixture
+def peft():
+    return pytest.importorskip("peft", reason="LoRA needs the peft package (the lora extra; .ci/run installs it)")
+
+
 def walk(mode: str, capsys, *extra: str) -> str:
     code = debug_fullstack.main(["--mode", mode, "--model-size", "tiny", "--prompt", PROMPT, *QUICK, *extra])
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
     return out
+
+
+def changed_by_the_step(out: str) -> tuple[int, int]:
+    """(trainable, frozen) tensors the walk's LoRA section says its step changed."""
+    lora = out.split("== LoRA ==\n", 1)[1].splitlines()
+    assert lora[0].startswith("trainable tensors changed by the step: ") and lora[1].startswith("frozen tensors")
+    return int(lora[0].split(": ")[1].split()[0]), int(lora[1].split(": ")[1].split()[0])
 
 
 def test_sft_walk_does_not_inherit_a_tokenizer_that_lacks_the_prompts_characters(workdir, capsys):
@@ -99,3 +113,42 @@ def test_ppo_walk_shows_the_critics_values_and_advantages_and_takes_a_step(workd
     step = out.split("== one optimizer step ==\n", 1)[1].split()
     assert float(step[1]) != 0.0 and float(step[3]) > 0.0  # the value loss alone makes both non-zero
     assert "GRPO's advantages" not in out
+
+
+def test_lora_walk_without_trained_weights_adapts_a_full_step_of_its_own(workdir, capsys, peft):
+    out = walk("sft", capsys, "--lora-rank", "4")
+    base = workdir / "checkpoints" / "debug_sft_tiny_base" / "final"
+    assert "no trained weights to adapt" in out and (base / "model.pt").is_file()
+    assert f"weights from {base.relative_to(workdir)}" in out
+    trainable, frozen = changed_by_the_step(out)
+    assert trainable > 0 and frozen == 0
+    final = workdir / "checkpoints" / "debug_sft_tiny" / "final"
+    merged, _tokenizer = load_consolidated(final)
+    adapted, _tokenizer = load_consolidated(base)
+    frozen = {k: v.clone() for k, v in adapted.state_dict().items()}
+    changed = {k for k, v in merged.state_dict().items() if not torch.equal(v, frozen[k])}
+    assert changed and all(k.rsplit(".", 2)[-2] in LORA_TARGETS for k in changed)
+    # final/ is the base plus final/adapter/, merged: W + B·A·alpha/rank
+    attach_lora(adapted, 4, 8.0, 0.0, [])
+    load_adapter_weights(adapted, read_adapter(final / ADAPTER_DIR), adapted.config)
+    expected = merged_state_dict(adapted.state_dict(), 8.0, 4)
+    assert all(torch.allclose(v, expected[k], atol=1e-6) for k, v in merged.state_dict().items())
+
+
+@pytest.mark.parametrize("mode,extra", [("pretrain", ()), ("dpo", ()), ("reward", ()), ("rlhf", ()),
+                                        ("rlhf", ("--rl-algo", "ppo"))])
+def test_lora_walk_trains_only_adapters_in_every_mode_that_takes_them(workdir, capsys, peft, mode, extra):
+    out = walk(mode, capsys, "--lora-rank", "4", *extra)
+    assert "LoRA rank 4, alpha 8 on qkv_proj" in out
+    trainable, frozen = changed_by_the_step(out)
+    assert trainable > 0 and frozen == 0
+    assert (workdir / "checkpoints" / f"debug_{mode}_tiny" / "final" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_lora_walk_from_trained_weights_takes_no_base_step(workdir, capsys, peft):
+    final = english_pretrain(workdir)
+    out = walk("pretrain", capsys, "--lora-rank", "4", "--init-from", str(final))
+    assert "no trained weights to adapt" not in out
+    assert not (workdir / "checkpoints" / "debug_pretrain_tiny_base").exists()
+    trainable, frozen = changed_by_the_step(out)
+    assert trainable > 0 and frozen == 0

@@ -8,7 +8,9 @@ prints is what training sees. Any TrainConfig flag is accepted too (e.g. --data,
 step in every mode: DPO scores that batch with a frozen reference in memory (no precomputed reference
 over the whole data set). A post-training walk whose previous stage's tokenizer lacks characters of
 --prompt starts from random weights with a tokenizer of its own, trained on the built-in bilingual demo
-data (and raw --data files), instead; --init-from or --tokenizer choose otherwise.
+data (and raw --data files), instead; --init-from or --tokenizer choose otherwise. With --lora-rank the step
+trains only the adapters (a walk with no trained weights to adapt takes one full-weight step into <out>_base
+first), and the walk writes final/ as a LoRA run does: the merged weights, and the adapter in final/adapter/.
 """
 
 from __future__ import annotations
@@ -117,11 +119,39 @@ def train_walk_tokenizer(cfg: TrainConfig) -> Path:
     return train_tokenizer(files, demo.parent / "debug_tokenizer", vocab_size=vocab).directory
 
 
+def lora_base(cfg: TrainConfig, start: StartingWeights | None) -> tuple[TrainConfig, StartingWeights | None]:
+    """LoRA adapts trained weights: a LoRA walk that has none takes one full-weight step of the same walk into
+    `<out>_base` first, consolidated into its final/, and adapts those (`--init-from`)."""
+    from minigpt.train.loop import Trainer, find_starting_weights, said_source
+
+    if not cfg.adapter.enabled:
+        return cfg, start
+    base_start = start or find_starting_weights(cfg)
+    if base_start.model_dir is not None:
+        return cfg, start
+    base_cfg = cfg.replace(out=f"{cfg.run_dir}_base", lora_rank=0, lora_alpha=0.0, lora_dropout=0.0, lora_targets=[],
+                           lora_init="")
+    print(_("[minigpt] debug: --lora-rank has no trained weights to adapt ({source}): one full-weight step into "
+            "{path} first, then the walk adapts its final/").format(source=said_source(base_start.source),
+                                                                     path=base_cfg.run_dir),
+          flush=True)
+    trainer = Trainer(base_cfg, start=base_start)
+    try:
+        trainer.objective.setup(trainer.setup_context())
+        trainer.train_step()
+        trainer.step = 1
+        final = trainer.consolidate()
+    finally:
+        trainer.release_run_dir()
+    return cfg.replace(init_from=str(final)), None
+
+
 def walk(cfg: TrainConfig, args: argparse.Namespace) -> int:
     """Build the real Trainer, show its first batch, take one optimizer step and generate."""
     from minigpt.train.loop import Trainer
 
     cfg, start = debug_start(cfg, args.prompt)
+    cfg, start = lora_base(cfg, start)
     trainer = Trainer(cfg, start=start)
     try:
         return _walk(trainer, cfg, args)
@@ -157,6 +187,8 @@ def _walk(trainer: Trainer, cfg: TrainConfig, args: argparse.Namespace) -> int:
     if labels_key in first and labels_key != ids_key:
         mask = (first[labels_key][0, :args.show_tokens] != IGNORE_INDEX).int().tolist()
         say(_("loss mask    {mask}").format(mask=mask))
+    before = ({name: tensor.clone() for name, tensor in trainer.engine.consolidated_state_dict().items()}
+              if trainer.lora is not None else {})  # copies: the plain engine's state dict is the live weights
     loss, result, tokens, stats = trainer.train_step(batches)
     say(_("== one optimizer step =="))
     say(_("loss {loss:.4f}  grad-norm {grad_norm:.4f}  lr {lr:.2e}  tokens {tokens}").format(
@@ -175,7 +207,32 @@ def _walk(trainer: Trainer, cfg: TrainConfig, args: argparse.Namespace) -> int:
     text = trainer.sample()
     say(_("== generation =="))
     say(text)
+    if trainer.lora is not None:
+        trainer.step, trainer.tokens_seen = 1, tokens
+        _report_lora(trainer, before, say)
     return 0
+
+
+def _report_lora(trainer: Trainer, before: dict, say) -> None:
+    """Which tensors the step changed (the adapters, and a head the mode adds; never a frozen weight), then
+    `final/` as a LoRA run writes it: the merged weights, and the adapter alone in `final/adapter/`."""
+    import torch
+
+    from minigpt.lora import ADAPTER_DIR
+
+    after = trainer.engine.consolidated_state_dict()
+    final = trainer.consolidate()
+    trainable = {name for name, param in trainer.engine.module.named_parameters() if param.requires_grad}
+    changed = {name for name, tensor in after.items() if not torch.equal(tensor, before[name])}
+    frozen = set(after) - trainable
+    say(_("== LoRA =="))
+    say(_("trainable tensors changed by the step: {changed} of {trainable} ({adapters} adapter tensors)").format(
+        changed=len(changed & trainable), trainable=len(trainable),
+        adapters=sum(".lora_" in name for name in trainable)))
+    say(_("frozen tensors changed by the step: {changed} of {frozen}").format(changed=len(changed & frozen),
+                                                                             frozen=len(frozen)))
+    say(_("final        {path}: the merged weights (W + B·A·alpha/rank); the adapter alone in {adapter}").format(
+        path=final, adapter=final / ADAPTER_DIR))
 
 
 if __name__ == "__main__":

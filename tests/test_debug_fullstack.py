@@ -136,7 +136,8 @@ def test_lora_walk_without_trained_weights_adapts_a_full_step_of_its_own(workdir
 
 
 @pytest.mark.parametrize("mode,extra", [("pretrain", ()), ("dpo", ()), ("reward", ()), ("rlhf", ()),
-                                        ("rlhf", ("--rl-algo", "ppo"))])
+                                        ("rlhf", ("--rl-algo", "ppo"))],
+                         ids=["pretrain", "dpo", "reward", "rlhf-grpo", "rlhf-ppo"])
 def test_lora_walk_trains_only_adapters_in_every_mode_that_takes_them(workdir, capsys, peft, mode, extra):
     out = walk(mode, capsys, "--lora-rank", "4", *extra)
     assert "LoRA rank 4, alpha 8 on qkv_proj" in out

@@ -224,3 +224,25 @@ def test_deepspeed_zero2_two_ranks_train_the_adapters_like_the_plain_engine(tmp_
     plain, _tokenizer = load_consolidated(tmp_path / "plain" / "final")
     sharded, _tokenizer = load_consolidated(tmp_path / "deepspeed" / "final")
     assert all(torch.allclose(v, sharded.state_dict()[k], atol=1e-5) for k, v in plain.state_dict().items())
+
+
+def test_a_lora_run_on_a_hugging_face_llama_gives_an_adapter_that_peft_loads_back_onto_it(tmp_path, shards,
+                                                                                           data_tokenizer):
+    """Fine-tuning a model one already has: --init-from an HF Llama directory, --lora-rank; the adapter the run
+    writes loads with `peft` onto that same directory and gives the logits of the run's merged final/."""
+    transformers = pytest.importorskip("transformers", reason="an HF Llama directory needs transformers (the hf extra)")
+    from minigpt.interop.hf_llama import export_hf
+
+    base = save_model(tmp_path / "base", random_model(data_tokenizer.vocab_size), data_tokenizer)
+    hf_dir = export_hf(base, tmp_path / "hf")
+    run = tmp_path / "run"
+    assert Trainer(lora_config(run, hf_dir, shards, data_tokenizer)).run() == EXIT_FINISHED
+
+    merged, _tokenizer = load_consolidated(run / "final")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([data_tokenizer.encode("学而时习之 First Citizen: hear me speak.")])
+    with torch.no_grad():
+        before = hf_model(input_ids=ids).logits
+        with_adapter = peft.PeftModel.from_pretrained(hf_model, str(run / "final" / ADAPTER_DIR)).eval()
+        assert (merged.eval()(ids) - with_adapter(input_ids=ids).logits).abs().max().item() <= 1e-5
+        assert not torch.allclose(merged(ids), before, atol=1e-4)  # the adapter did train

@@ -109,7 +109,7 @@ def test_job_hitting_its_time_limit_checkpoints_requeues_and_finishes(jobs: dict
                                                                      tmp_path: Path) -> None:
     """The real preemption path: a 1-minute limit, `--signal=B:USR1@40`, Slurm's own signal."""
     out = tmp_path / "timelimit"
-    steps = 200
+    steps = 150  # more than one run of the job can train before its signal, even on a quiet machine
     job = Job(submit("--cpu-ranks-per-node", "1", "--launcher", "python", "--time", "1", "--signal-lead", "40",
                      "--preset", "tiny", "--job-name", "minigpt-timelimit", "--out", str(out), "--",
                      "--max-steps", str(steps), "--batch-size", "16", "--seq-len", "128", "--eval-interval", "0",

@@ -152,8 +152,8 @@ def test_rlhf_against_the_reward_model_raises_its_score(chain, reward_run):
 def test_rlhf_raises_mean_reward_while_kl_stays_bounded(chain):
     run = chain / "runs" / "rlhf"
     train(chain, "--mode", "rlhf", "--init-from", "runs/sft", "--data", "tasks/rlhf.jsonl", "--out", "runs/rlhf",
-          "--batch-size", "16", "--rl-group-size", "8", "--rl-max-new-tokens", "6", "--max-steps", str(RL_STEPS),
-          "--warmup-steps", "3", "--learning-rate", "1e-3", "--kl-coef", "0.05", "--rl-scale-rewards", "batch",
+          "--batch-size", "8", "--rl-group-size", "8", "--rl-max-new-tokens", "6", "--max-steps", str(RL_STEPS),
+          "--warmup-steps", "3", "--learning-rate", "5e-4", "--kl-coef", "0.05", "--rl-scale-rewards", "batch",
           "--eval-interval", "0", "--eval-batches", "8")
     steps = metrics(run, "train")
     early, late = first_and_last_third(steps, "reward")
@@ -161,10 +161,11 @@ def test_rlhf_raises_mean_reward_while_kl_stays_bounded(chain):
     # KL stays bounded and does not grow. Not its maximum: the k3 estimate is heavy-tailed (a sampled token the
     # policy finds unlikely and the reference likes adds exp(log ref - log pi) alone): runs with a median of
     # 0.28-0.38 per token had single steps at 27 and 36. It is highest early, while the policy leaves the SFT
-    # weights (a median of 0.77 over the first third), and falls as the policy settles.
+    # weights, and falls as the policy settles (measured: median 0.22, 95th percentile 0.61; the first third's
+    # median 0.35, the last's 0.10).
     kls = [s["kl"] for s in steps]
     ordered = sorted(kls)
-    assert ordered[len(kls) // 2] < 0.75 and ordered[int(0.95 * len(kls))] < 2.5, kls
+    assert ordered[len(kls) // 2] < 0.5 and ordered[int(0.95 * len(kls))] < 1.5, kls
     third = len(kls) // 3
     assert median(kls[-third:]) <= median(kls[:third]), kls
     assert all(0 < s["response_length"] <= 6 for s in steps)

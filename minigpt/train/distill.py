@@ -135,15 +135,17 @@ class Distillation(LanguageModeling):
         return teacher_directory(options.teacher, run_dir)
 
     @classmethod
-    def plan(cls, options: DistillOptions, run_dir: Path, tokenizer, positions: int) -> list[str]:
+    def plan(cls, options: DistillOptions, run_dir: Path, tokenizer_dir: Path | str | None,
+             positions: int) -> list[str]:
         """The teacher: where it is read from, its size and what it adds to every rank's memory (replicated:
         fp32 weights, and its logits of a micro-batch); refused as `setup` refuses it."""
+        from minigpt.tokenizer import Tokenizer
         from minigpt.weights import read_consolidated_tokenizer
 
         directory = teacher_directory(options.teacher, run_dir)
         config, teacher_tokenizer = read_consolidated_tokenizer(directory)
-        if tokenizer is not None:
-            check_teacher_tokenizer(options.teacher, teacher_tokenizer, tokenizer)
+        if tokenizer_dir is not None:
+            check_teacher_tokenizer(options.teacher, teacher_tokenizer, Tokenizer(tokenizer_dir))
         params = config.num_params()
         return [_("teacher         {path}: {params:,} parameters, {layers} layers; on every rank (replicated under "
                   "DeepSpeed) {weights:.1f} MB of fp32 weights, plus its forward pass without gradients (logits of "

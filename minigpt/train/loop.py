@@ -954,9 +954,8 @@ def dry_run(cfg: TrainConfig) -> int:
     engine_plan = validate_engine_config(cfg.replace(precision=precision.precision), world_size, device)
     model_config, vocab_source = planned_model(cfg, start, inputs)
     seq_len = seq_len_of(cfg, model_config) if cfg.data.seq_len <= model_config.max_seq_len else cfg.data.seq_len
-    student_tokenizer = start.model_dir or cfg.data.tokenizer  # else the one the mode requires, or its own
-    mode_lines = objective_class(cfg.mode).plan(cfg.options, cfg.run_dir,
-                                                Tokenizer(student_tokenizer) if student_tokenizer else None,
+    student_tokenizer = start.model_dir or cfg.data.tokenizer or None  # else the mode's required one, or its own
+    mode_lines = objective_class(cfg.mode).plan(cfg.options, cfg.run_dir, student_tokenizer,
                                                 cfg.optim.batch_size * seq_len)
     adapters = [lora_plan(cfg, start, model_config)] if cfg.adapter.enabled else []
     tokens_per_step = cfg.optim.batch_size * cfg.optim.grad_accum * world_size * seq_len

@@ -97,10 +97,11 @@ class Objective:
         return None
 
     @classmethod
-    def plan(cls, options, run_dir: Path, tokenizer, positions: int) -> list[str]:
+    def plan(cls, options, run_dir: Path, tokenizer_dir: Path | str | None, positions: int) -> list[str]:
         """What `--dry-run` says of what the mode adds to the run besides the model (distillation: its teacher),
-        after refusing what `setup` would refuse before the first step. `tokenizer`: the student's (None when it
-        takes `required_tokenizer`'s); `positions`: tokens of one micro-batch."""
+        after refusing what `setup` would refuse before the first step. `tokenizer_dir`: where the student's
+        tokenizer is (None when it takes `required_tokenizer`'s), read only by a mode that needs it;
+        `positions`: tokens of one micro-batch."""
         return []
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
